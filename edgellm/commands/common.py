@@ -1,0 +1,61 @@
+"""Options and helpers shared by the torch-side commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import EdgeLLMError
+
+ModelArg = Annotated[str, typer.Argument(help="Model: a Hugging Face directory, a hub id (online), or a .gguf file.", show_default=False)]
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory (written whole at the end).", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Text file, JSONL, folder of .txt/.md, or HF dataset name (online). Default: built-in Python docs corpus.")]
+SamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration sequences.", min=1)]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.", min=8)]
+EvalTokensOpt = Annotated[int, typer.Option("--eval-tokens", help="Evaluation tokens (from the held-out split).", min=64)]
+CtxOpt = Annotated[int, typer.Option("--ctx", help="Perplexity context length.", min=8)]
+StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Perplexity stride (default: = ctx, non-overlapping windows).", min=1)]
+
+
+def data_tokens(tokenizer, data: str | None):
+    from ..data import load_text, token_ids
+
+    text = load_text(data)
+    ids = token_ids(tokenizer, text)
+    if len(ids) < 64:
+        raise EdgeLLMError(f"data '{data or 'builtin'}' gives only {len(ids)} tokens; give more text")
+    return ids
+
+
+def check_stride(ctx: int, stride: int | None) -> int:
+    stride = stride or ctx
+    if stride > ctx:
+        raise EdgeLLMError(f"--stride {stride} must not exceed --ctx {ctx}")
+    return stride
+
+
+def load(spec: str, message: str = "loading model"):
+    from ..console import quiet_transformers, status
+    from ..modelio import load_model
+
+    quiet_transformers()
+    with status(f"{message} {spec}"):
+        return load_model(spec)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def dir_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,89 @@
+"""`edgellm quantize`: calibrated 4/8-bit weight quantization, stored packed."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from .common import DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, data_tokens, dir_size, human_bytes, load
+
+
+class Method(str, Enum):
+    rtn = "rtn"
+    gptq = "gptq"
+    awq = "awq"
+
+
+def quantize(
+    model: ModelArg,
+    output: OutOpt,
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Bits per weight: 4 or 8.")] = 4,
+    method: Annotated[Method, typer.Option("--method", "-m", help="rtn (baseline), gptq (Hessian-based), awq (activation-aware).")] = Method.gptq,
+    group_size: Annotated[int, typer.Option("--group-size", "-g", help="Columns per scale: a power of two >= 16, or -1 for per-channel.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero points) or asymmetric (a zero point per group).")] = True,
+    quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings/--keep-embeddings", help="Also quantize token embeddings and lm_head (RTN), or keep them in their original precision.")] = False,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: most-activated columns first.")] = True,
+    damp: Annotated[float, typer.Option("--damp", help="GPTQ: damping as a fraction of mean(diag H).", min=0.0, max=1.0)] = 0.01,
+    data: DataOpt = None,
+    calib_samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 512,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure perplexity before and after (recorded in edgellm.json).")] = True,
+    eval_tokens: EvalTokensOpt = 4096,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing calibration windows.")] = 0,
+    force: ForceOpt = False,
+):
+    """Quantize a model's linear weights to 4 or 8 bits (RTN, GPTQ or AWQ), stored packed.
+
+    Example: edgellm quantize SmolLM2-135M-Instruct.Q4_1.gguf --bits 4 --method gptq -o smol-q4/
+    """
+    from rich.table import Table
+
+    from ..console import PROGRESS, console, show_warnings
+    from ..data import calibration_batch, split_tokens
+    from ..evaluate import evaluate as measure
+    from ..modelio import save_model
+    from ..outputs import atomic_output_dir, check_output_dir
+    from ..quant.apply import QuantConfig, quantize_model
+    from ..quant.formats import QuantFormat
+    from ..record import add_step
+
+    fmt = QuantFormat(bits=bits, group_size=group_size, sym=sym)  # validates before any heavy work
+    check_output_dir(output, force)
+    with show_warnings():
+        loaded = load(model)
+        if loaded.record.get("quantization"):
+            from ..errors import EdgeLLMError
+
+            raise EdgeLLMError(f"'{model}' is already quantized; quantize the unquantized model instead")
+        ids = data_tokens(loaded.tokenizer, data)
+        calib = calibration_batch(ids, calib_samples, seq_len, seed=seed)
+        eval_ids = split_tokens(ids, "eval")
+        before = measure(loaded.model, eval_ids, max_tokens=eval_tokens, progress=PROGRESS) if evaluate else None
+        cfg = QuantConfig(fmt=fmt, method=method.value, damp=damp, act_order=act_order, quantize_embeddings=quantize_embeddings)
+        t0 = time.perf_counter()
+        report, info = quantize_model(loaded.model, cfg, calib, progress=PROGRESS)
+        seconds = time.perf_counter() - t0
+        after = measure(loaded.model, eval_ids, max_tokens=eval_tokens, progress=PROGRESS) if evaluate else None
+        quality = {"before": before.to_dict(), "after": after.to_dict()} if evaluate else None
+        record = add_step(loaded.record, "quantize", params=cfg.to_dict(), time_s=round(seconds, 2),
+                          data={"spec": data or "builtin:pydoc", "calib_samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "seed": seed},
+                          quality=quality)
+        record["quantization"] = info
+        with atomic_output_dir(output, force) as tmp:
+            save_model(loaded.model, loaded.tokenizer, tmp, record)
+
+    table = Table(title=f"{method.value} {bits}-bit, group {group_size}, {'sym' if sym else 'asym'}")
+    table.add_column("layer"); table.add_column("shape", justify="right"); table.add_column("rel. output error", justify="right")
+    worst = sorted(report, key=lambda r: -r["rel_error"])
+    for r in worst[:8]:
+        table.add_row(r["layer"], "x".join(map(str, r["shape"])), f"{r['rel_error']:.2e}")
+    if len(report) > 8:
+        table.add_row(f"... {len(report) - 8} more (mean {sum(r['rel_error'] for r in report) / len(report):.2e})", "", "")
+    console.print(table)
+    src = dir_size(model) if not model.endswith(".gguf") else None
+    console.print(f"wrote {output} ({human_bytes(dir_size(output))}" + (f", source {human_bytes(src)}" if src else "") + f") in {seconds:.1f} s")
+    if evaluate:
+        console.print(f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} ({(after.perplexity / before.perplexity - 1) * 100:+.2f}%) on {after.tokens} held-out tokens")

@@ -1,0 +1,108 @@
+"""Quantization formats as data, with the pure quantize/dequantize maths (torch).
+
+A weight matrix W of shape (out, in) is split along `in` into groups of `group_size` columns;
+each (row, group) has one fp16 scale and, when asymmetric, one unsigned zero point:
+
+    q   = clamp(round(w / scale) + zero, 0, 2**bits - 1)      # unsigned codes
+    w'  = (q - zero) * scale
+
+Symmetric formats use the fixed zero point 2**(bits-1) (8 for 4-bit, 128 for 8-bit) and, like
+llama.cpp's Q4_0 and ONNX Runtime's MatMulNBits quantizer, map the group's largest-magnitude
+value exactly onto the most negative code, so all 2**bits levels are used.
+When `in` is not a multiple of the group size the last group is padded with zeros, as
+MatMulNBits does (SmolLM2's width 576 is not a multiple of 128). `group_size=-1` means one
+group per output channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import EdgeLLMError
+
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    bits: int = 4  # 4: two codes per byte; 8: one code per byte
+    group_size: int = 128  # columns sharing a scale; -1 = per output channel
+    sym: bool = True  # symmetric: fixed zero point, no zero points stored
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise EdgeLLMError(f"--bits {self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        gs = self.group_size
+        if gs != -1 and (gs < 16 or gs & (gs - 1)):
+            raise EdgeLLMError(
+                f"--group-size {gs} is invalid; it must be a power of two >= 16 (e.g. 32, 64, 128) or -1 for per-channel"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def sym_zero(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def group_for(self, in_features: int) -> int:
+        """The effective group size for a layer of width `in_features`."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def padded(self, in_features: int) -> int:
+        g = self.group_for(in_features)
+        return -(-in_features // g) * g
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last dimension of `w` to `width`."""
+    return w if w.shape[-1] == width else torch.nn.functional.pad(w, (0, width - w.shape[-1]))
+
+
+def group_params(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for groups given as the last dim of `w` (..., gs) -> (...,), (...,).
+
+    Scales are rounded to fp16 here, so the codes are chosen against the scale that is stored.
+    """
+    w = w.float()
+    if fmt.sym:
+        idx = w.abs().argmax(dim=-1, keepdim=True)
+        m = torch.gather(w, -1, idx).squeeze(-1)  # signed value of largest magnitude
+        scale = m / -fmt.sym_zero
+        zero = torch.full_like(scale, fmt.sym_zero)
+    else:
+        lo = w.amin(dim=-1).clamp(max=0)
+        hi = w.amax(dim=-1).clamp(min=0)
+        scale = (hi - lo) / fmt.maxq
+        zero = torch.zeros_like(scale)  # set below once scale is final
+    scale = scale.half().float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # all-zero group: any scale works
+    if not fmt.sym:
+        zero = torch.clamp(torch.round(-lo / scale), 0, fmt.maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Codes for `w` (..., gs) with per-group `scale`, `zero` (...,) -> uint8 (..., gs)."""
+    q = torch.round(w.float() / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    return q.clamp_(0, maxq).to(torch.uint8)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_codes: (..., gs) codes -> fp32 values."""
+    return (q.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+
+
+def quantize_rtn(w: torch.Tensor, fmt: QuantFormat):
+    """Round-to-nearest: W (out, in) -> codes (out, n_groups, gs) uint8, scales, zeros (out, n_groups)."""
+    out_f, in_f = w.shape
+    g = fmt.group_for(in_f)
+    wg = pad_columns(w.float(), fmt.padded(in_f)).reshape(out_f, -1, g)  # (out, ng, gs)
+    scale, zero = group_params(wg, fmt)
+    return quantize_codes(wg, scale, zero, fmt.maxq), scale, zero

@@ -1,0 +1,85 @@
+"""Tiny seeded models for tests: built from transformers configs, optionally trained briefly.
+
+Nothing is downloaded: the tokenizer is a small byte-level BPE trained on the built-in corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 512
+
+CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=None,
+                    tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512, tie_word_embeddings=True),
+}
+
+
+def make_tokenizer(out_dir: Path):
+    """A byte-level BPE with VOCAB tokens trained on the built-in corpus, saved in out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgellm.data import builtin_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([builtin_text()[:200_000]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build(family: str, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(CONFIGS[family])
+    model_type = kw.pop("model_type")
+    kw.update(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    kw.update(overrides)
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def train(model, tokenizer, steps: int, seq_len: int = 128, batch: int = 16, lr: float = 3e-3, seed: int = 0):
+    """Briefly train on the calibration split so weights are genuinely continuous."""
+    from edgellm.data import builtin_text, split_tokens, token_ids
+
+    ids = split_tokens(token_ids(tokenizer, builtin_text()), "calib")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=g)
+        x = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    return loss.item()
+
+
+def save(model, tokenizer, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

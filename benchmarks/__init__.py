@@ -1,0 +1,1 @@
+"""Benchmark harness: speed, memory, energy, quality, peers side by side."""

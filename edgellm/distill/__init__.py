@@ -1,0 +1,1 @@
+"""Knowledge distillation: a smaller student trained on the teacher's logits."""

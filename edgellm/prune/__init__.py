@@ -1,0 +1,1 @@
+"""Pruning: unstructured / N:M (magnitude, Wanda, SparseGPT) and structured (layers, heads, MLP channels)."""

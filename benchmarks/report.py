@@ -1,0 +1,195 @@
+"""report.json (schema: report.schema.json), report.md (a table) and report.html (one offline file,
+matplotlib plots embedded as base64 PNG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
+DASH = "—"
+
+
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate(report: dict) -> None:
+    """Raise jsonschema.ValidationError if the report does not match the schema (skipped without jsonschema)."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(report, schema())
+
+
+# ---- one table, three renderings ---------------------------------------------------------
+
+HEADERS = ["variant", "backend", "size", "pp tok/s", "tg tok/s", "TTFT", "load cold / warm", "peak RSS",
+           "J/token (tg)", "perplexity", "KL", "top-1", "status"]
+
+
+def _mb(n) -> str:
+    return DASH if n is None else f"{n / 2**20:.1f} MB"
+
+
+def _rate(s: dict | None, spread: bool = True) -> str:
+    if not s:
+        return DASH
+    return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})" if s["n"] > 1 and spread else f"{s['median']:.1f}"
+
+
+def _secs(x) -> str:
+    return DASH if x is None else (f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s")
+
+
+def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
+    """One row of strings per variant (HEADERS order); `spread=False` shows medians only."""
+    rows = []
+    for r in report["variants"]:
+        if r["status"] != "ok":
+            rows.append([r["label"], r["backend"], DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH,
+                         f"failed: {r.get('error', '?')}"])
+            continue
+        q = r.get("quality") or {}
+        e = r.get("energy") or {}
+        j = e.get("j_per_token_tg")
+        rows.append([
+            r["label"], r["backend"], _mb(r["size_bytes"]), _rate(r["pp"]["tokens_per_s"], spread), _rate(r["tg"]["tokens_per_s"], spread),
+            _secs(r["ttft_s"]["median"]), f"{_secs(r['load']['cold_s'])} / {_secs(r['load']['warm_s'])}",
+            _mb(r["memory"]["peak_rss_bytes"]),
+            DASH if j is None else f"{j:.3f} ({e['kind'][:3]}.)",
+            f"{q['perplexity']:.3f}" if "perplexity" in q else DASH,
+            f"{q['kl']:.4f}" if "kl" in q else DASH,
+            f"{q['top1'] * 100:.1f}%" if "top1" in q else DASH,
+            "ok",
+        ])
+    return rows
+
+
+def _notes(report: dict) -> list[str]:
+    s, env, prof = report["settings"], report["environment"], report["energy_profile"]
+    kinds = {r["energy"]["kind"] for r in report["variants"] if r.get("energy")}
+    return [
+        f"pp = prefill of {s['prompt_tokens']} tokens, tg = {s['gen_tokens']} greedy decode steps; median (min–max) over "
+        f"{s['reps']} repetitions after a warm-up; {s['threads']} thread(s); TTFT = tokenize + prefill + first token.",
+        "Load cold = first load in a fresh process after evicting the files from the page cache; warm = reload with the files cached.",
+        "Peak RSS = high-water resident set of the variant's own worker process after load and the speed phases.",
+        f"Energy ({', '.join(sorted(kinds)) or 'n/a'}): " + (
+            f"estimated with profile '{prof['name']}' ({prof['description']}): {prof['idle_w']} W idle + CPU utilisation × "
+            f"({prof['peak_w']} − {prof['idle_w']}) W; source: {prof['source']}." if "estimated" in kinds else "measured with the machine's counters."),
+        f"Quality: perplexity on {s['data']} (evaluation split, {s['eval_tokens']} tokens max, ctx {s['ctx']}, stride {s['stride']}); "
+        f"KL(reference ‖ variant) and top-1 agreement against the first variant, {report['reference']}.",
+        f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} usable CPU(s), {_mb(env['memory_bytes']) if env['memory_bytes'] else '?'} RAM, "
+        f"{env['os']}, Python {env['python']}; git {((env.get('git') or {}).get('commit') or '?')[:10]}"
+        f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}; {env['date']}.",
+    ]
+
+
+def markdown(report: dict) -> str:
+    rows = table_rows(report)
+    esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+    lines = [f"# edgellm bench — {report['environment']['date'][:10]}", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS) - 1)) + "|---|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    lines += [""] + [f"- {n}" for n in _notes(report)] + [""]
+    return "\n".join(lines)
+
+
+# ---- plots -------------------------------------------------------------------------------
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plots(report: dict) -> list[tuple[str, str]]:
+    """[(title, base64 PNG)]: tg tokens/s vs size coloured by perplexity; pp/tg bars with spread; peak RSS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["variants"] if r["status"] == "ok"]
+    if not ok:
+        return []
+    out = []
+    labels = [r["label"] for r in ok]
+    size = [r["size_bytes"] / 2**20 for r in ok]
+    tg = [r["tg"]["tokens_per_s"]["median"] for r in ok]
+    ppl = [(r.get("quality") or {}).get("perplexity") for r in ok]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    have = [p is not None for p in ppl]
+    if any(have):
+        sc = ax.scatter([s for s, h in zip(size, have) if h], [t for t, h in zip(tg, have) if h], s=70,
+                        c=[p for p in ppl if p is not None], cmap="viridis_r", edgecolors="black")
+        fig.colorbar(sc, ax=ax, label="perplexity (lower is better)")
+    if not all(have):
+        ax.scatter([s for s, h in zip(size, have) if not h], [t for t, h in zip(tg, have) if not h], s=70, c="lightgrey", edgecolors="black")
+    for x, y, l in zip(size, tg, labels):
+        ax.annotate(l, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("generation tokens/s (median)")
+    ax.set_title("Speed vs size, coloured by perplexity")
+    ax.grid(alpha=0.3)
+    out.append(("Generation speed vs size", _png(fig)))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, max(2.5, 0.5 * len(ok) + 1.5)))
+    for ax, key, title in zip(axes, ("pp", "tg"), ("prompt processing", "generation")):
+        st = [r[key]["tokens_per_s"] for r in ok]
+        med = [s["median"] for s in st]
+        err = [[m - s["min"] for m, s in zip(med, st)], [s["max"] - m for m, s in zip(med, st)]]
+        ax.barh(range(len(ok)), med, xerr=err, capsize=4, color="#4c72b0" if key == "pp" else "#dd8452")
+        ax.set_yticks(range(len(ok)), labels if key == "pp" else [""] * len(ok))
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens/s (median, bars = min–max)")
+        ax.set_title(f"{title} ({report['settings']['prompt_tokens' if key == 'pp' else 'gen_tokens']} tokens)")
+        ax.grid(axis="x", alpha=0.3)
+    out.append(("Tokens/s per variant, with spread", _png(fig)))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.45 * len(ok) + 1.2)))
+    ax.barh(range(len(ok)), [r["memory"]["peak_rss_bytes"] / 2**20 for r in ok], color="#55a868", label="peak RSS")
+    ax.barh(range(len(ok)), size, color="none", edgecolor="black", hatch="//", label="size on disk")
+    ax.set_yticks(range(len(ok)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("MB")
+    ax.legend()
+    ax.set_title("Peak RSS of each variant's process vs file size")
+    out.append(("Memory", _png(fig)))
+    plt.close(fig)
+    return out
+
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child,td:nth-child(2){text-align:left}tr.failed{background:#fde2e2}
+img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}"""
+
+
+def html_page(report: dict) -> str:
+    e = html.escape
+    rows = table_rows(report)
+    head = "".join(f"<th>{e(h)}</th>" for h in HEADERS)
+    body = "".join(f"<tr class=\"{'ok' if r[-1] == 'ok' else 'failed'}\">" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    figs = "".join(f"<h2>{e(t)}</h2><img alt=\"{e(t)}\" src=\"data:image/png;base64,{b}\">" for t, b in plots(report))
+    notes = "".join(f"<li>{e(n)}</li>" for n in _notes(report))
+    raw = e(json.dumps(report, indent=1))
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>edgellm bench</title><style>{CSS}</style></head><body>"
+            f"<h1>edgellm bench — {e(report['environment']['date'][:10])}</h1><table><tr>{head}</tr>{body}</table>"
+            f"<ul>{notes}</ul>{figs}<details><summary>report.json</summary><pre>{raw}</pre></details></body></html>\n")
+
+
+def write(report: dict, folder: Path) -> None:
+    """Write report.json, report.md and report.html into `folder` (the caller makes it atomic)."""
+    validate(report)
+    folder = Path(folder)
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+    (folder / "report.html").write_text(html_page(report))

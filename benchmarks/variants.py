@@ -1,0 +1,124 @@
+"""What to benchmark: `VARIANT[:BACKEND]` parsed into a path, a kind and a backend.
+
+A variant is
+- an export directory (`model.onnx` inside)  -> `numba` (default when edgellm.runtime is
+  available) or `onnxruntime`;
+- a model directory (`config.json` inside)    -> `torch` (transformers, the generate loop);
+- a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
+  (transformers dequantizes it to fp32).
+
+Test-only: the prefix `slow:` (e.g. `slow:tiny/:torch`) wraps the backend so every model call
+sleeps SLOW_DELAY_S first. It exists so the test suite can check that the harness ranks a
+deliberately slower variant slower; it is documented here and in `edgellm bench --help`, and it
+changes nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgellm.errors import EdgeLLMError
+
+BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp")
+ALIASES = {"ort": "onnxruntime", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "pytorch": "torch", "transformers": "torch"}
+KIND_BACKENDS = {"export": ("numba", "onnxruntime"), "model": ("torch",), "gguf": ("llama.cpp", "torch")}
+SLOW_PREFIX = "slow:"
+SLOW_DELAY_S = 0.05  # per model call (prefill or decode step) of a `slow:` variant
+
+LLAMA_CPP_HINT = ("install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
+                  "llama.cpp; for a build tuned to this CPU set CMAKE_ARGS=\"-DGGML_NATIVE=on\")")
+
+
+@dataclass
+class Variant:
+    spec: str  # as the user wrote it
+    path: str  # resolved path
+    kind: str  # export | model | gguf
+    backend: str  # one of BACKENDS
+    label: str  # unique, short: "<name>:<backend>"
+    slow: bool = False  # test-only slow-down wrapper
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def numba_runtime_available() -> bool:
+    """True when edgellm.runtime exposes a generator the numba backend can drive."""
+    return _has_module("edgellm.runtime.generate") or _has_module("edgellm.runtime.session")
+
+
+def _kind(path: Path, spec: str) -> str:
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EdgeLLMError(f"GGUF file '{path}' in variant '{spec}' does not exist")
+        return "gguf"
+    if not path.exists():
+        raise EdgeLLMError(f"variant '{spec}': '{path}' does not exist (expected an export directory, a model directory or a .gguf file)")
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return "export"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "model"
+    raise EdgeLLMError(f"variant '{spec}': '{path}' is neither an export directory (model.onnx), a model directory (config.json) nor a .gguf file")
+
+
+def parse(spec: str) -> Variant:
+    """One `[slow:]PATH[:BACKEND]` -> Variant, or an EdgeLLMError that says what is wrong."""
+    raw = spec
+    slow = spec.startswith(SLOW_PREFIX)
+    if slow:
+        spec = spec[len(SLOW_PREFIX):]
+    backend = None
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).exists():
+        name = ALIASES.get(tail.lower(), tail.lower())
+        if name not in BACKENDS:
+            raise EdgeLLMError(f"unknown backend '{tail}' in variant '{raw}'; choose one of {', '.join(BACKENDS)}")
+        backend, spec = name, head
+    path = Path(spec).expanduser()
+    kind = _kind(path, raw)
+    allowed = KIND_BACKENDS[kind]
+    if backend is None:
+        backend = allowed[0]
+        if backend == "numba" and not numba_runtime_available():
+            backend = "onnxruntime"
+    elif backend not in allowed:
+        raise EdgeLLMError(f"variant '{raw}': backend '{backend}' cannot run a{'n' if kind == 'export' else ''} {kind} "
+                           f"({'directory' if kind != 'gguf' else 'file'}); use one of {', '.join(allowed)}")
+    check_backend_installed(backend, raw)
+    name = path.name or str(path)
+    label = f"{'slow:' if slow else ''}{name}:{backend}"
+    return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=label, slow=slow)
+
+
+def check_backend_installed(backend: str, spec: str) -> None:
+    if backend == "llama.cpp" and not _has_module("llama_cpp"):
+        raise EdgeLLMError(f"variant '{spec}' needs llama-cpp-python, which is not installed; {LLAMA_CPP_HINT}")
+    if backend == "numba" and not numba_runtime_available():
+        raise EdgeLLMError(f"variant '{spec}': the numba runtime (edgellm.runtime) is not available in this install; use ':onnxruntime'")
+    if backend == "onnxruntime" and not _has_module("onnxruntime"):
+        raise EdgeLLMError(f"variant '{spec}' needs onnxruntime; install it with: pip install 'edgellm[ort]'")
+    if backend == "torch" and not (_has_module("torch") and _has_module("transformers")):
+        raise EdgeLLMError(f"variant '{spec}' needs torch and transformers; install them with: pip install 'edgellm[compress]'")
+
+
+def parse_all(specs: list[str]) -> list[Variant]:
+    """Parse every variant (all errors before any work) and make labels unique."""
+    if not specs:
+        raise EdgeLLMError("give at least one variant (an export directory, a model directory or a .gguf file)")
+    variants = [parse(s) for s in specs]
+    seen: dict[str, int] = {}
+    for v in variants:
+        n = seen.get(v.label, 0)
+        seen[v.label] = n + 1
+        if n:
+            v.label = f"{v.label}#{n + 1}"
+    return variants

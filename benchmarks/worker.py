@@ -1,0 +1,275 @@
+"""Benchmark ONE variant in this process (run as a subprocess by benchmarks/run.py).
+
+    python -m edgellm.benchmarks.worker JOB.json RESULT.json
+
+Phases, in order (each reported on stderr as a line `@phase NAME` for the progress display):
+ import   the engine's libraries (timed apart from the load)
+ load     cold: the variant's files are first evicted from the page cache with
+          posix_fadvise(POSIX_FADV_DONTNEED) (no root needed), then loaded in this fresh process
+ warmup   one full prompt + a few decode steps (JIT compiles, allocations, thread pools)
+ pp       `reps` x prefill of `prompt_tokens` tokens from a fresh cache -> tokens/s; time to first
+          token = tokenize the prompt + prefill + argmax of the first token
+ tg       `reps` x (1-token prefill, then `gen_tokens` greedy decode steps) -> tokens/s of the steps
+ memory   peak RSS so far (VmHWM, = getrusage ru_maxrss) covers import + load + speed
+ quality  perplexity over the data's evaluation split (edgellm.evaluate protocol: fixed ctx and
+          stride); the reference variant saves its log-probs as .npy files, the others read
+          them for KL(ref || variant) and top-1 agreement (plain .npy, never pickle)
+ reload   warm load time: the same files again, now in the page cache, libraries imported
+CPU time (getrusage user+sys) and, where readable, energy counters are taken around pp and tg.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ENGINE_MODULES = {"torch": ("torch", "transformers"), "onnxruntime": ("onnxruntime", "tokenizers", "onnx"),
+                  "numba": ("numba", "edgellm.runtime"), "llama.cpp": ("llama_cpp",)}
+WARMUP_STEPS = 8
+
+
+def phase(name: str) -> None:
+    print(f"@phase {name}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def peak_rss_bytes() -> int:
+    """High-water resident set size of this process: VmHWM, else ru_maxrss (KiB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values), "values": values}
+
+
+def evict(path: Path) -> int:
+    """Drop the variant's files from the page cache (clean pages only). Returns files evicted."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    n = 0
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += 1
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            pass
+    return n
+
+
+def dir_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Clock:
+    """Accumulates wall time, CPU time and (if readable) joules over timed regions."""
+
+    def __init__(self, meter):
+        self.meter, self.wall, self.cpu, self.joules = meter, 0.0, 0.0, (0.0 if meter.available else None)
+
+    def __enter__(self):
+        self._e = self.meter.read()
+        self._c = cpu_seconds()
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.last = time.perf_counter() - self._t
+        self.wall += self.last
+        self.cpu += cpu_seconds() - self._c
+        if self.joules is not None:
+            self.joules += self.meter.read() - self._e
+
+    def summary(self, tokens: int, cpus: int) -> dict:
+        return {"wall_s": self.wall, "cpu_s": self.cpu, "cpus": cpus, "tokens": tokens, "joules": self.joules}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
+    from edgellm.evaluate import windows
+
+    ids = ids[: s["eval_tokens"]]
+    wins = windows(len(ids), s["ctx"], s["stride"])
+    if not wins:
+        raise ValueError(f"the evaluation data has {len(ids)} tokens, too few to score")
+    ref_ids_path = ref_dir / "ids.npy"
+    compare = False
+    note = None
+    if is_ref:
+        np.save(ref_ids_path, np.asarray(ids, np.int64))
+    elif ref_ids_path.is_file():
+        ref_ids = np.load(ref_ids_path, allow_pickle=False)
+        compare = len(ref_ids) == len(ids) and bool(np.array_equal(ref_ids, ids))
+        if not compare:
+            note = "tokenizer differs from the reference's: no KL / top-1"
+    else:
+        note = "the reference variant produced no logits: no KL / top-1"
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    for k, (start, end, first) in enumerate(wins):
+        x = ids[start:end]
+        logp = log_softmax(b.logits(x)[first:-1])  # predictions for x[first+1:]
+        target = np.asarray(x[first + 1:])
+        nll -= logp[np.arange(len(target)), target].sum()
+        count += len(target)
+        wpath = ref_dir / f"logp_{k:04d}.npy"
+        if is_ref:
+            np.save(wpath, logp.astype(np.float32))
+        elif compare:
+            ref = np.load(wpath, mmap_mode="r", allow_pickle=False)
+            for i in range(0, len(logp), 64):  # chunks keep the float64 temporaries small
+                r = np.asarray(ref[i:i + 64], np.float64)
+                kl += (np.exp(r) * (r - logp[i:i + 64])).sum()
+                agree += int((r.argmax(-1) == logp[i:i + 64].argmax(-1)).sum())
+    out = {"perplexity": math.exp(nll / count), "tokens": count, "ctx": s["ctx"], "stride": s["stride"]}
+    if compare:
+        out.update(kl=kl / count, top1=agree / count)
+    if note:
+        out["note"] = note
+    return out
+
+
+def run(job: dict) -> dict:
+    from edgellm.data import load_text
+
+    from .backends import make_backend
+    from .energy import Meter, usable_cpus
+
+    v, s = job["variant"], job["settings"]
+    path, cpus, threads = Path(v["path"]), usable_cpus(), s["threads"]
+    res: dict = {"status": "ok", "threads": threads}
+    res["size_bytes"] = dir_size(path)
+
+    phase("import")
+    t0 = time.perf_counter()
+    for mod in ENGINE_MODULES[v["backend"]]:
+        __import__(mod)
+    import_s = time.perf_counter() - t0
+
+    phase("load")
+    evicted = evict(path)
+    b = make_backend(v, threads)
+    t0 = time.perf_counter()
+    b.load()
+    cold_s = time.perf_counter() - t0
+    rss_after_load = peak_rss_bytes()
+
+    text = load_text(s.get("data"))
+    n_pp, n_tg = s["prompt_tokens"], s["gen_tokens"]
+    limit = b.max_context()
+    if limit and max(n_pp, n_tg + 1, s["ctx"] if s["quality"] else 0) > limit:
+        raise ValueError(f"the model's context is {limit} tokens: --prompt-tokens {n_pp} / --gen-tokens {n_tg} / ctx {s['ctx']} must fit")
+    # The prompt is the start of the data. Only a prefix is tokenized here: tokenizing the whole
+    # corpus would allocate more than a small model and distort peak RSS (quality does it later).
+    n_chars = 8 * n_pp
+    while True:
+        prompt_text = text[:n_chars]
+        prompt = b.encode(prompt_text)
+        if len(prompt) > n_pp or n_chars >= len(text):
+            break
+        n_chars *= 2
+    prompt = (prompt * (n_pp // max(len(prompt), 1) + 1))[:n_pp]  # tiled if the data is short
+
+    phase("warmup")
+    logits = b.prefill(prompt)
+    for _ in range(min(WARMUP_STEPS, n_tg)):
+        logits = b.step(int(np.argmax(logits)))
+
+    meter = Meter()
+    pp_clock, tg_clock = Clock(meter), Clock(meter)
+    pp_s, ttft_s, tg_s = [], [], []
+    for r in range(s["reps"]):
+        phase(f"pp {r + 1}/{s['reps']}")
+        t0 = time.perf_counter()
+        ids = b.encode(prompt_text)[:n_pp]
+        t_enc = time.perf_counter() - t0
+        ids = ids if len(ids) == n_pp else prompt
+        with pp_clock:
+            first = int(np.argmax(b.prefill(ids)))
+        pp_s.append(pp_clock.last)
+        ttft_s.append(t_enc + pp_clock.last)
+    for r in range(s["reps"]):
+        phase(f"tg {r + 1}/{s['reps']}")
+        logits = b.prefill(prompt[:1])
+        with tg_clock:
+            for _ in range(n_tg):
+                logits = b.step(int(np.argmax(logits)))
+        tg_s.append(tg_clock.last)
+    del first
+    res["pp"] = {"tokens": n_pp, "runs_s": pp_s, "tokens_per_s": stats([n_pp / t for t in pp_s])}
+    res["tg"] = {"tokens": n_tg, "runs_s": tg_s, "tokens_per_s": stats([n_tg / t for t in tg_s])}
+    res["ttft_s"] = stats(ttft_s)
+    res["phases"] = {"pp": pp_clock.summary(n_pp * s["reps"], cpus), "tg": tg_clock.summary(n_tg * s["reps"], cpus)}
+    res["meter"] = meter.method if meter.available else None
+    res["memory"] = {"peak_rss_bytes": peak_rss_bytes(), "rss_after_load_bytes": rss_after_load,
+                     "method": "VmHWM of the worker process (= getrusage ru_maxrss) after load + speed phases"}
+
+    if s["quality"]:
+        phase("quality")
+        all_ids = b.encode(text)
+        cut = int(len(all_ids) * 0.9)  # edgellm.data: the last 10% of the token stream is the eval split
+        res["quality"] = quality(b, all_ids[cut:], s, Path(job["ref_dir"]), job["is_reference"])
+    else:
+        res["quality"] = None
+
+    phase("reload")
+    b.close()
+    del b, logits
+    gc.collect()
+    b = make_backend(v, threads)
+    t0 = time.perf_counter()
+    b.load()
+    warm_s = time.perf_counter() - t0
+    b.close()
+    res["load"] = {"import_s": import_s, "cold_s": cold_s, "warm_s": warm_s,
+                   "cold_method": f"first load in a fresh process after posix_fadvise(DONTNEED) on {evicted} file(s)",
+                   "warm_method": "second load in the same process, files in the page cache"}
+    res["memory"]["peak_rss_total_bytes"] = peak_rss_bytes()
+    return res
+
+
+def main(argv: list[str]) -> int:
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    job = json.loads(job_path.read_text())
+    try:
+        res = run(job)
+        code = 0
+    except BaseException as exc:  # the row is marked failed with this error; the report still comes out
+        traceback.print_exc(file=sys.stderr)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        res, code = {"status": "failed", "error": f"{type(exc).__name__}: {msg}".rstrip(": ")}, 1
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, result_path)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

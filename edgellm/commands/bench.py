@@ -1,0 +1,120 @@
+"""`edgellm bench`: speed, memory, energy and quality of variants, side by side with the peers."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from .common import DataOpt, ForceOpt
+
+
+class Target(str, Enum):
+    this = "this"
+    laptop = "laptop"
+    rpi4 = "rpi4"
+    rpi5 = "rpi5"
+
+
+def bench(
+    variants: Annotated[List[str], typer.Argument(help="VARIANT[:BACKEND]: an export directory (numba | onnxruntime), a model directory (torch) "
+                                                   "or a .gguf file (llama.cpp | torch). The first one is the quality reference.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report directory: report.json, report.md, report.html (written whole at the end).", show_default=False)],
+    prompt_tokens: Annotated[Optional[int], typer.Option("--prompt-tokens", "-p", help="pp: prompt tokens per repetition [default: 512; --quick: 64].", min=1)] = None,
+    gen_tokens: Annotated[Optional[int], typer.Option("--gen-tokens", "-n", help="tg: generated tokens per repetition [default: 128; --quick: 16].", min=1)] = None,
+    reps: Annotated[Optional[int], typer.Option("--reps", "-r", help="Repetitions (median and spread) after one warm-up [default: 5; --quick: 2].", min=1)] = None,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads for every engine (0: all usable CPUs).", min=0)] = 0,
+    data: DataOpt = None,
+    eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens", help="Evaluation tokens for perplexity/KL [default: 2048; --quick: 256].", min=16)] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Perplexity context (stride = ctx) [default: 512; --quick: 128].", min=8)] = None,
+    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Measure perplexity, KL and top-1 against the first variant.")] = True,
+    target: Annotated[Target, typer.Option("--target", help="Energy profile for estimates: this machine, a laptop, Raspberry Pi 4 or 5.")] = Target.this,
+    quick: Annotated[bool, typer.Option("--quick", help="Short smoke run (small pp/tg, 2 reps, little quality data): seconds per variant.")] = False,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds per variant before it is stopped and marked failed.", min=1)] = None,
+    force: ForceOpt = False,
+):
+    """Benchmark variants, each in its own process: pp/tg tokens/s, TTFT, load time, peak RSS,
+    energy per token (measured or estimated) and quality, as report.json/.md/.html.
+
+    Example: edgellm bench q4-onnx/ q4-onnx/:onnxruntime smol.Q4_0.gguf -o bench/ --quick
+
+    Test-only: a variant written `slow:VARIANT` sleeps 50 ms before every model call (the test
+    suite uses it to check that a slower variant is ranked slower).
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgellm.benchmarks import report as rep
+    from edgellm.benchmarks.run import Settings, build_report, run_variants
+    from edgellm.benchmarks.variants import parse_all
+
+    from ..console import console, out
+    from ..errors import EdgeLLMError
+    from ..outputs import atomic_output_dir, check_output_dir
+
+    check_output_dir(output, force)  # before any work: no write access or an existing report -> exit 2
+    _probe_writable(output)
+    parsed = parse_all(variants)
+    base = Settings.quick() if quick else Settings()
+    chosen = dict(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps, eval_tokens=eval_tokens, ctx=ctx)
+    kw = {k: v for k, v in chosen.items() if v is not None}
+    if "ctx" in kw:
+        kw["stride"] = kw["ctx"]
+    settings = Settings(**{**base.__dict__, **kw, "threads": threads, "data": data, "quality": quality,
+                           "target": target.value, "timeout_s": timeout})
+    if data is not None and quality:
+        from ..data import load_text
+
+        load_text(data)  # a bad --data fails here, not inside every worker
+
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.fields[label]}"), TextColumn("{task.description}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        tasks = {}
+
+        def on_event(i, label, phase):
+            if i not in tasks:
+                tasks[i] = bar.add_task(phase, label=f"[{i + 1}/{len(parsed)}] {label}", total=None)
+            bar.update(tasks[i], description=phase)
+            if phase in ("done", "failed"):
+                bar.update(tasks[i], total=1, completed=1, description="[green]done" if phase == "done" else "[red]failed")
+
+        rows = run_variants(parsed, settings, on_event)
+    report = build_report(parsed, settings, rows)
+    try:
+        with atomic_output_dir(output, force) as tmp:
+            rep.write(report, tmp)
+    except OSError as exc:
+        raise EdgeLLMError(f"cannot write the report to '{output}' ({exc.strerror or exc}); nothing was written there") from None
+
+    table = Table(title=f"edgellm bench ({'quick, ' if quick else ''}{settings.resolved_threads()} threads, energy: {target.value}; "
+                        f"medians, spread in report.md)")
+    keep = [i for i, h in enumerate(rep.HEADERS) if h not in ("backend", "load cold / warm", "KL")]
+    for i in keep:
+        h = rep.HEADERS[i]
+        table.add_column(h, justify="left" if h in ("variant", "status") else "right")
+    for r in rep.table_rows(report, spread=False):
+        cells = [r[i] if i != len(r) - 1 else r[i].split(":")[0] for i in keep]
+        table.add_row(*(Text(c) for c in cells), style=None if r[-1] == "ok" else "red")
+    out.print(table)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for r in failed:
+        console.print(f"[yellow]warning:[/] {r['label']} failed: {r['error']}")
+    console.print(f"wrote {output}/report.json, report.md, report.html")
+    if len(failed) == len(rows):
+        raise EdgeLLMError(f"every variant failed (the report in '{output}' says why)")
+
+
+def _probe_writable(output: Path) -> None:
+    """Create and remove a temporary sibling of `output`: fails early (exit 2) where writing will fail."""
+    import shutil
+    import tempfile
+
+    from ..errors import EdgeLLMError
+
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=output.resolve().parent))
+    except OSError as exc:
+        raise EdgeLLMError(f"cannot write to '{output.resolve().parent}' ({exc.strerror or exc}); choose a writable output path") from None

@@ -1,0 +1,218 @@
+"""edgellm bench on tiny models: report + schema, slower variant ranked slower, RSS grows with the
+model, energy follows the profile, failed rows, bad input, and agreement with independent
+measurements (/usr/bin/time -v for peak RSS, a plain stopwatch loop for tokens/s)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import tiny
+from edgellm.benchmarks import energy, report as rep, variants as var
+from edgellm.benchmarks.run import Settings, reapply_energy, run_worker
+from edgellm.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("bench-models")
+    small = tiny.save(tiny.build("llama"), tokenizer, root / "small")
+    # ~13.5 M parameters (54 MB fp32) against ~0.15 M: RSS must show the difference
+    big = tiny.save(tiny.build("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                               num_attention_heads=8, num_key_value_heads=4), tokenizer, root / "big")
+    broken = root / "broken"
+    shutil.copytree(small, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated: load fails
+    return {"small": small, "big": big, "broken": broken, "root": root}
+
+
+@pytest.fixture(scope="module")
+def cli_report(models):
+    out = models["root"] / "report"
+    args = ["bench", str(models["small"]), f"slow:{models['small']}:torch", str(models["big"]), str(models["broken"]),
+            "-o", str(out), "--quick", "--gen-tokens", "12"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return out, json.loads((out / "report.json").read_text()), res.output
+
+
+def _row(report, label_start):
+    return next(r for r in report["variants"] if r["label"].startswith(label_start))
+
+
+def test_report_files_and_schema(cli_report):
+    import jsonschema
+
+    out, report, output = cli_report
+    jsonschema.validate(report, rep.schema())
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".report.")], "temporary siblings left behind"
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert not re.search(r"(src|href)=\"(https?:)?//", html), "the HTML must work offline"
+    md = (out / "report.md").read_text()
+    assert md.count("\n| ") == 1 + 4 and "failed" in md
+    assert "edgellm bench" in output and "broken:torch failed" in " ".join(output.split())  # summary + warning
+
+
+def test_schema_rejects_a_broken_report(cli_report):
+    import jsonschema
+
+    bad = json.loads(json.dumps(cli_report[1]))
+    del bad["variants"][0]["tg"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, rep.schema())
+
+
+def test_failed_variant_gives_a_failed_row(cli_report):
+    report = cli_report[1]
+    row = _row(report, "broken")
+    assert row["status"] == "failed" and "truncated" in row["error"]
+    assert [r["status"] for r in report["variants"]] == ["ok", "ok", "ok", "failed"]
+
+
+def test_slowed_variant_is_slower(cli_report):
+    report = cli_report[1]
+    fast, slow = _row(report, "small"), _row(report, "slow:")
+    assert slow["tg"]["tokens_per_s"]["median"] < fast["tg"]["tokens_per_s"]["median"]
+    # the harness must see at least the injected sleep in every decode step
+    assert 1 / slow["tg"]["tokens_per_s"]["max"] >= var.SLOW_DELAY_S
+    assert 1 / fast["tg"]["tokens_per_s"]["max"] < 1 / slow["tg"]["tokens_per_s"]["min"]
+
+
+def test_quality_against_the_reference(cli_report):
+    report = cli_report[1]
+    ref, same, big = _row(report, "small"), _row(report, "slow:"), _row(report, "big")
+    assert "kl" not in ref["quality"]  # the reference is not compared with itself
+    assert same["quality"]["kl"] < 1e-6 and same["quality"]["top1"] == 1.0  # same weights
+    assert same["quality"]["perplexity"] == pytest.approx(ref["quality"]["perplexity"], rel=1e-5)
+    assert big["quality"]["kl"] > 1e-3 and big["quality"]["top1"] < 0.9  # different random model
+
+
+def test_bigger_model_has_larger_rss(cli_report):
+    report = cli_report[1]
+    small, big = _row(report, "small"), _row(report, "big")
+    grow = big["memory"]["peak_rss_bytes"] - small["memory"]["peak_rss_bytes"]
+    assert grow > 0.5 * (big["size_bytes"] - small["size_bytes"]), grow
+
+
+def test_energy_follows_the_profile(cli_report):
+    report = cli_report[1]
+    per_target = {t: _row(reapply_energy(report, t), "big")["energy"] for t in energy.TARGETS}
+    j = {t: e["j_per_token_tg"] for t, e in per_target.items()}
+    assert all(e["kind"] == "estimated" for e in per_target.values())  # no RAPL/NVML in this VM / CI
+    assert j["this"] < j["rpi4"] < j["rpi5"] < j["laptop"]
+    # and with the utilisation: the same phase at full load costs more than idle
+    p = energy.PROFILES["rpi4"]
+    busy = energy.phase_energy({"wall_s": 1.0, "cpu_s": 2.0, "cpus": 2}, 10, p)
+    idle = energy.phase_energy({"wall_s": 1.0, "cpu_s": 0.0, "cpus": 2}, 10, p)
+    assert busy["estimated_j_per_token"] == pytest.approx(p.peak_w / 10)
+    assert idle["estimated_j_per_token"] == pytest.approx(p.idle_w / 10)
+
+
+STOPWATCH = """
+import statistics, sys, time, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[2]))
+n, reps = int(sys.argv[3]), int(sys.argv[4])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+rates = []
+with torch.inference_mode():
+    for _ in range(reps + 1):  # the first is a warm-up
+        out = model(input_ids=torch.tensor([[1]]), use_cache=True)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = out.logits[0, -1].argmax().view(1, 1)
+            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+        rates.append(n / (time.perf_counter() - t0))
+print(statistics.median(rates[1:]))
+"""
+
+
+def _stopwatch_tg(model_dir: Path, threads: int, n: int, reps: int) -> float:
+    """Median tokens/s of a plain greedy KV-cache loop timed with perf_counter, in its own process
+    like the worker (no harness code involved)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", STOPWATCH, str(model_dir), str(threads), str(n), str(reps)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def test_agrees_with_independent_measurements(models, tmp_path):
+    v = var.parse(str(models["small"])).to_dict()
+    s = Settings.quick(quality=False, gen_tokens=32, reps=3)
+    (tmp_path / "ref").mkdir()
+    time_log = tmp_path / "time.txt"
+    before = _stopwatch_tg(models["small"], s.resolved_threads(), 32, 3)
+    res = run_worker(v, s, tmp_path / "ref", True, tmp_path, prefix=("/usr/bin/time", "-v", "-o", str(time_log)))
+    after = _stopwatch_tg(models["small"], s.resolved_threads(), 32, 3)
+    assert res["status"] == "ok", res
+    kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_log.read_text()).group(1))
+    ours = res["memory"]["peak_rss_total_bytes"]
+    assert abs(ours - kib * 1024) < 0.03 * kib * 1024, (ours, kib * 1024)
+
+    harness = res["tg"]["tokens_per_s"]["median"]
+    # Other jobs share these 2 cores, so the stopwatch runs before and after the harness and the
+    # band is wide; a harness that mis-times (e.g. counts the prompt, or divides wrongly) is off by
+    # far more than this and fails.
+    lo, hi = min(before, after), max(before, after)
+    assert 0.5 * lo < harness < 2.0 * hi, (harness, before, after)
+
+
+def test_crashing_worker_is_reported(models, tmp_path):
+    v = var.parse(str(models["small"])).to_dict()
+    (tmp_path / "ref").mkdir()
+    res = run_worker(v, Settings.quick(), tmp_path / "ref", True, tmp_path, prefix=("sh", "-c", "kill -9 $$", "sh"))
+    assert res == {"status": "failed", "error": "worker killed by signal SIGKILL"}
+    v["backend"], v["path"] = "onnxruntime", str(tmp_path)  # not an export: fails inside the worker
+    res = run_worker(v, Settings.quick(), tmp_path / "ref", True, tmp_path)
+    assert res["status"] == "failed" and res["error"]
+
+
+def _bad(args, *needles):
+    res = runner.invoke(app, ["bench", *args])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    for n in needles:
+        assert n in text, text
+    return text
+
+
+def test_bad_input_exits_2_and_writes_nothing(models, tmp_path, monkeypatch):
+    small, out = str(models["small"]), tmp_path / "out"
+    _bad([f"{small}:tensorrt", "-o", str(out)], "unknown backend 'tensorrt'", "numba, onnxruntime, torch, llama.cpp")
+    _bad([str(tmp_path / "nope"), "-o", str(out)], "does not exist")
+    _bad([f"{small}:onnxruntime", "-o", str(out)], "cannot run a model")
+    _bad([small, "-o", str(out), "--target", "mars"], "mars")
+    _bad([small, "-o", str(out), "--data", str(tmp_path / "missing.txt")], "does not exist")
+    _bad(["-o", str(out)], "Missing argument")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    real = var._has_module
+    monkeypatch.setattr(var, "_has_module", lambda name: False if name == "llama_cpp" else real(name))
+    _bad([str(gguf), "-o", str(out)], "llama-cpp-python", "'peers' extra", "pip install 'edgellm", "CMAKE_ARGS")
+    monkeypatch.undo()
+    (tmp_path / "exists").mkdir()
+    _bad([small, "-o", str(tmp_path / "exists")], "already exists", "--force")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _bad([small, "-o", str(afile / "out")], "cannot write")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exists", "m.gguf"]
+
+
+def test_variant_parsing(models):
+    small = str(models["small"])
+    a, b, c = var.parse_all([small, f"{small}:pytorch", f"slow:{small}"])
+    assert (a.backend, b.backend, c.backend) == ("torch", "torch", "torch")
+    assert a.label == "small:torch" and b.label == "small:torch#2" and c.slow and c.label == "slow:small:torch"
+    assert a.kind == "model"

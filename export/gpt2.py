@@ -1,0 +1,68 @@
+"""GPT-2 decoder graph: learned positions, LayerNorm, fused c_attn, GELU (tanh) MLP, tied head.
+
+Per block: h += c_proj(attn(split(c_attn(ln_1(h))))) ; h += c_proj(gelu(c_fc(ln_2(h)))).
+Conv1D stores weights (in, out); linear_spec reads them as (out, in) like every other layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgellm.errors import UnsupportedError
+
+from .decoder import DecoderIO, attention, split_last
+from .graph import FLOAT, Graph
+from .llama import lm_head
+from .weights import Options, embedding_spec, emit_embedding, emit_linear, linear_spec
+
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().float().contiguous().numpy()
+
+
+def build(model, opts: Options) -> Graph:
+    c = model.config
+    if c.activation_function not in _GELU:
+        raise UnsupportedError(f"GPT-2 activation '{c.activation_function}' is not supported; supported: {', '.join(_GELU)}")
+    if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "reorder_and_upcast_attn", False):
+        raise UnsupportedError("GPT-2 with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn is not supported")
+    nh, d = c.n_head, c.n_embd
+    hd = d // nh
+    scale = 1.0 / float(hd) ** 0.5 if getattr(c, "scale_attn_weights", True) else 1.0
+    g = Graph("edgellm-gpt2")
+    io = DecoderIO(g, c.n_layer, nh, hd)
+    tr = model.transformer
+    emb_spec = embedding_spec(tr.wte, "transformer.wte")
+    tok = emit_embedding(g, io.ids, emb_spec, "transformer.wte", opts)
+    pos = g.op("Gather", [g.weight("transformer.wpe.weight", _np(tr.wpe.weight)), io.pos], name="transformer.wpe/gather", axis=0)
+    h = g.op("Add", [tok, pos], name="transformer/embed")
+    eps = float(c.layer_norm_epsilon)
+
+    def ln(x, mod, path):
+        return g.layer_norm(x, g.weight(f"{path}.weight", _np(mod.weight)), g.weight(f"{path}.bias", _np(mod.bias)), eps, f"{path}/ln")
+
+    for i, blk in enumerate(tr.h):
+        p = f"transformer.h.{i}"
+        x = ln(h, blk.ln_1, f"{p}.ln_1")
+        qkv = emit_linear(g, x, linear_spec([blk.attn.c_attn], f"{p}.attn.c_attn"), f"{p}.attn.c_attn", opts)
+        q, k, v = split_last(g, qkv, [d, d, d], f"{p}/qkv_split")
+        o = attention(g, io, i, q, k, v, nh=nh, nkv=nh, hd=hd, scale=scale, rope=None, window=None, name=f"{p}/attn")
+        h = g.op("Add", [h, emit_linear(g, o, linear_spec([blk.attn.c_proj], f"{p}.attn.c_proj"), f"{p}.attn.c_proj", opts)], name=f"{p}/attn_residual")
+        x = ln(h, blk.ln_2, f"{p}.ln_2")
+        f = emit_linear(g, x, linear_spec([blk.mlp.c_fc], f"{p}.mlp.c_fc"), f"{p}.mlp.c_fc", opts)
+        f = g.op("Gelu", [f], name=f"{p}/gelu", approximate=_GELU[c.activation_function])
+        h = g.op("Add", [h, emit_linear(g, f, linear_spec([blk.mlp.c_proj], f"{p}.mlp.c_proj"), f"{p}.mlp.c_proj", opts)], name=f"{p}/mlp_residual")
+    h = ln(h, tr.ln_f, "transformer.ln_f")
+    g.output(lm_head(g, model, h, emb_spec, "transformer.wte", opts), "logits", FLOAT, ["batch", "seq", c.vocab_size], first=True)
+    return g
+
+
+def config_metadata(model) -> dict:
+    c = model.config
+    return dict(architecture="gpt2", vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner or 4 * c.n_embd,
+                num_layers=c.n_layer, num_heads=c.n_head, num_kv_heads=c.n_head, head_dim=c.n_embd // c.n_head, norm="layer",
+                norm_eps=float(c.layer_norm_epsilon), position="learned", rope_theta=None, rope_scaling=None,
+                max_position_embeddings=c.n_positions, activation=c.activation_function, mlp="plain", attention_bias=True,
+                sliding_window=None)

@@ -1,0 +1,214 @@
+"""Linear layers and embeddings as ONNX initializers + nodes: float, MatMulNBits, or QDQ.
+
+The packed bytes edgellm quantize stored are written unchanged (no second quantization):
+- `matmulnbits`: `P.qweight` uint8 (out, n_blocks, blob) is MatMulNBits' input B as is;
+  `P.scales` float32 (out*n_blocks) holds the stored fp16 scales exactly; `P.qzeros` (asym only)
+  packed per row like B. Embeddings gather rows with com.microsoft.GatherBlockQuantized over
+  the same bytes (ORT 1.32 CPU: 2-D uint8 data, `bits` 4 or 8, scales (rows, n_blocks), packed
+  zero points (rows, ceil(n_blocks*bits/8)), output includes the padded columns -> Slice).
+- `qdq`: the same bytes typed UINT4/UINT8 (out, padded_in) for a blocked DequantizeLinear
+  (opset 21, axis 1) with float32 scales and explicit zero points (out, n_blocks) (the implied
+  symmetric zero point 2**(bits-1) is written out, because DequantizeLinear's default is 0).
+Fused layers (qkv, gate_up) concatenate rows: groups run along `in`, so each row keeps its own
+scales and the result is exactly the per-layer computation stacked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from edgellm.arch import linear_weight
+from edgellm.errors import EdgeLLMError, UnsupportedError
+
+from .graph import MS_DOMAIN, Graph
+
+FORMATS = ("matmulnbits", "qdq")
+
+
+@dataclass
+class Options:
+    format: str = "matmulnbits"  # how quantized layers are expressed (see module docstring)
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
+
+
+@dataclass
+class LinearSpec:
+    """One (possibly fused) linear, as float weights or packed codes, out x in."""
+
+    out_f: int
+    in_f: int
+    bias: np.ndarray | None = None  # (out,) float32
+    w: np.ndarray | None = None  # float (out, in)
+    qweight: np.ndarray | None = None  # uint8 (out, nb, block*bits/8)
+    scales: np.ndarray | None = None  # float32 (out, nb), the stored fp16 values
+    zeros: np.ndarray | None = None  # uint8 (out, nb) unpacked; None when symmetric
+    bits: int = 0
+    block: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    @property
+    def n_blocks(self) -> int:
+        return self.qweight.shape[1]
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def unpack(q: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return q
+    return np.stack((q & 0x0F, q >> 4), axis=-1).reshape(*q.shape[:-1], -1)
+
+
+def pack(c: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return c.astype(np.uint8)
+    if c.shape[-1] % 2:
+        c = np.concatenate([c, np.zeros((*c.shape[:-1], 1), np.uint8)], -1)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _packed_spec(m) -> LinearSpec:
+    """Spec of a QuantLinear/QuantEmbedding; per-channel groups whose width is not a power of two
+    are padded to one (codes = zero point, so they encode 0) because MatMulNBits needs it."""
+    fmt = m.fmt
+    qweight, scales = _np(m.qweight), _np(m.scales).astype(np.float32)
+    zeros = None if m.qzeros is None else _np(m.qzeros)
+    block = qweight.shape[2] * 8 // fmt.bits
+    if block & (block - 1):  # group_size -1 on a width like 576: one group, padded to 1024
+        new = 1 << (block - 1).bit_length()
+        codes = unpack(qweight, fmt.bits)  # (out, 1, block)
+        z = zeros if zeros is not None else np.full(scales.shape, fmt.sym_zero, np.uint8)
+        pad = np.broadcast_to(z[..., None], (*z.shape, new - block))
+        qweight, block = pack(np.concatenate([codes, pad], -1), fmt.bits), new
+    return LinearSpec(out_f=m.out_features, in_f=m.in_features, qweight=qweight, scales=scales, zeros=zeros,
+                      bits=fmt.bits, block=block, bias=None if getattr(m, "bias", None) is None else _np(m.bias).astype(np.float32))
+
+
+def linear_spec(modules: list, path: str) -> LinearSpec:
+    """The spec of the linears in `modules` with their output rows concatenated (fusion)."""
+    from edgellm.quant.modules import TiedQuantLinear, _Packed
+
+    modules = [m.embedding[0] if isinstance(m, TiedQuantLinear) else m for m in modules]
+    packed = [isinstance(m, _Packed) for m in modules]
+    if any(packed) and not all(packed):
+        raise UnsupportedError(f"'{path}' fuses quantized and float layers; quantize the whole model or none of it")
+    if all(packed):
+        specs = [_packed_spec(m) for m in modules]
+        s0 = specs[0]
+        if any((s.in_f, s.bits, s.block, s.zeros is None) != (s0.in_f, s0.bits, s0.block, s0.zeros is None) for s in specs):
+            raise UnsupportedError(f"'{path}' fuses layers quantized with different formats")
+        spec = LinearSpec(out_f=sum(s.out_f for s in specs), in_f=s0.in_f, bits=s0.bits, block=s0.block,
+                          qweight=np.concatenate([s.qweight for s in specs]), scales=np.concatenate([s.scales for s in specs]),
+                          zeros=None if s0.zeros is None else np.concatenate([s.zeros for s in specs]))
+    else:
+        ws = [_np(linear_weight(m)).astype(np.float32) for m in modules]
+        spec = LinearSpec(out_f=sum(w.shape[0] for w in ws), in_f=ws[0].shape[1], w=np.concatenate(ws))
+    biases = [getattr(m, "bias", None) for m in modules]
+    if any(b is not None for b in biases):
+        spec.bias = np.concatenate([_np(b).astype(np.float32) if b is not None else np.zeros(m.out_features if hasattr(m, "out_features") else linear_weight(m).shape[0], np.float32)
+                                    for b, m in zip(biases, modules)])
+    return spec
+
+
+# -- emitting ---------------------------------------------------------------------------------
+
+def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
+    """Add (once) the initializers of a packed tensor named `name`; return their names."""
+    if opts.format == "matmulnbits":
+        names = [f"{name}.qweight", f"{name}.scales"] + ([f"{name}.qzeros"] if spec.zeros is not None else [])
+        if names[0] not in g.weights:
+            g.weight(names[0], spec.qweight)
+            g.weight(names[1], spec.scales.reshape(-1))
+            if spec.zeros is not None:
+                g.weight(names[2], pack(spec.zeros, spec.bits).reshape(-1))
+        return names
+    names = [f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"]
+    if names[0] not in g.weights:
+        elem = TensorProto.UINT4 if spec.bits == 4 else TensorProto.UINT8
+        padded_in = spec.n_blocks * spec.block
+        g.weight(names[0], spec.qweight.reshape(spec.out_f, -1), elem, dims=[spec.out_f, padded_in])
+        g.weight(names[1], spec.scales)
+        zeros = spec.zeros if spec.zeros is not None else np.full(spec.scales.shape, 1 << (spec.bits - 1), np.uint8)
+        g.weight(names[2], pack(zeros.reshape(-1), spec.bits), elem, dims=list(spec.scales.shape))
+    return names
+
+
+def _dequantized(g: Graph, name: str, spec: LinearSpec, opts: Options) -> str:
+    """QDQ: the (out, in) float tensor DequantizeLinear gives for a packed tensor (memoized, so
+    a tied embedding and lm_head share one node)."""
+    key = f"{name}/dequantized"
+    if key not in g.memo:
+        q, s, z = _quant_weights(g, name, spec, opts)
+        w = g.op("DequantizeLinear", [q, s, z], name=f"{name}/dequantize", axis=1, block_size=spec.block)
+        if spec.n_blocks * spec.block != spec.in_f:
+            w = g.op("Slice", [w, g.const([0]), g.const([spec.in_f]), g.const([1])], name=f"{name}/unpad")
+        g.memo[key] = w
+    return g.memo[key]
+
+
+def emit_linear(g: Graph, x: str, spec: LinearSpec, path: str, opts: Options, weight_name: str | None = None) -> str:
+    """y = x @ W^T (+ b) for x (..., in) -> (..., out). `weight_name` shares another tensor's weights."""
+    wname = weight_name or path
+    if not spec.quantized:
+        if f"{wname}.weight" not in g.weights:
+            g.weight(f"{wname}.weight", spec.w)
+        wt = g.op("Transpose", [f"{wname}.weight"], name=f"{path}/transpose", perm=[1, 0])
+        y = g.op("MatMul", [x, wt], name=f"{path}/matmul")
+    elif opts.format == "matmulnbits":
+        names = _quant_weights(g, wname, spec, opts)
+        ins = [x] + (names if spec.zeros is not None else names[:2])
+        y = g.op("MatMulNBits", ins, name=f"{path}/matmulnbits", domain=MS_DOMAIN, K=spec.in_f, N=spec.out_f,
+                 bits=spec.bits, block_size=spec.block, accuracy_level=opts.accuracy_level)
+    else:
+        w = _dequantized(g, wname, spec, opts)
+        y = g.op("MatMul", [x, g.op("Transpose", [w], name=f"{path}/transpose", perm=[1, 0])], name=f"{path}/matmul")
+    if spec.bias is not None:
+        g.weight(f"{path}.bias", spec.bias)
+        y = g.op("Add", [y, f"{path}.bias"], name=f"{path}/bias")
+    return y
+
+
+def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Options) -> str:
+    """Rows of the (vocab, dim) table `path` for int64 ids (...) -> (..., dim)."""
+    if not spec.quantized:
+        g.weight(f"{path}.weight", spec.w)
+        return g.op("Gather", [f"{path}.weight", ids], name=f"{path}/gather", axis=0)
+    if opts.format == "qdq":
+        return g.op("Gather", [_dequantized(g, path, spec, opts), ids], name=f"{path}/gather", axis=0)
+    names = _quant_weights(g, path, spec, opts)
+    rows = g.const([spec.out_f, -1])
+    ins = [g.op("Reshape", [names[0], rows], name=f"{path}/rows"), ids,
+           g.op("Reshape", [names[1], rows], name=f"{path}/scale_rows")]
+    if spec.zeros is not None:
+        ins.append(g.op("Reshape", [names[2], rows], name=f"{path}/zero_rows"))
+    y = g.op("GatherBlockQuantized", ins, name=f"{path}/gather", domain=MS_DOMAIN, bits=spec.bits,
+             block_size=spec.block, gather_axis=0, quantize_axis=1)
+    if spec.n_blocks * spec.block != spec.in_f:
+        y = g.op("Slice", [y, g.const([0]), g.const([spec.in_f]), g.const([-1])], name=f"{path}/unpad")
+    return y
+
+
+def embedding_spec(module, path: str) -> LinearSpec:
+    from edgellm.quant.modules import QuantEmbedding
+
+    if isinstance(module, QuantEmbedding):
+        return _packed_spec(module)
+    if type(module).__name__ != "Embedding":
+        raise UnsupportedError(f"'{path}' is a {type(module).__name__}, not an embedding edgellm can export")
+    w = _np(module.weight).astype(np.float32)
+    return LinearSpec(out_f=w.shape[0], in_f=w.shape[1], w=w)
+
+
+def check_options(opts: Options) -> None:
+    if opts.format not in FORMATS:
+        raise EdgeLLMError(f"--format {opts.format!r} is not supported; choose one of {', '.join(FORMATS)}")
+    if opts.accuracy_level not in (0, 1, 2, 3, 4):
+        raise EdgeLLMError(f"--accuracy-level {opts.accuracy_level} is invalid; choose 0 (fp32), 1, 2, 3 or 4 (int8 activations)")

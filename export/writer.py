@@ -1,0 +1,64 @@
+"""Write a Graph as model.onnx + model.onnx.data (all initializers, one file, 64-byte aligned).
+
+The data file is written by streaming each weight's bytes (no in-memory protobuf of the
+weights, so no 2 GB limit); every tensor starts at a multiple of ALIGN so the runtime can
+memory-map the file and view each weight in place with aligned SIMD loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from .graph import MS_DOMAIN, OPSET, Graph
+
+ONNX_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+ALIGN = 64
+IR_VERSION = 10  # opset 21 needs IR 10; ONNX Runtime 1.18+ reads it
+
+
+def _external(name: str, elem_type: int, dims: list, offset: int, length: int) -> TensorProto:
+    t = TensorProto(name=name, data_type=elem_type, dims=dims)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", DATA_NAME), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+    return t
+
+
+def to_model(g: Graph, metadata: dict[str, str], out_dir: Path | None = None) -> onnx.ModelProto:
+    """The ModelProto; with `out_dir`, also writes the weights to out_dir/model.onnx.data."""
+    inits = []
+    fh = open(Path(out_dir) / DATA_NAME, "wb") if out_dir is not None else None
+    try:
+        offset = 0
+        for name, (arr, elem_type, dims) in g.weights.items():
+            if fh is None:
+                inits.append(helper.make_tensor(name, elem_type, dims, arr.tobytes(), raw=True))
+                continue
+            pad = -offset % ALIGN
+            fh.write(b"\0" * pad)
+            offset += pad
+            fh.write(memoryview(arr.reshape(-1)).cast("B"))
+            inits.append(_external(name, elem_type, dims, offset, arr.nbytes))
+            offset += arr.nbytes
+    finally:
+        if fh is not None:
+            fh.close()
+    graph = helper.make_graph(g.nodes, g.name, g.inputs, g.outputs, initializer=inits)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.uses_ms else [])
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="edgellm")
+    helper.set_model_props(model, metadata)
+    return model
+
+
+def write(g: Graph, out_dir: Path, metadata: dict[str, str]) -> dict:
+    """Write model.onnx + model.onnx.data into out_dir; return their sizes in bytes."""
+    out_dir = Path(out_dir)
+    model = to_model(g, metadata, out_dir)
+    with open(out_dir / ONNX_NAME, "wb") as f:
+        f.write(model.SerializeToString())
+    return {"model.onnx": (out_dir / ONNX_NAME).stat().st_size, "model.onnx.data": (out_dir / DATA_NAME).stat().st_size}

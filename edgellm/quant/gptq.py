@@ -29,6 +29,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: f
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    pruned = W == 0  # exact zeros (e.g. from `edgellm prune`) are quantized to exactly 0.0
 
     scales = torch.empty(out_f, ng)
     zeros = torch.empty(out_f, ng)
@@ -37,6 +38,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: f
         scales, zeros = group_params(wg, fmt)
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        pruned = pruned[:, perm]
     else:
         perm = torch.arange(in_f)
 
@@ -60,6 +62,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: f
             s, z = scales[:, grp], zeros[:, grp]
             wcol = W1[:, i]
             q = torch.clamp(torch.round(wcol / s) + z, 0, fmt.maxq)
+            q = torch.where(pruned[:, i1 + i], z, q)  # code z decodes to exactly 0; its error is compensated
             codes[:, col] = q.to(torch.uint8)
             deq = (q - z) * s
             Q[:, i1 + i] = deq

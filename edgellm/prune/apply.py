@@ -1,0 +1,169 @@
+"""Prune a whole model, one decoder block at a time (the calibration driver of quant/apply.py).
+
+Unstructured / N:M: capture block 0's inputs on the calibration batch; for each block, record
+every linear's H = X^T X, prune its linears (magnitude needs no data), then run the pruned
+block to produce the next block's inputs, so later blocks are pruned on what the pruned model
+computes (as SparseGPT and Wanda do). Token embeddings, norms and lm_head are never pruned.
+
+Structured: the same driver ranks layers, KV groups or MLP channels (see structured.py) and
+slices the model down; the result is an ordinary, smaller transformers model.
+
+Pruned weights are exact zeros in a dense fp32 tensor: unstructured sparsity saves nothing in
+a dense runtime (same bytes, same FLOPs) until the weights are compressed or run by a sparse
+kernel; structured pruning shrinks the matrices and so turns into measured speed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..arch import block_linears, decoder_layers, family_of, linear_weight, set_linear_weight
+from ..errors import EdgeLLMError
+from ..progress import NULL
+from ..quant.apply import _capture_block_inputs, _collect, _run_block
+from . import structured as st
+from .masks import Pattern, check_divides, magnitude_score, select_mask, sparsity_of, wanda_score
+from .sparsegpt import sparsegpt_prune
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+STRUCTURED = ("layers", "heads", "mlp")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5  # fraction of each linear's weights removed (1 - N/M under a pattern)
+    pattern: Pattern | None = None  # N:M semi-structured (e.g. 2:4) instead of unstructured
+    damp: float = 0.01  # SparseGPT: fraction of mean(diag H) added to H's diagonal
+    blocksize: int = 128  # SparseGPT: columns per lazy-update / mask-selection block
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pattern"] = str(self.pattern) if self.pattern else None
+        if self.method != "sparsegpt":
+            d.pop("damp"), d.pop("blocksize")
+        return d
+
+
+def linear_widths(model) -> dict[str, int]:
+    """Input width of every prunable linear, by its path in the model."""
+    layers_path = family_of(model.config).layers
+    return {f"{layers_path}.{bi}.{name}": linear_weight(m).shape[1]
+            for bi, block in enumerate(decoder_layers(model)) for name, m in block_linears(block).items()}
+
+
+def check_unstructured(model, cfg: PruneConfig) -> None:
+    if cfg.method not in METHODS:
+        raise EdgeLLMError(f"unknown pruning method '{cfg.method}'; choose one of {', '.join(METHODS)}")
+    if cfg.pattern is not None:
+        check_divides(cfg.pattern, linear_widths(model))
+
+
+def prune_unstructured(model, cfg: PruneConfig, calib: torch.Tensor | None, progress=NULL) -> tuple[list[dict], dict]:
+    """Prune `model`'s decoder linears in place. Returns a per-linear report and a summary."""
+    check_unstructured(model, cfg)
+    blocks = decoder_layers(model)
+    layers_path = family_of(model.config).layers
+    needs_data = cfg.method != "magnitude"
+    if needs_data and calib is None:
+        raise EdgeLLMError(f"--method {cfg.method} needs calibration data")
+    report = []
+    label = f"{cfg.method} {cfg.pattern or f'{cfg.sparsity:.0%}'}"
+    with torch.no_grad():
+        inputs = _capture_block_inputs(model, calib) if needs_data else None
+        for bi in progress.track(range(len(blocks)), label, total=len(blocks)):
+            block = blocks[bi]
+            linears = block_linears(block)
+            stats = _collect(block, inputs, linears, 0) if needs_data else {}
+            for name, lin in linears.items():
+                t0 = time.perf_counter()
+                w = linear_weight(lin).detach().float()  # (out, in)
+                if cfg.method == "sparsegpt":
+                    H = 2 * stats[name].H / max(stats[name].n, 1)
+                    new, _ = sparsegpt_prune(w, H, cfg.sparsity, cfg.pattern, damp=cfg.damp, blocksize=cfg.blocksize)
+                else:
+                    score = magnitude_score(w) if cfg.method == "magnitude" else wanda_score(w, stats[name].H)
+                    mask = select_mask(score, cfg.sparsity, cfg.pattern, per_row=cfg.method == "wanda")
+                    new = w.masked_fill(mask, 0.0)
+                set_linear_weight(lin, new.to(lin.weight.dtype))
+                report.append({"block": bi, "layer": f"{layers_path}.{bi}.{name}", "shape": list(w.shape),
+                               "sparsity": round(sparsity_of(new), 6), "time_s": round(time.perf_counter() - t0, 4)})
+            if needs_data and bi + 1 < len(blocks):
+                inputs = _run_block(block, inputs)
+    total = sum(r["shape"][0] * r["shape"][1] for r in report)
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report)
+    info = {**cfg.to_dict(), "linears": len(report), "sparsity_reached": round(zeros / max(total, 1), 6),
+            "pruned_weights": int(round(zeros)), "prunable_weights": total}
+    return report, info
+
+
+# ----- structured ---------------------------------------------------------------------------
+
+
+def plan_structured(model, kind: str, ratio: float) -> dict:
+    """How many layers / KV groups / channels `ratio` removes; refuses to remove none or all."""
+    if kind not in STRUCTURED:
+        raise EdgeLLMError(f"unknown structured pruning '{kind}'; choose one of {', '.join(STRUCTURED)}")
+    if not 0 < ratio < 1:
+        raise EdgeLLMError(f"--ratio {ratio} is outside (0, 1); give the fraction of {kind} to remove, e.g. 0.25")
+    st.check_supported(model, kind)
+    cfg = model.config
+    total, unit = {"layers": (len(decoder_layers(model)), "layers"),
+                   "heads": (getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 0), "KV groups"),
+                   "mlp": (getattr(cfg, "intermediate_size", 0), "MLP channels")}[kind]
+    n_remove = int(round(ratio * total))
+    if n_remove >= total:
+        raise EdgeLLMError(f"--ratio {ratio} would remove every one of the model's {total} {unit}; give a smaller ratio")
+    if n_remove == 0:
+        raise EdgeLLMError(f"--ratio {ratio} removes none of the model's {total} {unit} ({ratio} x {total} rounds to 0); give a larger ratio")
+    return {"kind": kind, "ratio": ratio, "unit": unit, "total": total, "remove": n_remove, "keep": total - n_remove}
+
+
+def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progress=NULL) -> dict:
+    """Remove `ratio` of the model's layers / KV groups / MLP channels in place. Returns the plan,
+    what was removed (per block), and the config changes."""
+    plan = plan_structured(model, kind, ratio)
+    cfg = model.config
+    before = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")}
+    with torch.no_grad():
+        inputs = _capture_block_inputs(model, calib)
+        blocks = decoder_layers(model)
+        if kind == "layers":
+            scores = []
+            for bi in progress.track(range(len(blocks)), "scoring layers", total=len(blocks)):
+                outputs = _run_block(blocks[bi], inputs)
+                scores.append(st.block_influence(inputs, outputs))
+                inputs = outputs
+            _, removed = st.lowest(torch.tensor(scores), plan["remove"])
+            st.remove_layers(model, removed)
+            plan.update(removed=removed, scores=[round(s, 6) for s in scores])
+        else:
+            removed_per_block = []
+            n_heads, n_kv, hd = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, st.head_dim(cfg)
+            for bi in progress.track(range(len(blocks)), f"pruning {plan['unit']}", total=len(blocks)):
+                block = blocks[bi]
+                if kind == "heads":
+                    attn = block.self_attn
+                    H = _collect(block, inputs, {"o": attn.o_proj}, 0)["o"].H
+                    keep, removed = st.lowest(st.group_importance(attn.o_proj.weight, H, n_heads, n_kv, hd), plan["remove"])
+                    st.remove_kv_groups(attn, keep, n_heads, n_kv, hd)
+                else:
+                    mlp = block.mlp
+                    H = _collect(block, inputs, {"down": mlp.down_proj}, 0)["down"].H
+                    keep, removed = st.lowest(st.channel_importance(mlp.down_proj.weight, H), plan["remove"])
+                    st.remove_channels(mlp, keep)
+                removed_per_block.append(removed)
+                if bi + 1 < len(blocks):
+                    inputs = _run_block(block, inputs)
+            if kind == "heads":
+                kv = n_kv - plan["remove"]
+                st.set_head_config(cfg, kv * (n_heads // n_kv), kv, hd)
+            else:
+                cfg.intermediate_size = plan["keep"]
+            plan["removed"] = removed_per_block
+    after = {k: getattr(cfg, k, None) for k in before}
+    plan["config"] = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+    return plan

@@ -1,0 +1,69 @@
+"""`edgellm run`: stream tokens from an exported model on the torch-free runtime."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+
+class Backend(str, Enum):
+    numba = "numba"
+    onnxruntime = "onnxruntime"
+
+
+def run(
+    model: Annotated[Path, typer.Argument(help="Export directory written by 'edgellm export'.", show_default=False)],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (with --chat: the first message).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Interactive chat with the model's chat template; the conversation stays in the KV cache. One message per line; end with Ctrl-D.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")] = 0.7,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens; 0 = off.")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1 = off.")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens already in the context.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same text.")] = None,
+    stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop when this string appears (repeatable).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
+    backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime).")] = Backend.numba,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length (default: the model's maximum).")] = None,
+):
+    """Stream tokens from an exported model on the torch-free runtime.
+
+    Example: edgellm run q4-onnx/ -p "The capital of France is" --temperature 0
+    """
+    from ..console import console
+    from ..errors import EdgeLLMError
+    from ..runtime.generate import Sampling, load
+
+    if threads is not None and threads < 1:
+        raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
+    if ctx is not None and ctx < 2:
+        raise EdgeLLMError(f"--ctx {ctx} is invalid; give at least 2")
+    if not chat and (prompt is None or not prompt.strip()):
+        raise EdgeLLMError("the prompt is empty; give some text with -p (or use --chat)")
+    params = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                      max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
+    params.check()
+    with console.status(f"loading {model} ({backend.value})"):
+        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx)
+
+    def emit(pieces):
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        console.print(f"[dim]{gen.stats.line()}[/]", highlight=False)
+
+    if not chat:
+        emit(gen.stream(prompt, params))
+        return
+    gen.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # fail early without a template
+    if prompt:
+        emit(gen.chat(prompt, params))
+    for line in sys.stdin:
+        if line.strip():
+            emit(gen.chat(line.rstrip("\n"), params))

@@ -1,0 +1,248 @@
+"""Text in, text out: tokenizer, chat template, sampling, stop strings, streaming.
+
+    gen = load("q4-onnx/")                                  # load once
+    for piece in gen.stream("Once upon a time", Sampling(temperature=0.7, seed=1)):
+        print(piece, end="")                                # generate many
+    gen.stats                                               # tokens and seconds of the last call
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgellm.errors import EdgeLLMError
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.7  # 0 = greedy (argmax)
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    repetition_penalty: float = 1.0  # HF style: >1 discourages tokens already in the context
+    seed: int | None = None  # same seed, same prompt -> same text
+    max_new_tokens: int = 128
+    stop: tuple = ()  # strings that end the generation (not included in the output)
+
+    def check(self):
+        for name, ok in (("temperature", self.temperature >= 0), ("top-k", self.top_k >= 0), ("top-p", 0 < self.top_p <= 1),
+                         ("repetition-penalty", self.repetition_penalty > 0), ("max-new-tokens", self.max_new_tokens >= 1)):
+            if not ok:
+                raise EdgeLLMError(f"--{name} {getattr(self, name.replace('-', '_'))} is out of range")
+
+
+def sample(logits: np.ndarray, p: Sampling, rng: np.random.Generator, seen: np.ndarray | None = None) -> int:
+    """One token id from logits (V,) under `p`; `seen` are the ids the repetition penalty applies to."""
+    x = logits.astype(np.float64)
+    if p.repetition_penalty != 1.0 and seen is not None and seen.size:
+        ids = np.unique(seen)
+        v = x[ids]
+        x[ids] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    if p.temperature == 0:
+        return int(np.argmax(x))
+    x = x / p.temperature
+    if p.top_k and p.top_k < x.size:
+        kth = np.partition(x, -p.top_k)[-p.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    order = np.argsort(-x)
+    probs = np.exp(x[order] - x[order[0]])
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        keep = np.searchsorted(np.cumsum(probs), p.top_p) + 1  # smallest prefix with mass >= top_p
+        probs = probs[:keep] / probs[:keep].sum()
+    return int(order[rng.choice(probs.size, p=probs)])
+
+
+class Tokenizer:
+    """tokenizer.json via `tokenizers`, plus the chat template and special tokens of the export."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise EdgeLLMError(f"'{path}' has no tokenizer.json; export the model with its tokenizer")
+        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        cfg = _read_json(path / "tokenizer_config.json")
+        self.chat_template = cfg.get("chat_template")
+        if self.chat_template is None and (path / "chat_template.jinja").is_file():
+            self.chat_template = (path / "chat_template.jinja").read_text()
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, text: str | None):
+        return None if text is None else self.tok.token_to_id(text)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise EdgeLLMError("this model has no chat template (tokenizer_config.json 'chat_template'); use -p without --chat")
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise EdgeLLMError("--chat needs jinja2 to apply the model's chat template: pip install jinja2") from None
+
+        def raise_exception(msg):
+            raise EdgeLLMError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise EdgeLLMError(f"'{p}' is not valid JSON: {exc}") from None
+
+
+def _token_text(t):
+    return t.get("content") if isinstance(t, dict) else t
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    gen_tokens: int = 0
+    gen_s: float = 0.0
+    stop_reason: str = ""
+
+    def line(self) -> str:
+        pp = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+        tg = (self.gen_tokens - 1) / self.gen_s if self.gen_s and self.gen_tokens > 1 else 0.0
+        return f"prompt: {self.prompt_tokens} tokens, {pp:.1f} tokens/s | generation: {self.gen_tokens} tokens, {tg:.1f} tokens/s"
+
+
+class Generator:
+    """A loaded model + tokenizer. `stream` yields text as it is generated; `chat` keeps a
+    conversation whose shared prefix stays in the KV cache between turns."""
+
+    def __init__(self, model, tokenizer: Tokenizer, eos_ids: set[int]):
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
+        self.cached: list[int] = []  # tokens whose keys/values are in the model's cache
+        self.stats = Stats()
+        self.messages: list[dict] = []
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise EdgeLLMError("the prompt is empty; give some text with -p")
+        return self.tokenizer.encode(prompt)
+
+    def stream(self, prompt: str | list[int], p: Sampling | None = None) -> Iterator[str]:
+        """Generate from a fresh context: text pieces as they are decoded."""
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        self.cached = []
+        yield from self._generate(ids, p or Sampling())
+
+    def chat(self, message: str, p: Sampling | None = None) -> Iterator[str]:
+        """One chat turn: the user's message in, the assistant's reply streamed out."""
+        if not message.strip():
+            raise EdgeLLMError("the message is empty")
+        self.messages.append({"role": "user", "content": message})
+        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(self.messages), special=False)
+        reply = []
+        for piece in self._generate(ids, p or Sampling()):
+            reply.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def _generate(self, ids: list[int], p: Sampling) -> Iterator[str]:
+        p.check()
+        m = self.model
+        if len(ids) + 1 > m.n_ctx:
+            raise EdgeLLMError(f"the prompt has {len(ids)} tokens; the context holds {m.n_ctx} (shorten the prompt)")
+        common = 0  # reuse the cached prefix (chat turns), always recompute at least one token
+        while common < min(len(self.cached), len(ids) - 1) and self.cached[common] == ids[common]:
+            common += 1
+        m.truncate(common)
+        rng = np.random.default_rng(p.seed)
+        self.stats = st = Stats(prompt_tokens=len(ids) - common)
+        t0 = time.perf_counter()
+        logits = m.forward(np.array(ids[common:], np.int64))
+        st.prompt_s = time.perf_counter() - t0
+        self.cached = list(ids)
+        context = list(ids)
+        out: list[int] = []
+        emitted = 0
+        budget = min(p.max_new_tokens, m.n_ctx - len(ids))
+        t1 = None
+        while True:
+            tok = sample(logits, p, rng, np.array(context, np.int64) if p.repetition_penalty != 1.0 else None)
+            if t1 is None:
+                t1 = time.perf_counter()  # generation speed counts the decode steps after the first token
+            st.gen_tokens += 1
+            if tok in self.eos_ids:
+                st.stop_reason = "eos"
+                break
+            out.append(tok)
+            context.append(tok)
+            text = self.tokenizer.decode(out)
+            cut = _find_stop(text, p.stop)
+            if cut is not None:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                st.stop_reason = "stop"
+                break
+            safe = len(text) - _held_back(text, p.stop)
+            if safe > emitted and not text.endswith("\ufffd"):
+                yield text[emitted:safe]
+                emitted = safe
+            if len(out) >= budget:
+                st.stop_reason = "length"
+                if len(text) > emitted:
+                    yield text[emitted:]
+                break
+            logits = m.forward(np.array([tok], np.int64))
+            self.cached.append(tok)
+        st.gen_s = time.perf_counter() - t1 if t1 else 0.0
+
+
+def _find_stop(text: str, stops) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops) -> int:
+    """Characters at the end of `text` that could start a stop string (not shown yet)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | None = None, warmup: bool = True) -> Generator:
+    """Open an export directory on the numba (default) or onnxruntime backend."""
+    path = Path(path)
+    if backend == "numba":
+        from .model import NumbaModel
+
+        model = NumbaModel(path, n_ctx=n_ctx, threads=threads)
+    elif backend == "onnxruntime":
+        from .ort_backend import OrtModel
+
+        model = OrtModel(path, n_ctx=n_ctx, threads=threads)
+    else:
+        raise EdgeLLMError(f"unknown backend '{backend}'; choose numba or onnxruntime")
+    tok = Tokenizer(path)
+    eos = set(model.config.eos_token_ids)
+    gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    if warmup:
+        model.warmup()
+    return Generator(model, tok, eos)

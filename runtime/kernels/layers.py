@@ -1,0 +1,220 @@
+"""Element-wise and attention kernels, each beside its numpy reference (`ref_*`).
+
+Shapes: x (t, h) for t tokens; KV cache (n_kv, ctx, hd) per layer; q (t, n_heads*hd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import carray, njit, prange
+
+from .quant import D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, K_F16, K_F32, K_Q4
+from .simd import as_voidptr, half_to_float
+
+
+# ----------------------------------------------------------------------------- norms
+@njit(cache=True, fastmath=True)
+def rms_norm(x, w_addr, eps, out):
+    """out = x / sqrt(mean(x^2) + eps) * w, per row of x (t, h)."""
+    t, h = x.shape
+    w = carray(as_voidptr(w_addr), (h,), np.float32)
+    for i in range(t):
+        ss = np.float32(0.0)
+        for j in range(h):
+            ss += x[i, j] * x[i, j]
+        inv = np.float32(1.0) / np.sqrt(ss / h + eps)
+        for j in range(h):
+            out[i, j] = x[i, j] * inv * w[j]
+
+
+@njit(cache=True, fastmath=True)
+def layer_norm(x, w_addr, b_addr, eps, out):
+    """out = (x - mean) / sqrt(var + eps) * w + b, per row of x (t, h)."""
+    t, h = x.shape
+    w = carray(as_voidptr(w_addr), (h,), np.float32)
+    b = carray(as_voidptr(b_addr), (h,), np.float32)
+    for i in range(t):
+        mu = np.float32(0.0)
+        for j in range(h):
+            mu += x[i, j]
+        mu /= h
+        var = np.float32(0.0)
+        for j in range(h):
+            var += (x[i, j] - mu) * (x[i, j] - mu)
+        inv = np.float32(1.0) / np.sqrt(var / h + eps)
+        for j in range(h):
+            out[i, j] = (x[i, j] - mu) * inv * w[j] + b[j]
+
+
+def ref_rms_norm(x, w, eps):
+    x64 = x.astype(np.float64)
+    return x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * w
+
+
+def ref_layer_norm(x, w, b, eps):
+    x64 = x.astype(np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    return (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+# ----------------------------------------------------------------------------- rope
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """HF's inverse frequencies, with `linear` or llama3-style `rope_scaling` applied."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        f, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = np.clip((old / wavelen - lo) / (hi - lo), 0.0, 1.0)
+        scaled = (1 - smooth) * inv / f + smooth * inv
+        return np.where(wavelen > old / lo, inv / f, np.where(wavelen < old / hi, inv, scaled))
+    raise ValueError(f"rope_scaling type '{kind}'")
+
+
+def rope_tables(n_ctx: int, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]  # (ctx, hd/2)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@njit(cache=True, fastmath=True)
+def rope(x, col0, n_heads, hd, pos0, cos, sin):
+    """Rotate heads [col0 + h*hd, ...) of x (t, *) in place, HF rotate_half pairing (i, i + hd/2)."""
+    half = hd // 2
+    for i in range(x.shape[0]):
+        p = pos0 + i
+        for h in range(n_heads):
+            base = col0 + h * hd
+            for j in range(half):
+                a, b = x[i, base + j], x[i, base + j + half]
+                c, s = cos[p, j], sin[p, j]
+                x[i, base + j] = a * c - b * s
+                x[i, base + j + half] = b * c + a * s
+
+
+def ref_rope(x, pos, cos, sin):
+    """x (t, n_heads, hd), positions (t,) -> rotated copy."""
+    half = x.shape[-1] // 2
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * c - b * s, b * c + a * s], -1)
+
+
+# ----------------------------------------------------------------------------- attention
+@njit(cache=True, parallel=True, fastmath=True)
+def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
+    """Causal GQA attention of t new queries over the cache. q (t, n_heads*hd); kc, vc
+    (n_kv, ctx, hd) already hold positions [0, pos0 + t); out (t, n_heads*hd); scores (threads-
+    independent scratch (t*n_heads, ctx)); window > 0: see only the last `window` positions."""
+    t = q.shape[0]
+    group = n_heads // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for job in prange(t * n_heads):
+        i, h = job // n_heads, job % n_heads
+        kv = h // group
+        n = pos0 + i + 1  # this query sees keys [p0, n)
+        p0 = max(0, n - window) if window > 0 else 0
+        qo = h * hd
+        m = np.float32(-np.inf)
+        for p in range(p0, n):
+            s = np.float32(0.0)
+            for j in range(hd):
+                s += q[i, qo + j] * kc[kv, p, j]
+            s *= scale
+            scores[job, p] = s
+            m = max(m, s)
+        tot = np.float32(0.0)
+        for p in range(p0, n):
+            e = np.exp(scores[job, p] - m)
+            scores[job, p] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for j in range(hd):
+            out[i, qo + j] = 0.0
+        for p in range(p0, n):
+            w = scores[job, p] * inv
+            for j in range(hd):
+                out[i, qo + j] += w * vc[kv, p, j]
+
+
+def ref_attention(q, k, v, pos0, window=0):
+    """q (t, nh, hd); k, v (n_kv, pos0+t, hd) -> (t, nh, hd), causal (sliding `window`), float64."""
+    t, nh, hd = q.shape
+    group = nh // k.shape[0]
+    out = np.zeros((t, nh, hd))
+    for i in range(t):
+        for h in range(nh):
+            lo = max(0, pos0 + i + 1 - window) if window else 0
+            s = k[h // group, lo : pos0 + i + 1].astype(np.float64) @ q[i, h] / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ v[h // group, lo : pos0 + i + 1]
+    return out
+
+
+# ----------------------------------------------------------------------------- activations
+@njit(cache=True, fastmath=True)
+def swiglu(gu, inter, out):
+    """gate/up rows fused (t, 2*inter): out = silu(gate) * up."""
+    for i in range(gu.shape[0]):
+        for j in range(inter):
+            g = gu[i, j]
+            out[i, j] = g / (np.float32(1.0) + np.exp(-g)) * gu[i, inter + j]
+
+
+@njit(cache=True, fastmath=True)
+def gelu_new(x, out):
+    """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = x[i, j]
+            out[i, j] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+
+
+def ref_swiglu(gu, inter):
+    g = gu[:, :inter].astype(np.float64)
+    return g / (1 + np.exp(-g)) * gu[:, inter:]
+
+
+def ref_gelu_new(x):
+    x = x.astype(np.float64)
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+# ----------------------------------------------------------------------------- embeddings
+@njit(cache=True, fastmath=True)
+def embed_rows(d, ids, out):
+    """out (t, k) = rows `ids` of the table described by `d` (float or packed, dequantized)."""
+    n, k, kind = d[D_N], d[D_K], d[D_KIND]
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        if kind == K_F32:
+            w = carray(as_voidptr(d[D_W] + r * d[D_RB]), (k,), np.float32)
+            for j in range(k):
+                out[i, j] = w[j]
+        elif kind == K_F16:
+            wh = carray(as_voidptr(d[D_W] + r * d[D_RB]), (k,), np.uint16)
+            for j in range(k):
+                out[i, j] = half_to_float(wh[j])
+        else:
+            gs, nb, rb = d[D_GS], d[D_NB], d[D_RB]
+            wq = carray(as_voidptr(d[D_W] + r * rb), (rb,), np.uint8)
+            sc = carray(as_voidptr(d[D_S] + r * nb * 2), (nb,), np.uint16)
+            zs = carray(as_voidptr(d[D_Z] + r * nb * 4 if d[D_Z] != 0 else d[D_S]), (nb,), np.float32)  # read only if asym
+            for j in range(k):
+                if kind == K_Q4:
+                    byte = wq[j >> 1]
+                    code = (byte >> 4) if j & 1 else (byte & 15)
+                else:
+                    code = wq[j]
+                s = half_to_float(sc[j // gs])
+                if d[D_SYM]:
+                    out[i, j] = (np.float32(code) - np.float32(d[D_ZERO])) * s
+                else:
+                    out[i, j] = np.float32(code) * s - zs[j // gs]

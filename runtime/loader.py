@@ -1,0 +1,125 @@
+"""Read an export directory (docs/EXPORT_FORMAT.md) without torch: metadata, tensors by name.
+
+`onnx.load(..., load_external_data=False)` gives the graph, the metadata and, for every
+initializer, where its bytes lie in `model.onnx.data`; the data file is memory-mapped once and
+each tensor is a read-only numpy view into it (no copy; pages load on first touch).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import EdgeLLMError, UnsupportedError
+
+ONNX_NAME, DATA_NAME = "model.onnx", "model.onnx.data"
+FORMAT_VERSION = "1"
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+
+_NP_OF = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
+
+
+@dataclass
+class Export:
+    """An opened export directory: config, quantization, tokenizer files and named tensors."""
+
+    path: Path
+    config: dict
+    quantization: dict | None
+    metadata: dict
+    tensors: dict[str, np.ndarray] = field(repr=False)
+    data_size: int = 0
+    _mmap: mmap.mmap | None = field(default=None, repr=False)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise UnsupportedError(f"'{self.path / ONNX_NAME}' has no initializer '{name}' that the numba runtime needs "
+                                   "(an export from another tool or version?); --backend onnxruntime may still run it")
+        return self.tensors[name]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def close(self):
+        self.tensors.clear()
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # views still alive elsewhere; the map closes when they go
+                pass
+            self._mmap = None
+
+
+def open_export(path) -> Export:
+    """Open and validate `path`; every problem is an EdgeLLMError with a one-line reason."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_dir():
+        raise EdgeLLMError(f"'{path}' is not a directory; give an export directory written by 'edgellm export'")
+    onnx_path, data_path = path / ONNX_NAME, path / DATA_NAME
+    if not onnx_path.is_file():
+        raise EdgeLLMError(f"'{path}' has no {ONNX_NAME}; give an export directory written by 'edgellm export'")
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: a damaged file
+        raise EdgeLLMError(f"cannot read '{onnx_path}': {type(exc).__name__}: {exc}") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    version = meta.get("edgellm.format_version")
+    if version is None or "edgellm.config" not in meta:
+        raise UnsupportedError(f"'{onnx_path}' has no edgellm metadata (not written by 'edgellm export'); "
+                               "the numba runtime needs it; --backend onnxruntime may still run it")
+    if version != FORMAT_VERSION:
+        raise UnsupportedError(f"'{onnx_path}' uses export format version {version}; this runtime reads version {FORMAT_VERSION}")
+    try:
+        config = json.loads(meta["edgellm.config"])
+        quant = json.loads(meta.get("edgellm.quantization", "null"))
+    except json.JSONDecodeError as exc:
+        raise EdgeLLMError(f"'{onnx_path}' has malformed edgellm metadata: {exc}") from None
+    arch = config.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedError(f"architecture '{arch}' is not supported by the numba runtime (supported: {', '.join(ARCHITECTURES)}); "
+                               "--backend onnxruntime may still run it")
+
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    need = 0
+    for t in external:
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") != DATA_NAME:
+            raise UnsupportedError(f"initializer '{t.name}' lives in '{info.get('location')}', not {DATA_NAME}")
+        need = max(need, int(info.get("offset", 0)) + int(info["length"]))
+    mm, size = None, 0
+    if external:
+        if not data_path.is_file():
+            raise EdgeLLMError(f"'{data_path}' is missing; the weights of '{onnx_path}' live there (copy the whole export directory)")
+        size = data_path.stat().st_size
+        if size < need:
+            raise EdgeLLMError(f"'{data_path}' is truncated: {size} bytes, but the model's weights need {need} bytes "
+                               "(an interrupted copy? export again or copy the file again)")
+        with open(data_path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    tensors = {}
+    for t in model.graph.initializer:
+        dtype = _NP_OF.get(t.data_type)
+        if dtype is None:
+            continue  # a type the runtime never reads by name (e.g. UINT4 of a qdq graph)
+        shape = tuple(int(d) for d in t.dims)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            off, n = int(info.get("offset", 0)), int(info["length"])
+            if n != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+                raise EdgeLLMError(f"initializer '{t.name}' says {n} bytes but its shape {shape} needs a different size")
+            tensors[t.name] = np.frombuffer(mm, dtype=dtype, count=n // np.dtype(dtype).itemsize, offset=off).reshape(shape)
+        else:
+            from onnx import numpy_helper
+
+            tensors[t.name] = numpy_helper.to_array(t)
+    return Export(path=path, config=config, quantization=quant, metadata=meta, tensors=tensors, data_size=size, _mmap=mm)

@@ -1,0 +1,344 @@
+"""The Numba model: config, weights and run state kept apart (llama2.c style), and `forward`.
+
+`forward` is the hot loop: one compiled call runs every layer for t new tokens (t = 1 while
+decoding, the whole prompt while prefilling) against a preallocated KV cache; inside it, each
+matrix product is one `prange` region and nothing returns to Python between operations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import njit
+
+from edgellm.errors import EdgeLLMError, UnsupportedError
+
+from .kernels.layers import attention, embed_rows, gelu_new, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables, swiglu
+from .kernels.quant import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, DESC_LEN, K_F16, K_F32,
+                            act_caps, linear_mat, linear_vec)
+from .kernels.simd import as_voidptr as _voidptr
+from .loader import Export, open_export
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm: str  # "rms" | "layer"
+    norm_eps: float
+    position: str  # "rope" | "learned"
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    activation: str  # "silu" | "gelu_new"
+    mlp: str  # "gated" | "plain"
+    attention_bias: bool
+    tie_word_embeddings: bool
+    eos_token_ids: tuple
+    bos_token_id: int | None
+    sliding_window: tuple  # per layer, 0 = full attention
+
+    @classmethod
+    def from_metadata(cls, c: dict) -> "ModelConfig":
+        try:
+            eos = c.get("eos_token_id")
+            eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+            sw = c.get("sliding_window") or [0] * int(c["num_layers"])
+            sw = tuple(int(w or 0) for w in (sw if isinstance(sw, (list, tuple)) else [sw] * int(c["num_layers"])))
+            cfg = cls(c["architecture"], int(c["vocab_size"]), int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_layers"]),
+                      int(c["num_heads"]), int(c["num_kv_heads"]), int(c["head_dim"]), c["norm"], float(c["norm_eps"]), c["position"],
+                      float(c.get("rope_theta") or 10000.0), c.get("rope_scaling"), int(c["max_position_embeddings"]), c["activation"],
+                      c["mlp"], bool(c.get("attention_bias")), bool(c.get("tie_word_embeddings")), eos, c.get("bos_token_id"), sw)
+        except KeyError as exc:
+            raise EdgeLLMError(f"export metadata 'edgellm.config' lacks {exc}") from None
+        for key, value, ok in (("norm", cfg.norm, ("rms", "layer")), ("position", cfg.position, ("rope", "learned")),
+                               ("activation", cfg.activation, ("silu", "gelu_new")), ("mlp", cfg.mlp, ("gated", "plain"))):
+            if value not in ok:
+                raise UnsupportedError(f"{key} '{value}' is not supported by the numba runtime (supported: {', '.join(ok)}); "
+                                       "--backend onnxruntime may still run it")
+        return cfg
+
+
+# integer config passed to the compiled step
+C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX, C_NORM, C_POS, C_ACT, C_GATED, C_CAP, C_NBCAP, C_WPE, C_LEN = range(16)
+R_QKV, R_O, R_UP, R_DOWN = range(4)  # linear roles per layer
+N_LN1W, N_LN1B, N_LN2W, N_LN2B = range(4)
+
+
+def _names(cfg: ModelConfig, i: int) -> dict:
+    if cfg.architecture == "gpt2":
+        p = f"transformer.h.{i}"
+        return {R_QKV: f"{p}.attn.c_attn", R_O: f"{p}.attn.c_proj", R_UP: f"{p}.mlp.c_fc", R_DOWN: f"{p}.mlp.c_proj",
+                "ln1": f"{p}.ln_1", "ln2": f"{p}.ln_2"}
+    p = f"model.layers.{i}"
+    return {R_QKV: f"{p}.self_attn.qkv_proj", R_O: f"{p}.self_attn.o_proj", R_UP: f"{p}.mlp.gate_up_proj", R_DOWN: f"{p}.mlp.down_proj",
+            "ln1": f"{p}.input_layernorm", "ln2": f"{p}.post_attention_layernorm"}
+
+
+# ----------------------------------------------------------------------------- weights
+class Weights:
+    """Descriptors (kernels/quant.py) of every tensor, pointing into the memory-mapped file.
+
+    Copies made at load, all small: fp16 scales padded for 16-lane loads (the file stores them as
+    float32) and, for asymmetric formats, zero*scale as float32."""
+
+    def __init__(self, ex: Export, cfg: ModelConfig):
+        self._keep = []  # every array whose address a descriptor holds
+        q = ex.quantization or {}
+        self.bits = int(q.get("bits") or 0)
+        L = cfg.num_layers
+        self.lin = np.zeros((L, 4, DESC_LEN), np.int64)
+        self.norms = np.zeros((L, 4), np.int64)
+        for i in range(L):
+            n = _names(cfg, i)
+            ins = {R_QKV: cfg.hidden_size, R_O: cfg.num_heads * cfg.head_dim, R_UP: cfg.hidden_size, R_DOWN: cfg.intermediate_size}
+            for role in (R_QKV, R_O, R_UP, R_DOWN):
+                self.lin[i, role] = self._linear(ex, n[role], ins[role])
+            for slot, key in ((N_LN1W, "ln1"), (N_LN2W, "ln2")):
+                self.norms[i, slot] = self._addr(ex.get(f"{n[key]}.weight"), np.float32)
+                if cfg.norm == "layer":
+                    self.norms[i, slot + 1] = self._addr(ex.get(f"{n[key]}.bias"), np.float32)
+        gpt2 = cfg.architecture == "gpt2"
+        emb_name = "transformer.wte" if gpt2 else "model.embed_tokens"
+        self.emb = self._linear(ex, emb_name, cfg.hidden_size)
+        if ex.has("lm_head.qweight") or ex.has("lm_head.weight"):
+            self.head = self._linear(ex, "lm_head", cfg.hidden_size)
+        else:
+            self.head = self.emb.copy()  # tied (one copy of the table in the file)
+        fn = "transformer.ln_f" if gpt2 else "model.norm"
+        self.fnorm = np.array([self._addr(ex.get(f"{fn}.weight"), np.float32),
+                               self._addr(ex.get(f"{fn}.bias"), np.float32) if cfg.norm == "layer" else 0], np.int64)
+        self.wpe = self._addr(ex.get("transformer.wpe.weight"), np.float32) if cfg.position == "learned" else 0
+        caps = [act_caps(d) for d in self.lin.reshape(-1, DESC_LEN)] + [act_caps(self.head)]
+        self.cap = max(c for c, _ in caps)
+        self.nbcap = max(b for _, b in caps)
+        self.bytes_per_token = int(sum(self._bytes(d) for d in self.lin.reshape(-1, DESC_LEN)) + self._bytes(self.head))
+
+    def _addr(self, arr: np.ndarray, dtype) -> int:
+        if arr.dtype != dtype:
+            arr = arr.astype(dtype)
+        arr = np.ascontiguousarray(arr)
+        self._keep.append(arr)
+        return arr.ctypes.data
+
+    @staticmethod
+    def _bytes(d) -> int:
+        if d[D_KIND] in (K_F32, K_F16):
+            return int(d[D_RB] * d[D_N])
+        return int(d[D_RB] * d[D_N] + d[D_NB] * d[D_N] * 2)
+
+    def _linear(self, ex: Export, p: str, k: int) -> np.ndarray:
+        d = np.zeros(DESC_LEN, np.int64)
+        if ex.has(f"{p}.qweight"):
+            qw = ex.get(f"{p}.qweight")
+            if self.bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
+                raise UnsupportedError(f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {self.bits}-bit) is not a MatMulNBits layout "
+                                       "the numba runtime reads (4 or 8 bits); --backend onnxruntime may still run it")
+            n, nb, bb = qw.shape
+            gs = bb * 8 // self.bits
+            if gs < 16 or gs & (gs - 1):
+                raise UnsupportedError(f"'{p}' has blocks of {gs} columns; the numba runtime needs a power of two >= 16; "
+                                       "--backend onnxruntime may still run it")
+            scales = ex.get(f"{p}.scales").reshape(-1)
+            if scales.size != n * nb:
+                raise EdgeLLMError(f"'{p}.scales' has {scales.size} values, expected {n * nb}")
+            s16 = np.zeros(n * nb + 16, np.float16)
+            s16[: n * nb] = scales
+            if not nb * gs - gs < k <= nb * gs:
+                raise EdgeLLMError(f"'{p}.qweight' packs {nb * gs} columns but the layer has {k} inputs")
+            d[D_KIND], d[D_N], d[D_K], d[D_W] = self.bits, n, k, self._addr(qw, np.uint8)
+            d[D_S] = self._addr(s16.view(np.uint16), np.uint16)
+            d[D_GS], d[D_NB], d[D_RB], d[D_ZERO] = gs, nb, nb * bb, 1 << (self.bits - 1)
+            d[D_SYM] = 1
+            if ex.has(f"{p}.qzeros"):
+                zp = ex.get(f"{p}.qzeros").reshape(n, -1)
+                z = zp if self.bits == 8 else np.stack((zp & 15, zp >> 4), -1).reshape(n, -1)
+                zs = z[:, :nb].astype(np.float32) * scales.reshape(n, nb).astype(np.float32)
+                d[D_Z], d[D_SYM] = self._addr(zs, np.float32), 0
+        elif ex.has(f"{p}.weight"):
+            w = ex.get(f"{p}.weight")
+            if w.ndim != 2 or w.dtype not in (np.float32, np.float16) or w.shape[1] != k:
+                raise UnsupportedError(f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix the numba runtime reads")
+            d[D_KIND] = K_F32 if w.dtype == np.float32 else K_F16
+            d[D_N], d[D_K], d[D_RB] = w.shape[0], w.shape[1], w.shape[1] * w.itemsize
+            d[D_W] = self._addr(w, w.dtype)
+        else:
+            ex.get(f"{p}.weight")  # raises the "no initializer" error
+        if ex.has(f"{p}.bias"):
+            d[D_B] = self._addr(ex.get(f"{p}.bias"), np.float32)
+        return d
+
+
+# ----------------------------------------------------------------------------- run state
+class RunState:
+    """The KV cache, preallocated for n_ctx positions (zeros: pages are touched only when used)."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        shape = (cfg.num_layers, cfg.num_kv_heads, n_ctx, cfg.head_dim)  # (L, n_kv, ctx, hd)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.pos = 0
+
+
+# ----------------------------------------------------------------------------- the hot loop
+@njit(cache=True)
+def _linear(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
+    if x.shape[0] == 1:
+        linear_vec(d, x[0], out[0], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], simd)
+    else:
+        linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd)
+
+
+@njit(cache=True)
+def _norm(ci, x, w, b, eps, out):
+    if ci[C_NORM] == 0:
+        rms_norm(x, w, eps, out)
+    else:
+        layer_norm(x, w, b, eps, out)
+
+
+@njit(cache=True)
+def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, kc, vc, logits, all_logits, simd):
+    """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V)."""
+    t = ids.shape[0]
+    H, NH, NKV, HD, L = ci[C_H], ci[C_NH], ci[C_NKV], ci[C_HD], ci[C_L]
+    cap, nbc = ci[C_CAP], ci[C_NBCAP]
+    x = np.empty((t, H), np.float32)  # residual stream (t, H)
+    xn = np.empty((t, H), np.float32)
+    qkv = np.empty((t, (NH + 2 * NKV) * HD), np.float32)  # (t, q|k|v)
+    att = np.empty((t, NH * HD), np.float32)
+    res = np.empty((t, H), np.float32)
+    up = np.empty((t, lin[0, R_UP, D_N]), np.float32)
+    mid = np.empty((t, ci[C_I]), np.float32)
+    xa = np.empty((t, cap), np.int8)  # int8 activations and their scales (kernels/quant.py)
+    xb = np.empty((t, cap), np.int8)
+    init = np.empty((t, cap // 4), np.int32)
+    xsl = np.empty((t, cap // 4), np.float32)
+    xzb = np.empty((t, nbc), np.float32)
+    xs = np.empty((t, nbc), np.float32)
+    scores = np.empty((t * NH, pos0 + t), np.float32)
+    embed_rows(emb, ids, x)
+    if ci[C_POS] == 1:  # learned positions (gpt2)
+        wpe = numba.carray(_voidptr(ci[C_WPE]), (ci[C_CTX], H), np.float32)
+        for i in range(t):
+            x[i] += wpe[pos0 + i]
+    for l in range(L):
+        # attention block
+        _norm(ci, x, norms[l, N_LN1W], norms[l, N_LN1B], eps, xn)
+        _linear(lin[l, R_QKV], xn, qkv, xa, xb, init, xsl, xzb, xs, simd)
+        if ci[C_POS] == 0:
+            rope(qkv, 0, NH, HD, pos0, cos, sin)
+            rope(qkv, NH * HD, NKV, HD, pos0, cos, sin)
+        for i in range(t):
+            for h in range(NKV):
+                for j in range(HD):
+                    kc[l, h, pos0 + i, j] = qkv[i, (NH + h) * HD + j]
+                    vc[l, h, pos0 + i, j] = qkv[i, (NH + NKV + h) * HD + j]
+        attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
+        _linear(lin[l, R_O], att, res, xa, xb, init, xsl, xzb, xs, simd)
+        x += res
+        # MLP block
+        _norm(ci, x, norms[l, N_LN2W], norms[l, N_LN2B], eps, xn)
+        _linear(lin[l, R_UP], xn, up, xa, xb, init, xsl, xzb, xs, simd)
+        if ci[C_GATED] == 1:
+            swiglu(up, ci[C_I], mid)
+        else:
+            gelu_new(up, mid)
+        _linear(lin[l, R_DOWN], mid, res, xa, xb, init, xsl, xzb, xs, simd)
+        x += res
+    if all_logits:
+        _norm(ci, x, fnorm[0], fnorm[1], eps, xn)
+        _linear(head, xn, logits, xa, xb, init, xsl, xzb, xs, simd)
+    else:
+        _norm(ci, x[t - 1:], fnorm[0], fnorm[1], eps, xn[:1])
+        _linear(head, xn[:1], logits, xa, xb, init, xsl, xzb, xs, simd)
+
+
+# ----------------------------------------------------------------------------- the model
+class NumbaModel:
+    """Load once, run many: `forward(ids)` appends tokens to the cache and returns logits."""
+
+    backend = "numba"
+
+    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, simd: bool = True):
+        self.export = open_export(path)
+        self.config = cfg = ModelConfig.from_metadata(self.export.config)
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise UnsupportedError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
+        self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.weights = w = Weights(self.export, cfg)
+        self.simd = simd
+        self.set_threads(threads)
+        if cfg.position == "rope":
+            try:
+                inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            except (ValueError, KeyError) as exc:
+                raise UnsupportedError(f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}); "
+                                       "--backend onnxruntime may still run it") from None
+            self.cos, self.sin = rope_tables(self.n_ctx, inv)
+        else:
+            self.cos = self.sin = np.zeros((1, 1), np.float32)
+        self.ci = np.zeros(C_LEN, np.int64)
+        self.ci[[C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX]] = (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+                                                                  cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, self.n_ctx)
+        self.ci[C_NORM] = 0 if cfg.norm == "rms" else 1
+        self.ci[C_POS] = 0 if cfg.position == "rope" else 1
+        self.ci[C_GATED] = 1 if cfg.mlp == "gated" else 0
+        self.ci[C_CAP], self.ci[C_NBCAP], self.ci[C_WPE] = w.cap, w.nbcap, w.wpe
+        self.window = np.array(cfg.sliding_window, np.int64)
+        self.state = RunState(cfg, self.n_ctx)
+
+    def set_threads(self, threads: int | None):
+        if threads is not None and threads < 1:
+            raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
+        self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(self.threads)
+
+    @property
+    def pos(self) -> int:
+        return self.state.pos
+
+    def reset(self):
+        self.state.pos = 0
+
+    def truncate(self, n: int):
+        """Forget cached positions >= n (the cache beyond is overwritten by later tokens)."""
+        self.state.pos = min(self.state.pos, n)
+
+    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Append `ids` at the current position; logits (len(ids), V) or (V,) of the last token."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        t = ids.size
+        if t == 0:
+            raise EdgeLLMError("no tokens to run")
+        if self.state.pos + t > self.n_ctx:
+            raise EdgeLLMError(f"{self.state.pos + t} tokens exceed the context of {self.n_ctx}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise EdgeLLMError(f"token id out of range [0, {self.config.vocab_size})")
+        numba.set_num_threads(self.threads)
+        w = self.weights
+        logits = np.empty((t if all_logits else 1, self.config.vocab_size), np.float32)
+        forward(ids, self.state.pos, self.ci, np.float32(self.config.norm_eps), w.lin, w.norms, w.emb, w.head, w.fnorm, self.window,
+                self.cos, self.sin, self.state.k, self.state.v, logits, all_logits, self.simd)
+        self.state.pos += t
+        return logits if all_logits else logits[0]
+
+    def warmup(self):
+        """Compile (or load from the cache) both paths, then forget the tokens."""
+        pos = self.state.pos
+        self.forward(np.zeros(2, np.int64))
+        self.forward(np.zeros(1, np.int64))
+        self.state.pos = pos
+
+    def close(self):
+        self.export.close()

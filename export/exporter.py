@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm import __version__
-from edgellm.errors import EdgeLLMError, UnsupportedError
+from edgellm.errors import UnsupportedError
 from edgellm.outputs import atomic_output_dir, check_output_dir
 from edgellm.record import add_step, write_record
 

@@ -1,0 +1,168 @@
+"""Contract 3: every Numba kernel of edgellm.runtime against its numpy reference, on odd shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgellm.runtime.kernels import layers as Lk
+from edgellm.runtime.kernels import quant as Q
+from edgellm.runtime.kernels.simd import HAVE_VNNI
+
+rng = np.random.default_rng(0)
+
+
+def _packed(n, k, bits, gs, sym):
+    """Random MatMulNBits weights whose padded columns encode 0, with exactly-fp16 scales."""
+    nb = -(-k // gs)
+    codes = rng.integers(0, 1 << bits, (n, nb, gs)).astype(np.uint8)
+    zeros = None if sym else rng.integers(0, 1 << bits, (n, nb)).astype(np.uint8)
+    if nb * gs > k:
+        codes.reshape(n, -1)[:, k:] = (1 << (bits - 1)) if sym else np.repeat(zeros[:, -1:], nb * gs - k, 1)
+    qweight = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = (rng.random(n * nb) * 0.1 + 1e-3).astype(np.float16).astype(np.float32)
+    return qweight, scales, zeros
+
+
+def _desc(kind, n, k, keep, w=None, qweight=None, scales=None, zeros=None, gs=0, bias=None):
+    d = np.zeros(Q.DESC_LEN, np.int64)
+    d[Q.D_KIND], d[Q.D_N], d[Q.D_K] = kind, n, k
+    if qweight is None:
+        keep.append(w)
+        d[Q.D_W], d[Q.D_RB] = w.ctypes.data, k * w.itemsize
+    else:
+        nb, bb = qweight.shape[1:]
+        s16 = np.zeros(n * nb + 16, np.float16)
+        s16[: n * nb] = scales
+        s16 = s16.view(np.uint16)
+        keep += [qweight, s16]
+        d[Q.D_W], d[Q.D_S], d[Q.D_GS], d[Q.D_NB], d[Q.D_RB] = qweight.ctypes.data, s16.ctypes.data, gs, nb, nb * bb
+        d[Q.D_SYM], d[Q.D_ZERO] = zeros is None, 1 << (kind - 1)
+        if zeros is not None:
+            zs = zeros.reshape(-1).astype(np.float32) * scales
+            keep.append(zs)
+            d[Q.D_Z] = zs.ctypes.data
+    if bias is not None:
+        keep.append(bias)
+        d[Q.D_B] = bias.ctypes.data
+    return d
+
+
+def _bufs(d, t):
+    cap, nbc = Q.act_caps(d)
+    return (np.zeros((t, cap), np.int8), np.zeros((t, cap), np.int8), np.zeros((t, cap // 4), np.int32),
+            np.zeros((t, cap // 4), np.float32), np.zeros((t, nbc), np.float32), np.zeros((t, nbc), np.float32))
+
+
+SIMD = [True, False] if HAVE_VNNI else [False]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [16, 32, 128, 256])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("n,k", [(7, 50), (33, 576), (5, 1000)])
+def test_quantized_linear(bits, gs, sym, n, k):
+    qweight, scales, zeros = _packed(n, k, bits, gs, sym)
+    bias = rng.standard_normal(n).astype(np.float32) if n != 33 else None
+    keep = []
+    d = _desc(bits, n, k, keep, qweight=qweight, scales=scales, zeros=zeros, gs=gs, bias=bias)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    ref = Q.ref_linear_q8act(x, qweight, scales, zeros, bits, k, gs, bias)
+    scale = np.abs(ref).max()
+    for simd in SIMD:
+        out = np.zeros((3, n), np.float32)
+        Q.linear_mat(d, x, out, *_bufs(d, 3), simd)  # prompt path (GEMM)
+        assert np.abs(out - ref).max() <= 1e-5 * scale, simd
+        o1 = np.zeros(n, np.float32)
+        Q.linear_vec(d, x[1], o1, *[b[0] for b in _bufs(d, 1)], simd)  # decode path (GEMV)
+        assert np.abs(o1 - ref[1]).max() <= 1e-5 * scale, simd
+    # int8 activations: close to the float product (a few 1e-3 relative; see test_runtime)
+    reff = Q.ref_linear(x, Q.dequantize(qweight, scales, zeros, bits, k), bias)
+    assert np.abs(out - reff).max() <= 3e-2 * np.abs(reff).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n,k", [(1, 1), (9, 15), (13, 17), (31, 131), (3, 576)])
+def test_float_linear(dtype, n, k):
+    w = rng.standard_normal((n, k)).astype(dtype)
+    bias = rng.standard_normal(n).astype(np.float32)
+    keep = []
+    d = _desc(Q.K_F32 if dtype == np.float32 else Q.K_F16, n, k, keep, w=w.view(np.uint16) if dtype == np.float16 else w, bias=bias)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    ref = Q.ref_linear(x, w.astype(np.float32), bias)
+    out = np.zeros((4, n), np.float32)
+    Q.linear_mat(d, x, out, *_bufs(d, 4), True)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * max(1, k ** 0.5))
+    o1 = np.zeros(n, np.float32)
+    Q.linear_vec(d, x[2], o1, *[b[0] for b in _bufs(d, 1)], True)
+    np.testing.assert_allclose(o1, ref[2], atol=1e-4 * max(1, k ** 0.5))
+
+
+@pytest.mark.parametrize("h", [1, 7, 64, 577])
+def test_norms(h):
+    x = rng.standard_normal((3, h)).astype(np.float32) * 3
+    w = rng.standard_normal(h).astype(np.float32)
+    b = rng.standard_normal(h).astype(np.float32)
+    out = np.empty_like(x)
+    Lk.rms_norm(x, w.ctypes.data, np.float32(1e-5), out)
+    np.testing.assert_allclose(out, Lk.ref_rms_norm(x, w, 1e-5), rtol=1e-4, atol=1e-5)
+    Lk.layer_norm(x, w.ctypes.data, b.ctypes.data, np.float32(1e-5), out)
+    np.testing.assert_allclose(out, Lk.ref_layer_norm(x, w, b, 1e-5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 64}])
+def test_rope(scaling):
+    nh, nkv, hd, t, pos0 = 3, 1, 10, 5, 7
+    cos, sin = Lk.rope_tables(32, Lk.rope_inv_freq(hd, 10000.0, scaling))
+    x = rng.standard_normal((t, (nh + nkv) * hd)).astype(np.float32)
+    ref_q = Lk.ref_rope(x[:, : nh * hd].reshape(t, nh, hd), np.arange(pos0, pos0 + t), cos, sin)
+    ref_k = Lk.ref_rope(x[:, nh * hd:].reshape(t, nkv, hd), np.arange(pos0, pos0 + t), cos, sin)
+    Lk.rope(x, 0, nh, hd, pos0, cos, sin)
+    Lk.rope(x, nh * hd, nkv, hd, pos0, cos, sin)
+    np.testing.assert_allclose(x[:, : nh * hd].reshape(t, nh, hd), ref_q, atol=1e-5)
+    np.testing.assert_allclose(x[:, nh * hd:].reshape(t, nkv, hd), ref_k, atol=1e-5)
+
+
+@pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(4, 2, 8, 1, 0, 0), (4, 2, 8, 1, 9, 0), (6, 3, 5, 7, 4, 0), (3, 3, 16, 6, 0, 0),
+                                                     (4, 1, 8, 5, 6, 4)])
+def test_attention(nh, nkv, hd, t, pos0, window):
+    ctx = 20
+    q = rng.standard_normal((t, nh * hd)).astype(np.float32)
+    kc = np.zeros((nkv, ctx, hd), np.float32)
+    vc = np.zeros((nkv, ctx, hd), np.float32)
+    kc[:, : pos0 + t] = rng.standard_normal((nkv, pos0 + t, hd))
+    vc[:, : pos0 + t] = rng.standard_normal((nkv, pos0 + t, hd))
+    out = np.zeros((t, nh * hd), np.float32)
+    Lk.attention(q, kc, vc, pos0, nh, nkv, hd, out, np.zeros((t * nh, pos0 + t), np.float32), window)
+    ref = Lk.ref_attention(q.reshape(t, nh, hd), kc[:, : pos0 + t], vc[:, : pos0 + t], pos0, window)
+    np.testing.assert_allclose(out.reshape(t, nh, hd), ref, atol=1e-5)
+
+
+def test_activations():
+    gu = rng.standard_normal((3, 2 * 37)).astype(np.float32) * 4
+    out = np.empty((3, 37), np.float32)
+    Lk.swiglu(gu, 37, out)
+    np.testing.assert_allclose(out, Lk.ref_swiglu(gu, 37), rtol=1e-5, atol=1e-6)
+    out2 = np.empty_like(gu)
+    Lk.gelu_new(gu, out2)
+    np.testing.assert_allclose(out2, Lk.ref_gelu_new(gu), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q4", "q4a", "q8", "q8a"])
+def test_embedding_rows(kind):
+    n, k, keep = 11, 50, []
+    ids = np.array([0, 10, 3, 3], np.int64)
+    if kind in ("f32", "f16"):
+        w = rng.standard_normal((n, k)).astype(np.float32 if kind == "f32" else np.float16)
+        d = _desc(Q.K_F32 if kind == "f32" else Q.K_F16, n, k, keep, w=w if kind == "f32" else w.view(np.uint16))
+        ref = w.astype(np.float32)[ids]
+    else:
+        bits, sym = int(kind[1]), not kind.endswith("a")
+        qweight, scales, zeros = _packed(n, k, bits, 16, sym)
+        d = _desc(bits, n, k, keep, qweight=qweight, scales=scales, zeros=zeros, gs=16)
+        ref = Q.dequantize(qweight, scales, zeros, bits, k)[ids]
+    out = np.zeros((ids.size, k), np.float32)
+    Lk.embed_rows(d, ids, out)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,103 @@
+"""Distil SmolLM2-135M (30 layers) into a 15-layer student for a fixed CPU time budget.
+
+    flock /tmp/edgellm-heavy.lock python benchmarks/distill_smollm.py \\
+        --teacher /work/models/smollm2-fp32 --out /work/models/smollm2-distill-15l --budget-min 15
+
+1. a probe run (a few steps, no evaluation) measures the time per optimizer step on this machine;
+2. the real run gets as many steps as fit the budget (the cosine schedule needs the step count
+   up front, so the budget is converted to steps rather than cutting a run short);
+3. `edgellm distill` measures teacher / initial student / distilled student perplexity on the
+   held-out split; this script adds sizes and writes <out>.report.json and <out>.report.md.
+
+The budget counts training only (model loading and the three perplexity measurements come on top).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def edgellm(*args: str) -> None:
+    cmd = [sys.executable, "-c", "from edgellm.cli import main; main()", *args]
+    print("+ edgellm " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def weights_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="/work/models/smollm2-fp32")
+    ap.add_argument("--out", default="/work/models/smollm2-distill-15l")
+    ap.add_argument("--layers", type=int, default=15)
+    ap.add_argument("--budget-min", type=float, default=15.0, help="training time budget in minutes")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--probe-steps", type=int, default=5)
+    ap.add_argument("--precision", default="fp32")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    common = ["--student-layers", str(args.layers), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+              "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--precision", args.precision]
+
+    probe = out.with_name(out.name + ".probe")
+    t0 = time.time()
+    edgellm("distill", args.teacher, "-o", str(probe), "--steps", str(args.probe_steps), "--no-eval",
+            "--checkpoint-every", "0", "--force", *common)
+    rows = [json.loads(line) for line in (probe / "distill_log.jsonl").read_text().splitlines()]
+    step_s = statistics.median(r["step_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["step_s"]
+    shutil.rmtree(probe)
+    steps = max(1, int(args.budget_min * 60 / step_s))
+    print(f"probe: {step_s:.2f} s/step -> {steps} steps in {args.budget_min} min (probe took {time.time() - t0:.0f} s)", flush=True)
+
+    t1 = time.time()
+    edgellm("distill", args.teacher, "-o", str(out), "--steps", str(steps), "--eval-tokens", str(args.eval_tokens),
+            "--checkpoint-every", str(max(1, steps // 2)), "--force", *common)
+    wall = time.time() - t1
+
+    rec = json.loads((out / "edgellm.json").read_text())["steps"][-1]
+    q = rec["quality"]
+    report = {
+        "teacher": args.teacher, "student_layers": rec["student"]["from_teacher_layers"],
+        "budget_min": args.budget_min, "probe_step_s": step_s, "steps": steps,
+        "tokens": rec["training"]["tokens"], "train_time_s": rec["training"]["train_time_s"], "wall_s": round(wall, 1),
+        "params": rec["parameters"],
+        "weights_bytes": {"teacher": weights_bytes(Path(args.teacher)), "student": weights_bytes(out)},
+        "perplexity": {k: q[k]["perplexity"] for k in ("teacher", "initial_student", "student")},
+        "eval_tokens": q["student"]["tokens"], "ctx": q["student"]["ctx"],
+        "hyper": {k: rec["params"][k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "precision")},
+        "numba_runtime_tokens_per_s": None,  # needs the exporter/runtime (edgellm export / run)
+    }
+    out.with_name(out.name + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
+    p = report["perplexity"]
+    md = [
+        f"# SmolLM2-135M -> {args.layers} layers, {args.budget_min:g} min CPU budget",
+        "",
+        "| model | layers | parameters | weights | perplexity |",
+        "|---|---:|---:|---:|---:|",
+        f"| teacher | 30 | {report['params']['teacher']:,} | {report['weights_bytes']['teacher'] / 1e6:.1f} MB | {p['teacher']:.2f} |",
+        f"| initial student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['initial_student']:.2f} |",
+        f"| distilled student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['student']:.2f} |",
+        "",
+        f"{steps} steps x {args.batch_size * args.grad_accum} x {args.seq_len} tokens = {report['tokens']:,} tokens in "
+        f"{report['train_time_s']:.0f} s training; perplexity on {report['eval_tokens']} held-out tokens, ctx {report['ctx']}.",
+    ]
+    out.with_name(out.name + ".report.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Decode and prompt speed of `edgellm run` (numba) vs ONNX Runtime vs llama.cpp, side by side.
+
+Each measurement runs in its own child process (so peak RSS is per backend) of one parent, in one
+run, same prompt, same threads. Wrap the whole run in `flock /tmp/edgellm-heavy.lock`.
+
+    python benchmarks/runtime_decode.py --q4 q4-onnx --q8 q8-onnx --fp32 fp32-onnx \
+        --gguf-src SmolLM2-135M-Instruct.Q4_1.gguf --gguf-dir /work/models --threads 2
+
+GGUF peers are made with llama.cpp's own llama_model_quantize from --gguf-src (requantized with
+allow_requantize when the source is already quantized; speed depends on the format, not on where
+the values came from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = [504, 3458, 282, 4649, 314, 1167, 30, 378]  # a short fixed prompt (token ids < 49152)
+FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}
+
+
+def child(args) -> dict:
+    """One backend on one model: load + first token, decode tok/s reps, pp tok/s, peak RSS."""
+    t0 = time.perf_counter()
+    if args.backend == "llama.cpp":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
+                              n_batch=512, verbose=False)
+        llm.eval(PROMPT)
+        first = time.perf_counter() - t0
+
+        def decode(n):
+            llm.reset()
+            llm.eval(PROMPT)
+            t = time.perf_counter()
+            for i in range(n):
+                llm.eval([PROMPT[i % len(PROMPT)]])
+            return n / (time.perf_counter() - t)
+
+        def pp(n):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval([(i * 7919) % 40000 + 10 for i in range(n)])
+            return n / (time.perf_counter() - t)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        if args.backend == "numba":
+            from edgellm.runtime.model import NumbaModel as M
+        else:
+            from edgellm.runtime.ort_backend import OrtModel as M
+        m = M(args.model, n_ctx=1024, threads=args.threads)
+        m.forward(np.array(PROMPT))
+        first = time.perf_counter() - t0
+
+        def decode(n):
+            m.reset() if hasattr(m, "reset") else None
+            tok = int(m.forward(np.array(PROMPT)).argmax())
+            t = time.perf_counter()
+            for _ in range(n):
+                tok = int(m.forward([tok]).argmax())
+            return n / (time.perf_counter() - t)
+
+        def pp(n):
+            m.reset()
+            t = time.perf_counter()
+            m.forward(np.array([(i * 7919) % 40000 + 10 for i in range(n)]))
+            return n / (time.perf_counter() - t)
+    decode(8)  # warm-up
+    tg = [decode(args.tokens) for _ in range(args.reps)]
+    pps = [pp(args.pp) for _ in range(max(1, args.reps - 1))]
+    return {"load_first_token_s": first, "tg": tg, "tg_median": statistics.median(tg), "pp": pps, "pp_median": statistics.median(pps),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bandwidth() -> float:
+    """Read bandwidth (GB/s) of a 512 MB float32 sum with the benchmark's threads (numba prange)."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True)
+    def total(a):
+        s = 0.0
+        for i in prange(a.size):
+            s += a[i]
+        return s
+
+    a = np.ones(128 * 1024 * 1024, np.float32)
+    total(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        total(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def make_gguf(src: Path, dst: Path, ftype: str):
+    import llama_cpp
+
+    if dst.exists():
+        return
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = FTYPES[ftype]
+    p.nthread = 2
+    p.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize({ftype}) failed: {rc}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--q4"), ap.add_argument("--q8"), ap.add_argument("--fp32")
+    ap.add_argument("--gguf-src"), ap.add_argument("--gguf-dir", default=".")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--json")
+    ap.add_argument("--child", nargs=2, metavar=("BACKEND", "MODEL"))
+    args = ap.parse_args()
+    if args.child:
+        args.backend, args.model = args.child
+        print(json.dumps(child(args)))
+        return
+    jobs = []
+    for fmt, path, gg in (("4-bit", args.q4, "Q4_0"), ("8-bit", args.q8, "Q8_0"), ("fp32", args.fp32, "F32")):
+        if not path:
+            continue
+        jobs += [(fmt, "numba", path), (fmt, "onnxruntime", path)]
+        if args.gguf_src:
+            dst = Path(args.gguf_dir) / f"smollm2-135m-{gg.lower()}.gguf"
+            make_gguf(Path(args.gguf_src), dst, gg)
+            jobs.append((fmt, f"llama.cpp {gg}", str(dst)))
+    common = ["--threads", str(args.threads), "--reps", str(args.reps), "--tokens", str(args.tokens), "--pp", str(args.pp)]
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+               "bandwidth_gbs": bandwidth(), "runs": []}
+    for fmt, backend, path in jobs:
+        b = "llama.cpp" if backend.startswith("llama.cpp") else backend
+        for attempt in (0, 1):  # the first numba run may compile; the second measures a warm cache
+            r = subprocess.run([sys.executable, __file__, "--child", b, path, *common], capture_output=True, text=True)
+            if r.returncode != 0 or b != "numba":
+                break
+        if r.returncode != 0:
+            print(f"{fmt} {backend}: failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            continue
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res.update(format=fmt, backend=backend, model=path, size_mb=_size(path) / 1e6)
+        results["runs"].append(res)
+        print(f"{fmt:6} {backend:16} tg {res['tg_median']:7.1f} tok/s  pp{args.pp} {res['pp_median']:7.1f} tok/s  "
+              f"load+1st {res['load_first_token_s']:.2f} s  RSS {res['peak_rss_mb']:.0f} MB  size {res['size_mb']:.0f} MB", flush=True)
+    if args.q4:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from edgellm.runtime.model import NumbaModel
+
+        per_token = NumbaModel(args.q4, n_ctx=8).weights.bytes_per_token
+        results["q4_weight_bytes_per_token"] = per_token
+        results["q4_bandwidth_bound_tok_s"] = results["bandwidth_gbs"] * 1e9 / per_token
+    print(f"bandwidth {results['bandwidth_gbs']:.1f} GB/s" + (f"; 4-bit bound {results['q4_bandwidth_bound_tok_s']:.0f} tok/s "
+          f"({results['q4_weight_bytes_per_token'] / 1e6:.1f} MB/token)" if args.q4 else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _size(path) -> int:
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+if __name__ == "__main__":
+    main()

@@ -50,10 +50,11 @@ class DecoderIO:
 
 
 def rotary(g: Graph, pos: str, inv_freq: np.ndarray, scaling: float) -> tuple[str, str]:
-    """cos, sin (B, S, hd) for position_ids (B, S), as HF computes them (fp32)."""
+    """cos, sin (B, S, 1, hd) for position_ids (B, S), as HF computes them (fp32), computed once
+    and broadcast over heads in every layer."""
     p = g.op("Unsqueeze", [g.op("Cast", [pos], name="rope/pos", to=FLOAT), g.const([-1])], name="rope/pos3")  # (B, S, 1)
     f = g.op("Mul", [p, g.const(inv_freq.astype(np.float32), np.float32, "rope/inv_freq")], name="rope/freqs")  # (B, S, hd/2)
-    emb = g.op("Concat", [f, f], name="rope/emb", axis=-1)  # (B, S, hd)
+    emb = g.op("Unsqueeze", [g.op("Concat", [f, f], name="rope/emb", axis=-1), g.const([2])], name="rope/emb4")  # (B, S, 1, hd)
     cos, sin = g.op("Cos", [emb], name="rope/cos"), g.op("Sin", [emb], name="rope/sin")
     if scaling != 1.0:
         c = g.const(scaling, np.float32, "rope/scaling")
@@ -61,45 +62,49 @@ def rotary(g: Graph, pos: str, inv_freq: np.ndarray, scaling: float) -> tuple[st
     return cos, sin
 
 
-def _apply_rope(g: Graph, x: str, cos: str, sin: str, hd: int, name: str) -> str:
-    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[..., hd/2:], x[..., :hd/2])."""
+def _rotate_half_matrix(hd: int) -> np.ndarray:
+    """R with x @ R = rotate_half(x) = concat(-x[hd/2:], x[:hd/2]): one MatMul instead of Slice,
+    Slice, Neg, Concat; exact in fp32 (each output is one input times +-1 plus zeros)."""
     half = hd // 2
-    x1 = g.op("Slice", [x, g.const([0]), g.const([half]), g.const([-1])], name=f"{name}/x1")
-    x2 = g.op("Slice", [x, g.const([half]), g.const([hd]), g.const([-1])], name=f"{name}/x2")
-    rot = g.op("Concat", [g.op("Neg", [x2], name=f"{name}/neg"), x1], name=f"{name}/rot", axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos], name=f"{name}/xcos"), g.op("Mul", [rot, sin], name=f"{name}/rsin")], name=name)
+    r = np.zeros((hd, hd), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
 
 
-def attention(g: Graph, io: DecoderIO, layer: int, q: str, k: str, v: str, *, nh: int, nkv: int, hd: int,
+def attention(g: Graph, io: DecoderIO, layer: int, qkv: str, *, nh: int, nkv: int, hd: int,
               scale: float, rope: tuple[str, str] | None, window: int | None, name: str) -> str:
-    """Attention of new q (B,S,nh*hd) over past + new k/v (B,S,nkv*hd); returns (B,S,nh*hd) and
-    exposes present.{layer}.key/value. Grouped-query: q is viewed as (B, nkv, rep, S, hd) so each
-    kv head broadcasts over its rep query heads (HF's repeat_kv order: head h = kv*rep + r)."""
+    """Attention of the new tokens' fused qkv (B, S, (nh+2*nkv)*hd) over past + new keys/values;
+    returns (B, S, nh*hd) and exposes present.{layer}.key/value. Grouped-query: q is viewed as
+    (B, nkv, rep, S, hd) so each kv head broadcasts over its rep query heads (HF's repeat_kv
+    order: head h = kv*rep + r). RoPE rotates q and k together, before they are split."""
     rep = nh // nkv
-    q5 = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, nkv, rep, hd])], name=f"{name}/q_heads")],
-              name=f"{name}/q5", perm=[0, 2, 3, 1, 4])  # (B, nkv, rep, S, hd)
-    k4 = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, nkv, hd])], name=f"{name}/k_heads")], name=f"{name}/k4", perm=[0, 2, 1, 3])
-    v4 = g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, nkv, hd])], name=f"{name}/v_heads")], name=f"{name}/v4", perm=[0, 2, 1, 3])
+    heads = g.op("Reshape", [qkv, g.const([0, 0, nh + 2 * nkv, hd])], name=f"{name}/heads")  # (B, S, nh+2nkv, hd)
     if rope is not None:
+        qk, v = g.op("Split", [heads, g.const([nh + nkv, nkv])], name=f"{name}/qk_v", outputs=2, axis=2)
         cos, sin = rope
-        cos4 = g.op("Unsqueeze", [cos, g.const([1])], name=f"{name}/cos4")  # (B, 1, S, hd)
-        sin4 = g.op("Unsqueeze", [sin, g.const([1])], name=f"{name}/sin4")
-        cos5 = g.op("Unsqueeze", [cos4, g.const([1])], name=f"{name}/cos5")  # (B, 1, 1, S, hd)
-        sin5 = g.op("Unsqueeze", [sin4, g.const([1])], name=f"{name}/sin5")
-        q5 = _apply_rope(g, q5, cos5, sin5, hd, f"{name}/q_rope")
-        k4 = _apply_rope(g, k4, cos4, sin4, hd, f"{name}/k_rope")
+        rot = g.op("MatMul", [qk, g.memo_const("rope/rotate_half", _rotate_half_matrix(hd))], name=f"{name}/rotate_half")
+        qk = g.op("Add", [g.op("Mul", [qk, cos], name=f"{name}/qk_cos"), g.op("Mul", [rot, sin], name=f"{name}/rot_sin")], name=f"{name}/qk_rope")
+        q, k = g.op("Split", [qk, g.const([nh, nkv])], name=f"{name}/q_k", outputs=2, axis=2)
+    else:
+        q, k, v = g.op("Split", [heads, g.const([nh, nkv, nkv])], name=f"{name}/q_k_v", outputs=3, axis=2)
+    q5 = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, nkv, rep, hd])], name=f"{name}/q_groups")],
+              name=f"{name}/q5", perm=[0, 2, 3, 1, 4])  # (B, nkv, rep, S, hd)
+    k4 = g.op("Transpose", [k], name=f"{name}/k4", perm=[0, 2, 1, 3])  # (B, nkv, S, hd)
+    v4 = g.op("Transpose", [v], name=f"{name}/v4", perm=[0, 2, 1, 3])
     past_k, past_v = io.past[layer]
-    present_k = g.op("Concat", [past_k, k4], name=f"{name}/present_k", axis=2)  # (B, nkv, T, hd)
-    present_v = g.op("Concat", [past_v, v4], name=f"{name}/present_v", axis=2)
-    g.output(present_k, f"present.{layer}.key", FLOAT, io.present_shape)
-    g.output(present_v, f"present.{layer}.value", FLOAT, io.present_shape)
-    kt = g.op("Unsqueeze", [g.op("Transpose", [f"present.{layer}.key"], name=f"{name}/kT", perm=[0, 1, 3, 2]), g.const([2])],
+    present_k, present_v = f"present.{layer}.key", f"present.{layer}.value"
+    g.op("Concat", [past_k, k4], name=f"{name}/present_k", outputs=[present_k], axis=2)  # (B, nkv, T, hd)
+    g.op("Concat", [past_v, v4], name=f"{name}/present_v", outputs=[present_v], axis=2)
+    g.output(present_k, present_k, FLOAT, io.present_shape)
+    g.output(present_v, present_v, FLOAT, io.present_shape)
+    kt = g.op("Unsqueeze", [g.op("Transpose", [present_k], name=f"{name}/kT", perm=[0, 1, 3, 2]), g.const([2])],
               name=f"{name}/kT5")  # (B, nkv, 1, hd, T)
     scores = g.op("Mul", [g.op("MatMul", [q5, kt], name=f"{name}/qk"), g.const(scale, np.float32, "scale")], name=f"{name}/scores")
     neg = g.const(np.finfo(np.float32).min, np.float32, "mask_value")
     scores = g.op("Where", [io.allowed(window), scores, neg], name=f"{name}/masked")  # (B, nkv, rep, S, T)
     probs = g.op("Softmax", [scores], name=f"{name}/softmax", axis=-1)
-    v5 = g.op("Unsqueeze", [f"present.{layer}.value", g.const([2])], name=f"{name}/v5")  # (B, nkv, 1, T, hd)
+    v5 = g.op("Unsqueeze", [present_v, g.const([2])], name=f"{name}/v5")  # (B, nkv, 1, T, hd)
     o = g.op("MatMul", [probs, v5], name=f"{name}/pv")  # (B, nkv, rep, S, hd)
     o = g.op("Transpose", [o], name=f"{name}/o_t", perm=[0, 3, 1, 2, 4])  # (B, S, nkv, rep, hd)
     return g.op("Reshape", [o, g.const([0, 0, -1])], name=f"{name}/merge")  # (B, S, nh*hd)

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgellm.errors import UnsupportedError
 
-from .decoder import DecoderIO, attention, split_last
+from .decoder import DecoderIO, attention
 from .graph import FLOAT, Graph
 from .llama import lm_head
 from .weights import Options, embedding_spec, emit_embedding, emit_linear, linear_spec
@@ -47,8 +47,7 @@ def build(model, opts: Options) -> Graph:
         p = f"transformer.h.{i}"
         x = ln(h, blk.ln_1, f"{p}.ln_1")
         qkv = emit_linear(g, x, linear_spec([blk.attn.c_attn], f"{p}.attn.c_attn"), f"{p}.attn.c_attn", opts)
-        q, k, v = split_last(g, qkv, [d, d, d], f"{p}/qkv_split")
-        o = attention(g, io, i, q, k, v, nh=nh, nkv=nh, hd=hd, scale=scale, rope=None, window=None, name=f"{p}/attn")
+        o = attention(g, io, i, qkv, nh=nh, nkv=nh, hd=hd, scale=scale, rope=None, window=None, name=f"{p}/attn")
         h = g.op("Add", [h, emit_linear(g, o, linear_spec([blk.attn.c_proj], f"{p}.attn.c_proj"), f"{p}.attn.c_proj", opts)], name=f"{p}/attn_residual")
         x = ln(h, blk.ln_2, f"{p}.ln_2")
         f = emit_linear(g, x, linear_spec([blk.mlp.c_fc], f"{p}.mlp.c_fc"), f"{p}.mlp.c_fc", opts)

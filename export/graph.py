@@ -59,6 +59,12 @@ class Graph:
         self.nodes.append(helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(arr, name)))
         return name
 
+    def memo_const(self, key: str, value: np.ndarray) -> str:
+        """A float constant made once and shared by every layer that uses it."""
+        if key not in self.memo:
+            self.memo[key] = self.const(value, value.dtype, key)
+        return self.memo[key]
+
     def weight(self, name: str, array: np.ndarray, elem_type: int | None = None, dims: list | None = None) -> str:
         """A weight initializer (written to external data). `elem_type`/`dims` override the numpy
         dtype/shape (UINT4: the array holds the bytes, two codes per byte, low nibble first)."""
@@ -87,12 +93,14 @@ class Graph:
         return self.op("Shape", [x], name=name, start=axis, end=axis + 1)
 
     def rms_norm(self, x: str, weight: str, eps: float, name: str) -> str:
-        """x * rsqrt(mean(x^2) + eps) * weight, in standard ops (ORT fuses it at load)."""
-        sq = self.op("Mul", [x, x], name=f"{name}/sq")
+        """x / sqrt(mean(x^2) + eps) * weight, in standard ops. Written as Pow -> ReduceMean -> Add ->
+        Sqrt -> Div -> Mul, the exact pattern ONNX Runtime fuses into (Skip)SimplifiedLayerNormalization
+        at load (six nodes -> one per norm matters: a 135M model's decode step is op-overhead bound)."""
+        sq = self.op("Pow", [x, self.const(2.0, np.float32, "two")], name=f"{name}/sq")
         mean = self.op("ReduceMean", [sq, self.const([-1])], name=f"{name}/mean", keepdims=1)
         var = self.op("Add", [mean, self.const(eps, np.float32, "eps")], name=f"{name}/add_eps")
-        inv = self.op("Reciprocal", [self.op("Sqrt", [var], name=f"{name}/sqrt")], name=f"{name}/rsqrt")
-        return self.op("Mul", [self.op("Mul", [x, inv], name=f"{name}/normed"), weight], name=f"{name}/scaled")
+        normed = self.op("Div", [x, self.op("Sqrt", [var], name=f"{name}/sqrt")], name=f"{name}/normed")
+        return self.op("Mul", [normed, weight], name=f"{name}/scaled")
 
     def layer_norm(self, x: str, weight: str, bias: str, eps: float, name: str) -> str:
         return self.op("LayerNormalization", [x, weight, bias], name=name, axis=-1, epsilon=float(eps))

@@ -65,8 +65,7 @@ def build(model, opts: Options) -> Graph:
         a, m = layer.self_attn, layer.mlp
         x = g.rms_norm(h, g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight)), eps, f"{p}/input_norm")
         qkv = emit_linear(g, x, linear_spec([a.q_proj, a.k_proj, a.v_proj], f"{p}.self_attn.qkv_proj"), f"{p}.self_attn.qkv_proj", opts)
-        q, k, v = split_last(g, qkv, [nh * hd, nkv * hd, nkv * hd], f"{p}/qkv_split")
-        o = attention(g, io, i, q, k, v, nh=nh, nkv=nkv, hd=hd, scale=float(a.scaling), rope=rope, window=_window(c, i), name=f"{p}/attn")
+        o = attention(g, io, i, qkv, nh=nh, nkv=nkv, hd=hd, scale=float(a.scaling), rope=rope, window=_window(c, i), name=f"{p}/attn")
         h = g.op("Add", [h, emit_linear(g, o, linear_spec([a.o_proj], f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj", opts)], name=f"{p}/attn_residual")
         x = g.rms_norm(h, g.weight(f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)), eps, f"{p}/post_norm")
         inter = m.gate_proj.out_features

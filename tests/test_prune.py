@@ -218,6 +218,23 @@ def test_structured_gives_plain_smaller_model(trained, tmp_path, kind, ratio, ex
     assert step["result"]["parameters_before"] == n_old and step["result"]["parameters_after"] == n_new
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_structured_other_llama_families(tiny_dirs, tmp_path, family):
+    """Qwen2 (q/k/v biases, layer_types) and Mistral shrink to valid configs too."""
+    from transformers import AutoModelForCausalLM
+
+    for kind, key, value in (("heads", "num_key_value_heads", 1), ("mlp", "intermediate_size", 80), ("layers", "num_hidden_layers", 1)):
+        out = tmp_path / kind
+        r = _cli(["prune", tiny_dirs[family], "--structured", kind, "--ratio", "0.5", "-o", out, *FAST])
+        assert r.exit_code == 0, r.output
+        m = AutoModelForCausalLM.from_pretrained(str(out))
+        assert getattr(m.config, key) == value
+        if getattr(m.config, "layer_types", None) is not None:
+            assert len(m.config.layer_types) == m.config.num_hidden_layers
+        with torch.no_grad():
+            assert torch.isfinite(m(input_ids=torch.arange(12).unsqueeze(0)).logits).all()
+
+
 def test_unstructured_cli_records(trained, tmp_path):
     path = trained[0]
     out = tmp_path / "wanda24"

@@ -60,5 +60,4 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    W[mask] = 0  # exact zeros (the update above never touches visited columns; this is belt and braces)
     return W, mask | (W == 0) & dead.unsqueeze(0)

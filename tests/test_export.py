@@ -218,3 +218,14 @@ def test_cli_bad_input(kind, tiny_dirs, tmp_path):
         assert not out.exists()
         assert ("llama" in r.output.lower()) if kind == "unsupported" else ("not a model" in r.output)
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_cli_fp16_dir(tokenizer, tmp_path):
+    """A float16 checkpoint (e.g. a distilled student saved in half precision) exports as fp32
+    values, so parity holds at the fp32 tolerance."""
+    model = _model("mistral").half()
+    tiny.save(model, tokenizer, tmp_path / "fp16")
+    r = _cli(tmp_path / "fp16", "-o", tmp_path / "onnx")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "onnx" / "edgellm.json").read_text())
+    assert rec["steps"][-1]["parity"]["max_abs_diff"] <= FP_TOL

@@ -179,15 +179,25 @@ def _cli(args):
 
 @pytest.mark.parametrize("kind,ratio", [("heads", 0.5), ("mlp", 0.25), ("layers", 0.5)])
 def test_structurally_pruned_model_exports(trained, tmp_path, kind, ratio):
-    """The smaller model exports to ONNX and ONNX Runtime reproduces it (with and without cache)."""
+    """The smaller model exports to ONNX; ONNX Runtime (with and without cache) and the Numba
+    runtime reproduce it."""
+    import numpy as np
+
     from edgellm.export.check import FP_TOL
     from edgellm.export.exporter import export_model
     from edgellm.modelio import load_model
+    from edgellm.runtime.model import NumbaModel
 
     out = tmp_path / kind
     assert _cli(["prune", trained[0], "--structured", kind, "--ratio", ratio, "-o", out, *FAST]).exit_code == 0
-    res = export_model(load_model(out), tmp_path / "onnx")
+    loaded = load_model(out)
+    res = export_model(loaded, tmp_path / "onnx")
     assert res.parity["max_abs_diff"] <= FP_TOL and res.parity["cache_vs_nocache_max_abs_diff"] <= FP_TOL
+    ids = np.array([5, 17, 200, 33, 99, 1, 400, 7])
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.tensor(ids).unsqueeze(0)).logits[0, -1].numpy()
+    got = NumbaModel(tmp_path / "onnx", n_ctx=64, threads=1).forward(ids)
+    assert np.abs(got - ref).max() <= FP_TOL * max(1.0, np.abs(ref).max())
 
 
 @pytest.mark.parametrize("kind,ratio,expect", [

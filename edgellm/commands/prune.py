@@ -26,7 +26,7 @@ class Structure(str, Enum):
 def prune(
     model: ModelArg,
     output: OutOpt,
-    method: Annotated[Optional[Method], typer.Option("--method", "-m", help="Unstructured / N:M: magnitude (baseline), wanda (|W| x input norm), sparsegpt (second-order, updates weights).")] = None,
+    method: Annotated[Optional[Method], typer.Option("--method", "-m", help="Unstructured or N:M sparsity by magnitude (baseline), wanda (|W| x input norm), sparsegpt (second-order, updates weights).")] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="Fraction of each linear's weights to remove, in [0, 1). Default 0.5, or 1 - N/M with --pattern.")] = None,
     pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help="N:M semi-structured sparsity: at most N non-zeros in every M consecutive weights of a row, e.g. 2:4.")] = None,
     structured: Annotated[Optional[Structure], typer.Option("--structured", help="Remove whole layers, attention heads (KV groups), or MLP channels: the model really shrinks.")] = None,

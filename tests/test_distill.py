@@ -214,14 +214,16 @@ def test_full_disk_during_checkpoint_keeps_previous(teacher_dir, small_data, ref
 
 # ---- multi-process ---------------------------------------------------------------------------
 
-def test_two_process_ddp_matches_one_process(teacher_dir, small_data, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(teacher_dir, small_data, tmp_path, engine):
     """torchrun, 2 gloo processes x batch 2 == 1 process x batch 4 (same samples, averaged gradients)."""
     args = ["distill", str(teacher_dir), "--data", str(small_data), "--steps", "3", "--checkpoint-every", "2",
             "--seq-len", "64", "--no-eval"]
     script = [sys.executable, "-c", "from edgellm.cli import main; main()"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--fsdp"] if engine == "fsdp" else []
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", *script, *args, "-o", str(tmp_path / "ddp"), "--batch-size", "2"],
+                          "--no-python", *script, *args, *extra, "-o", str(tmp_path / "ddp"), "--batch-size", "2"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = invoke(*args, "-o", tmp_path / "one", "--batch-size", "4")
@@ -232,7 +234,7 @@ def test_two_process_ddp_matches_one_process(teacher_dir, small_data, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
     rec = json.loads((tmp_path / "ddp" / "edgellm.json").read_text())["steps"][-1]
-    assert rec["params"]["world"] == 2
+    assert rec["params"]["world"] == 2 and rec["params"]["fsdp"] == (engine == "fsdp")
 
 
 # ---- bad input: one line, exit 2, nothing written --------------------------------------------

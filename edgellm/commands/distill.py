@@ -148,7 +148,8 @@ def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_w
         quality = {}
         if evaluate and d.main:
             quality["teacher"] = measure(t_loaded.model, eval_ids, ctx=ctx, stride=ctx, max_tokens=eval_tokens, progress=PROGRESS).to_dict()
-            quality["initial_student"] = measure(student_model, eval_ids, ctx=ctx, stride=ctx, max_tokens=eval_tokens, progress=PROGRESS).to_dict()
+            quality["initial_student"] = measure(student_model, eval_ids, reference=t_loaded.model, ctx=ctx, stride=ctx,
+                                                 max_tokens=eval_tokens, progress=PROGRESS).to_dict()
         d.barrier()
         t0 = time.perf_counter()
         trained, summary = train(student_model, t_loaded.model if loss_cfg.needs_teacher else None, packed, cfg, loss_cfg,
@@ -159,7 +160,8 @@ def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_w
             trained.to("cpu")
             t_loaded.model.to("cpu")
             if evaluate:
-                quality["student"] = measure(trained, eval_ids, ctx=ctx, stride=ctx, max_tokens=eval_tokens, progress=PROGRESS).to_dict()
+                quality["student"] = measure(trained, eval_ids, reference=t_loaded.model, ctx=ctx, stride=ctx,
+                                             max_tokens=eval_tokens, progress=PROGRESS).to_dict()
             n_t, n_s = count_parameters(t_loaded.model), count_parameters(trained)
             record = add_step(
                 t_loaded.record, "distill", teacher=str(teacher), student=student_desc,
@@ -184,7 +186,9 @@ def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_w
                   f"after {steps} steps ({summary['tokens']:,} tokens) in {seconds:.1f} s")
     if evaluate:
         console.print(f"perplexity on {quality['student']['tokens']} held-out tokens: teacher {quality['teacher']['perplexity']:.3f}, "
-                      f"initial student {quality['initial_student']['perplexity']:.3f}, distilled student {quality['student']['perplexity']:.3f}")
+                      f"initial student {quality['initial_student']['perplexity']:.3f}, distilled student {quality['student']['perplexity']:.3f}; "
+                      f"KL to the teacher {quality['initial_student']['kl']:.4f} -> {quality['student']['kl']:.4f} nats/token, "
+                      f"top-1 agreement {quality['initial_student']['top1']:.1%} -> {quality['student']['top1']:.1%}")
 
 
 class _TrainBar:

@@ -121,8 +121,9 @@ def main(argv=None) -> None:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         size = f"{r['export_bytes'] / 2**20:.1f} MiB" if "export_bytes" in r else ("= dense" if "sparsity" in r else "")
-        tg = f"{r['numba_tg']:.1f}" if "numba_tg" in r else ("= dense" if "sparsity" in r else "")
-        pp = f"{r['numba_pp']:.1f}" if "numba_pp" in r else ("= dense" if "sparsity" in r else "")
+        other = "= dense" if "sparsity" in r else ("error (see json)" if "numba_error" in r else "")
+        tg = f"{r['numba_tg']:.1f}" if "numba_tg" in r else other
+        pp = f"{r['numba_pp']:.1f}" if "numba_pp" in r else other
         lines.append(f"| {r['variant']} | {r['perplexity']:.3f} | {(r['perplexity'] / dense['perplexity'] - 1) * 100:+.1f}% | "
                      f"{r['params'] / 1e6:.2f} M | {r.get('sparsity', 0):.1%} | {size} | {tg} | {pp} | {r['prune_s']:.0f} s |")
     (args.out / "prune_table.md").write_text("\n".join(lines) + "\n")

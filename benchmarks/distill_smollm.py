@@ -6,8 +6,11 @@
 1. a probe run (a few steps, no evaluation) measures the time per optimizer step on this machine;
 2. the real run gets as many steps as fit the budget (the cosine schedule needs the step count
    up front, so the budget is converted to steps rather than cutting a run short);
-3. `edgellm distill` measures teacher / initial student / distilled student perplexity on the
-   held-out split; this script adds sizes and writes <out>.report.json and <out>.report.md.
+3. `edgellm distill` measures teacher / initial student / distilled student perplexity (and KL /
+   top-1 agreement to the teacher) on the held-out split;
+4. teacher and student are exported to ONNX (fp32, `edgellm export`) and their decode / prompt
+   speed measured on the Numba runtime side by side (benchmarks/runtime_decode.py child, 64
+   tokens, median of 3); this script writes <out>.report.json and <out>.report.md.
 
 The budget counts training only (model loading and the three perplexity measurements come on top).
 """
@@ -30,6 +33,16 @@ def edgellm(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def numba_speed(onnx_dir: Path, threads: int) -> dict:
+    script = Path(__file__).resolve().parent / "runtime_decode.py"
+    cmd = [sys.executable, str(script), "--child", "numba", str(onnx_dir), "--threads", str(threads), "--tokens", "64", "--pp", "64", "--reps", "3"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        return {"error": (res.stderr.strip().splitlines() or ["?"])[-1]}
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"tg_tok_s": r["tg_median"], "pp_tok_s": r["pp_median"], "tg_all": r["tg"]}
+
+
 def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
@@ -47,6 +60,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--probe-steps", type=int, default=5)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--threads", type=int, default=2, help="Numba runtime threads for the speed measurement")
+    ap.add_argument("--no-speed", action="store_true", help="skip the ONNX export and Numba speed measurement")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -68,6 +83,15 @@ def main() -> None:
             "--checkpoint-every", str(max(1, steps // 2)), "--force", *common)
     wall = time.time() - t1
 
+    speed = {}
+    if not args.no_speed:
+        exports = {"teacher": out.with_name(out.name + ".teacher-onnx"), "student": out.with_name(out.name + "-onnx")}
+        edgellm("export", args.teacher, "-o", str(exports["teacher"]), "--force", "--no-check")
+        edgellm("export", str(out), "-o", str(exports["student"]), "--force", "--no-check")
+        for name, path in exports.items():  # side by side, same run, same threads
+            speed[name] = {**numba_speed(path, args.threads), "onnx_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
+        shutil.rmtree(exports["teacher"])
+
     rec = json.loads((out / "edgellm.json").read_text())["steps"][-1]
     q = rec["quality"]
     report = {
@@ -79,24 +103,38 @@ def main() -> None:
         "perplexity": {k: q[k]["perplexity"] for k in ("teacher", "initial_student", "student")},
         "eval_tokens": q["student"]["tokens"], "ctx": q["student"]["ctx"],
         "hyper": {k: rec["params"][k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "precision")},
-        "numba_runtime_tokens_per_s": None,  # needs the exporter/runtime (edgellm export / run)
+        "kl_to_teacher": {k: q[k]["kl"] for k in ("initial_student", "student")},
+        "top1_agreement": {k: q[k]["top1"] for k in ("initial_student", "student")},
+        "numba": speed,
     }
     out.with_name(out.name + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
     p = report["perplexity"]
+    teacher_layers = json.loads((Path(args.teacher) / "config.json").read_text())["num_hidden_layers"]
     md = [
-        f"# SmolLM2-135M -> {args.layers} layers, {args.budget_min:g} min CPU budget",
+        f"# {Path(args.teacher).name} -> {args.layers} layers, {args.budget_min:g} min CPU budget",
         "",
-        "| model | layers | parameters | weights | perplexity |",
-        "|---|---:|---:|---:|---:|",
-        f"| teacher | 30 | {report['params']['teacher']:,} | {report['weights_bytes']['teacher'] / 1e6:.1f} MB | {p['teacher']:.2f} |",
-        f"| initial student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['initial_student']:.2f} |",
-        f"| distilled student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['student']:.2f} |",
+        "| model | layers | parameters | weights | perplexity | KL to teacher | top-1 agreement | Numba decode tok/s | Numba prompt tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| teacher | {teacher_layers} | {report['params']['teacher']:,} | {report['weights_bytes']['teacher'] / 1e6:.1f} MB | {p['teacher']:.2f} | | | {_speed(speed, 'teacher')} |",
+        f"| initial student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['initial_student']:.2f} "
+        f"| {report['kl_to_teacher']['initial_student']:.3f} | {report['top1_agreement']['initial_student']:.1%} | | |",
+        f"| distilled student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['student']:.2f} "
+        f"| {report['kl_to_teacher']['student']:.3f} | {report['top1_agreement']['student']:.1%} | {_speed(speed, 'student')} |",
         "",
         f"{steps} steps x {args.batch_size * args.grad_accum} x {args.seq_len} tokens = {report['tokens']:,} tokens in "
         f"{report['train_time_s']:.0f} s training; perplexity on {report['eval_tokens']} held-out tokens, ctx {report['ctx']}.",
     ]
     out.with_name(out.name + ".report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
+
+
+def _speed(speed: dict, name: str) -> str:
+    r = speed.get(name)
+    if not r:
+        return "not measured | not measured"
+    if "error" in r:
+        return f"error: {r['error'][:60]} |"
+    return f"{r['tg_tok_s']:.1f} | {r['pp_tok_s']:.1f}"
 
 
 if __name__ == "__main__":

@@ -122,6 +122,42 @@ def test_student_copies_teacher_layers(teacher_dir):
     assert teacher.config.num_hidden_layers == 4
 
 
+@pytest.mark.parametrize("family", sorted(tiny.CONFIGS))
+def test_student_from_teacher_every_family(family):
+    from edgellm.distill.student import student_from_teacher
+
+    teacher = tiny.build(family, **({"n_layer": 4} if family == "gpt2" else {"num_hidden_layers": 4}))
+    student, kept = student_from_teacher(teacher, 2)
+    x = torch.randint(0, tiny.VOCAB, (1, 12))
+    out = student(input_ids=x, output_hidden_states=True)
+    assert kept == [0, 3] and len(out.hidden_states) == 3 and out.logits.shape == (1, 12, tiny.VOCAB)
+
+
+def test_checkpoint_round_trip_with_tied_weights(tmp_path):
+    """Tied embeddings are stored once and restored as both names; optimizer state survives exactly."""
+    from edgellm.distill.checkpoint import CheckpointDir
+    from edgellm.distill.train import TrainConfig, _full_state, _optimizer, _restore
+
+    model = tiny.build("qwen2")  # tie_word_embeddings=True
+    opt = _optimizer(model, TrainConfig())
+    model(input_ids=torch.randint(0, tiny.VOCAB, (2, 8)), labels=torch.randint(0, tiny.VOCAB, (2, 8))).loss.backward()
+    opt.step()
+    ck = CheckpointDir(tmp_path / "ck")
+    ck.check({"a": 1}, resume=False)
+    ck.claim({"a": 1})
+    msd, osd = _full_state(model, opt)
+    ck.save(1, msd, osd, {"cpu.rank0": torch.get_rng_state()}, {})
+    saved = ck.load()
+    assert saved["state"]["aliases"]  # lm_head.weight -> model.embed_tokens.weight
+    fresh = tiny.build("qwen2", seed=5)
+    opt2 = _optimizer(fresh, TrainConfig())
+    _restore(fresh, opt2, saved)
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+
+
 # ---- the claim: distillation beats plain CE and the initial student --------------------------
 
 def test_distillation_beats_cross_entropy(teacher_dir, tmp_path):

@@ -61,8 +61,12 @@ def _logits(model, ids):
 
 
 def evaluate(model, ids, *, reference=None, ctx: int = DEFAULT_CTX, stride: int = DEFAULT_STRIDE,
-             max_tokens: int | None = DEFAULT_MAX_TOKENS, progress=NULL) -> Quality:
-    """Score `model` on token stream `ids` (1-D); with `reference`, also KL and top-1 agreement."""
+             max_tokens: int | None = DEFAULT_MAX_TOKENS, progress=NULL, reference_cache: dict | None = None) -> Quality:
+    """Score `model` on token stream `ids` (1-D); with `reference`, also KL and top-1 agreement.
+
+    `reference_cache` (a dict) keeps the reference's log-probabilities per window, so comparing
+    many variants against one reference runs the reference once.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -82,7 +86,13 @@ def evaluate(model, ids, *, reference=None, ctx: int = DEFAULT_CTX, stride: int 
         nll += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
         count += target.numel()
         if reference is not None:
-            ref_logp = F.log_softmax(_logits(reference, x)[first:-1], dim=-1)
+            key = (start, end)
+            if reference_cache is not None and key in reference_cache:
+                ref_logp = reference_cache[key]
+            else:
+                ref_logp = F.log_softmax(_logits(reference, x)[first:-1], dim=-1)
+                if reference_cache is not None:
+                    reference_cache[key] = ref_logp
             kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += (ref_logp.argmax(-1) == logits.argmax(-1)).sum().item()
     q = Quality(perplexity=math.exp(nll / count), tokens=count, ctx=ctx, stride=stride)

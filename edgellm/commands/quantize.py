@@ -28,7 +28,7 @@ def quantize(
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: most-activated columns first.")] = True,
     damp: Annotated[float, typer.Option("--damp", help="GPTQ: damping as a fraction of mean(diag H).", min=0.0, max=1.0)] = 0.01,
     data: DataOpt = None,
-    calib_samples: SamplesOpt = 64,
+    calib_samples: SamplesOpt = 32,
     seq_len: SeqLenOpt = 512,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure perplexity before and after (recorded in edgellm.json).")] = True,
     eval_tokens: EvalTokensOpt = 4096,

@@ -8,6 +8,7 @@ next block's inputs, so later blocks are calibrated on what the quantized model 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,6 +25,7 @@ METHODS = ("rtn", "gptq", "awq")
 AWQ_SAMPLE_ROWS = 2048  # activation rows kept per linear for AWQ's searches
 CLIP_SAMPLE_ROWS = 512
 MINI_BATCH = 4  # calibration sequences per forward pass
+RTN_ERROR_SAMPLES = 4  # RTN needs no calibration; these sequences only measure each layer's error
 
 
 @dataclass
@@ -99,13 +101,29 @@ class _InputStats:
 
 
 def _collect(block, inputs, linears: dict, keep_rows: int) -> dict[str, _InputStats]:
-    stats = {name: _InputStats(linear_weight(m).shape[1], keep_rows) for name, m in linears.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add(args[0])) for name, m in linears.items()]
+    """Input statistics per linear; linears that read the same tensor (q/k/v, gate/up) share one."""
+    stats: dict[str, _InputStats] = {}
+    seen: dict[int, tuple[torch.Tensor, _InputStats]] = {}  # id(input) -> (input kept alive, stats)
+
+    def hook(name, _module, args):
+        x = args[0]
+        if id(x) in seen:  # same tensor as a sibling linear: already accumulated for this call
+            stats.setdefault(name, seen[id(x)][1])
+            return
+        st = stats.get(name) or _InputStats(x.shape[-1], keep_rows)
+        stats[name] = st
+        st.add(x)
+        seen[id(x)] = (x, st)
+
+    handles = [m.register_forward_pre_hook(functools.partial(hook, name)) for name, m in linears.items()]
     try:
-        _run_block(block, inputs)
+        for hidden, kw in inputs:
+            seen.clear()
+            block(hidden, **kw)
     finally:
         for h in handles:
             h.remove()
+        seen.clear()
     return stats
 
 
@@ -135,8 +153,7 @@ def _awq_fold(block, family, stats: dict[str, _InputStats], fmt: QuantFormat) ->
                     prev.bias.div_(s)
             for m in mods:
                 set_linear_weight(m, linear_weight(m) * s.unsqueeze(0))
-        for t in targets:
-            st = stats[t]
+        for st in {id(stats[t]): stats[t] for t in targets}.values():  # shared stats: rescale once
             st.H = st.H / s.unsqueeze(0) / s.unsqueeze(1)
             st.rows = [r / s for r in st.rows]
 
@@ -161,6 +178,8 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
     blocks = decoder_layers(model)
     family = family_of(model.config)
     keep = AWQ_SAMPLE_ROWS if cfg.method == "awq" else 0
+    if cfg.method == "rtn":
+        calib = calib[:RTN_ERROR_SAMPLES]
     with torch.no_grad():
         inputs = _capture_block_inputs(model, calib)
         for bi in progress.track(range(len(blocks)), f"{cfg.method} {fmt.bits}-bit", total=len(blocks)):

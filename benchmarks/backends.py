@@ -26,8 +26,8 @@ from edgellm.errors import EdgeLLMError
 class Backend:
     name = "?"
 
-    def __init__(self, path: str, threads: int):
-        self.path, self.threads = path, threads
+    def __init__(self, path: str, threads: int, n_ctx: int | None = None):
+        self.path, self.threads, self.n_ctx_needed = path, threads, n_ctx
 
     def load(self) -> None: ...
     def encode(self, text: str) -> list[int]: ...
@@ -162,7 +162,7 @@ class RuntimeBackend(Backend):
     def load(self):
         from . import runtime_adapter
 
-        self.impl = runtime_adapter.open_model(self.path, self.threads, engine=self.name)
+        self.impl = runtime_adapter.open_model(self.path, self.threads, engine=self.name, n_ctx=self.n_ctx_needed)
 
     def encode(self, text):
         return self.impl.encode(text)
@@ -187,7 +187,6 @@ class LlamaCppBackend(Backend):
     """llama.cpp through llama-cpp-python on a .gguf file (the peer people would otherwise use)."""
 
     name = "llama.cpp"
-    n_ctx = 2048
 
     def load(self, logits_all: bool = False):
         try:
@@ -196,6 +195,7 @@ class LlamaCppBackend(Backend):
             from .variants import LLAMA_CPP_HINT
 
             raise EdgeLLMError(f"llama-cpp-python is not installed; {LLAMA_CPP_HINT}") from None
+        self.n_ctx = self.n_ctx_needed or 2048
         self.llm = llama_cpp.Llama(model_path=self.path, n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
                                    n_threads=self.threads, n_threads_batch=self.threads,
                                    logits_all=logits_all, verbose=False)
@@ -257,13 +257,19 @@ class Slow(Backend):
         return self.inner.logits(ids)
 
 
-def make_backend(variant: dict, threads: int) -> Backend:
+def make_backend(variant: dict, threads: int, n_ctx: int | None = None) -> Backend:
+    """The backend for a parsed variant. `n_ctx`: the context the benchmark needs (KV cache size
+    for engines that preallocate it). Export directories run on edgellm.runtime when it is
+    installed (its numba model, or its onnxruntime runner); a plain ORT session otherwise."""
+    from . import runtime_adapter
     from .variants import SLOW_DELAY_S
 
-    cls = {"torch": TorchBackend, "onnxruntime": OrtBackend, "numba": RuntimeBackend, "llama.cpp": LlamaCppBackend}[variant["backend"]]
-    if cls is OrtBackend and variant.get("runtime_ort"):
-        cls = type("RuntimeOrtBackend", (RuntimeBackend,), {"name": "onnxruntime"})
-    if cls is LlamaCppBackend:
-        cls = type("LlamaCppBackendSized", (LlamaCppBackend,), {"n_ctx": int(variant.get("n_ctx") or 2048)})
-    b = cls(variant["path"], threads)
+    backend = variant["backend"]
+    if backend == "numba":
+        cls = RuntimeBackend
+    elif backend == "onnxruntime":
+        cls = type("RuntimeOrt", (RuntimeBackend,), {"name": "onnxruntime"}) if runtime_adapter.available("onnxruntime") else OrtBackend
+    else:
+        cls = {"torch": TorchBackend, "llama.cpp": LlamaCppBackend}[backend]
+    b = cls(variant["path"], threads, n_ctx)
     return Slow(b, SLOW_DELAY_S) if variant.get("slow") else b

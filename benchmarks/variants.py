@@ -53,7 +53,7 @@ def _has_module(name: str) -> bool:
 
 def numba_runtime_available() -> bool:
     """True when edgellm.runtime exposes a generator the numba backend can drive."""
-    return _has_module("edgellm.runtime.generate") or _has_module("edgellm.runtime.session")
+    return _has_module("edgellm.runtime.model")
 
 
 def _kind(path: Path, spec: str) -> str:

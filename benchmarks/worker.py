@@ -11,9 +11,11 @@ Phases, in order (each reported on stderr as a line `@phase NAME` for the progre
           token = tokenize the prompt + prefill + argmax of the first token
  tg       `reps` x (1-token prefill, then `gen_tokens` greedy decode steps) -> tokens/s of the steps
  memory   peak RSS so far (VmHWM, = getrusage ru_maxrss) covers import + load + speed
- quality  perplexity over the data's evaluation split (edgellm.evaluate protocol: fixed ctx and
-          stride); the reference variant saves its log-probs as .npy files, the others read
-          them for KL(ref || variant) and top-1 agreement (plain .npy, never pickle)
+ quality  perplexity over the last 10% of the data's text (windows of edgellm.evaluate: fixed
+          ctx and stride); the reference variant saves its token ids and log-probs as .npy
+          files, the others read them for KL(ref || variant) and top-1 agreement (plain .npy,
+          never pickle). Same vocabulary, slightly different pre-tokenizer (llama.cpp vs HF):
+          the variant scores the reference's ids, and the row says so.
  reload   warm load time: the same files again, now in the page cache, libraries imported
 CPU time (getrusage user+sys) and, where readable, energy counters are taken around pp and tg.
 """
@@ -34,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 ENGINE_MODULES = {"torch": ("torch", "transformers"), "onnxruntime": ("onnxruntime", "tokenizers", "onnx"),
-                  "numba": ("numba", "edgellm.runtime"), "llama.cpp": ("llama_cpp",)}
+                  "numba": ("numba", "edgellm.runtime.model"), "llama.cpp": ("llama_cpp",)}
 WARMUP_STEPS = 8
+SAME_VOCAB_PREFIX = 64  # leading eval tokens that must match the reference's to share its ids
 
 
 def phase(name: str) -> None:
@@ -113,6 +116,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def eval_text(text: str) -> str:
+    """The evaluation split by characters (last 10%, from a line start) so that every variant,
+    whatever its tokenizer, scores the same text (edgellm.data splits the token stream instead)."""
+    cut = int(len(text) * 0.9)
+    nl = text.find("\n", cut)
+    return text[nl + 1 if 0 <= nl < len(text) - 1 else cut:]
+
+
 def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
     from edgellm.evaluate import windows
 
@@ -126,10 +137,18 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
     if is_ref:
         np.save(ref_ids_path, np.asarray(ids, np.int64))
     elif ref_ids_path.is_file():
-        ref_ids = np.load(ref_ids_path, allow_pickle=False)
-        compare = len(ref_ids) == len(ids) and bool(np.array_equal(ref_ids, ids))
-        if not compare:
-            note = "tokenizer differs from the reference's: no KL / top-1"
+        ref_ids = np.load(ref_ids_path, allow_pickle=False).tolist()
+        if ref_ids == ids:
+            compare = True
+        elif len(ids) >= SAME_VOCAB_PREFIX and ids[:SAME_VOCAB_PREFIX] == ref_ids[:SAME_VOCAB_PREFIX]:
+            # Same vocabulary, but the pre-tokenizers split some whitespace differently (e.g.
+            # llama.cpp vs HF tokenizers): score the reference's ids so KL compares like with like.
+            diff = sum(a != b for a, b in zip(ids, ref_ids)) + abs(len(ids) - len(ref_ids))
+            ids, compare = ref_ids, True
+            wins = windows(len(ids), s["ctx"], s["stride"])
+            note = f"scored on the reference's token ids (this variant's own tokenizer splits {diff} of them differently)"
+        else:
+            note = "the tokenizer differs from the reference's: no KL / top-1"
     else:
         note = "the reference variant produced no logits: no KL / top-1"
     nll, kl, agree, count = 0.0, 0.0, 0, 0
@@ -144,6 +163,8 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
             np.save(wpath, logp.astype(np.float32))
         elif compare:
             ref = np.load(wpath, mmap_mode="r", allow_pickle=False)
+            if ref.shape != logp.shape:
+                raise ValueError(f"logits of shape {logp.shape} cannot be compared with the reference's {ref.shape} (different vocabulary?)")
             for i in range(0, len(logp), 64):  # chunks keep the float64 temporaries small
                 r = np.asarray(ref[i:i + 64], np.float64)
                 kl += (np.exp(r) * (r - logp[i:i + 64])).sum()
@@ -173,18 +194,20 @@ def run(job: dict) -> dict:
         __import__(mod)
     import_s = time.perf_counter() - t0
 
+    n_pp, n_tg = s["prompt_tokens"], s["gen_tokens"]
+    n_ctx = max(n_pp + min(WARMUP_STEPS, n_tg), n_tg + 1, s["ctx"] if s["quality"] else 0)  # KV positions needed
+
     phase("load")
     evicted = evict(path)
-    b = make_backend(v, threads)
+    b = make_backend(v, threads, n_ctx)
     t0 = time.perf_counter()
     b.load()
     cold_s = time.perf_counter() - t0
     rss_after_load = peak_rss_bytes()
 
     text = load_text(s.get("data"))
-    n_pp, n_tg = s["prompt_tokens"], s["gen_tokens"]
     limit = b.max_context()
-    if limit and max(n_pp, n_tg + 1, s["ctx"] if s["quality"] else 0) > limit:
+    if limit and n_ctx > limit:
         raise ValueError(f"the model's context is {limit} tokens: --prompt-tokens {n_pp} / --gen-tokens {n_tg} / ctx {s['ctx']} must fit")
     # The prompt is the start of the data. Only a prefix is tokenized here: tokenizing the whole
     # corpus would allocate more than a small model and distort peak RSS (quality does it later).
@@ -198,9 +221,11 @@ def run(job: dict) -> dict:
     prompt = (prompt * (n_pp // max(len(prompt), 1) + 1))[:n_pp]  # tiled if the data is short
 
     phase("warmup")
+    t0 = time.perf_counter()
     logits = b.prefill(prompt)
     for _ in range(min(WARMUP_STEPS, n_tg)):
         logits = b.step(int(np.argmax(logits)))
+    warmup_s = time.perf_counter() - t0
 
     meter = Meter()
     pp_clock, tg_clock = Clock(meter), Clock(meter)
@@ -233,9 +258,7 @@ def run(job: dict) -> dict:
 
     if s["quality"]:
         phase("quality")
-        all_ids = b.encode(text)
-        cut = int(len(all_ids) * 0.9)  # edgellm.data: the last 10% of the token stream is the eval split
-        res["quality"] = quality(b, all_ids[cut:], s, Path(job["ref_dir"]), job["is_reference"])
+        res["quality"] = quality(b, b.encode(eval_text(text)), s, Path(job["ref_dir"]), job["is_reference"])
     else:
         res["quality"] = None
 
@@ -243,12 +266,12 @@ def run(job: dict) -> dict:
     b.close()
     del b, logits
     gc.collect()
-    b = make_backend(v, threads)
+    b = make_backend(v, threads, n_ctx)
     t0 = time.perf_counter()
     b.load()
     warm_s = time.perf_counter() - t0
     b.close()
-    res["load"] = {"import_s": import_s, "cold_s": cold_s, "warm_s": warm_s,
+    res["load"] = {"import_s": import_s, "cold_s": cold_s, "warm_s": warm_s, "warmup_s": warmup_s,
                    "cold_method": f"first load in a fresh process after posix_fadvise(DONTNEED) on {evicted} file(s)",
                    "warm_method": "second load in the same process, files in the page cache"}
     res["memory"]["peak_rss_total_bytes"] = peak_rss_bytes()

@@ -31,13 +31,17 @@ def models(tmp_path_factory, tokenizer):
     shutil.copytree(small, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated: load fails
-    return {"small": small, "big": big, "broken": broken, "root": root}
+    onnx_dir = root / "small-onnx"
+    res = runner.invoke(app, ["export", str(small), "-o", str(onnx_dir), "--no-check"])
+    assert res.exit_code == 0, res.output
+    return {"small": small, "big": big, "broken": broken, "onnx": onnx_dir, "root": root}
 
 
 @pytest.fixture(scope="module")
 def cli_report(models):
     out = models["root"] / "report"
     args = ["bench", str(models["small"]), f"slow:{models['small']}:torch", str(models["big"]), str(models["broken"]),
+            f"{models['onnx']}:onnxruntime",
             "-o", str(out), "--quick", "--gen-tokens", "12"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -59,7 +63,7 @@ def test_report_files_and_schema(cli_report):
     assert html.count("data:image/png;base64,") == 3
     assert not re.search(r"(src|href)=\"(https?:)?//", html), "the HTML must work offline"
     md = (out / "report.md").read_text()
-    assert md.count("\n| ") == 1 + 4 and "failed" in md
+    assert md.count("\n| ") == 1 + 5 and "failed" in md
     assert "edgellm bench" in output and "broken:torch failed" in " ".join(output.split())  # summary + warning
 
 
@@ -76,7 +80,7 @@ def test_failed_variant_gives_a_failed_row(cli_report):
     report = cli_report[1]
     row = _row(report, "broken")
     assert row["status"] == "failed" and "truncated" in row["error"]
-    assert [r["status"] for r in report["variants"]] == ["ok", "ok", "ok", "failed"]
+    assert [r["status"] for r in report["variants"]] == ["ok", "ok", "ok", "failed", "ok"]
 
 
 def test_slowed_variant_is_slower(cli_report):
@@ -95,6 +99,9 @@ def test_quality_against_the_reference(cli_report):
     assert same["quality"]["kl"] < 1e-6 and same["quality"]["top1"] == 1.0  # same weights
     assert same["quality"]["perplexity"] == pytest.approx(ref["quality"]["perplexity"], rel=1e-5)
     assert big["quality"]["kl"] > 1e-3 and big["quality"]["top1"] < 0.9  # different random model
+    ort = _row(report, "small-onnx:onnxruntime")  # the same weights exported: another engine, same numbers
+    assert ort["quality"]["kl"] < 1e-4 and ort["quality"]["top1"] > 0.99, ort["quality"]
+    assert ort["quality"]["perplexity"] == pytest.approx(ref["quality"]["perplexity"], rel=1e-3)
 
 
 def test_bigger_model_has_larger_rss(cli_report):

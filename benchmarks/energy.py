@@ -77,11 +77,14 @@ def usable_cpus() -> int:
 
 # ---- measured: RAPL and NVML -------------------------------------------------------------
 
-def _rapl_domains() -> list[str]:
+RAPL_ROOT = "/sys/class/powercap"
+
+
+def _rapl_domains(root: str = RAPL_ROOT) -> list[str]:
     """Top-level package domains whose counters this process can read."""
     out = []
-    for d in sorted(glob.glob("/sys/class/powercap/intel-rapl:*")):
-        if d.count(":") != 1:  # subdomains (core, uncore, dram) are inside the package figure
+    for d in sorted(glob.glob(os.path.join(root, "intel-rapl:*"))):
+        if os.path.basename(d).count(":") != 1:  # subdomains (core, uncore, dram) are inside the package figure
             continue
         try:
             with open(os.path.join(d, "energy_uj")) as f:
@@ -95,10 +98,12 @@ def _rapl_domains() -> list[str]:
 class Meter:
     """Reads the machine's energy counters (if any) around a phase: `read()` -> joules or None."""
 
-    def __init__(self):
-        self.rapl = _rapl_domains()
+    def __init__(self, rapl_root: str = RAPL_ROOT, nvml: bool = True):
+        self.rapl = _rapl_domains(rapl_root)
         self.nvml = None
         try:
+            if not nvml:
+                raise ImportError
             import pynvml
 
             pynvml.nvmlInit()

@@ -223,3 +223,24 @@ def test_variant_parsing(models):
     assert (a.backend, b.backend, c.backend) == ("torch", "torch", "torch")
     assert a.label == "small:torch" and b.label == "small:torch#2" and c.slow and c.label == "slow:small:torch"
     assert a.kind == "model"
+
+
+def test_rapl_meter_reads_and_handles_wraparound(tmp_path):
+    dom = tmp_path / "intel-rapl:0"
+    sub = tmp_path / "intel-rapl:0:0"  # a subdomain: already inside the package figure
+    for d in (dom, sub):
+        d.mkdir()
+        (d / "energy_uj").write_text("1000000\n")
+        (d / "max_energy_range_uj").write_text("10000000\n")
+    meter = energy.Meter(rapl_root=str(tmp_path), nvml=False)
+    assert meter.available and meter.rapl == [str(dom)]
+    assert meter.read() == 0.0
+    (dom / "energy_uj").write_text("3000000\n")
+    assert meter.read() == pytest.approx(2.0)
+    (dom / "energy_uj").write_text("500000\n")  # wrapped at 10 J
+    assert meter.read() == pytest.approx(2.0 + 7.5)
+    phases = {"tg": {"wall_s": 2.0, "cpu_s": 2.0, "cpus": 2, "tokens": 10, "joules": 4.0}}
+    e = energy.energy_summary(phases, energy.PROFILES["this"], meter.method)
+    assert e["kind"] == "measured" and e["j_per_token_tg"] == pytest.approx(0.4) and "RAPL" in e["method"]
+    e = energy.energy_summary(phases, energy.PROFILES["rpi4"], meter.method)  # another device: still an estimate
+    assert e["kind"] == "estimated" and e["j_per_token_tg"] == pytest.approx(energy.PROFILES["rpi4"].power(0.5) * 2 / 10)

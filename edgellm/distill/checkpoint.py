@@ -164,8 +164,9 @@ class CheckpointDir:
         final = self.path / f"step-{step:08d}"
         tmp = self.path / f".tmp-step-{step:08d}"
         previous = self.latest_step()
+        for stale in self.path.glob(".tmp-step-*"):  # left by a process killed mid-checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             weights, aliases = _dedupe_shared(model_state)
             _save_tensors(weights, tmp / "model.safetensors")

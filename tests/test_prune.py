@@ -292,6 +292,29 @@ def test_pruned_then_quantized_via_cli(trained, tmp_path):
     assert steps == ["prune", "quantize"]
 
 
+def test_pruned_quantized_exported_runs_on_numba(trained, tmp_path):
+    """prune (KV groups) -> quantize (4-bit GPTQ) -> export (MatMulNBits) -> Numba runtime."""
+    import numpy as np
+
+    from edgellm.export.exporter import export_model
+    from edgellm.modelio import load_model
+    from edgellm.runtime.model import NumbaModel
+
+    pruned, q4 = tmp_path / "p", tmp_path / "q4"
+    assert _cli(["prune", trained[0], "--structured", "heads", "--ratio", "0.5", "-o", pruned, *FAST]).exit_code == 0
+    r = _cli(["quantize", pruned, "-o", q4, "--bits", "4", "--group-size", "32", *FAST])
+    assert r.exit_code == 0, r.output
+    loaded = load_model(q4)
+    assert loaded.model.config.num_key_value_heads == 1
+    res = export_model(loaded, tmp_path / "onnx")  # parity-checked against ONNX Runtime inside
+    ids = np.array([5, 17, 200, 33, 99, 1, 400, 7])
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.tensor(ids).unsqueeze(0)).logits[0, -1].numpy()
+    got = NumbaModel(tmp_path / "onnx", n_ctx=64, threads=1).forward(ids)
+    assert res.parity["max_abs_diff"] < 0.05 * np.abs(ref).max()
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max() and got.argmax() == ref.argmax()
+
+
 @pytest.fixture(scope="module")
 def gpt2_dir(trained, tmp_path_factory):
     return tiny.save(tiny.build("gpt2"), trained[1], tmp_path_factory.mktemp("gpt2") / "gpt2")

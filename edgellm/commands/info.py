@@ -16,7 +16,7 @@ def info(model: ModelArg):
     from rich.table import Table
 
     from ..console import out
-    from ..modelio import count_parameters
+    from ..modelio import count_parameters, resolve_spec
 
     loaded = load(model)
     m, cfg = loaded.model, loaded.model.config
@@ -26,7 +26,7 @@ def info(model: ModelArg):
     table.add_row("parameters", f"{count_parameters(m) / 1e6:.2f} M")
     table.add_row("layers / hidden / heads", f"{cfg.num_hidden_layers} / {cfg.hidden_size} / {cfg.num_attention_heads}")
     table.add_row("dtype", str(next(m.parameters()).dtype).replace("torch.", ""))
-    table.add_row("size on disk", human_bytes(dir_size(Path(model))))
+    table.add_row("size on disk", human_bytes(dir_size(Path(resolve_spec(model)))) if Path(resolve_spec(model)).exists() else "n/a (hub)")
     q = rec.get("quantization")
     table.add_row("quantization", "none" if not q else f"{q['method']} {q['bits']}-bit, group {q['group_size']}, {'sym' if q['sym'] else 'asym'}, embeddings {'quantized' if q['embeddings'] else 'kept'}")
     steps = rec.get("steps", [])

@@ -16,7 +16,7 @@ from numba import njit
 
 from edgellm.errors import EdgeLLMError, UnsupportedError
 
-from .kernels.layers import attention, embed_rows, gelu_new, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables, swiglu
+from .kernels.layers import attention, attention_mat, embed_rows, gelu_new, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables, swiglu, swiglu_mat
 from .kernels.quant import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, DESC_LEN, K_F16, K_F32,
                             act_caps, linear_mat, linear_vec)
 from .kernels.simd import as_voidptr as _voidptr
@@ -244,14 +244,20 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
                 for j in range(HD):
                     kc[l, h, pos0 + i, j] = qkv[i, (NH + h) * HD + j]
                     vc[l, h, pos0 + i, j] = qkv[i, (NH + NKV + h) * HD + j]
-        attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
+        if t == 1:
+            attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
+        else:
+            attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
         _linear(lin[l, R_O], att, res, xa, xb, init, xsl, xzb, xs, simd)
         x += res
         # MLP block
         _norm(ci, x, norms[l, N_LN2W], norms[l, N_LN2B], eps, xn)
         _linear(lin[l, R_UP], xn, up, xa, xb, init, xsl, xzb, xs, simd)
         if ci[C_GATED] == 1:
-            swiglu(up, ci[C_I], mid)
+            if t == 1:
+                swiglu(up, ci[C_I], mid)
+            else:
+                swiglu_mat(up, ci[C_I], mid)
         else:
             gelu_new(up, mid)
         _linear(lin[l, R_DOWN], mid, res, xa, xb, init, xsl, xzb, xs, simd)

@@ -81,6 +81,29 @@ def test_quantized_linear(bits, gs, sym, n, k):
     assert np.abs(out - reff).max() <= 3e-2 * np.abs(reff).max()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("n,k,t", [(7, 50, 8), (37, 576, 19), (5, 1000, 17), (18, 130, 27), (11, 77, 9)])
+def test_quantized_gemm(bits, gs, sym, n, k, t):
+    """The prompt GEMM (token groups of simd.TT sharing each weight load, plus a remainder) equals
+    the reference of the int8-activation product, and row by row the decode GEMV."""
+    qweight, scales, zeros = _packed(n, k, bits, gs, sym)
+    bias = rng.standard_normal(n).astype(np.float32) if n % 2 else None
+    keep = []
+    d = _desc(bits, n, k, keep, qweight=qweight, scales=scales, zeros=zeros, gs=gs, bias=bias)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    ref = Q.ref_linear_q8act(x, qweight, scales, zeros, bits, k, gs, bias)
+    for simd in SIMD:
+        out = np.full((t, n), np.nan, np.float32)
+        Q.linear_mat(d, x, out, *_bufs(d, t), simd)
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), simd
+        vec = np.zeros((t, n), np.float32)
+        for i in range(t):
+            Q.linear_vec(d, x[i], vec[i], *[b[0] for b in _bufs(d, 1)], simd)
+        assert np.abs(vec - out).max() <= 1e-6 * np.abs(ref).max(), simd  # same integer sums, same scaling
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("n,k", [(1, 1), (9, 15), (13, 17), (31, 131), (3, 576)])
 def test_float_linear(dtype, n, k):
@@ -138,6 +161,22 @@ def test_attention(nh, nkv, hd, t, pos0, window):
     Lk.attention(q, kc, vc, pos0, nh, nkv, hd, out, np.zeros((t * nh, pos0 + t), np.float32), window)
     ref = Lk.ref_attention(q.reshape(t, nh, hd), kc[:, : pos0 + t], vc[:, : pos0 + t], pos0, window)
     np.testing.assert_allclose(out.reshape(t, nh, hd), ref, atol=1e-5)
+    out2 = np.full((t, nh * hd), np.nan, np.float32)
+    Lk.attention_mat(q, kc, vc, pos0, nh, nkv, hd, out2, np.zeros((t * nh, pos0 + t), np.float32), window)
+    np.testing.assert_allclose(out2.reshape(t, nh, hd), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(9, 3, 64, 37, 0, 0), (6, 2, 7, 23, 5, 0), (4, 4, 9, 35, 3, 11), (2, 1, 16, 17, 40, 0)])
+def test_attention_mat(nh, nkv, hd, t, pos0, window):
+    """The prompt attention over several query tiles (odd head dims, sliding window, a cached past)."""
+    ctx = pos0 + t + 3
+    q = rng.standard_normal((t, nh * hd)).astype(np.float32)
+    kc = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    vc = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    out = np.full((t, nh * hd), np.nan, np.float32)
+    Lk.attention_mat(q, kc, vc, pos0, nh, nkv, hd, out, np.zeros((t * nh, pos0 + t), np.float32), window)
+    ref = Lk.ref_attention(q.reshape(t, nh, hd), kc[:, : pos0 + t], vc[:, : pos0 + t], pos0, window)
+    np.testing.assert_allclose(out.reshape(t, nh, hd), ref, atol=2e-5)
 
 
 def test_activations():
@@ -145,6 +184,9 @@ def test_activations():
     out = np.empty((3, 37), np.float32)
     Lk.swiglu(gu, 37, out)
     np.testing.assert_allclose(out, Lk.ref_swiglu(gu, 37), rtol=1e-5, atol=1e-6)
+    out3 = np.empty((3, 37), np.float32)
+    Lk.swiglu_mat(gu, 37, out3)
+    np.testing.assert_allclose(out3, Lk.ref_swiglu(gu, 37), rtol=1e-5, atol=1e-6)
     out2 = np.empty_like(gu)
     Lk.gelu_new(gu, out2)
     np.testing.assert_allclose(out2, Lk.ref_gelu_new(gu), rtol=1e-5, atol=1e-6)

@@ -143,6 +143,92 @@ def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
                 out[i, qo + j] += w * vc[kv, p, j]
 
 
+QT = 16  # queries per attention tile of the prompt path
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
+    """`attention` for many queries (the prompt): per (head, tile of QT queries) job, scores
+    S = Q K^T vectorized over key positions against a transposed copy of the keys (each key
+    load shared by four query dims), softmax per row, then O = P V four positions at a time.
+    Same arguments and results as `attention`; scores row i*n_heads + h is query i's."""
+    t = q.shape[0]
+    group = n_heads // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    ntile = (t + QT - 1) // QT
+    nk = pos0 + t
+    kt = np.empty((n_kv, hd, nk), np.float32)  # keys transposed: S rows vectorize over positions
+    for job in prange(n_kv * hd):
+        kv, j = job // hd, job % hd
+        for p in range(nk):
+            kt[kv, j, p] = kc[kv, p, j]
+    for job in prange(n_heads * ntile):
+        h, tile = job % n_heads, job // n_heads
+        kv = h // group
+        acc = np.empty(hd, np.float32)
+        for i in range(tile * QT, min(t, (tile + 1) * QT)):
+            n = pos0 + i + 1
+            _attn_query(q[i, h * hd:(h + 1) * hd], kt[kv], vc[kv], scores[i * n_heads + h], acc, max(0, n - window) if window > 0 else 0, n,
+                        scale)
+            out[i, h * hd:(h + 1) * hd] = acc
+
+
+@njit(cache=True, fastmath=True)
+def _attn_query(qh, kt, vc, srow, acc, a, b, scale):
+    """One query of one head over keys [a, b): kt (hd, ctx) transposed keys, vc (ctx, hd)."""
+    hd = qh.shape[0]
+    s = srow[a:b]  # loops from 0 (a variable start stops LLVM vectorizing them)
+    nk = b - a
+    for p in range(nk):
+        s[p] = 0.0
+    j = 0
+    while j + 4 <= hd:
+        q0, q1, q2, q3 = qh[j] * scale, qh[j + 1] * scale, qh[j + 2] * scale, qh[j + 3] * scale
+        k0, k1, k2, k3 = kt[j][a:b], kt[j + 1][a:b], kt[j + 2][a:b], kt[j + 3][a:b]
+        for p in range(nk):
+            s[p] += q0 * k0[p] + q1 * k1[p] + q2 * k2[p] + q3 * k3[p]
+        j += 4
+    while j < hd:
+        q0 = qh[j] * scale
+        k0 = kt[j][a:b]
+        for p in range(nk):
+            s[p] += q0 * k0[p]
+        j += 1
+    m = np.float32(-np.inf)
+    for p in range(nk):
+        m = max(m, s[p])
+    tot = np.float32(0.0)
+    for p in range(nk):
+        e = np.exp(s[p] - m)
+        s[p] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for jj in range(hd):
+        acc[jj] = 0.0
+    p = a
+    while p + 4 <= b:
+        w0, w1, w2, w3 = srow[p] * inv, srow[p + 1] * inv, srow[p + 2] * inv, srow[p + 3] * inv
+        v0, v1, v2, v3 = vc[p], vc[p + 1], vc[p + 2], vc[p + 3]
+        for jj in range(hd):
+            acc[jj] += w0 * v0[jj] + w1 * v1[jj] + w2 * v2[jj] + w3 * v3[jj]
+        p += 4
+    while p < b:
+        w0 = srow[p] * inv
+        v0 = vc[p]
+        for jj in range(hd):
+            acc[jj] += w0 * v0[jj]
+        p += 1
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def swiglu_mat(gu, inter, out):
+    """`swiglu` with the token rows split across threads (the prompt path)."""
+    for i in prange(gu.shape[0]):
+        for j in range(inter):
+            g = gu[i, j]
+            out[i, j] = g / (np.float32(1.0) + np.exp(-g)) * gu[i, inter + j]
+
+
 def ref_attention(q, k, v, pos0, window=0):
     """q (t, nh, hd); k, v (n_kv, pos0+t, hd) -> (t, nh, hd), causal (sliding `window`), float64."""
     t, nh, hd = q.shape

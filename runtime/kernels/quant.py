@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from .simd import (HAVE_VNNI, as_voidptr, half_to_float, rowdot4_m2, rowdot4_m4, rowdot4_m8, rowdot4_m16, rowdot8_m4,
-                   rowdot8_m8, rowdot8_m16, rowdot_f16, rowdot_f32)
+from .simd import (HAVE_VNNI, TT, as_voidptr, half_to_float, rowdot4_m2, rowdot4_m4, rowdot4_m8, rowdot4_m16, rowdot8_m4,
+                   rowdot8_m8, rowdot8_m16, rowdot_f16, rowdot_f32, tiledot4_m2, tiledot4_m4, tiledot4_m8, tiledot4_m16,
+                   tiledot8_m4, tiledot8_m8, tiledot8_m16)
 
 K_F32, K_F16, K_Q4, K_Q8 = 0, 1, 4, 8
 D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_RB, D_SYM, D_ZERO = range(12)
@@ -59,18 +60,23 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs):
         s = amax / np.float32(127.0)
         inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
         xs[b] = s
-        tot = 0
-        for c in range(lo, hi):
-            q = int(np.rint(x[c] * inv))
-            q = max(-127, min(127, q))
-            tot += q
-            if bits == 4:
-                if c & 1:
-                    xb[c >> 1] = q
-                else:
-                    xa[c >> 1] = q
-            else:
-                xa[c] = q
+        tot = np.int32(0)
+        if bits == 4:  # column pairs (lo is even), straight-line so that LLVM vectorizes it
+            for c2 in range(lo >> 1, hi >> 1):
+                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[2 * c2] * inv))))
+                q1 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[2 * c2 + 1] * inv))))
+                xa[c2] = q0
+                xb[c2] = q1
+                tot += q0 + q1
+            if hi & 1:
+                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[hi - 1] * inv))))
+                xa[hi >> 1] = q0
+                tot += q0
+        else:
+            for c in range(lo, hi):
+                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[c] * inv))))
+                xa[c] = q0
+                tot += q0
         xzb[b] = s * np.float32(tot)
     cols = 8 if bits == 4 else 4
     zero = d[D_ZERO] if d[D_SYM] else 0
@@ -134,8 +140,10 @@ def _finish(d, r, v, xzb):
     if d[D_Z] != 0:  # asymmetric: subtract sum_b zero*scale_w * scale_x*sum(x codes)
         nb = d[D_NB]
         zs = carray(as_voidptr(d[D_Z] + r * nb * 4), (nb,), np.float32)
+        corr = 0.0  # float64: the correction cancels most of v, whatever order fastmath picks
         for b in range(nb):
-            v -= zs[b] * xzb[b]
+            corr += np.float64(zs[b]) * np.float64(xzb[b])
+        v = np.float32(v - corr)
     if d[D_B] != 0:
         v += carray(as_voidptr(d[D_B]), (d[D_N],), np.float32)[r]
     return v
@@ -171,19 +179,65 @@ def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
             out[r] = _finish(d, r, _qrow_portable(d, r, xa, xb, init, xsl), xzb)
 
 
-ROW_TILE = 16  # weight rows kept in L1 while every token of the tile passes over them
+@njit(cache=True, fastmath=True)
+def _qtile_simd(d, r, xa, xb, init, xsl, i0, out):
+    """out[i0:i0+TT, r] = raw dots of weight row r with token rows i0.. (GEMM microkernel; no
+    bias or zero-point correction: `_finish_cols`)."""
+    w = d[D_W] + r * d[D_RB]
+    s = d[D_S] + r * d[D_NB] * 2
+    lpb = d[D_GS] // (8 if d[D_KIND] == K_Q4 else 4)
+    sa, sl = xa.strides[0], init.strides[0]
+    a, bb = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
+    i, x = init.ctypes.data + i0 * sl, xsl.ctypes.data + i0 * sl
+    rb, so = d[D_RB], out.strides[0]
+    o = out.ctypes.data + i0 * so + r * 4
+    if d[D_KIND] == K_Q4:
+        if lpb == 2:
+            tiledot4_m2(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
+        elif lpb == 4:
+            tiledot4_m4(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
+        elif lpb == 8:
+            tiledot4_m8(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
+        else:
+            tiledot4_m16(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
+    elif lpb == 4:
+        tiledot8_m4(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
+    elif lpb == 8:
+        tiledot8_m8(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
+    else:
+        tiledot8_m16(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
+
+
+ROW_TILE = 32  # weight rows kept in L1 while every token group passes over them
 TOK_TILE = 64
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
-    """Prompt (t tokens): out (t, n) = x (t, k) W^T + b, weight tiles reused across tokens."""
+    """Prompt (t tokens): out (t, n) = x (t, k) W^T + b. Quantized + VNNI: a real GEMM, each
+    weight chunk loaded once per TT tokens (`_qtile_simd`), tiles of ROW_TILE output rows in
+    parallel, the token groups streaming over a tile while it sits in L1."""
     t, n = x.shape[0], d[D_N]
     quant = not (d[D_KIND] == K_F32 or d[D_KIND] == K_F16)
     if quant:
         for i in prange(t):
             quantize_act(x[i], d, xa[i], xb[i], init[i], xsl[i], xzb[i], xs[i])
     ntile = (n + ROW_TILE - 1) // ROW_TILE
+    if quant and simd and HAVE_VNNI:
+        tfull = t - t % TT
+        for tile in prange(ntile):
+            r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
+            for i0 in range(0, tfull, TT):
+                for r in range(r0, r1):
+                    _qtile_simd(d, r, xa, xb, init, xsl, i0, out)
+            if d[D_Z] != 0 or d[D_B] != 0:
+                for i in range(tfull):
+                    for r in range(r0, r1):
+                        out[i, r] = _finish(d, r, out[i, r], xzb[i])
+            for r in range(r0, r1):
+                for i in range(tfull, t):
+                    out[i, r] = _finish(d, r, _qrow_simd(d, r, xa[i], xb[i], init[i], xsl[i]), xzb[i])
+        return
     for tile in prange(ntile):
         r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
         for t0 in range(0, t, TOK_TILE):
@@ -191,8 +245,6 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
                 for i in range(t0, min(t, t0 + TOK_TILE)):
                     if not quant:
                         out[i, r] = _frow(d, r, x[i])
-                    elif simd and HAVE_VNNI:
-                        out[i, r] = _finish(d, r, _qrow_simd(d, r, xa[i], xb[i], init[i], xsl[i]), xzb[i])
                     else:
                         out[i, r] = _finish(d, r, _qrow_portable(d, r, xa[i], xb[i], init[i], xsl[i]), xzb[i])
 

@@ -129,6 +129,90 @@ rowdot4_m2, rowdot4_m4, rowdot4_m8, rowdot4_m16 = (_make_rowdot(4, m) for m in M
 rowdot8_m4, rowdot8_m8, rowdot8_m16 = (_make_rowdot(8, m) for m in MODES[1:])
 
 
+TT = 8  # tokens per weight load in the matrix-matrix kernel
+
+
+def _make_tiledot(bits: int, mode: int, ntok: int):
+    """Intrinsic (w, nbytes, xa, xb, init, xsl, sa, sl, ws, lpb, out, so): float32 dots to out + u*so.
+
+    The GEMM microkernel of the prompt path: one weight row against `ntok` token rows. Every
+    64-byte weight chunk is loaded, unpacked and its block scales spread to lanes once, then used
+    for the vpdpbusd products of all `ntok` tokens (accumulators stay in zmm registers). Token u's
+    activations are at xa + u*sa, xb + u*sa (int8 codes) and init + u*sl, xsl + u*sl (lanes),
+    the layout of `rowdot` (one token) repeated with row strides sa, sl in bytes; token u's result
+    is stored at out + u*so (one column of the (tokens, rows) output)."""
+
+    @intrinsic
+    def tiledot(typingctx, w, nbytes, xa, xb, init, xsl, sa, sl, ws, lpb, out, so):
+        sig = types.none(*([types.int64] * 12))
+
+        def codegen(context, builder, signature, args):
+            w, nbytes, xa, xb, init, xsl, sa, sl, ws, lpb, out, so = args
+            mod = builder.module
+            dp = cgutils.get_or_insert_function(mod, ir.FunctionType(V16I, [V16I, V64B, V64B]), "llvm.x86.avx512.vpdpbusd.512")
+            mload = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(V64B, [ir.PointerType(V64B), I32, V64M, V64B]), "llvm.masked.load.v64i8.p0")
+            red = cgutils.get_or_insert_function(mod, ir.FunctionType(F32, [F32, V16F]), "llvm.vector.reduce.fadd.v16f32")
+            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(V16F, [V16F, V16F, V16F]), "llvm.fma.v16f32")
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(ntok)]
+            mask = ir.Constant(V16I, [l // mode if mode < 16 else 0 for l in range(LANES)])
+            c15 = ir.Constant(V64B, [15] * CHUNK)
+            c4 = ir.Constant(V64B, [4] * CHUNK)
+            iota = ir.Constant(V64B, list(range(CHUNK)))
+            k64, k16 = ir.Constant(I64, CHUNK), ir.Constant(I64, LANES)
+            toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
+            toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
+
+            def step(c, wv):
+                off = builder.mul(c, k64)
+                if bits == 4:
+                    lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
+                fb = builder.sdiv(builder.mul(c, k16), lpb)
+                wh = builder.load(_ptr(builder, builder.add(ws, builder.mul(fb, ir.Constant(I64, 2))), V16H), align=2)
+                wsv = builder.fpext(wh, V16F)
+                wsv = builder.shuffle_vector(wsv, wsv, mask)
+                pa = builder.add(xa, off)
+                pb = builder.add(xb, off)
+                pi = builder.add(init, off)
+                px = builder.add(xsl, off)
+                for u in range(ntok):
+                    iv = builder.load(_ptr(builder, builder.add(pi, toks_l[u]), V16I), align=4)
+                    xa_v = builder.load(_ptr(builder, builder.add(pa, toks_a[u]), V64B), align=1)
+                    if bits == 4:
+                        xb_v = builder.load(_ptr(builder, builder.add(pb, toks_a[u]), V64B), align=1)
+                        s = builder.call(dp, [iv, lo, xa_v])
+                        s = builder.call(dp, [s, hi, xb_v])
+                    else:
+                        s = builder.call(dp, [iv, wv, xa_v])
+                    xs = builder.load(_ptr(builder, builder.add(px, toks_l[u]), V16F), align=4)
+                    f = builder.sitofp(s, V16F)
+                    builder.store(builder.call(fma, [f, builder.fmul(wsv, xs), builder.load(accs[u])]), accs[u])
+
+            nfull = builder.sdiv(nbytes, k64)
+            tail = builder.srem(nbytes, k64)
+            with cgutils.for_range(builder, nfull) as loop:
+                c = loop.index
+                wv = builder.load(_ptr(builder, builder.add(w, builder.mul(c, k64)), V64B), align=1)
+                step(c, wv)
+            with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=True):
+                m = builder.icmp_unsigned("<", iota, _splat(builder, builder.trunc(tail, I8)))
+                p = _ptr(builder, builder.add(w, builder.mul(nfull, k64)), V64B)
+                wv = builder.call(mload, [p, ir.Constant(I32, 1), m, ir.Constant(V64B, None)])
+                step(nfull, wv)
+            for u, a in enumerate(accs):
+                v = builder.call(red, [ir.Constant(F32, 0.0), builder.load(a)], fastmath=("reassoc",))
+                builder.store(v, _ptr(builder, builder.add(out, builder.mul(so, ir.Constant(I64, u))), F32), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tiledot
+
+
+tiledot4_m2, tiledot4_m4, tiledot4_m8, tiledot4_m16 = (_make_tiledot(4, m, TT) for m in MODES)
+tiledot8_m4, tiledot8_m8, tiledot8_m16 = (_make_tiledot(8, m, TT) for m in MODES[1:])
+
+
 def _make_rowdot_float(half: bool):
     """Intrinsic (w, x, n) -> float32: dot of n float32/float16 weights at `w` with float32 `x`."""
     ety = F16 if half else F32

@@ -280,3 +280,73 @@ def ref_quantize_act(x: np.ndarray, gs: int) -> np.ndarray:
 def ref_linear_q8act(x, qweight, scales, zeros, bits, k, gs, bias=None):
     """Reference of the quantized kernels: int8-rounded activations times dequantized weights."""
     return ref_linear(ref_quantize_act(x, gs), dequantize(qweight, scales, zeros, bits, k), bias)
+
+
+# ----------------------------------------------------------------------------- fused decode MLP
+@njit(cache=True, fastmath=True)
+def _qrow_at(kind, lpb, w, s, nbytes, xa, xb, init, xsl):
+    """One SIMD row dot over `nbytes` weight bytes at address w (fp16 block scales at s)."""
+    a, bb, i, x = xa.ctypes.data, xb.ctypes.data, init.ctypes.data, xsl.ctypes.data
+    if kind == K_Q4:
+        if lpb == 2:
+            return rowdot4_m2(w, nbytes, a, bb, i, s, x, lpb)
+        if lpb == 4:
+            return rowdot4_m4(w, nbytes, a, bb, i, s, x, lpb)
+        if lpb == 8:
+            return rowdot4_m8(w, nbytes, a, bb, i, s, x, lpb)
+        return rowdot4_m16(w, nbytes, a, bb, i, s, x, lpb)
+    if lpb == 4:
+        return rowdot8_m4(w, nbytes, a, bb, i, s, x, lpb)
+    if lpb == 8:
+        return rowdot8_m8(w, nbytes, a, bb, i, s, x, lpb)
+    return rowdot8_m16(w, nbytes, a, bb, i, s, x, lpb)
+
+
+def mlp_fusable(up, down, parts: int) -> bool:
+    """Whether `mlp_vec` runs this gated MLP: symmetric 4/8-bit, no biases, VNNI, and the
+    intermediate width splits into `parts` slices on block boundaries."""
+    inter = int(down[D_K])
+    return bool(HAVE_VNNI and up[D_KIND] in (K_Q4, K_Q8) and down[D_KIND] == up[D_KIND] and up[D_SYM] and down[D_SYM]
+                and up[D_B] == 0 and down[D_B] == 0 and up[D_N] == 2 * inter and inter % (parts * down[D_GS]) == 0)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mlp_vec(up, down, x, out, parts, xa, xb, init, xsl, xzb, xs, part_bufs, partial):
+    """Decode MLP in one parallel region: out (h,) = down(silu(gate x) * (up x)).
+
+    The intermediate width is cut into `parts` block-aligned slices; each part computes its
+    gate/up rows, the SwiGLU, quantizes its slice of the product and multiplies it by its
+    columns of `down` (partial sums, added at the end), so no barrier is needed between the
+    two products. Conditions: `mlp_fusable`. part_bufs (parts, 4, cap) int8 scratch for xa, xb
+    and (as int32/float32 views) init, xsl; partial (parts, h) float32."""
+    inter, h, bits = down[D_K], down[D_N], down[D_KIND]
+    quantize_act(x, up, xa, xb, init, xsl, xzb, xs)
+    lpb_u = up[D_GS] // (8 if bits == K_Q4 else 4)
+    lpb_d = down[D_GS] // (8 if bits == K_Q4 else 4)
+    w_per_byte = 2 if bits == K_Q4 else 1
+    for p in prange(parts):
+        c0, c1 = p * inter // parts, (p + 1) * inter // parts
+        w = c1 - c0
+        mid = np.empty(w, np.float32)
+        for r in range(c0, c1):
+            g = _qrow_at(bits, lpb_u, up[D_W] + r * up[D_RB], up[D_S] + r * up[D_NB] * 2, up[D_RB], xa, xb, init, xsl)
+            u = _qrow_at(bits, lpb_u, up[D_W] + (inter + r) * up[D_RB], up[D_S] + (inter + r) * up[D_NB] * 2, up[D_RB], xa, xb, init, xsl)
+            mid[r - c0] = g / (np.float32(1.0) + np.exp(-g)) * u
+        sd = down.copy()  # the slice as a linear of its own (for the quantization layout)
+        sd[D_K], sd[D_NB], sd[D_RB] = w, w // down[D_GS], w // w_per_byte
+        cap = part_bufs.shape[2]
+        pa, pb = part_bufs[p, 0], part_bufs[p, 1]
+        pinit = part_bufs[p, 2].view(np.int32)
+        pxsl = part_bufs[p, 3].view(np.float32)
+        pzb = np.empty(sd[D_NB], np.float32)
+        pxs = np.empty(sd[D_NB], np.float32)
+        quantize_act(mid, sd, pa, pb, pinit[: cap // 4], pxsl[: cap // 4], pzb, pxs)
+        wo, so = c0 // w_per_byte, (c0 // down[D_GS]) * 2
+        for r in range(h):
+            partial[p, r] = _qrow_at(bits, lpb_d, down[D_W] + r * down[D_RB] + wo, down[D_S] + r * down[D_NB] * 2 + so, sd[D_RB],
+                                     pa, pb, pinit, pxsl)
+    for r in range(h):
+        acc = np.float32(0.0)
+        for p in range(parts):
+            acc += partial[p, r]
+        out[r] = acc

@@ -244,3 +244,13 @@ def test_rapl_meter_reads_and_handles_wraparound(tmp_path):
     assert e["kind"] == "measured" and e["j_per_token_tg"] == pytest.approx(0.4) and "RAPL" in e["method"]
     e = energy.energy_summary(phases, energy.PROFILES["rpi4"], meter.method)  # another device: still an estimate
     assert e["kind"] == "estimated" and e["j_per_token_tg"] == pytest.approx(energy.PROFILES["rpi4"].power(0.5) * 2 / 10)
+
+
+def test_same_vocabulary_tolerates_a_shifted_split():
+    from edgellm.benchmarks.worker import same_vocabulary
+
+    ref = list(range(100, 700))
+    shifted = ref[:50] + [5, 6] + ref[53:]  # one whitespace run split differently: ids shift after it
+    assert same_vocabulary(shifted, ref)
+    assert not same_vocabulary([i + 1000 for i in ref], ref)  # another vocabulary shares nothing
+    assert not same_vocabulary([], ref)

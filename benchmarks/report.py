@@ -133,7 +133,9 @@ def plots(report: dict) -> list[tuple[str, str]]:
         ax.scatter([s for s, h in zip(size, have) if not h], [t for t, h in zip(tg, have) if not h], s=70, c="lightgrey", edgecolors="black")
     for x, y, l in zip(size, tg, labels):
         ax.annotate(l, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.margins(x=0.3, y=0.15)  # room for the labels
+    ax.margins(x=0.08, y=0.12)
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi + 0.45 * (hi - lo))  # room for the labels right of the points
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("generation tokens/s (median)")
     ax.set_title("Speed vs size, coloured by perplexity")

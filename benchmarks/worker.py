@@ -153,10 +153,13 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
         elif same_vocabulary(ids, ref_ids):
             # Same vocabulary, but the pre-tokenizers split some whitespace differently (e.g.
             # llama.cpp vs HF tokenizers): score the reference's ids so KL compares like with like.
-            diff = sum(a != b for a, b in zip(ids, ref_ids)) + abs(len(ids) - len(ref_ids))
+            import difflib
+
+            matched = sum(m.size for m in difflib.SequenceMatcher(None, ids, ref_ids, autojunk=False).get_matching_blocks())
             ids, compare = ref_ids, True
             wins = windows(len(ids), s["ctx"], s["stride"])
-            note = f"scored on the reference's token ids (this variant's own tokenizer splits {diff} of them differently)"
+            note = (f"scored on the reference's token ids: this variant's own tokenizer (same vocabulary) gives "
+                    f"{len(ref_ids) - matched} of the {len(ref_ids)} differently")
         else:
             note = "the tokenizer differs from the reference's: no KL / top-1"
     else:

@@ -45,11 +45,16 @@ def show_warnings():
         finally:
             for w in caught:
                 if issubclass(w.category, EdgeLLMWarning):
-                    console.print(f"[yellow]warning:[/] {w.message}")
+                    from rich.markup import escape
+
+                    console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
 
 
 def fail(message: str, code: int = 2):
-    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # keeps 'edgellm[peers]'
+
     sys.exit(code)
 
 

@@ -23,28 +23,6 @@ from .kernels.simd import as_voidptr as _voidptr
 from .loader import Export, open_export
 
 
-def _omp_wait_policy():
-    """Let idle OpenMP workers sleep instead of spinning when the machine is already busy.
-
-    A decode token is ~120 short parallel regions. GNU OpenMP's default is to spin for a long
-    while at each region's end; on an oversubscribed machine the spinning thread eats the time
-    slice of the one it waits for, and 2-thread decode fell to ~2-25 tok/s (measured, load
-    average 4-6 on 2 cores) against ~94 tok/s with OMP_WAIT_POLICY=passive. Unloaded, spinning is
-    faster, so this only applies when the 1-minute load average is already >= the core count at
-    import (before numba starts its thread pool), and never overrides the user's own setting."""
-    if any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "EDGELLM_KEEP_OMP")):
-        return
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except (OSError, AttributeError):
-        return
-    if busy:
-        os.environ["OMP_WAIT_POLICY"] = "passive"
-
-
-_omp_wait_policy()
-
-
 # ----------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class ModelConfig:

@@ -18,7 +18,7 @@ from edgellm.errors import EdgeLLMError, UnsupportedError
 
 from .kernels.layers import attention, attention_mat, embed_rows, gelu_new, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables, swiglu, swiglu_mat
 from .kernels.quant import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, DESC_LEN, K_F16, K_F32,
-                            act_caps, linear_mat, linear_vec, mlp_fusable, mlp_vec)
+                            act_caps, linear_mat, linear_vec)
 from .kernels.simd import as_voidptr as _voidptr
 from .loader import Export, open_export
 
@@ -70,7 +70,7 @@ class ModelConfig:
 
 
 # integer config passed to the compiled step
-C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX, C_NORM, C_POS, C_ACT, C_GATED, C_CAP, C_NBCAP, C_WPE, C_PARTS, C_LEN = range(17)
+C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX, C_NORM, C_POS, C_ACT, C_GATED, C_CAP, C_NBCAP, C_WPE, C_LEN = range(16)
 R_QKV, R_O, R_UP, R_DOWN = range(4)  # linear roles per layer
 N_LN1W, N_LN1B, N_LN2W, N_LN2B = range(4)
 
@@ -227,9 +227,6 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
     xzb = np.empty((t, nbc), np.float32)
     xs = np.empty((t, nbc), np.float32)
     scores = np.empty((t * NH, pos0 + t), np.float32)
-    nparts = max(1, ci[C_PARTS])
-    part_bufs = np.empty((nparts, 4, cap), np.int8)  # per-part scratch of the fused decode MLP
-    partial = np.empty((nparts, H), np.float32)
     embed_rows(emb, ids, x)
     if ci[C_POS] == 1:  # learned positions (gpt2)
         wpe = numba.carray(_voidptr(ci[C_WPE]), (ci[C_CTX], H), np.float32)
@@ -255,11 +252,6 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
         x += res
         # MLP block
         _norm(ci, x, norms[l, N_LN2W], norms[l, N_LN2B], eps, xn)
-        if t == 1 and ci[C_PARTS] > 0 and simd:  # decode: the whole MLP in one parallel region
-            mlp_vec(lin[l, R_UP], lin[l, R_DOWN], xn[0], res[0], ci[C_PARTS], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], part_bufs,
-                    partial)
-            x += res
-            continue
         _linear(lin[l, R_UP], xn, up, xa, xb, init, xsl, xzb, xs, simd)
         if ci[C_GATED] == 1:
             if t == 1:
@@ -309,7 +301,6 @@ class NumbaModel:
         self.ci[C_POS] = 0 if cfg.position == "rope" else 1
         self.ci[C_GATED] = 1 if cfg.mlp == "gated" else 0
         self.ci[C_CAP], self.ci[C_NBCAP], self.ci[C_WPE] = w.cap, w.nbcap, w.wpe
-        self.ci[C_PARTS] = self._mlp_parts()
         self.window = np.array(cfg.sliding_window, np.int64)
         self.state = RunState(cfg, self.n_ctx)
 
@@ -318,16 +309,6 @@ class NumbaModel:
             raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(self.threads)
-        if hasattr(self, "ci"):
-            self.ci[C_PARTS] = self._mlp_parts()
-
-    def _mlp_parts(self) -> int:
-        """Slices of the fused decode MLP (kernels/quant.py `mlp_vec`): one per thread, or 0 (unfused)."""
-        if self.config.mlp != "gated" or os.environ.get("EDGELLM_FUSED_MLP", "1") == "0":
-            return 0
-        lin = self.weights.lin
-        ok = all(mlp_fusable(lin[i, R_UP], lin[i, R_DOWN], self.threads) for i in range(lin.shape[0]))
-        return self.threads if ok else 0
 
     @property
     def pos(self) -> int:

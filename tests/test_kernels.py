@@ -208,31 +208,3 @@ def test_embedding_rows(kind):
     out = np.zeros((ids.size, k), np.float32)
     Lk.embed_rows(d, ids, out)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.skipif(not HAVE_VNNI, reason="the fused decode MLP needs AVX-512 VNNI")
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("gs,h,inter,parts", [(32, 77, 192, 2), (16, 50, 96, 3), (64, 130, 256, 1), (32, 576, 1536, 2), (128, 40, 512, 4)])
-def test_fused_decode_mlp(bits, gs, h, inter, parts):
-    """`mlp_vec` (gate/up, SwiGLU and down in one region, block-aligned slices per part) equals
-    the unfused GEMV -> swiglu -> GEMV path and the numpy reference."""
-    keep = []
-    qu, su, _ = _packed(2 * inter, h, bits, gs, True)
-    qd, sd, _ = _packed(h, inter, bits, gs, True)
-    up = _desc(bits, 2 * inter, h, keep, qweight=qu, scales=su, gs=gs)
-    down = _desc(bits, h, inter, keep, qweight=qd, scales=sd, gs=gs)
-    assert Q.mlp_fusable(up, down, parts)
-    x = rng.standard_normal(h).astype(np.float32)
-    gu = np.zeros(2 * inter, np.float32)
-    Q.linear_vec(up, x, gu, *[b[0] for b in _bufs(up, 1)], True)
-    mid = Lk.ref_swiglu(gu[None], inter).astype(np.float32)[0]
-    ref = np.zeros(h, np.float32)
-    Q.linear_vec(down, mid, ref, *[b[0] for b in _bufs(down, 1)], True)
-    cap = max(Q.act_caps(up)[0], Q.act_caps(down)[0])
-    bu = [b[0] for b in _bufs(up, 1)]
-    out = np.full(h, np.nan, np.float32)
-    Q.mlp_vec(up, down, x, out, parts, *bu, np.zeros((parts, 4, cap), np.int8), np.zeros((parts, h), np.float32))
-    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=2e-3 * np.abs(ref).max())
-    gref = Q.ref_linear_q8act(x[None], qu, su, None, bits, h, gs)
-    full = Q.ref_linear_q8act(Lk.ref_swiglu(gref, inter).astype(np.float32), qd, sd, None, bits, inter, gs)[0]
-    assert np.abs(out - full).max() <= 1e-2 * np.abs(full).max()

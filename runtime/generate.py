@@ -176,7 +176,8 @@ class Generator:
         self.cached = list(ids)
         context = list(ids)
         out: list[int] = []
-        emitted = 0
+        text, emitted = "", 0
+        prefix_at = read_at = 0  # incremental detokenization (TGI-style): O(1) per step, not O(n)
         budget = min(p.max_new_tokens, m.n_ctx - len(ids))
         t1 = None
         while True:
@@ -189,7 +190,13 @@ class Generator:
                 break
             out.append(tok)
             context.append(tok)
-            text = self.tokenizer.decode(out)
+            # decode the new tokens together with a few before them, so merges across the
+            # boundary (leading spaces, multi-byte characters) come out as the full decode would
+            before = self.tokenizer.decode(out[prefix_at:read_at])
+            after = self.tokenizer.decode(out[prefix_at:])
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                text += after[len(before):]
+                prefix_at, read_at = read_at, len(out)
             cut = _find_stop(text, p.stop)
             if cut is not None:
                 if cut > emitted:

@@ -45,7 +45,6 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: f
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    Q = torch.zeros_like(W)  # dequantized result, in permuted order
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     for i1 in range(0, in_f, BLOCK):
         i2 = min(i1 + BLOCK, in_f)
@@ -65,7 +64,6 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: f
             q = torch.where(pruned[:, i1 + i], z, q)  # code z decodes to exactly 0; its error is compensated
             codes[:, col] = q.to(torch.uint8)
             deq = (q - z) * s
-            Q[:, i1 + i] = deq
             err = (wcol - deq) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err

@@ -50,6 +50,24 @@ def _ptr(builder, addr, ty):
     return builder.inttoptr(addr, ir.PointerType(ty))
 
 
+def _for_each_chunk(builder, w, nbytes, step):
+    """Call step(chunk index, 64 weight bytes) over nbytes at address w: whole 64-byte chunks,
+    then the tail through a masked load (bytes past nbytes read as zero)."""
+    k64 = ir.Constant(I64, CHUNK)
+    mload = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(V64B, [ir.PointerType(V64B), I32, V64M, V64B]), "llvm.masked.load.v64i8.p0")
+    nfull = builder.sdiv(nbytes, k64)
+    tail = builder.srem(nbytes, k64)
+    with cgutils.for_range(builder, nfull) as loop:
+        c = loop.index
+        step(c, builder.load(_ptr(builder, builder.add(w, builder.mul(c, k64)), V64B), align=1))
+    with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=True):
+        iota = ir.Constant(V64B, list(range(CHUNK)))
+        m = builder.icmp_unsigned("<", iota, _splat(builder, builder.trunc(tail, I8)))
+        p = _ptr(builder, builder.add(w, builder.mul(nfull, k64)), V64B)
+        step(nfull, builder.call(mload, [p, ir.Constant(I32, 1), m, ir.Constant(V64B, None)]))
+
+
 def _make_rowdot(bits: int, mode: int):
     """Intrinsic (w, nbytes, xa, xb, init, ws, xsl, lpb) -> float32, all int64 addresses/counts."""
 
@@ -61,14 +79,11 @@ def _make_rowdot(bits: int, mode: int):
             w, nbytes, xa, xb, init, ws, xsl, lpb = args
             mod = builder.module
             dp = cgutils.get_or_insert_function(mod, ir.FunctionType(V16I, [V16I, V64B, V64B]), "llvm.x86.avx512.vpdpbusd.512")
-            mload = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(V64B, [ir.PointerType(V64B), I32, V64M, V64B]), "llvm.masked.load.v64i8.p0")
             red = cgutils.get_or_insert_function(mod, ir.FunctionType(F32, [F32, V16F]), "llvm.vector.reduce.fadd.v16f32")
             acc = cgutils.alloca_once_value(builder, ir.Constant(V16F, None))
             mask = ir.Constant(V16I, [l // mode if mode < 16 else 0 for l in range(LANES)])
             c15 = ir.Constant(V64B, [15] * CHUNK)
             c4 = ir.Constant(V64B, [4] * CHUNK)
-            iota = ir.Constant(V64B, list(range(CHUNK)))
             k64, k16 = ir.Constant(I64, CHUNK), ir.Constant(I64, LANES)
 
             def step(c, wv):
@@ -91,17 +106,7 @@ def _make_rowdot(bits: int, mode: int):
                 builder.store(builder.call(_fma, [f, builder.fmul(wsv, xs), a]), acc)
 
             _fma = cgutils.get_or_insert_function(mod, ir.FunctionType(V16F, [V16F, V16F, V16F]), "llvm.fma.v16f32")
-            nfull = builder.sdiv(nbytes, k64)
-            tail = builder.srem(nbytes, k64)
-            with cgutils.for_range(builder, nfull) as loop:
-                c = loop.index
-                wv = builder.load(_ptr(builder, builder.add(w, builder.mul(c, k64)), V64B), align=1)
-                step(c, wv)
-            with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=True):
-                m = builder.icmp_unsigned("<", iota, _splat(builder, builder.trunc(tail, I8)))
-                p = _ptr(builder, builder.add(w, builder.mul(nfull, k64)), V64B)
-                wv = builder.call(mload, [p, ir.Constant(I32, 1), m, ir.Constant(V64B, None)])
-                step(nfull, wv)
+            _for_each_chunk(builder, w, nbytes, step)
             return builder.call(red, [ir.Constant(F32, 0.0), builder.load(acc)], fastmath=("reassoc",))
 
         return sig, codegen
@@ -150,15 +155,12 @@ def _make_tiledot(bits: int, mode: int, ntok: int):
             w, nbytes, xa, xb, init, xsl, sa, sl, ws, lpb, out, so = args
             mod = builder.module
             dp = cgutils.get_or_insert_function(mod, ir.FunctionType(V16I, [V16I, V64B, V64B]), "llvm.x86.avx512.vpdpbusd.512")
-            mload = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(V64B, [ir.PointerType(V64B), I32, V64M, V64B]), "llvm.masked.load.v64i8.p0")
             red = cgutils.get_or_insert_function(mod, ir.FunctionType(F32, [F32, V16F]), "llvm.vector.reduce.fadd.v16f32")
             fma = cgutils.get_or_insert_function(mod, ir.FunctionType(V16F, [V16F, V16F, V16F]), "llvm.fma.v16f32")
             accs = [cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(ntok)]
             mask = ir.Constant(V16I, [l // mode if mode < 16 else 0 for l in range(LANES)])
             c15 = ir.Constant(V64B, [15] * CHUNK)
             c4 = ir.Constant(V64B, [4] * CHUNK)
-            iota = ir.Constant(V64B, list(range(CHUNK)))
             k64, k16 = ir.Constant(I64, CHUNK), ir.Constant(I64, LANES)
             toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
             toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
@@ -188,17 +190,7 @@ def _make_tiledot(bits: int, mode: int, ntok: int):
                     f = builder.sitofp(s, V16F)
                     builder.store(builder.call(fma, [f, builder.fmul(wsv, xs), builder.load(accs[u])]), accs[u])
 
-            nfull = builder.sdiv(nbytes, k64)
-            tail = builder.srem(nbytes, k64)
-            with cgutils.for_range(builder, nfull) as loop:
-                c = loop.index
-                wv = builder.load(_ptr(builder, builder.add(w, builder.mul(c, k64)), V64B), align=1)
-                step(c, wv)
-            with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=True):
-                m = builder.icmp_unsigned("<", iota, _splat(builder, builder.trunc(tail, I8)))
-                p = _ptr(builder, builder.add(w, builder.mul(nfull, k64)), V64B)
-                wv = builder.call(mload, [p, ir.Constant(I32, 1), m, ir.Constant(V64B, None)])
-                step(nfull, wv)
+            _for_each_chunk(builder, w, nbytes, step)
             for u, a in enumerate(accs):
                 v = builder.call(red, [ir.Constant(F32, 0.0), builder.load(a)], fastmath=("reassoc",))
                 builder.store(v, _ptr(builder, builder.add(out, builder.mul(so, ir.Constant(I64, u))), F32), align=4)

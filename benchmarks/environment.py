@@ -31,14 +31,19 @@ def _cpuinfo() -> dict:
     return info
 
 
-def _mem_total() -> int | None:
+def proc_kib_field(path: str, key: str) -> int | None:
+    """A `Key:  N kB` line of a /proc file (meminfo, self/status) in bytes, or None."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _mem_total() -> int | None:
+    return proc_kib_field("/proc/meminfo", "MemTotal")
 
 
 def _version(dist: str) -> str | None:

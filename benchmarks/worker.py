@@ -52,13 +52,10 @@ def cpu_seconds() -> float:
 
 def peak_rss_bytes() -> int:
     """High-water resident set size of this process: VmHWM, else ru_maxrss (KiB on Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from .environment import proc_kib_field
+
+    hwm = proc_kib_field("/proc/self/status", "VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def stats(values: list[float]) -> dict:

@@ -72,10 +72,12 @@ def distill(
         if not torch.cuda.is_available():
             raise EdgeLLMError("--device cuda: no CUDA device is available; use --device cpu")
     d = setup(device.value)
+    ok = False
     try:
-        _run(d, **{k: v for k, v in locals().items() if k not in ("d", "setup", "teardown", "EdgeLLMError", "torch")})
+        _run(d, **{k: v for k, v in locals().items() if k not in ("d", "ok", "setup", "teardown", "EdgeLLMError", "torch")})
+        ok = True
     finally:
-        teardown(d)
+        teardown(d, ok)  # a failed rank must not wait at a barrier for ranks that may never come
 
 
 def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_weight, hidden_weight, data, seq_len,

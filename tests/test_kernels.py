@@ -86,7 +86,7 @@ def test_quantized_linear(bits, gs, sym, n, k):
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("n,k,t", [(7, 50, 8), (37, 576, 19), (5, 1000, 17), (18, 130, 27), (11, 77, 9)])
 def test_quantized_gemm(bits, gs, sym, n, k, t):
-    """The prompt GEMM (token groups of simd.TT sharing each weight load, plus a remainder) equals
+    """The prompt GEMM (simd.RB rows x simd.TB tokens tiles, plus leftover rows and tokens) equals
     the reference of the int8-activation product, and row by row the decode GEMV."""
     qweight, scales, zeros = _packed(n, k, bits, gs, sym)
     bias = rng.standard_normal(n).astype(np.float32) if n % 2 else None

@@ -21,9 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from .simd import (HAVE_VNNI, TT, as_voidptr, half_to_float, rowdot4_m2, rowdot4_m4, rowdot4_m8, rowdot4_m16, rowdot8_m4,
-                   rowdot8_m8, rowdot8_m16, rowdot_f16, rowdot_f32, tiledot4_m2, tiledot4_m4, tiledot4_m8, tiledot4_m16,
-                   tiledot8_m4, tiledot8_m8, tiledot8_m16)
+from .simd import (HAVE_VNNI, RB, TB, as_voidptr, half_to_float, qdot4_1x1, qdot4_1xt, qdot4_rx1, qdot4_rxt, qdot8_1x1,
+                   qdot8_1xt, qdot8_rx1, qdot8_rxt, rowdot_f16, rowdot_f32)
 
 K_F32, K_F16, K_Q4, K_Q8 = 0, 1, 4, 8
 D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_RB, D_SYM, D_ZERO = range(12)
@@ -93,25 +92,48 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs):
 
 # ----------------------------------------------------------------------------- one row
 @njit(cache=True, fastmath=True)
-def _qrow_simd(d, r, xa, xb, init, xsl):
-    w = d[D_W] + r * d[D_RB]
-    s = d[D_S] + r * d[D_NB] * 2
+def _qdot_simd(d, r, nrows, xa, xb, init, xsl, i0, ntok, out, so):
+    """Raw dots of weight rows r..r+nrows (1 or RB) with tokens i0..i0+ntok (1 or TB) of the
+    activation buffers (2-d: one row per token), stored at address out + u*so + j*4."""
+    shift = 0
     lpb = d[D_GS] // (8 if d[D_KIND] == K_Q4 else 4)
-    a, bb, i, x = xa.ctypes.data, xb.ctypes.data, init.ctypes.data, xsl.ctypes.data
-    rb = d[D_RB]
+    while (1 << shift) < lpb:
+        shift += 1
+    rb, ss = d[D_RB], d[D_NB] * 2
+    w, s = d[D_W] + r * rb, d[D_S] + r * ss
+    sa, sl = xa.strides[0], init.strides[0]
+    a, b = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
+    i, x = init.ctypes.data + i0 * sl, xsl.ctypes.data + i0 * sl
     if d[D_KIND] == K_Q4:
-        if lpb == 2:
-            return rowdot4_m2(w, rb, a, bb, i, s, x, lpb)
-        if lpb == 4:
-            return rowdot4_m4(w, rb, a, bb, i, s, x, lpb)
-        if lpb == 8:
-            return rowdot4_m8(w, rb, a, bb, i, s, x, lpb)
-        return rowdot4_m16(w, rb, a, bb, i, s, x, lpb)
-    if lpb == 4:
-        return rowdot8_m4(w, rb, a, bb, i, s, x, lpb)
-    if lpb == 8:
-        return rowdot8_m8(w, rb, a, bb, i, s, x, lpb)
-    return rowdot8_m16(w, rb, a, bb, i, s, x, lpb)
+        if nrows == 1 and ntok == 1:
+            qdot4_1x1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        elif ntok == 1:
+            qdot4_rx1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        elif nrows == 1:
+            qdot4_1xt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        else:
+            qdot4_rxt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+    elif nrows == 1 and ntok == 1:
+        qdot8_1x1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+    elif ntok == 1:
+        qdot8_rx1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+    elif nrows == 1:
+        qdot8_1xt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+    else:
+        qdot8_rxt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+
+
+@njit(cache=True, fastmath=True)
+def _qrows_simd(d, r0, r1, xa, xb, init, xsl, i0, ntok, o, so):
+    """Raw dots of rows [r0, r1) with tokens i0..i0+ntok at o + u*so + r*4: RB-row tiles, then
+    the leftover rows one by one."""
+    r = r0
+    while r + RB <= r1:
+        _qdot_simd(d, r, RB, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
+        r += RB
+    while r < r1:
+        _qdot_simd(d, r, 1, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
+        r += 1
 
 
 @njit(cache=True, fastmath=True)
@@ -172,40 +194,18 @@ def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
         return
     quantize_act(x, d, xa, xb, init, xsl, xzb, xs)
     if simd and HAVE_VNNI:
-        for r in prange(n):
-            out[r] = _finish(d, r, _qrow_simd(d, r, xa, xb, init, xsl), xzb)
+        plain = d[D_Z] == 0 and d[D_B] == 0
+        xa2, xb2, init2, xsl2 = xa.reshape(1, -1), xb.reshape(1, -1), init.reshape(1, -1), xsl.reshape(1, -1)
+        o = out.ctypes.data
+        for blk in prange((n + RB - 1) // RB):
+            r0 = blk * RB
+            _qrows_simd(d, r0, min(n, r0 + RB), xa2, xb2, init2, xsl2, 0, 1, o, 0)
+            if not plain:
+                for r in range(r0, min(n, r0 + RB)):
+                    out[r] = _finish(d, r, out[r], xzb)
     else:
         for r in prange(n):
             out[r] = _finish(d, r, _qrow_portable(d, r, xa, xb, init, xsl), xzb)
-
-
-@njit(cache=True, fastmath=True)
-def _qtile_simd(d, r, xa, xb, init, xsl, i0, out):
-    """out[i0:i0+TT, r] = raw dots of weight row r with token rows i0.. (GEMM microkernel; no
-    bias or zero-point correction: `_finish_cols`)."""
-    w = d[D_W] + r * d[D_RB]
-    s = d[D_S] + r * d[D_NB] * 2
-    lpb = d[D_GS] // (8 if d[D_KIND] == K_Q4 else 4)
-    sa, sl = xa.strides[0], init.strides[0]
-    a, bb = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
-    i, x = init.ctypes.data + i0 * sl, xsl.ctypes.data + i0 * sl
-    rb, so = d[D_RB], out.strides[0]
-    o = out.ctypes.data + i0 * so + r * 4
-    if d[D_KIND] == K_Q4:
-        if lpb == 2:
-            tiledot4_m2(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
-        elif lpb == 4:
-            tiledot4_m4(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
-        elif lpb == 8:
-            tiledot4_m8(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
-        else:
-            tiledot4_m16(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
-    elif lpb == 4:
-        tiledot8_m4(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
-    elif lpb == 8:
-        tiledot8_m8(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
-    else:
-        tiledot8_m16(w, rb, a, bb, i, x, sa, sl, s, lpb, o, so)
 
 
 ROW_TILE = 32  # weight rows kept in L1 while every token group passes over them
@@ -214,9 +214,9 @@ TOK_TILE = 64
 
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
-    """Prompt (t tokens): out (t, n) = x (t, k) W^T + b. Quantized + VNNI: a real GEMM, each
-    weight chunk loaded once per TT tokens (`_qtile_simd`), tiles of ROW_TILE output rows in
-    parallel, the token groups streaming over a tile while it sits in L1."""
+    """Prompt (t tokens): out (t, n) = x (t, k) W^T + b. Quantized + VNNI: a real GEMM of RB x TB
+    microkernel tiles (`_qdot_simd`), tiles of ROW_TILE output rows in parallel, the token
+    groups streaming over a tile while it sits in L1."""
     t, n = x.shape[0], d[D_N]
     quant = not (d[D_KIND] == K_F32 or d[D_KIND] == K_F16)
     if quant:
@@ -224,19 +224,18 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
             quantize_act(x[i], d, xa[i], xb[i], init[i], xsl[i], xzb[i], xs[i])
     ntile = (n + ROW_TILE - 1) // ROW_TILE
     if quant and simd and HAVE_VNNI:
-        tfull = t - t % TT
+        tfull = t - t % TB
+        so, o = out.strides[0], out.ctypes.data
         for tile in prange(ntile):
             r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
-            for i0 in range(0, tfull, TT):
-                for r in range(r0, r1):
-                    _qtile_simd(d, r, xa, xb, init, xsl, i0, out)
+            for i0 in range(0, tfull, TB):
+                _qrows_simd(d, r0, r1, xa, xb, init, xsl, i0, TB, o + i0 * so, so)
+            for i in range(tfull, t):  # leftover tokens one by one
+                _qrows_simd(d, r0, r1, xa, xb, init, xsl, i, 1, o + i * so, so)
             if d[D_Z] != 0 or d[D_B] != 0:
-                for i in range(tfull):
+                for i in range(t):
                     for r in range(r0, r1):
                         out[i, r] = _finish(d, r, out[i, r], xzb[i])
-            for r in range(r0, r1):
-                for i in range(tfull, t):
-                    out[i, r] = _finish(d, r, _qrow_simd(d, r, xa[i], xb[i], init[i], xsl[i]), xzb[i])
         return
     for tile in prange(ntile):
         r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)

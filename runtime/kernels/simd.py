@@ -1,26 +1,24 @@
-"""Hand-written LLVM IR for the hot loop: one row of a 4/8-bit weight matrix times int8 activations.
+"""Hand-written LLVM IR for the hot loop: a tile of 4/8-bit weight rows times int8 activations.
 
 Numba's typing widens every integer product to int64, so a plain `acc += w[i] * x[i]` loop over
 uint8/int8 compiles to scalar `imul` (about 3 GMAC/s per core here). These intrinsics state the
 vector maths directly, the way llama.cpp's Q4_0 x Q8_0 kernel does:
 
-    per 64 weight bytes (128 4-bit or 64 8-bit weights; "chunk"):
+    per 64 weight bytes (128 4-bit or 64 8-bit weights; "chunk") of each row in the tile:
         w       = load <64 x u8>                 (masked for the row's partial last chunk)
         lo, hi  = w & 15, w >> 4                 (4-bit: even / odd columns)
-        isum    = vpdpbusd(init, lo, x_even)     (u8 x s8 -> 16 lanes of int32, 4 bytes per lane)
-        isum    = vpdpbusd(isum, hi, x_odd)
-        scale   = fp16 weight scales of the chunk's blocks, spread to lanes (shufflevector)
-                  x activation scales already spread to lanes
-        acc    += float(isum) * scale            (16 float lanes; one horizontal sum per row)
+        scale   = fp16 weight scales of the chunk's blocks, spread to lanes (vpermps)
+        per token of the tile:
+            isum  = vpdpbusd(init, lo, x_even)   (u8 x s8 -> 16 lanes of int32, 4 bytes per lane)
+            isum  = vpdpbusd(isum, hi, x_odd)
+            acc  += float(isum) * scale * (activation scales already spread to lanes)
+    one horizontal sum per (row, token) at the end
 
 `init` carries -zero * sum(x codes of the lane) so symmetric zero points cost nothing.
-Napkin math: 10 vector instructions per 128 MACs, so a core is limited by memory (about
-20 GB/s here), not by arithmetic. Needs AVX-512 VNNI (`HAVE_VNNI`); kernels fall back to plain
-Numba loops elsewhere.
-
-Intrinsics are specialised on `mode` = min(lanes per block, 16), a compile-time constant that
-fixes the shuffle from block scales to lanes; lanes per block = group_size/8 (4-bit) or
-group_size/4 (8-bit).
+Decode runs 4 rows x 1 token tiles (the activation loads and the per-row overheads are shared by
+4 rows), the prompt 4 rows x 4 tokens. Needs AVX-512 VNNI (`HAVE_VNNI`); kernels fall back to
+plain Numba loops elsewhere. Lanes per block = group_size/8 (4-bit) or group_size/4 (8-bit), a
+power of two passed as its log2 (`shift`).
 """
 
 from __future__ import annotations
@@ -43,75 +41,104 @@ V16F = ir.VectorType(F32, 16)
 V16H = ir.VectorType(F16, 16)
 CHUNK = 64  # weight bytes per step = one zmm register
 LANES = 16
-MODES = (2, 4, 8, 16)
 
 
 def _ptr(builder, addr, ty):
     return builder.inttoptr(addr, ir.PointerType(ty))
 
 
-def _for_each_chunk(builder, w, nbytes, step):
-    """Call step(chunk index, 64 weight bytes) over nbytes at address w: whole 64-byte chunks,
-    then the tail through a masked load (bytes past nbytes read as zero)."""
+def _for_each_chunk(builder, nbytes, step):
+    """Call step(chunk index, load) over nbytes: whole 64-byte chunks, then the tail, where
+    load(address) is a masked load (bytes past nbytes read as zero)."""
     k64 = ir.Constant(I64, CHUNK)
     mload = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(V64B, [ir.PointerType(V64B), I32, V64M, V64B]), "llvm.masked.load.v64i8.p0")
     nfull = builder.sdiv(nbytes, k64)
     tail = builder.srem(nbytes, k64)
     with cgutils.for_range(builder, nfull) as loop:
-        c = loop.index
-        step(c, builder.load(_ptr(builder, builder.add(w, builder.mul(c, k64)), V64B), align=1))
+        step(loop.index, lambda addr: builder.load(_ptr(builder, addr, V64B), align=1))
     with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=True):
         iota = ir.Constant(V64B, list(range(CHUNK)))
         m = builder.icmp_unsigned("<", iota, _splat(builder, builder.trunc(tail, I8)))
-        p = _ptr(builder, builder.add(w, builder.mul(nfull, k64)), V64B)
-        step(nfull, builder.call(mload, [p, ir.Constant(I32, 1), m, ir.Constant(V64B, None)]))
+        step(nfull, lambda addr: builder.call(mload, [_ptr(builder, addr, V64B), ir.Constant(I32, 1), m, ir.Constant(V64B, None)]))
 
 
-def _make_rowdot(bits: int, mode: int):
-    """Intrinsic (w, nbytes, xa, xb, init, ws, xsl, lpb) -> float32, all int64 addresses/counts."""
+def _make_qdot(bits: int, nrows: int, ntok: int):
+    """Intrinsic (w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so): the microkernel.
+
+    `nrows` consecutive weight rows (row j at w + j*rb, its fp16 block scales at ws + j*ss)
+    against `ntok` tokens (token u's int8 codes at xa + u*sa, xb + u*sa, its lanes at init + u*sl,
+    xsl + u*sl; the layout of quantize_act). Every 64-byte weight chunk is loaded, unpacked and
+    its scales spread to lanes once, then used for all ntok tokens; every activation chunk is
+    loaded once for all nrows rows, so loads per multiply-add fall as the tile grows (1x1:
+    4 loads per 64 weight bytes; 4x4: 1.5). The nrows*ntok accumulators stay in zmm registers.
+    Raw dots (no bias, no zero-point correction) are stored at out + u*so + j*4.
+
+    Block of lane l in chunk c: (16c + l) >> shift with shift = log2(lanes per block), so the
+    scales spread with one vpermps whose index vector (l >> min(shift, 4)) is made once."""
 
     @intrinsic
-    def rowdot(typingctx, w, nbytes, xa, xb, init, ws, xsl, lpb):
-        sig = types.float32(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64, types.int64, types.int64)
+    def qdot(typingctx, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so):
+        sig = types.none(*([types.int64] * 13))
 
         def codegen(context, builder, signature, args):
-            w, nbytes, xa, xb, init, ws, xsl, lpb = args
+            w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so = args
             mod = builder.module
             dp = cgutils.get_or_insert_function(mod, ir.FunctionType(V16I, [V16I, V64B, V64B]), "llvm.x86.avx512.vpdpbusd.512")
             red = cgutils.get_or_insert_function(mod, ir.FunctionType(F32, [F32, V16F]), "llvm.vector.reduce.fadd.v16f32")
-            acc = cgutils.alloca_once_value(builder, ir.Constant(V16F, None))
-            mask = ir.Constant(V16I, [l // mode if mode < 16 else 0 for l in range(LANES)])
+            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(V16F, [V16F, V16F, V16F]), "llvm.fma.v16f32")
+            perm = cgutils.get_or_insert_function(mod, ir.FunctionType(V16F, [V16F, V16I]), "llvm.x86.avx512.permvar.sf.512")
+            pf = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t, I32, I32, I32]), "llvm.prefetch.p0")
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(ntok)] for _ in range(nrows)]
             c15 = ir.Constant(V64B, [15] * CHUNK)
             c4 = ir.Constant(V64B, [4] * CHUNK)
             k64, k16 = ir.Constant(I64, CHUNK), ir.Constant(I64, LANES)
+            lane_shift = builder.trunc(builder.select(builder.icmp_signed("<", shift, ir.Constant(I64, 4)), shift, ir.Constant(I64, 4)), I32)
+            lsv = builder.insert_element(ir.Constant(V16I, None), lane_shift, ir.Constant(I32, 0))
+            lsv = builder.shuffle_vector(lsv, lsv, ir.Constant(V16I, [0] * LANES))
+            idx = builder.lshr(ir.Constant(V16I, list(range(LANES))), lsv)  # lane -> block within the chunk
+            rows_w = [builder.add(w, builder.mul(rb, ir.Constant(I64, j))) for j in range(nrows)]
+            rows_s = [builder.add(ws, builder.mul(ss, ir.Constant(I64, j))) for j in range(nrows)]
+            toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
+            toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
 
-            def step(c, wv):
+            def step(c, load):
                 off = builder.mul(c, k64)
-                iv = builder.load(_ptr(builder, builder.add(init, off), V16I), align=4)
-                xa_v = builder.load(_ptr(builder, builder.add(xa, off), V64B), align=1)
-                if bits == 4:
-                    xb_v = builder.load(_ptr(builder, builder.add(xb, off), V64B), align=1)
-                    s = builder.call(dp, [iv, builder.and_(wv, c15), xa_v])
-                    s = builder.call(dp, [s, builder.lshr(wv, c4), xb_v])
-                else:
-                    s = builder.call(dp, [iv, wv, xa_v])
-                fb = builder.sdiv(builder.mul(c, k16), lpb)  # first block of the chunk
-                wh = builder.load(_ptr(builder, builder.add(ws, builder.mul(fb, ir.Constant(I64, 2))), V16H), align=2)
-                wsv = builder.fpext(wh, V16F)
-                wsv = builder.shuffle_vector(wsv, wsv, mask)
-                xs = builder.load(_ptr(builder, builder.add(xsl, off), V16F), align=4)
-                f = builder.sitofp(s, V16F)
-                a = builder.load(acc)
-                builder.store(builder.call(_fma, [f, builder.fmul(wsv, xs), a]), acc)
+                fb = builder.lshr(builder.mul(c, k16), shift)  # first block of the chunk
+                units = []
+                for j in range(nrows):
+                    if PREFETCH and ntok == 1:  # decode streams weights from DRAM: ask PREFETCH bytes ahead
+                        ahead = builder.add(builder.add(rows_w[j], off), ir.Constant(I64, PREFETCH))
+                        builder.call(pf, [builder.inttoptr(ahead, cgutils.voidptr_t), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+                    wv = load(builder.add(rows_w[j], off))
+                    parts = (builder.and_(wv, c15), builder.lshr(wv, c4)) if bits == 4 else (wv,)
+                    wh = builder.load(_ptr(builder, builder.add(rows_s[j], builder.mul(fb, ir.Constant(I64, 2))), V16H), align=2)
+                    units.append((parts, builder.call(perm, [builder.fpext(wh, V16F), idx])))
+                pa, pb, pi, px = (builder.add(p, off) for p in (xa, xb, init, xsl))
+                for u in range(ntok):
+                    iv = builder.load(_ptr(builder, builder.add(pi, toks_l[u]), V16I), align=4)
+                    xs = builder.load(_ptr(builder, builder.add(px, toks_l[u]), V16F), align=4)
+                    xv = [builder.load(_ptr(builder, builder.add(pa, toks_a[u]), V64B), align=1)]
+                    if bits == 4:
+                        xv.append(builder.load(_ptr(builder, builder.add(pb, toks_a[u]), V64B), align=1))
+                    for j, (parts, wsv) in enumerate(units):
+                        s = iv
+                        for wpart, xpart in zip(parts, xv):
+                            s = builder.call(dp, [s, wpart, xpart])
+                        acc = accs[j][u]
+                        builder.store(builder.call(fma, [builder.sitofp(s, V16F), builder.fmul(wsv, xs), builder.load(acc)]), acc)
 
-            _fma = cgutils.get_or_insert_function(mod, ir.FunctionType(V16F, [V16F, V16F, V16F]), "llvm.fma.v16f32")
-            _for_each_chunk(builder, w, nbytes, step)
-            return builder.call(red, [ir.Constant(F32, 0.0), builder.load(acc)], fastmath=("reassoc",))
+            _for_each_chunk(builder, rb, step)
+            for j in range(nrows):
+                for u in range(ntok):
+                    v = builder.call(red, [ir.Constant(F32, 0.0), builder.load(accs[j][u])], fastmath=("reassoc",))
+                    dst = builder.add(out, builder.add(builder.mul(so, ir.Constant(I64, u)), ir.Constant(I64, 4 * j)))
+                    builder.store(v, _ptr(builder, dst, F32), align=4)
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return rowdot
+    return qdot
 
 
 def _splat(builder, scalar):
@@ -130,79 +157,14 @@ def as_voidptr(typingctx, addr):
     return sig, codegen
 
 
-rowdot4_m2, rowdot4_m4, rowdot4_m8, rowdot4_m16 = (_make_rowdot(4, m) for m in MODES)
-rowdot8_m4, rowdot8_m8, rowdot8_m16 = (_make_rowdot(8, m) for m in MODES[1:])
-
-
-TT = 8  # tokens per weight load in the matrix-matrix kernel
-
-
-def _make_tiledot(bits: int, mode: int, ntok: int):
-    """Intrinsic (w, nbytes, xa, xb, init, xsl, sa, sl, ws, lpb, out, so): float32 dots to out + u*so.
-
-    The GEMM microkernel of the prompt path: one weight row against `ntok` token rows. Every
-    64-byte weight chunk is loaded, unpacked and its block scales spread to lanes once, then used
-    for the vpdpbusd products of all `ntok` tokens (accumulators stay in zmm registers). Token u's
-    activations are at xa + u*sa, xb + u*sa (int8 codes) and init + u*sl, xsl + u*sl (lanes),
-    the layout of `rowdot` (one token) repeated with row strides sa, sl in bytes; token u's result
-    is stored at out + u*so (one column of the (tokens, rows) output)."""
-
-    @intrinsic
-    def tiledot(typingctx, w, nbytes, xa, xb, init, xsl, sa, sl, ws, lpb, out, so):
-        sig = types.none(*([types.int64] * 12))
-
-        def codegen(context, builder, signature, args):
-            w, nbytes, xa, xb, init, xsl, sa, sl, ws, lpb, out, so = args
-            mod = builder.module
-            dp = cgutils.get_or_insert_function(mod, ir.FunctionType(V16I, [V16I, V64B, V64B]), "llvm.x86.avx512.vpdpbusd.512")
-            red = cgutils.get_or_insert_function(mod, ir.FunctionType(F32, [F32, V16F]), "llvm.vector.reduce.fadd.v16f32")
-            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(V16F, [V16F, V16F, V16F]), "llvm.fma.v16f32")
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(ntok)]
-            mask = ir.Constant(V16I, [l // mode if mode < 16 else 0 for l in range(LANES)])
-            c15 = ir.Constant(V64B, [15] * CHUNK)
-            c4 = ir.Constant(V64B, [4] * CHUNK)
-            k64, k16 = ir.Constant(I64, CHUNK), ir.Constant(I64, LANES)
-            toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
-            toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
-
-            def step(c, wv):
-                off = builder.mul(c, k64)
-                if bits == 4:
-                    lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
-                fb = builder.sdiv(builder.mul(c, k16), lpb)
-                wh = builder.load(_ptr(builder, builder.add(ws, builder.mul(fb, ir.Constant(I64, 2))), V16H), align=2)
-                wsv = builder.fpext(wh, V16F)
-                wsv = builder.shuffle_vector(wsv, wsv, mask)
-                pa = builder.add(xa, off)
-                pb = builder.add(xb, off)
-                pi = builder.add(init, off)
-                px = builder.add(xsl, off)
-                for u in range(ntok):
-                    iv = builder.load(_ptr(builder, builder.add(pi, toks_l[u]), V16I), align=4)
-                    xa_v = builder.load(_ptr(builder, builder.add(pa, toks_a[u]), V64B), align=1)
-                    if bits == 4:
-                        xb_v = builder.load(_ptr(builder, builder.add(pb, toks_a[u]), V64B), align=1)
-                        s = builder.call(dp, [iv, lo, xa_v])
-                        s = builder.call(dp, [s, hi, xb_v])
-                    else:
-                        s = builder.call(dp, [iv, wv, xa_v])
-                    xs = builder.load(_ptr(builder, builder.add(px, toks_l[u]), V16F), align=4)
-                    f = builder.sitofp(s, V16F)
-                    builder.store(builder.call(fma, [f, builder.fmul(wsv, xs), builder.load(accs[u])]), accs[u])
-
-            _for_each_chunk(builder, w, nbytes, step)
-            for u, a in enumerate(accs):
-                v = builder.call(red, [ir.Constant(F32, 0.0), builder.load(a)], fastmath=("reassoc",))
-                builder.store(v, _ptr(builder, builder.add(out, builder.mul(so, ir.Constant(I64, u))), F32), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tiledot
-
-
-tiledot4_m2, tiledot4_m4, tiledot4_m8, tiledot4_m16 = (_make_tiledot(4, m, TT) for m in MODES)
-tiledot8_m4, tiledot8_m8, tiledot8_m16 = (_make_tiledot(8, m, TT) for m in MODES[1:])
+# Software prefetch distance of the decode kernels, in bytes of each row ahead. Decode reads every
+# weight once per token from DRAM; the 4-row tile's interleaved streams defeat the hardware
+# prefetcher (all 121 SmolLM2 4-bit linears: 3.7 ms without, 2.1 ms at 12-16 KiB, 2.9 ms for the
+# one-row kernel before; 2.6 ms at 8 KiB, 2.3 ms at 24 KiB; medians of 30 on this machine).
+PREFETCH = 16384
+RB, TB = 4, 4  # rows x tokens of the big tile (decode: RB x 1; prompt: RB x TB)
+qdot4_1x1, qdot4_rx1, qdot4_1xt, qdot4_rxt = (_make_qdot(4, r, t) for r, t in ((1, 1), (RB, 1), (1, TB), (RB, TB)))
+qdot8_1x1, qdot8_rx1, qdot8_1xt, qdot8_rxt = (_make_qdot(8, r, t) for r, t in ((1, 1), (RB, 1), (1, TB), (RB, TB)))
 
 
 def _make_rowdot_float(half: bool):

@@ -117,30 +117,23 @@ def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
     scale = np.float32(1.0 / np.sqrt(hd))
     for job in prange(t * n_heads):
         i, h = job // n_heads, job % n_heads
-        kv = h // group
         n = pos0 + i + 1  # this query sees keys [p0, n)
         p0 = max(0, n - window) if window > 0 else 0
-        qo = h * hd
-        m = np.float32(-np.inf)
-        for p in range(p0, n):
-            s = np.float32(0.0)
-            for j in range(hd):
-                s += q[i, qo + j] * kc[kv, p, j]
-            s *= scale
-            scores[job, p] = s
-            m = max(m, s)
-        tot = np.float32(0.0)
-        for p in range(p0, n):
-            e = np.exp(scores[job, p] - m)
-            scores[job, p] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+        qh = q[i, h * hd:(h + 1) * hd]
+        _attn_query_rows(qh, kc[h // group], vc[h // group], scores[job], out[i, h * hd:(h + 1) * hd], p0, n, scale)
+
+
+@njit(cache=True, fastmath=True)
+def _attn_query_rows(qh, kc, vc, srow, acc, a, b, scale):
+    """One query of one head over keys [a, b) of kc (ctx, hd): each score a vectorized dot."""
+    hd = qh.shape[0]
+    for p in range(a, b):
+        kp = kc[p]
+        s = np.float32(0.0)
         for j in range(hd):
-            out[i, qo + j] = 0.0
-        for p in range(p0, n):
-            w = scores[job, p] * inv
-            for j in range(hd):
-                out[i, qo + j] += w * vc[kv, p, j]
+            s += qh[j] * kp[j]
+        srow[p] = s * scale
+    _softmax_pv(srow, vc, acc, a, b)
 
 
 QT = 16  # queries per attention tile of the prompt path
@@ -194,6 +187,15 @@ def _attn_query(qh, kt, vc, srow, acc, a, b, scale):
         for p in range(nk):
             s[p] += q0 * k0[p]
         j += 1
+    _softmax_pv(srow, vc, acc, a, b)
+
+
+@njit(cache=True, fastmath=True)
+def _softmax_pv(srow, vc, acc, a, b):
+    """srow[a:b] (scores) -> softmax in place; acc (hd,) = sum_p srow[p] vc[p]."""
+    hd = acc.shape[0]
+    s = srow[a:b]  # loops from 0 (a variable start stops LLVM vectorizing them)
+    nk = b - a
     m = np.float32(-np.inf)
     for p in range(nk):
         m = max(m, s[p])

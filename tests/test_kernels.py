@@ -208,3 +208,16 @@ def test_embedding_rows(kind):
     out = np.zeros((ids.size, k), np.float32)
     Lk.embed_rows(d, ids, out)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fast_exp():
+    """The vectorizable exp of softmax and silu against float64 exp: relative error < 3e-7 over
+    the float32 range it serves, exactly 1 at 0, tiny and finite far below (the clamp)."""
+    x = np.concatenate([np.linspace(-87, 88, 200001), rng.standard_normal(1001) * 10, [0.0, -1e4, -np.inf]]).astype(np.float32)
+    out = np.empty_like(x)
+    Lk.exp_rows(x, out)
+    ref = np.exp(x.astype(np.float64))
+    ok = x >= -87
+    assert np.max(np.abs(out[ok] - ref[ok]) / ref[ok]) < 3e-7
+    assert out[x == 0][0] == 1.0
+    assert np.all(out[~ok] >= 0) and np.all(out[~ok] < 1.7e-38) and np.all(np.isfinite(out))

@@ -233,3 +233,15 @@ def half_to_float(typingctx, bits16):
         return builder.fpext(builder.bitcast(args[0], F16), F32)
 
     return sig, codegen
+
+
+@intrinsic
+def float_from_bits(typingctx, bits32):
+    """int32 bits -> the float32 with those bits (for building 2**n in `fast_exp`)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], F32)
+
+    return sig, codegen
+

@@ -195,9 +195,13 @@ def _make_rowdot_float(half: bool):
                 builder.store(builder.call(fma, [widen(wv), xv, builder.load(acc)]), acc)
 
             n64 = builder.sdiv(n, ir.Constant(I64, 64))
+            pf = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t, I32, I32, I32]), "llvm.prefetch.p0")
             with cgutils.for_range(builder, n64) as loop:  # 4 independent accumulators hide FMA latency
                 for u in range(4):
                     i = builder.add(builder.mul(loop.index, ir.Constant(I64, 64)), ir.Constant(I64, 16 * u))
+                    if u % (2 if half else 1) == 0:  # one prefetch per 64-byte line, PREFETCH bytes ahead
+                        ahead = builder.add(builder.add(w, builder.mul(i, esize)), ir.Constant(I64, PREFETCH))
+                        builder.call(pf, [builder.inttoptr(ahead, cgutils.voidptr_t), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
                     wv = builder.load(_ptr(builder, builder.add(w, builder.mul(i, esize)), vty), align=2 if half else 4)
                     xv = builder.load(_ptr(builder, builder.add(x, builder.mul(i, ir.Constant(I64, 4))), V16F), align=4)
                     fma_into(accs[u], wv, xv)

@@ -48,6 +48,21 @@ class Export:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
 
+    def drop_pages(self, arr: np.ndarray):
+        """Let go of the resident file pages under `arr` (a view into the data file) once the
+        runtime has made its own copy (fp32 scales -> fp16): they would otherwise count in RSS
+        for the life of the model. The view stays valid; a later read faults the pages back in."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
+            return
+        base = np.frombuffer(self._mmap, np.uint8, count=1).ctypes.data
+        start = arr.ctypes.data - base
+        if not 0 <= start < len(self._mmap):
+            return
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        hi = min(len(self._mmap), -(-(start + arr.nbytes) // page) * page)
+        self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def close(self):
         self.tensors.clear()
         if self._mmap is not None:

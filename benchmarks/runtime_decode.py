@@ -1,7 +1,8 @@
 """Decode and prompt speed of `edgellm run` (numba) vs ONNX Runtime vs llama.cpp, side by side.
 
 Each measurement runs in its own child process (so peak RSS is per backend) of one parent, in one
-run, same prompt, same threads. Wrap the whole run in `flock /tmp/edgellm-heavy.lock`.
+run, same prompt, same threads; --rounds interleave the backends (ABCABC...) and the medians pool
+every repetition of every round. Wrap the whole run in `flock /tmp/edgellm-heavy.lock`.
 
     python benchmarks/runtime_decode.py --q4 q4-onnx --q8 q8-onnx --fp32 fp32-onnx \
         --gguf-src SmolLM2-135M-Instruct.Q4_1.gguf --gguf-dir /work/models --threads 2
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,6 +138,7 @@ def main():
     ap.add_argument("--gguf-src"), ap.add_argument("--gguf-dir", default=".")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all backends")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--json")
@@ -155,21 +159,45 @@ def main():
             jobs.append((fmt, f"llama.cpp {gg}", str(dst)))
     common = ["--threads", str(args.threads), "--reps", str(args.reps), "--tokens", str(args.tokens), "--pp", str(args.pp)]
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-               "bandwidth_gbs": bandwidth(), "runs": []}
-    for fmt, backend, path in jobs:
+               "rounds": args.rounds, "bandwidth_gbs": bandwidth(), "runs": []}
+
+    def run(backend, path, env=None):
         b = "llama.cpp" if backend.startswith("llama.cpp") else backend
-        for attempt in (0, 1):  # the first numba run may compile; the second measures a warm cache
-            r = subprocess.run([sys.executable, __file__, "--child", b, path, *common], capture_output=True, text=True)
-            if r.returncode != 0 or b != "numba":
-                break
+        r = subprocess.run([sys.executable, __file__, "--child", b, path, *common], capture_output=True, text=True,
+                           env={**os.environ, **(env or {})})
         if r.returncode != 0:
-            print(f"{fmt} {backend}: failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            print(f"{backend} {path}: failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return None
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    if args.q4:  # first-ever start: an empty compile cache, so load + first token includes compiling
+        with tempfile.TemporaryDirectory() as cache:
+            cold = run("numba", args.q4, {"NUMBA_CACHE_DIR": cache})
+        results["numba_cold_compile_load_first_token_s"] = cold and cold["load_first_token_s"]
+        for fmt, backend, path in jobs:  # and fill the default cache before timing anything
+            if backend == "numba":
+                run(backend, path)
+    per_job = {i: [] for i in range(len(jobs))}
+    for _ in range(args.rounds):  # rounds interleave the backends, so a noisy stretch hits all of them
+        for i, (fmt, backend, path) in enumerate(jobs):
+            res = run(backend, path)
+            if res is not None:
+                per_job[i].append(res)
+    for i, (fmt, backend, path) in enumerate(jobs):
+        rs = per_job[i]
+        if not rs:
             continue
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        res.update(format=fmt, backend=backend, model=path, size_mb=_size(path) / 1e6)
+        tg = [v for r in rs for v in r["tg"]]
+        pps = [v for r in rs for v in r["pp"]]
+        res = {"format": fmt, "backend": backend, "model": path, "size_mb": _size(path) / 1e6, "tg": tg, "tg_median": statistics.median(tg),
+               "pp": pps, "pp_median": statistics.median(pps),
+               "load_first_token_s": statistics.median(r["load_first_token_s"] for r in rs),
+               "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
         results["runs"].append(res)
         print(f"{fmt:6} {backend:16} tg {res['tg_median']:7.1f} tok/s  pp{args.pp} {res['pp_median']:7.1f} tok/s  "
               f"load+1st {res['load_first_token_s']:.2f} s  RSS {res['peak_rss_mb']:.0f} MB  size {res['size_mb']:.0f} MB", flush=True)
+    if args.q4:
+        print(f"numba first-ever start (empty compile cache): load+1st {results['numba_cold_compile_load_first_token_s']:.1f} s")
     if args.q4:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from edgellm.runtime.model import NumbaModel

@@ -1,7 +1,7 @@
 """Read an export directory (docs/EXPORT_FORMAT.md) without torch: metadata, tensors by name.
 
-`onnx.load(..., load_external_data=False)` gives the graph, the metadata and, for every
-initializer, where its bytes lie in `model.onnx.data`; the data file is memory-mapped once and
+`onnx_proto.read_model` gives the metadata and, for every initializer, where its bytes lie in
+`model.onnx.data` (without importing the onnx package); the data file is memory-mapped once and
 each tensor is a read-only numpy view into it (no copy; pages load on first touch).
 """
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.errors import EdgeLLMError, UnsupportedError
+
+from .onnx_proto import EXTERNAL, ProtoError, read_model
 
 ONNX_NAME, DATA_NAME = "model.onnx", "model.onnx.data"
 FORMAT_VERSION = "1"
@@ -75,8 +77,6 @@ class Export:
 
 def open_export(path) -> Export:
     """Open and validate `path`; every problem is an EdgeLLMError with a one-line reason."""
-    import onnx
-
     path = Path(path)
     if not path.is_dir():
         raise EdgeLLMError(f"'{path}' is not a directory; give an export directory written by 'edgellm export'")
@@ -84,10 +84,9 @@ def open_export(path) -> Export:
     if not onnx_path.is_file():
         raise EdgeLLMError(f"'{path}' has no {ONNX_NAME}; give an export directory written by 'edgellm export'")
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends: a damaged file
-        raise EdgeLLMError(f"cannot read '{onnx_path}': {type(exc).__name__}: {exc}") from None
-    meta = {p.key: p.value for p in model.metadata_props}
+        meta, inits = read_model(onnx_path.read_bytes())
+    except (ProtoError, UnicodeDecodeError) as exc:  # a damaged or foreign file
+        raise EdgeLLMError(f"cannot read '{onnx_path}': not a valid ONNX model ({exc})") from None
     version = meta.get("edgellm.format_version")
     if version is None or "edgellm.config" not in meta:
         raise UnsupportedError(f"'{onnx_path}' has no edgellm metadata (not written by 'edgellm export'); "
@@ -104,10 +103,10 @@ def open_export(path) -> Export:
         raise UnsupportedError(f"architecture '{arch}' is not supported by the numba runtime (supported: {', '.join(ARCHITECTURES)}); "
                                "--backend onnxruntime may still run it")
 
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [t for t in inits if t.data_location == EXTERNAL]
     need = 0
     for t in external:
-        info = {e.key: e.value for e in t.external_data}
+        info = t.external
         if info.get("location") != DATA_NAME:
             raise UnsupportedError(f"initializer '{t.name}' lives in '{info.get('location')}', not {DATA_NAME}")
         need = max(need, int(info.get("offset", 0)) + int(info["length"]))
@@ -122,19 +121,27 @@ def open_export(path) -> Export:
         with open(data_path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     tensors = {}
-    for t in model.graph.initializer:
+    for t in inits:
         dtype = _NP_OF.get(t.data_type)
         if dtype is None:
             continue  # a type the runtime never reads by name (e.g. UINT4 of a qdq graph)
         shape = tuple(int(d) for d in t.dims)
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            off, n = int(info.get("offset", 0)), int(info["length"])
-            if n != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+        count = int(np.prod(shape, dtype=np.int64))
+        if t.data_location == EXTERNAL:
+            off, n = int(t.external.get("offset", 0)), int(t.external["length"])
+            if n != count * np.dtype(dtype).itemsize:
                 raise EdgeLLMError(f"initializer '{t.name}' says {n} bytes but its shape {shape} needs a different size")
             tensors[t.name] = np.frombuffer(mm, dtype=dtype, count=n // np.dtype(dtype).itemsize, offset=off).reshape(shape)
+        elif t.raw is not None:
+            if len(t.raw) != count * np.dtype(dtype).itemsize:
+                raise EdgeLLMError(f"initializer '{t.name}' holds {len(t.raw)} bytes but its shape {shape} needs a different size")
+            tensors[t.name] = np.frombuffer(t.raw, dtype=dtype).reshape(shape)
         else:
-            from onnx import numpy_helper
-
-            tensors[t.name] = numpy_helper.to_array(t)
+            vals = t.values or []
+            if len(vals) != count:
+                raise EdgeLLMError(f"initializer '{t.name}' holds {len(vals)} values but its shape {shape} needs {count}")
+            if dtype == np.float16:  # stored as the uint16 bits in int32_data
+                tensors[t.name] = np.array(vals, np.uint16).view(np.float16).reshape(shape)
+            else:
+                tensors[t.name] = np.array(vals, dtype).reshape(shape)
     return Export(path=path, config=config, quantization=quant, metadata=meta, tensors=tensors, data_size=size, _mmap=mm)

@@ -178,3 +178,40 @@ def test_bad_inputs(exports, tmp_path):
     onnx.save(m, str(bad / "model.onnx"))
     msg = _one_line_error(["run", str(bad), "-p", "hi"])
     assert "not supported" in msg and "onnxruntime" in msg
+
+
+def test_onnx_reader_matches_onnx(exports, tmp_path):
+    """runtime/onnx_proto.py (the runtime's own protobuf reader) against onnx.load on every export
+    of the tests: same metadata, same initializers (name, type, shape, location, inline values);
+    a damaged model.onnx is a one-line error."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgellm.runtime.loader import open_export
+    from edgellm.runtime.onnx_proto import EXTERNAL, read_model
+
+    for path in exports.values():
+        ref = onnx.load(str(path / "model.onnx"), load_external_data=False)
+        meta, inits = read_model((path / "model.onnx").read_bytes())
+        assert meta == {p.key: p.value for p in ref.metadata_props}
+        assert [t.name for t in inits] == [t.name for t in ref.graph.initializer]
+        ex = open_export(path)
+        for got, want in zip(inits, ref.graph.initializer):
+            assert (got.data_type, got.dims, got.data_location) == (want.data_type, list(want.dims), want.data_location)
+            assert got.external == {e.key: e.value for e in want.external_data}
+            if want.data_location != EXTERNAL and got.name in ex.tensors:
+                np.testing.assert_array_equal(ex.tensors[got.name], numpy_helper.to_array(want))
+        ex.close()
+    # inline values outside raw_data (int64_data, float_data) and negative ints
+    t = onnx.helper.make_tensor("a", onnx.TensorProto.INT64, [3], [-5, 0, 1 << 40])
+    f = onnx.helper.make_tensor("b", onnx.TensorProto.FLOAT, [2, 1], [0.5, -2.0])
+    m = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[t, f]))
+    _, inits = read_model(m.SerializeToString())
+    assert [(i.name, i.dims, i.values) for i in inits] == [("a", [3], [-5, 0, 1 << 40]), ("b", [2, 1], [0.5, -2.0])]
+    import shutil
+
+    bad = tmp_path / "damaged"
+    shutil.copytree(exports["llama", "q4"], bad)
+    blob = (bad / "model.onnx").read_bytes()
+    (bad / "model.onnx").write_bytes(blob[: len(blob) // 3])
+    assert "cannot read" in _one_line_error(["run", str(bad), "-p", "hi"])

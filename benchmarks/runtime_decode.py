@@ -196,8 +196,8 @@ def main():
                "peak_rss_decode_mb": max(r["peak_rss_decode_mb"] for r in rs), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
         results["runs"].append(res)
         print(f"{fmt:6} {backend:16} tg {res['tg_median']:7.1f} tok/s  pp{args.pp} {res['pp_median']:7.1f} tok/s  "
-              f"load+1st {res['load_first_token_s']:.2f} s  RSS decode/all {res['peak_rss_decode_mb']:.0f}/{res['peak_rss_mb']:.0f} MB  "
-              f"size {res['size_mb']:.0f} MB", flush=True)
+              f"load+1st {res['load_first_token_s']:.2f} s  RSS decode/all {res['peak_rss_decode_mb']:.0f}/{res['peak_rss_mb']:.0f} MiB  "
+              f"size {res['size_mb'] * 1e6 / 2**20:.1f} MiB", flush=True)
     if args.q4:
         print(f"numba first-ever start (empty compile cache): load+1st {results['numba_cold_compile_load_first_token_s']:.1f} s")
     if args.q4:

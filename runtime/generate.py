@@ -233,13 +233,15 @@ def _held_back(text: str, stops) -> int:
     return n
 
 
-def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | None = None, warmup: bool = True) -> Generator:
-    """Open an export directory on the numba (default) or onnxruntime backend."""
+def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | None = None, warmup: bool = True,
+         kv_cache: str = "auto") -> Generator:
+    """Open an export directory on the numba (default) or onnxruntime backend. `kv_cache`
+    (numba): auto = fp16 beside quantized weights, fp32 beside float ones; or fp16 / fp32."""
     path = Path(path)
     if backend == "numba":
         from .model import NumbaModel
 
-        model = NumbaModel(path, n_ctx=n_ctx, threads=threads)
+        model = NumbaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
     elif backend == "onnxruntime":
         from .ort_backend import OrtModel
 

@@ -17,7 +17,8 @@ from numba import njit
 
 from edgellm.errors import EdgeLLMError, UnsupportedError
 
-from .kernels.layers import attention, attention_mat, embed_rows, gelu_new, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables, swiglu, swiglu_mat
+from .kernels.layers import (attention, attention_mat, embed_rows, gelu_new, kv_cast, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables,
+                             swiglu, swiglu_mat)
 from .kernels.quant import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, DESC_LEN, K_F16, K_F32,
                             act_caps, linear_mat, linear_vec)
 from .kernels.simd import as_voidptr as _voidptr
@@ -194,13 +195,18 @@ def lazy_zeros(shape, dtype) -> np.ndarray:
     return np.frombuffer(buf, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-class RunState:
-    """The KV cache, preallocated for n_ctx positions (zeros: pages are touched only when used)."""
+KV_CACHE_TYPES = ("auto", "fp16", "fp32")
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
+
+class RunState:
+    """The KV cache, preallocated for n_ctx positions (zeros: pages are touched only when used).
+    fp16 is held as uint16 bits (kernels/layers.py kv_get / kv_cast)."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, fp16: bool):
         shape = (cfg.num_layers, cfg.num_kv_heads, n_ctx, cfg.head_dim)  # (L, n_kv, ctx, hd)
-        self.k = lazy_zeros(shape, np.float32)
-        self.v = lazy_zeros(shape, np.float32)
+        dtype = np.uint16 if fp16 else np.float32
+        self.k = lazy_zeros(shape, dtype)
+        self.v = lazy_zeros(shape, dtype)
         self.pos = 0
 
 
@@ -256,8 +262,8 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
         for i in range(t):
             for h in range(NKV):
                 for j in range(HD):
-                    kc[l, h, pos0 + i, j] = qkv[i, (NH + h) * HD + j]
-                    vc[l, h, pos0 + i, j] = qkv[i, (NH + NKV + h) * HD + j]
+                    kc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + h) * HD + j], kc)
+                    vc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vc)
         if t == 1:
             attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
         else:
@@ -294,7 +300,9 @@ class NumbaModel:
 
     backend = "numba"
 
-    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, simd: bool = True):
+    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, simd: bool = True, kv_cache: str = "auto"):
+        if kv_cache not in KV_CACHE_TYPES:
+            raise EdgeLLMError(f"--kv-cache {kv_cache!r} is invalid; give one of {', '.join(KV_CACHE_TYPES)}")
         self.export = open_export(path)
         self.config = cfg = ModelConfig.from_metadata(self.export.config)
         if cfg.num_heads % cfg.num_kv_heads:
@@ -320,7 +328,11 @@ class NumbaModel:
         self.ci[C_GATED] = 1 if cfg.mlp == "gated" else 0
         self.ci[C_CAP], self.ci[C_NBCAP], self.ci[C_WPE] = w.cap, w.nbcap, w.wpe
         self.window = np.array(cfg.sliding_window, np.int64)
-        self.state = RunState(cfg, self.n_ctx)
+        # auto: fp16 beside quantized weights (the int8 activations already round more than fp16
+        # keys and values do; half the cache's memory and attention reads), fp32 beside float
+        # weights (whose contract is ONNX Runtime's logits within 1e-3)
+        self.kv_cache = ("fp16" if w.bits else "fp32") if kv_cache == "auto" else kv_cache
+        self.state = RunState(cfg, self.n_ctx, self.kv_cache == "fp16")
 
     def set_threads(self, threads: int | None):
         if threads is not None and threads < 1:

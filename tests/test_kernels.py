@@ -150,32 +150,44 @@ def test_rope(scaling):
 
 @pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(4, 2, 8, 1, 0, 0), (4, 2, 8, 1, 9, 0), (6, 3, 5, 7, 4, 0), (3, 3, 16, 6, 0, 0),
                                                      (4, 1, 8, 5, 6, 4)])
-def test_attention(nh, nkv, hd, t, pos0, window):
+@pytest.mark.parametrize("fp16", [False, True])
+def test_attention(nh, nkv, hd, t, pos0, window, fp16):
     ctx = 20
     q = rng.standard_normal((t, nh * hd)).astype(np.float32)
     kc = np.zeros((nkv, ctx, hd), np.float32)
     vc = np.zeros((nkv, ctx, hd), np.float32)
     kc[:, : pos0 + t] = rng.standard_normal((nkv, pos0 + t, hd))
     vc[:, : pos0 + t] = rng.standard_normal((nkv, pos0 + t, hd))
+    kc, vc, kref, vref = _kv(kc, vc, fp16)
     out = np.zeros((t, nh * hd), np.float32)
     Lk.attention(q, kc, vc, pos0, nh, nkv, hd, out, np.zeros((t * nh, pos0 + t), np.float32), window)
-    ref = Lk.ref_attention(q.reshape(t, nh, hd), kc[:, : pos0 + t], vc[:, : pos0 + t], pos0, window)
+    ref = Lk.ref_attention(q.reshape(t, nh, hd), kref[:, : pos0 + t], vref[:, : pos0 + t], pos0, window)
     np.testing.assert_allclose(out.reshape(t, nh, hd), ref, atol=1e-5)
     out2 = np.full((t, nh * hd), np.nan, np.float32)
     Lk.attention_mat(q, kc, vc, pos0, nh, nkv, hd, out2, np.zeros((t * nh, pos0 + t), np.float32), window)
     np.testing.assert_allclose(out2.reshape(t, nh, hd), ref, atol=1e-5)
 
 
+def _kv(kc, vc, fp16):
+    """The cache as the kernels get it (fp16: uint16 bits) and the float values it holds."""
+    if not fp16:
+        return kc, vc, kc, vc
+    k16, v16 = kc.astype(np.float16), vc.astype(np.float16)
+    return k16.view(np.uint16), v16.view(np.uint16), k16.astype(np.float32), v16.astype(np.float32)
+
+
 @pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(9, 3, 64, 37, 0, 0), (6, 2, 7, 23, 5, 0), (4, 4, 9, 35, 3, 11), (2, 1, 16, 17, 40, 0)])
-def test_attention_mat(nh, nkv, hd, t, pos0, window):
+@pytest.mark.parametrize("fp16", [False, True])
+def test_attention_mat(nh, nkv, hd, t, pos0, window, fp16):
     """The prompt attention over several query tiles (odd head dims, sliding window, a cached past)."""
     ctx = pos0 + t + 3
     q = rng.standard_normal((t, nh * hd)).astype(np.float32)
     kc = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     vc = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    kc, vc, kref, vref = _kv(kc, vc, fp16)
     out = np.full((t, nh * hd), np.nan, np.float32)
     Lk.attention_mat(q, kc, vc, pos0, nh, nkv, hd, out, np.zeros((t * nh, pos0 + t), np.float32), window)
-    ref = Lk.ref_attention(q.reshape(t, nh, hd), kc[:, : pos0 + t], vc[:, : pos0 + t], pos0, window)
+    ref = Lk.ref_attention(q.reshape(t, nh, hd), kref[:, : pos0 + t], vref[:, : pos0 + t], pos0, window)
     np.testing.assert_allclose(out.reshape(t, nh, hd), ref, atol=2e-5)
 
 

@@ -215,3 +215,25 @@ def test_onnx_reader_matches_onnx(exports, tmp_path):
     blob = (bad / "model.onnx").read_bytes()
     (bad / "model.onnx").write_bytes(blob[: len(blob) // 3])
     assert "cannot read" in _one_line_error(["run", str(bad), "-p", "hi"])
+
+
+def test_kv_cache_precision(exports):
+    """auto = fp16 cache beside quantized weights, fp32 beside float ones; an fp16 cache on the
+    fp32 export stays within fp16 rounding of the fp32 cache's logits (prompt + 8 decode steps)."""
+    from edgellm.runtime.model import NumbaModel
+
+    assert NumbaModel(exports["llama", "q4"], n_ctx=32).state.k.dtype == np.uint16
+    m32, m16 = (NumbaModel(exports["llama", "f32"], n_ctx=64, threads=2, kv_cache=kv) for kv in ("auto", "fp16"))
+    assert (m32.state.k.dtype, m16.state.k.dtype) == (np.float32, np.uint16)
+    a, b = m32.forward(PROMPT, all_logits=True), m16.forward(PROMPT, all_logits=True)
+    for tok in range(8):
+        a = np.vstack([a, m32.forward([tok + 3])])
+        b = np.vstack([b, m16.forward([tok + 3])])
+    diff = np.abs(a - b).max()
+    assert 0 < diff <= 2e-3 * np.abs(a).max(), diff  # not bit-equal (fp16 is really used), but close
+    from edgellm.errors import EdgeLLMError
+
+    with pytest.raises(EdgeLLMError, match="kv-cache"):
+        NumbaModel(exports["llama", "q4"], kv_cache="fp8")
+    r = CliRunner().invoke(app, ["run", str(exports["llama", "q4"]), "-p", "hi", "--kv-cache", "fp8"])
+    assert r.exit_code == 2 and "--kv-cache" in r.output  # typer's usage error, as for every option choice

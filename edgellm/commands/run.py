@@ -15,6 +15,12 @@ class Backend(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class KVCache(str, Enum):
+    auto = "auto"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
 def run(
     model: Annotated[Path, typer.Argument(help="Export directory written by 'edgellm export'.", show_default=False)],
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (with --chat: the first message).")] = None,
@@ -29,6 +35,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime).")] = Backend.numba,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length (default: the model's maximum).")] = None,
+    kv_cache: Annotated[KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend): auto = fp16 for quantized exports (half the memory), fp32 for float ones.")] = KVCache.auto,
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -48,7 +55,7 @@ def run(
                       max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
     params.check()
     with console.status(f"loading {model} ({backend.value})"):
-        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx)
+        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value)
 
     def emit(pieces):
         for piece in pieces:

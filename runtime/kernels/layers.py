@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import overload
 
 from .quant import D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, K_F16, K_F32, K_Q4
-from .simd import as_voidptr, float_from_bits, half_to_float
+from .simd import as_voidptr, float_from_bits, float_to_half, half_to_float
 
 
 # ----------------------------------------------------------------------------- exp
@@ -42,6 +43,33 @@ def exp_rows(x, out):
     """out = fast_exp(x) elementwise over a 1-d array (the test's handle on fast_exp)."""
     for i in range(x.shape[0]):
         out[i] = fast_exp(x[i])
+
+
+# ----------------------------------------------------------------------------- KV cache elements
+# The KV cache is float32, or fp16 held as uint16 bits (numba has no CPU float16 arithmetic); the
+# kernels read and write it through these two, resolved at compile time by the cache's dtype.
+def kv_get(x):
+    """float32 value of one KV cache element."""
+    raise NotImplementedError("compiled code only")
+
+
+def kv_cast(value, cache):
+    """`value` (float32) in the element type of the array `cache`."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(kv_get, inline="always")
+def _kv_get(x):
+    if x == types.uint16:
+        return lambda x: half_to_float(x)
+    return lambda x: np.float32(x)
+
+
+@overload(kv_cast, inline="always")
+def _kv_cast(value, cache):
+    if cache.dtype == types.uint16:
+        return lambda value, cache: float_to_half(np.float32(value))
+    return lambda value, cache: np.float32(value)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -140,7 +168,8 @@ def ref_rope(x, pos, cos, sin):
 @njit(cache=True, parallel=True, fastmath=True)
 def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
     """Causal GQA attention of t new queries over the cache. q (t, n_heads*hd); kc, vc
-    (n_kv, ctx, hd) already hold positions [0, pos0 + t); out (t, n_heads*hd); scores (threads-
+    (n_kv, ctx, hd), float32 or fp16 bits (kv_get), already hold positions [0, pos0 + t); out
+    (t, n_heads*hd); scores (threads-
     independent scratch (t*n_heads, ctx)); window > 0: see only the last `window` positions."""
     t = q.shape[0]
     group = n_heads // n_kv
@@ -161,7 +190,7 @@ def _attn_query_rows(qh, kc, vc, srow, acc, a, b, scale):
         kp = kc[p]
         s = np.float32(0.0)
         for j in range(hd):
-            s += qh[j] * kp[j]
+            s += qh[j] * kv_get(kp[j])
         srow[p] = s * scale
     _softmax_pv(srow, vc, acc, a, b)
 
@@ -184,7 +213,7 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
     for job in prange(n_kv * hd):
         kv, j = job // hd, job % hd
         for p in range(nk):
-            kt[kv, j, p] = kc[kv, p, j]
+            kt[kv, j, p] = kv_get(kc[kv, p, j])
     for job in prange(n_heads * ntile):
         # tiles zig-zag (0, last, 1, last-1, ...): a causal tile costs its end position, and
         # prange hands each thread one contiguous run of jobs, so plain order gave one thread
@@ -246,13 +275,13 @@ def _softmax_pv(srow, vc, acc, a, b):
         w0, w1, w2, w3 = srow[p] * inv, srow[p + 1] * inv, srow[p + 2] * inv, srow[p + 3] * inv
         v0, v1, v2, v3 = vc[p], vc[p + 1], vc[p + 2], vc[p + 3]
         for jj in range(hd):
-            acc[jj] += w0 * v0[jj] + w1 * v1[jj] + w2 * v2[jj] + w3 * v3[jj]
+            acc[jj] += w0 * kv_get(v0[jj]) + w1 * kv_get(v1[jj]) + w2 * kv_get(v2[jj]) + w3 * kv_get(v3[jj])
         p += 4
     while p < b:
         w0 = srow[p] * inv
         v0 = vc[p]
         for jj in range(hd):
-            acc[jj] += w0 * v0[jj]
+            acc[jj] += w0 * kv_get(v0[jj])
         p += 1
 
 

@@ -249,3 +249,14 @@ def float_from_bits(typingctx, bits32):
 
     return sig, codegen
 
+
+@intrinsic
+def float_to_half(typingctx, value):
+    """float32 -> IEEE fp16 bits (uint16), round to nearest even (the fp16 KV cache's store)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], F16), I16)
+
+    return sig, codegen
+

@@ -11,7 +11,7 @@ one compiled decode step serves every layer without Python in between):
     gs, nb, rb   group size, blocks per row, bytes per weight row;  sym, zero   symmetric, its zero point
 
 Quantized layers multiply by int8-quantized activations (one scale per weight group, like
-llama.cpp's Q8_0 next to Q4_0): `quantize_act` writes them in the layout the SIMD row kernel reads
+llama.cpp's Q8_0 next to Q4_0): `quantize_act` writes them in the layout the SIMD microkernel reads
 (see simd.py). The int8 rounding of activations is the only deviation from the float product; the
 numpy reference `ref_linear_q8act` reproduces it exactly, `ref_linear` is the float product.
 """
@@ -90,7 +90,7 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs):
         init[g] = -zero * tot
 
 
-# ----------------------------------------------------------------------------- one row
+# ----------------------------------------------------------------------------- tiles and rows
 @njit(cache=True, fastmath=True)
 def _qdot_simd(d, r, nrows, xa, xb, init, xsl, i0, ntok, out, so):
     """Raw dots of weight rows r..r+nrows (1 or RB) with tokens i0..i0+ntok (1 or TB) of the

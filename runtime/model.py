@@ -295,6 +295,8 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
 # context floats) grows with it; 512 tokens at once peaked 20 MB higher than chunks of 128 for the
 # same prompt speed (SmolLM2 4-bit, pp512).
 PROMPT_CHUNK = 128
+
+
 class NumbaModel:
     """Load once, run many: `forward(ids)` appends tokens to the cache and returns logits."""
 

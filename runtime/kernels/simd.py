@@ -70,8 +70,8 @@ def _make_qdot(bits: int, nrows: int, ntok: int):
     against `ntok` tokens (token u's int8 codes at xa + u*sa, xb + u*sa, its lanes at init + u*sl,
     xsl + u*sl; the layout of quantize_act). Every 64-byte weight chunk is loaded, unpacked and
     its scales spread to lanes once, then used for all ntok tokens; every activation chunk is
-    loaded once for all nrows rows, so loads per multiply-add fall as the tile grows (1x1:
-    4 loads per 64 weight bytes; 4x4: 1.5). The nrows*ntok accumulators stay in zmm registers.
+    loaded once for all nrows rows, so loads per (row, token) pair fall as the tile grows (4-bit 1x1:
+    6 loads per 64 weight bytes; 4x4: 1.5). The nrows*ntok accumulators stay in zmm registers.
     Raw dots (no bias, no zero-point correction) are stored at out + u*so + j*4.
 
     Block of lane l in chunk c: (16c + l) >> shift with shift = log2(lanes per block), so the

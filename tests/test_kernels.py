@@ -172,8 +172,9 @@ def _kv(kc, vc, fp16):
     """The cache as the kernels get it (fp16: uint16 bits) and the float values it holds."""
     if not fp16:
         return kc, vc, kc, vc
-    k16, v16 = kc.astype(np.float16), vc.astype(np.float16)
-    return k16.view(np.uint16), v16.view(np.uint16), k16.astype(np.float32), v16.astype(np.float32)
+    like = np.empty(0, np.uint16)
+    k16, v16 = Lk.kv_cast(kc, like), Lk.kv_cast(vc, like)
+    return k16, v16, Lk.kv_get(k16), Lk.kv_get(v16)
 
 
 @pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(9, 3, 64, 37, 0, 0), (6, 2, 7, 23, 5, 0), (4, 4, 9, 35, 3, 11), (2, 1, 16, 17, 40, 0)])

@@ -49,13 +49,16 @@ def exp_rows(x, out):
 # The KV cache is float32, or fp16 held as uint16 bits (numba has no CPU float16 arithmetic); the
 # kernels read and write it through these two, resolved at compile time by the cache's dtype.
 def kv_get(x):
-    """float32 value of one KV cache element."""
-    raise NotImplementedError("compiled code only")
+    """float32 value(s) of KV cache element(s): the numpy reference of the compiled overload."""
+    x = np.asarray(x)
+    return x.view(np.float16).astype(np.float32) if x.dtype == np.uint16 else x.astype(np.float32)
 
 
 def kv_cast(value, cache):
-    """`value` (float32) in the element type of the array `cache`."""
-    raise NotImplementedError("compiled code only")
+    """`value` (float32) in the element type of the array `cache` (fp16 bits when uint16): the
+    numpy reference of the compiled overload."""
+    v = np.asarray(value, np.float32)
+    return v.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else v
 
 
 @overload(kv_get, inline="always")

@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from .simd import (HAVE_VNNI, RB, TB, as_voidptr, half_to_float, qdot4_1x1, qdot4_1xt, qdot4_rx1, qdot4_rxt, qdot8_1x1,
-                   qdot8_1xt, qdot8_rx1, qdot8_rxt, rowdot_f16, rowdot_f32)
+from .simd import HAVE_VNNI, RB, TB, as_voidptr, half_to_float, qdot_1x1, qdot_1xt, qdot_rx1, qdot_rxt, rowdot_f16, rowdot_f32
 
 K_F32, K_F16, K_Q4, K_Q8 = 0, 1, 4, 8
 D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_RB, D_SYM, D_ZERO = range(12)
@@ -91,48 +90,47 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs):
 
 
 # ----------------------------------------------------------------------------- tiles and rows
-@njit(cache=True, fastmath=True)
-def _qdot_simd(d, r, nrows, xa, xb, init, xsl, i0, ntok, out, so):
-    """Raw dots of weight rows r..r+nrows (1 or RB) with tokens i0..i0+ntok (1 or TB) of the
-    activation buffers (2-d: one row per token), stored at address out + u*so + j*4."""
-    shift = 0
+@njit(cache=True)
+def lane_shift(d):
+    """log2 of the 4-byte lanes per weight block (group/8 for 4-bit, group/4 for 8-bit; a power of
+    two), the microkernel's `shift`: worked out once per linear, not per tile."""
     lpb = d[D_GS] // (8 if d[D_KIND] == K_Q4 else 4)
+    shift = 0
     while (1 << shift) < lpb:
         shift += 1
+    return shift
+
+
+@njit(cache=True, fastmath=True)
+def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so):
+    """Raw dots of weight rows r..r+nrows (1 or RB) with tokens i0..i0+ntok (1 or TB) of the
+    activation buffers (2-d: one row per token), stored at address out + u*so + j*4."""
     rb, ss = d[D_RB], d[D_NB] * 2
     w, s = d[D_W] + r * rb, d[D_S] + r * ss
     sa, sl = xa.strides[0], init.strides[0]
     a, b = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
     i, x = init.ctypes.data + i0 * sl, xsl.ctypes.data + i0 * sl
-    if d[D_KIND] == K_Q4:
-        if nrows == 1 and ntok == 1:
-            qdot4_1x1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-        elif ntok == 1:
-            qdot4_rx1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-        elif nrows == 1:
-            qdot4_1xt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-        else:
-            qdot4_rxt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-    elif nrows == 1 and ntok == 1:
-        qdot8_1x1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+    bits = d[D_KIND]
+    if nrows == 1 and ntok == 1:
+        qdot_1x1(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     elif ntok == 1:
-        qdot8_rx1(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        qdot_rx1(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     elif nrows == 1:
-        qdot8_1xt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        qdot_1xt(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     else:
-        qdot8_rxt(w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        qdot_rxt(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
 
 
 @njit(cache=True, fastmath=True)
-def _qrows_simd(d, r0, r1, xa, xb, init, xsl, i0, ntok, o, so):
+def _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, ntok, o, so):
     """Raw dots of rows [r0, r1) with tokens i0..i0+ntok at o + u*so + r*4: RB-row tiles, then
     the leftover rows one by one."""
     r = r0
     while r + RB <= r1:
-        _qdot_simd(d, r, RB, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
+        _qdot_simd(d, shift, r, RB, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
         r += RB
     while r < r1:
-        _qdot_simd(d, r, 1, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
+        _qdot_simd(d, shift, r, 1, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
         r += 1
 
 
@@ -195,11 +193,12 @@ def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
     quantize_act(x, d, xa, xb, init, xsl, xzb, xs)
     if simd and HAVE_VNNI:
         plain = d[D_Z] == 0 and d[D_B] == 0
+        shift = lane_shift(d)
         xa2, xb2, init2, xsl2 = xa.reshape(1, -1), xb.reshape(1, -1), init.reshape(1, -1), xsl.reshape(1, -1)
         o = out.ctypes.data
         for blk in prange((n + RB - 1) // RB):
             r0 = blk * RB
-            _qrows_simd(d, r0, min(n, r0 + RB), xa2, xb2, init2, xsl2, 0, 1, o, 0)
+            _qrows_simd(d, shift, r0, min(n, r0 + RB), xa2, xb2, init2, xsl2, 0, 1, o, 0)
             if not plain:
                 for r in range(r0, min(n, r0 + RB)):
                     out[r] = _finish(d, r, out[r], xzb)
@@ -226,12 +225,13 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
     if quant and simd and HAVE_VNNI:
         tfull = t - t % TB
         so, o = out.strides[0], out.ctypes.data
+        shift = lane_shift(d)
         for tile in prange(ntile):
             r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
             for i0 in range(0, tfull, TB):
-                _qrows_simd(d, r0, r1, xa, xb, init, xsl, i0, TB, o + i0 * so, so)
+                _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, TB, o + i0 * so, so)
             for i in range(tfull, t):  # leftover tokens one by one
-                _qrows_simd(d, r0, r1, xa, xb, init, xsl, i, 1, o + i * so, so)
+                _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i, 1, o + i * so, so)
             if d[D_Z] != 0 or d[D_B] != 0:
                 for i in range(t):
                     for r in range(r0, r1):

@@ -63,8 +63,8 @@ def _for_each_chunk(builder, nbytes, step):
         step(nfull, lambda addr: builder.call(mload, [_ptr(builder, addr, V64B), ir.Constant(I32, 1), m, ir.Constant(V64B, None)]))
 
 
-def _make_qdot(bits: int, nrows: int, ntok: int):
-    """Intrinsic (w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so): the microkernel.
+def _make_qdot(nrows: int, ntok: int):
+    """Intrinsic (bits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so): the microkernel.
 
     `nrows` consecutive weight rows (row j at w + j*rb, its fp16 block scales at ws + j*ss)
     against `ntok` tokens (token u's int8 codes at xa + u*sa, xb + u*sa, its lanes at init + u*sl,
@@ -75,14 +75,15 @@ def _make_qdot(bits: int, nrows: int, ntok: int):
     Raw dots (no bias, no zero-point correction) are stored at out + u*so + j*4.
 
     Block of lane l in chunk c: (16c + l) >> shift with shift = log2(lanes per block), so the
-    scales spread with one vpermps whose index vector (l >> min(shift, 4)) is made once."""
+    scales spread with one vpermps whose index vector (l >> min(shift, 4)) is made once.
+    `bits` (4 or 8) picks one of two chunk loops once per call."""
 
     @intrinsic
-    def qdot(typingctx, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so):
-        sig = types.none(*([types.int64] * 13))
+    def qdot(typingctx, bits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so):
+        sig = types.none(*([types.int64] * 14))
 
         def codegen(context, builder, signature, args):
-            w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so = args
+            nbits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so = args
             mod = builder.module
             dp = cgutils.get_or_insert_function(mod, ir.FunctionType(V16I, [V16I, V64B, V64B]), "llvm.x86.avx512.vpdpbusd.512")
             red = cgutils.get_or_insert_function(mod, ir.FunctionType(F32, [F32, V16F]), "llvm.vector.reduce.fadd.v16f32")
@@ -102,7 +103,7 @@ def _make_qdot(bits: int, nrows: int, ntok: int):
             toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
             toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
 
-            def step(c, load):
+            def step(bits, c, load):
                 off = builder.mul(c, k64)
                 fb = builder.lshr(builder.mul(c, k16), shift)  # first block of the chunk
                 units = []
@@ -128,7 +129,11 @@ def _make_qdot(bits: int, nrows: int, ntok: int):
                         acc = accs[j][u]
                         builder.store(builder.call(fma, [builder.sitofp(s, V16F), builder.fmul(wsv, xs), builder.load(acc)]), acc)
 
-            _for_each_chunk(builder, rb, step)
+            with builder.if_else(builder.icmp_signed("==", nbits, ir.Constant(I64, 4))) as (four, eight):
+                with four:
+                    _for_each_chunk(builder, rb, lambda c, load: step(4, c, load))
+                with eight:
+                    _for_each_chunk(builder, rb, lambda c, load: step(8, c, load))
             for j in range(nrows):
                 for u in range(ntok):
                     v = builder.call(red, [ir.Constant(F32, 0.0), builder.load(accs[j][u])], fastmath=("reassoc",))
@@ -163,8 +168,7 @@ def as_voidptr(typingctx, addr):
 # one-row kernel before; 2.6 ms at 8 KiB, 2.3 ms at 24 KiB; medians of 30 on this machine).
 PREFETCH = 16384
 RB, TB = 4, 4  # rows x tokens of the big tile (decode: RB x 1; prompt: RB x TB)
-qdot4_1x1, qdot4_rx1, qdot4_1xt, qdot4_rxt = (_make_qdot(4, r, t) for r, t in ((1, 1), (RB, 1), (1, TB), (RB, TB)))
-qdot8_1x1, qdot8_rx1, qdot8_1xt, qdot8_rxt = (_make_qdot(8, r, t) for r, t in ((1, 1), (RB, 1), (1, TB), (RB, TB)))
+qdot_1x1, qdot_rx1, qdot_1xt, qdot_rxt = (_make_qdot(r, t) for r, t in ((1, 1), (RB, 1), (1, TB), (RB, TB)))
 
 
 def _make_rowdot_float(half: bool):
@@ -228,35 +232,24 @@ rowdot_f32 = _make_rowdot_float(False)
 rowdot_f16 = _make_rowdot_float(True)
 
 
-@intrinsic
-def half_to_float(typingctx, bits16):
-    """IEEE fp16 bits (uint16) -> float32 (numba has no float16 scalar type on CPU)."""
-    sig = types.float32(types.uint16)
+def _scalar_cast(ret, arg, convert, doc):
+    """An intrinsic ret(arg) whose body is `convert(builder, value)` (bit-level casts numba lacks)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], F16), F32)
+    @intrinsic
+    def cast(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return convert(builder, args[0])
 
-    return sig, codegen
+        return ret(arg), codegen
 
-
-@intrinsic
-def float_from_bits(typingctx, bits32):
-    """int32 bits -> the float32 with those bits (for building 2**n in `fast_exp`)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], F32)
-
-    return sig, codegen
+    cast.__doc__ = doc
+    return cast
 
 
-@intrinsic
-def float_to_half(typingctx, value):
-    """float32 -> IEEE fp16 bits (uint16), round to nearest even (the fp16 KV cache's store)."""
-    sig = types.uint16(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], F16), I16)
-
-    return sig, codegen
+half_to_float = _scalar_cast(types.float32, types.uint16, lambda b, v: b.fpext(b.bitcast(v, F16), F32),
+                             "IEEE fp16 bits (uint16) -> float32 (numba has no float16 scalar type on CPU).")
+float_to_half = _scalar_cast(types.uint16, types.float32, lambda b, v: b.bitcast(b.fptrunc(v, F16), I16),
+                             "float32 -> IEEE fp16 bits (uint16), round to nearest even (the fp16 KV cache's store).")
+float_from_bits = _scalar_cast(types.float32, types.int32, lambda b, v: b.bitcast(v, F32),
+                               "int32 bits -> the float32 with those bits (for building 2**n in `fast_exp`).")
 

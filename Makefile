@@ -27,3 +27,11 @@ test: $(STAMP)
 
 clean-demo:
 	rm -rf demo-out
+
+# The runtime on aarch64 under qemu-user (Pi 5: cortex-a76, Pi 4: cortex-a72): builds and caches
+# an arm64 Debian root under /work/models/arm64-root (ARM64_ROOT=...); needs root. Not part of
+# `make test`: about an hour cold, minutes cached (see benchmarks/RESULTS.md).
+.PHONY: test-arm64
+ARM64_ROOT ?= /work/models/arm64-root
+test-arm64: $(STAMP)
+	bash scripts/test-arm64.sh --root $(ARM64_ROOT)

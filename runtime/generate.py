@@ -234,14 +234,17 @@ def _held_back(text: str, stops) -> int:
 
 
 def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | None = None, warmup: bool = True,
-         kv_cache: str = "auto") -> Generator:
+         kv_cache: str = "auto", kernels: str = "auto") -> Generator:
     """Open an export directory on the numba (default) or onnxruntime backend. `kv_cache`
-    (numba): auto = fp16 beside quantized weights, fp32 beside float ones; or fp16 / fp32."""
+    (numba): auto = fp16 beside quantized weights, fp32 beside float ones; or fp16 / fp32.
+    `kernels` (numba): the kernel tier, auto = the best the CPU numba compiles for has, or a
+    lower one by name (avx512-vnni, avx-vnni, avx2, generic; kernels/tiers.py); one the CPU
+    lacks is an EdgeLLMError."""
     path = Path(path)
     if backend == "numba":
         from .model import NumbaModel
 
-        model = NumbaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
+        model = NumbaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache, kernels=kernels)
     elif backend == "onnxruntime":
         from .ort_backend import OrtModel
 

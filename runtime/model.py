@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import warnings
 from dataclasses import dataclass
 
 import numba
@@ -21,7 +22,9 @@ from .kernels.layers import (attention, attention_mat, embed_rows, gelu_new, kv_
                              swiglu, swiglu_mat)
 from .kernels.quant import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, DESC_LEN, K_F16, K_F32,
                             act_caps, linear_mat, linear_vec)
+from .kernels.quant import checked_tier
 from .kernels.simd import as_voidptr as _voidptr
+from .kernels.tiers import describe as _describe_tier
 from .loader import Export, open_export
 
 
@@ -188,6 +191,8 @@ def lazy_zeros(shape, dtype) -> np.ndarray:
     """Zeros in an anonymous mapping whose pages become resident only when written, in 4 KiB
     pages: numpy asks for transparent huge pages on big arrays, and then writing position 0 of
     each (layer, head) slab of the KV cache made the whole cache resident (+42 MB at 8 tokens)."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: calloc'd zeros, whose pages the OS also commits on first write
+        return np.zeros(shape, dtype)
     size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
@@ -212,11 +217,11 @@ class RunState:
 
 # ----------------------------------------------------------------------------- the hot loop
 @njit(cache=True)
-def _linear(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
+def _linear(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     if x.shape[0] == 1:
-        linear_vec(d, x[0], out[0], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], simd)
+        linear_vec(d, x[0], out[0], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], tier)
     else:
-        linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd)
+        linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
 
 
 @njit(cache=True)
@@ -228,8 +233,9 @@ def _norm(ci, x, w, b, eps, out):
 
 
 @njit(cache=True)
-def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, kc, vc, logits, all_logits, simd):
-    """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V)."""
+def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, kc, vc, logits, all_logits, tier):
+    """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V).
+    `tier`: the kernel tier id of the quantized linears (kernels/tiers.py)."""
     t = ids.shape[0]
     H, NH, NKV, HD, L = ci[C_H], ci[C_NH], ci[C_NKV], ci[C_HD], ci[C_L]
     cap, nbc = ci[C_CAP], ci[C_NBCAP]
@@ -255,7 +261,7 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
     for l in range(L):
         # attention block
         _norm(ci, x, norms[l, N_LN1W], norms[l, N_LN1B], eps, xn)
-        _linear(lin[l, R_QKV], xn, qkv, xa, xb, init, xsl, xzb, xs, simd)
+        _linear(lin[l, R_QKV], xn, qkv, xa, xb, init, xsl, xzb, xs, tier)
         if ci[C_POS] == 0:
             rope(qkv, 0, NH, HD, pos0, cos, sin)
             rope(qkv, NH * HD, NKV, HD, pos0, cos, sin)
@@ -268,11 +274,11 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
             attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
         else:
             attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
-        _linear(lin[l, R_O], att, res, xa, xb, init, xsl, xzb, xs, simd)
+        _linear(lin[l, R_O], att, res, xa, xb, init, xsl, xzb, xs, tier)
         x += res
         # MLP block
         _norm(ci, x, norms[l, N_LN2W], norms[l, N_LN2B], eps, xn)
-        _linear(lin[l, R_UP], xn, up, xa, xb, init, xsl, xzb, xs, simd)
+        _linear(lin[l, R_UP], xn, up, xa, xb, init, xsl, xzb, xs, tier)
         if ci[C_GATED] == 1:
             if t == 1:
                 swiglu(up, ci[C_I], mid)
@@ -280,14 +286,14 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
                 swiglu_mat(up, ci[C_I], mid)
         else:
             gelu_new(up, mid)
-        _linear(lin[l, R_DOWN], mid, res, xa, xb, init, xsl, xzb, xs, simd)
+        _linear(lin[l, R_DOWN], mid, res, xa, xb, init, xsl, xzb, xs, tier)
         x += res
     if all_logits:
         _norm(ci, x, fnorm[0], fnorm[1], eps, xn)
-        _linear(head, xn, logits, xa, xb, init, xsl, xzb, xs, simd)
+        _linear(head, xn, logits, xa, xb, init, xsl, xzb, xs, tier)
     else:
         _norm(ci, x[t - 1:], fnorm[0], fnorm[1], eps, xn[:1])
-        _linear(head, xn[:1], logits, xa, xb, init, xsl, xzb, xs, simd)
+        _linear(head, xn[:1], logits, xa, xb, init, xsl, xzb, xs, tier)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -302,7 +308,10 @@ class NumbaModel:
 
     backend = "numba"
 
-    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, simd: bool = True, kv_cache: str = "auto"):
+    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, simd: bool = True, kv_cache: str = "auto",
+                 kernels: str = "auto"):
+        """kernels: the kernel tier ("auto": the best the CPU numba compiles for has; or one of
+        kernels/tiers.py NAMES, to force a lower one); simd=False is kernels="generic"."""
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgeLLMError(f"--kv-cache {kv_cache!r} is invalid; give one of {', '.join(KV_CACHE_TYPES)}")
         self.export = open_export(path)
@@ -312,6 +321,11 @@ class NumbaModel:
         self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.weights = w = Weights(self.export, cfg)
         self.simd = simd
+        # the kernel tier (kernels/tiers.py); a tier failing its load-time self-check falls back
+        # one tier, with the one-line `kernel_warning` (also issued as a warning)
+        self.tier, self.kernel_warning = checked_tier(kernels if simd else "generic")
+        if self.kernel_warning:
+            warnings.warn(self.kernel_warning, RuntimeWarning, stacklevel=2)
         self.set_threads(threads)
         if cfg.position == "rope":
             try:
@@ -343,6 +357,11 @@ class NumbaModel:
         numba.set_num_threads(self.threads)
 
     @property
+    def kernels(self) -> str:
+        """The kernel tier that runs, for `info`, `run --verbose` and bench rows."""
+        return _describe_tier(self.tier)
+
+    @property
     def pos(self) -> int:
         return self.state.pos
 
@@ -370,7 +389,7 @@ class NumbaModel:
             c1 = min(t, c0 + PROMPT_CHUNK)
             out = logits[c0:c1] if all_logits else logits  # a non-final chunk's last-token logits are overwritten
             forward(ids[c0:c1], self.state.pos, self.ci, np.float32(self.config.norm_eps), w.lin, w.norms, w.emb, w.head, w.fnorm,
-                    self.window, self.cos, self.sin, self.state.k, self.state.v, out, all_logits, self.simd)
+                    self.window, self.cos, self.sin, self.state.k, self.state.v, out, all_logits, self.tier.id)
             self.state.pos += c1 - c0
         return logits if all_logits else logits[0]
 

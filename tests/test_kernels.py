@@ -7,7 +7,7 @@ import pytest
 
 from edgellm.runtime.kernels import layers as Lk
 from edgellm.runtime.kernels import quant as Q
-from edgellm.runtime.kernels.simd import HAVE_VNNI
+from edgellm.runtime.kernels import tiers
 
 rng = np.random.default_rng(0)
 
@@ -54,7 +54,9 @@ def _bufs(d, t):
             np.zeros((t, cap // 4), np.float32), np.zeros((t, nbc), np.float32), np.zeros((t, nbc), np.float32))
 
 
-SIMD = [True, False] if HAVE_VNNI else [False]
+TIERS = tiers.supported()  # every kernel tier the CPU numba compiles for has (here: all x86 ones)
+ID = {name: tiers.BY_NAME[name].id for name in TIERS}
+BEST = ID[TIERS[0]]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -69,13 +71,13 @@ def test_quantized_linear(bits, gs, sym, n, k):
     x = rng.standard_normal((3, k)).astype(np.float32)
     ref = Q.ref_linear_q8act(x, qweight, scales, zeros, bits, k, gs, bias)
     scale = np.abs(ref).max()
-    for simd in SIMD:
+    for tier in TIERS:
         out = np.zeros((3, n), np.float32)
-        Q.linear_mat(d, x, out, *_bufs(d, 3), simd)  # prompt path (GEMM)
-        assert np.abs(out - ref).max() <= 1e-5 * scale, simd
+        Q.linear_mat(d, x, out, *_bufs(d, 3), ID[tier])  # prompt path (GEMM)
+        assert np.abs(out - ref).max() <= 1e-5 * scale, tier
         o1 = np.zeros(n, np.float32)
-        Q.linear_vec(d, x[1], o1, *[b[0] for b in _bufs(d, 1)], simd)  # decode path (GEMV)
-        assert np.abs(o1 - ref[1]).max() <= 1e-5 * scale, simd
+        Q.linear_vec(d, x[1], o1, *[b[0] for b in _bufs(d, 1)], ID[tier])  # decode path (GEMV)
+        assert np.abs(o1 - ref[1]).max() <= 1e-5 * scale, tier
     # int8 activations: close to the float product (a few 1e-3 relative; see test_runtime)
     reff = Q.ref_linear(x, Q.dequantize(qweight, scales, zeros, bits, k), bias)
     assert np.abs(out - reff).max() <= 3e-2 * np.abs(reff).max()
@@ -94,14 +96,53 @@ def test_quantized_gemm(bits, gs, sym, n, k, t):
     d = _desc(bits, n, k, keep, qweight=qweight, scales=scales, zeros=zeros, gs=gs, bias=bias)
     x = rng.standard_normal((t, k)).astype(np.float32)
     ref = Q.ref_linear_q8act(x, qweight, scales, zeros, bits, k, gs, bias)
-    for simd in SIMD:
+    for tier in TIERS:
         out = np.full((t, n), np.nan, np.float32)
-        Q.linear_mat(d, x, out, *_bufs(d, t), simd)
-        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), simd
+        Q.linear_mat(d, x, out, *_bufs(d, t), ID[tier])
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), tier
         vec = np.zeros((t, n), np.float32)
         for i in range(t):
-            Q.linear_vec(d, x[i], vec[i], *[b[0] for b in _bufs(d, 1)], simd)
-        assert np.abs(vec - out).max() <= 1e-6 * np.abs(ref).max(), simd  # same integer sums, same scaling
+            Q.linear_vec(d, x[i], vec[i], *[b[0] for b in _bufs(d, 1)], ID[tier])
+        assert np.abs(vec - out).max() <= 1e-6 * np.abs(ref).max(), tier  # same integer sums, same scaling
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_dot_extremes(bits, sym):
+    """No int16 saturation or int32 overflow on any tier: every row holds one extreme code (0,
+    15 / 255, or alternating), every token's activations quantize to exactly +-127 (one sign,
+    the other, or alternating), so each pair sum hits the largest |code x 127| products; the
+    kernels must equal the exact reference (AVX2's vpmaddubsw saturates at 32767 unless 8-bit
+    codes are re-centred)."""
+    top = (1 << bits) - 1
+    k, gs = 512, 32
+    nb = k // gs
+    pattern = np.tile(np.array([0, top], np.uint8), k // 2)
+    codes = np.stack([np.zeros(k, np.uint8), np.full(k, top, np.uint8), pattern, pattern[::-1],
+                      np.full(k, 1 << (bits - 1), np.uint8)]).reshape(5, nb, gs)
+    n = codes.shape[0]
+    qweight = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.full(n * nb, 0.25, np.float32)
+    zeros = None if sym else np.full((n, nb), 3, np.uint8)
+    keep = []
+    d = _desc(bits, n, k, keep, qweight=qweight, scales=scales, zeros=zeros, gs=gs)
+    sign = np.where(np.arange(k) % 2 == 0, 1.0, -1.0)
+    x = np.stack([np.ones(k), -np.ones(k), sign, -sign, np.where(np.arange(k) % 4 < 2, 1.0, -1.0)]).astype(np.float32)
+    ref = Q.ref_linear_q8act(x, qweight, scales, zeros, bits, k, gs)
+    for tier in TIERS:
+        out = np.zeros((5, n), np.float32)
+        Q.linear_mat(d, x, out, *_bufs(d, 5), ID[tier])
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-3, err_msg=tier)
+        for i in range(5):
+            o1 = np.zeros(n, np.float32)
+            Q.linear_vec(d, x[i], o1, *[b[0] for b in _bufs(d, 1)], ID[tier])
+            np.testing.assert_allclose(o1, ref[i], rtol=1e-6, atol=1e-3, err_msg=tier)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_self_check(tier):
+    """The load-time self-check of each tier passes (and measures: a NaN-writing tier fails)."""
+    assert Q.self_check(ID[tier]) <= Q.SELF_CHECK_TOL
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -114,10 +155,10 @@ def test_float_linear(dtype, n, k):
     x = rng.standard_normal((4, k)).astype(np.float32)
     ref = Q.ref_linear(x, w.astype(np.float32), bias)
     out = np.zeros((4, n), np.float32)
-    Q.linear_mat(d, x, out, *_bufs(d, 4), True)
+    Q.linear_mat(d, x, out, *_bufs(d, 4), BEST)
     np.testing.assert_allclose(out, ref, atol=1e-4 * max(1, k ** 0.5))
     o1 = np.zeros(n, np.float32)
-    Q.linear_vec(d, x[2], o1, *[b[0] for b in _bufs(d, 1)], True)
+    Q.linear_vec(d, x[2], o1, *[b[0] for b in _bufs(d, 1)], BEST)
     np.testing.assert_allclose(o1, ref[2], atol=1e-4 * max(1, k ** 0.5))
 
 

@@ -12,7 +12,8 @@ one compiled decode step serves every layer without Python in between):
 
 Quantized layers multiply by int8-quantized activations (one scale per weight group, like
 llama.cpp's Q8_0 next to Q4_0): `quantize_act` writes them in the layout the SIMD microkernel reads
-(see simd.py). The int8 rounding of activations is the only deviation from the float product; the
+(see simd.py). Every kernel takes `tier`, the id of the kernel tier to run (tiers.py); there is
+no scalar path: the generic tier is the portable one. The int8 rounding of activations is the only deviation from the float product; the
 numpy reference `ref_linear_q8act` reproduces it exactly, `ref_linear` is the float product.
 """
 
@@ -21,11 +22,21 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from .simd import HAVE_VNNI, RB, TB, as_voidptr, half_to_float, qdot_1x1, qdot_1xt, qdot_rx1, qdot_rxt, rowdot_f16, rowdot_f32
+from edgellm.errors import EdgeLLMError
+
+from . import tiers
+from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rx1, qdot_rxt, rowdot_f16, rowdot_f32
 
 K_F32, K_F16, K_Q4, K_Q8 = 0, 1, 4, 8
 D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_RB, D_SYM, D_ZERO = range(12)
 DESC_LEN = 12
+
+# RECENTRE[tier id, bits]: the offset the tier's tile subtracts from `bits`-bit codes (hook.py
+# `recentre`), 0 where it keeps them unsigned; quantize_act folds it into each lane's start value.
+RECENTRE = np.zeros((max(tiers.BY_ID) + 1, 9), np.int64)
+for _t in tiers.TIERS:
+    for _b in _t.recentre:
+        RECENTRE[_t.id, _b] = 1 << (_b - 1)
 
 
 def act_caps(desc: np.ndarray) -> tuple[int, int]:
@@ -37,12 +48,15 @@ def act_caps(desc: np.ndarray) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- activations
 @njit(cache=True)  # exact IEEE arithmetic: codes match the numpy reference bit for bit
-def quantize_act(x, d, xa, xb, init, xsl, xzb, xs):
-    """One token x (k,) -> int8 codes per group of d's weights, in the SIMD layout.
+def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
+    """One token x (k,) -> int8 codes per group of d's weights, in the SIMD layout; `off` is the
+    tier's re-centring of the codes (RECENTRE).
 
     4-bit: byte j of a weight row holds columns 2j (low nibble) and 2j+1, so xa[j] = q[2j],
     xb[j] = q[2j+1]. 8-bit: xa[j] = q[j]. Lane g (4 weight bytes) covers 8 (4-bit) or 4 (8-bit)
-    columns: xsl[g] = its activation scale, init[g] = -zero * sum of its codes (symmetric).
+    columns: xsl[g] = its activation scale, init[g] = (off - zero) * sum of its codes, zero = the
+    symmetric zero point (0 for asymmetric formats): the tile's dot of re-centred codes plus init
+    is the dot of (code - zero).
     xzb[b] = scale_b * sum of block b's codes (asymmetric correction)."""
     k, gs, nb, bits = d[D_K], d[D_GS], d[D_NB], d[D_KIND]
     nch = (d[D_RB] + 63) // 64
@@ -86,7 +100,7 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs):
             tot += np.int32(xa[j])
             if bits == 4:
                 tot += np.int32(xb[j])
-        init[g] = -zero * tot
+        init[g] = (off - zero) * tot
 
 
 # ----------------------------------------------------------------------------- tiles and rows
@@ -102,7 +116,7 @@ def lane_shift(d):
 
 
 @njit(cache=True, fastmath=True)
-def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so):
+def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so, tier):
     """Raw dots of weight rows r..r+nrows (1 or RB) with tokens i0..i0+ntok (1 or TB) of the
     activation buffers (2-d: one row per token), stored at address out + u*so + j*4."""
     rb, ss = d[D_RB], d[D_NB] * 2
@@ -112,47 +126,26 @@ def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so):
     i, x = init.ctypes.data + i0 * sl, xsl.ctypes.data + i0 * sl
     bits = d[D_KIND]
     if nrows == 1 and ntok == 1:
-        qdot_1x1(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        qdot_1x1(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     elif ntok == 1:
-        qdot_rx1(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        qdot_rx1(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     elif nrows == 1:
-        qdot_1xt(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        qdot_1xt(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     else:
-        qdot_rxt(bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
+        qdot_rxt(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
 
 
 @njit(cache=True, fastmath=True)
-def _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, ntok, o, so):
+def _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, ntok, o, so, tier):
     """Raw dots of rows [r0, r1) with tokens i0..i0+ntok at o + u*so + r*4: RB-row tiles, then
     the leftover rows one by one."""
     r = r0
     while r + RB <= r1:
-        _qdot_simd(d, shift, r, RB, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
+        _qdot_simd(d, shift, r, RB, xa, xb, init, xsl, i0, ntok, o + r * 4, so, tier)
         r += RB
     while r < r1:
-        _qdot_simd(d, shift, r, 1, xa, xb, init, xsl, i0, ntok, o + r * 4, so)
+        _qdot_simd(d, shift, r, 1, xa, xb, init, xsl, i0, ntok, o + r * 4, so, tier)
         r += 1
-
-
-@njit(cache=True, fastmath=True)
-def _qrow_portable(d, r, xa, xb, init, xsl):
-    """The same integer arithmetic as the SIMD kernel in plain loops (any CPU)."""
-    rb, nb, bits = d[D_RB], d[D_NB], d[D_KIND]
-    w = carray(as_voidptr(d[D_W] + r * rb), (rb,), np.uint8)
-    s = carray(as_voidptr(d[D_S] + r * nb * 2), (nb,), np.uint16)
-    cols = 8 if bits == 4 else 4
-    acc = np.float32(0.0)
-    for g in range((rb + 3) // 4):
-        isum = init[g]
-        for j in range(4 * g, min(rb, 4 * g + 4)):
-            v = np.int32(w[j])
-            if bits == 4:
-                isum += (v & 15) * np.int32(xa[j]) + (v >> 4) * np.int32(xb[j])
-            else:
-                isum += v * np.int32(xa[j])
-        blk = (g * cols) // d[D_GS]
-        acc += np.float32(isum) * half_to_float(s[blk]) * xsl[g]
-    return acc
 
 
 @njit(cache=True, fastmath=True)
@@ -183,28 +176,24 @@ def _frow(d, r, x):
 
 # ----------------------------------------------------------------------------- matrix kernels
 @njit(cache=True, parallel=True, fastmath=True)
-def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
-    """Decode (one token): out (n,) = x (k,) W^T + b. Rows split across threads."""
+def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
+    """Decode (one token): out (n,) = x (k,) W^T + b. Rows split across threads, RB at a time."""
     n = d[D_N]
     if d[D_KIND] == K_F32 or d[D_KIND] == K_F16:
         for r in prange(n):
             out[r] = _frow(d, r, x)
         return
-    quantize_act(x, d, xa, xb, init, xsl, xzb, xs)
-    if simd and HAVE_VNNI:
-        plain = d[D_Z] == 0 and d[D_B] == 0
-        shift = lane_shift(d)
-        xa2, xb2, init2, xsl2 = xa.reshape(1, -1), xb.reshape(1, -1), init.reshape(1, -1), xsl.reshape(1, -1)
-        o = out.ctypes.data
-        for blk in prange((n + RB - 1) // RB):
-            r0 = blk * RB
-            _qrows_simd(d, shift, r0, min(n, r0 + RB), xa2, xb2, init2, xsl2, 0, 1, o, 0)
-            if not plain:
-                for r in range(r0, min(n, r0 + RB)):
-                    out[r] = _finish(d, r, out[r], xzb)
-    else:
-        for r in prange(n):
-            out[r] = _finish(d, r, _qrow_portable(d, r, xa, xb, init, xsl), xzb)
+    quantize_act(x, d, xa, xb, init, xsl, xzb, xs, RECENTRE[tier, d[D_KIND]])
+    plain = d[D_Z] == 0 and d[D_B] == 0
+    shift = lane_shift(d)
+    xa2, xb2, init2, xsl2 = xa.reshape(1, -1), xb.reshape(1, -1), init.reshape(1, -1), xsl.reshape(1, -1)
+    o = out.ctypes.data
+    for blk in prange((n + RB - 1) // RB):
+        r0 = blk * RB
+        _qrows_simd(d, shift, r0, min(n, r0 + RB), xa2, xb2, init2, xsl2, 0, 1, o, 0, tier)
+        if not plain:
+            for r in range(r0, min(n, r0 + RB)):
+                out[r] = _finish(d, r, out[r], xzb)
 
 
 ROW_TILE = 32  # weight rows kept in L1 while every token group passes over them
@@ -212,40 +201,36 @@ TOK_TILE = 64
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, simd):
-    """Prompt (t tokens): out (t, n) = x (t, k) W^T + b. Quantized + VNNI: a real GEMM of RB x TB
+def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
+    """Prompt (t tokens): out (t, n) = x (t, k) W^T + b. Quantized: a real GEMM of RB x TB
     microkernel tiles (`_qdot_simd`), tiles of ROW_TILE output rows in parallel, the token
-    groups streaming over a tile while it sits in L1."""
+    groups streaming over a tile while it sits in L1. Float: row dots, TOK_TILE tokens per pass."""
     t, n = x.shape[0], d[D_N]
-    quant = not (d[D_KIND] == K_F32 or d[D_KIND] == K_F16)
-    if quant:
-        for i in prange(t):
-            quantize_act(x[i], d, xa[i], xb[i], init[i], xsl[i], xzb[i], xs[i])
     ntile = (n + ROW_TILE - 1) // ROW_TILE
-    if quant and simd and HAVE_VNNI:
-        tfull = t - t % TB
-        so, o = out.strides[0], out.ctypes.data
-        shift = lane_shift(d)
+    if d[D_KIND] == K_F32 or d[D_KIND] == K_F16:
         for tile in prange(ntile):
             r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
-            for i0 in range(0, tfull, TB):
-                _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, TB, o + i0 * so, so)
-            for i in range(tfull, t):  # leftover tokens one by one
-                _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i, 1, o + i * so, so)
-            if d[D_Z] != 0 or d[D_B] != 0:
-                for i in range(t):
-                    for r in range(r0, r1):
-                        out[i, r] = _finish(d, r, out[i, r], xzb[i])
+            for t0 in range(0, t, TOK_TILE):
+                for r in range(r0, r1):
+                    for i in range(t0, min(t, t0 + TOK_TILE)):
+                        out[i, r] = _frow(d, r, x[i])
         return
+    off = RECENTRE[tier, d[D_KIND]]
+    for i in prange(t):
+        quantize_act(x[i], d, xa[i], xb[i], init[i], xsl[i], xzb[i], xs[i], off)
+    tfull = t - t % TB
+    so, o = out.strides[0], out.ctypes.data
+    shift = lane_shift(d)
     for tile in prange(ntile):
         r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
-        for t0 in range(0, t, TOK_TILE):
-            for r in range(r0, r1):
-                for i in range(t0, min(t, t0 + TOK_TILE)):
-                    if not quant:
-                        out[i, r] = _frow(d, r, x[i])
-                    else:
-                        out[i, r] = _finish(d, r, _qrow_portable(d, r, xa[i], xb[i], init[i], xsl[i]), xzb[i])
+        for i0 in range(0, tfull, TB):
+            _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, TB, o + i0 * so, so, tier)
+        for i in range(tfull, t):  # leftover tokens one by one
+            _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i, 1, o + i * so, so, tier)
+        if d[D_Z] != 0 or d[D_B] != 0:
+            for i in range(t):
+                for r in range(r0, r1):
+                    out[i, r] = _finish(d, r, out[i, r], xzb[i])
 
 
 # ----------------------------------------------------------------------------- numpy references
@@ -279,3 +264,80 @@ def ref_quantize_act(x: np.ndarray, gs: int) -> np.ndarray:
 def ref_linear_q8act(x, qweight, scales, zeros, bits, k, gs, bias=None):
     """Reference of the quantized kernels: int8-rounded activations times dequantized weights."""
     return ref_linear(ref_quantize_act(x, gs), dequantize(qweight, scales, zeros, bits, k), bias)
+
+
+# ----------------------------------------------------------------------------- tier self-check
+def make_desc(qweight, scales, zeros, bits, k, gs, keep, bias=None) -> np.ndarray:
+    """The descriptor of a packed linear held in numpy arrays (appended to `keep`, which must
+    outlive every call with the descriptor): scales padded to fp16 as the loader stores them."""
+    n, nb, bb = qweight.shape
+    d = np.zeros(DESC_LEN, np.int64)
+    s16 = np.zeros(n * nb + 16, np.float16)
+    s16[: n * nb] = scales.reshape(-1)
+    s16 = s16.view(np.uint16)
+    qweight = np.ascontiguousarray(qweight)
+    keep += [qweight, s16]
+    d[D_KIND], d[D_N], d[D_K], d[D_W], d[D_S] = bits, n, k, qweight.ctypes.data, s16.ctypes.data
+    d[D_GS], d[D_NB], d[D_RB], d[D_SYM], d[D_ZERO] = gs, nb, nb * bb, zeros is None, 1 << (bits - 1)
+    if zeros is not None:
+        zs = np.ascontiguousarray(zeros.reshape(-1).astype(np.float32) * scales.reshape(-1).astype(np.float32))
+        keep.append(zs)
+        d[D_Z] = zs.ctypes.data
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, np.float32)
+        keep.append(bias)
+        d[D_B] = bias.ctypes.data
+    return d
+
+
+def act_buffers(d, t: int):
+    """Scratch of quantize_act for t tokens: (xa, xb, init, xsl, xzb, xs)."""
+    cap, nbc = act_caps(d)
+    return (np.zeros((t, cap), np.int8), np.zeros((t, cap), np.int8), np.zeros((t, cap // 4), np.int32),
+            np.zeros((t, cap // 4), np.float32), np.zeros((t, nbc), np.float32), np.zeros((t, nbc), np.float32))
+
+
+def self_check(tier_id: int) -> float:
+    """Worst error, relative to the output scale, of the tier's decode and prompt kernels against
+    the numpy reference on small random linears (4-bit sym g32 with a row tail, 8-bit asym g16):
+    a miscompiled or mis-detected tier shows here at load instead of as wrong text."""
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for bits, gs, sym, n, k in ((4, 32, True, 9, 200), (8, 16, False, 6, 72)):
+        nb = -(-k // gs)
+        codes = rng.integers(0, 1 << bits, (n, nb * gs)).astype(np.uint8)
+        codes[:, k:] = 1 << (bits - 1)
+        qw = codes if bits == 8 else (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        qw = qw.reshape(n, nb, -1)
+        scales = (rng.random(n * nb) * 0.1 + 1e-3).astype(np.float16).astype(np.float32)
+        zeros = None if sym else rng.integers(0, 1 << bits, (n, nb)).astype(np.uint8)
+        keep: list = []
+        d = make_desc(qw, scales, zeros, bits, k, gs, keep)
+        x = rng.standard_normal((5, k)).astype(np.float32)
+        ref = ref_linear_q8act(x, qw, scales, zeros, bits, k, gs)
+        out = np.zeros((5, n), np.float32)
+        linear_mat(d, x, out, *act_buffers(d, 5), tier_id)
+        o1 = np.zeros(n, np.float32)
+        linear_vec(d, x[2], o1, *[b[0] for b in act_buffers(d, 1)], tier_id)
+        err = max(np.abs(out - ref).max(), np.abs(o1 - ref[2]).max()) / np.abs(ref).max()
+        worst = max(worst, float(err) if np.isfinite(err) else np.inf)
+    return worst
+
+
+SELF_CHECK_TOL = 1e-4
+
+
+def checked_tier(kernels: str | None):
+    """(tier, warning or None): the tier `kernels` names (tiers.resolve), or, if its self-check
+    fails, the next one down its fallback chain that passes, with a one-line warning saying so."""
+    tier = tiers.resolve(kernels)
+    warning = None
+    while True:
+        err = self_check(tier.id)
+        if err <= SELF_CHECK_TOL:
+            return tier, warning
+        if tier.fallback is None:
+            raise EdgeLLMError(f"kernel tier {tier.name} failed its self-check (error {err:.2g}) and has no fallback")
+        note = f"kernel tier {tier.name} failed its self-check (error {err:.2g} > {SELF_CHECK_TOL:g}); using {tier.fallback}"
+        warning = note if warning is None else f"{warning}; {note}"
+        tier = tiers.BY_NAME[tier.fallback]

@@ -1,0 +1,96 @@
+"""Kernel tier registry and selection: which tiers exist (hook.py says what one is), which the
+CPU numba compiles for has, and which one a model runs.
+
+The compile target is numba's (its CPU name and features, NUMBA_CPU_NAME / NUMBA_CPU_FEATURES
+included), never the host query alone: a cache built for `generic` then holds generic code only.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import llvmlite.binding as llb
+
+from edgellm.errors import EdgeLLMError
+
+from .hook import Tier
+
+def _tiers() -> tuple[Tier, ...]:
+    from .hooks_generic import GENERIC
+    from .hooks_x86 import AVX2, AVX512_VNNI, AVX_VNNI
+
+    # neon-dotprod (T_NEON_DOTPROD) and neon (T_NEON): hooks_neon.py, added here when written
+    return (AVX512_VNNI, AVX_VNNI, AVX2, GENERIC)
+
+
+TIERS = _tiers()
+BY_NAME = {t.name: t for t in TIERS}
+BY_ID = {t.id: t for t in TIERS}
+NAMES = tuple(t.name for t in TIERS)
+
+
+# ----------------------------------------------------------------------------- the compile target
+@functools.lru_cache(maxsize=1)
+def target():
+    """(cpu name, feature string, arch, llvmlite TargetMachine) numba compiles for: its CPU name
+    and features honour NUMBA_CPU_NAME / NUMBA_CPU_FEATURES (a cache built for `generic` then
+    holds generic code), not only the host."""
+    from numba.core.registry import cpu_target
+
+    cg = cpu_target.target_context.codegen()
+    name = cg._get_host_cpu_name()
+    feats = cg._tm_features if isinstance(getattr(cg, "_tm_features", None), str) else ""
+    triple = llb.get_process_triple()
+    arch = "aarch64" if triple.startswith(("aarch64", "arm64")) else "x86_64" if triple.startswith(("x86_64", "amd64")) else triple.split("-")[0]
+    tm = getattr(cg, "_tm", None)
+    if tm is None:  # older numba: build the same machine
+        tm = llb.Target.from_triple(triple).create_target_machine(cpu=name, features=feats, opt=2, jit=True)
+    return name, feats, arch, tm
+
+
+def _asm(ir_text: str) -> str:
+    mod = llb.parse_assembly(ir_text)
+    mod.triple = llb.get_process_triple()
+    mod.verify()
+    return target()[3].emit_assembly(mod)
+
+
+@functools.lru_cache(maxsize=None)
+def available(name: str) -> bool:
+    """Whether the compile target has tier `name`'s instructions (its probe, see above)."""
+    t = BY_NAME[name]
+    if t.arch not in ("any", target()[2]):
+        return False
+    if t.probe is None:
+        return True
+    ir_text, pattern = t.probe
+    return re.search(pattern, _asm(ir_text)) is not None
+
+
+def supported() -> tuple[str, ...]:
+    """Names of the tiers the compile target runs, best first."""
+    return tuple(t.name for t in TIERS if available(t.name))
+
+
+def best() -> Tier:
+    return BY_NAME[supported()[0]]
+
+
+def resolve(kernels: str | None) -> Tier:
+    """The tier `kernels` names ("auto"/None: the best the compile target has). Unknown or
+    unavailable names raise a one-line EdgeLLMError."""
+    if kernels in (None, "auto"):
+        return best()
+    if kernels not in BY_NAME:
+        raise EdgeLLMError(f"--kernels {kernels!r} is not a kernel tier; give auto or one of {', '.join(NAMES)}")
+    if not available(kernels):
+        cpu = target()[0]
+        raise EdgeLLMError(f"--kernels {kernels!r} needs instructions that the CPU numba compiles for ({cpu}) lacks; "
+                           f"this CPU runs {', '.join(supported())}")
+    return BY_NAME[kernels]
+
+
+def describe(tier: Tier) -> str:
+    """One line for `info`, `run --verbose` and bench rows, e.g. 'avx2 (numba target haswell)'."""
+    return f"{tier.name} (numba target {target()[0]})"

@@ -60,22 +60,6 @@ def greedy(model, prompt, steps: int, forced=None):
     return first, tokens, np.stack(logits)
 
 
-def _tier(model=None) -> str:
-    """The kernel tier the runtime picked, where the runtime names one."""
-    try:
-        from edgellm.runtime.kernels import tiers  # the per-ISA hooks (issue 11)
-    except ImportError:
-        return "n/a (runtime names no tiers)"
-    for attr in ("active_tier", "current", "select"):
-        f = getattr(tiers, attr, None)
-        if callable(f):
-            try:
-                return str(f())
-            except TypeError:
-                continue
-    return str(getattr(model, "tier", "unknown"))
-
-
 def describe() -> str:
     import platform
 
@@ -89,7 +73,9 @@ def describe() -> str:
 
         hwcap = ctypes.CDLL(None).getauxval(16)  # AT_HWCAP
         line += f"; HWCAP asimd={bool(hwcap & (1 << 1))} asimddp={bool(hwcap & (1 << 20))}"
-    return line + f"; tier {_tier()}"
+    from edgellm.runtime.kernels import tiers
+
+    return line + f"; kernel tiers {', '.join(tiers.supported())}"
 
 
 def reference(out: Path) -> None:
@@ -116,6 +102,7 @@ def reference(out: Path) -> None:
         subprocess.run([cli, "export", str(model), "-o", str(dst), "--no-check"], check=True, capture_output=True)
         nm = NumbaModel(dst, n_ctx=N_CTX, threads=2)
         first, tokens, steps = greedy(nm, PROMPT, DECODE)
+        kernels = nm.kernels
         nm.close()
         np.savez(out / f"{name}.npz", prompt_logits=first, step_logits=steps, tokens=np.array(tokens, np.int64))
         allv = np.concatenate([first, steps])
@@ -123,7 +110,8 @@ def reference(out: Path) -> None:
         manifest["cases"][name] = {"quantized": qargs is not None, "tokens": tokens,
                                    "tolerance": tolerance(qargs is not None, allv),
                                    "min_top2_margin": float((top2[:, 1] - top2[:, 0]).min())}
-        print(f"reference {name}: tokens {tokens}", flush=True)
+        manifest["cases"][name]["kernels"] = kernels
+        print(f"reference {name}: tokens {tokens} (kernels {kernels})", flush=True)
     manifest["x86"] = describe()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(out / "src")  # the torch checkpoints are not needed on the arm side
@@ -141,6 +129,7 @@ def check(ref: Path) -> int:
         exp = np.load(ref / f"{name}.npz")
         nm = NumbaModel(ref / name, n_ctx=man["n_ctx"], threads=2)
         first, tokens, steps = greedy(nm, man["prompt"], man["decode"], forced=case["tokens"])
+        kernels = nm.kernels
         nm.close()
         d = max(np.abs(first - exp["prompt_logits"]).max(), np.abs(steps - exp["step_logits"]).max())
         same = tokens == case["tokens"]
@@ -149,7 +138,7 @@ def check(ref: Path) -> int:
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'} {name}: tokens {verdict} "
               f"({len(tokens)}), max|dlogit| {d:.3g} (tolerance {case['tolerance']:.3g}, x86 min top-2 margin "
-              f"{case['min_top2_margin']:.3g}), {time.perf_counter() - t0:.0f} s", flush=True)
+              f"{case['min_top2_margin']:.3g}), kernels {kernels}, {time.perf_counter() - t0:.0f} s", flush=True)
     return 1 if failed else 0
 
 

@@ -27,6 +27,9 @@ REBUILD=0
 HOST_PY=${HOST_PY:-$REPO/.venv/bin/python}
 MIRROR=http://deb.debian.org/debian
 KERNEL_TESTS=(tests/test_kernels*.py tests/test_neon*.py)
+# the NEON tests that execute aarch64 code (the rest read cross-compiled assembly, host-independent:
+# `make test` runs them on x86)
+NEON_SELECT="matches_numpy or registered"
 
 usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
@@ -162,7 +165,11 @@ for cpu in "${CPUS[@]}"; do
   run_cpu() { in_root QEMU_CPU="$cpu" NUMBA_CPU_NAME="$cpu" NUMBA_CACHE_DIR="/var/cache/edgellm/numba-$cpu" "$@"; }
   log "$cpu: $(run_cpu python /var/cache/edgellm/arm64_parity.py describe)"
   log "$cpu: kernel tests ($(cd "$CACHE/tests" && ls))"
-  if run_cpu sh -c 'cd /var/cache/edgellm/tests && python -m pytest -q -x -p no:cacheprovider .'; then kt=passed; else kt=FAILED; STATUS=1; fi
+  if run_cpu sh -c "cd /var/cache/edgellm/tests && python -m pytest -q -x -p no:cacheprovider -k 'not test_neon or $NEON_SELECT' ."; then
+    kt=passed
+  else
+    kt=FAILED; STATUS=1
+  fi
   log "$cpu: tiny-model check against the x86 run"
   if run_cpu python /var/cache/edgellm/arm64_parity.py check /var/cache/edgellm/ref; then mc=passed; else mc=FAILED; STATUS=1; fi
   SUMMARY+=("$cpu: kernel tests $kt, tiny models $mc ($((SECONDS - t)) s)")

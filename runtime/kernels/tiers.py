@@ -18,10 +18,10 @@ from .hook import Tier
 
 def _tiers() -> tuple[Tier, ...]:
     from .hooks_generic import GENERIC
+    from .hooks_neon import NEON, NEON_DOTPROD
     from .hooks_x86 import AVX2, AVX512_VNNI, AVX_VNNI
 
-    # neon-dotprod (T_NEON_DOTPROD) and neon (T_NEON): hooks_neon.py, added here when written
-    return (AVX512_VNNI, AVX_VNNI, AVX2, GENERIC)
+    return (AVX512_VNNI, AVX_VNNI, AVX2, NEON_DOTPROD, NEON, GENERIC)
 
 
 TIERS = _tiers()

@@ -2,7 +2,7 @@
 # The runtime on aarch64, proven under emulation: a Raspberry Pi 5 (Cortex-A76, NEON + dotprod)
 # and a Raspberry Pi 4 (Cortex-A72, NEON only), each run by qemu-user in an arm64 Debian root.
 #
-#   sudo scripts/test-arm64.sh [--root DIR] [--cpu cortex-a76|cortex-a72 ...] [--rebuild]
+#   sudo scripts/test-arm64.sh [--root DIR] [--cpu cortex-a76|cortex-a72 ...] [--quick] [--rebuild]
 #
 # 1. host tools: qemu-user-static, debootstrap, binfmt-support (apt-get, once); binfmt_misc
 # 2. an arm64 Debian bookworm root (debootstrap minbase, once, cached in --root) with its own
@@ -14,7 +14,10 @@
 #    exports and the expected tokens/logits go to a folder the arm root reads (scripts/arm64_parity.py)
 # 5. per CPU, QEMU_CPU=<cpu> and NUMBA_CPU_NAME=<cpu> (qemu 7.2 shows LLVM the host's /proc/cpuinfo,
 #    so numba would otherwise compile for "generic"): the kernel tests, then the tiny-model check
-#    (tokens equal to x86, logits within the runtime's tolerance)
+#    (tokens equal to x86, logits within the runtime's tolerance). --quick runs only the kernel
+#    tests that cover every tier at its extremes (the NEON hooks against numpy, each tier's
+#    load-time self-check, the int16/int32 extreme codes) instead of all of test_kernels.py: under
+#    emulation a cold numba cache makes the full file take hours on a loaded 2-core machine
 #
 # Cached between runs under --root: the root, the venv, the numba cache per CPU, the x86 reference.
 # Needs root (debootstrap, mount, chroot). Exit code: 0 all passed, 1 a check failed, 2 bad usage.
@@ -24,12 +27,14 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=/work/models/arm64-root
 CPUS=()
 REBUILD=0
+QUICK=0
 HOST_PY=${HOST_PY:-$REPO/.venv/bin/python}
 MIRROR=http://deb.debian.org/debian
 KERNEL_TESTS=(tests/test_kernels*.py tests/test_neon*.py)
 # the NEON tests that execute aarch64 code (the rest read cross-compiled assembly, host-independent:
 # `make test` runs them on x86)
 NEON_SELECT="matches_numpy or registered"
+QUICK_SELECT="test_self_check or test_dot_extremes or $NEON_SELECT"
 
 usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
@@ -40,6 +45,7 @@ while [ $# -gt 0 ]; do
     --root) [ $# -ge 2 ] || die "--root needs a directory"; ROOT=$2; shift 2 ;;
     --cpu) [ $# -ge 2 ] || die "--cpu needs cortex-a76 or cortex-a72"; CPUS+=("$2"); shift 2 ;;
     --rebuild) REBUILD=1; shift ;;
+    --quick) QUICK=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1'; see --help" ;;
   esac
@@ -124,7 +130,7 @@ if ! [ -f "$ROOT/opt/venv/.edgellm-deps" ]; then
   touch "$ROOT/opt/venv/.edgellm-deps"
 fi
 # this checkout (tracked and untracked-but-not-ignored files) -> /opt/edgellm-src
-SRC_HASH=$(cd "$REPO" && git ls-files -co --exclude-standard -- edgellm runtime export benchmarks pyproject.toml README.md \
+SRC_HASH=$(cd "$REPO" && git ls-files -co --exclude-standard -- edgellm runtime export benchmarks pyproject.toml \
   | sort | xargs -d '\n' sha256sum 2>/dev/null | sha256sum | cut -c1-16)
 if [ "$(cat "$CACHE/src-hash" 2>/dev/null)" != "$SRC_HASH" ]; then
   log "device install of this checkout (pip install ., base dependencies)"
@@ -164,15 +170,17 @@ for cpu in "${CPUS[@]}"; do
   t=$SECONDS
   run_cpu() { in_root QEMU_CPU="$cpu" NUMBA_CPU_NAME="$cpu" NUMBA_CACHE_DIR="/var/cache/edgellm/numba-$cpu" "$@"; }
   log "$cpu: $(run_cpu python /var/cache/edgellm/arm64_parity.py describe)"
-  log "$cpu: kernel tests ($(cd "$CACHE/tests" && ls))"
-  if run_cpu sh -c "cd /var/cache/edgellm/tests && python -m pytest -q -x -p no:cacheprovider -k 'not test_neon or $NEON_SELECT' ."; then
+  log "$cpu: kernel tests ($(cd "$CACHE/tests" && ls | tr '\n' ' '))"
+  select="not test_neon or $NEON_SELECT"; scope=all
+  if [ "$QUICK" = 1 ]; then select=$QUICK_SELECT; scope=quick; fi
+  if run_cpu sh -c "cd /var/cache/edgellm/tests && python -m pytest -q -x -p no:cacheprovider -k '$select' ."; then
     kt=passed
   else
     kt=FAILED; STATUS=1
   fi
   log "$cpu: tiny-model check against the x86 run"
   if run_cpu python /var/cache/edgellm/arm64_parity.py check /var/cache/edgellm/ref; then mc=passed; else mc=FAILED; STATUS=1; fi
-  SUMMARY+=("$cpu: kernel tests $kt, tiny models $mc ($((SECONDS - t)) s)")
+  SUMMARY+=("$cpu: kernel tests ($scope) $kt, tiny models $mc ($((SECONDS - t)) s)")
 done
 
 log "summary (setup $T_SETUP s, total $((SECONDS - T0)) s):"

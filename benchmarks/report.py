@@ -58,7 +58,7 @@ def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
         e = r.get("energy") or {}
         j = e.get("j_per_token_tg")
         rows.append([
-            r["label"], r["backend"], _mb(r["size_bytes"]), _rate(r["pp"]["tokens_per_s"], spread), _rate(r["tg"]["tokens_per_s"], spread),
+            r["label"], r["backend"] + (f" [{r['kernels']}]" if r.get("kernels") else ""), _mb(r["size_bytes"]), _rate(r["pp"]["tokens_per_s"], spread), _rate(r["tg"]["tokens_per_s"], spread),
             _secs(r["ttft_s"]["median"]), f"{_secs(r['load']['cold_s'])} / {_secs(r['load']['warm_s'])}",
             _mb(r["memory"]["peak_rss_bytes"]),
             DASH if j is None else f"{j:.3f} ({e['kind'][:3]}.)",

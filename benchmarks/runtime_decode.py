@@ -7,6 +7,12 @@ every repetition of every round. Wrap the whole run in `flock /tmp/edgellm-heavy
     python benchmarks/runtime_decode.py --q4 q4-onnx --q8 q8-onnx --fp32 fp32-onnx \
         --gguf-src SmolLM2-135M-Instruct.Q4_1.gguf --gguf-dir /work/models --threads 2
 
+Kernel tiers (runtime/kernels/tiers.py): `--numba TIER@CPU` (repeatable) runs the numba runtime
+on that tier with numba compiling for CPU (NUMBA_CPU_NAME=CPU with that CPU's own features, so the
+float kernels are that CPU's too; `native` = this machine), e.g. `--numba avx2@haswell` for an AVX2
+laptop; `--peer NAME=PYTHON` (repeatable) runs llama.cpp in another interpreter (a venv holding
+another llama-cpp-python build, e.g. an AVX2-only one); `--no-ort` leaves ONNX Runtime out.
+
 GGUF peers are made with llama.cpp's own llama_model_quantize from --gguf-src (requantized with
 allow_requantize when the source is already quantized; speed depends on the format, not on where
 the values came from).
@@ -62,7 +68,7 @@ def child(args) -> dict:
             from edgellm.runtime.model import NumbaModel as M
         else:
             from edgellm.runtime.ort_backend import OrtModel as M
-        m = M(args.model, n_ctx=1024, threads=args.threads)
+        m = M(args.model, n_ctx=1024, threads=args.threads, **({"kernels": args.kernels} if args.kernels != "auto" else {}))
         m.forward(np.array(PROMPT))
         first = time.perf_counter() - t0
 
@@ -83,7 +89,8 @@ def child(args) -> dict:
     tg = [decode(args.tokens) for _ in range(args.reps)]
     rss_decode = _peak_rss_mb()  # the decode workload: short prompt + 128 tokens
     pps = [pp(args.pp) for _ in range(max(1, args.reps - 1))]
-    return {"load_first_token_s": first, "tg": tg, "tg_median": statistics.median(tg), "pp": pps, "pp_median": statistics.median(pps),
+    return {"kernels": getattr(m, "kernels", None) if args.backend != "llama.cpp" else llama_cpp.llama_print_system_info().decode(),
+            "load_first_token_s": first, "tg": tg, "tg_median": statistics.median(tg), "pp": pps, "pp_median": statistics.median(pps),
             "peak_rss_decode_mb": rss_decode, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -144,6 +151,11 @@ def main():
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--json")
     ap.add_argument("--child", nargs=2, metavar=("BACKEND", "MODEL"))
+    ap.add_argument("--kernels", default="auto", help="(child) the numba kernel tier")
+    ap.add_argument("--numba", action="append", default=[], metavar="TIER@CPU", help="numba runs: kernel tier @ the CPU numba compiles for")
+    ap.add_argument("--peer", action="append", default=[], metavar="NAME=PYTHON", help="llama.cpp runs in this interpreter")
+    ap.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out")
+    ap.add_argument("--baseline", metavar="PYTHON", help="also run numba in this interpreter (another checkout's venv: an A/B of two versions)")
     args = ap.parse_args()
     if args.child:
         args.backend, args.model = args.child
@@ -153,19 +165,34 @@ def main():
     for fmt, path, gg in (("4-bit", args.q4, "Q4_0"), ("8-bit", args.q8, "Q8_0"), ("fp32", args.fp32, "F32")):
         if not path:
             continue
-        jobs += [(fmt, "numba", path), (fmt, "onnxruntime", path)]
+        jobs += [(fmt, f"numba {spec}", path) for spec in args.numba] or [(fmt, "numba", path)]
+        jobs += [(fmt, "numba baseline", path)] if args.baseline else []
+        jobs += [] if args.no_ort else [(fmt, "onnxruntime", path)]
         if args.gguf_src:
-            dst = Path(args.gguf_dir) / f"smollm2-135m-{gg.lower()}.gguf"
+            dst = Path(args.gguf_dir) / f"{Path(args.gguf_src).stem.split('.')[0].lower()}-{gg.lower()}.gguf"
             make_gguf(Path(args.gguf_src), dst, gg)
-            jobs.append((fmt, f"llama.cpp {gg}", str(dst)))
+            jobs += [(fmt, f"llama.cpp {gg} {peer.split('=')[0]}", str(dst)) for peer in args.peer] or [(fmt, f"llama.cpp {gg}", str(dst))]
     common = ["--threads", str(args.threads), "--reps", str(args.reps), "--tokens", str(args.tokens), "--pp", str(args.pp)]
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
                "rounds": args.rounds, "bandwidth_gbs": bandwidth(), "runs": []}
 
+    peers = dict(p.split("=", 1) for p in args.peer)
+
     def run(backend, path, env=None):
-        b = "llama.cpp" if backend.startswith("llama.cpp") else backend
-        r = subprocess.run([sys.executable, __file__, "--child", b, path, *common], capture_output=True, text=True,
-                           env={**os.environ, **(env or {})})
+        b = "llama.cpp" if backend.startswith("llama.cpp") else backend.split()[0]
+        exe, extra, env = sys.executable, [], dict(env or {})
+        if b == "llama.cpp" and len(backend.split()) > 2:
+            exe = peers[backend.split()[2]]
+        if backend == "numba baseline":  # its own compile cache: never written into the other checkout
+            exe = args.baseline
+            env.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "edgellm-baseline-numba-cache"))
+        elif b == "numba" and " " in backend:  # "numba TIER@CPU"
+            tier, cpu = backend.split()[1].split("@")
+            extra = ["--kernels", tier]
+            if cpu != "native":
+                env.update(NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="")
+        r = subprocess.run([exe, __file__, "--child", b, path, *common, *extra], capture_output=True, text=True,
+                           env={**os.environ, **env})
         if r.returncode != 0:
             print(f"{backend} {path}: failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             return None
@@ -173,10 +200,10 @@ def main():
 
     if args.q4:  # first-ever start: an empty compile cache, so load + first token includes compiling
         with tempfile.TemporaryDirectory() as cache:
-            cold = run("numba", args.q4, {"NUMBA_CACHE_DIR": cache})
+            cold = run(next(b for _, b, _ in jobs if b.startswith("numba")), args.q4, {"NUMBA_CACHE_DIR": cache})
         results["numba_cold_compile_load_first_token_s"] = cold and cold["load_first_token_s"]
         for fmt, backend, path in jobs:  # and fill the default cache before timing anything
-            if backend == "numba":
+            if backend.startswith("numba"):
                 run(backend, path)
     per_job = {i: [] for i in range(len(jobs))}
     for _ in range(args.rounds):  # rounds interleave the backends, so a noisy stretch hits all of them
@@ -190,14 +217,14 @@ def main():
             continue
         tg = [v for r in rs for v in r["tg"]]
         pps = [v for r in rs for v in r["pp"]]
-        res = {"format": fmt, "backend": backend, "model": path, "size_mb": _size(path) / 1e6, "tg": tg, "tg_median": statistics.median(tg),
+        res = {"format": fmt, "backend": backend, "kernels": rs[0].get("kernels"), "model": path, "size_mb": _size(path) / 1e6, "tg": tg, "tg_median": statistics.median(tg),
                "pp": pps, "pp_median": statistics.median(pps),
                "load_first_token_s": statistics.median(r["load_first_token_s"] for r in rs),
                "peak_rss_decode_mb": max(r["peak_rss_decode_mb"] for r in rs), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
         results["runs"].append(res)
-        print(f"{fmt:6} {backend:16} tg {res['tg_median']:7.1f} tok/s  pp{args.pp} {res['pp_median']:7.1f} tok/s  "
+        print(f"{fmt:6} {backend:26} tg {res['tg_median']:7.1f} tok/s  pp{args.pp} {res['pp_median']:7.1f} tok/s  "
               f"load+1st {res['load_first_token_s']:.2f} s  RSS decode/all {res['peak_rss_decode_mb']:.0f}/{res['peak_rss_mb']:.0f} MiB  "
-              f"size {res['size_mb'] * 1e6 / 2**20:.1f} MiB", flush=True)
+              f"size {res['size_mb'] * 1e6 / 2**20:.1f} MiB" + (f"  kernels {res['kernels']}" if backend.startswith("numba") else ""), flush=True)
     if args.q4:
         print(f"numba first-ever start (empty compile cache): load+1st {results['numba_cold_compile_load_first_token_s']:.1f} s")
     if args.q4:

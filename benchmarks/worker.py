@@ -214,6 +214,7 @@ def run(job: dict) -> dict:
     b.load()
     cold_s = time.perf_counter() - t0
     rss_after_load = peak_rss_bytes()
+    res["kernels"] = getattr(getattr(getattr(b, "impl", None), "model", None), "kernels", None)  # numba: the kernel tier that ran
 
     text = load_text(s.get("data"))
     limit = b.max_context()

@@ -19,7 +19,7 @@ from numba import njit
 from edgellm.errors import EdgeLLMError, UnsupportedError
 
 from .kernels.layers import (attention, attention_mat, embed_rows, gelu_new, kv_cast, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables,
-                             swiglu, swiglu_mat)
+                             swiglu)
 from .kernels.quant import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, DESC_LEN, K_F16, K_F32,
                             act_caps, linear_mat, linear_vec)
 from .kernels.quant import checked_tier
@@ -280,10 +280,7 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
         _norm(ci, x, norms[l, N_LN2W], norms[l, N_LN2B], eps, xn)
         _linear(lin[l, R_UP], xn, up, xa, xb, init, xsl, xzb, xs, tier)
         if ci[C_GATED] == 1:
-            if t == 1:
-                swiglu(up, ci[C_I], mid)
-            else:
-                swiglu_mat(up, ci[C_I], mid)
+            swiglu(up, ci[C_I], mid)
         else:
             gelu_new(up, mid)
         _linear(lin[l, R_DOWN], mid, res, xa, xb, init, xsl, xzb, xs, tier)

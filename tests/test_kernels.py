@@ -238,9 +238,9 @@ def test_activations():
     out = np.empty((3, 37), np.float32)
     Lk.swiglu(gu, 37, out)
     np.testing.assert_allclose(out, Lk.ref_swiglu(gu, 37), rtol=1e-5, atol=1e-6)
-    out3 = np.empty((3, 37), np.float32)
-    Lk.swiglu_mat(gu, 37, out3)
-    np.testing.assert_allclose(out3, Lk.ref_swiglu(gu, 37), rtol=1e-5, atol=1e-6)
+    out1 = np.empty((1, 37), np.float32)
+    Lk.swiglu(gu[1:2], 37, out1)  # the decode path (one row, no parallel region)
+    np.testing.assert_allclose(out1, Lk.ref_swiglu(gu[1:2], 37), rtol=1e-5, atol=1e-6)
     out2 = np.empty_like(gu)
     Lk.gelu_new(gu, out2)
     np.testing.assert_allclose(out2, Lk.ref_gelu_new(gu), rtol=1e-5, atol=1e-6)
@@ -275,3 +275,45 @@ def test_fast_exp():
     assert np.max(np.abs(out[ok] - ref[ok]) / ref[ok]) < 3e-7
     assert out[x == 0][0] == 1.0
     assert np.all(out[~ok] >= 0) and np.all(out[~ok] < 1.7e-38) and np.all(np.isfinite(out))
+
+
+def test_half_conversion_without_f16c():
+    """The integer fp16 <-> fp32 conversions that targets without F16C compile (irutil), against
+    numpy over every fp16 bit pattern (subnormals, inf, nan) and floats around every rounding
+    boundary, ties to even included."""
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from edgellm.runtime.kernels import irutil
+
+    @intrinsic
+    def h2f(typingctx, v):
+        return types.float32(types.uint16), lambda ctx, b, sig, args: irutil.half_to_float(b, b.bitcast(args[0], irutil.F16), False)
+
+    @intrinsic
+    def f2h(typingctx, v):
+        return types.uint16(types.float32), lambda ctx, b, sig, args: irutil.float_to_half_bits(b, args[0], False)
+
+    @njit
+    def run(bits, fl, out_f, out_h):
+        for i in range(bits.size):
+            out_f[i] = h2f(bits[i])
+        for i in range(fl.size):
+            out_h[i] = f2h(fl[i])
+
+    bits = np.arange(65536, dtype=np.uint16)
+    ref_f = bits.view(np.float16).astype(np.float32)
+    finite = ref_f[np.isfinite(ref_f)]
+    mids = (finite[:-1].astype(np.float64) + np.diff(finite.astype(np.float64)) / 2).astype(np.float32)  # exact ties
+    fl = np.concatenate([finite, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                         rng.standard_normal(10000).astype(np.float32) * 1e3, np.float32([np.inf, -np.inf, np.nan, 1e10, -1e-30])])
+    out_f, out_h = np.empty(65536, np.float32), np.empty(fl.size, np.uint16)
+    run(bits, fl, out_f, out_h)
+    nan = np.isnan(ref_f)
+    np.testing.assert_array_equal(out_f[~nan].view(np.uint32), ref_f[~nan].view(np.uint32))
+    assert np.isnan(out_f[nan]).all()
+    with np.errstate(over="ignore"):
+        ref_h = fl.astype(np.float16)
+    ok = ~np.isnan(fl)
+    np.testing.assert_array_equal(out_h[ok], ref_h[ok].view(np.uint16))
+    assert np.isnan(out_h[~ok].view(np.float16)).all()

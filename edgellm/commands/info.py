@@ -18,6 +18,8 @@ def info(model: ModelArg):
     from ..console import out
     from ..modelio import count_parameters, resolve_spec
 
+    if (Path(model) / "model.onnx").is_file():
+        return _export_info(Path(model))
     loaded = load(model)
     m, cfg = loaded.model, loaded.model.config
     rec = loaded.record
@@ -34,4 +36,24 @@ def info(model: ModelArg):
     for s in steps:
         if s.get("quality"):
             table.add_row(f"{s['step']} quality", json.dumps(s["quality"].get("after", s["quality"])))
+    out.print(table)
+
+
+def _export_info(path: Path):
+    """An export directory: what it holds and the kernel tier the numba runtime would run here."""
+    from rich.table import Table
+
+    from ..console import out
+    from ..runtime.kernels import tiers
+    from ..runtime.loader import open_export
+
+    ex = open_export(path)
+    c, q = ex.config, ex.quantization
+    table = Table(show_header=False, title=str(path))
+    table.add_row("architecture", f"{c.get('architecture')} (export)")
+    table.add_row("layers / hidden / heads", f"{c.get('num_layers')} / {c.get('hidden_size')} / {c.get('num_heads')}")
+    table.add_row("quantization", "none" if not q else ", ".join(f"{k} {v}" for k, v in q.items()))
+    table.add_row("size on disk", human_bytes(ex.size_bytes))
+    table.add_row("kernels (numba)", f"{tiers.describe(tiers.best())}; this CPU runs {', '.join(tiers.supported())}")
+    ex.close()
     out.print(table)

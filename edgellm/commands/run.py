@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -13,6 +14,16 @@ import typer
 class Backend(str, Enum):
     numba = "numba"
     onnxruntime = "onnxruntime"
+
+
+class Kernels(str, Enum):
+    auto = "auto"
+    avx512_vnni = "avx512-vnni"
+    avx_vnni = "avx-vnni"
+    avx2 = "avx2"
+    neon_dotprod = "neon-dotprod"
+    neon = "neon"
+    generic = "generic"
 
 
 class KVCache(str, Enum):
@@ -36,6 +47,8 @@ def run(
     backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime).")] = Backend.numba,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length (default: the model's maximum).")] = None,
     kv_cache: Annotated[KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend): auto = fp16 for quantized exports (half the memory), fp32 for float ones.")] = KVCache.auto,
+    kernels: Annotated[Kernels, typer.Option("--kernels", help="Kernel tier (numba backend): auto = the best the CPU has; a lower one for comparisons. One the CPU lacks is an error.")] = Kernels.auto,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say which backend, kernel tier, KV cache and threads run.")] = False,
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -54,8 +67,15 @@ def run(
     params = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                       max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
     params.check()
-    with console.status(f"loading {model} ({backend.value})"):
-        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value)
+    with console.status(f"loading {model} ({backend.value})"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a tier's self-check fallback: printed as one line below
+        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, kernels=kernels.value)
+    if getattr(gen.model, "kernel_warning", None):
+        console.print(f"[yellow]warning:[/] {gen.model.kernel_warning}", highlight=False)
+    if verbose:
+        m = gen.model
+        console.print(f"[dim]{backend.value}: kernels {getattr(m, 'kernels', 'n/a')}, KV cache {getattr(m, 'kv_cache', 'n/a')}, "
+                      f"threads {getattr(m, 'threads', threads)}[/]", highlight=False)
 
     def emit(pieces):
         for piece in pieces:

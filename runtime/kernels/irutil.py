@@ -65,3 +65,47 @@ def fmadd(builder, a, b, c):
     """a * b + c, fused where the target has FMA (contract), two instructions where it has not
     (llvm.fma would become a libm call per lane there)."""
     return builder.fadd(builder.fmul(a, b, flags=("contract",)), c, flags=("contract",))
+
+
+def _like(v, ty):
+    return vec(ty, v.type.count) if isinstance(v.type, ir.VectorType) else ty
+
+
+def _const(v, ty, value):
+    t = _like(v, ty)
+    return ir.Constant(t, [value] * t.count) if isinstance(t, ir.VectorType) else ir.Constant(t, value)
+
+
+def half_to_float(builder, v, native: bool):
+    """fp16 value(s) (half or <n x half>) -> float32. native: fpext (vcvtph2ps, fcvtl); else
+    integer ops (targets without F16C, where fpext is a libgcc call the JIT cannot link):
+    exponent re-biased by one multiply by 2**112, which also normalises subnormals exactly;
+    inf/nan keep an all-ones exponent."""
+    if native:
+        return builder.fpext(v, _like(v, F32))
+    h = builder.zext(builder.bitcast(v, _like(v, I16)), _like(v, I32))
+    sign = builder.shl(builder.and_(h, _const(h, I32, 0x8000)), _const(h, I32, 16))
+    em = builder.and_(h, _const(h, I32, 0x7FFF))
+    f = builder.fmul(builder.bitcast(builder.shl(em, _const(h, I32, 13)), _like(v, F32)), _const(h, F32, 2.0 ** 112))
+    bits = builder.bitcast(f, _like(v, I32))
+    bits = builder.select(builder.icmp_unsigned(">=", em, _const(h, I32, 0x7C00)), builder.or_(bits, _const(h, I32, 0x7F800000)), bits)
+    return builder.bitcast(builder.or_(bits, sign), _like(v, F32))
+
+
+def float_to_half_bits(builder, v, native: bool):
+    """float32 (scalar) -> IEEE fp16 bits (i16), round to nearest even. native: fptrunc; else the
+    integer algorithm (F. Giesen's float_to_half_fast3_rtne) with selects, no libgcc call."""
+    if native:
+        return builder.bitcast(builder.fptrunc(v, F16), I16)
+    f = builder.bitcast(v, I32)
+    sign = builder.and_(f, ir.Constant(I32, 0x80000000))
+    f = builder.xor(f, sign)
+    c = lambda x: ir.Constant(I32, x)  # noqa: E731
+    big = builder.select(builder.icmp_unsigned(">", f, c(255 << 23)), c(0x7E00), c(0x7C00))  # nan / inf
+    magic = c(((127 - 15) + (23 - 10) + 1) << 23)
+    sub = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(f, F32), builder.bitcast(magic, F32)), I32), magic)  # subnormal / zero
+    odd = builder.and_(builder.lshr(f, c(13)), c(1))
+    norm = builder.lshr(builder.add(builder.add(f, c(((15 - 127) << 23) + 0xFFF)), odd), c(13))
+    o = builder.select(builder.icmp_unsigned(">=", f, c((127 + 16) << 23)), big,
+                       builder.select(builder.icmp_unsigned("<", f, c(113 << 23)), sub, norm))
+    return builder.trunc(builder.or_(o, builder.lshr(sign, c(16))), I16)

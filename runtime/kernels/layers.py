@@ -288,15 +288,6 @@ def _softmax_pv(srow, vc, acc, a, b):
         p += 1
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def swiglu_mat(gu, inter, out):
-    """`swiglu` with the token rows split across threads (the prompt path)."""
-    for i in prange(gu.shape[0]):
-        for j in range(inter):
-            g = gu[i, j]
-            out[i, j] = g / (np.float32(1.0) + fast_exp(-g)) * gu[i, inter + j]
-
-
 def ref_attention(q, k, v, pos0, window=0):
     """q (t, nh, hd); k, v (n_kv, pos0+t, hd) -> (t, nh, hd), causal (sliding `window`), float64."""
     t, nh, hd = q.shape
@@ -312,13 +303,23 @@ def ref_attention(q, k, v, pos0, window=0):
 
 
 # ----------------------------------------------------------------------------- activations
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
+def _swiglu_row(g, inter, o):
+    for j in range(inter):
+        o[j] = g[j] / (np.float32(1.0) + fast_exp(-g[j])) * g[inter + j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
 def swiglu(gu, inter, out):
-    """gate/up rows fused (t, 2*inter): out = silu(gate) * up."""
-    for i in range(gu.shape[0]):
-        for j in range(inter):
-            g = gu[i, j]
-            out[i, j] = g / (np.float32(1.0) + fast_exp(-g)) * gu[i, inter + j]
+    """gate/up rows fused (t, 2*inter): out = silu(gate) * up. Token rows split across threads
+    when there are several (the prompt); one row (decode) runs without a parallel region, whose
+    start would cost more than the row."""
+    t = gu.shape[0]
+    if t == 1:
+        _swiglu_row(gu[0], inter, out[0])
+        return
+    for i in prange(t):
+        _swiglu_row(gu[i], inter, out[i])
 
 
 @njit(cache=True, fastmath=True)

@@ -35,7 +35,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import tiers
-from .irutil import F16, F32, I1, I8, I16, I32, I64, const_vec, declare, fmadd, lane_mask, masked_load, prefetch, ptr, reduce_fadd, splat, vec
+from .irutil import (F16, F32, I16, I32, I64, I8, const_vec, float_to_half_bits, fmadd, half_to_float as _h2f, lane_mask, masked_load,
+                     prefetch, ptr, reduce_fadd, splat, vec)
 
 _ptr = ptr
 
@@ -96,7 +97,7 @@ def _tile(builder, tier, nrows, ntok, args):
             if signed:
                 parts = tuple(builder.sub(p, const_vec(I8, [1 << (bits - 1)] * W)) for p in parts)
             wh = builder.load(ptr(builder, builder.add(rows_s[j], builder.mul(fb, ir.Constant(I64, 2))), vh), align=2)
-            units.append((parts, spread(builder, builder.fpext(wh, vf), idx, k)))
+            units.append((parts, spread(builder, _h2f(builder, wh, tiers.native_half()), idx, k)))
         pa, pb, pi, px = (builder.add(p, off) for p in (xa, xb, init, xsl))
         for u in range(ntok):
             iv = builder.load(ptr(builder, builder.add(pi, toks_l[u]), vi), align=4)
@@ -207,7 +208,7 @@ def _make_rowdot_float(half: bool):
             step = 4 * L  # elements per iteration
 
             def widen(v):
-                return builder.fpext(v, vf) if half else v
+                return _h2f(builder, v, tiers.native_half()) if half else v
 
             def fma_into(acc, wv, xv):
                 builder.store(fmadd(builder, widen(wv), xv, builder.load(acc)), acc)
@@ -256,9 +257,9 @@ def _scalar_cast(ret, arg, convert, doc):
     return cast
 
 
-half_to_float = _scalar_cast(types.float32, types.uint16, lambda b, v: b.fpext(b.bitcast(v, F16), F32),
+half_to_float = _scalar_cast(types.float32, types.uint16, lambda b, v: _h2f(b, b.bitcast(v, F16), tiers.native_half()),
                              "IEEE fp16 bits (uint16) -> float32 (numba has no float16 scalar type on CPU).")
-float_to_half = _scalar_cast(types.uint16, types.float32, lambda b, v: b.bitcast(b.fptrunc(v, F16), I16),
+float_to_half = _scalar_cast(types.uint16, types.float32, lambda b, v: float_to_half_bits(b, v, tiers.native_half()),
                              "float32 -> IEEE fp16 bits (uint16), round to nearest even (the fp16 KV cache's store).")
 float_from_bits = _scalar_cast(types.float32, types.int32, lambda b, v: b.bitcast(v, F32),
                                "int32 bits -> the float32 with those bits (for building 2**n in `fast_exp`).")

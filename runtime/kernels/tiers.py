@@ -25,6 +25,7 @@ def _tiers() -> tuple[Tier, ...]:
 
 
 TIERS = _tiers()
+KNOWN = ("avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "generic")  # every name `kernels=` takes (and "auto")
 BY_NAME = {t.name: t for t in TIERS}
 BY_ID = {t.id: t for t in TIERS}
 NAMES = tuple(t.name for t in TIERS)
@@ -68,6 +69,29 @@ def available(name: str) -> bool:
     return re.search(pattern, _asm(ir_text)) is not None
 
 
+_HALF_PROBE = """
+define float @h2f(ptr %a) {
+  %h = load half, ptr %a
+  %f = fpext half %h to float
+  ret float %f
+}
+define void @f2h(float %f, ptr %a) {
+  %h = fptrunc float %f to half
+  store half %h, ptr %a
+  ret void
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def native_half() -> bool:
+    """Whether the compile target converts fp16 <-> fp32 in hardware (F16C, NEON): elsewhere LLVM
+    emits libgcc calls (__extendhfsf2) that numba's JIT cannot link, so the kernels convert
+    with integer ops (irutil.half_to_float)."""
+    asm = _asm(_HALF_PROBE)
+    return "hfsf2" not in asm and "sfhf2" not in asm and "gnu_" not in asm
+
+
 def supported() -> tuple[str, ...]:
     """Names of the tiers the compile target runs, best first."""
     return tuple(t.name for t in TIERS if available(t.name))
@@ -82,9 +106,9 @@ def resolve(kernels: str | None) -> Tier:
     unavailable names raise a one-line EdgeLLMError."""
     if kernels in (None, "auto"):
         return best()
-    if kernels not in BY_NAME:
-        raise EdgeLLMError(f"--kernels {kernels!r} is not a kernel tier; give auto or one of {', '.join(NAMES)}")
-    if not available(kernels):
+    if kernels not in KNOWN:
+        raise EdgeLLMError(f"--kernels {kernels!r} is not a kernel tier; give auto or one of {', '.join(KNOWN)}")
+    if kernels not in BY_NAME or not available(kernels):
         cpu = target()[0]
         raise EdgeLLMError(f"--kernels {kernels!r} needs instructions that the CPU numba compiles for ({cpu}) lacks; "
                            f"this CPU runs {', '.join(supported())}")

@@ -39,7 +39,12 @@ def tile_module(tier_name: str, nrows: int, ntok: int, bits: int) -> str:
     i64 = ir.IntType(64)
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 13), name="tile")
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    simd._tile(builder, tier, nrows, ntok, [ir.Constant(i64, bits), *fn.args])
+    host_half = tiers.native_half
+    tiers.native_half = lambda: True  # every AArch64 core converts fp16 in hardware (fcvtl); the probe would ask this host
+    try:
+        simd._tile(builder, tier, nrows, ntok, [ir.Constant(i64, bits), *fn.args])
+    finally:
+        tiers.native_half = host_half
     builder.ret_void()
     return str(mod)
 

@@ -113,6 +113,7 @@ mount_in() {  # mount_in TARGET ARGS...: mount inside the root once, unmounted a
 mount_in /proc -t proc proc
 mount_in /sys -t sysfs sysfs
 mount_in /dev --bind /dev
+mount --make-private "$ROOT/dev"   # nothing mounted below it may propagate to the host's /dev
 mount_in /dev/shm -t tmpfs tmpfs   # numba's workqueue/omp and multiprocessing want a real /dev/shm
 
 in_root() {  # in_root [VAR=value ...] CMD...: a clean environment (no host PIP_* variables)

@@ -127,10 +127,10 @@ def bandwidth() -> float:
 
 
 def make_gguf(src: Path, dst: Path, ftype: str):
-    import llama_cpp
-
     if dst.exists():
         return
+    import llama_cpp
+
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = FTYPES[ftype]
     p.nthread = 2

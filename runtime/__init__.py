@@ -5,6 +5,8 @@ Never import torch or transformers here: a test enforces it.
     from edgellm.runtime import load, Sampling
     gen = load("q4-onnx/", threads=2)
     print("".join(gen.stream("Hello", Sampling(temperature=0))))
+    gen.model.kernels                        # the kernel tier that runs, e.g. 'avx2 (numba target haswell)'
+    load("q4-onnx/", kernels="generic")      # force a lower tier (kernels/tiers.py); one the CPU lacks: EdgeLLMError
 """
 
 from .generate import Generator, Sampling, load  # noqa: F401

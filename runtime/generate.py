@@ -220,7 +220,7 @@ class Generator:
         rng = np.random.default_rng(p.seed)
         self.stats = st = Stats(prompt_tokens=len(ids) - common)
         t0 = time.perf_counter()
-        logits = _finite(m.forward(np.array(ids[common:], np.int64)))
+        logits = _step(m, np.array(ids[common:], np.int64))
         st.prompt_s = time.perf_counter() - t0
         self.cached = list(ids)
         context = list(ids)
@@ -261,16 +261,30 @@ class Generator:
                 if len(text) > emitted:
                     yield text[emitted:]
                 break
-            logits = _finite(m.forward(np.array([tok], np.int64)))
+            logits = _step(m, np.array([tok], np.int64))
             self.cached.append(tok)
         st.gen_s = time.perf_counter() - t1 if t1 else 0.0
 
 
-def _finite(logits: np.ndarray) -> np.ndarray:
-    """Logits that hold NaN or inf come from damaged weights: stop instead of sampling garbage."""
+_DAMAGED = ("the model computed NaN or infinite values: its weights are damaged "
+            "(check the files with 'edgellm info --verify', or export again)")
+
+
+def _step(model, ids: np.ndarray) -> np.ndarray:
+    """model.forward(ids), whose logits must be finite. NaN/inf come from damaged weights (a
+    flipped exponent bit in a float matrix): stop instead of sampling garbage. The compiled
+    kernels report a zero softmax sum over NaN scores as ZeroDivisionError (numba's Python
+    error model), which is the same damage."""
+    try:
+        logits = model.forward(ids)
+    except (ZeroDivisionError, FloatingPointError):
+        raise EdgeLLMError(_DAMAGED) from None
+    except SystemError as exc:  # numba: "returned a result with an exception set" around the above
+        if isinstance(exc.__context__ or exc.__cause__, (ZeroDivisionError, FloatingPointError)) or "exception set" in str(exc):
+            raise EdgeLLMError(_DAMAGED) from None
+        raise
     if not np.isfinite(logits).all():
-        raise EdgeLLMError("the model computed NaN or infinite logits: its weights are damaged "
-                           "(check the files with 'edgellm info --verify', or export again)")
+        raise EdgeLLMError(_DAMAGED)
     return logits
 
 

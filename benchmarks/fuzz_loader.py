@@ -21,7 +21,9 @@ backend) and generates 2 greedy tokens; the supervisor classifies each outcome:
 `changed` when its text differs from the unmutated seed's), and the failures the runtime must
 never show: `crash` (the worker died of a signal), `hang` (no answer within --timeout s),
 `exception` (any other exception: a traceback), `nan` (accepted with NaN/inf logits),
-`memory` (the worker's peak RSS grew past --max-rss-mb), `unpickled` (the marker appeared).
+`memory` (the worker's peak RSS grew past --max-rss-mb), `unpickled` (the marker appeared),
+`changed_verified` (every 16th mutant runs with verify=True, as `run --verify`: a changed
+output that passed the sha256 check).
 A failed worker is restarted and the campaign goes on. tests/test_fuzz.py runs a bounded
 campaign in CI; this script is the long run.
 """
@@ -43,7 +45,7 @@ from pathlib import Path
 
 SEEDS = ("llama-f32", "llama-q4", "llama-q8a", "gpt2-f32")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
-FAILURES = ("crash", "hang", "exception", "nan", "memory", "unpickled")
+FAILURES = ("crash", "hang", "exception", "nan", "memory", "unpickled", "changed_verified")
 PROMPT = "def add(a, b):"
 _MARKER = [Path("/nonexistent/edgellm-fuzz-marker")]  # set by campaign(): the file a trapped pickle would create
 
@@ -407,7 +409,7 @@ def worker_main():
         job = json.loads(line)
         res = {"status": "accepted", "nan": False}
         try:
-            gen = load(job["dir"], backend=job["backend"], threads=1, warmup=False)
+            gen = load(job["dir"], backend=job["backend"], threads=1, warmup=False, verify=job.get("verify", False))
             model, forward = gen.model, gen.model.forward
 
             def checked(ids, all_logits=False):
@@ -522,15 +524,16 @@ def campaign(seeds: dict, n: int, seed: int = 0, timeout: float = 20.0, minutes:
                 changed = {"model.onnx.data": _flip(rng, files["model.onnx.data"])}
                 cls = "data"
             backend = "onnxruntime" if i % 8 == 7 else "numba"
+            verify = i % 16 == 3  # run --verify: flipped weight bytes must be caught too
             d = work / f"m{i}"
             _write_mutant(d, Path(seeds[key]), files, changed)
-            res = w.ask({"dir": str(d), "backend": backend}, timeout)
+            res = w.ask({"dir": str(d), "backend": backend, "verify": verify}, timeout)
             status = res["status"]
             if status == "accepted":
                 if res.get("nan"):
                     status = "nan"
                 elif res.get("text") != baseline[key] and backend == "numba":
-                    status = "changed"
+                    status = "changed_verified" if verify else "changed"  # the former: --verify missed a change
             if res.get("hwm") and res["hwm"] > max_rss_mb * 1024 * 1024:
                 status = "memory"
                 w.stop()

@@ -126,6 +126,7 @@ class OneLineErrors(TyperGroup):
             from typer._click import exceptions as click  # typer >= 0.20 vendors click
         except ImportError:
             from click import exceptions as click
+        from typer import Abort
 
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
@@ -139,6 +140,6 @@ class OneLineErrors(TyperGroup):
                 fail(usage_line(exc), 2)
             except click.ClickException as exc:
                 fail(" ".join(str(exc.format_message()).split()), 2)
-            except click.Abort:
+            except Abort:
                 interrupted()
         sys.exit(rv if isinstance(rv, int) else 0)

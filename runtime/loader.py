@@ -157,6 +157,7 @@ def verify_files(path, meta: dict | None = None) -> list[str]:
         raise EdgeLLMError(f"'{path / ONNX_NAME}' records no checksums (exported by an older edgellm); nothing to verify")
     if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
         raise EdgeLLMError(f"'{path / ONNX_NAME}' has malformed metadata '{SHA256_KEY}': expected {{file: sha256}}")
+    sums = {**sums, **_record_sums(path)}
     for name, want in sorted(sums.items()):
         f = path / name
         if "/" in name or "\\" in name or name in ("", ".", "..") or not f.is_file():
@@ -168,6 +169,21 @@ def verify_files(path, meta: dict | None = None) -> list[str]:
         if h.hexdigest() != want.lower():
             raise EdgeLLMError(f"'{f}' does not match the sha256 recorded at export (damaged or modified); export or copy it again")
     return sorted(sums)
+
+
+def _record_sums(path: Path) -> dict:
+    """model.onnx's own sha256, which `edgellm export` keeps in edgellm.json (its export step)."""
+    rec = path / "edgellm.json"
+    if not rec.is_file():
+        return {}
+    try:
+        steps = json.loads(rec.read_text(encoding="utf-8")).get("steps", [])
+        sums = [s["sha256"] for s in steps if isinstance(s, dict) and s.get("step") == "export" and "sha256" in s][-1:]
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        raise EdgeLLMError(f"'{rec}' is damaged, so {ONNX_NAME} cannot be verified; export again") from None
+    if sums and not (isinstance(sums[0], dict) and set(sums[0]) == {ONNX_NAME} and isinstance(sums[0][ONNX_NAME], str)):
+        raise EdgeLLMError(f"'{rec}' has a malformed sha256 record; export again")
+    return sums[0] if sums else {}
 
 
 def open_export(path, verify: bool = False) -> Export:

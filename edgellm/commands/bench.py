@@ -55,7 +55,11 @@ def bench(
     from ..errors import EdgeLLMError
     from ..outputs import atomic_output_dir, check_output_dir
 
-    check_output_dir(output, force)  # before any work: no write access or an existing report -> exit 2
+    from .common import check_range
+
+    check_range("--timeout", timeout, 0.0, lo_open=True)
+    inputs = [v.rsplit(":", 1)[0] if not Path(v).exists() else v for v in variants] + [data]
+    check_output_dir(output, force, inputs, protect_exports=True)  # before any work; never into an export directory
     _probe_writable(output)
     parsed = parse_all(variants)
     base = Settings.quick() if quick else Settings()
@@ -84,7 +88,7 @@ def bench(
         rows = run_variants(parsed, settings, on_event)
     report = build_report(parsed, settings, rows)
     try:
-        with atomic_output_dir(output, force) as tmp:
+        with atomic_output_dir(output, force, inputs, protect_exports=True) as tmp:
             rep.write(report, tmp)
     except OSError as exc:
         raise EdgeLLMError(f"cannot write the report to '{output}' ({exc.strerror or exc}); nothing was written there") from None
@@ -114,7 +118,9 @@ def _probe_writable(output: Path) -> None:
 
     from ..errors import EdgeLLMError
 
+    from ..outputs import existing_ancestor
+
     try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=output.resolve().parent))
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=existing_ancestor(output)))
     except OSError as exc:
-        raise EdgeLLMError(f"cannot write to '{output.resolve().parent}' ({exc.strerror or exc}); choose a writable output path") from None
+        raise EdgeLLMError(f"cannot write to '{existing_ancestor(output)}' ({exc.strerror or exc}); choose a writable output path") from None

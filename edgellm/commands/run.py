@@ -36,6 +36,7 @@ def run(
     backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime).")] = Backend.numba,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length (default: the model's maximum).")] = None,
     kv_cache: Annotated[KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend): auto = fp16 for quantized exports (half the memory), fp32 for float ones.")] = KVCache.auto,
+    verify: Annotated[bool, typer.Option("--verify", help="First check every file against the sha256 recorded at export (reads the whole model once).")] = False,
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -49,13 +50,17 @@ def run(
         raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
     if ctx is not None and ctx < 2:
         raise EdgeLLMError(f"--ctx {ctx} is invalid; give at least 2")
+    if max_new_tokens < 1:
+        raise EdgeLLMError(f"--max-new-tokens {max_new_tokens} is invalid; give at least 1")
+    if any(not s for s in stop or ()):
+        raise EdgeLLMError("--stop '' is invalid; give a non-empty stop string")
     if not chat and (prompt is None or not prompt.strip()):
         raise EdgeLLMError("the prompt is empty; give some text with -p (or use --chat)")
     params = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                       max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
     params.check()
     with console.status(f"loading {model} ({backend.value})"):
-        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value)
+        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, verify=verify)
 
     def emit(pieces):
         for piece in pieces:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -275,17 +276,23 @@ def _step(model, ids: np.ndarray) -> np.ndarray:
     flipped exponent bit in a float matrix): stop instead of sampling garbage. The compiled
     kernels report a zero softmax sum over NaN scores as ZeroDivisionError (numba's Python
     error model), which is the same damage."""
-    try:
+    with _numeric_damage():
         logits = model.forward(ids)
+    if not np.isfinite(logits).all():
+        raise EdgeLLMError(_DAMAGED)
+    return logits
+
+
+@contextlib.contextmanager
+def _numeric_damage():
+    try:
+        yield
     except (ZeroDivisionError, FloatingPointError):
         raise EdgeLLMError(_DAMAGED) from None
     except SystemError as exc:  # numba: "returned a result with an exception set" around the above
         if isinstance(exc.__context__ or exc.__cause__, (ZeroDivisionError, FloatingPointError)) or "exception set" in str(exc):
             raise EdgeLLMError(_DAMAGED) from None
         raise
-    if not np.isfinite(logits).all():
-        raise EdgeLLMError(_DAMAGED)
-    return logits
 
 
 def _find_stop(text: str, stops) -> int | None:
@@ -328,5 +335,6 @@ def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | 
         raise EdgeLLMError(f"'{path / 'generation_config.json'}' has eos_token_id {gen_eos!r}; expected token ids")
     eos |= set(gen_eos)
     if warmup:
-        model.warmup()
+        with _numeric_damage():
+            model.warmup()
     return Generator(model, tok, eos)

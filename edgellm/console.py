@@ -86,7 +86,10 @@ def signals_as_interrupts():
     """SIGINT and SIGTERM both raise KeyboardInterrupt while a command runs (previous handlers restored)."""
     import threading
 
+    from .outputs import COMPLETED
+
     SIGNALLED.clear()
+    COMPLETED.clear()  # one command per invocation (tests invoke many in one process)
     if threading.current_thread() is not threading.main_thread():
         yield
         return

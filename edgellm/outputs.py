@@ -71,7 +71,7 @@ def check_output_dir(out: Path, force: bool, inputs=(), protect_exports: bool = 
             raise EdgeLLMError(f"output '{out}' exists and is not a folder; remove it or choose another path")
     parent = existing_ancestor(out)
     if not parent.is_dir():
-        raise EdgeLLMError(f"cannot create output '{out}': '{parent}' is a file, not a folder")
+        raise EdgeLLMError(f"cannot write output '{out}': '{parent}' is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EdgeLLMError(f"cannot write to '{parent}' (permission denied); choose a writable output path")
 

@@ -293,8 +293,10 @@ def test_onnxruntime_backend_validates_too(seeds, tmp_path):
 
 
 # ----------------------------------------------------------------------------- kernels
+@pytest.mark.slow
 def test_model_and_mutants_under_numba_boundscheck(seeds, tmp_path):
-    """The whole decode step with numba's bounds checking on (own cache dir, so it recompiles):
+    """The whole decode step with numba's bounds checking on (own cache dir, so it recompiles: about
+    8 minutes on 2 shared cores):
     every seed runs, and a small fuzz campaign finds no out-of-bounds index."""
     code = textwrap.dedent(f"""
         import json, sys

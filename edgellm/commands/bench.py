@@ -58,10 +58,10 @@ def bench(
     from .common import check_range
 
     check_range("--timeout", timeout, 0.0, lo_open=True)
-    inputs = [v.rsplit(":", 1)[0] if not Path(v).exists() else v for v in variants] + [data]
+    parsed = parse_all(variants)
+    inputs = [v.path for v in parsed] + [data]
     check_output_dir(output, force, inputs, protect_exports=True)  # before any work; never into an export directory
     _probe_writable(output)
-    parsed = parse_all(variants)
     base = Settings.quick() if quick else Settings()
     chosen = dict(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps, eval_tokens=eval_tokens, ctx=ctx)
     kw = {k: v for k, v in chosen.items() if v is not None}

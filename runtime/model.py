@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+
 import numba
 import numpy as np
 from numba import njit

@@ -5,7 +5,6 @@ command line ends in one `error:` line with exit code 2."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

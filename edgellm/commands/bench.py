@@ -117,7 +117,6 @@ def _probe_writable(output: Path) -> None:
     import tempfile
 
     from ..errors import EdgeLLMError
-
     from ..outputs import existing_ancestor
 
     try:

@@ -82,11 +82,6 @@ def check_context(model, name: str, value: int | None) -> None:
         raise EdgeLLMError(f"{name} {value} exceeds the model's {limit} positions; give at most {limit}")
 
 
-def data_inputs(data: str | None) -> list:
-    """The local paths among a --data spec (outputs must never replace them)."""
-    return [data] if data else []
-
-
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":

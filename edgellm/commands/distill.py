@@ -65,6 +65,7 @@ def distill(
     """
     from ..distill.distributed import setup, teardown
     from ..errors import EdgeLLMError
+
     _check_options(temperature, ce_weight, hidden_weight, lr, weight_decay, clip, warmup_steps, steps, seed, resume, checkpoint_dir)
     if device is Device.cuda:
         import torch

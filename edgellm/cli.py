@@ -12,6 +12,7 @@ from .commands import evaluate as eval_cmd
 from .commands import info as info_cmd
 from .commands import quantize as quantize_cmd
 from .commands import pending
+from .console import OneLineErrors
 from .errors import EdgeLLMError
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,  # usage errors: one `error:` line, exit 2; SIGTERM like Ctrl-C
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -32,19 +34,25 @@ def _guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .console import fail
+        from .console import SIGNALLED, fail, interrupted
 
         try:
             return fn(*args, **kwargs)
         except EdgeLLMError as exc:
+            if SIGNALLED:  # e.g. Ctrl-C inside an import, reported as a missing package
+                interrupted()
             if _state["traceback"]:
                 raise
             fail(str(exc), 2)
         except KeyboardInterrupt:
-            fail("interrupted; nothing was written at the output path", 130)
+            interrupted()  # says whether the output was already complete
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except MemoryError:
+            fail("out of memory; close other programs, or use a smaller model or --ctx", 2)
         except Exception as exc:  # a bug: still one line, unless --traceback
+            if SIGNALLED:  # a signal inside library code that re-raised it as another exception
+                interrupted()
             if _state["traceback"]:
                 raise
             fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)", 1)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import warnings
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
 from .progress import EdgeLLMWarning
 
@@ -64,3 +66,83 @@ def quiet_transformers() -> None:
 
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- errors and signals
+SIGNALLED: list[int] = []  # signals received while a command ran (SIGINT, SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (temporary outputs) runs."""
+
+
+def _on_signal(signum, _frame):
+    SIGNALLED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """SIGINT and SIGTERM both raise KeyboardInterrupt while a command runs (previous handlers restored)."""
+    import threading
+
+    from .outputs import COMPLETED
+
+    SIGNALLED.clear()
+    COMPLETED.clear()  # one command per invocation (tests invoke many in one process)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def interrupted() -> None:
+    """The one line after Ctrl-C or SIGTERM: whether an output was completed before it came."""
+    from .outputs import COMPLETED
+
+    signum = SIGNALLED[-1] if SIGNALLED else signal.SIGINT
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    if COMPLETED:
+        fail(f"{what} after the output '{COMPLETED[-1]}' was written completely (it is ready to use)", 128 + signum)
+    fail(f"{what}; nothing was written at the output path", 128 + signum)
+
+
+def usage_line(exc) -> str:
+    """A click usage error as one line: the command, what was wrong, where help is."""
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "edgellm"
+    msg = " ".join(str(exc.format_message()).split())
+    return f"{path}: {msg} (see '{path} --help')"
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: usage errors (unknown option, bad value, missing argument) print
+    one `error:` line and exit 2 instead of typer's usage box, and SIGTERM is handled like Ctrl-C."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            from typer._click import exceptions as click  # typer >= 0.20 vendors click
+        except ImportError:
+            from click import exceptions as click
+        from typer import Abort
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        with signals_as_interrupts():
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            except click.NoArgsIsHelpError as exc:  # bare `edgellm`: the help, as before
+                print(exc.ctx.get_help())
+                sys.exit(0)
+            except click.UsageError as exc:
+                fail(usage_line(exc), 2)
+            except click.ClickException as exc:
+                fail(" ".join(str(exc.format_message()).split()), 2)
+            except Abort:
+                interrupted()
+        sys.exit(rv if isinstance(rv, int) else 0)

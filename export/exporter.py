@@ -21,7 +21,7 @@ from edgellm.record import add_step, write_record
 from . import gpt2, llama
 from .check import ParityError, check_export
 from .weights import Options, check_options
-from .writer import write
+from .writer import ONNX_NAME, sha256_file, write
 
 BUILDERS = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2}
 CHECK_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""
@@ -90,14 +90,15 @@ def export_model(loaded, out: Path, opts: Options | None = None, check: bool = T
     opts = opts or Options()
     check_options(opts)
     out = Path(out)
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=[getattr(loaded, "source", None)])
     model = loaded.model
     t0 = time.perf_counter()
     graph = _builder(model).build(model, opts)
     meta = metadata(model, loaded.record, opts)
-    with atomic_output_dir(out, force) as tmp:
-        sizes = write(graph, tmp, meta)
-        _write_extras(model, loaded.tokenizer, tmp)
+    with atomic_output_dir(out, force, inputs=[getattr(loaded, "source", None)]) as tmp:
+        _write_extras(model, loaded.tokenizer, tmp)  # first, so that model.onnx records their sha256
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        sizes = write(graph, tmp, meta, sums)
         seconds = time.perf_counter() - t0
         parity = None
         if check:
@@ -106,7 +107,8 @@ def export_model(loaded, out: Path, opts: Options | None = None, check: bool = T
             except ParityError as exc:
                 kept = _keep_failed(tmp, out)
                 raise ParityError(f"{exc}; the export is kept at '{kept}' for inspection") from None
-        step = dict(format=opts.format, accuracy_level=opts.accuracy_level, time_s=round(seconds, 2), sizes=sizes, parity=parity)
+        step = dict(format=opts.format, accuracy_level=opts.accuracy_level, time_s=round(seconds, 2), sizes=sizes, parity=parity,
+                    sha256={ONNX_NAME: sha256_file(tmp / ONNX_NAME)})  # the other files' are in its metadata
         write_record(tmp, add_step(loaded.record, "export", **step))
     return ExportResult(out=out, sizes=sizes, seconds=seconds, parity=parity, quantization=json.loads(meta["edgellm.quantization"]))
 

@@ -7,6 +7,8 @@ memory-map the file and view each weight in place with aligned SIMD loads.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import onnx
@@ -18,6 +20,15 @@ ONNX_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 ALIGN = 64
 IR_VERSION = 10  # opset 21 needs IR 10; ONNX Runtime 1.18+ reads it
+SHA256_KEY = "edgellm.sha256"  # metadata: {file: sha256} of the data and side files (runtime/loader.py verify_files)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _external(name: str, elem_type: int, dims: list, offset: int, length: int) -> TensorProto:
@@ -29,10 +40,12 @@ def _external(name: str, elem_type: int, dims: list, offset: int, length: int) -
     return t
 
 
-def to_model(g: Graph, metadata: dict[str, str], out_dir: Path | None = None) -> onnx.ModelProto:
-    """The ModelProto; with `out_dir`, also writes the weights to out_dir/model.onnx.data."""
+def to_model(g: Graph, metadata: dict[str, str], out_dir: Path | None = None, checksums: dict[str, str] | None = None) -> onnx.ModelProto:
+    """The ModelProto; with `out_dir`, also writes the weights to out_dir/model.onnx.data and
+    records its sha256 (with `checksums`, those of the side files) in the metadata."""
     inits = []
     fh = open(Path(out_dir) / DATA_NAME, "wb") if out_dir is not None else None
+    digest = hashlib.sha256()
     try:
         offset = 0
         for name, (arr, elem_type, dims) in g.weights.items():
@@ -41,8 +54,10 @@ def to_model(g: Graph, metadata: dict[str, str], out_dir: Path | None = None) ->
                 continue
             pad = -offset % ALIGN
             fh.write(b"\0" * pad)
+            digest.update(b"\0" * pad)
             offset += pad
             fh.write(memoryview(arr.reshape(-1)).cast("B"))
+            digest.update(memoryview(arr.reshape(-1)).cast("B"))
             inits.append(_external(name, elem_type, dims, offset, arr.nbytes))
             offset += arr.nbytes
     finally:
@@ -51,14 +66,17 @@ def to_model(g: Graph, metadata: dict[str, str], out_dir: Path | None = None) ->
     graph = helper.make_graph(g.nodes, g.name, g.inputs, g.outputs, initializer=inits)
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.uses_ms else [])
     model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="edgellm")
+    if fh is not None:
+        metadata = {**metadata, SHA256_KEY: json.dumps({**(checksums or {}), DATA_NAME: digest.hexdigest()}, sort_keys=True)}
     helper.set_model_props(model, metadata)
     return model
 
 
-def write(g: Graph, out_dir: Path, metadata: dict[str, str]) -> dict:
-    """Write model.onnx + model.onnx.data into out_dir; return their sizes in bytes."""
+def write(g: Graph, out_dir: Path, metadata: dict[str, str], checksums: dict[str, str] | None = None) -> dict:
+    """Write model.onnx + model.onnx.data into out_dir; return their sizes in bytes. `checksums`:
+    sha256 of side files already written there, recorded beside the data file's."""
     out_dir = Path(out_dir)
-    model = to_model(g, metadata, out_dir)
+    model = to_model(g, metadata, out_dir, checksums)
     with open(out_dir / ONNX_NAME, "wb") as f:
         f.write(model.SerializeToString())
     return {"model.onnx": (out_dir / ONNX_NAME).stat().st_size, "model.onnx.data": (out_dir / DATA_NAME).stat().st_size}

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +32,16 @@ class Sampling:
     stop: tuple = ()  # strings that end the generation (not included in the output)
 
     def check(self):
-        for name, ok in (("temperature", self.temperature >= 0), ("top-k", self.top_k >= 0), ("top-p", 0 < self.top_p <= 1),
-                         ("repetition-penalty", self.repetition_penalty > 0), ("max-new-tokens", self.max_new_tokens >= 1)):
+        fin = math.isfinite
+        for name, ok, want in (
+                ("temperature", fin(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+                ("top-k", self.top_k >= 0, "an integer >= 0"),
+                ("top-p", fin(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+                ("repetition-penalty", fin(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0"),
+                ("max-new-tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+                ("seed", self.seed is None or 0 <= self.seed < 1 << 63, "an integer in [0, 2**63)")):
             if not ok:
-                raise EdgeLLMError(f"--{name} {getattr(self, name.replace('-', '_'))} is out of range")
+                raise EdgeLLMError(f"--{name} {getattr(self, name.replace('-', '_'))} is out of range; give {want}")
 
 
 def sample(logits: np.ndarray, p: Sampling, rng: np.random.Generator, seen: np.ndarray | None = None) -> int:
@@ -65,24 +73,28 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
+        self.path = path / "tokenizer.json"
+        if not self.path.is_file():
             raise EdgeLLMError(f"'{path}' has no tokenizer.json; export the model with its tokenizer")
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        self.tok = _tokenizers(lambda: HFTokenizer.from_file(str(self.path)), f"cannot read '{self.path}'")
         cfg = _read_json(path / "tokenizer_config.json")
         self.chat_template = cfg.get("chat_template")
         if self.chat_template is None and (path / "chat_template.jinja").is_file():
-            self.chat_template = (path / "chat_template.jinja").read_text()
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
+            self.chat_template = _read_text(path / "chat_template.jinja")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise EdgeLLMError(f"'{path / 'tokenizer_config.json'}' has a chat_template that is a JSON "
+                               f"{type(self.chat_template).__name__}; expected a string")
+        self.bos_token = _token_text(cfg.get("bos_token"), path / "tokenizer_config.json", "bos_token")
+        self.eos_token = _token_text(cfg.get("eos_token"), path / "tokenizer_config.json", "eos_token")
 
     def encode(self, text: str, special: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=special).ids
+        return _tokenizers(lambda: self.tok.encode(text, add_special_tokens=special).ids, f"'{self.path}' cannot encode the prompt")
 
     def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        return _tokenizers(lambda: self.tok.decode(list(ids), skip_special_tokens=True), f"'{self.path}' cannot decode the output")
 
     def token_id(self, text: str | None):
-        return None if text is None else self.tok.token_to_id(text)
+        return None if text is None else _tokenizers(lambda: self.tok.token_to_id(text), f"'{self.path}' cannot look up {text!r}")
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         if not self.chat_template:
@@ -97,19 +109,57 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
-                                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            text = env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                              bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except EdgeLLMError:
+            raise
+        except Exception as exc:  # jinja2's TemplateError, or a template that misuses a value
+            raise EdgeLLMError(f"the model's chat template fails: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if not isinstance(text, str):
+            raise EdgeLLMError("the model's chat template does not render to text")
+        return text
+
+
+def _tokenizers(call, what: str):
+    """Run a `tokenizers` call; its errors (a damaged tokenizer.json: Exception, or a Rust panic,
+    which pyo3 raises as a BaseException) become one EdgeLLMError."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except BaseException as exc:
+        msg = str(exc).strip().splitlines()
+        raise EdgeLLMError(f"{what}: {msg[0][:300] if msg else type(exc).__name__}") from None
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgeLLMError(f"'{p}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise EdgeLLMError(f"cannot read '{p}': {exc.strerror or exc}") from None
 
 
 def _read_json(p: Path) -> dict:
+    """A side file's JSON object ({} when the file is absent)."""
+    if not p.exists():
+        return {}
     try:
-        return json.loads(p.read_text()) if p.is_file() else {}
-    except json.JSONDecodeError as exc:
+        value = json.loads(_read_text(p))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise EdgeLLMError(f"'{p}' is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise EdgeLLMError(f"'{p}' holds a JSON {type(value).__name__}; expected an object")
+    return value
 
 
-def _token_text(t):
-    return t.get("content") if isinstance(t, dict) else t
+def _token_text(t, where: Path, key: str):
+    t = t.get("content") if isinstance(t, dict) else t
+    if t is not None and not isinstance(t, str):
+        raise EdgeLLMError(f"'{where}' has {key} of JSON type {type(t).__name__}; expected a string or {{\"content\": ...}}")
+    return t
 
 
 @dataclass
@@ -171,7 +221,7 @@ class Generator:
         rng = np.random.default_rng(p.seed)
         self.stats = st = Stats(prompt_tokens=len(ids) - common)
         t0 = time.perf_counter()
-        logits = m.forward(np.array(ids[common:], np.int64))
+        logits = _step(m, np.array(ids[common:], np.int64))
         st.prompt_s = time.perf_counter() - t0
         self.cached = list(ids)
         context = list(ids)
@@ -212,9 +262,37 @@ class Generator:
                 if len(text) > emitted:
                     yield text[emitted:]
                 break
-            logits = m.forward(np.array([tok], np.int64))
+            logits = _step(m, np.array([tok], np.int64))
             self.cached.append(tok)
         st.gen_s = time.perf_counter() - t1 if t1 else 0.0
+
+
+_DAMAGED = ("the model computed NaN or infinite values: its weights are damaged "
+            "(check the files with 'edgellm info --verify', or export again)")
+
+
+def _step(model, ids: np.ndarray) -> np.ndarray:
+    """model.forward(ids), whose logits must be finite. NaN/inf come from damaged weights (a
+    flipped exponent bit in a float matrix): stop instead of sampling garbage. The compiled
+    kernels report a zero softmax sum over NaN scores as ZeroDivisionError (numba's Python
+    error model), which is the same damage."""
+    with _numeric_damage():
+        logits = model.forward(ids)
+    if not np.isfinite(logits).all():
+        raise EdgeLLMError(_DAMAGED)
+    return logits
+
+
+@contextlib.contextmanager
+def _numeric_damage():
+    try:
+        yield
+    except (ZeroDivisionError, FloatingPointError):
+        raise EdgeLLMError(_DAMAGED) from None
+    except SystemError as exc:  # numba: "returned a result with an exception set" around the above
+        if isinstance(exc.__context__ or exc.__cause__, (ZeroDivisionError, FloatingPointError)) or "exception set" in str(exc):
+            raise EdgeLLMError(_DAMAGED) from None
+        raise
 
 
 def _find_stop(text: str, stops) -> int | None:
@@ -234,27 +312,32 @@ def _held_back(text: str, stops) -> int:
 
 
 def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | None = None, warmup: bool = True,
-         kv_cache: str = "auto", kernels: str = "auto") -> Generator:
+         kv_cache: str = "auto", kernels: str = "auto", verify: bool = False) -> Generator:
     """Open an export directory on the numba (default) or onnxruntime backend. `kv_cache`
     (numba): auto = fp16 beside quantized weights, fp32 beside float ones; or fp16 / fp32.
     `kernels` (numba): the kernel tier, auto = the best the CPU numba compiles for has, or a
     lower one by name (avx512-vnni, avx-vnni, avx2, generic; kernels/tiers.py); one the CPU
-    lacks is an EdgeLLMError."""
+    lacks is an EdgeLLMError.
+    `verify`: check every file against the sha256 recorded at export first (slower start)."""
     path = Path(path)
     if backend == "numba":
         from .model import NumbaModel
 
-        model = NumbaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache, kernels=kernels)
+        model = NumbaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache, kernels=kernels, verify=verify)
     elif backend == "onnxruntime":
         from .ort_backend import OrtModel
 
-        model = OrtModel(path, n_ctx=n_ctx, threads=threads)
+        model = OrtModel(path, n_ctx=n_ctx, threads=threads, verify=verify)
     else:
         raise EdgeLLMError(f"unknown backend '{backend}'; choose numba or onnxruntime")
     tok = Tokenizer(path)
     eos = set(model.config.eos_token_ids)
     gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
-    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in gen_eos):
+        raise EdgeLLMError(f"'{path / 'generation_config.json'}' has eos_token_id {gen_eos!r}; expected token ids")
+    eos |= set(gen_eos)
     if warmup:
-        model.warmup()
+        with _numeric_damage():
+            model.warmup()
     return Generator(model, tok, eos)

@@ -3,11 +3,18 @@
 `onnx_proto.read_model` gives the metadata and, for every initializer, where its bytes lie in
 `model.onnx.data` (without importing the onnx package); the data file is memory-mapped once and
 each tensor is a read-only numpy view into it (no copy; pages load on first touch).
+
+Everything here treats the directory as untrusted: every initializer's type, shape and byte
+range is checked before a view is made (the range inside the data file, aligned, not overlapping
+another tensor's), and every failure is an EdgeLLMError with a one-line reason. What the tensors
+must look like for the model the metadata describes is `validate.py`'s job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +27,23 @@ from .onnx_proto import EXTERNAL, ProtoError, read_model
 
 ONNX_NAME, DATA_NAME = "model.onnx", "model.onnx.data"
 FORMAT_VERSION = "1"
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+ALIGN = 64  # every external tensor starts at a multiple of this (export/writer.py)
+MAX_ONNX_BYTES = 1 << 30  # model.onnx holds the graph and metadata only; the weights are external
+SHA256_KEY = "edgellm.sha256"  # metadata: {file name: hex digest} of the data and side files
 
 _NP_OF = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
+UINT4, INT4 = 21, 22  # packed two per byte; the runtime never views them, ONNX Runtime reads them
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What an initializer declares: ONNX data type, shape, and where its bytes are."""
+
+    data_type: int
+    shape: tuple
+    external: bool
+    offset: int = 0
+    nbytes: int = 0
 
 
 @dataclass
@@ -36,14 +57,15 @@ class Export:
     tensors: dict[str, np.ndarray] = field(repr=False)
     data_size: int = 0
     _mmap: mmap.mmap | None = field(default=None, repr=False)
+    infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)  # every initializer, viewable or not
 
     def has(self, name: str) -> bool:
         return name in self.tensors
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.tensors:
-            raise UnsupportedError(f"'{self.path / ONNX_NAME}' has no initializer '{name}' that the numba runtime needs "
-                                   "(an export from another tool or version?); --backend onnxruntime may still run it")
+            raise EdgeLLMError(f"'{self.path / ONNX_NAME}' has no initializer '{name}' that the model needs "
+                               "(a damaged export, or one from another tool or version?)")
         return self.tensors[name]
 
     @property
@@ -75,73 +97,179 @@ class Export:
             self._mmap = None
 
 
-def open_export(path) -> Export:
-    """Open and validate `path`; every problem is an EdgeLLMError with a one-line reason."""
+def _json_meta(meta: dict, key: str, onnx_path: Path, default: str | None = None):
+    text = meta.get(key, default)
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise EdgeLLMError(f"'{onnx_path}' has malformed metadata '{key}': {exc}") from None
+
+
+def _byte_count(data_type: int, count: int) -> int | None:
+    if data_type in _NP_OF:
+        return count * np.dtype(_NP_OF[data_type]).itemsize
+    if data_type in (UINT4, INT4):
+        return (count + 1) // 2
+    return None
+
+
+def _int_field(t, key: str) -> int:
+    text = t.external.get(key)
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise EdgeLLMError(f"initializer '{t.name}' has external-data {key} {text!r}; expected a non-negative integer")
+    return int(text)
+
+
+def read_metadata(path) -> tuple[Path, dict, list]:
+    """(model.onnx path, metadata_props, initializers) of an export directory, after the checks
+    every reader needs: the files exist, model.onnx parses, the format version is this one."""
     path = Path(path)
     if not path.is_dir():
         raise EdgeLLMError(f"'{path}' is not a directory; give an export directory written by 'edgellm export'")
-    onnx_path, data_path = path / ONNX_NAME, path / DATA_NAME
+    onnx_path = path / ONNX_NAME
     if not onnx_path.is_file():
         raise EdgeLLMError(f"'{path}' has no {ONNX_NAME}; give an export directory written by 'edgellm export'")
+    size = onnx_path.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise EdgeLLMError(f"'{onnx_path}' is {size} bytes; an export keeps its weights in {DATA_NAME}, so model.onnx "
+                           f"should be far below {MAX_ONNX_BYTES} bytes")
     try:
         meta, inits = read_model(onnx_path.read_bytes())
-    except (ProtoError, UnicodeDecodeError) as exc:  # a damaged or foreign file
+    except ProtoError as exc:  # a damaged or foreign file
         raise EdgeLLMError(f"cannot read '{onnx_path}': not a valid ONNX model ({exc})") from None
     version = meta.get("edgellm.format_version")
     if version is None or "edgellm.config" not in meta:
         raise UnsupportedError(f"'{onnx_path}' has no edgellm metadata (not written by 'edgellm export'); "
-                               "the numba runtime needs it; --backend onnxruntime may still run it")
+                               "both edgellm backends need it to size the model and its KV cache")
     if version != FORMAT_VERSION:
-        raise UnsupportedError(f"'{onnx_path}' uses export format version {version}; this runtime reads version {FORMAT_VERSION}")
-    try:
-        config = json.loads(meta["edgellm.config"])
-        quant = json.loads(meta.get("edgellm.quantization", "null"))
-    except json.JSONDecodeError as exc:
-        raise EdgeLLMError(f"'{onnx_path}' has malformed edgellm metadata: {exc}") from None
-    arch = config.get("architecture")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedError(f"architecture '{arch}' is not supported by the numba runtime (supported: {', '.join(ARCHITECTURES)}); "
-                               "--backend onnxruntime may still run it")
+        raise UnsupportedError(f"'{onnx_path}' uses export format version {version!r}; this runtime reads version {FORMAT_VERSION}")
+    return onnx_path, meta, inits
 
-    external = [t for t in inits if t.data_location == EXTERNAL]
-    need = 0
-    for t in external:
-        info = t.external
-        if info.get("location") != DATA_NAME:
-            raise UnsupportedError(f"initializer '{t.name}' lives in '{info.get('location')}', not {DATA_NAME}")
-        need = max(need, int(info.get("offset", 0)) + int(info["length"]))
+
+def verify_files(path, meta: dict | None = None) -> list[str]:
+    """Check the sha256 that `edgellm export` recorded for each data and side file; the names
+    checked. A mismatch or a missing file is an EdgeLLMError."""
+    path = Path(path)
+    if meta is None:
+        _, meta, _ = read_metadata(path)
+    sums = _json_meta(meta, SHA256_KEY, path / ONNX_NAME, "null")
+    if sums is None:
+        raise EdgeLLMError(f"'{path / ONNX_NAME}' records no checksums (exported by an older edgellm); nothing to verify")
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise EdgeLLMError(f"'{path / ONNX_NAME}' has malformed metadata '{SHA256_KEY}': expected {{file: sha256}}")
+    sums = {**sums, **_record_sums(path)}
+    for name, want in sorted(sums.items()):
+        f = path / name
+        if "/" in name or "\\" in name or name in ("", ".", "..") or not f.is_file():
+            raise EdgeLLMError(f"'{f}' is missing; the export recorded its checksum (copy the whole export directory)")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != want.lower():
+            raise EdgeLLMError(f"'{f}' does not match the sha256 recorded at export (damaged or modified); export or copy it again")
+    return sorted(sums)
+
+
+def _record_sums(path: Path) -> dict:
+    """model.onnx's own sha256, which `edgellm export` keeps in edgellm.json (its export step)."""
+    rec = path / "edgellm.json"
+    if not rec.is_file():
+        return {}
+    try:
+        steps = json.loads(rec.read_text(encoding="utf-8")).get("steps", [])
+        sums = [s["sha256"] for s in steps if isinstance(s, dict) and s.get("step") == "export" and "sha256" in s][-1:]
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        raise EdgeLLMError(f"'{rec}' is damaged, so {ONNX_NAME} cannot be verified; export again") from None
+    if sums and not (isinstance(sums[0], dict) and set(sums[0]) == {ONNX_NAME} and isinstance(sums[0][ONNX_NAME], str)):
+        raise EdgeLLMError(f"'{rec}' has a malformed sha256 record; export again")
+    return sums[0] if sums else {}
+
+
+def open_export(path, verify: bool = False) -> Export:
+    """Open `path` and check every initializer's bytes; every problem is an EdgeLLMError with a
+    one-line reason. `verify`: also check the files' sha256 against the export's record."""
+    path = Path(path)
+    onnx_path, meta, inits = read_metadata(path)
+    data_path = path / DATA_NAME
+    if verify:
+        verify_files(path, meta)
+    config = _json_meta(meta, "edgellm.config", onnx_path)
+    quant = _json_meta(meta, "edgellm.quantization", onnx_path, "null")
+    if not isinstance(config, dict):
+        raise EdgeLLMError(f"'{onnx_path}' metadata 'edgellm.config' is a JSON {type(config).__name__}, not an object")
+    if quant is not None and not isinstance(quant, dict):
+        raise EdgeLLMError(f"'{onnx_path}' metadata 'edgellm.quantization' is a JSON {type(quant).__name__}, not an object or null")
+
+    infos: dict[str, TensorInfo] = {}
+    for t in inits:
+        if not t.name:
+            raise EdgeLLMError(f"'{onnx_path}' has an initializer without a name")
+        if t.name in infos:
+            raise EdgeLLMError(f"'{onnx_path}' has two initializers named '{t.name}'")
+        if any(d < 0 for d in t.dims) or len(t.dims) > 8:
+            raise EdgeLLMError(f"initializer '{t.name}' has shape {tuple(t.dims)}; expected at most 8 non-negative dimensions")
+        shape = tuple(int(d) for d in t.dims)
+        nbytes = _byte_count(t.data_type, math.prod(shape))
+        if nbytes is None:
+            raise UnsupportedError(f"initializer '{t.name}' has ONNX data type {t.data_type}, which no edgellm export uses")
+        if t.data_location == EXTERNAL:
+            if t.external.get("location") != DATA_NAME:
+                raise EdgeLLMError(f"initializer '{t.name}' lives in {t.external.get('location')!r}, not {DATA_NAME}")
+            off, n = _int_field(t, "offset"), _int_field(t, "length")
+            if n != nbytes:
+                raise EdgeLLMError(f"initializer '{t.name}' says {n} bytes but its shape {shape} needs {nbytes}")
+            if off % ALIGN:
+                raise EdgeLLMError(f"initializer '{t.name}' starts at byte {off} of {DATA_NAME}, not a multiple of {ALIGN}")
+            infos[t.name] = TensorInfo(t.data_type, shape, True, off, n)
+        elif t.data_location != 0:
+            raise EdgeLLMError(f"initializer '{t.name}' has data_location {t.data_location}; expected 0 (inline) or 1 (external)")
+        else:
+            held = len(t.raw) if t.raw is not None else _byte_count(t.data_type, len(t.values or []))
+            if t.raw is not None and t.values:
+                raise EdgeLLMError(f"initializer '{t.name}' holds both raw_data and typed values")
+            if held != nbytes:
+                raise EdgeLLMError(f"initializer '{t.name}' holds {held} bytes but its shape {shape} needs {nbytes}")
+            infos[t.name] = TensorInfo(t.data_type, shape, False, 0, nbytes)
+
+    external = sorted((i.offset, i.offset + i.nbytes, name) for name, i in infos.items() if i.external)
     mm, size = None, 0
     if external:
         if not data_path.is_file():
             raise EdgeLLMError(f"'{data_path}' is missing; the weights of '{onnx_path}' live there (copy the whole export directory)")
         size = data_path.stat().st_size
+        need = max(e for _, e, _ in external)
         if size < need:
             raise EdgeLLMError(f"'{data_path}' is truncated: {size} bytes, but the model's weights need {need} bytes "
                                "(an interrupted copy? export again or copy the file again)")
-        with open(data_path, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        for (_, e0, a), (s1, _, b) in zip(external, external[1:]):
+            if s1 < e0:
+                raise EdgeLLMError(f"initializers '{a}' and '{b}' overlap in {DATA_NAME} (bytes {s1}..{e0}); the file is damaged")
+        if size:
+            with open(data_path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     tensors = {}
     for t in inits:
-        dtype = _NP_OF.get(t.data_type)
+        dtype, info = _NP_OF.get(t.data_type), infos[t.name]
         if dtype is None:
-            continue  # a type the runtime never reads by name (e.g. UINT4 of a qdq graph)
-        shape = tuple(int(d) for d in t.dims)
-        count = int(np.prod(shape, dtype=np.int64))
-        if t.data_location == EXTERNAL:
-            off, n = int(t.external.get("offset", 0)), int(t.external["length"])
-            if n != count * np.dtype(dtype).itemsize:
-                raise EdgeLLMError(f"initializer '{t.name}' says {n} bytes but its shape {shape} needs a different size")
-            tensors[t.name] = np.frombuffer(mm, dtype=dtype, count=n // np.dtype(dtype).itemsize, offset=off).reshape(shape)
+            continue  # UINT4/INT4 of a qdq graph: ONNX Runtime reads them, the numba runtime never views them
+        count = math.prod(info.shape)
+        if info.external:
+            if count == 0:
+                tensors[t.name] = np.zeros(info.shape, dtype)
+            else:
+                tensors[t.name] = np.frombuffer(mm, dtype=dtype, count=count, offset=info.offset).reshape(info.shape)
         elif t.raw is not None:
-            if len(t.raw) != count * np.dtype(dtype).itemsize:
-                raise EdgeLLMError(f"initializer '{t.name}' holds {len(t.raw)} bytes but its shape {shape} needs a different size")
-            tensors[t.name] = np.frombuffer(t.raw, dtype=dtype).reshape(shape)
+            tensors[t.name] = np.frombuffer(t.raw, dtype=dtype).reshape(info.shape)
         else:
             vals = t.values or []
-            if len(vals) != count:
-                raise EdgeLLMError(f"initializer '{t.name}' holds {len(vals)} values but its shape {shape} needs {count}")
-            if dtype == np.float16:  # stored as the uint16 bits in int32_data
-                tensors[t.name] = np.array(vals, np.uint16).view(np.float16).reshape(shape)
-            else:
-                tensors[t.name] = np.array(vals, dtype).reshape(shape)
-    return Export(path=path, config=config, quantization=quant, metadata=meta, tensors=tensors, data_size=size, _mmap=mm)
+            try:
+                if dtype == np.float16:  # stored as the uint16 bits in int32_data
+                    arr = np.array(vals, np.int64).astype(np.uint16).view(np.float16)
+                else:
+                    arr = np.array(vals, np.float64 if np.dtype(dtype).kind == "f" else np.int64).astype(dtype)
+            except (OverflowError, ValueError, TypeError) as exc:
+                raise EdgeLLMError(f"initializer '{t.name}' holds values that do not fit its type: {exc}") from None
+            tensors[t.name] = arr.reshape(info.shape)
+    return Export(path=path, config=config, quantization=quant, metadata=meta, tensors=tensors, data_size=size, _mmap=mm,
+                  infos=infos)

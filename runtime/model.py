@@ -10,7 +10,6 @@ from __future__ import annotations
 import mmap
 import os
 import warnings
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -26,52 +25,23 @@ from .kernels.quant import checked_tier
 from .kernels.simd import as_voidptr as _voidptr
 from .kernels.tiers import describe as _describe_tier
 from .loader import Export, open_export
+from .validate import ModelConfig, check_export, check_memory
 
 
 # ----------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class ModelConfig:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    norm: str  # "rms" | "layer"
-    norm_eps: float
-    position: str  # "rope" | "learned"
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    activation: str  # "silu" | "gelu_new"
-    mlp: str  # "gated" | "plain"
-    attention_bias: bool
-    tie_word_embeddings: bool
-    eos_token_ids: tuple
-    bos_token_id: int | None
-    sliding_window: tuple  # per layer, 0 = full attention
+# ModelConfig and the format checks live in validate.py (both backends); below, what only the
+# numba kernels cannot run (--backend onnxruntime still can).
+NUMBA_MLPS = {("gated", "silu"), ("plain", "gelu_new"), ("plain", "gelu_pytorch_tanh")}  # gelu_pytorch_tanh = gelu_new's formula
 
-    @classmethod
-    def from_metadata(cls, c: dict) -> "ModelConfig":
-        try:
-            eos = c.get("eos_token_id")
-            eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-            sw = c.get("sliding_window") or [0] * int(c["num_layers"])
-            sw = tuple(int(w or 0) for w in (sw if isinstance(sw, (list, tuple)) else [sw] * int(c["num_layers"])))
-            cfg = cls(c["architecture"], int(c["vocab_size"]), int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_layers"]),
-                      int(c["num_heads"]), int(c["num_kv_heads"]), int(c["head_dim"]), c["norm"], float(c["norm_eps"]), c["position"],
-                      float(c.get("rope_theta") or 10000.0), c.get("rope_scaling"), int(c["max_position_embeddings"]), c["activation"],
-                      c["mlp"], bool(c.get("attention_bias")), bool(c.get("tie_word_embeddings")), eos, c.get("bos_token_id"), sw)
-        except KeyError as exc:
-            raise EdgeLLMError(f"export metadata 'edgellm.config' lacks {exc}") from None
-        for key, value, ok in (("norm", cfg.norm, ("rms", "layer")), ("position", cfg.position, ("rope", "learned")),
-                               ("activation", cfg.activation, ("silu", "gelu_new")), ("mlp", cfg.mlp, ("gated", "plain"))):
-            if value not in ok:
-                raise UnsupportedError(f"{key} '{value}' is not supported by the numba runtime (supported: {', '.join(ok)}); "
-                                       "--backend onnxruntime may still run it")
-        return cfg
+
+def check_numba_support(cfg: ModelConfig, ex: Export) -> None:
+    fmt = (ex.quantization or {}).get("format", "matmulnbits")
+    if fmt != "matmulnbits":
+        raise UnsupportedError(f"'{ex.path}' stores its quantized weights as '{fmt}' (DequantizeLinear); the numba runtime reads "
+                               "the MatMulNBits layout (export with --format matmulnbits); --backend onnxruntime may still run it")
+    if (cfg.mlp, cfg.activation) not in NUMBA_MLPS:
+        raise UnsupportedError(f"a {cfg.mlp} MLP with activation '{cfg.activation}' is not supported by the numba runtime "
+                               f"(supported: {', '.join(f'{m}/{a}' for m, a in sorted(NUMBA_MLPS))}); --backend onnxruntime may still run it")
 
 
 # integer config passed to the compiled step
@@ -306,16 +276,18 @@ class NumbaModel:
     backend = "numba"
 
     def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, simd: bool = True, kv_cache: str = "auto",
-                 kernels: str = "auto"):
+                 kernels: str = "auto", verify: bool = False):
         """kernels: the kernel tier ("auto": the best the CPU numba compiles for has; or one of
-        kernels/tiers.py NAMES, to force a lower one); simd=False is kernels="generic"."""
+        kernels/tiers.py NAMES, to force a lower one); simd=False is kernels="generic".
+        verify: check every file against the sha256 recorded at export first (slower start)."""
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgeLLMError(f"--kv-cache {kv_cache!r} is invalid; give one of {', '.join(KV_CACHE_TYPES)}")
-        self.export = open_export(path)
-        self.config = cfg = ModelConfig.from_metadata(self.export.config)
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise UnsupportedError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
+        self.export = open_export(path, verify=verify)
+        self.config = cfg = check_export(self.export)  # every shape below comes from validated metadata
+        check_numba_support(cfg, self.export)
         self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        fp16 = kv_cache == "fp16" or (kv_cache == "auto" and bool((self.export.quantization or {}).get("bits")))
+        check_memory(cfg, self.n_ctx, 2 if fp16 else 4, f"'{path}' on the numba runtime")  # before anything is sized by n_ctx
         self.weights = w = Weights(self.export, cfg)
         self.simd = simd
         # the kernel tier (kernels/tiers.py); a tier failing its load-time self-check falls back
@@ -327,9 +299,11 @@ class NumbaModel:
         if cfg.position == "rope":
             try:
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-            except (ValueError, KeyError) as exc:
+            except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
                 raise UnsupportedError(f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}); "
                                        "--backend onnxruntime may still run it") from None
+            if not np.isfinite(inv).all():
+                raise UnsupportedError(f"rope scaling {cfg.rope_scaling} gives non-finite frequencies; --backend onnxruntime may still run it")
             self.cos, self.sin = rope_tables(self.n_ctx, inv)
         else:
             self.cos = self.sin = np.zeros((1, 1), np.float32)

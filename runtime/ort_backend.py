@@ -1,4 +1,9 @@
-"""The same interface as NumbaModel over ONNX Runtime (`--backend onnxruntime`)."""
+"""The same interface as NumbaModel over ONNX Runtime (`--backend onnxruntime`).
+
+The fallback for every valid export the numba kernels cannot run (a qdq graph, a GELU variant,
+a rope scaling type): it runs the same format validation (validate.py) and memory check, but
+none of the numba capability checks, and it never imports numba.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import numpy as np
 from edgellm.errors import EdgeLLMError
 
 from .loader import ONNX_NAME, open_export
-from .model import ModelConfig
+from .validate import check_export, check_memory
 
 
 class OrtModel:
@@ -15,15 +20,21 @@ class OrtModel:
 
     backend = "onnxruntime"
 
-    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, verify: bool = False):
         from edgellm._deps import require
 
-        ort = require("onnxruntime")
-        self.export = ex = open_export(path)  # validates the directory and data file the same way
-        self.config = cfg = ModelConfig.from_metadata(ex.config)
-        self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if threads is not None and threads < 1:
             raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
+        self.export = ex = open_export(path, verify=verify)  # validates the directory and data file the same way
+        try:
+            self.config = cfg = check_export(ex)
+        except BaseException:
+            ex.close()
+            raise
+        self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        check_memory(cfg, self.n_ctx, 4, f"'{path}' on ONNX Runtime")
+        ex.close()  # ORT reads the weights itself
+        ort = require("onnxruntime")
         self.threads = threads
         opts = ort.SessionOptions()
         if threads:
@@ -32,8 +43,7 @@ class OrtModel:
         try:
             self.session = ort.InferenceSession(str(ex.path / ONNX_NAME), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise EdgeLLMError(f"ONNX Runtime cannot load '{ex.path / ONNX_NAME}': {exc}") from None
-        ex.close()  # ORT reads the weights itself
+            raise EdgeLLMError(f"ONNX Runtime cannot load '{ex.path / ONNX_NAME}': {_first_line(exc)}") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.reset()
 
@@ -71,10 +81,20 @@ class OrtModel:
         for i, (k, v) in enumerate(self.past):
             feed[f"past_key_values.{i}.key"] = k
             feed[f"past_key_values.{i}.value"] = v
-        out = self.session.run(None, feed)
+        try:
+            out = self.session.run(None, feed)
+        except Exception as exc:  # a graph that does not compute what its metadata says
+            raise EdgeLLMError(f"ONNX Runtime failed to run '{self.export.path / ONNX_NAME}': {_first_line(exc)}") from None
         names = [o.name for o in self.session.get_outputs()]
         res = dict(zip(names, out))
-        self.past = [(res[f"present.{i}.key"], res[f"present.{i}.value"]) for i in range(self.config.num_layers)]
+        c = self.config
+        want = {"logits": (1, t, c.vocab_size), **{f"present.{i}.{kv}": (1, c.num_kv_heads, self.pos_ + t, c.head_dim)
+                                                   for i in range(c.num_layers) for kv in ("key", "value")}}
+        for name, shape in want.items():
+            if name not in res or tuple(res[name].shape) != shape:
+                got = tuple(res[name].shape) if name in res else "missing"
+                raise EdgeLLMError(f"'{self.export.path / ONNX_NAME}' output '{name}' is {got}; the metadata implies {shape}")
+        self.past = [(res[f"present.{i}.key"], res[f"present.{i}.value"]) for i in range(c.num_layers)]
         self.pos_ += t
         logits = res["logits"][0]
         return logits if all_logits else logits[-1]
@@ -86,3 +106,8 @@ class OrtModel:
 
     def close(self):
         self.session = None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -55,9 +55,13 @@ def bench(
     from ..errors import EdgeLLMError
     from ..outputs import atomic_output_dir, check_output_dir
 
-    check_output_dir(output, force)  # before any work: no write access or an existing report -> exit 2
-    _probe_writable(output)
+    from .common import check_range
+
+    check_range("--timeout", timeout, 0.0, lo_open=True)
     parsed = parse_all(variants)
+    inputs = [v.path for v in parsed] + [data]
+    check_output_dir(output, force, inputs, protect_exports=True)  # before any work; never into an export directory
+    _probe_writable(output)
     base = Settings.quick() if quick else Settings()
     chosen = dict(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps, eval_tokens=eval_tokens, ctx=ctx)
     kw = {k: v for k, v in chosen.items() if v is not None}
@@ -84,7 +88,7 @@ def bench(
         rows = run_variants(parsed, settings, on_event)
     report = build_report(parsed, settings, rows)
     try:
-        with atomic_output_dir(output, force) as tmp:
+        with atomic_output_dir(output, force, inputs, protect_exports=True) as tmp:
             rep.write(report, tmp)
     except OSError as exc:
         raise EdgeLLMError(f"cannot write the report to '{output}' ({exc.strerror or exc}); nothing was written there") from None
@@ -113,8 +117,9 @@ def _probe_writable(output: Path) -> None:
     import tempfile
 
     from ..errors import EdgeLLMError
+    from ..outputs import existing_ancestor
 
     try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=output.resolve().parent))
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=existing_ancestor(output)))
     except OSError as exc:
-        raise EdgeLLMError(f"cannot write to '{output.resolve().parent}' ({exc.strerror or exc}); choose a writable output path") from None
+        raise EdgeLLMError(f"cannot write to '{existing_ancestor(output)}' ({exc.strerror or exc}); choose a writable output path") from None

@@ -66,6 +66,7 @@ def distill(
     from ..distill.distributed import setup, teardown
     from ..errors import EdgeLLMError
 
+    _check_options(temperature, ce_weight, hidden_weight, lr, weight_decay, clip, warmup_steps, steps, seed, resume, checkpoint_dir)
     if device is Device.cuda:
         import torch
 
@@ -78,6 +79,21 @@ def distill(
         ok = True
     finally:
         teardown(d, ok)  # a failed rank must not wait at a barrier for ranks that may never come
+
+
+def _check_options(temperature, ce_weight, hidden_weight, lr, weight_decay, clip, warmup_steps, steps, seed, resume, checkpoint_dir):
+    """Every numeric option's range, before anything is loaded."""
+    from ..errors import EdgeLLMError
+    from .common import check_range
+
+    for name, value, lo, lo_open in (("--temperature", temperature, 0.0, True), ("--hidden-weight", hidden_weight, 0.0, False),
+                                     ("--lr", lr, 0.0, True), ("--weight-decay", weight_decay, 0.0, False), ("--clip", clip, 0.0, False),
+                                     ("--warmup-steps", warmup_steps, -1, False), ("--seed", seed, 0, False)):
+        check_range(name, value, lo, lo_open=lo_open)
+    check_range("--ce-weight", ce_weight, 0.0, 1.0)
+    for name, path in (("--resume", resume), ("--checkpoint-dir", checkpoint_dir)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise EdgeLLMError(f"{name} '{path}' is a file, not a folder")
 
 
 def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_weight, hidden_weight, data, seq_len,
@@ -100,7 +116,7 @@ def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_w
     from ..outputs import atomic_output_dir, check_output_dir
     from ..progress import NULL
     from ..record import add_step
-    from .common import data_tokens, dir_size, human_bytes, load
+    from .common import check_context, data_tokens, dir_size, human_bytes, load
 
     if student is not None and student_layers is not None:
         raise EdgeLLMError("give either --student or --student-layers, not both")
@@ -109,7 +125,8 @@ def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_w
     loss_cfg = LossConfig(kind=loss.value, temperature=temperature, ce_weight=ce_weight, hidden_weight=hidden_weight)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, clip=clip, seed=seed, precision=precision.value, checkpoint_every=checkpoint_every)
-    check_output_dir(output, force)
+    inputs = [teacher, student, data, resume, checkpoint_dir]
+    check_output_dir(output, force, inputs)
     ckpt = CheckpointDir(resume or checkpoint_dir or output.with_name(output.name + ".checkpoints"))
     progress = _TrainBar(console, PROGRESS) if d.main else NULL
 
@@ -118,6 +135,8 @@ def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_w
         if t_loaded.record.get("quantization"):
             raise EdgeLLMError(f"teacher '{teacher}' is quantized; distil from the unquantized model")
         tok = t_loaded.tokenizer
+        check_context(t_loaded.model, "--seq-len", seq_len)
+        check_context(t_loaded.model, "--ctx", ctx)
         if student is not None:
             s_loaded = load(student, "loading student")
             student_model, kept, student_desc = s_loaded.model, None, {"model": model_identity(student)}
@@ -172,7 +191,7 @@ def _run(d, *, teacher, output, student, student_layers, loss, temperature, ce_w
                 steps=steps, training={**summary, "this_run_s": round(seconds, 2)},
                 parameters={"teacher": n_t, "student": n_s}, quality=quality or None,
             )
-            with atomic_output_dir(output, force) as tmp:
+            with atomic_output_dir(output, force, inputs) as tmp:
                 save_model(trained, tok, tmp, record)
                 if ckpt is not None:  # the whole curve, including the steps before a resume
                     shutil.copyfile(ckpt.log_path, tmp / "distill_log.jsonl")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import CtxOpt, DataOpt, EvalTokensOpt, ModelArg, StrideOpt, check_stride, data_tokens, load
+from .common import CtxOpt, DataOpt, EvalTokensOpt, ModelArg, StrideOpt, check_context, check_stride, data_tokens, load
 
 
 def evaluate(
@@ -31,7 +31,10 @@ def evaluate(
     stride = check_stride(ctx, stride)
     with show_warnings():
         loaded = load(model)
+        check_context(loaded.model, "--ctx", ctx)
         ref = load(reference, "loading reference") if reference else None
+        if ref is not None:
+            check_context(ref.model, "--ctx", ctx)
         ids = split_tokens(data_tokens(loaded.tokenizer, data), "eval")
         q = measure(loaded.model, ids, reference=ref.model if ref else None, ctx=ctx, stride=stride,
                     max_tokens=eval_tokens, progress=PROGRESS)

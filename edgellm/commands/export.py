@@ -31,7 +31,7 @@ def export(
     from ..console import console, show_warnings, status
     from ..outputs import check_output_dir
 
-    check_output_dir(output, force)  # before the (slow) load
+    check_output_dir(output, force, [model])  # before the (slow) load
     with show_warnings():
         loaded = load(model)
         from ..export.exporter import export_model

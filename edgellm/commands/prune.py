@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, data_tokens, dir_size, human_bytes, load
+from .common import (DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, check_context, check_range, data_tokens,
+                     dir_size, human_bytes, load)
 
 
 class Method(str, Enum):
@@ -69,9 +70,10 @@ def prune(
         check_sparsity(sparsity)
     if nm is not None and sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
         raise EdgeLLMError(f"--sparsity {sparsity} contradicts --pattern {nm}, which removes {nm.sparsity:g} of the weights; drop --sparsity")
-    if not 0 <= damp < 1:
-        raise EdgeLLMError(f"--damp {damp} is outside [0, 1)")
-    if ratio is not None and not 0 < ratio < 1:
+    check_range("--damp", damp, 0.0, 1.0, hi_open=True)
+    check_range("--sparsity", sparsity, 0.0, 1.0, hi_open=True)
+    check_range("--seed", seed, 0, 2**32 - 1)
+    if ratio is not None and not (0 < ratio < 1):
         raise EdgeLLMError(f"--ratio {ratio} is outside (0, 1); give the fraction to remove, e.g. 0.25")
 
     from ..console import PROGRESS, show_warnings
@@ -82,9 +84,11 @@ def prune(
     from ..prune import apply as P
     from ..record import add_step
 
-    check_output_dir(output, force)
+    inputs = [model, data]
+    check_output_dir(output, force, inputs)
     with show_warnings():
         loaded = load(model)
+        check_context(loaded.model, "--seq-len", seq_len)
         if loaded.record.get("quantization"):
             raise EdgeLLMError(f"'{model}' is quantized; prune the unquantized model, then quantize the pruned one")
         net = loaded.model
@@ -119,7 +123,7 @@ def prune(
                           data=None if calib is None else {"spec": data or "builtin:pydoc", "calib_samples": int(calib.shape[0]),
                                                            "seq_len": int(calib.shape[1]), "seed": seed},
                           result=result, quality=quality)
-        with atomic_output_dir(output, force) as tmp:
+        with atomic_output_dir(output, force, inputs) as tmp:
             save_model(net, loaded.tokenizer, tmp, record)
 
     _summary(model, output, report, result, before, after, seconds, method, structured)

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .common import DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, data_tokens, dir_size, human_bytes, load
+from .common import (DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, check_context, check_range, data_tokens,
+                     dir_size, human_bytes, load)
 
 
 class Method(str, Enum):
@@ -51,9 +52,13 @@ def quantize(
     from ..record import add_step
 
     fmt = QuantFormat(bits=bits, group_size=group_size, sym=sym)  # validates before any heavy work
-    check_output_dir(output, force)
+    check_range("--damp", damp, 0.0, 1.0)
+    check_range("--seed", seed, 0, 2**32 - 1)
+    inputs = [model, data]
+    check_output_dir(output, force, inputs)
     with show_warnings():
         loaded = load(model)
+        check_context(loaded.model, "--seq-len", seq_len)
         if loaded.record.get("quantization"):
             from ..errors import EdgeLLMError
 
@@ -72,7 +77,7 @@ def quantize(
                           data={"spec": data or "builtin:pydoc", "calib_samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "seed": seed},
                           quality=quality)
         record["quantization"] = info
-        with atomic_output_dir(output, force) as tmp:
+        with atomic_output_dir(output, force, inputs) as tmp:
             save_model(loaded.model, loaded.tokenizer, tmp, record)
 
     table = Table(title=f"{method.value} {bits}-bit, group {group_size}, {'sym' if sym else 'asym'}")

@@ -49,6 +49,7 @@ def run(
     kv_cache: Annotated[KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend): auto = fp16 for quantized exports (half the memory), fp32 for float ones.")] = KVCache.auto,
     kernels: Annotated[Kernels, typer.Option("--kernels", help="Kernel tier (numba backend): auto = the best the CPU has; a lower one for comparisons. One the CPU lacks is an error.")] = Kernels.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say which backend, kernel tier, KV cache and threads run.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="First check every file against the sha256 recorded at export (reads the whole model once).")] = False,
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -62,6 +63,10 @@ def run(
         raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
     if ctx is not None and ctx < 2:
         raise EdgeLLMError(f"--ctx {ctx} is invalid; give at least 2")
+    if max_new_tokens < 1:
+        raise EdgeLLMError(f"--max-new-tokens {max_new_tokens} is invalid; give at least 1")
+    if any(not s for s in stop or ()):
+        raise EdgeLLMError("--stop '' is invalid; give a non-empty stop string")
     if not chat and (prompt is None or not prompt.strip()):
         raise EdgeLLMError("the prompt is empty; give some text with -p (or use --chat)")
     params = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -69,7 +74,7 @@ def run(
     params.check()
     with console.status(f"loading {model} ({backend.value})"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a tier's self-check fallback: printed as one line below
-        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, kernels=kernels.value)
+        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, kernels=kernels.value, verify=verify)
     if getattr(gen.model, "kernel_warning", None):
         console.print(f"[yellow]warning:[/] {gen.model.kernel_warning}", highlight=False)
     if verbose:

@@ -1,0 +1,348 @@
+"""The one validation pass over an opened export, before anything is sized or any kernel runs.
+
+An export is untrusted input (people download models), and the numba runtime hands raw addresses
+to compiled kernels, so nothing in the file is believed until it is checked against everything
+else (docs/EXPORT_FORMAT.md):
+
+- the metadata: every key of `edgellm.config` and `edgellm.quantization` has its JSON type and a
+  value range (positive dimensions below hard limits, finite epsilons, known enum values);
+- every tensor, by name: the exact set of initializers the architecture has (no missing, no
+  unknown: a renamed `lm_head.weight` or `*.qzeros` is an error, not a silent fallback), each
+  with its dtype and full shape derived from the metadata: embeddings and lm_head rows against
+  vocab_size, norms against hidden_size, q/k/v/o from heads x head_dim, MLP widths, biases, the
+  GPT-2 position table against the context length, and the packed layouts of quantized weights;
+- the small float tensors (norms, biases, quantization scales) are finite;
+- so every dimension is bounded by the tensors actually present in the file (the byte ranges
+  themselves were checked by loader.open_export).
+
+Both backends call `check_export`; what only the numba kernels cannot do (a norm kind, a rope
+scaling type, a block size) is checked in model.py, so `--backend onnxruntime` still runs every
+valid export the numba backend refuses. `check_memory` then compares what the run will allocate
+(KV cache, tables, scratch) with the memory available, before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgellm.errors import EdgeLLMError, UnsupportedError
+
+from .loader import UINT4, Export
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+NORMS, POSITIONS, MLPS = ("rms", "layer"), ("rope", "learned"), ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
+FORMATS = ("matmulnbits", "qdq")
+# Hard limits, far above any model a laptop or Pi runs, far below an int64 overflow in a size product.
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_layers": 1 << 10,
+          "num_heads": 1 << 10, "num_kv_heads": 1 << 10, "head_dim": 1 << 11, "max_position_embeddings": 1 << 24}
+_FLOAT, _HALF, _U8 = 1, 10, 2
+
+
+def _bad(key, value, want) -> EdgeLLMError:
+    return EdgeLLMError(f"export metadata 'edgellm.config' has {key} = {value!r}; expected {want}")
+
+
+def _int(c: dict, key: str, lo: int = 1, hi: int | None = None) -> int:
+    if key not in c:
+        raise EdgeLLMError(f"export metadata 'edgellm.config' lacks '{key}'")
+    v, hi = c[key], LIMITS.get(key) if hi is None else hi
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise _bad(key, v, f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
+    return v
+
+
+def _choice(c: dict, key: str, ok: tuple) -> str:
+    v = c.get(key)
+    if not isinstance(v, str) or v not in ok:
+        raise _bad(key, v, f"one of {', '.join(ok)}")
+    return v
+
+
+def _finite(c: dict, key: str, lo: float, hi: float, default=None) -> float:
+    v = c.get(key, default)
+    if v is None and default is not None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v < hi:
+        raise _bad(key, v, f"a finite number in ({lo:g}, {hi:g})")
+    return float(v)
+
+
+def _flag(c: dict, key: str) -> bool:
+    v = c.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _bad(key, v, "true or false")
+    return v
+
+
+def _token_ids(c: dict, key: str, vocab: int) -> tuple:
+    v = c.get(key)
+    vals = [] if v is None else v if isinstance(v, list) else [v]
+    if len(vals) > 64 or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < vocab for x in vals):
+        raise _bad(key, v, f"null, a token id or a list of token ids in [0, {vocab})")
+    return tuple(vals)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm: str  # "rms" | "layer"
+    norm_eps: float
+    position: str  # "rope" | "learned"
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    activation: str  # "silu" | "gelu_new" | ...
+    mlp: str  # "gated" | "plain"
+    attention_bias: bool
+    tie_word_embeddings: bool
+    eos_token_ids: tuple
+    bos_token_id: int | None
+    sliding_window: tuple  # per layer, 0 = full attention
+
+    @classmethod
+    def from_metadata(cls, c) -> "ModelConfig":
+        """Every key's type and range; an EdgeLLMError names the key, the value and what it must be."""
+        if not isinstance(c, dict):
+            raise EdgeLLMError(f"export metadata 'edgellm.config' is a JSON {type(c).__name__}, not an object")
+        arch = c.get("architecture")
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:
+            raise UnsupportedError(f"architecture {arch!r} is not one export format 1 describes (supported: {', '.join(ARCHITECTURES)})")
+        vocab, layers = _int(c, "vocab_size"), _int(c, "num_layers")
+        heads, kv, hd = _int(c, "num_heads"), _int(c, "num_kv_heads"), _int(c, "head_dim")
+        if heads % kv:
+            raise EdgeLLMError(f"export metadata has num_heads {heads}, not a multiple of num_kv_heads {kv}")
+        position = _choice(c, "position", POSITIONS)
+        if position == "rope" and hd % 2:
+            raise EdgeLLMError(f"export metadata has head_dim {hd}; rotary positions need an even head_dim")
+        theta = _finite(c, "rope_theta", 0.0, 1e12, default=10000.0) if position == "rope" else 10000.0
+        scaling = c.get("rope_scaling")
+        if scaling is not None and (not isinstance(scaling, dict) or len(scaling) > 32):
+            raise _bad("rope_scaling", scaling, "null or a JSON object")
+        sw = c.get("sliding_window")
+        sw = [0] * layers if sw is None else [sw] * layers if isinstance(sw, int) and not isinstance(sw, bool) else sw
+        if not isinstance(sw, list) or len(sw) != layers or any(
+                w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0) for w in sw):
+            raise _bad("sliding_window", c.get("sliding_window"), f"null, a window size, or a list of {layers} sizes or nulls")
+        bos = c.get("bos_token_id")
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < vocab):
+            raise _bad("bos_token_id", bos, f"null or a token id in [0, {vocab})")
+        return cls(arch, vocab, _int(c, "hidden_size"), _int(c, "intermediate_size"), layers, heads, kv, hd,
+                   _choice(c, "norm", NORMS), _finite(c, "norm_eps", 0.0, 1.0), position, theta, scaling,
+                   _int(c, "max_position_embeddings"), _choice(c, "activation", ACTIVATIONS), _choice(c, "mlp", MLPS),
+                   _flag(c, "attention_bias"), _flag(c, "tie_word_embeddings"), _token_ids(c, "eos_token_id", vocab), bos,
+                   tuple(int(w or 0) for w in sw))
+
+
+@dataclass(frozen=True)
+class Quant:
+    bits: int
+    group_size: int  # -1: per channel
+    sym: bool
+    embeddings: bool
+    format: str
+
+    @classmethod
+    def from_metadata(cls, q) -> "Quant | None":
+        if q is None:
+            return None
+        if not isinstance(q, dict):
+            raise EdgeLLMError(f"export metadata 'edgellm.quantization' is a JSON {type(q).__name__}, not an object or null")
+
+        def bad(key, want):
+            return EdgeLLMError(f"export metadata 'edgellm.quantization' has {key} = {q.get(key)!r}; expected {want}")
+
+        bits, gs = q.get("bits"), q.get("group_size")
+        if bits not in (4, 8) or isinstance(bits, bool):
+            raise bad("bits", "4 or 8")
+        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or 16 <= gs <= 1 << 16):
+            raise bad("group_size", "-1 or an integer in [16, 65536]")
+        for key in ("sym", "embeddings"):
+            if not isinstance(q.get(key, False), bool):
+                raise bad(key, "true or false")
+        fmt = q.get("format", "matmulnbits")
+        if fmt not in FORMATS:
+            raise bad("format", " or ".join(FORMATS))
+        return cls(bits, gs, q.get("sym", True), bool(q.get("embeddings", False)), fmt)
+
+
+# ----------------------------------------------------------------------------- tensors
+def linear_paths(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
+    """{path: (out, in, has bias)} of every decoder linear; the embedding and lm_head apart."""
+    H, I, NH, NKV, HD = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv, mlp_up = (NH + 2 * NKV) * HD, (2 * I if cfg.mlp == "gated" else I)
+    out = {}
+    for i in range(cfg.num_layers):
+        if cfg.architecture == "gpt2":
+            p = f"transformer.h.{i}"
+            out.update({f"{p}.attn.c_attn": (qkv, H, True), f"{p}.attn.c_proj": (H, NH * HD, True),
+                        f"{p}.mlp.c_fc": (mlp_up, H, True), f"{p}.mlp.c_proj": (H, I, True)})
+        else:
+            p = f"model.layers.{i}"
+            out.update({f"{p}.self_attn.qkv_proj": (qkv, H, cfg.attention_bias), f"{p}.self_attn.o_proj": (H, NH * HD, False),
+                        f"{p}.mlp.gate_up_proj": (mlp_up, H, False), f"{p}.mlp.down_proj": (H, I, False)})
+    return out
+
+
+def norm_names(cfg: ModelConfig) -> list[str]:
+    """Every norm's weight (and bias, for LayerNorm): each is (hidden_size,) float32."""
+    if cfg.architecture == "gpt2":
+        bases = [f"transformer.h.{i}.ln_{k}" for i in range(cfg.num_layers) for k in (1, 2)] + ["transformer.ln_f"]
+    else:
+        bases = [f"model.layers.{i}.{k}" for i in range(cfg.num_layers) for k in ("input_layernorm", "post_attention_layernorm")]
+        bases.append("model.norm")
+    return [f"{b}.{s}" for b in bases for s in (("weight", "bias") if cfg.norm == "layer" else ("weight",))]
+
+
+class _Checker:
+    def __init__(self, ex: Export, cfg: ModelConfig, q: Quant | None):
+        self.ex, self.cfg, self.q = ex, cfg, q
+        self.seen: set[str] = set()
+
+    def info(self, name: str):
+        info = self.ex.infos.get(name)
+        if info is None:
+            raise EdgeLLMError(f"'{self.ex.path}' lacks initializer '{name}', which the metadata's model needs "
+                               "(a damaged export, or metadata that does not match the weights)")
+        self.seen.add(name)
+        return info
+
+    def tensor(self, name: str, shape: tuple, types: tuple, finite: bool = False):
+        info = self.info(name)
+        if info.data_type not in types:
+            raise EdgeLLMError(f"initializer '{name}' has ONNX data type {info.data_type}; expected {' or '.join(map(str, types))} "
+                               "(1 = float32, 10 = float16, 2 = uint8, 21 = uint4)")
+        if info.shape != shape:
+            raise EdgeLLMError(f"initializer '{name}' has shape {info.shape}; the metadata implies {shape}")
+        if finite and name in self.ex.tensors and not np.isfinite(self.ex.tensors[name]).all():
+            raise EdgeLLMError(f"initializer '{name}' holds NaN or infinite values; the export is damaged")
+
+    def linear(self, p: str, n: int, k: int, bias: bool, quantized: bool):
+        """A float [n, k] weight, or the packed layout of the quantization format; optional bias [n]."""
+        ex, q = self.ex, self.q
+        if quantized and q is not None and f"{p}.qweight" in ex.infos:
+            bits, fmt = q.bits, q.format
+            qinfo = self.info(f"{p}.qweight")
+            if fmt == "matmulnbits":
+                if len(qinfo.shape) != 3 or qinfo.shape[0] != n or qinfo.shape[2] < 1:
+                    raise EdgeLLMError(f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, n_blocks, blob)")
+                nb, blob = qinfo.shape[1], qinfo.shape[2]
+                block = blob * 8 // bits
+            else:
+                if len(qinfo.shape) != 2 or qinfo.shape[0] != n:
+                    raise EdgeLLMError(f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, padded inputs)")
+                nb = self.info(f"{p}.scales").shape[-1] if len(self.info(f"{p}.scales").shape) == 2 else 0
+                block = qinfo.shape[1] // nb if nb else 0
+            if q.group_size > 0 and block != q.group_size:
+                raise EdgeLLMError(f"'{p}' is packed in blocks of {block} columns; the metadata says group_size {q.group_size}")
+            if block < 1 or nb != -(-k // block) or (q.group_size == -1 and nb != 1):
+                raise EdgeLLMError(f"'{p}' packs {nb} blocks of {block} columns; its {k} inputs need {-(-k // max(block, 1))}")
+            if fmt == "matmulnbits":
+                self.tensor(f"{p}.qweight", (n, nb, block * bits // 8), (_U8,))
+                self.tensor(f"{p}.scales", (n * nb,), (_FLOAT,), finite=True)
+                if not q.sym:
+                    self.tensor(f"{p}.qzeros", (n * (-(-nb * bits // 8)),), (_U8,))
+            else:
+                code = UINT4 if bits == 4 else _U8
+                self.tensor(f"{p}.qweight", (n, nb * block), (code,))
+                self.tensor(f"{p}.scales", (n, nb), (_FLOAT,), finite=True)
+                self.tensor(f"{p}.qzeros", (n, nb), (code,))
+        else:
+            if f"{p}.weight" not in ex.infos and f"{p}.qweight" in ex.infos:
+                raise EdgeLLMError(f"'{p}' is quantized, but the metadata says the model is not (edgellm.quantization)")
+            self.tensor(f"{p}.weight", (n, k), (_FLOAT, _HALF))
+        if bias:
+            self.tensor(f"{p}.bias", (n,), (_FLOAT,), finite=True)
+
+
+def check_export(ex: Export) -> ModelConfig:
+    """Validate the metadata and every tensor of `ex` (see the module docstring); its config."""
+    cfg = ModelConfig.from_metadata(ex.config)
+    q = Quant.from_metadata(ex.quantization)
+    c = _Checker(ex, cfg, q)
+    if cfg.architecture == "gpt2":
+        if cfg.num_heads * cfg.head_dim != cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads:
+            raise EdgeLLMError(f"export metadata: GPT-2 needs num_heads x head_dim = hidden_size and num_kv_heads = num_heads "
+                               f"(got {cfg.num_heads} x {cfg.head_dim}, {cfg.hidden_size}, {cfg.num_kv_heads})")
+        if cfg.position != "learned" or cfg.norm != "layer" or cfg.mlp != "plain":
+            raise EdgeLLMError("export metadata: GPT-2 has learned positions, LayerNorm and a plain MLP")
+        emb = "transformer.wte"
+        c.tensor("transformer.wpe.weight", (cfg.max_position_embeddings, cfg.hidden_size), (_FLOAT,))
+    else:
+        if cfg.position != "rope":
+            raise EdgeLLMError(f"export metadata: architecture {cfg.architecture} has rotary positions, not {cfg.position!r}")
+        emb = "model.embed_tokens"
+    for p, (n, k, bias) in linear_paths(cfg).items():
+        c.linear(p, n, k, bias, quantized=True)
+    for name in norm_names(cfg):
+        c.tensor(name, (cfg.hidden_size,), (_FLOAT,), finite=True)
+    embedded = q is not None and q.embeddings
+    c.linear(emb, cfg.vocab_size, cfg.hidden_size, False, quantized=embedded)
+    if any(n.startswith("lm_head.") and n != "lm_head.bias" for n in ex.infos):
+        c.linear("lm_head", cfg.vocab_size, cfg.hidden_size, "lm_head.bias" in ex.infos, quantized=embedded)
+    else:
+        if not cfg.tie_word_embeddings:
+            raise EdgeLLMError(f"'{ex.path}' has no lm_head tensors, but the metadata says the head is not tied to the embeddings")
+        if "lm_head.bias" in ex.infos:
+            c.tensor("lm_head.bias", (cfg.vocab_size,), (_FLOAT,), finite=True)
+    unknown = sorted(set(ex.infos) - c.seen)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise EdgeLLMError(f"'{ex.path}' has initializers the metadata's model does not use: {', '.join(unknown[:3])}{more} "
+                           "(a damaged export, or metadata that does not match the weights)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- memory
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get without swapping (MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def run_bytes(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, chunk: int = 128) -> dict[str, int]:
+    """What a run of n_ctx positions allocates besides the (memory-mapped) weights, by part."""
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    t = min(chunk, n_ctx)
+    return {"KV cache": 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * kv_itemsize,
+            "rope tables": 2 * n_ctx * (cfg.head_dim // 2) * 4 if cfg.position == "rope" else 0,
+            "scratch": 4 * t * (4 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size + cfg.num_heads * (cfg.head_dim + n_ctx))
+            + 4 * cfg.vocab_size * t}
+
+
+def check_memory(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, what: str = "this run") -> int:
+    """Compare what `run_bytes` needs with the memory available, before anything is allocated;
+    an EdgeLLMError says how much is needed and how to need less. Returns the bytes needed."""
+    parts = run_bytes(cfg, n_ctx, kv_itemsize)
+    need = sum(parts.values())
+    avail = available_memory()
+    if avail is not None and need > avail:
+        mib = 1 << 20
+        detail = ", ".join(f"{k} {v / mib:,.0f} MiB" for k, v in parts.items() if v)
+        raise EdgeLLMError(f"{what} needs {need / mib:,.0f} MiB for a context of {n_ctx} tokens ({detail}) but only "
+                           f"{avail / mib:,.0f} MiB is available; give a smaller --ctx")
+    return need

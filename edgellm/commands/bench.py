@@ -55,6 +55,9 @@ def bench(
     from ..errors import EdgeLLMError
     from ..outputs import atomic_output_dir, check_output_dir
 
+    from .._deps import require
+
+    require("matplotlib", "'edgellm bench' (the plots of report.html)")  # before any work, not at the end
     check_output_dir(output, force)  # before any work: no write access or an existing report -> exit 2
     _probe_writable(output)
     parsed = parse_all(variants)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgellm.files import dir_size
+
 
 def edgellm(*args: str) -> None:
     cmd = [sys.executable, "-c", "from edgellm.cli import main; main()", *args]
@@ -89,7 +91,7 @@ def main() -> None:
         edgellm("export", args.teacher, "-o", str(exports["teacher"]), "--force", "--no-check")
         edgellm("export", str(out), "-o", str(exports["student"]), "--force", "--no-check")
         for name, path in exports.items():  # side by side, same run, same threads
-            speed[name] = {**numba_speed(path, args.threads), "onnx_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
+            speed[name] = {**numba_speed(path, args.threads), "onnx_bytes": dir_size(path)}
         shutil.rmtree(exports["teacher"])
 
     rec = json.loads((out / "edgellm.json").read_text())["steps"][-1]

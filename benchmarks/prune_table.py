@@ -19,9 +19,7 @@ import json
 import time
 from pathlib import Path
 
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+from edgellm.files import dir_size
 
 
 def numba_speed(onnx_dir: str, threads: int) -> dict:
@@ -101,7 +99,7 @@ def main(argv=None) -> None:
             onnx_dir = args.out / f"{slug}-onnx"
             if not onnx_dir.exists():
                 export_model(Loaded(model, loaded.tokenizer, args.model, record), onnx_dir, check=False)
-            row["export_bytes"] = _dir_bytes(onnx_dir)
+            row["export_bytes"] = dir_size(onnx_dir)
             row["onnx_dir"] = str(onnx_dir)
         rows.append(row)
         print(json.dumps(row), flush=True)

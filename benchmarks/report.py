@@ -29,7 +29,8 @@ def validate(report: dict) -> None:
 # ---- one table, three renderings ---------------------------------------------------------
 
 HEADERS = ["variant", "backend", "size", "pp tok/s", "tg tok/s", "TTFT", "load cold / warm", "peak RSS",
-           "J/token (tg)", "perplexity", "KL", "top-1", "status"]
+           "J/token (tg)", "device tg tok/s (est.: memory / compute bound)", "perplexity", "KL", "top-1", "status"]
+DEVICE_COLUMN = HEADERS.index("device tg tok/s (est.: memory / compute bound)")
 
 
 def _mb(n) -> str:
@@ -46,13 +47,26 @@ def _secs(x) -> str:
     return DASH if x is None else (f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s")
 
 
+def _energy_label(e: dict) -> str:
+    """meas. (counters) | est. generic (host, no counters) | est. rpi5 (device time estimated)."""
+    if e["kind"] == "measured":
+        return "meas."
+    return f"est. {e['target']}" if e.get("device") else ("est. generic" if e["target"] == "host" else f"est. {e['target']}, host time")
+
+
+def _device_rate(d: dict | None) -> str:
+    if not d:
+        return DASH
+    cmp = d.get("tg_tokens_per_s_compute_bound")
+    return f"{d['tg_tokens_per_s_memory_bound']:.1f} / " + (DASH if cmp is None else f"{cmp:.1f}")
+
+
 def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
     """One row of strings per variant (HEADERS order); `spread=False` shows medians only."""
     rows = []
     for r in report["variants"]:
         if r["status"] != "ok":
-            rows.append([r["label"], r["backend"], DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH,
-                         f"failed: {r.get('error', '?')}"])
+            rows.append([r["label"], r["backend"]] + [DASH] * (len(HEADERS) - 3) + [f"failed: {r.get('error', '?')}"])
             continue
         q = r.get("quality") or {}
         e = r.get("energy") or {}
@@ -61,7 +75,8 @@ def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
             r["label"], r["backend"], _mb(r["size_bytes"]), _rate(r["pp"]["tokens_per_s"], spread), _rate(r["tg"]["tokens_per_s"], spread),
             _secs(r["ttft_s"]["median"]), f"{_secs(r['load']['cold_s'])} / {_secs(r['load']['warm_s'])}",
             _mb(r["memory"]["peak_rss_bytes"]),
-            DASH if j is None else f"{j:.3f} ({e['kind'][:3]}.)",
+            DASH if j is None else f"{j:.3f} ({_energy_label(e)})",
+            _device_rate(e.get("device")),
             f"{q['perplexity']:.3f}" if "perplexity" in q else DASH,
             f"{q['kl']:.4f}" if "kl" in q else DASH,
             f"{q['top1'] * 100:.1f}%" if "top1" in q else DASH,
@@ -78,15 +93,30 @@ def _notes(report: dict) -> list[str]:
         f"{s['reps']} repetitions after a warm-up; {s['threads']} thread(s); TTFT = tokenize + prefill + first token.",
         "Load cold = first load in a fresh process after evicting the files from the page cache; warm = reload with the files cached.",
         "Peak RSS = high-water resident set of the variant's own worker process after load and the speed phases.",
-        f"Energy ({', '.join(sorted(kinds)) or 'n/a'}): " + (
-            f"estimated with profile '{prof['name']}' ({prof['description']}): {prof['idle_w']} W idle + CPU utilisation × "
-            f"({prof['peak_w']} − {prof['idle_w']}) W; source: {prof['source']}." if "estimated" in kinds else "measured with the machine's counters."),
+        _energy_note(prof, kinds),
         f"Quality: perplexity on {s['data']} (evaluation split, {s['eval_tokens']} tokens max, ctx {s['ctx']}, stride {s['stride']}); "
         f"KL(reference ‖ variant) and top-1 agreement against the first variant, {report['reference']}.",
         f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} usable CPU(s), {_mb(env['memory_bytes']) if env['memory_bytes'] else '?'} RAM, "
         f"{env['os']}, Python {env['python']}; git {((env.get('git') or {}).get('commit') or '?')[:10]}"
         f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}; {env['date']}.",
     ]
+
+
+def _energy_note(prof: dict, kinds: set) -> str:
+    head = f"Energy ({', '.join(sorted(kinds)) or 'n/a'}): "
+    if "estimated" not in kinds:
+        return head + "measured with the machine's counters (RAPL / NVML)."
+    if prof.get("bandwidth_gbs") is None:
+        return head + (f"no energy counters are readable here, so a generic estimate, not a measurement of this machine: "
+                       f"{prof['idle_w']} W idle + CPU utilisation × ({prof['peak_w']} − {prof['idle_w']}) W per usable CPU, "
+                       f"over the measured time; {prof['source']}.")
+    return head + (f"estimated for {prof['description']}: the device's decode time per token is estimated as the larger of "
+                   f"a memory bound (weight bytes read per token ÷ {prof['bandwidth_gbs']} GB/s) and a compute bound "
+                   f"(multiply-accumulates per token ÷ {prof['peak_gmacs_int8']:g} int8 / {prof['peak_gmacs_fp32']:g} fp32 GMAC/s), "
+                   f"both shown in the device column (tokens/s; real decode is slower than either); J/token = "
+                   f"{prof['peak_w']} W (all cores busy) × that time. Hardware: {prof['hardware_source']}. Power: {prof['source']}. "
+                   f"report.json also gives the power curve × this machine's measured time (j_per_token_tg_at_host_time), "
+                   f"too low wherever the device is slower than this machine.")
 
 
 def markdown(report: dict) -> str:

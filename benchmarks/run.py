@@ -24,7 +24,7 @@ from typing import Callable
 
 from .energy import PROFILES, energy_summary
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: target 'this' became 'host' (generic unless measured); device estimates
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Settings:
     ctx: int = 512  # perplexity context (edgellm.evaluate protocol)
     stride: int = 512
     quality: bool = True
-    target: str = "this"  # energy profile for estimates
+    target: str = "host"  # energy: host (measured, else a generic estimate) or a device profile
     timeout_s: float | None = None  # per variant
 
     @classmethod
@@ -118,10 +118,10 @@ def run_worker(variant: dict, settings: Settings, ref_dir: Path, is_reference: b
 
 def make_row(variant, res: dict, settings: Settings) -> dict:
     row = {"label": variant.label, "spec": variant.spec, "path": variant.path, "kind": variant.kind,
-           "backend": variant.backend, "slow_test_wrapper": variant.slow}
+           "backend": variant.backend}
     row.update(res)
     if res.get("status") == "ok":
-        row["energy"] = energy_summary(res["phases"], PROFILES[settings.target], res.get("meter"))
+        row["energy"] = energy_summary(res["phases"], PROFILES[settings.target], res.get("meter"), res.get("traffic"))
     return row
 
 
@@ -164,5 +164,5 @@ def reapply_energy(report: dict, target: str) -> dict:
     rep["energy_profile"] = PROFILES[target].to_dict()
     for row in rep["variants"]:
         if row.get("status") == "ok":
-            row["energy"] = energy_summary(row["phases"], PROFILES[target], row.get("meter"))
+            row["energy"] = energy_summary(row["phases"], PROFILES[target], row.get("meter"), row.get("traffic"))
     return rep

@@ -6,11 +6,6 @@ A variant is
 - a model directory (`config.json` inside)    -> `torch` (transformers, the generate loop);
 - a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
   (transformers dequantizes it to fp32).
-
-Test-only: the prefix `slow:` (e.g. `slow:tiny/:torch`) wraps the backend so every model call
-sleeps SLOW_DELAY_S first. It exists so the test suite can check that the harness ranks a
-deliberately slower variant slower; it is documented here and in `edgellm bench --help`, and it
-changes nothing else.
 """
 
 from __future__ import annotations
@@ -24,8 +19,6 @@ from edgellm.errors import EdgeLLMError
 BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp")
 ALIASES = {"ort": "onnxruntime", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "pytorch": "torch", "transformers": "torch"}
 KIND_BACKENDS = {"export": ("numba", "onnxruntime"), "model": ("torch",), "gguf": ("llama.cpp", "torch")}
-SLOW_PREFIX = "slow:"
-SLOW_DELAY_S = 0.05  # per model call (prefill or decode step) of a `slow:` variant
 
 LLAMA_CPP_HINT = ("install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
                   "llama.cpp; for a build tuned to this CPU set CMAKE_ARGS=\"-DGGML_NATIVE=on\")")
@@ -38,7 +31,6 @@ class Variant:
     kind: str  # export | model | gguf
     backend: str  # one of BACKENDS
     label: str  # unique, short: "<name>:<backend>"
-    slow: bool = False  # test-only slow-down wrapper
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,11 +63,8 @@ def _kind(path: Path, spec: str) -> str:
 
 
 def parse(spec: str) -> Variant:
-    """One `[slow:]PATH[:BACKEND]` -> Variant, or an EdgeLLMError that says what is wrong."""
+    """One `PATH[:BACKEND]` -> Variant, or an EdgeLLMError that says what is wrong."""
     raw = spec
-    slow = spec.startswith(SLOW_PREFIX)
-    if slow:
-        spec = spec[len(SLOW_PREFIX):]
     backend = None
     head, sep, tail = spec.rpartition(":")
     if sep and head and not Path(spec).exists():
@@ -95,8 +84,7 @@ def parse(spec: str) -> Variant:
                            f"({'directory' if kind != 'gguf' else 'file'}); use one of {', '.join(allowed)}")
     check_backend_installed(backend, raw)
     name = path.name or str(path)
-    label = f"{'slow:' if slow else ''}{name}:{backend}"
-    return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=label, slow=slow)
+    return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=f"{name}:{backend}")
 
 
 def check_backend_installed(backend: str, spec: str) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINE_MODULES = {"torch": ("torch", "transformers"), "onnxruntime": ("onnxruntime", "tokenizers", "onnx"),
+ENGINE_MODULES = {"torch": ("torch", "transformers"), "onnxruntime": ("onnxruntime", "tokenizers", "edgellm.runtime.ort_backend"),
                   "numba": ("numba", "edgellm.runtime.model"), "llama.cpp": ("llama_cpp",)}
 WARMUP_STEPS = 8
 SAME_VOCAB_TOKENS, SAME_VOCAB_RATIO = 512, 0.9  # see same_vocabulary()
@@ -80,10 +80,6 @@ def evict(path: Path) -> int:
     return n
 
 
-def dir_size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 class Clock:
     """Accumulates wall time, CPU time and (if readable) joules over timed regions."""
 
@@ -105,6 +101,15 @@ class Clock:
 
     def summary(self, tokens: int, cpus: int) -> dict:
         return {"wall_s": self.wall, "cpu_s": self.cpu, "cpus": cpus, "tokens": tokens, "joules": self.joules}
+
+
+def _quantized_export(path: Path) -> bool:
+    """True for an edgellm export (or model directory) whose weights are 4/8-bit."""
+    rec = path / "edgellm.json"
+    try:
+        return bool(json.loads(rec.read_text()).get("quantization")) if rec.is_file() else False
+    except (OSError, ValueError):
+        return False
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -189,6 +194,7 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
 
 def run(job: dict) -> dict:
     from edgellm.data import load_text
+    from edgellm.files import dir_size
 
     from .backends import make_backend
     from .energy import Meter, usable_cpus
@@ -214,6 +220,9 @@ def run(job: dict) -> dict:
     b.load()
     cold_s = time.perf_counter() - t0
     rss_after_load = peak_rss_bytes()
+    res["traffic"] = b.traffic() or {"bytes_per_token": res["size_bytes"], "macs_per_token": None,
+                                     "quantized": v["kind"] == "gguf" or _quantized_export(path),
+                                     "source": "size on disk (the engine gives no count; an upper bound)"}
 
     text = load_text(s.get("data"))
     limit = b.max_context()

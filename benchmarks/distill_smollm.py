@@ -36,13 +36,13 @@ def edgellm(*args: str) -> None:
 
 
 def numba_speed(onnx_dir: Path, threads: int) -> dict:
-    script = Path(__file__).resolve().parent / "runtime_decode.py"
-    cmd = [sys.executable, str(script), "--child", "numba", str(onnx_dir), "--threads", str(threads), "--tokens", "64", "--pp", "64", "--reps", "3"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        return {"error": (res.stderr.strip().splitlines() or ["?"])[-1]}
-    r = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"tg_tok_s": r["tg_median"], "pp_tok_s": r["pp_median"], "tg_all": r["tg"]}
+    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
+    from edgellm.benchmarks.runtime_decode import measure
+
+    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
+    if r["status"] != "ok":
+        return {"error": r["error"]}
+    return {"tg_tok_s": r["tg_median"], "pp_tok_s": r["pp_median"], "tg_all": r["tg_values"]}
 
 
 def weights_bytes(model_dir: Path) -> int:

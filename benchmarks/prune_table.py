@@ -23,17 +23,13 @@ from edgellm.files import dir_size
 
 
 def numba_speed(onnx_dir: str, threads: int) -> dict:
-    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3, in a child process."""
-    import subprocess
-    import sys
+    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
+    from edgellm.benchmarks.runtime_decode import measure
 
-    script = Path(__file__).resolve().parent / "runtime_decode.py"
-    cmd = [sys.executable, str(script), "--child", "numba", onnx_dir, "--threads", str(threads), "--tokens", "64", "--pp", "64", "--reps", "3"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        return {"numba_error": (res.stderr.strip().splitlines() or ["?"])[-1]}
-    r = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"numba_tg": r["tg_median"], "numba_tg_all": r["tg"], "numba_pp": r["pp_median"], "numba_load_s": r["load_first_token_s"]}
+    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
+    if r["status"] != "ok":
+        return {"numba_error": r["error"]}
+    return {"numba_tg": r["tg_median"], "numba_tg_all": r["tg_values"], "numba_pp": r["pp_median"], "numba_load_s": r["first_token_s"]}
 
 
 def main(argv=None) -> None:
@@ -46,7 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--mlp-ratio", type=float, default=0.25)
     ap.add_argument("--layer-ratio", type=float, default=0.2)
     ap.add_argument("--export", action="store_true", help="export dense and structured variants to ONNX (fp32) and record their size")
-    ap.add_argument("--speed", action="store_true", help="with --export: Numba-runtime decode/prompt tokens/s of each export (benchmarks/runtime_decode.py child)")
+    ap.add_argument("--speed", action="store_true", help="with --export: Numba-runtime decode/prompt tokens/s of each export (one edgellm bench worker each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args(argv)

@@ -74,16 +74,18 @@ def _worker_env() -> dict:
 
 
 def run_worker(variant: dict, settings: Settings, ref_dir: Path, is_reference: bool, work: Path,
-               on_phase: Callable[[str], None] = lambda p: None, prefix: tuple[str, ...] = ()) -> dict:
+               on_phase: Callable[[str], None] = lambda p: None, prefix: tuple[str, ...] = (),
+               env: dict | None = None) -> dict:
     """Run one variant in a subprocess; always returns a result dict (status ok or failed).
 
-    `prefix` goes before the worker's command line (the tests wrap it in `/usr/bin/time -v`)."""
+    `prefix` goes before the worker's command line (the tests wrap it in `/usr/bin/time -v`);
+    `env` adds variables to the worker's environment (runtime_decode.py's empty compile cache)."""
     job = {"variant": variant, "settings": settings.to_dict(), "ref_dir": str(ref_dir), "is_reference": is_reference}
     job_path, result_path = work / "job.json", work / "result.json"
     job_path.write_text(json.dumps(job))
     cmd = [*prefix, sys.executable, "-m", "edgellm.benchmarks.worker", str(job_path), str(result_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env=_worker_env())
+                            env={**_worker_env(), **(env or {})})
     timer = None
     timed_out = threading.Event()
     if settings.timeout_s:

@@ -30,7 +30,9 @@ class Backend:
     def prefill(self, ids: list[int]) -> np.ndarray: ...
     def step(self, token: int) -> np.ndarray: ...
     def logits(self, ids: list[int]) -> np.ndarray: ...
-    def max_context(self) -> int | None: return None
+    def max_context(self) -> int | None:
+        return None
+
     def close(self) -> None: ...
 
     def traffic(self) -> dict | None:
@@ -89,9 +91,15 @@ class TorchBackend(Backend):
             else:
                 continue
             quantized |= hasattr(m, "fmt")
-            nbytes += sum(t.numel() * t.element_size() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
-        return {"bytes_per_token": nbytes, "macs_per_token": macs, "quantized": quantized,
-                "source": "torch modules (linears + LM head)"}
+            nbytes += sum(
+                t.numel() * t.element_size() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+            )
+        return {
+            "bytes_per_token": nbytes,
+            "macs_per_token": macs,
+            "quantized": quantized,
+            "source": "torch modules (linears + LM head)",
+        }
 
     def logits(self, ids):
         with self.torch.inference_mode():
@@ -155,9 +163,16 @@ class LlamaCppBackend(Backend):
 
             raise EdgeLLMError(f"llama-cpp-python is not installed; {LLAMA_CPP_HINT}") from None
         self.n_ctx = self.n_ctx_needed or 2048
-        self.llm = llama_cpp.Llama(model_path=self.path, n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
-                                   n_threads=self.threads, n_threads_batch=self.threads,
-                                   logits_all=logits_all, verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=self.path,
+            n_ctx=self.n_ctx,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            logits_all=logits_all,
+            verbose=False,
+        )
         self.logits_all = logits_all
 
     def encode(self, text):
@@ -200,4 +215,6 @@ def make_backend(variant: dict, threads: int, n_ctx: int | None = None) -> Backe
     backend = variant["backend"]
     if backend == "onnxruntime":
         return OrtRuntimeBackend(variant["path"], threads, n_ctx)
-    return {"numba": RuntimeBackend, "torch": TorchBackend, "llama.cpp": LlamaCppBackend}[backend](variant["path"], threads, n_ctx)
+    return {"numba": RuntimeBackend, "torch": TorchBackend, "llama.cpp": LlamaCppBackend}[backend](
+        variant["path"], threads, n_ctx
+    )

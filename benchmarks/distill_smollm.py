@@ -67,22 +67,60 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(args.out)
-    common = ["--student-layers", str(args.layers), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-              "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--precision", args.precision]
+    common = [
+        "--student-layers",
+        str(args.layers),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--lr",
+        str(args.lr),
+        "--precision",
+        args.precision,
+    ]
 
     probe = out.with_name(out.name + ".probe")
     t0 = time.time()
-    edgellm("distill", args.teacher, "-o", str(probe), "--steps", str(args.probe_steps), "--no-eval",
-            "--checkpoint-every", "0", "--force", *common)
+    edgellm(
+        "distill",
+        args.teacher,
+        "-o",
+        str(probe),
+        "--steps",
+        str(args.probe_steps),
+        "--no-eval",
+        "--checkpoint-every",
+        "0",
+        "--force",
+        *common,
+    )
     rows = [json.loads(line) for line in (probe / "distill_log.jsonl").read_text().splitlines()]
     step_s = statistics.median(r["step_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["step_s"]
     shutil.rmtree(probe)
     steps = max(1, int(args.budget_min * 60 / step_s))
-    print(f"probe: {step_s:.2f} s/step -> {steps} steps in {args.budget_min} min (probe took {time.time() - t0:.0f} s)", flush=True)
+    print(
+        f"probe: {step_s:.2f} s/step -> {steps} steps in {args.budget_min} min (probe took {time.time() - t0:.0f} s)",
+        flush=True,
+    )
 
     t1 = time.time()
-    edgellm("distill", args.teacher, "-o", str(out), "--steps", str(steps), "--eval-tokens", str(args.eval_tokens),
-            "--checkpoint-every", str(max(1, steps // 2)), "--force", *common)
+    edgellm(
+        "distill",
+        args.teacher,
+        "-o",
+        str(out),
+        "--steps",
+        str(steps),
+        "--eval-tokens",
+        str(args.eval_tokens),
+        "--checkpoint-every",
+        str(max(1, steps // 2)),
+        "--force",
+        *common,
+    )
     wall = time.time() - t1
 
     speed = {}
@@ -97,14 +135,22 @@ def main() -> None:
     rec = json.loads((out / "edgellm.json").read_text())["steps"][-1]
     q = rec["quality"]
     report = {
-        "teacher": args.teacher, "student_layers": rec["student"]["from_teacher_layers"],
-        "budget_min": args.budget_min, "probe_step_s": step_s, "steps": steps,
-        "tokens": rec["training"]["tokens"], "train_time_s": rec["training"]["train_time_s"], "wall_s": round(wall, 1),
+        "teacher": args.teacher,
+        "student_layers": rec["student"]["from_teacher_layers"],
+        "budget_min": args.budget_min,
+        "probe_step_s": step_s,
+        "steps": steps,
+        "tokens": rec["training"]["tokens"],
+        "train_time_s": rec["training"]["train_time_s"],
+        "wall_s": round(wall, 1),
         "params": rec["parameters"],
         "weights_bytes": {"teacher": weights_bytes(Path(args.teacher)), "student": weights_bytes(out)},
         "perplexity": {k: q[k]["perplexity"] for k in ("teacher", "initial_student", "student")},
-        "eval_tokens": q["student"]["tokens"], "ctx": q["student"]["ctx"],
-        "hyper": {k: rec["params"][k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "precision")},
+        "eval_tokens": q["student"]["tokens"],
+        "ctx": q["student"]["ctx"],
+        "hyper": {
+            k: rec["params"][k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "precision")
+        },
         "kl_to_teacher": {k: q[k]["kl"] for k in ("initial_student", "student")},
         "top1_agreement": {k: q[k]["top1"] for k in ("initial_student", "student")},
         "numba": speed,
@@ -115,16 +161,22 @@ def main() -> None:
     md = [
         f"# {Path(args.teacher).name} -> {args.layers} layers, {args.budget_min:g} min CPU budget",
         "",
-        "| model | layers | parameters | weights | perplexity | KL to teacher | top-1 agreement | Numba decode tok/s | Numba prompt tok/s |",
+        "| model | layers | parameters | weights | perplexity | KL to teacher | top-1 agreement | Numba decode tok/s "
+        "| Numba prompt tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| teacher | {teacher_layers} | {report['params']['teacher']:,} | {report['weights_bytes']['teacher'] / 1e6:.1f} MB | {p['teacher']:.2f} | | | {_speed(speed, 'teacher')} |",
-        f"| initial student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['initial_student']:.2f} "
+        f"| teacher | {teacher_layers} | {report['params']['teacher']:,} | "
+        f"{report['weights_bytes']['teacher'] / 1e6:.1f} MB | {p['teacher']:.2f} | | | {_speed(speed, 'teacher')} |",
+        f"| initial student | {args.layers} | {report['params']['student']:,} | "
+        f"{report['weights_bytes']['student'] / 1e6:.1f} MB | {p['initial_student']:.2f} "
         f"| {report['kl_to_teacher']['initial_student']:.3f} | {report['top1_agreement']['initial_student']:.1%} | | |",
-        f"| distilled student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['student']:.2f} "
-        f"| {report['kl_to_teacher']['student']:.3f} | {report['top1_agreement']['student']:.1%} | {_speed(speed, 'student')} |",
+        f"| distilled student | {args.layers} | {report['params']['student']:,} | "
+        f"{report['weights_bytes']['student'] / 1e6:.1f} MB | {p['student']:.2f} "
+        f"| {report['kl_to_teacher']['student']:.3f} | {report['top1_agreement']['student']:.1%} | "
+        f"{_speed(speed, 'student')} |",
         "",
         f"{steps} steps x {args.batch_size * args.grad_accum} x {args.seq_len} tokens = {report['tokens']:,} tokens in "
-        f"{report['train_time_s']:.0f} s training; perplexity on {report['eval_tokens']} held-out tokens, ctx {report['ctx']}.",
+        f"{report['train_time_s']:.0f} s training; perplexity on {report['eval_tokens']} held-out tokens, ctx "
+        f"{report['ctx']}.",
     ]
     out.with_name(out.name + ".report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)

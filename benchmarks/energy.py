@@ -65,9 +65,15 @@ PROFILES = {
     # is a typical CPU's TDP per thread (e.g. a 500 W 256-thread AMD EPYC 9755: 1.95 W; a 45 W
     # 20-thread laptop i7-12700H: 2.3 W; a 125 W 20-thread desktop i5-13600K: 6.3 W); active idle
     # ~30 % of that (SPECpower_ssj2008 server results). DRAM and platform power not included.
-    "host": Profile("host", "this machine, generic estimate (no RAPL/NVML counters readable)", 1.2, 4.0,
-                    "generic: ~4 W per busy usable CPU (typical TDP / hardware threads), idle ~30 %; not a measurement of this machine",
-                    per_cpu=True),
+    "host": Profile(
+        "host",
+        "this machine, generic estimate (no RAPL/NVML counters readable)",
+        1.2,
+        4.0,
+        "generic: ~4 W per busy usable CPU (typical TDP / hardware threads), idle ~30 %; not a measurement of this "
+        "machine",
+        per_cpu=True,
+    ),
     # A 14" x86 laptop with a P-series CPU (e.g. Intel Core i7-1260P: processor base power 28 W,
     # Intel ARK) plus ~7 W for the rest of the platform under load; Notebookcheck's idle
     # measurements of such laptops are typically 4-8 W at the wall (display on, low brightness).
@@ -76,22 +82,36 @@ PROFILES = {
     # Compute: 4 P-cores (2x 256-bit FMA: 16 fp32 MAC/cycle; AVX-VNNI: 64 int8 MAC/cycle) at
     # ~3.0 GHz all-core + 8 E-cores (2x 128-bit: 8 fp32, 32 int8 MAC/cycle) at ~2.5 GHz:
     # fp32 4*3.0*16 + 8*2.5*8 = 352 GMAC/s, int8 4*3.0*64 + 8*2.5*32 = 1408 GMAC/s.
-    "laptop": Profile("laptop", "14-inch x86 laptop, 28 W-class P-series CPU (i7-1260P class)", 6.0, 35.0,
-                      "Intel ARK i7-1260P base power 28 W + ~7 W platform; Notebookcheck idle 4-8 W",
-                      bandwidth_gbs=54.0, peak_gmacs_int8=1408.0, peak_gmacs_fp32=352.0,
-                      hardware_source="Intel ARK i7-1260P: 76.8 GB/s max memory bandwidth, x 0.7 sustained; "
-                                      "4P+8E cores, AVX-VNNI / FMA peak MAC rates at all-core clocks"),
+    "laptop": Profile(
+        "laptop",
+        "14-inch x86 laptop, 28 W-class P-series CPU (i7-1260P class)",
+        6.0,
+        35.0,
+        "Intel ARK i7-1260P base power 28 W + ~7 W platform; Notebookcheck idle 4-8 W",
+        bandwidth_gbs=54.0,
+        peak_gmacs_int8=1408.0,
+        peak_gmacs_fp32=352.0,
+        hardware_source="Intel ARK i7-1260P: 76.8 GB/s max memory bandwidth, x 0.7 sustained; "
+        "4P+8E cores, AVX-VNNI / FMA peak MAC rates at all-core clocks",
+    ),
     # Raspberry Pi 4 Model B, headless: 540 mA (2.7 W) idle, 1280 mA (6.4 W) at 400 % CPU
     # (stress --cpu 4), Jeff Geerling's measurements, https://www.pidramble.com/wiki/benchmarks/power-consumption
     # Memory: LPDDR4-3200 on a 32-bit bus = 12.8 GB/s wire rate; measured STREAM copy 5.5 GB/s
     # (https://www.sci-pi.org.uk/bench/stream.html, Pi 4, headless) -> 5.5 GB/s.
     # Compute: 4x Cortex-A72 at 1.5 GHz, two 128-bit NEON pipes: 8 fp32 MAC/cycle (FMLA) = 48
     # GMAC/s; no dot-product instructions, int8 via widening SMLAL ~16 MAC/cycle = 96 GMAC/s.
-    "rpi4": Profile("rpi4", "Raspberry Pi 4 Model B (4x Cortex-A72 1.5 GHz)", 2.7, 6.4,
-                    "pidramble.com power-consumption benchmarks: idle 2.7 W, stress --cpu 4 6.4 W",
-                    bandwidth_gbs=5.5, peak_gmacs_int8=96.0, peak_gmacs_fp32=48.0,
-                    hardware_source="LPDDR4-3200 x32 (12.8 GB/s wire); STREAM copy 5.5 GB/s (sci-pi.org.uk); "
-                                    "4x A72 1.5 GHz, 2x128-bit NEON"),
+    "rpi4": Profile(
+        "rpi4",
+        "Raspberry Pi 4 Model B (4x Cortex-A72 1.5 GHz)",
+        2.7,
+        6.4,
+        "pidramble.com power-consumption benchmarks: idle 2.7 W, stress --cpu 4 6.4 W",
+        bandwidth_gbs=5.5,
+        peak_gmacs_int8=96.0,
+        peak_gmacs_fp32=48.0,
+        hardware_source="LPDDR4-3200 x32 (12.8 GB/s wire); STREAM copy 5.5 GB/s (sci-pi.org.uk); "
+        "4x A72 1.5 GHz, 2x128-bit NEON",
+    ),
     # Raspberry Pi 5: ~3 W idle and ~8 W with all four cores loaded (Geekbench 7.9 W), at the
     # wall; https://github.com/geerlingguy/sbc-reviews/issues/21 and CNX Software's Pi 5 2GB/8GB
     # comparison (2024-08-27). Meters in that thread disagree by ~1-2 W: treat as +/-20 %.
@@ -99,11 +119,18 @@ PROFILES = {
     # sustained assumed at the Pi 4's measured STREAM / wire-rate ratio (5.5 / 12.8 = 0.43) = 7.3 GB/s.
     # Compute: 4x Cortex-A76 at 2.4 GHz, two 128-bit NEON pipes: 8 fp32 MAC/cycle = 76.8 GMAC/s;
     # SDOT (16 int8 MACs per instruction, 2 per cycle) 32 MAC/cycle = 307 GMAC/s.
-    "rpi5": Profile("rpi5", "Raspberry Pi 5 (4x Cortex-A76 2.4 GHz)", 3.0, 7.9,
-                    "geerlingguy/sbc-reviews#21 (idle ~3 W, all-core load 7.9 W); CNX Software 2024-08-27",
-                    bandwidth_gbs=7.3, peak_gmacs_int8=307.0, peak_gmacs_fp32=76.8,
-                    hardware_source="LPDDR4X-4267 x32 (17.1 GB/s wire, Raspberry Pi 5 product brief) x 0.43 "
-                                    "(Pi 4's STREAM/wire ratio); 4x A76 2.4 GHz, 2x128-bit NEON with SDOT"),
+    "rpi5": Profile(
+        "rpi5",
+        "Raspberry Pi 5 (4x Cortex-A76 2.4 GHz)",
+        3.0,
+        7.9,
+        "geerlingguy/sbc-reviews#21 (idle ~3 W, all-core load 7.9 W); CNX Software 2024-08-27",
+        bandwidth_gbs=7.3,
+        peak_gmacs_int8=307.0,
+        peak_gmacs_fp32=76.8,
+        hardware_source="LPDDR4X-4267 x32 (17.1 GB/s wire, Raspberry Pi 5 product brief) x 0.43 "
+        "(Pi 4's STREAM/wire ratio); 4x A76 2.4 GHz, 2x128-bit NEON with SDOT",
+    ),
 }
 TARGETS = tuple(PROFILES)
 
@@ -191,13 +218,17 @@ class Meter:
 
 # ---- per-phase energy figures ------------------------------------------------------------
 
+
 def phase_energy(phase: dict, tokens: int, profile: Profile) -> dict:
     """Energy figures for one timed phase (`wall_s`, `cpu_s`, `cpus`, optional `joules`), at the
     time measured here."""
     util = phase["cpu_s"] / max(phase["wall_s"] * phase["cpus"], 1e-12)
     est_w = profile.power(util, phase["cpus"])
-    out = {"utilisation": round(min(util, 1.0), 4), "estimated_w": round(est_w, 3),
-           "estimated_j_per_token": est_w * phase["wall_s"] / max(tokens, 1)}
+    out = {
+        "utilisation": round(min(util, 1.0), 4),
+        "estimated_w": round(est_w, 3),
+        "estimated_j_per_token": est_w * phase["wall_s"] / max(tokens, 1),
+    }
     if phase.get("joules") is not None:
         out["measured_j_per_token"] = phase["joules"] / max(tokens, 1)
         out["measured_w"] = phase["joules"] / max(phase["wall_s"], 1e-12)
@@ -213,8 +244,11 @@ def device_estimate(traffic: dict, profile: Profile) -> dict:
     t_cmp = macs / (peak * 1e9) if macs else None
     t = max(t_mem, t_cmp or 0.0)
     return {
-        "bytes_per_token": int(bpt), "macs_per_token": int(macs) if macs else None, "work_source": traffic.get("source", ""),
-        "bandwidth_gbs": profile.bandwidth_gbs, "peak_gmacs": peak,
+        "bytes_per_token": int(bpt),
+        "macs_per_token": int(macs) if macs else None,
+        "work_source": traffic.get("source", ""),
+        "bandwidth_gbs": profile.bandwidth_gbs,
+        "peak_gmacs": peak,
         "tg_tokens_per_s_memory_bound": 1.0 / t_mem,
         "tg_tokens_per_s_compute_bound": (1.0 / t_cmp) if t_cmp else None,
         "tg_tokens_per_s": 1.0 / t,
@@ -236,19 +270,33 @@ def energy_summary(phases: dict, profile: Profile, meter_method: str | None, tra
         if meter_method and "measured_j_per_token" in tg:
             out.update(kind="measured", j_per_token_tg=tg["measured_j_per_token"], method=meter_method)
         else:
-            out.update(kind="estimated", j_per_token_tg=tg.get("estimated_j_per_token"),
-                       method=f"generic estimate (no energy counters readable): {profile.idle_w} W idle + utilisation x "
-                              f"({profile.peak_w} - {profile.idle_w}) W per usable CPU, over the measured wall time")
+            out.update(
+                kind="estimated",
+                j_per_token_tg=tg.get("estimated_j_per_token"),
+                method=f"generic estimate (no energy counters readable): {profile.idle_w} W idle + utilisation x "
+                f"({profile.peak_w} - {profile.idle_w}) W per usable CPU, over the measured wall time",
+            )
         return out
     if traffic is None:  # no work figures: only the power curve over this machine's time
-        out.update(kind="estimated", j_per_token_tg=tg.get("estimated_j_per_token"),
-                   method=f"profile '{profile.name}' power curve over the time measured on this machine (no per-token work "
-                          f"figures for a device-time estimate)")
+        out.update(
+            kind="estimated",
+            j_per_token_tg=tg.get("estimated_j_per_token"),
+            method=f"profile '{profile.name}' power curve over the time measured on this machine (no per-token work "
+            f"figures for a device-time estimate)",
+        )
         return out
     dev = device_estimate(traffic, profile)
     dev["j_per_token_tg_at_host_time"] = tg.get("estimated_j_per_token")
-    out.update(kind="estimated", j_per_token_tg=dev["j_per_token_tg"], device=dev,
-               method=f"device estimate for '{profile.name}': {profile.peak_w} W (all cores) x max(memory bound "
-                      f"{dev['bytes_per_token'] / 1e6:.1f} MB/token / {profile.bandwidth_gbs} GB/s, compute bound "
-                      + (f"{dev['macs_per_token'] / 1e6:.0f} M MAC/token / {dev['peak_gmacs']:g} GMAC/s)" if dev["macs_per_token"] else "n/a)"))
+    out.update(
+        kind="estimated",
+        j_per_token_tg=dev["j_per_token_tg"],
+        device=dev,
+        method=f"device estimate for '{profile.name}': {profile.peak_w} W (all cores) x max(memory bound "
+        f"{dev['bytes_per_token'] / 1e6:.1f} MB/token / {profile.bandwidth_gbs} GB/s, compute bound "
+        + (
+            f"{dev['macs_per_token'] / 1e6:.0f} M MAC/token / {dev['peak_gmacs']:g} GMAC/s)"
+            if dev["macs_per_token"]
+            else "n/a)"
+        ),
+    )
     return out

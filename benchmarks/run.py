@@ -73,9 +73,16 @@ def _worker_env() -> dict:
     return env
 
 
-def run_worker(variant: dict, settings: Settings, ref_dir: Path, is_reference: bool, work: Path,
-               on_phase: Callable[[str], None] = lambda p: None, prefix: tuple[str, ...] = (),
-               env: dict | None = None) -> dict:
+def run_worker(
+    variant: dict,
+    settings: Settings,
+    ref_dir: Path,
+    is_reference: bool,
+    work: Path,
+    on_phase: Callable[[str], None] = lambda p: None,
+    prefix: tuple[str, ...] = (),
+    env: dict | None = None,
+) -> dict:
     """Run one variant in a subprocess; always returns a result dict (status ok or failed).
 
     `prefix` goes before the worker's command line (the tests wrap it in `/usr/bin/time -v`);
@@ -84,11 +91,18 @@ def run_worker(variant: dict, settings: Settings, ref_dir: Path, is_reference: b
     job_path, result_path = work / "job.json", work / "result.json"
     job_path.write_text(json.dumps(job))
     cmd = [*prefix, sys.executable, "-m", "edgellm.benchmarks.worker", str(job_path), str(result_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env={**_worker_env(), **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**_worker_env(), **(env or {})},
+    )
     timer = None
     timed_out = threading.Event()
     if settings.timeout_s:
+
         def kill():
             timed_out.set()
             proc.kill()
@@ -114,20 +128,25 @@ def run_worker(variant: dict, settings: Settings, ref_dir: Path, is_reference: b
     if timed_out.is_set():
         return {"status": "failed", "error": f"timed out after {settings.timeout_s:g} s"}
     why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    last = next((l for l in reversed(tail) if l.strip()), "")
+    last = next((line for line in reversed(tail) if line.strip()), "")
     return {"status": "failed", "error": f"worker {why}" + (f": {last.strip()}" if last else "")}
 
 
 def make_row(variant, res: dict, settings: Settings) -> dict:
-    row = {"label": variant.label, "spec": variant.spec, "path": variant.path, "kind": variant.kind,
-           "backend": variant.backend}
+    row = {
+        "label": variant.label,
+        "spec": variant.spec,
+        "path": variant.path,
+        "kind": variant.kind,
+        "backend": variant.backend,
+    }
     row.update(res)
     if res.get("status") == "ok":
         row["energy"] = energy_summary(res["phases"], PROFILES[settings.target], res.get("meter"), res.get("traffic"))
     return row
 
 
-def run_variants(variants: list, settings: Settings, on_event: Event = lambda i, l, p: None) -> list[dict]:
+def run_variants(variants: list, settings: Settings, on_event: Event = lambda i, label, p: None) -> list[dict]:
     rows = []
     root = Path(tempfile.mkdtemp(prefix="edgellm-bench-"))
     try:

@@ -39,8 +39,12 @@ class RuntimeAdapter:
 
         descs = list(weights.lin.reshape(-1, weights.lin.shape[-1])) + [weights.head]
         macs = sum(int(d[D_N]) * int(d[D_K]) for d in descs)
-        return {"bytes_per_token": int(weights.bytes_per_token), "macs_per_token": macs, "quantized": bool(weights.bits),
-                "source": "numba runtime's weight descriptors (linears + LM head)"}
+        return {
+            "bytes_per_token": int(weights.bytes_per_token),
+            "macs_per_token": macs,
+            "quantized": bool(weights.bits),
+            "source": "numba runtime's weight descriptors (linears + LM head)",
+        }
 
     def max_context(self) -> int:
         return self.model.n_ctx
@@ -67,4 +71,3 @@ def open_model(path: str, threads: int, engine: str = "numba", n_ctx: int | None
     model = Model(path, n_ctx=n_ctx, threads=threads)
     tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
     return RuntimeAdapter(model, tok)
-

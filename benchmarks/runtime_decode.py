@@ -29,8 +29,9 @@ import numpy as np
 FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}
 
 
-def measure(path: str, backend: str, threads: int, tokens: int = 128, pp: int = 512, reps: int = 3,
-            env: dict | None = None) -> dict:
+def measure(
+    path: str, backend: str, threads: int, tokens: int = 128, pp: int = 512, reps: int = 3, env: dict | None = None
+) -> dict:
     """One bench worker on one model: its result (status, pp, tg, load, memory, traffic; see
     report.schema.json's ok_row) plus flat medians for tables. Speed only (no quality pass)."""
     from edgellm.benchmarks.run import Settings, run_worker
@@ -45,10 +46,15 @@ def measure(path: str, backend: str, threads: int, tokens: int = 128, pp: int = 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if res["status"] == "ok":
-        res.update(tg_values=res["tg"]["tokens_per_s"]["values"], tg_median=res["tg"]["tokens_per_s"]["median"],
-                   pp_values=res["pp"]["tokens_per_s"]["values"], pp_median=res["pp"]["tokens_per_s"]["median"],
-                   first_token_s=res["load"]["first_token_s"], peak_rss_mb=res["memory"]["peak_rss_bytes"] / 2**20,
-                   peak_rss_total_mb=res["memory"]["peak_rss_total_bytes"] / 2**20)
+        res.update(
+            tg_values=res["tg"]["tokens_per_s"]["values"],
+            tg_median=res["tg"]["tokens_per_s"]["median"],
+            pp_values=res["pp"]["tokens_per_s"]["values"],
+            pp_median=res["pp"]["tokens_per_s"]["median"],
+            first_token_s=res["load"]["first_token_s"],
+            peak_rss_mb=res["memory"]["peak_rss_bytes"] / 2**20,
+            peak_rss_total_mb=res["memory"]["peak_rss_total_bytes"] / 2**20,
+        )
     return res
 
 
@@ -117,9 +123,15 @@ def main(argv=None):
     if not jobs:
         ap.error("give at least one of --q4, --q8, --fp32")
     opts = dict(threads=args.threads, tokens=args.tokens, pp=args.pp, reps=args.reps)
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-               "threads": args.threads, "rounds": args.rounds, "protocol": "edgellm bench worker (benchmarks/worker.py)",
-               "bandwidth_gbs": bandwidth_gbs(args.threads), "runs": []}
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "protocol": "edgellm bench worker (benchmarks/worker.py)",
+        "bandwidth_gbs": bandwidth_gbs(args.threads),
+        "runs": [],
+    }
 
     def engine(backend):
         return "llama.cpp" if backend.startswith("llama.cpp") else backend
@@ -145,15 +157,28 @@ def main(argv=None):
             continue
         tg = [v for r in rs for v in r["tg_values"]]
         pps = [v for r in rs for v in r["pp_values"]]
-        row = {"format": fmt, "backend": backend, "model": path, "size_mb": rs[0]["size_bytes"] / 1e6,
-               "tg": tg, "tg_median": statistics.median(tg), "pp": pps, "pp_median": statistics.median(pps),
-               "first_token_s": statistics.median(r["first_token_s"] for r in rs),
-               "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "peak_rss_total_mb": max(r["peak_rss_total_mb"] for r in rs),
-               "traffic": rs[0].get("traffic")}
+        row = {
+            "format": fmt,
+            "backend": backend,
+            "model": path,
+            "size_mb": rs[0]["size_bytes"] / 1e6,
+            "tg": tg,
+            "tg_median": statistics.median(tg),
+            "pp": pps,
+            "pp_median": statistics.median(pps),
+            "first_token_s": statistics.median(r["first_token_s"] for r in rs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "peak_rss_total_mb": max(r["peak_rss_total_mb"] for r in rs),
+            "traffic": rs[0].get("traffic"),
+        }
         results["runs"].append(row)
-        print(f"{fmt:6} {backend:16} tg {row['tg_median']:7.1f} tok/s  pp{args.pp} {row['pp_median']:7.1f} tok/s  "
-              f"load+1st {row['first_token_s']:.2f} s  RSS speed/all {row['peak_rss_mb']:.0f}/{row['peak_rss_total_mb']:.0f} MiB  "
-              f"size {row['size_mb'] * 1e6 / 2**20:.1f} MiB", flush=True)
+        print(
+            f"{fmt:6} {backend:16} tg {row['tg_median']:7.1f} tok/s  pp{args.pp} {row['pp_median']:7.1f} tok/s  "
+            f"load+1st {row['first_token_s']:.2f} s  RSS speed/all "
+            f"{row['peak_rss_mb']:.0f}/{row['peak_rss_total_mb']:.0f} MiB  "
+            f"size {row['size_mb'] * 1e6 / 2**20:.1f} MiB",
+            flush=True,
+        )
     if results.get("numba_first_ever_start_s") is not None:
         print(f"numba first-ever start (empty compile cache): load+1st {results['numba_first_ever_start_s']:.1f} s")
     line = f"bandwidth {results['bandwidth_gbs']:.1f} GB/s"

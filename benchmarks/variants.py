@@ -17,11 +17,19 @@ from pathlib import Path
 from edgellm.errors import EdgeLLMError
 
 BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp")
-ALIASES = {"ort": "onnxruntime", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "pytorch": "torch", "transformers": "torch"}
+ALIASES = {
+    "ort": "onnxruntime",
+    "llamacpp": "llama.cpp",
+    "llama_cpp": "llama.cpp",
+    "pytorch": "torch",
+    "transformers": "torch",
+}
 KIND_BACKENDS = {"export": ("numba", "onnxruntime"), "model": ("torch",), "gguf": ("llama.cpp", "torch")}
 
-LLAMA_CPP_HINT = ("install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
-                  "llama.cpp; for a build tuned to this CPU set CMAKE_ARGS=\"-DGGML_NATIVE=on\")")
+LLAMA_CPP_HINT = (
+    "install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
+    'llama.cpp; for a build tuned to this CPU set CMAKE_ARGS="-DGGML_NATIVE=on")'
+)
 
 
 @dataclass
@@ -54,12 +62,18 @@ def _kind(path: Path, spec: str) -> str:
             raise EdgeLLMError(f"GGUF file '{path}' in variant '{spec}' does not exist")
         return "gguf"
     if not path.exists():
-        raise EdgeLLMError(f"variant '{spec}': '{path}' does not exist (expected an export directory, a model directory or a .gguf file)")
+        raise EdgeLLMError(
+            f"variant '{spec}': '{path}' does not exist (expected an export directory, a model directory or a .gguf "
+            "file)"
+        )
     if path.is_dir() and (path / "model.onnx").is_file():
         return "export"
     if path.is_dir() and (path / "config.json").is_file():
         return "model"
-    raise EdgeLLMError(f"variant '{spec}': '{path}' is neither an export directory (model.onnx), a model directory (config.json) nor a .gguf file")
+    raise EdgeLLMError(
+        f"variant '{spec}': '{path}' is neither an export directory (model.onnx), a model directory (config.json) nor "
+        "a .gguf file"
+    )
 
 
 def parse(spec: str) -> Variant:
@@ -80,8 +94,10 @@ def parse(spec: str) -> Variant:
         if backend == "numba" and not numba_runtime_available():
             backend = "onnxruntime"
     elif backend not in allowed:
-        raise EdgeLLMError(f"variant '{raw}': backend '{backend}' cannot run a{'n' if kind == 'export' else ''} {kind} "
-                           f"({'directory' if kind != 'gguf' else 'file'}); use one of {', '.join(allowed)}")
+        raise EdgeLLMError(
+            f"variant '{raw}': backend '{backend}' cannot run a{'n' if kind == 'export' else ''} {kind} "
+            f"({'directory' if kind != 'gguf' else 'file'}); use one of {', '.join(allowed)}"
+        )
     check_backend_installed(backend, raw)
     name = path.name or str(path)
     return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=f"{name}:{backend}")
@@ -91,11 +107,16 @@ def check_backend_installed(backend: str, spec: str) -> None:
     if backend == "llama.cpp" and not _has_module("llama_cpp"):
         raise EdgeLLMError(f"variant '{spec}' needs llama-cpp-python, which is not installed; {LLAMA_CPP_HINT}")
     if backend == "numba" and not numba_runtime_available():
-        raise EdgeLLMError(f"variant '{spec}': the numba runtime (edgellm.runtime) is not available in this install; use ':onnxruntime'")
+        raise EdgeLLMError(
+            f"variant '{spec}': the numba runtime (edgellm.runtime) is not available in this install; use "
+            "':onnxruntime'"
+        )
     if backend == "onnxruntime" and not _has_module("onnxruntime"):
         raise EdgeLLMError(f"variant '{spec}' needs onnxruntime; install it with: pip install 'edgellm[ort]'")
     if backend == "torch" and not (_has_module("torch") and _has_module("transformers")):
-        raise EdgeLLMError(f"variant '{spec}' needs torch and transformers; install them with: pip install 'edgellm[compress]'")
+        raise EdgeLLMError(
+            f"variant '{spec}' needs torch and transformers; install them with: pip install 'edgellm[compress]'"
+        )
 
 
 def parse_all(specs: list[str]) -> list[Variant]:

@@ -46,7 +46,9 @@ def require(module: str, what: str = "this command"):
         top = module.split(".")[0]
         if exc.name is not None and exc.name.split(".")[0] != top:  # a broken install of something else
             raise
-        raise EdgeLLMError(f"{what} needs '{top}', which is not installed; install it with: {install_hint(top)}") from None
+        raise EdgeLLMError(
+            f"{what} needs '{top}', which is not installed; install it with: {install_hint(top)}"
+        ) from None
 
 
 def missing_extra_message(exc: ImportError, what: str) -> str | None:

@@ -73,7 +73,9 @@ def _version(value: bool):
 @app.callback()
 def _root(
     traceback: bool = typer.Option(False, "--traceback", help="Show the full Python traceback on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ):
     _state["traceback"] = traceback
 

@@ -13,7 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 import tiny
-from edgellm.benchmarks import energy, report as rep, variants as var
+from edgellm.benchmarks import energy
+from edgellm.benchmarks import report as rep
+from edgellm.benchmarks import variants as var
 from edgellm.benchmarks.run import Settings, reapply_energy, run_worker
 from edgellm.cli import app
 
@@ -25,8 +27,18 @@ def models(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("bench-models")
     small = tiny.save(tiny.build("llama"), tokenizer, root / "small")
     # ~13.5 M parameters (54 MB fp32) against ~0.15 M: RSS must show the difference
-    big = tiny.save(tiny.build("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                               num_attention_heads=8, num_key_value_heads=4), tokenizer, root / "big")
+    big = tiny.save(
+        tiny.build(
+            "llama",
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        ),
+        tokenizer,
+        root / "big",
+    )
     broken = root / "broken"
     shutil.copytree(small, broken)
     weights = broken / "model.safetensors"
@@ -40,9 +52,19 @@ def models(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def cli_report(models):
     out = models["root"] / "report"
-    args = ["bench", str(models["small"]), f"{models['small']}:torch", str(models["big"]), str(models["broken"]),
-            f"{models['onnx']}:onnxruntime",
-            "-o", str(out), "--quick", "--gen-tokens", "12"]
+    args = [
+        "bench",
+        str(models["small"]),
+        f"{models['small']}:torch",
+        str(models["big"]),
+        str(models["broken"]),
+        f"{models['onnx']}:onnxruntime",
+        "-o",
+        str(out),
+        "--quick",
+        "--gen-tokens",
+        "12",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     return out, json.loads((out / "report.json").read_text()), res.output
@@ -210,8 +232,12 @@ def _stopwatch_tg(model_dir: Path, threads: int, n: int, reps: int) -> float:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", STOPWATCH, str(model_dir), str(threads), str(n), str(reps)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", STOPWATCH, str(model_dir), str(threads), str(n), str(reps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.split()[-1])
 
 
@@ -311,7 +337,8 @@ def test_rapl_meter_reads_and_handles_wraparound(tmp_path):
     work = {"bytes_per_token": 1e6, "macs_per_token": 1e6, "quantized": False, "source": "test"}
     e = energy.energy_summary(phases, energy.PROFILES["rpi4"], meter.method, work)  # another device: still an estimate
     assert e["kind"] == "estimated" and e["device"]["j_per_token_tg_at_host_time"] == pytest.approx(
-        energy.PROFILES["rpi4"].power(0.5) * 2 / 10)
+        energy.PROFILES["rpi4"].power(0.5) * 2 / 10
+    )
     assert e["j_per_token_tg"] == pytest.approx(energy.PROFILES["rpi4"].peak_w / e["device"]["tg_tokens_per_s"])
 
 

@@ -86,7 +86,9 @@ def test_q4_0_against_gguf():
     assert np.all(frac[differ] < 0.01), frac[differ].max()
     # gguf decodes edgellm's codes and scales to exactly edgellm's values
     ours = dequantize_codes(codes, scales, zeros).reshape(64, -1).numpy()
-    np.testing.assert_array_equal(gguf.dequantize(_as_q4_0(codes.numpy(), scales.numpy()), T.Q4_0).reshape(64, -1), ours)
+    np.testing.assert_array_equal(
+        gguf.dequantize(_as_q4_0(codes.numpy(), scales.numpy()), T.Q4_0).reshape(64, -1), ours
+    )
 
 
 def test_q8_0_against_gguf():
@@ -96,8 +98,13 @@ def test_q8_0_against_gguf():
     w = (torch.randn(64, 1024, generator=torch.Generator().manual_seed(4)) * 0.05).float()
     codes, scales, zeros = quantize_rtn(w, QuantFormat(bits=8, group_size=32, sym=True))
     ours = dequantize_codes(codes, scales, zeros).reshape(64, -1).numpy()
-    blocks = np.concatenate([scales.numpy().reshape(-1, 1).astype(np.float16).view(np.uint8),
-                             (codes.numpy().reshape(-1, 32).astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=1)
+    blocks = np.concatenate(
+        [
+            scales.numpy().reshape(-1, 1).astype(np.float16).view(np.uint8),
+            (codes.numpy().reshape(-1, 32).astype(np.int16) - 128).astype(np.int8).view(np.uint8),
+        ],
+        axis=1,
+    )
     np.testing.assert_array_equal(gguf.dequantize(blocks, T.Q8_0).reshape(64, -1), ours)  # same decoding
     theirs = gguf.dequantize(gguf.quantize(w.numpy(), T.Q8_0), T.Q8_0).reshape(64, -1)
     rms = lambda x: float(np.sqrt(np.mean((x - w.numpy()) ** 2)))  # noqa: E731

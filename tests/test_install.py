@@ -15,11 +15,11 @@ import subprocess
 import sys
 import sysconfig
 import time
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from edgellm.cli import app
@@ -38,7 +38,9 @@ def base_closure() -> list[metadata.Distribution]:
     from packaging.requirements import Requirement
 
     env = {**default_environment(), "extra": ""}
-    todo = [Requirement(r).name for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    todo = [
+        Requirement(r).name for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
     seen: dict[str, metadata.Distribution] = {}
     while todo:
         name = todo.pop()
@@ -76,35 +78,63 @@ def device_venv(tmp_path_factory):
         else:
             shutil.copy2(p, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "wheel"), str(src)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "wheel"), str(src)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, cwd=root, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     for dist in base_closure():
         _link_distribution(dist, Path(purelib))
     wheel = next((root / "wheel").glob("edgellm-*.whl"))
-    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return python, venv / "bin" / "edgellm", time.perf_counter() - t0
 
 
 def _device(venv, *args, timeout=600):
     python, script, _ = venv
-    return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=script.parents[2],
-                          env={"PATH": str(script.parent) + ":/usr/bin:/bin", "HOME": str(script.parents[2]),
-                               "TERM": "dumb", "COLUMNS": "200"})
+    return subprocess.run(
+        [str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=script.parents[2],
+        env={
+            "PATH": str(script.parent) + ":/usr/bin:/bin",
+            "HOME": str(script.parents[2]),
+            "TERM": "dumb",
+            "COLUMNS": "200",
+        },
+    )
 
 
 def test_device_install_has_only_the_base_dependencies(device_venv):
     python, _, seconds = device_venv
-    code = ("import importlib.util as u, sys; "
-            "missing = [m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'jinja2', 'matplotlib', 'safetensors') if u.find_spec(m)]; "
-            "import edgellm.runtime, edgellm.cli; print('present:', missing); "
-            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules")
-    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=python.parents[2])  # not this tree
+    code = (
+        "import importlib.util as u, sys; "
+        "missing = [m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'jinja2', 'matplotlib', "
+        "'safetensors') if u.find_spec(m)]; "
+        "import edgellm.runtime, edgellm.cli; print('present:', missing); "
+        "assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    )
+    r = subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, cwd=python.parents[2]
+    )  # not this tree
     assert r.returncode == 0 and "present: []" in r.stdout, r.stdout + r.stderr
     assert sysconfig.get_paths()["purelib"] not in r.stdout
     print(f"device venv built in {seconds:.1f} s")
@@ -121,17 +151,21 @@ def tiny_export(tiny_dirs, tmp_path_factory):
 COMPRESS = "pip install 'edgellm[compress]'"
 
 
-@pytest.mark.parametrize("args,hint", [
-    (["quantize", "{model}", "-o", "{out}"], COMPRESS),
-    (["prune", "{model}", "--structured", "layers", "--ratio", "0.5", "-o", "{out}"], COMPRESS),
-    (["distill", "{model}", "-o", "{out}"], COMPRESS),
-    (["export", "{model}", "-o", "{out}"], COMPRESS),
-    (["eval", "{model}"], COMPRESS),
-    (["info", "{model}"], COMPRESS),
-    (["bench", "{export}", "-o", "{out}"], "pip install 'edgellm[bench]'"),  # report.html plots
-    (["run", "{export}", "-p", "hi", "--backend", "onnxruntime"], "pip install 'edgellm[ort]'"),
-    (["run", "{export}", "-p", "hi", "--chat"], "pip install 'edgellm[chat]'"),  # chat template: jinja2
-], ids=["quantize", "prune", "distill", "export", "eval", "info", "bench", "run-ort", "run-chat"])
+@pytest.mark.parametrize(
+    "args,hint",
+    [
+        (["quantize", "{model}", "-o", "{out}"], COMPRESS),
+        (["prune", "{model}", "--structured", "layers", "--ratio", "0.5", "-o", "{out}"], COMPRESS),
+        (["distill", "{model}", "-o", "{out}"], COMPRESS),
+        (["export", "{model}", "-o", "{out}"], COMPRESS),
+        (["eval", "{model}"], COMPRESS),
+        (["info", "{model}"], COMPRESS),
+        (["bench", "{export}", "-o", "{out}"], "pip install 'edgellm[bench]'"),  # report.html plots
+        (["run", "{export}", "-p", "hi", "--backend", "onnxruntime"], "pip install 'edgellm[ort]'"),
+        (["run", "{export}", "-p", "hi", "--chat"], "pip install 'edgellm[chat]'"),  # chat template: jinja2
+    ],
+    ids=["quantize", "prune", "distill", "export", "eval", "info", "bench", "run-ort", "run-chat"],
+)
 def test_missing_extra_is_one_line_exit_2(device_venv, tiny_dirs, tiny_export, tmp_path, args, hint):
     args = [a.format(model=tiny_dirs["llama"], export=tiny_export, out=tmp_path / "out") for a in args]
     r = _device(device_venv, *args)

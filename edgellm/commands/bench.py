@@ -96,7 +96,8 @@ def bench(
     keep = [i for i, h in enumerate(rep.HEADERS) if h not in hide]
     for i in keep:
         h = rep.HEADERS[i]
-        table.add_column(h, justify="left" if h in ("variant", "status") else "right")
+        label = f"{target.value} tg tok/s (est. memory / compute bound)" if i == rep.DEVICE_COLUMN else h
+        table.add_column(label, justify="left" if h in ("variant", "status") else "right")
     for r in rep.table_rows(report, spread=False):
         cells = [r[i] if i != len(r) - 1 else r[i].split(":")[0] for i in keep]
         table.add_row(*(Text(c) for c in cells), style=None if r[-1] == "ok" else "red")

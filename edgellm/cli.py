@@ -51,14 +51,13 @@ def _guarded(name: str, fn):
             fail("interrupted; nothing was written at the output path", 130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except ImportError as exc:  # an extra is not installed (device install): say which one
-            message = missing_extra_message(exc, f"'edgellm {name}'")
-            if message is None or _state["traceback"]:
-                raise
-            fail(message, 2)
         except Exception as exc:  # a bug: still one line, unless --traceback
             if _state["traceback"]:
                 raise
+            if isinstance(exc, ImportError):  # an extra is not installed (device install): say which one
+                message = missing_extra_message(exc, f"'edgellm {name}'")
+                if message is not None:
+                    fail(message, 2)
             fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)", 1)
 
     return wrapper

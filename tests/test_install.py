@@ -191,3 +191,25 @@ def test_device_install_runs_an_export(device_venv, tiny_export):
     r = _device(device_venv, "run", tiny_export, "-p", "def f(x):", "-n", "6", "--temperature", "0", "--ignore-eos")
     assert r.returncode == 0, r.stderr
     assert "generation: 6 tokens" in r.stderr, r.stderr
+
+
+def test_import_error_of_a_non_extra_module_is_a_bug_not_an_install_hint():
+    """Only the extras' modules turn into 'install edgellm[...]' (exit 2); any other missing module
+    is an internal error (exit 1), not advice to install something."""
+    import typer
+
+    from edgellm import cli
+
+    def broken():
+        import edgellm_no_such_module  # noqa: F401
+
+    def needs_torch():
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    app = typer.Typer()
+    app.command("broken")(cli._guarded("broken", broken))
+    app.command("quantize")(cli._guarded("quantize", needs_torch))
+    r = CliRunner().invoke(app, ["broken"])
+    assert r.exit_code == 1 and "internal error" in r.output and "pip install" not in r.output, r.output
+    r = CliRunner().invoke(app, ["quantize"])
+    assert r.exit_code == 2 and "'edgellm quantize' needs 'torch'" in r.output and COMPRESS in r.output, r.output

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgellm-installed
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test lint clean-demo
 
 # torch is pinned to the 2.13 CPU wheel first: a plain `torch` requirement on a machine without
 # torch would pull a multi-GB CUDA build. The project's range (<2.15) is satisfied by it.
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff's settings are in pyproject.toml ([tool.ruff]: line length 120, import order).
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean-demo:
 	rm -rf demo-out

@@ -14,10 +14,6 @@ onnxruntime or numba worker never imports torch: its peak RSS must not include i
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
 import numpy as np
 
 from edgellm.errors import EdgeLLMError
@@ -34,8 +30,15 @@ class Backend:
     def prefill(self, ids: list[int]) -> np.ndarray: ...
     def step(self, token: int) -> np.ndarray: ...
     def logits(self, ids: list[int]) -> np.ndarray: ...
-    def max_context(self) -> int | None: return None
+    def max_context(self) -> int | None:
+        return None
+
     def close(self) -> None: ...
+
+    def traffic(self) -> dict | None:
+        """Work per decode token: {bytes_per_token, macs_per_token (or None), quantized, source},
+        or None when the engine does not say (the worker then uses the file size)."""
+        return None
 
 
 class TorchBackend(Backend):
@@ -73,6 +76,31 @@ class TorchBackend(Backend):
         self.past = out.past_key_values
         return out.logits[0, -1].float().numpy()
 
+    def traffic(self):
+        """Every matrix the decode step multiplies by (Linear, GPT-2's Conv1D, edgellm's packed
+        QuantLinear; embeddings excluded, a tied LM head counted once as the head)."""
+        nbytes = macs = 0
+        quantized = False
+        for m in self.model.modules():
+            if isinstance(m, self.torch.nn.Embedding) or "Embedding" in type(m).__name__:
+                continue
+            if hasattr(m, "in_features") and hasattr(m, "out_features"):
+                macs += m.in_features * m.out_features
+            elif type(m).__name__ == "Conv1D":
+                macs += m.weight.numel()
+            else:
+                continue
+            quantized |= hasattr(m, "fmt")
+            nbytes += sum(
+                t.numel() * t.element_size() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+            )
+        return {
+            "bytes_per_token": nbytes,
+            "macs_per_token": macs,
+            "quantized": quantized,
+            "source": "torch modules (linears + LM head)",
+        }
+
     def logits(self, ids):
         with self.torch.inference_mode():
             return self.model(input_ids=self.torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
@@ -82,76 +110,6 @@ class TorchBackend(Backend):
 
     def close(self):
         self.model = self.past = None
-
-
-def _export_config(path: Path) -> dict:
-    import onnx
-
-    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "edgellm.config" not in meta:
-        raise EdgeLLMError(f"'{path}/model.onnx' has no edgellm.config metadata; re-export it with 'edgellm export'")
-    return json.loads(meta["edgellm.config"])
-
-
-class OrtBackend(Backend):
-    """A plain ONNX Runtime session over an export directory (docs/EXPORT_FORMAT.md I/O)."""
-
-    name = "onnxruntime"
-
-    def load(self):
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        path = Path(self.path)
-        self.cfg = _export_config(path)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sess = ort.InferenceSession(str(path / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.sess.get_inputs()}
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.past, self.n_past = None, 0
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def _empty_past(self):
-        c = self.cfg
-        shape = (1, c["num_kv_heads"], 0, c["head_dim"])
-        return {f"past_key_values.{i}.{kv}": np.zeros(shape, np.float32) for i in range(c["num_layers"]) for kv in ("key", "value")}
-
-    def _run(self, ids, past, n_past):
-        n = len(ids)
-        feed = {"input_ids": np.asarray([ids], np.int64),
-                "attention_mask": np.ones((1, n_past + n), np.int64),
-                "position_ids": np.arange(n_past, n_past + n, dtype=np.int64)[None]}
-        feed.update(past)
-        feed = {k: v for k, v in feed.items() if k in self.inputs}
-        outs = dict(zip(self.outputs, self.sess.run(None, feed)))
-        present = {k.replace("present.", "past_key_values.", 1): v for k, v in outs.items() if k.startswith("present.")}
-        return outs["logits"][0], present
-
-    def prefill(self, ids):
-        logits, self.past = self._run(ids, self._empty_past(), 0)
-        self.n_past = len(ids)
-        return logits[-1]
-
-    def step(self, token):
-        logits, self.past = self._run([token], self.past, self.n_past)
-        self.n_past += 1
-        return logits[-1]
-
-    def logits(self, ids):
-        return self._run(ids, self._empty_past(), 0)[0]
-
-    def max_context(self):
-        return self.cfg.get("max_position_embeddings")
-
-    def close(self):
-        self.sess = self.past = None
 
 
 class RuntimeBackend(Backend):
@@ -179,8 +137,17 @@ class RuntimeBackend(Backend):
     def max_context(self):
         return self.impl.max_context()
 
+    def traffic(self):
+        return self.impl.traffic()
+
     def close(self):
         self.impl = None
+
+
+class OrtRuntimeBackend(RuntimeBackend):
+    """edgellm.runtime's ONNX Runtime runner (runtime/ort_backend.py): the ORT peer."""
+
+    name = "onnxruntime"
 
 
 class LlamaCppBackend(Backend):
@@ -196,9 +163,16 @@ class LlamaCppBackend(Backend):
 
             raise EdgeLLMError(f"llama-cpp-python is not installed; {LLAMA_CPP_HINT}") from None
         self.n_ctx = self.n_ctx_needed or 2048
-        self.llm = llama_cpp.Llama(model_path=self.path, n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
-                                   n_threads=self.threads, n_threads_batch=self.threads,
-                                   logits_all=logits_all, verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=self.path,
+            n_ctx=self.n_ctx,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            logits_all=logits_all,
+            verbose=False,
+        )
         self.logits_all = logits_all
 
     def encode(self, text):
@@ -234,42 +208,13 @@ class LlamaCppBackend(Backend):
             llm.close()
 
 
-class Slow(Backend):
-    """Test-only wrapper (variant prefix `slow:`): sleeps `delay` before every model call."""
-
-    def __init__(self, inner: Backend, delay: float):
-        self.inner, self.delay, self.name = inner, delay, inner.name
-
-    def load(self): self.inner.load()
-    def encode(self, text): return self.inner.encode(text)
-    def max_context(self): return self.inner.max_context()
-    def close(self): self.inner.close()
-
-    def prefill(self, ids):
-        time.sleep(self.delay)
-        return self.inner.prefill(ids)
-
-    def step(self, token):
-        time.sleep(self.delay)
-        return self.inner.step(token)
-
-    def logits(self, ids):
-        return self.inner.logits(ids)
-
-
 def make_backend(variant: dict, threads: int, n_ctx: int | None = None) -> Backend:
     """The backend for a parsed variant. `n_ctx`: the context the benchmark needs (KV cache size
-    for engines that preallocate it). Export directories run on edgellm.runtime when it is
-    installed (its numba model, or its onnxruntime runner); a plain ORT session otherwise."""
-    from . import runtime_adapter
-    from .variants import SLOW_DELAY_S
-
+    for engines that preallocate it). Export directories run on edgellm.runtime: its numba model
+    (`numba`) or its ONNX Runtime runner (`onnxruntime`), both behind the same interface."""
     backend = variant["backend"]
-    if backend == "numba":
-        cls = RuntimeBackend
-    elif backend == "onnxruntime":
-        cls = type("RuntimeOrt", (RuntimeBackend,), {"name": "onnxruntime"}) if runtime_adapter.available("onnxruntime") else OrtBackend
-    else:
-        cls = {"torch": TorchBackend, "llama.cpp": LlamaCppBackend}[backend]
-    b = cls(variant["path"], threads, n_ctx)
-    return Slow(b, SLOW_DELAY_S) if variant.get("slow") else b
+    if backend == "onnxruntime":
+        return OrtRuntimeBackend(variant["path"], threads, n_ctx)
+    return {"numba": RuntimeBackend, "torch": TorchBackend, "llama.cpp": LlamaCppBackend}[backend](
+        variant["path"], threads, n_ctx
+    )

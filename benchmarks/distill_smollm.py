@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgellm.files import dir_size
+
 
 def edgellm(*args: str) -> None:
     cmd = [sys.executable, "-c", "from edgellm.cli import main; main()", *args]
@@ -34,13 +36,13 @@ def edgellm(*args: str) -> None:
 
 
 def numba_speed(onnx_dir: Path, threads: int) -> dict:
-    script = Path(__file__).resolve().parent / "runtime_decode.py"
-    cmd = [sys.executable, str(script), "--child", "numba", str(onnx_dir), "--threads", str(threads), "--tokens", "64", "--pp", "64", "--reps", "3"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        return {"error": (res.stderr.strip().splitlines() or ["?"])[-1]}
-    r = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"tg_tok_s": r["tg_median"], "pp_tok_s": r["pp_median"], "tg_all": r["tg"]}
+    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
+    from edgellm.benchmarks.runtime_decode import measure
+
+    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
+    if r["status"] != "ok":
+        return {"error": r["error"]}
+    return {"tg_tok_s": r["tg_median"], "pp_tok_s": r["pp_median"], "tg_all": r["tg_values"]}
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -65,22 +67,60 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(args.out)
-    common = ["--student-layers", str(args.layers), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-              "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--precision", args.precision]
+    common = [
+        "--student-layers",
+        str(args.layers),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--lr",
+        str(args.lr),
+        "--precision",
+        args.precision,
+    ]
 
     probe = out.with_name(out.name + ".probe")
     t0 = time.time()
-    edgellm("distill", args.teacher, "-o", str(probe), "--steps", str(args.probe_steps), "--no-eval",
-            "--checkpoint-every", "0", "--force", *common)
+    edgellm(
+        "distill",
+        args.teacher,
+        "-o",
+        str(probe),
+        "--steps",
+        str(args.probe_steps),
+        "--no-eval",
+        "--checkpoint-every",
+        "0",
+        "--force",
+        *common,
+    )
     rows = [json.loads(line) for line in (probe / "distill_log.jsonl").read_text().splitlines()]
     step_s = statistics.median(r["step_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["step_s"]
     shutil.rmtree(probe)
     steps = max(1, int(args.budget_min * 60 / step_s))
-    print(f"probe: {step_s:.2f} s/step -> {steps} steps in {args.budget_min} min (probe took {time.time() - t0:.0f} s)", flush=True)
+    print(
+        f"probe: {step_s:.2f} s/step -> {steps} steps in {args.budget_min} min (probe took {time.time() - t0:.0f} s)",
+        flush=True,
+    )
 
     t1 = time.time()
-    edgellm("distill", args.teacher, "-o", str(out), "--steps", str(steps), "--eval-tokens", str(args.eval_tokens),
-            "--checkpoint-every", str(max(1, steps // 2)), "--force", *common)
+    edgellm(
+        "distill",
+        args.teacher,
+        "-o",
+        str(out),
+        "--steps",
+        str(steps),
+        "--eval-tokens",
+        str(args.eval_tokens),
+        "--checkpoint-every",
+        str(max(1, steps // 2)),
+        "--force",
+        *common,
+    )
     wall = time.time() - t1
 
     speed = {}
@@ -89,20 +129,28 @@ def main() -> None:
         edgellm("export", args.teacher, "-o", str(exports["teacher"]), "--force", "--no-check")
         edgellm("export", str(out), "-o", str(exports["student"]), "--force", "--no-check")
         for name, path in exports.items():  # side by side, same run, same threads
-            speed[name] = {**numba_speed(path, args.threads), "onnx_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
+            speed[name] = {**numba_speed(path, args.threads), "onnx_bytes": dir_size(path)}
         shutil.rmtree(exports["teacher"])
 
     rec = json.loads((out / "edgellm.json").read_text())["steps"][-1]
     q = rec["quality"]
     report = {
-        "teacher": args.teacher, "student_layers": rec["student"]["from_teacher_layers"],
-        "budget_min": args.budget_min, "probe_step_s": step_s, "steps": steps,
-        "tokens": rec["training"]["tokens"], "train_time_s": rec["training"]["train_time_s"], "wall_s": round(wall, 1),
+        "teacher": args.teacher,
+        "student_layers": rec["student"]["from_teacher_layers"],
+        "budget_min": args.budget_min,
+        "probe_step_s": step_s,
+        "steps": steps,
+        "tokens": rec["training"]["tokens"],
+        "train_time_s": rec["training"]["train_time_s"],
+        "wall_s": round(wall, 1),
         "params": rec["parameters"],
         "weights_bytes": {"teacher": weights_bytes(Path(args.teacher)), "student": weights_bytes(out)},
         "perplexity": {k: q[k]["perplexity"] for k in ("teacher", "initial_student", "student")},
-        "eval_tokens": q["student"]["tokens"], "ctx": q["student"]["ctx"],
-        "hyper": {k: rec["params"][k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "precision")},
+        "eval_tokens": q["student"]["tokens"],
+        "ctx": q["student"]["ctx"],
+        "hyper": {
+            k: rec["params"][k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "precision")
+        },
         "kl_to_teacher": {k: q[k]["kl"] for k in ("initial_student", "student")},
         "top1_agreement": {k: q[k]["top1"] for k in ("initial_student", "student")},
         "numba": speed,
@@ -113,16 +161,22 @@ def main() -> None:
     md = [
         f"# {Path(args.teacher).name} -> {args.layers} layers, {args.budget_min:g} min CPU budget",
         "",
-        "| model | layers | parameters | weights | perplexity | KL to teacher | top-1 agreement | Numba decode tok/s | Numba prompt tok/s |",
+        "| model | layers | parameters | weights | perplexity | KL to teacher | top-1 agreement | Numba decode tok/s "
+        "| Numba prompt tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| teacher | {teacher_layers} | {report['params']['teacher']:,} | {report['weights_bytes']['teacher'] / 1e6:.1f} MB | {p['teacher']:.2f} | | | {_speed(speed, 'teacher')} |",
-        f"| initial student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['initial_student']:.2f} "
+        f"| teacher | {teacher_layers} | {report['params']['teacher']:,} | "
+        f"{report['weights_bytes']['teacher'] / 1e6:.1f} MB | {p['teacher']:.2f} | | | {_speed(speed, 'teacher')} |",
+        f"| initial student | {args.layers} | {report['params']['student']:,} | "
+        f"{report['weights_bytes']['student'] / 1e6:.1f} MB | {p['initial_student']:.2f} "
         f"| {report['kl_to_teacher']['initial_student']:.3f} | {report['top1_agreement']['initial_student']:.1%} | | |",
-        f"| distilled student | {args.layers} | {report['params']['student']:,} | {report['weights_bytes']['student'] / 1e6:.1f} MB | {p['student']:.2f} "
-        f"| {report['kl_to_teacher']['student']:.3f} | {report['top1_agreement']['student']:.1%} | {_speed(speed, 'student')} |",
+        f"| distilled student | {args.layers} | {report['params']['student']:,} | "
+        f"{report['weights_bytes']['student'] / 1e6:.1f} MB | {p['student']:.2f} "
+        f"| {report['kl_to_teacher']['student']:.3f} | {report['top1_agreement']['student']:.1%} | "
+        f"{_speed(speed, 'student')} |",
         "",
         f"{steps} steps x {args.batch_size * args.grad_accum} x {args.seq_len} tokens = {report['tokens']:,} tokens in "
-        f"{report['train_time_s']:.0f} s training; perplexity on {report['eval_tokens']} held-out tokens, ctx {report['ctx']}.",
+        f"{report['train_time_s']:.0f} s training; perplexity on {report['eval_tokens']} held-out tokens, ctx "
+        f"{report['ctx']}.",
     ]
     out.with_name(out.name + ".report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)

@@ -10,9 +10,36 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-LIBRARIES = ("edgellm", "numpy", "numba", "onnx", "onnxruntime", "tokenizers", "torch", "transformers", "llama_cpp_python")
-INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-                     "avx512_bf16", "amx_tile", "amx_int8", "neon", "asimd", "asimddp", "sve", "i8mm")
+LIBRARIES = (
+    "edgellm",
+    "numpy",
+    "numba",
+    "onnx",
+    "onnxruntime",
+    "tokenizers",
+    "torch",
+    "transformers",
+    "llama_cpp_python",
+)
+INTERESTING_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "neon",
+    "asimd",
+    "asimddp",
+    "sve",
+    "i8mm",
+)
 
 
 def _cpuinfo() -> dict:
@@ -59,8 +86,12 @@ def git_revision(repo: Path | None = None) -> dict | None:
         rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None

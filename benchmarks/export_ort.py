@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT = "<|im_start|>user\nWrite a short Python function that checks whether a number is prime.<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = (
+    "<|im_start|>user\nWrite a short Python function that checks whether a number is prime.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 def session(path: Path, threads: int):
@@ -40,8 +43,11 @@ def session(path: Path, threads: int):
 
 def _feed(sess, ids: np.ndarray, past: dict | None, start: int) -> dict:
     b, s = ids.shape
-    feed = {"input_ids": ids, "attention_mask": np.ones((b, start + s), np.int64),
-            "position_ids": np.arange(start, start + s, dtype=np.int64)[None].repeat(b, 0)}
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, start + s), np.int64),
+        "position_ids": np.arange(start, start + s, dtype=np.int64)[None].repeat(b, 0),
+    }
     for i in sess.get_inputs():
         if i.name.startswith("past_key_values."):
             feed[i.name] = past[i.name] if past else np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
@@ -60,7 +66,7 @@ def decode(sess, prompt: list[int], n: int) -> tuple[float, list[int]]:
         ids.append(nxt)
         past = {p: res[p.replace("past_key_values.", "present.")] for p in past_names}
         res = dict(zip(outs, sess.run(None, _feed(sess, np.array([[nxt]], np.int64), past, len(ids) - 1))))
-    return n / (time.perf_counter() - t0), ids[len(prompt):]
+    return n / (time.perf_counter() - t0), ids[len(prompt) :]
 
 
 def perplexity(sess, ids: np.ndarray, ctx: int) -> float:
@@ -87,7 +93,9 @@ def fold_transposes(model):
         if node.op_type == "Transpose" and node.input[0] in inits:
             w = numpy_helper.to_array(inits[node.input[0]])
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), node.output[0]))
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), node.output[0])
+            )
             continue
         keep.append(node)
     del model.graph.node[:]
@@ -104,6 +112,7 @@ def ort_quantize(src: Path, dst: Path) -> float:
     import shutil
 
     import onnx
+
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError:  # older ONNX Runtime
@@ -129,7 +138,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", action="append", required=True, help="NAME=DIR of an edgellm export (repeat)")
     ap.add_argument("--ort-q4-from", help="NAME of a float export to quantize with ONNX Runtime's MatMulNBitsQuantizer")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/edgellm-export-bench"), help="where the ORT-quantized model is written")
+    ap.add_argument(
+        "--work", type=Path, default=Path("/tmp/edgellm-export-bench"), help="where the ORT-quantized model is written"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -146,8 +157,9 @@ def main(argv=None):
             notes["ort-q4"] = f"quantized in {ort_quantize(variants[args.ort_q4_from], dst):.1f} s"
         variants["ort-q4"] = dst
 
-    from edgellm.data import builtin_text, split_tokens, token_ids
     from transformers import AutoTokenizer
+
+    from edgellm.data import builtin_text, split_tokens, token_ids
 
     tok = AutoTokenizer.from_pretrained(str(next(iter(variants.values()))))
     prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
@@ -168,15 +180,25 @@ def main(argv=None):
     ref = "ort-q4" if "ort-q4" in variants else next(iter(variants))
     ref_tps = statistics.median(speeds[ref])
     first = next(iter(variants))
-    print(f"\nONNX Runtime decode, {args.threads} threads, greedy, {args.tokens} new tokens after a {len(prompt)}-token prompt, "
-          f"{args.reps} reps (median, min-max); perplexity over {len(eval_ids)} held-out builtin-corpus tokens, ctx {args.ctx}\n")
-    print(f"| variant | model.onnx(+data) MB | decode tok/s | vs {ref} | perplexity | greedy tokens equal to {first}'s (prefix) |")
+    print(
+        f"\nONNX Runtime decode, {args.threads} threads, greedy, {args.tokens} new tokens after a {len(prompt)}-token "
+        "prompt, "
+        f"{args.reps} reps (median, min-max); perplexity over {len(eval_ids)} held-out builtin-corpus tokens, ctx "
+        f"{args.ctx}\n"
+    )
+    print(
+        f"| variant | model.onnx(+data) MB | decode tok/s | vs {ref} | perplexity | greedy tokens equal to {first}'s "
+        "(prefix) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for k in variants:
         med = statistics.median(speeds[k])
         same = next((i for i, (a, b) in enumerate(zip(tokens[k], tokens[first])) if a != b), len(tokens[first]))
-        print(f"| {k} | {size_mb(variants[k]):.1f} | {med:.1f} ({min(speeds[k]):.1f}-{max(speeds[k]):.1f}) | {med / ref_tps:.2f}x | "
-              f"{ppl[k]:.3f} | {same}/{len(tokens[first])} |")
+        print(
+            f"| {k} | {size_mb(variants[k]):.1f} | {med:.1f} ({min(speeds[k]):.1f}-{max(speeds[k]):.1f}) | "
+            f"{med / ref_tps:.2f}x | "
+            f"{ppl[k]:.3f} | {same}/{len(tokens[first])} |"
+        )
     for k, v in notes.items():
         print(f"\n{k}: {v}")
 

@@ -19,36 +19,45 @@ import json
 import time
 from pathlib import Path
 
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+from edgellm.files import dir_size
 
 
 def numba_speed(onnx_dir: str, threads: int) -> dict:
-    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3, in a child process."""
-    import subprocess
-    import sys
+    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
+    from edgellm.benchmarks.runtime_decode import measure
 
-    script = Path(__file__).resolve().parent / "runtime_decode.py"
-    cmd = [sys.executable, str(script), "--child", "numba", onnx_dir, "--threads", str(threads), "--tokens", "64", "--pp", "64", "--reps", "3"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        return {"numba_error": (res.stderr.strip().splitlines() or ["?"])[-1]}
-    r = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"numba_tg": r["tg_median"], "numba_tg_all": r["tg"], "numba_pp": r["pp_median"], "numba_load_s": r["load_first_token_s"]}
+    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
+    if r["status"] != "ok":
+        return {"numba_error": r["error"]}
+    return {
+        "numba_tg": r["tg_median"],
+        "numba_tg_all": r["tg_values"],
+        "numba_pp": r["pp_median"],
+        "numba_load_s": r["first_token_s"],
+    }
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("--out", type=Path, required=True, help="folder for the table and the structured variants (not the repo)")
+    ap.add_argument(
+        "--out", type=Path, required=True, help="folder for the table and the structured variants (not the repo)"
+    )
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--mlp-ratio", type=float, default=0.25)
     ap.add_argument("--layer-ratio", type=float, default=0.2)
-    ap.add_argument("--export", action="store_true", help="export dense and structured variants to ONNX (fp32) and record their size")
-    ap.add_argument("--speed", action="store_true", help="with --export: Numba-runtime decode/prompt tokens/s of each export (benchmarks/runtime_decode.py child)")
+    ap.add_argument(
+        "--export",
+        action="store_true",
+        help="export dense and structured variants to ONNX (fp32) and record their size",
+    )
+    ap.add_argument(
+        "--speed",
+        action="store_true",
+        help="with --export: Numba-runtime decode/prompt tokens/s of each export (one edgellm bench worker each)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args(argv)
@@ -72,7 +81,10 @@ def main(argv=None) -> None:
     variants = [("dense", None)]
     for method in ("magnitude", "wanda", "sparsegpt"):
         variants += [(f"{method} 50%", ("u", method, None)), (f"{method} 2:4", ("u", method, Pattern(2, 4)))]
-    variants += [(f"mlp -{args.mlp_ratio:.0%}", ("s", "mlp", args.mlp_ratio)), (f"layers -{args.layer_ratio:.0%}", ("s", "layers", args.layer_ratio))]
+    variants += [
+        (f"mlp -{args.mlp_ratio:.0%}", ("s", "mlp", args.mlp_ratio)),
+        (f"layers -{args.layer_ratio:.0%}", ("s", "layers", args.layer_ratio)),
+    ]
     if args.only:
         variants = [v for v in variants if v[0] in args.only or v[0] == "dense"]
 
@@ -95,13 +107,17 @@ def main(argv=None) -> None:
             from edgellm.modelio import Loaded
 
             slug = name.replace(" ", "").replace("%", "").replace("-", "minus")
-            record = loaded.record if spec is None else add_step(loaded.record, "prune", params={"structured": spec[1], "ratio": spec[2]})
+            record = (
+                loaded.record
+                if spec is None
+                else add_step(loaded.record, "prune", params={"structured": spec[1], "ratio": spec[2]})
+            )
             if spec is not None:
                 save_model(model, loaded.tokenizer, args.out / slug, record)
             onnx_dir = args.out / f"{slug}-onnx"
             if not onnx_dir.exists():
                 export_model(Loaded(model, loaded.tokenizer, args.model, record), onnx_dir, check=False)
-            row["export_bytes"] = _dir_bytes(onnx_dir)
+            row["export_bytes"] = dir_size(onnx_dir)
             row["onnx_dir"] = str(onnx_dir)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -113,19 +129,37 @@ def main(argv=None) -> None:
             if "onnx_dir" in row:
                 row.update(numba_speed(row["onnx_dir"], args.threads))
                 print(json.dumps(row), flush=True)
-    (args.out / "prune_table.json").write_text(json.dumps({"model": args.model, "calib_samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
-                                                           "eval_tokens": args.eval_tokens, "rows": rows}, indent=2) + "\n")
+    (args.out / "prune_table.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "calib_samples": int(calib.shape[0]),
+                "seq_len": int(calib.shape[1]),
+                "eval_tokens": args.eval_tokens,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     dense = rows[0]
-    lines = [f"Model `{args.model}`; calibration {calib.shape[0]} x {calib.shape[1]} tokens; perplexity on {args.eval_tokens} held-out tokens (ctx 512).", "",
-             "| variant | perplexity | vs dense | parameters | sparsity of decoder linears | export size (fp32) | Numba decode tok/s | Numba prompt tok/s | prune time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Model `{args.model}`; calibration {calib.shape[0]} x {calib.shape[1]} tokens; perplexity on "
+        f"{args.eval_tokens} held-out tokens (ctx 512).",
+        "",
+        "| variant | perplexity | vs dense | parameters | sparsity of decoder linears | export size (fp32) | Numba "
+        "decode tok/s | Numba prompt tok/s | prune time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         size = f"{r['export_bytes'] / 2**20:.1f} MiB" if "export_bytes" in r else ("= dense" if "sparsity" in r else "")
         other = "= dense" if "sparsity" in r else ("error (see json)" if "numba_error" in r else "")
         tg = f"{r['numba_tg']:.1f}" if "numba_tg" in r else other
         pp = f"{r['numba_pp']:.1f}" if "numba_pp" in r else other
-        lines.append(f"| {r['variant']} | {r['perplexity']:.3f} | {(r['perplexity'] / dense['perplexity'] - 1) * 100:+.1f}% | "
-                     f"{r['params'] / 1e6:.2f} M | {r.get('sparsity', 0):.1%} | {size} | {tg} | {pp} | {r['prune_s']:.0f} s |")
+        lines.append(
+            f"| {r['variant']} | {r['perplexity']:.3f} | {(r['perplexity'] / dense['perplexity'] - 1) * 100:+.1f}% | "
+            f"{r['params'] / 1e6:.2f} M | {r.get('sparsity', 0):.1%} | {size} | {tg} | {pp} | {r['prune_s']:.0f} s |"
+        )
     (args.out / "prune_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

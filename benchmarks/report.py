@@ -28,8 +28,23 @@ def validate(report: dict) -> None:
 
 # ---- one table, three renderings ---------------------------------------------------------
 
-HEADERS = ["variant", "backend", "size", "pp tok/s", "tg tok/s", "TTFT", "load cold / warm", "peak RSS",
-           "J/token (tg)", "perplexity", "KL", "top-1", "status"]
+HEADERS = [
+    "variant",
+    "backend",
+    "size",
+    "pp tok/s",
+    "tg tok/s",
+    "TTFT",
+    "load cold / warm",
+    "peak RSS",
+    "J/token (tg)",
+    "device tg tok/s (est.: memory / compute bound)",
+    "perplexity",
+    "KL",
+    "top-1",
+    "status",
+]
+DEVICE_COLUMN = HEADERS.index("device tg tok/s (est.: memory / compute bound)")
 
 
 def _mb(n) -> str:
@@ -46,27 +61,52 @@ def _secs(x) -> str:
     return DASH if x is None else (f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s")
 
 
+def _energy_label(e: dict) -> str:
+    """meas. (counters) | est. generic (host, no counters) | est. rpi5 (device time estimated)."""
+    if e["kind"] == "measured":
+        return "meas."
+    return (
+        f"est. {e['target']}"
+        if e.get("device")
+        else ("est. generic" if e["target"] == "host" else f"est. {e['target']}, host time")
+    )
+
+
+def _device_rate(d: dict | None) -> str:
+    if not d:
+        return DASH
+    cmp = d.get("tg_tokens_per_s_compute_bound")
+    return f"{d['tg_tokens_per_s_memory_bound']:.1f} / " + (DASH if cmp is None else f"{cmp:.1f}")
+
+
 def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
     """One row of strings per variant (HEADERS order); `spread=False` shows medians only."""
     rows = []
     for r in report["variants"]:
         if r["status"] != "ok":
-            rows.append([r["label"], r["backend"], DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH, DASH,
-                         f"failed: {r.get('error', '?')}"])
+            rows.append([r["label"], r["backend"]] + [DASH] * (len(HEADERS) - 3) + [f"failed: {r.get('error', '?')}"])
             continue
         q = r.get("quality") or {}
         e = r.get("energy") or {}
         j = e.get("j_per_token_tg")
-        rows.append([
-            r["label"], r["backend"] + (f" [{r['kernels']}]" if r.get("kernels") else ""), _mb(r["size_bytes"]), _rate(r["pp"]["tokens_per_s"], spread), _rate(r["tg"]["tokens_per_s"], spread),
-            _secs(r["ttft_s"]["median"]), f"{_secs(r['load']['cold_s'])} / {_secs(r['load']['warm_s'])}",
-            _mb(r["memory"]["peak_rss_bytes"]),
-            DASH if j is None else f"{j:.3f} ({e['kind'][:3]}.)",
-            f"{q['perplexity']:.3f}" if "perplexity" in q else DASH,
-            f"{q['kl']:.4f}" if "kl" in q else DASH,
-            f"{q['top1'] * 100:.1f}%" if "top1" in q else DASH,
-            "ok",
-        ])
+        rows.append(
+            [
+                r["label"],
+                r["backend"] + (f" [{r['kernels']}]" if r.get("kernels") else ""),
+                _mb(r["size_bytes"]),
+                _rate(r["pp"]["tokens_per_s"], spread),
+                _rate(r["tg"]["tokens_per_s"], spread),
+                _secs(r["ttft_s"]["median"]),
+                f"{_secs(r['load']['cold_s'])} / {_secs(r['load']['warm_s'])}",
+                _mb(r["memory"]["peak_rss_bytes"]),
+                DASH if j is None else f"{j:.3f} ({_energy_label(e)})",
+                _device_rate(e.get("device")),
+                f"{q['perplexity']:.3f}" if "perplexity" in q else DASH,
+                f"{q['kl']:.4f}" if "kl" in q else DASH,
+                f"{q['top1'] * 100:.1f}%" if "top1" in q else DASH,
+                "ok",
+            ]
+        )
     return rows
 
 
@@ -74,32 +114,62 @@ def _notes(report: dict) -> list[str]:
     s, env, prof = report["settings"], report["environment"], report["energy_profile"]
     kinds = {r["energy"]["kind"] for r in report["variants"] if r.get("energy")}
     return [
-        f"pp = prefill of {s['prompt_tokens']} tokens, tg = {s['gen_tokens']} greedy decode steps; median (min–max) over "
+        f"pp = prefill of {s['prompt_tokens']} tokens, tg = {s['gen_tokens']} greedy decode steps; median (min–max) "
+        "over "
         f"{s['reps']} repetitions after a warm-up; {s['threads']} thread(s); TTFT = tokenize + prefill + first token.",
-        "Load cold = first load in a fresh process after evicting the files from the page cache; warm = reload with the files cached.",
+        "Load cold = first load in a fresh process after evicting the files from the page cache; warm = reload with "
+        "the files cached.",
         "Peak RSS = high-water resident set of the variant's own worker process after load and the speed phases.",
-        f"Energy ({', '.join(sorted(kinds)) or 'n/a'}): " + (
-            f"estimated with profile '{prof['name']}' ({prof['description']}): {prof['idle_w']} W idle + CPU utilisation × "
-            f"({prof['peak_w']} − {prof['idle_w']}) W; source: {prof['source']}." if "estimated" in kinds else "measured with the machine's counters."),
-        f"Quality: perplexity on {s['data']} (evaluation split, {s['eval_tokens']} tokens max, ctx {s['ctx']}, stride {s['stride']}); "
+        _energy_note(prof, kinds),
+        f"Quality: perplexity on {s['data']} (evaluation split, {s['eval_tokens']} tokens max, ctx {s['ctx']}, stride "
+        f"{s['stride']}); "
         f"KL(reference ‖ variant) and top-1 agreement against the first variant, {report['reference']}.",
-        f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} usable CPU(s), {_mb(env['memory_bytes']) if env['memory_bytes'] else '?'} RAM, "
+        f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} usable CPU(s), "
+        f"{_mb(env['memory_bytes']) if env['memory_bytes'] else '?'} RAM, "
         f"{env['os']}, Python {env['python']}; git {((env.get('git') or {}).get('commit') or '?')[:10]}"
         f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}; {env['date']}.",
     ]
 
 
+def _energy_note(prof: dict, kinds: set) -> str:
+    head = f"Energy ({', '.join(sorted(kinds)) or 'n/a'}): "
+    if "estimated" not in kinds:
+        return head + "measured with the machine's counters (RAPL / NVML)."
+    if prof.get("bandwidth_gbs") is None:
+        return head + (
+            f"no energy counters are readable here, so a generic estimate, not a measurement of this machine: "
+            f"{prof['idle_w']} W idle + CPU utilisation × ({prof['peak_w']} − {prof['idle_w']}) W per usable CPU, "
+            f"over the measured time; {prof['source']}."
+        )
+    return head + (
+        f"estimated for {prof['description']}: the device's decode time per token is estimated as the larger of "
+        f"a memory bound (weight bytes read per token ÷ {prof['bandwidth_gbs']} GB/s) and a compute bound "
+        f"(multiply-accumulates per token ÷ {prof['peak_gmacs_int8']:g} int8 / {prof['peak_gmacs_fp32']:g} fp32 "
+        "GMAC/s), "
+        f"both shown in the device column (tokens/s; real decode is slower than either); J/token = "
+        f"{prof['peak_w']} W (all cores busy) × that time. Hardware: {prof['hardware_source']}. Power: "
+        f"{prof['source']}. "
+        f"report.json also gives the power curve × this machine's measured time (j_per_token_tg_at_host_time), "
+        f"too low wherever the device is slower than this machine."
+    )
+
+
 def markdown(report: dict) -> str:
     rows = table_rows(report)
     esc = lambda c: c.replace("|", "\\|")  # noqa: E731
-    lines = [f"# edgellm bench — {report['environment']['date'][:10]}", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS) - 1)) + "|---|"]
+    lines = [
+        f"# edgellm bench — {report['environment']['date'][:10]}",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS) - 1)) + "|---|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     lines += [""] + [f"- {n}" for n in _notes(report)] + [""]
     return "\n".join(lines)
 
 
 # ---- plots -------------------------------------------------------------------------------
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -126,13 +196,25 @@ def plots(report: dict) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     have = [p is not None for p in ppl]
     if any(have):
-        sc = ax.scatter([s for s, h in zip(size, have) if h], [t for t, h in zip(tg, have) if h], s=70,
-                        c=[p for p in ppl if p is not None], cmap="viridis_r", edgecolors="black")
+        sc = ax.scatter(
+            [s for s, h in zip(size, have) if h],
+            [t for t, h in zip(tg, have) if h],
+            s=70,
+            c=[p for p in ppl if p is not None],
+            cmap="viridis_r",
+            edgecolors="black",
+        )
         fig.colorbar(sc, ax=ax, label="perplexity (lower is better)")
     if not all(have):
-        ax.scatter([s for s, h in zip(size, have) if not h], [t for t, h in zip(tg, have) if not h], s=70, c="lightgrey", edgecolors="black")
-    for x, y, l in zip(size, tg, labels):
-        ax.annotate(l, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.scatter(
+            [s for s, h in zip(size, have) if not h],
+            [t for t, h in zip(tg, have) if not h],
+            s=70,
+            c="lightgrey",
+            edgecolors="black",
+        )
+    for x, y, label in zip(size, tg, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.margins(x=0.08, y=0.12)
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi + 0.45 * (hi - lo))  # room for the labels right of the points
@@ -180,13 +262,19 @@ def html_page(report: dict) -> str:
     e = html.escape
     rows = table_rows(report)
     head = "".join(f"<th>{e(h)}</th>" for h in HEADERS)
-    body = "".join(f"<tr class=\"{'ok' if r[-1] == 'ok' else 'failed'}\">" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    figs = "".join(f"<h2>{e(t)}</h2><img alt=\"{e(t)}\" src=\"data:image/png;base64,{b}\">" for t, b in plots(report))
+    body = "".join(
+        f'<tr class="{"ok" if r[-1] == "ok" else "failed"}">' + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+        for r in rows
+    )
+    figs = "".join(f'<h2>{e(t)}</h2><img alt="{e(t)}" src="data:image/png;base64,{b}">' for t, b in plots(report))
     notes = "".join(f"<li>{e(n)}</li>" for n in _notes(report))
     raw = e(json.dumps(report, indent=1))
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>edgellm bench</title><style>{CSS}</style></head><body>"
-            f"<h1>edgellm bench — {e(report['environment']['date'][:10])}</h1><table><tr>{head}</tr>{body}</table>"
-            f"<ul>{notes}</ul>{figs}<details><summary>report.json</summary><pre>{raw}</pre></details></body></html>\n")
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>edgellm bench</title><style>{CSS}</style></head>'
+        "<body>"
+        f"<h1>edgellm bench — {e(report['environment']['date'][:10])}</h1><table><tr>{head}</tr>{body}</table>"
+        f"<ul>{notes}</ul>{figs}<details><summary>report.json</summary><pre>{raw}</pre></details></body></html>\n"
+    )
 
 
 def write(report: dict, folder: Path) -> None:

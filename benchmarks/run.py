@@ -24,7 +24,7 @@ from typing import Callable
 
 from .energy import PROFILES, energy_summary
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: target 'this' became 'host' (generic unless measured); device estimates
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Settings:
     ctx: int = 512  # perplexity context (edgellm.evaluate protocol)
     stride: int = 512
     quality: bool = True
-    target: str = "this"  # energy profile for estimates
+    target: str = "host"  # energy: host (measured, else a generic estimate) or a device profile
     timeout_s: float | None = None  # per variant
 
     @classmethod
@@ -73,20 +73,36 @@ def _worker_env() -> dict:
     return env
 
 
-def run_worker(variant: dict, settings: Settings, ref_dir: Path, is_reference: bool, work: Path,
-               on_phase: Callable[[str], None] = lambda p: None, prefix: tuple[str, ...] = ()) -> dict:
+def run_worker(
+    variant: dict,
+    settings: Settings,
+    ref_dir: Path,
+    is_reference: bool,
+    work: Path,
+    on_phase: Callable[[str], None] = lambda p: None,
+    prefix: tuple[str, ...] = (),
+    env: dict | None = None,
+) -> dict:
     """Run one variant in a subprocess; always returns a result dict (status ok or failed).
 
-    `prefix` goes before the worker's command line (the tests wrap it in `/usr/bin/time -v`)."""
+    `prefix` goes before the worker's command line (the tests wrap it in `/usr/bin/time -v`);
+    `env` adds variables to the worker's environment (runtime_decode.py's empty compile cache)."""
     job = {"variant": variant, "settings": settings.to_dict(), "ref_dir": str(ref_dir), "is_reference": is_reference}
     job_path, result_path = work / "job.json", work / "result.json"
     job_path.write_text(json.dumps(job))
     cmd = [*prefix, sys.executable, "-m", "edgellm.benchmarks.worker", str(job_path), str(result_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env=_worker_env())
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**_worker_env(), **(env or {})},
+    )
     timer = None
     timed_out = threading.Event()
     if settings.timeout_s:
+
         def kill():
             timed_out.set()
             proc.kill()
@@ -112,20 +128,25 @@ def run_worker(variant: dict, settings: Settings, ref_dir: Path, is_reference: b
     if timed_out.is_set():
         return {"status": "failed", "error": f"timed out after {settings.timeout_s:g} s"}
     why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    last = next((l for l in reversed(tail) if l.strip()), "")
+    last = next((line for line in reversed(tail) if line.strip()), "")
     return {"status": "failed", "error": f"worker {why}" + (f": {last.strip()}" if last else "")}
 
 
 def make_row(variant, res: dict, settings: Settings) -> dict:
-    row = {"label": variant.label, "spec": variant.spec, "path": variant.path, "kind": variant.kind,
-           "backend": variant.backend, "slow_test_wrapper": variant.slow}
+    row = {
+        "label": variant.label,
+        "spec": variant.spec,
+        "path": variant.path,
+        "kind": variant.kind,
+        "backend": variant.backend,
+    }
     row.update(res)
     if res.get("status") == "ok":
-        row["energy"] = energy_summary(res["phases"], PROFILES[settings.target], res.get("meter"))
+        row["energy"] = energy_summary(res["phases"], PROFILES[settings.target], res.get("meter"), res.get("traffic"))
     return row
 
 
-def run_variants(variants: list, settings: Settings, on_event: Event = lambda i, l, p: None) -> list[dict]:
+def run_variants(variants: list, settings: Settings, on_event: Event = lambda i, label, p: None) -> list[dict]:
     rows = []
     root = Path(tempfile.mkdtemp(prefix="edgellm-bench-"))
     try:
@@ -164,5 +185,5 @@ def reapply_energy(report: dict, target: str) -> dict:
     rep["energy_profile"] = PROFILES[target].to_dict()
     for row in rep["variants"]:
         if row.get("status") == "ok":
-            row["energy"] = energy_summary(row["phases"], PROFILES[target], row.get("meter"))
+            row["energy"] = energy_summary(row["phases"], PROFILES[target], row.get("meter"), row.get("traffic"))
     return rep

@@ -28,6 +28,24 @@ class RuntimeAdapter:
         self.model.reset()
         return out
 
+    def traffic(self) -> dict | None:
+        """Weights read and multiply-accumulates per decode token, from the numba model's own
+        descriptors (every linear + the LM head; one embedding row is negligible). None on the
+        ORT runner, which exposes no such count."""
+        weights = getattr(self.model, "weights", None)
+        if weights is None or not hasattr(weights, "bytes_per_token"):
+            return None
+        from edgellm.runtime.kernels.quant import D_K, D_N
+
+        descs = list(weights.lin.reshape(-1, weights.lin.shape[-1])) + [weights.head]
+        macs = sum(int(d[D_N]) * int(d[D_K]) for d in descs)
+        return {
+            "bytes_per_token": int(weights.bytes_per_token),
+            "macs_per_token": macs,
+            "quantized": bool(weights.bits),
+            "source": "numba runtime's weight descriptors (linears + LM head)",
+        }
+
     def max_context(self) -> int:
         return self.model.n_ctx
 
@@ -53,13 +71,3 @@ def open_model(path: str, threads: int, engine: str = "numba", n_ctx: int | None
     model = Model(path, n_ctx=n_ctx, threads=threads)
     tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
     return RuntimeAdapter(model, tok)
-
-
-def available(engine: str = "numba") -> bool:
-    import importlib.util
-
-    name = "edgellm.runtime.model" if engine == "numba" else "edgellm.runtime.ort_backend"
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False

@@ -6,11 +6,6 @@ A variant is
 - a model directory (`config.json` inside)    -> `torch` (transformers, the generate loop);
 - a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
   (transformers dequantizes it to fp32).
-
-Test-only: the prefix `slow:` (e.g. `slow:tiny/:torch`) wraps the backend so every model call
-sleeps SLOW_DELAY_S first. It exists so the test suite can check that the harness ranks a
-deliberately slower variant slower; it is documented here and in `edgellm bench --help`, and it
-changes nothing else.
 """
 
 from __future__ import annotations
@@ -22,13 +17,19 @@ from pathlib import Path
 from edgellm.errors import EdgeLLMError
 
 BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp")
-ALIASES = {"ort": "onnxruntime", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "pytorch": "torch", "transformers": "torch"}
+ALIASES = {
+    "ort": "onnxruntime",
+    "llamacpp": "llama.cpp",
+    "llama_cpp": "llama.cpp",
+    "pytorch": "torch",
+    "transformers": "torch",
+}
 KIND_BACKENDS = {"export": ("numba", "onnxruntime"), "model": ("torch",), "gguf": ("llama.cpp", "torch")}
-SLOW_PREFIX = "slow:"
-SLOW_DELAY_S = 0.05  # per model call (prefill or decode step) of a `slow:` variant
 
-LLAMA_CPP_HINT = ("install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
-                  "llama.cpp; for a build tuned to this CPU set CMAKE_ARGS=\"-DGGML_NATIVE=on\")")
+LLAMA_CPP_HINT = (
+    "install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
+    'llama.cpp; for a build tuned to this CPU set CMAKE_ARGS="-DGGML_NATIVE=on")'
+)
 
 
 @dataclass
@@ -38,7 +39,6 @@ class Variant:
     kind: str  # export | model | gguf
     backend: str  # one of BACKENDS
     label: str  # unique, short: "<name>:<backend>"
-    slow: bool = False  # test-only slow-down wrapper
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,20 +62,23 @@ def _kind(path: Path, spec: str) -> str:
             raise EdgeLLMError(f"GGUF file '{path}' in variant '{spec}' does not exist")
         return "gguf"
     if not path.exists():
-        raise EdgeLLMError(f"variant '{spec}': '{path}' does not exist (expected an export directory, a model directory or a .gguf file)")
+        raise EdgeLLMError(
+            f"variant '{spec}': '{path}' does not exist (expected an export directory, a model directory or a .gguf "
+            "file)"
+        )
     if path.is_dir() and (path / "model.onnx").is_file():
         return "export"
     if path.is_dir() and (path / "config.json").is_file():
         return "model"
-    raise EdgeLLMError(f"variant '{spec}': '{path}' is neither an export directory (model.onnx), a model directory (config.json) nor a .gguf file")
+    raise EdgeLLMError(
+        f"variant '{spec}': '{path}' is neither an export directory (model.onnx), a model directory (config.json) nor "
+        "a .gguf file"
+    )
 
 
 def parse(spec: str) -> Variant:
-    """One `[slow:]PATH[:BACKEND]` -> Variant, or an EdgeLLMError that says what is wrong."""
+    """One `PATH[:BACKEND]` -> Variant, or an EdgeLLMError that says what is wrong."""
     raw = spec
-    slow = spec.startswith(SLOW_PREFIX)
-    if slow:
-        spec = spec[len(SLOW_PREFIX):]
     backend = None
     head, sep, tail = spec.rpartition(":")
     if sep and head and not Path(spec).exists():
@@ -91,23 +94,29 @@ def parse(spec: str) -> Variant:
         if backend == "numba" and not numba_runtime_available():
             backend = "onnxruntime"
     elif backend not in allowed:
-        raise EdgeLLMError(f"variant '{raw}': backend '{backend}' cannot run a{'n' if kind == 'export' else ''} {kind} "
-                           f"({'directory' if kind != 'gguf' else 'file'}); use one of {', '.join(allowed)}")
+        raise EdgeLLMError(
+            f"variant '{raw}': backend '{backend}' cannot run a{'n' if kind == 'export' else ''} {kind} "
+            f"({'directory' if kind != 'gguf' else 'file'}); use one of {', '.join(allowed)}"
+        )
     check_backend_installed(backend, raw)
     name = path.name or str(path)
-    label = f"{'slow:' if slow else ''}{name}:{backend}"
-    return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=label, slow=slow)
+    return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=f"{name}:{backend}")
 
 
 def check_backend_installed(backend: str, spec: str) -> None:
     if backend == "llama.cpp" and not _has_module("llama_cpp"):
         raise EdgeLLMError(f"variant '{spec}' needs llama-cpp-python, which is not installed; {LLAMA_CPP_HINT}")
     if backend == "numba" and not numba_runtime_available():
-        raise EdgeLLMError(f"variant '{spec}': the numba runtime (edgellm.runtime) is not available in this install; use ':onnxruntime'")
+        raise EdgeLLMError(
+            f"variant '{spec}': the numba runtime (edgellm.runtime) is not available in this install; use "
+            "':onnxruntime'"
+        )
     if backend == "onnxruntime" and not _has_module("onnxruntime"):
         raise EdgeLLMError(f"variant '{spec}' needs onnxruntime; install it with: pip install 'edgellm[ort]'")
     if backend == "torch" and not (_has_module("torch") and _has_module("transformers")):
-        raise EdgeLLMError(f"variant '{spec}' needs torch and transformers; install them with: pip install 'edgellm[compress]'")
+        raise EdgeLLMError(
+            f"variant '{spec}' needs torch and transformers; install them with: pip install 'edgellm[compress]'"
+        )
 
 
 def parse_all(specs: list[str]) -> list[Variant]:

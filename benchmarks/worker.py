@@ -35,8 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINE_MODULES = {"torch": ("torch", "transformers"), "onnxruntime": ("onnxruntime", "tokenizers", "onnx"),
-                  "numba": ("numba", "edgellm.runtime.model"), "llama.cpp": ("llama_cpp",)}
+ENGINE_MODULES = {
+    "torch": ("torch", "transformers"),
+    "onnxruntime": ("onnxruntime", "tokenizers", "edgellm.runtime.ort_backend"),
+    "numba": ("numba", "edgellm.runtime.model"),
+    "llama.cpp": ("llama_cpp",),
+}
 WARMUP_STEPS = 8
 SAME_VOCAB_TOKENS, SAME_VOCAB_RATIO = 512, 0.9  # see same_vocabulary()
 
@@ -59,8 +63,15 @@ def peak_rss_bytes() -> int:
 
 
 def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values), "values": values}
+    return {
+        "median": statistics.median(values),
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def evict(path: Path) -> int:
@@ -78,10 +89,6 @@ def evict(path: Path) -> int:
         except (OSError, AttributeError):
             pass
     return n
-
-
-def dir_size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class Clock:
@@ -107,6 +114,15 @@ class Clock:
         return {"wall_s": self.wall, "cpu_s": self.cpu, "cpus": cpus, "tokens": tokens, "joules": self.joules}
 
 
+def _quantized_export(path: Path) -> bool:
+    """True for an edgellm export (or model directory) whose weights are 4/8-bit."""
+    rec = path / "edgellm.json"
+    try:
+        return bool(json.loads(rec.read_text()).get("quantization")) if rec.is_file() else False
+    except (OSError, ValueError):
+        return False
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x -= x.max(-1, keepdims=True)
@@ -118,7 +134,7 @@ def eval_text(text: str) -> str:
     whatever its tokenizer, scores the same text (edgellm.data splits the token stream instead)."""
     cut = int(len(text) * 0.9)
     nl = text.find("\n", cut)
-    return text[nl + 1 if 0 <= nl < len(text) - 1 else cut:]
+    return text[nl + 1 if 0 <= nl < len(text) - 1 else cut :]
 
 
 def same_vocabulary(ids: list[int], ref_ids: list[int]) -> bool:
@@ -152,11 +168,15 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
             # llama.cpp vs HF tokenizers): score the reference's ids so KL compares like with like.
             import difflib
 
-            matched = sum(m.size for m in difflib.SequenceMatcher(None, ids, ref_ids, autojunk=False).get_matching_blocks())
+            matched = sum(
+                m.size for m in difflib.SequenceMatcher(None, ids, ref_ids, autojunk=False).get_matching_blocks()
+            )
             ids, compare = ref_ids, True
             wins = windows(len(ids), s["ctx"], s["stride"])
-            note = (f"scored on the reference's token ids: this variant's own tokenizer (same vocabulary) gives "
-                    f"{len(ref_ids) - matched} of the {len(ref_ids)} differently")
+            note = (
+                f"scored on the reference's token ids: this variant's own tokenizer (same vocabulary) gives "
+                f"{len(ref_ids) - matched} of the {len(ref_ids)} differently"
+            )
         else:
             note = "the tokenizer differs from the reference's: no KL / top-1"
     else:
@@ -165,7 +185,7 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
     for k, (start, end, first) in enumerate(wins):
         x = ids[start:end]
         logp = log_softmax(b.logits(x)[first:-1])  # predictions for x[first+1:]
-        target = np.asarray(x[first + 1:])
+        target = np.asarray(x[first + 1 :])
         nll -= logp[np.arange(len(target)), target].sum()
         count += len(target)
         wpath = ref_dir / f"logp_{k:04d}.npy"
@@ -174,11 +194,14 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
         elif compare:
             ref = np.load(wpath, mmap_mode="r", allow_pickle=False)
             if ref.shape != logp.shape:
-                raise ValueError(f"logits of shape {logp.shape} cannot be compared with the reference's {ref.shape} (different vocabulary?)")
+                raise ValueError(
+                    f"logits of shape {logp.shape} cannot be compared with the reference's {ref.shape} (different "
+                    "vocabulary?)"
+                )
             for i in range(0, len(logp), 64):  # chunks keep the float64 temporaries small
-                r = np.asarray(ref[i:i + 64], np.float64)
-                kl += (np.exp(r) * (r - logp[i:i + 64])).sum()
-                agree += int((r.argmax(-1) == logp[i:i + 64].argmax(-1)).sum())
+                r = np.asarray(ref[i : i + 64], np.float64)
+                kl += (np.exp(r) * (r - logp[i : i + 64])).sum()
+                agree += int((r.argmax(-1) == logp[i : i + 64].argmax(-1)).sum())
     out = {"perplexity": math.exp(nll / count), "tokens": count, "ctx": s["ctx"], "stride": s["stride"]}
     if compare:
         out.update(kl=kl / count, top1=agree / count)
@@ -189,6 +212,7 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
 
 def run(job: dict) -> dict:
     from edgellm.data import load_text
+    from edgellm.files import dir_size
 
     from .backends import make_backend
     from .energy import Meter, usable_cpus
@@ -215,11 +239,20 @@ def run(job: dict) -> dict:
     cold_s = time.perf_counter() - t0
     rss_after_load = peak_rss_bytes()
     res["kernels"] = getattr(getattr(getattr(b, "impl", None), "model", None), "kernels", None)  # numba: the kernel tier that ran
+    res["traffic"] = b.traffic() or {
+        "bytes_per_token": res["size_bytes"],
+        "macs_per_token": None,
+        "quantized": v["kind"] == "gguf" or _quantized_export(path),
+        "source": "size on disk (the engine gives no count; an upper bound)",
+    }
 
     text = load_text(s.get("data"))
     limit = b.max_context()
     if limit and n_ctx > limit:
-        raise ValueError(f"the model's context is {limit} tokens: --prompt-tokens {n_pp} / --gen-tokens {n_tg} / ctx {s['ctx']} must fit")
+        raise ValueError(
+            f"the model's context is {limit} tokens: --prompt-tokens {n_pp} / --gen-tokens {n_tg} / ctx {s['ctx']} "
+            "must fit"
+        )
     # The prompt is the start of the data. Only a prefix is tokenized here: tokenizing the whole
     # corpus would allocate more than a small model and distort peak RSS (quality does it later).
     n_chars = 8 * n_pp
@@ -234,6 +267,8 @@ def run(job: dict) -> dict:
     phase("warmup")
     t0 = time.perf_counter()
     logits = b.prefill(prompt)
+    np.argmax(logits)
+    first_token_s = cold_s + time.perf_counter() - t0  # load + the first prefill and first token (JIT included)
     for _ in range(min(WARMUP_STEPS, n_tg)):
         logits = b.step(int(np.argmax(logits)))
     warmup_s = time.perf_counter() - t0
@@ -264,8 +299,11 @@ def run(job: dict) -> dict:
     res["ttft_s"] = stats(ttft_s)
     res["phases"] = {"pp": pp_clock.summary(n_pp * s["reps"], cpus), "tg": tg_clock.summary(n_tg * s["reps"], cpus)}
     res["meter"] = meter.method if meter.available else None
-    res["memory"] = {"peak_rss_bytes": peak_rss_bytes(), "rss_after_load_bytes": rss_after_load,
-                     "method": "VmHWM of the worker process (= getrusage ru_maxrss) after load + speed phases"}
+    res["memory"] = {
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_after_load_bytes": rss_after_load,
+        "method": "VmHWM of the worker process (= getrusage ru_maxrss) after load + speed phases",
+    }
 
     if s["quality"]:
         phase("quality")
@@ -282,9 +320,15 @@ def run(job: dict) -> dict:
     b.load()
     warm_s = time.perf_counter() - t0
     b.close()
-    res["load"] = {"import_s": import_s, "cold_s": cold_s, "warm_s": warm_s, "warmup_s": warmup_s,
-                   "cold_method": f"first load in a fresh process after posix_fadvise(DONTNEED) on {evicted} file(s)",
-                   "warm_method": "second load in the same process, files in the page cache"}
+    res["load"] = {
+        "import_s": import_s,
+        "cold_s": cold_s,
+        "warm_s": warm_s,
+        "warmup_s": warmup_s,
+        "first_token_s": first_token_s,
+        "cold_method": f"first load in a fresh process after posix_fadvise(DONTNEED) on {evicted} file(s)",
+        "warm_method": "second load in the same process, files in the page cache",
+    }
     res["memory"]["peak_rss_total_bytes"] = peak_rss_bytes()
     return res
 

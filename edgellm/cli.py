@@ -1,5 +1,6 @@
 """The `edgellm` command line. One module per command under edgellm/commands/, registered here
-explicitly. Errors caused by input print one line and exit with code 2."""
+explicitly (COMMANDS below: name -> function, one hop to each command's code). Errors caused by
+input print one line and exit with code 2; a missing optional dependency names its extra."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import functools
 import typer
 
 from . import __version__
-from .commands import evaluate as eval_cmd
-from .commands import info as info_cmd
-from .commands import quantize as quantize_cmd
-from .commands import pending
+from .commands.bench import bench
+from .commands.distill import distill
+from .commands.evaluate import evaluate
+from .commands.export import export
+from .commands.info import info
+from .commands.prune import prune
+from .commands.quantize import quantize
+from .commands.run import run
 from .console import OneLineErrors
 from .errors import EdgeLLMError
 
@@ -29,11 +34,13 @@ app = typer.Typer(
 _state = {"traceback": False}
 
 
-def _guarded(fn):
-    """Turn EdgeLLMError into a one-line error with exit code 2 (and bugs into one line, exit 1)."""
+def _guarded(name: str, fn):
+    """Turn EdgeLLMError into a one-line error with exit code 2, a missing optional dependency
+    into one naming its extra (exit 2), and bugs into one line (exit 1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ._deps import missing_extra_message
         from .console import SIGNALLED, fail, interrupted
 
         try:
@@ -55,6 +62,10 @@ def _guarded(fn):
                 interrupted()
             if _state["traceback"]:
                 raise
+            if isinstance(exc, ImportError):  # an extra is not installed (device install): say which one
+                message = missing_extra_message(exc, f"'edgellm {name}'")
+                if message is not None:
+                    fail(message, 2)
             fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)", 1)
 
     return wrapper
@@ -69,20 +80,27 @@ def _version(value: bool):
 @app.callback()
 def _root(
     traceback: bool = typer.Option(False, "--traceback", help="Show the full Python traceback on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ):
     _state["traceback"] = traceback
 
 
-app.command("info")(_guarded(info_cmd.info))
-app.command("quantize")(_guarded(quantize_cmd.quantize))
-app.command("eval")(_guarded(eval_cmd.evaluate))
-# Commands whose module exists are registered; the rest say "not yet available". Each module
-# defines one function named after its command and imports its heavy dependencies inside it.
-for _name in pending.PENDING:
-    _fn = pending.load(_name)
-    _extra = {} if _fn.__module__ != pending.__name__ else {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
-    app.command(_name, **_extra)(_guarded(_fn))
+# Every command, in --help order: (name, function). Each function lives in
+# edgellm/commands/<module>.py and imports its heavy dependencies inside its body.
+COMMANDS = [
+    ("info", info),
+    ("distill", distill),
+    ("prune", prune),
+    ("quantize", quantize),
+    ("export", export),
+    ("run", run),
+    ("eval", evaluate),
+    ("bench", bench),
+]
+for _name, _fn in COMMANDS:
+    app.command(_name)(_guarded(_name, _fn))
 
 
 def main():

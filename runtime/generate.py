@@ -30,6 +30,7 @@ class Sampling:
     seed: int | None = None  # same seed, same prompt -> same text
     max_new_tokens: int = 128
     stop: tuple = ()  # strings that end the generation (not included in the output)
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (exactly max_new_tokens, as llama.cpp's --ignore-eos)
 
     def check(self):
         fin = math.isfinite
@@ -99,10 +100,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict]) -> str:
         if not self.chat_template:
             raise EdgeLLMError("this model has no chat template (tokenizer_config.json 'chat_template'); use -p without --chat")
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise EdgeLLMError("--chat needs jinja2 to apply the model's chat template: pip install jinja2") from None
+        from edgellm._deps import require
+
+        ImmutableSandboxedEnvironment = require("jinja2.sandbox", "the chat template (--chat)").ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
             raise EdgeLLMError(f"chat template: {msg}")
@@ -170,10 +170,23 @@ class Stats:
     gen_s: float = 0.0
     stop_reason: str = ""
 
+    @property
+    def prompt_rate(self) -> float | None:
+        """Prompt tokens/s, or None when no prompt token was timed."""
+        return self.prompt_tokens / self.prompt_s if self.prompt_tokens and self.prompt_s > 0 else None
+
+    @property
+    def gen_rate(self) -> float | None:
+        """Decode tokens/s over the steps after the first token (which comes from the prompt's
+        logits), or None when there were none: one token has no generation rate."""
+        return (self.gen_tokens - 1) / self.gen_s if self.gen_tokens > 1 and self.gen_s > 0 else None
+
     def line(self) -> str:
-        pp = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
-        tg = (self.gen_tokens - 1) / self.gen_s if self.gen_s and self.gen_tokens > 1 else 0.0
-        return f"prompt: {self.prompt_tokens} tokens, {pp:.1f} tokens/s | generation: {self.gen_tokens} tokens, {tg:.1f} tokens/s"
+        def rate(r):
+            return "" if r is None else f", {r:.1f} tokens/s"
+
+        return (f"prompt: {self.prompt_tokens} tokens{rate(self.prompt_rate)} | "
+                f"generation: {self.gen_tokens} token{'s' if self.gen_tokens != 1 else ''}{rate(self.gen_rate)}")
 
 
 class Generator:
@@ -235,7 +248,7 @@ class Generator:
             if t1 is None:
                 t1 = time.perf_counter()  # generation speed counts the decode steps after the first token
             st.gen_tokens += 1
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not p.ignore_eos:
                 st.stop_reason = "eos"
                 break
             out.append(tok)

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
-
 from edgellm.data import builtin_text, calibration_batch, split_tokens, token_ids  # noqa: E402
 from edgellm.evaluate import evaluate  # noqa: E402
 from edgellm.prune.apply import PruneConfig, prune_unstructured  # noqa: E402
@@ -60,7 +59,10 @@ def _with_outlier_channels(model, sigma: float = 1.0, seed: int = 0):
     with torch.no_grad():
         for b in m.model.layers:
             a, mlp = b.self_attn, b.mlp
-            for norm, consumers in ((b.input_layernorm, (a.q_proj, a.k_proj, a.v_proj)), (b.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+            for norm, consumers in (
+                (b.input_layernorm, (a.q_proj, a.k_proj, a.v_proj)),
+                (b.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
+            ):
                 s = torch.exp(sigma * torch.randn(norm.weight.shape[0], generator=g))
                 norm.weight.mul_(s)
                 for lin in consumers:
@@ -68,7 +70,9 @@ def _with_outlier_channels(model, sigma: float = 1.0, seed: int = 0):
             s = torch.exp(sigma * torch.randn(a.v_proj.weight.shape[0], generator=g))  # (n_kv * hd,)
             a.v_proj.weight.mul_(s.unsqueeze(1))
             rep = a.o_proj.weight.shape[1] // a.v_proj.weight.shape[0]
-            a.o_proj.weight.div_(s.reshape(-1, hd).repeat_interleave(rep, 0).flatten())  # each KV head feeds `rep` query heads
+            a.o_proj.weight.div_(
+                s.reshape(-1, hd).repeat_interleave(rep, 0).flatten()
+            )  # each KV head feeds `rep` query heads
             s = torch.exp(sigma * torch.randn(mlp.up_proj.weight.shape[0], generator=g))
             mlp.up_proj.weight.mul_(s.unsqueeze(1))
             mlp.down_proj.weight.div_(s)
@@ -166,6 +170,71 @@ def test_two_four_pattern_exact(trained, method):
     assert ppl < 4 * _ppl(model, eval_ids)
 
 
+# ----- structured: the importance ranking against random removal ----------------------------
+
+
+def _remove(model, kind, removed):
+    """A copy of `model` without the given layers (kind "layers": a list of indices) or, per block,
+    the given MLP channels / KV groups (a list of index lists, one per block)."""
+    from edgellm.prune import structured as st
+
+    m = copy.deepcopy(model)
+    cfg = m.config
+    if kind == "layers":
+        st.remove_layers(m, sorted(removed))
+        return m
+    n_heads, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, st.head_dim(cfg)
+    total = cfg.intermediate_size if kind == "mlp" else n_kv
+    for block, drop in zip(m.model.layers, removed):
+        keep = torch.tensor([i for i in range(total) if i not in set(drop)])
+        if kind == "mlp":
+            st.remove_channels(block.mlp, keep)
+        else:
+            st.remove_kv_groups(block.self_attn, keep, n_heads, n_kv, hd)
+    n_remove = len(removed[0])
+    if kind == "mlp":
+        cfg.intermediate_size = total - n_remove
+    else:
+        kv = n_kv - n_remove
+        st.set_head_config(cfg, kv * (n_heads // n_kv), kv, hd)
+    return m
+
+
+def _alternatives(model, kind, n_remove):
+    """What random removal could pick: 6 random draws of MLP channels; every possible choice of
+    KV groups per block / of layers (few enough to enumerate here)."""
+    import itertools
+
+    cfg = model.config
+    if kind == "layers":
+        return [list(c) for c in itertools.combinations(range(cfg.num_hidden_layers), n_remove)]
+    if kind == "heads":
+        per_block = [list(c) for c in itertools.combinations(range(cfg.num_key_value_heads), n_remove)]
+        return [list(c) for c in itertools.product(per_block, repeat=cfg.num_hidden_layers)]
+    g = torch.Generator().manual_seed(0)
+    return [
+        [torch.randperm(cfg.intermediate_size, generator=g)[:n_remove].tolist() for _ in range(cfg.num_hidden_layers)]
+        for _ in range(6)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "heads", "layers"])
+def test_structured_importance_beats_random_removal(trained, kind):
+    """On the trained model, removing half of what the importance scores rank lowest hurts
+    perplexity less than random removal on average, and no random choice does better: below
+    every random draw of MLP channels; the best of all possible KV-group / layer choices."""
+    from edgellm.prune.apply import prune_structured
+
+    path, _, calib, eval_ids = trained
+    model = _load(path)
+    ranked = copy.deepcopy(model)
+    plan = prune_structured(ranked, kind, 0.5, calib)
+    ours = _ppl(ranked, eval_ids)
+    others = [_ppl(_remove(model, kind, alt), eval_ids) for alt in _alternatives(model, kind, plan["remove"])]
+    assert ours < sum(others) / len(others), (ours, others)
+    assert ours < min(others) if kind == "mlp" else ours == pytest.approx(min(others)), (ours, others)
+
+
 # ----- CLI: structured, records, quantize, bad input ------------------------------------------
 
 
@@ -200,11 +269,14 @@ def test_structurally_pruned_model_exports(trained, tmp_path, kind, ratio):
     assert np.abs(got - ref).max() <= FP_TOL * max(1.0, np.abs(ref).max())
 
 
-@pytest.mark.parametrize("kind,ratio,expect", [
-    ("layers", 0.5, {"num_hidden_layers": 1}),
-    ("heads", 0.5, {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}),
-    ("mlp", 0.25, {"intermediate_size": 288}),
-])
+@pytest.mark.parametrize(
+    "kind,ratio,expect",
+    [
+        ("layers", 0.5, {"num_hidden_layers": 1}),
+        ("heads", 0.5, {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}),
+        ("mlp", 0.25, {"intermediate_size": 288}),
+    ],
+)
 def test_structured_gives_plain_smaller_model(trained, tmp_path, kind, ratio, expect):
     from transformers import AutoModelForCausalLM
 
@@ -233,7 +305,11 @@ def test_structured_other_llama_families(tiny_dirs, tmp_path, family):
     """Qwen2 (q/k/v biases, layer_types) and Mistral shrink to valid configs too."""
     from transformers import AutoModelForCausalLM
 
-    for kind, key, value in (("heads", "num_key_value_heads", 1), ("mlp", "intermediate_size", 80), ("layers", "num_hidden_layers", 1)):
+    for kind, key, value in (
+        ("heads", "num_key_value_heads", 1),
+        ("mlp", "intermediate_size", 80),
+        ("layers", "num_hidden_layers", 1),
+    ):
         out = tmp_path / kind
         r = _cli(["prune", tiny_dirs[family], "--structured", kind, "--ratio", "0.5", "-o", out, *FAST])
         assert r.exit_code == 0, r.output
@@ -254,7 +330,7 @@ def test_unstructured_cli_records(trained, tmp_path):
     assert step["params"]["method"] == "wanda" and step["params"]["pattern"] == "2:4"
     assert step["result"]["sparsity_reached"] == 0.5 and len(step["result"]["per_layer"]) == 14
     model = _load(out)
-    assert all(follows_pattern(l.weight, Pattern(2, 4)) for l in _decoder_linears(model).values())
+    assert all(follows_pattern(lin.weight, Pattern(2, 4)) for lin in _decoder_linears(model).values())
 
 
 @pytest.fixture(scope="module")
@@ -326,21 +402,24 @@ def gpt2_dir(trained, tmp_path_factory):
     return tiny.save(tiny.build("gpt2"), trained[1], tmp_path_factory.mktemp("gpt2") / "gpt2")
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--method", "wanda", "--sparsity", "1.0"], "outside [0, 1)"),
-    (["--method", "magnitude", "--sparsity", "-0.1"], "outside [0, 1)"),
-    (["--method", "wanda", "--pattern", "3:7"], "does not divide"),
-    (["--method", "wanda", "--pattern", "4:2"], "invalid"),
-    (["--method", "wanda", "--pattern", "2:4", "--sparsity", "0.7"], "contradicts"),
-    (["--structured", "layers", "--ratio", "0.9"], "every one"),
-    (["--structured", "heads", "--ratio", "0.8"], "every one"),
-    (["--structured", "mlp", "--ratio", "1.0"], "outside (0, 1)"),
-    (["--structured", "layers", "--ratio", "0.01"], "removes none"),
-    (["--structured", "mlp"], "needs --ratio"),
-    ([], "give either"),
-    (["--method", "wanda", "--structured", "mlp", "--ratio", "0.5"], "give either"),
-    (["GPT2", "--structured", "heads", "--ratio", "0.5"], "supports Llama-shaped"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--method", "wanda", "--sparsity", "1.0"], "outside [0, 1)"),
+        (["--method", "magnitude", "--sparsity", "-0.1"], "outside [0, 1)"),
+        (["--method", "wanda", "--pattern", "3:7"], "does not divide"),
+        (["--method", "wanda", "--pattern", "4:2"], "invalid"),
+        (["--method", "wanda", "--pattern", "2:4", "--sparsity", "0.7"], "contradicts"),
+        (["--structured", "layers", "--ratio", "0.9"], "every one"),
+        (["--structured", "heads", "--ratio", "0.8"], "every one"),
+        (["--structured", "mlp", "--ratio", "1.0"], "outside (0, 1)"),
+        (["--structured", "layers", "--ratio", "0.01"], "removes none"),
+        (["--structured", "mlp"], "needs --ratio"),
+        ([], "give either"),
+        (["--method", "wanda", "--structured", "mlp", "--ratio", "0.5"], "give either"),
+        (["GPT2", "--structured", "heads", "--ratio", "0.5"], "supports Llama-shaped"),
+    ],
+)
 def test_bad_input_exit_2_nothing_written(trained, gpt2_dir, tmp_path, args, needle):
     src = trained[0]
     if args and args[0] == "GPT2":

@@ -21,7 +21,11 @@ from typer.testing import CliRunner
 
 from edgellm.cli import app
 
-VARIANTS = {"f32": [], "q4": ["--bits", "4", "--group-size", "32", "--sym"], "q8a": ["--bits", "8", "--group-size", "16", "--asym"]}
+VARIANTS = {
+    "f32": [],
+    "q4": ["--bits", "4", "--group-size", "32", "--sym"],
+    "q8a": ["--bits", "8", "--group-size", "16", "--asym"],
+}
 PROMPT = np.array([5, 17, 100, 3, 77, 250, 9, 11, 400, 12, 33, 7], np.int64)
 
 
@@ -37,7 +41,20 @@ def exports(tiny_dirs, tmp_path_factory):
             model = src
             if qargs:
                 model = root / f"{fam}-{var}"
-                r = runner.invoke(app, ["quantize", str(src), *qargs, "--method", "rtn", "--quantize-embeddings", "--no-eval", "-o", str(model)])
+                r = runner.invoke(
+                    app,
+                    [
+                        "quantize",
+                        str(src),
+                        *qargs,
+                        "--method",
+                        "rtn",
+                        "--quantize-embeddings",
+                        "--no-eval",
+                        "-o",
+                        str(model),
+                    ],
+                )
                 assert r.exit_code == 0, r.output
             dst = root / f"{fam}-{var}-onnx"
             r = runner.invoke(app, ["export", str(model), "-o", str(dst), "--no-check"])
@@ -63,8 +80,11 @@ def _check(a, b, var):
             assert la.argmax() == lb.argmax()
 
 
-@pytest.mark.parametrize("key", [(f, v) for f in ("llama", "mistral", "qwen2", "gpt2") for v in VARIANTS
-                                 if v != "q8a" or f in ("llama", "gpt2")], ids=lambda k: "-".join(k))
+@pytest.mark.parametrize(
+    "key",
+    [(f, v) for f in ("llama", "mistral", "qwen2", "gpt2") for v in VARIANTS if v != "q8a" or f in ("llama", "gpt2")],
+    ids=lambda k: "-".join(k),
+)
 def test_logits_match_onnxruntime(exports, key):
     nm, om = _models(exports[key])
     _check(nm.forward(PROMPT, all_logits=True), om.forward(PROMPT, all_logits=True), key[1])  # batched prompt path
@@ -91,20 +111,21 @@ def test_greedy_32_tokens_identical(exports, fam):
             ids.append(int(logits.argmax()))
             logits = gen.model.forward([ids[-1]])
         texts.append(ids)
-        assert gen.stats is not None
     assert texts[0] == texts[1]
-    # and through the public API: the same greedy text on both backends
-    outs = ["".join(load(exports[fam, "f32"], backend=b, threads=2, n_ctx=128).stream("def f(x):", p)) for b in ("numba", "onnxruntime")]
+    # and through the public API: the same greedy text on both backends, exactly 32 tokens
+    p = Sampling(temperature=0, max_new_tokens=32, ignore_eos=True)
+    outs = []
+    for b in ("numba", "onnxruntime"):
+        gen = load(exports[fam, "f32"], backend=b, threads=2, n_ctx=128)
+        outs.append("".join(gen.stream("def f(x):", p)))
+        st = gen.stats
+        assert (st.prompt_tokens, st.gen_tokens, st.stop_reason) == (
+            len(gen.tokenizer.encode("def f(x):")),
+            32,
+            "length",
+        )
+        assert st.prompt_s > 0 and st.gen_s > 0 and st.gen_rate == pytest.approx(31 / st.gen_s)
     assert outs[0] == outs[1]
-
-
-def test_quantized_greedy_matches_onnxruntime(exports):
-    nm, om = _models(exports["llama", "q4"])
-    la, lb = nm.forward(PROMPT), om.forward(PROMPT)
-    for _ in range(32):
-        _check(la, lb, "q4")
-        tok = int(lb.argmax())
-        la, lb = nm.forward([tok]), om.forward([tok])
 
 
 def test_seed_and_sampling(exports):
@@ -115,13 +136,53 @@ def test_seed_and_sampling(exports):
     a = "".join(gen.stream("The function", p))
     b = "".join(gen.stream("The function", p))
     assert a == b and gen.stats.gen_tokens >= 1
-    pieces = list(gen.stream("The function", Sampling(temperature=0, max_new_tokens=8, stop=(a[3:6],) if len(a) > 6 else ())))
-    assert all(isinstance(x, str) for x in pieces)
+    c = "".join(
+        gen.stream(
+            "The function",
+            Sampling(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=8, max_new_tokens=24),
+        )
+    )
+    assert c != a  # another seed, another text
+    # --stop: the text is cut where the stop string starts, and the string itself never comes out
+    greedy = Sampling(temperature=0, max_new_tokens=24, ignore_eos=True)
+    full = "".join(gen.stream("The function", greedy))
+    mid = len(full) // 2
+    stop = full[mid : mid + 3]
+    assert len(full) >= 12 and stop.strip(), full
+    cut = full.index(stop)
+    pieces = list(gen.stream("The function", Sampling(temperature=0, max_new_tokens=24, ignore_eos=True, stop=(stop,))))
+    assert "".join(pieces) == full[:cut] and stop not in "".join(pieces)
+    assert gen.stats.stop_reason == "stop" and gen.stats.gen_tokens < 24
     # chat keeps the conversation in the cache: the second turn only prefills the new tokens
     list(gen.chat("hello", Sampling(temperature=0, max_new_tokens=4)))
     first = gen.stats.prompt_tokens
     list(gen.chat("again", Sampling(temperature=0, max_new_tokens=4)))
     assert gen.stats.prompt_tokens < first + 12
+
+
+def test_one_token_and_ignore_eos(exports):
+    """A one-token generation prints no rate (it is undefined, not 0.0); --ignore-eos generates
+    exactly -n tokens even where the model emits its end-of-sequence token."""
+    from edgellm.runtime.generate import Sampling, load
+
+    gen = load(exports["llama", "f32"], threads=2, n_ctx=128)
+    list(gen.stream("hello", Sampling(temperature=0, max_new_tokens=1)))
+    line = gen.stats.line()
+    assert gen.stats.gen_rate is None and "generation: 1 token" in line and line.count("tokens/s") == 1, (
+        line
+    )  # the prompt's only
+    gen.model.reset()
+    logits = gen.model.forward(np.array(gen.tokenizer.encode("hello"), np.int64))
+    greedy_first = int(logits.argmax())
+    gen.eos_ids = {greedy_first}  # the first greedy token now ends the text...
+    list(gen.stream("hello", Sampling(temperature=0, max_new_tokens=6)))
+    assert (gen.stats.gen_tokens, gen.stats.stop_reason) == (1, "eos")
+    list(gen.stream("hello", Sampling(temperature=0, max_new_tokens=6, ignore_eos=True)))  # ...unless ignored
+    assert (gen.stats.gen_tokens, gen.stats.stop_reason) == (6, "length")
+    r = CliRunner().invoke(
+        app, ["run", str(exports["llama", "f32"]), "-p", "hello", "-n", "5", "--temperature", "0", "--ignore-eos"]
+    )
+    assert r.exit_code == 0 and "generation: 5 tokens" in r.output, r.output
 
 
 def test_runtime_never_imports_torch(exports):
@@ -134,7 +195,7 @@ def test_runtime_never_imports_torch(exports):
         sys.meta_path.insert(0, Block())
         from edgellm.runtime import load, Sampling
         import edgellm.commands.run
-        gen = load({str(exports['qwen2', 'q4'])!r}, threads=1, n_ctx=64)
+        gen = load({str(exports["qwen2", "q4"])!r}, threads=1, n_ctx=64)
         text = ''.join(gen.stream('hello', Sampling(temperature=0, max_new_tokens=5)))
         assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch imported'
         print('OK', gen.stats.gen_tokens)

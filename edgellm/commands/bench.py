@@ -12,7 +12,7 @@ from .common import DataOpt, ForceOpt
 
 
 class Target(str, Enum):
-    this = "this"
+    host = "host"
     laptop = "laptop"
     rpi4 = "rpi4"
     rpi5 = "rpi5"
@@ -30,7 +30,8 @@ def bench(
     eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens", help="Evaluation tokens for perplexity/KL (default 2048; --quick 256).", min=16)] = None,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Perplexity context (stride = ctx) (default 512; --quick 128).", min=8)] = None,
     quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Measure perplexity, KL and top-1 against the first variant.")] = True,
-    target: Annotated[Target, typer.Option("--target", help="Energy profile for estimates: this machine, a laptop, Raspberry Pi 4 or 5.")] = Target.this,
+    target: Annotated[Target, typer.Option("--target", help="Energy for: host (this machine: RAPL/NVML where readable, else a labelled generic estimate), or a device "
+                                                      "(laptop, rpi4, rpi5) whose decode time is also estimated from its memory bandwidth and cores.")] = Target.host,
     quick: Annotated[bool, typer.Option("--quick", help="Short smoke run (small pp/tg, 2 reps, little quality data): seconds per variant.")] = False,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds per variant before it is stopped and marked failed.", min=1)] = None,
     force: ForceOpt = False,
@@ -39,9 +40,6 @@ def bench(
     energy per token (measured or estimated) and quality, as report.json/.md/.html.
 
     Example: edgellm bench q4-onnx/ q4-onnx/:onnxruntime smol.Q4_0.gguf -o bench/ --quick
-
-    Test-only: a variant written `slow:VARIANT` sleeps 50 ms before every model call (the test
-    suite uses it to check that a slower variant is ranked slower).
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -55,8 +53,10 @@ def bench(
     from ..errors import EdgeLLMError
     from ..outputs import atomic_output_dir, check_output_dir
 
+    from .._deps import require
     from .common import check_range
 
+    require("matplotlib", "'edgellm bench' (the plots of report.html)")  # before any work, not at the end
     check_range("--timeout", timeout, 0.0, lo_open=True)
     parsed = parse_all(variants)
     inputs = [v.path for v in parsed] + [data]
@@ -95,10 +95,12 @@ def bench(
 
     table = Table(title=f"edgellm bench ({'quick, ' if quick else ''}{settings.resolved_threads()} threads, energy: {target.value}; "
                         f"medians, spread in report.md)")
-    keep = [i for i, h in enumerate(rep.HEADERS) if h not in ("backend", "load cold / warm", "KL")]
+    hide = ("backend", "load cold / warm", "KL") + (() if target is not Target.host else (rep.HEADERS[rep.DEVICE_COLUMN],))
+    keep = [i for i, h in enumerate(rep.HEADERS) if h not in hide]
     for i in keep:
         h = rep.HEADERS[i]
-        table.add_column(h, justify="left" if h in ("variant", "status") else "right")
+        label = f"{target.value} tg tok/s (est. memory / compute bound)" if i == rep.DEVICE_COLUMN else h
+        table.add_column(label, justify="left" if h in ("variant", "status") else "right")
     for r in rep.table_rows(report, spread=False):
         cells = [r[i] if i != len(r) - 1 else r[i].split(":")[0] for i in keep]
         table.add_row(*(Text(c) for c in cells), style=None if r[-1] == "ok" else "red")

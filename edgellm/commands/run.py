@@ -43,6 +43,7 @@ def run(
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens already in the context.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same text.")] = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop when this string appears (repeatable).")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence tokens: generate exactly --max-new-tokens (or until --stop or the context is full).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime).")] = Backend.numba,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length (default: the model's maximum).")] = None,
@@ -70,8 +71,12 @@ def run(
     if not chat and (prompt is None or not prompt.strip()):
         raise EdgeLLMError("the prompt is empty; give some text with -p (or use --chat)")
     params = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                      max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
+                      max_new_tokens=max_new_tokens, stop=tuple(stop or ()), ignore_eos=ignore_eos)
     params.check()
+    if chat:
+        from .._deps import require
+
+        require("jinja2", "--chat (the model's chat template)")  # before the load, not after it
     with console.status(f"loading {model} ({backend.value})"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a tier's self-check fallback: printed as one line below
         gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, kernels=kernels.value, verify=verify)

@@ -38,13 +38,6 @@ def fast_exp(x):
     return p * float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(cache=True, fastmath=True)
-def exp_rows(x, out):
-    """out = fast_exp(x) elementwise over a 1-d array (the test's handle on fast_exp)."""
-    for i in range(x.shape[0]):
-        out[i] = fast_exp(x[i])
-
-
 # ----------------------------------------------------------------------------- KV cache elements
 # The KV cache is float32, or fp16 held as uint16 bits (numba has no CPU float16 arithmetic); the
 # kernels read and write it through these two, resolved at compile time by the cache's dtype.

@@ -1,0 +1,5 @@
+"""`python -m edgellm` is the `edgellm` command."""
+
+from .cli import main
+
+main()

@@ -194,6 +194,23 @@ def embedding_spec(module, path: str) -> LinearSpec:
     return LinearSpec(out_f=w.shape[0], in_f=w.shape[1], w=w)
 
 
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def tensor_bits(model) -> dict[str, int]:
+    """Bits of every packed tensor by its name in the export (fused q/k/v and gate/up named as
+    the exporters name them), so a reader needs no single model-wide width: a mixed-precision
+    plan or 8-bit embeddings beside 4-bit linears. A tied head reads the embedding's entry."""
+    from edgellm.quant.modules import PackedMatrix
+
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, PackedMatrix):
+            parent, _, leaf = path.rpartition(".")
+            out[f"{parent}.{_FUSED[leaf]}" if leaf in _FUSED else path] = m.fmt.bits
+    return out
+
+
 def check_options(opts: Options) -> None:
     if opts.format not in FORMATS:
         raise EdgeLLMError(f"--format {opts.format!r} is not supported; choose one of {', '.join(FORMATS)}")

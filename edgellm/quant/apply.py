@@ -45,7 +45,8 @@ class QuantConfig:
     embeddings: str | None = None  # "8", "4" or "keep" (None: quantize_embeddings decides)
     rotate: bool = False  # rotate the residual stream first (rotation.py)
     seed: int = 0  # rotation's random signs / orthogonal factor
-    plan: dict[str, QuantFormat] = field(default_factory=dict)  # per-linear formats (mixed.py); default fmt otherwise
+    plan: dict[str, QuantFormat] = field(default_factory=dict)  # per-linear formats; default fmt otherwise
+    target_bpw: float | None = None  # plan the formats to this budget first (mixed.py)
 
     def __post_init__(self):
         if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
@@ -130,6 +131,12 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
         from .rotation import rotate_model
 
         rotation = rotate_model(model, cfg.seed)
+    plan_info = None
+    if cfg.target_bpw is not None:
+        from .mixed import plan_formats
+
+        with torch.no_grad():
+            cfg.plan, plan_info = plan_formats(model, calib, cfg.target_bpw, fmt.sym, progress)
     report, names, formats = [], [], {}
     blocks = decoder_layers(model)
     family = family_of(model.config)
@@ -181,6 +188,8 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
         info["formats"] = formats
     if rotation:
         info["rotation"] = rotation
+    if plan_info:
+        info["mixed"] = plan_info
     info["bits_per_weight"] = round(bits_per_weight(model), 4)
     return report, info
 

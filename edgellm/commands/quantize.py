@@ -33,7 +33,7 @@ def quantize(
     embeddings: Annotated[Embeddings, typer.Option("--embeddings", help="Token embeddings and lm_head (the tied matrix stored once): 8-bit (default, as llama.cpp's Q8_0), 4-bit, or keep them in full precision.")] = Embeddings.eight,
     quantize_embeddings: Annotated[Optional[bool], typer.Option("--quantize-embeddings/--keep-embeddings", hidden=True, help="Old spelling of --embeddings BITS / --embeddings keep.")] = None,
     rotate: Annotated[bool, typer.Option("--rotate/--no-rotate", help="Rotate the residual stream first (QuaRot-style, folded into the weights; RMSNorm models; unties a tied head).")] = False,
-    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help="Mixed precision: choose bits and group size per layer from a per-layer sensitivity pass so the blocks' linears average this many bits/weight (e.g. 4.5). Overrides --bits/--group-size for them.")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help="Mixed precision: choose bits, group size and sym/asym per layer from a per-layer sensitivity pass so the blocks' linears average this many bits/weight (e.g. 4.5). Overrides --bits/--group-size/--sym for them.")] = None,
     clip_search: Annotated[bool, typer.Option("--clip-search/--no-clip-search", help="GPTQ: per-group clipping range chosen by weighted MSE.")] = True,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: most-activated columns first.")] = True,
     damp: Annotated[float, typer.Option("--damp", help="GPTQ: damping as a fraction of mean(diag H).", min=0.0, max=1.0)] = 0.01,
@@ -77,7 +77,7 @@ def quantize(
         if target_bpw is not None:
             from ..quant.mixed import MIN_TOKENS, SENS_SAMPLES, SENS_TOKENS, check_budget
 
-            check_budget(loaded.model, target_bpw, sym)
+            check_budget(loaded.model, target_bpw)
             if min(calib_samples, SENS_SAMPLES) * min(seq_len, SENS_TOKENS) < MIN_TOKENS:
                 raise EdgeLLMError(f"--calib-samples {calib_samples} x --seq-len {seq_len} is too small for the sensitivity pass "
                                    f"of --target-bpw; it needs at least {MIN_TOKENS} tokens")
@@ -103,7 +103,7 @@ def quantize(
     table.add_column("rel. output error", justify="right")
     worst = sorted(report, key=lambda r: -r["rel_error"])
     for r in worst[:8]:
-        table.add_row(r["layer"], "x".join(map(str, r["shape"])), f"{r['bits']}-bit g{r['group_size']}", f"{r['rel_error']:.2e}")
+        table.add_row(r["layer"], "x".join(map(str, r["shape"])), f"{r['bits']}-bit g{r['group_size']}{'' if r['sym'] else ' asym'}", f"{r['rel_error']:.2e}")
     if len(report) > 8:
         table.add_row(f"... {len(report) - 8} more (mean {sum(r['rel_error'] for r in report) / len(report):.2e})", "", "", "")
     console.print(table)
@@ -112,7 +112,7 @@ def quantize(
     if info.get("mixed"):
         counts: dict = {}
         for u in info["mixed"]["units"]:
-            k = f"{u['bits']}-bit g{u['group_size']}"
+            k = f"{u['bits']}-bit g{u['group_size']}{'' if u.get('sym', True) else ' asym'}"
             counts[k] = counts.get(k, 0) + 1
         console.print("plan: " + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items())) + " (layer groups; recorded in edgellm.json)")
     e = info["embeddings"]

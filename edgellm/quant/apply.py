@@ -47,6 +47,7 @@ class QuantConfig:
     seed: int = 0  # rotation's random signs / orthogonal factor
     plan: dict[str, QuantFormat] = field(default_factory=dict)  # per-linear formats; default fmt otherwise
     target_bpw: float | None = None  # plan the formats to this budget first (mixed.py)
+    plan_sym: bool | None = None  # the plan's candidates: symmetric only, asymmetric only, or both (None)
 
     def __post_init__(self):
         if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
@@ -136,7 +137,7 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
         from .mixed import plan_formats
 
         with torch.no_grad():
-            cfg.plan, plan_info = plan_formats(model, calib, cfg.target_bpw, fmt.sym, progress)
+            cfg.plan, plan_info = plan_formats(model, calib, cfg.target_bpw, cfg.plan_sym, progress)
     report, names, formats = [], [], {}
     blocks = decoder_layers(model)
     family = family_of(model.config)
@@ -171,12 +172,12 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
                 q.set_codes(codes, scales, zeros)
                 if lin.bias is not None:
                     q.bias.data.copy_(lin.bias.data)
-                report.append({"layer": path, "shape": list(w_ref.shape), "bits": lfmt.bits, "group_size": lfmt.group_size,
+                report.append({"layer": path, "shape": list(w_ref.shape), "bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym,
                                "rel_error": _rel_error(w_ref, q.dequantize(), H), "time_s": time.perf_counter() - t0})
                 _replace(block, name, q)
                 names.append(path)
                 if cfg.plan:
-                    formats[path] = {"bits": lfmt.bits, "group_size": lfmt.group_size}
+                    formats[path] = {"bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym}
             inputs = run_block(block, inputs)
         emb_fmt = None
         if cfg.embeddings_mode != "keep":
@@ -258,7 +259,7 @@ def _swap_for_loading(model, info: dict, dtype) -> None:
         lin = get_path(model, path)
         w = linear_weight(lin)
         f = formats.get(path)
-        lfmt = fmt if f is None else QuantFormat(bits=f["bits"], group_size=f["group_size"], sym=fmt.sym)
+        lfmt = fmt if f is None else QuantFormat(bits=f["bits"], group_size=f["group_size"], sym=f.get("sym", fmt.sym))
         _replace(model, path, QuantLinear(w.shape[1], w.shape[0], lin.bias is not None, lfmt))
     efmt = _embedding_format_of(info, fmt)
     if efmt is not None:

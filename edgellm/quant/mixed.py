@@ -22,8 +22,10 @@ from ..arch import block_linears, decoder_layers, family_of, get_path, is_linear
 from ..errors import EdgeLLMError
 from .formats import QuantFormat, dequantize_codes, mse_group_params, pad_columns, quantize_codes
 
-CANDIDATES = ((4, 128), (4, 64), (4, 32), (8, 128))  # (bits, group size) a unit may get
-PROBE = (4, 128)
+# (bits, group size, symmetric) a unit may get: asymmetric groups cost a zero-point byte each but
+# fit skewed groups better, so e.g. 4-bit g64 asym (4.375 bits/weight) sits between sym g64 and g32
+CANDIDATES = ((4, 128, True), (4, 64, True), (4, 32, True), (4, 128, False), (4, 64, False), (4, 32, False), (8, 128, True))
+PROBE = (4, 128, True)
 SENS_SAMPLES = 4  # calibration sequences the sensitivity pass scores on
 SENS_TOKENS = 256  # tokens of each
 MIN_TOKENS = 256  # below this the per-unit KLs are noise
@@ -50,15 +52,16 @@ def fmt_bytes(shape: tuple[int, int], fmt: QuantFormat) -> int:
     return out_f * (fmt.padded(in_f) * fmt.bits // 8 + ng * (2 + (0 if fmt.sym else 1)))
 
 
-def _formats(sym: bool) -> list[QuantFormat]:
-    return [QuantFormat(b, g, sym) for b, g in CANDIDATES]
+def _formats(sym: bool | None) -> list[QuantFormat]:
+    """The candidates; sym=True/False keeps only that kind, None allows both."""
+    return [QuantFormat(b, g, s) for b, g, s in CANDIDATES if sym is None or s == sym]
 
 
 def _shapes(model, unit: list[str]) -> list[tuple[int, int]]:
     return [tuple(linear_weight(get_path(model, p)).shape) for p in unit]
 
 
-def check_budget(model, target: float, sym: bool) -> None:
+def check_budget(model, target: float, sym: bool | None = None) -> None:
     """Refuse a budget no plan can meet: below every unit at its smallest format, or above 8."""
     if not target <= 8:
         raise EdgeLLMError(f"--target-bpw {target} is above 8; 8-bit is the widest format (use --bits 8)")
@@ -70,7 +73,7 @@ def check_budget(model, target: float, sym: bool) -> None:
         smallest += min(sum(fmt_bytes(s, f) for s in shapes) for f in fmts)
     floor = 8 * smallest / params
     if target < floor:
-        raise EdgeLLMError(f"--target-bpw {target} cannot be met: the smallest formats ({', '.join(f'{b}-bit g{g}' for b, g in CANDIDATES)}) "
+        raise EdgeLLMError(f"--target-bpw {target} cannot be met: the smallest formats ({', '.join(f'{f.bits}-bit g{f.group_size}' for f in fmts)}) "
                            f"need {floor:.3f} bits/weight on this model; give at least {floor:.3f}")
 
 
@@ -88,7 +91,7 @@ def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
 
 
-def sensitivity(model, calib: torch.Tensor, sym: bool = True, progress=None) -> list[dict]:
+def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=None) -> list[dict]:
     """Per unit: its paths, shapes, bytes and estimated KL for each candidate format."""
     from ..progress import NULL
 
@@ -120,7 +123,7 @@ def sensitivity(model, calib: torch.Tensor, sym: bool = True, progress=None) -> 
             h.remove()
     norm, head = get_path(model, fam.final_norm), model.get_output_embeddings()
     fmts = _formats(sym)
-    probe = QuantFormat(*PROBE, sym)
+    probe = QuantFormat(*PROBE)
     out = []
     all_units = units(model)
     with torch.no_grad():
@@ -141,7 +144,7 @@ def sensitivity(model, calib: torch.Tensor, sym: bool = True, progress=None) -> 
                    for f in fmts + [probe]}
             shapes = [tuple(w.shape) for w in saved]
             out.append({"unit": unit, "shapes": shapes, "kl_probe": kl,
-                        "options": [{"bits": f.bits, "group_size": f.group_size, "bytes": sum(fmt_bytes(s, f) for s in shapes),
+                        "options": [{"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "bytes": sum(fmt_bytes(s, f) for s in shapes),
                                      "kl": kl * err[f] / max(err[probe], 1e-30)} for f in fmts]})
     return out
 
@@ -173,7 +176,7 @@ def allocate(sens: list[dict], target: float) -> list[int]:
         used += extra
 
 
-def plan_formats(model, calib: torch.Tensor, target: float, sym: bool = True, progress=None) -> tuple[dict[str, QuantFormat], dict]:
+def plan_formats(model, calib: torch.Tensor, target: float, sym: bool | None = None, progress=None) -> tuple[dict[str, QuantFormat], dict]:
     """The per-linear formats for a budget, and a record of the plan for edgellm.json."""
     check_budget(model, target, sym)
     sens = sensitivity(model, calib, sym, progress)
@@ -182,9 +185,10 @@ def plan_formats(model, calib: torch.Tensor, target: float, sym: bool = True, pr
     for u, c in zip(sens, choice):
         opt = u["options"][c]
         for p in u["unit"]:
-            plan[p] = QuantFormat(opt["bits"], opt["group_size"], sym)
-        rows.append({"unit": u["unit"], "bits": opt["bits"], "group_size": opt["group_size"], "kl_probe": round(u["kl_probe"], 6)})
+            plan[p] = QuantFormat(opt["bits"], opt["group_size"], opt["sym"])
+        rows.append({"unit": u["unit"], "bits": opt["bits"], "group_size": opt["group_size"], "sym": opt["sym"],
+                     "kl_probe": round(u["kl_probe"], 6)})
     params = sum(o * i for u in sens for o, i in u["shapes"])
     planned = 8 * sum(u["options"][c]["bytes"] for u, c in zip(sens, choice)) / params
-    return plan, {"target_bpw": target, "planned_bpw": round(planned, 4), "probe": list(PROBE),
+    return plan, {"target_bpw": target, "planned_bpw": round(planned, 4), "probe": list(PROBE), "sym": sym,
                   "candidates": [list(c) for c in CANDIDATES], "units": rows}

@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--onnx", nargs="*", default=[], help="their exports, same order, for the exported size (optional)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quants", default="F32," + ",".join(QUANTS), help="llama.cpp files to score (all are written)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
 
     rows = [{"model": "fp32 (torch, reference)", "bytes": None, **score(torch_logits(ref.model), ids, wins, cache)}]
     print(json.dumps(rows[-1]), flush=True)
-    for kind in ["F32", *QUANTS]:
+    for kind in args.quants.split(","):
         path = f32 if kind == "F32" else args.work / f"smollm2-{kind}.gguf"
         b = LlamaCppBackend(str(path), args.threads, n_ctx=DEFAULT_CTX)
         b.n_ctx_needed = DEFAULT_CTX

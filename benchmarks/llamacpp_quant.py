@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
     rows = [{"model": "fp32 (torch, reference)", "bytes": None, **score(torch_logits(ref.model), ids, wins, cache)}]
     print(json.dumps(rows[-1]), flush=True)
-    for kind in args.quants.split(","):
+    for kind in [k for k in args.quants.split(",") if k and k != "none"]:
         path = f32 if kind == "F32" else args.work / f"smollm2-{kind}.gguf"
         b = LlamaCppBackend(str(path), args.threads, n_ctx=DEFAULT_CTX)
         b.n_ctx_needed = DEFAULT_CTX

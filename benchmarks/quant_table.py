@@ -129,7 +129,7 @@ def main(argv=None):
     ]
     for r in rows:
         lines.append(f"| {r['variant']}{' *' if r['pareto'] and r['kl'] > 0 else ''} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | "
-                     f"{r['ppl']:.3f} | {(r['ppl'] / base.perplexity - 1) * 100:+.2f}% | {r['kl']:.4f} | {r['top1'] * 100:.2f}% | "
+                     f"{r['ppl']:.3f} | {(r['ppl'] / base.perplexity - 1) * 100:+.2f}% | {r['kl']:.3g} | {r['top1'] * 100:.2f}% | "
                      f"{r['time_s']:.0f} |")
     table = "\n".join(lines)
     print(table)

@@ -1,11 +1,15 @@
-"""Quantization quality table: perplexity, KL and top-1 agreement of every edgellm quantize
-variant against the unquantized model (issue 2).
+"""Size-quality table of every edgellm quantize variant, with its Pareto front and a plot (issue 12).
 
-    python benchmarks/quant_table.py /work/models/smollm2-fp32 --calib-samples 32 --eval-tokens 4096
+    .venv/bin/python benchmarks/quant_table.py /work/models/stdlib-llama --data /work/models/stdlib-llama/corpus.txt \
+        --out benchmarks/results/quant_stdlib.md
 
 Each variant is quantized from the same fp32 model with the same calibration windows and scored
-on the same held-out windows (edgellm.evaluate protocol); the reference's log-probabilities are
-computed once and reused. Prints a Markdown table (and writes it with --out).
+on the same held-out windows (edgellm.evaluate protocol: perplexity, KL and top-1 agreement
+against the fp32 model, whose log-probabilities are computed once). Size is the saved
+model.safetensors (codes, scales, embeddings, norms); bits/weight is that of the decoder blocks'
+linears (apply.bits_per_weight). A row is on the Pareto front when no other variant is both no
+larger and lower in KL. Writes the Markdown table (--out), a .json and a .png plot beside it, and
+a small .html page holding both.
 """
 
 from __future__ import annotations
@@ -14,71 +18,131 @@ import argparse
 import copy
 import json
 import platform
+import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
-from edgellm.data import builtin_text, calibration_batch, split_tokens, token_ids
+from edgellm.data import calibration_batch, load_text, split_tokens, token_ids
 from edgellm.evaluate import evaluate
-from edgellm.modelio import load_model
+from edgellm.modelio import load_model, save_model
 from edgellm.quant.apply import QuantConfig, quantize_model
 from edgellm.quant.formats import QuantFormat
 
-VARIANTS = [(8, 128, True, "rtn")] + [
-    (4, g, sym, m) for g in (32, 128) for sym in (True, False) for m in ("rtn", "gptq", "awq")
-]
+# name: (bits, group, sym, method, extra QuantConfig fields)
+VARIANTS = {
+    "8-bit rtn g128": (8, 128, True, "rtn", {}),
+    "4-bit rtn g128": (4, 128, True, "rtn", {}),
+    "4-bit awq g128": (4, 128, True, "awq", {}),
+    "4-bit gptq g128 (no clip search)": (4, 128, True, "gptq", {"clip_search": False}),
+    "4-bit gptq g128": (4, 128, True, "gptq", {}),
+    "4-bit gptq g128 + rotation": (4, 128, True, "gptq", {"rotate": True}),
+    "4-bit rtn g32": (4, 32, True, "rtn", {}),
+    "4-bit awq g32": (4, 32, True, "awq", {}),
+    "4-bit gptq g32": (4, 32, True, "gptq", {}),
+    "4-bit gptq g32 + rotation": (4, 32, True, "gptq", {"rotate": True}),
+    "gptq --target-bpw 4.5": (4, 128, True, "gptq", {"target_bpw": 4.5}),
+    "gptq --target-bpw 4.5 + rotation": (4, 128, True, "gptq", {"target_bpw": 4.5, "rotate": True}),
+    "gptq --target-bpw 4.25": (4, 128, True, "gptq", {"target_bpw": 4.25}),
+}
 
 
-def main():
+def pareto(rows: list[dict]) -> None:
+    for r in rows:
+        r["pareto"] = not any(o is not r and o["bytes"] <= r["bytes"] and o["kl"] < r["kl"] for o in rows)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    q = [r for r in rows if r["variant"] != "fp32 (reference)"]
+    ax.scatter([r["bytes"] / 1e6 for r in q], [r["ppl"] for r in q], c=["C3" if r["pareto"] else "C0" for r in q])
+    for r in q:
+        ax.annotate(r["variant"], (r["bytes"] / 1e6, r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in q if r["pareto"]), key=lambda r: r["bytes"])
+    ax.plot([r["bytes"] / 1e6 for r in front], [r["ppl"] for r in front], "C3--", lw=1, label="Pareto front (size vs KL)")
+    ax.axhline(rows[0]["ppl"], color="gray", lw=0.8, ls=":", label="fp32")
+    ax.set_xlabel("model.safetensors (MB)")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
+    ap.add_argument("--data", help="text for calibration and evaluation (default builtin:pydoc)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--embeddings", default="8", choices=["8", "4", "keep"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", help="comma-separated variant indexes to run (default: all)")
-    ap.add_argument("--out", help="write the Markdown table (and a .json beside it) here")
-    args = ap.parse_args()
+    ap.add_argument("--only", help="comma-separated variant names or indexes (default: all)")
+    ap.add_argument("--out", type=Path, help="write the Markdown table here (.json, .png, .html beside it)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     ref = load_model(args.model)
-    ids = token_ids(ref.tokenizer, builtin_text())
+    ids = token_ids(ref.tokenizer, load_text(args.data))
     calib = calibration_batch(ids, args.calib_samples, args.seq_len)
     eval_ids = split_tokens(ids, "eval")
     cache: dict = {}
     base = evaluate(ref.model, eval_ids, max_tokens=args.eval_tokens)
-    rows = [{"variant": "fp32 (reference)", "ppl": base.perplexity, "kl": 0.0, "top1": 1.0, "time_s": 0.0}]
-    chosen = VARIANTS if not args.only else [VARIANTS[int(i)] for i in args.only.split(",")]
-    for bits, g, sym, method in chosen:
+    tmp = Path(tempfile.mkdtemp(prefix="quant_table-"))
+    ref.model.save_pretrained(str(tmp / "fp32"), safe_serialization=True)
+    rows = [{"variant": "fp32 (reference)", "bytes": (tmp / "fp32" / "model.safetensors").stat().st_size, "bpw": 32.0,
+             "ppl": base.perplexity, "kl": 0.0, "top1": 1.0, "time_s": 0.0}]
+    names = list(VARIANTS)
+    chosen = names if not args.only else [names[int(x)] if x.isdigit() else x for x in args.only.split(",")]
+    for name in chosen:
+        bits, g, sym, method, extra = VARIANTS[name]
         model = copy.deepcopy(ref.model)
-        cfg = QuantConfig(fmt=QuantFormat(bits, g, sym), method=method)
+        cfg = QuantConfig(fmt=QuantFormat(bits, g, sym), method=method, embeddings=args.embeddings, **extra)
         t0 = time.perf_counter()
-        quantize_model(model, cfg, calib)
+        _, info = quantize_model(model, cfg, calib)
         secs = time.perf_counter() - t0
         q = evaluate(model, eval_ids, reference=ref.model, reference_cache=cache, max_tokens=args.eval_tokens)
-        rows.append({"variant": f"{bits}-bit {method} g{g} {'sym' if sym else 'asym'}", "ppl": q.perplexity,
-                     "kl": q.kl, "top1": q.top1, "time_s": secs})
+        save_model(model, None, tmp / "q", {"quantization": info, "steps": []})
+        size = (tmp / "q" / "model.safetensors").stat().st_size
+        rows.append({"variant": name, "bytes": size, "bpw": info["bits_per_weight"], "ppl": q.perplexity, "kl": q.kl,
+                     "top1": q.top1, "time_s": secs})
         print(json.dumps(rows[-1]), flush=True)
         del model
+    pareto(rows)
     lines = [
-        f"Quantization quality, {args.model} (linear layers; embeddings kept), {date.today()}, "
+        f"Quantization size-quality, {args.model} (embeddings {args.embeddings}), {date.today()}, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}; calibration "
-        f"{calib.shape[0]}x{calib.shape[1]} tokens, eval {base.tokens} held-out tokens (ctx {base.ctx}, stride {base.stride}).",
+        f"{calib.shape[0]}x{calib.shape[1]} tokens of {args.data or 'builtin:pydoc'}, eval {base.tokens} held-out tokens "
+        f"(ctx {base.ctx}, stride {base.stride}). * = on the Pareto front (no variant both no larger and lower KL).",
         "",
-        "| variant | perplexity | Δ ppl | KL (nats/token) | top-1 agreement | quantize time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | size (MB) | bits/weight (linears) | perplexity | Δ ppl | KL (nats/token) | top-1 | quantize (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {(r['ppl'] / base.perplexity - 1) * 100:+.2f}% | "
-                     f"{r['kl']:.4f} | {r['top1'] * 100:.2f}% | {r['time_s']:.0f} |")
+        lines.append(f"| {r['variant']}{' *' if r['pareto'] and r['kl'] > 0 else ''} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | "
+                     f"{r['ppl']:.3f} | {(r['ppl'] / base.perplexity - 1) * 100:+.2f}% | {r['kl']:.3g} | {r['top1'] * 100:.2f}% | "
+                     f"{r['time_s']:.0f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table + "\n")
-        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
-            json.dump(rows, fh, indent=1)
+        args.out.write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        png = args.out.with_suffix(".png")
+        plot(rows, png, f"{Path(args.model).name}: size vs perplexity")
+        import html
+
+        args.out.with_suffix(".html").write_text(
+            f"<!doctype html><meta charset=utf-8><title>quantization table</title><pre>{html.escape(table)}</pre>"
+            f"<img src='{png.name}' alt='size vs perplexity'>\n")
 
 
 if __name__ == "__main__":

@@ -172,11 +172,11 @@ def save_model(model, tokenizer, out_dir: Path, record: dict) -> None:
 
 def count_parameters(model) -> int:
     """Weights the model represents (packed quantized weights counted as their logical size)."""
-    from .quant.modules import _Packed, TiedQuantLinear
+    from .quant.modules import PackedMatrix, TiedQuantLinear
 
     seen, total = set(), 0
     for m in model.modules():
-        if isinstance(m, _Packed):
+        if isinstance(m, PackedMatrix):
             total += m.out_features * m.in_features + (0 if getattr(m, "bias", None) is None else m.bias.numel())
             seen.update(id(p) for p in m.parameters(recurse=False))
         elif isinstance(m, TiedQuantLinear):

@@ -20,7 +20,7 @@ from edgellm.record import add_step, write_record
 
 from . import gpt2, llama
 from .check import ParityError, check_export
-from .weights import Options, check_options
+from .weights import Options, check_options, tensor_bits
 from .writer import ONNX_NAME, sha256_file, write
 
 BUILDERS = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2}
@@ -50,7 +50,8 @@ def metadata(model, record: dict, opts: Options) -> dict[str, str]:
     cfg.update(tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
     q = record.get("quantization")
     quant = None if not q else {"bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"], "method": q.get("method"),
-                                "embeddings": bool(q.get("embeddings")), "accuracy_level": opts.accuracy_level, "format": opts.format}
+                                "embeddings": bool(q.get("embeddings")), "accuracy_level": opts.accuracy_level, "format": opts.format,
+                                "tensor_bits": tensor_bits(model)}
     return {"edgellm.format_version": "1", "edgellm.version": __version__, "edgellm.config": json.dumps(cfg),
             "edgellm.quantization": json.dumps(quant),
             "edgellm.source": json.dumps({"source": record.get("source"), "steps": record.get("steps", [])})}

@@ -22,6 +22,7 @@ from onnx import TensorProto
 
 from edgellm.arch import linear_weight
 from edgellm.errors import EdgeLLMError, UnsupportedError
+from edgellm.quant.packing import pack, unpack
 
 from .graph import MS_DOMAIN, Graph
 
@@ -61,20 +62,6 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-def unpack(q: np.ndarray, bits: int) -> np.ndarray:
-    if bits == 8:
-        return q
-    return np.stack((q & 0x0F, q >> 4), axis=-1).reshape(*q.shape[:-1], -1)
-
-
-def pack(c: np.ndarray, bits: int) -> np.ndarray:
-    if bits == 8:
-        return c.astype(np.uint8)
-    if c.shape[-1] % 2:
-        c = np.concatenate([c, np.zeros((*c.shape[:-1], 1), np.uint8)], -1)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
-
-
 def _packed_spec(m) -> LinearSpec:
     """Spec of a QuantLinear/QuantEmbedding; per-channel groups whose width is not a power of two
     are padded to one (codes = zero point, so they encode 0) because MatMulNBits needs it."""
@@ -87,17 +74,17 @@ def _packed_spec(m) -> LinearSpec:
         codes = unpack(qweight, fmt.bits)  # (out, 1, block)
         z = zeros if zeros is not None else np.full(scales.shape, fmt.sym_zero, np.uint8)
         pad = np.broadcast_to(z[..., None], (*z.shape, new - block))
-        qweight, block = pack(np.concatenate([codes, pad], -1), fmt.bits), new
+        qweight, block = pack(np.concatenate([codes, pad], -1), fmt.bits, pad_odd=True), new
     return LinearSpec(out_f=m.out_features, in_f=m.in_features, qweight=qweight, scales=scales, zeros=zeros,
                       bits=fmt.bits, block=block, bias=None if getattr(m, "bias", None) is None else _np(m.bias).astype(np.float32))
 
 
 def linear_spec(modules: list, path: str) -> LinearSpec:
     """The spec of the linears in `modules` with their output rows concatenated (fusion)."""
-    from edgellm.quant.modules import TiedQuantLinear, _Packed
+    from edgellm.quant.modules import PackedMatrix, TiedQuantLinear
 
     modules = [m.embedding[0] if isinstance(m, TiedQuantLinear) else m for m in modules]
-    packed = [isinstance(m, _Packed) for m in modules]
+    packed = [isinstance(m, PackedMatrix) for m in modules]
     if any(packed) and not all(packed):
         raise UnsupportedError(f"'{path}' fuses quantized and float layers; quantize the whole model or none of it")
     if all(packed):
@@ -128,7 +115,7 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
             g.weight(names[0], spec.qweight)
             g.weight(names[1], spec.scales.reshape(-1))
             if spec.zeros is not None:
-                g.weight(names[2], pack(spec.zeros, spec.bits).reshape(-1))
+                g.weight(names[2], pack(spec.zeros, spec.bits, pad_odd=True).reshape(-1))
         return names
     names = [f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"]
     if names[0] not in g.weights:
@@ -137,7 +124,7 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
         g.weight(names[0], spec.qweight.reshape(spec.out_f, -1), elem, dims=[spec.out_f, padded_in])
         g.weight(names[1], spec.scales)
         zeros = spec.zeros if spec.zeros is not None else np.full(spec.scales.shape, 1 << (spec.bits - 1), np.uint8)
-        g.weight(names[2], pack(zeros.reshape(-1), spec.bits), elem, dims=list(spec.scales.shape))
+        g.weight(names[2], pack(zeros.reshape(-1), spec.bits, pad_odd=True), elem, dims=list(spec.scales.shape))
     return names
 
 
@@ -205,6 +192,23 @@ def embedding_spec(module, path: str) -> LinearSpec:
         raise UnsupportedError(f"'{path}' is a {type(module).__name__}, not an embedding edgellm can export")
     w = _np(module.weight).astype(np.float32)
     return LinearSpec(out_f=w.shape[0], in_f=w.shape[1], w=w)
+
+
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def tensor_bits(model) -> dict[str, int]:
+    """Bits of every packed tensor by its name in the export (fused q/k/v and gate/up named as
+    the exporters name them), so a reader needs no single model-wide width: a mixed-precision
+    plan or 8-bit embeddings beside 4-bit linears. A tied head reads the embedding's entry."""
+    from edgellm.quant.modules import PackedMatrix
+
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, PackedMatrix):
+            parent, _, leaf = path.rpartition(".")
+            out[f"{parent}.{_FUSED[leaf]}" if leaf in _FUSED else path] = m.fmt.bits
+    return out
 
 
 def check_options(opts: Options) -> None:

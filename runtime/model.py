@@ -71,6 +71,7 @@ class Weights:
         self._keep = []  # every array whose address a descriptor holds
         q = ex.quantization or {}
         self.bits = int(q.get("bits") or 0)
+        self.tensor_bits = q.get("tensor_bits") or {}  # per packed tensor (8-bit embeddings, mixed plans)
         L = cfg.num_layers
         self.lin = np.zeros((L, 4, DESC_LEN), np.int64)
         self.norms = np.zeros((L, 4), np.int64)
@@ -116,11 +117,12 @@ class Weights:
         d = np.zeros(DESC_LEN, np.int64)
         if ex.has(f"{p}.qweight"):
             qw = ex.get(f"{p}.qweight")
-            if self.bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
-                raise UnsupportedError(f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {self.bits}-bit) is not a MatMulNBits layout "
+            bits = int(self.tensor_bits.get(p, self.bits))
+            if bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
+                raise UnsupportedError(f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout "
                                        "the numba runtime reads (4 or 8 bits); --backend onnxruntime may still run it")
             n, nb, bb = qw.shape
-            gs = bb * 8 // self.bits
+            gs = bb * 8 // bits
             if gs < 16 or gs & (gs - 1):
                 raise UnsupportedError(f"'{p}' has blocks of {gs} columns; the numba runtime needs a power of two >= 16; "
                                        "--backend onnxruntime may still run it")
@@ -131,13 +133,13 @@ class Weights:
             s16[: n * nb] = scales
             if not nb * gs - gs < k <= nb * gs:
                 raise EdgeLLMError(f"'{p}.qweight' packs {nb * gs} columns but the layer has {k} inputs")
-            d[D_KIND], d[D_N], d[D_K], d[D_W] = self.bits, n, k, self._addr(qw, np.uint8)
+            d[D_KIND], d[D_N], d[D_K], d[D_W] = bits, n, k, self._addr(qw, np.uint8)
             d[D_S] = self._addr(s16.view(np.uint16), np.uint16)
-            d[D_GS], d[D_NB], d[D_RB], d[D_ZERO] = gs, nb, nb * bb, 1 << (self.bits - 1)
+            d[D_GS], d[D_NB], d[D_RB], d[D_ZERO] = gs, nb, nb * bb, 1 << (bits - 1)
             d[D_SYM] = 1
             if ex.has(f"{p}.qzeros"):
                 zp = ex.get(f"{p}.qzeros").reshape(n, -1)
-                z = zp if self.bits == 8 else np.stack((zp & 15, zp >> 4), -1).reshape(n, -1)
+                z = zp if bits == 8 else np.stack((zp & 15, zp >> 4), -1).reshape(n, -1)
                 zs = (z[:, :nb].astype(np.float32) - d[D_ZERO]) * scales.reshape(n, nb).astype(np.float32)  # from the centre (quant.py)
                 d[D_Z], d[D_SYM] = self._addr(zs, np.float32), 0
                 ex.drop_pages(zp)

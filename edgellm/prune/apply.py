@@ -1,4 +1,4 @@
-"""Prune a whole model, one decoder block at a time (the calibration driver of quant/apply.py).
+"""Prune a whole model, one decoder block at a time (the calibration pass of edgellm/calibration.py).
 
 Unstructured / N:M: capture block 0's inputs on the calibration batch; for each block, record
 every linear's H = X^T X, prune its linears (magnitude needs no data), then run the pruned
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..arch import block_linears, decoder_layers, family_of, linear_weight, set_linear_weight
+from ..calibration import capture_block_inputs, collect_stats, run_block
 from ..errors import EdgeLLMError
 from ..progress import NULL
-from ..quant.apply import _capture_block_inputs, _collect, _run_block
 from . import structured as st
 from .masks import Pattern, check_divides, magnitude_score, select_mask, sparsity_of, wanda_score
 from .sparsegpt import sparsegpt_prune
@@ -73,16 +73,16 @@ def prune_unstructured(model, cfg: PruneConfig, calib: torch.Tensor | None, prog
     report = []
     label = f"{cfg.method} {cfg.pattern or f'{cfg.sparsity:.0%}'}"
     with torch.no_grad():
-        inputs = _capture_block_inputs(model, calib) if needs_data else None
+        inputs = capture_block_inputs(model, calib) if needs_data else None
         for bi in progress.track(range(len(blocks)), label, total=len(blocks)):
             block = blocks[bi]
             linears = block_linears(block)
-            stats = _collect(block, inputs, linears, 0) if needs_data else {}
+            stats = collect_stats(block, inputs, linears, 0) if needs_data else {}
             for name, lin in linears.items():
                 t0 = time.perf_counter()
                 w = linear_weight(lin).detach().float()  # (out, in)
                 if cfg.method == "sparsegpt":
-                    H = 2 * stats[name].H / max(stats[name].n, 1)
+                    H = stats[name].hessian
                     new, _ = sparsegpt_prune(w, H, cfg.sparsity, cfg.pattern, damp=cfg.damp, blocksize=cfg.blocksize)
                 else:
                     score = magnitude_score(w) if cfg.method == "magnitude" else wanda_score(w, stats[name].H)
@@ -92,7 +92,7 @@ def prune_unstructured(model, cfg: PruneConfig, calib: torch.Tensor | None, prog
                 report.append({"block": bi, "layer": f"{layers_path}.{bi}.{name}", "shape": list(w.shape),
                                "sparsity": round(sparsity_of(new), 6), "time_s": round(time.perf_counter() - t0, 4)})
             if needs_data and bi + 1 < len(blocks):
-                inputs = _run_block(block, inputs)
+                inputs = run_block(block, inputs)
     total = sum(r["shape"][0] * r["shape"][1] for r in report)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report)
     info = {**cfg.to_dict(), "linears": len(report), "sparsity_reached": round(zeros / max(total, 1), 6),
@@ -129,12 +129,12 @@ def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progre
     cfg = model.config
     before = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")}
     with torch.no_grad():
-        inputs = _capture_block_inputs(model, calib)
+        inputs = capture_block_inputs(model, calib)
         blocks = decoder_layers(model)
         if kind == "layers":
             scores = []
             for bi in progress.track(range(len(blocks)), "scoring layers", total=len(blocks)):
-                outputs = _run_block(blocks[bi], inputs)
+                outputs = run_block(blocks[bi], inputs)
                 scores.append(st.block_influence(inputs, outputs))
                 inputs = outputs
             _, removed = st.lowest(torch.tensor(scores), plan["remove"])
@@ -147,17 +147,17 @@ def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progre
                 block = blocks[bi]
                 if kind == "heads":
                     attn = block.self_attn
-                    H = _collect(block, inputs, {"o": attn.o_proj}, 0)["o"].H
+                    H = collect_stats(block, inputs, {"o": attn.o_proj}, 0)["o"].H
                     keep, removed = st.lowest(st.group_importance(attn.o_proj.weight, H, n_heads, n_kv, hd), plan["remove"])
                     st.remove_kv_groups(attn, keep, n_heads, n_kv, hd)
                 else:
                     mlp = block.mlp
-                    H = _collect(block, inputs, {"down": mlp.down_proj}, 0)["down"].H
+                    H = collect_stats(block, inputs, {"down": mlp.down_proj}, 0)["down"].H
                     keep, removed = st.lowest(st.channel_importance(mlp.down_proj.weight, H), plan["remove"])
                     st.remove_channels(mlp, keep)
                 removed_per_block.append(removed)
                 if bi + 1 < len(blocks):
-                    inputs = _run_block(block, inputs)
+                    inputs = run_block(block, inputs)
             if kind == "heads":
                 kv = n_kv - plan["remove"]
                 st.set_head_config(cfg, kv * (n_heads // n_kv), kv, hd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hessian import inverse_cholesky, lazy_sweep, prepare_hessian
 from .masks import Pattern
 
 BLOCK = 128  # columns whose mask is chosen together and whose updates are applied lazily
@@ -24,40 +25,33 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     """W (out, in), H (in, in) -> (pruned and updated W, mask of removed weights)."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape
-    H = H.float().clone()
-    dead = torch.diag(H) == 0  # inputs never active on the calibration data: free to remove
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H, dead = prepare_hessian(W, H, damp)  # dead inputs: never active on the calibration data, free to remove
+    U = inverse_cholesky(H)
 
     mask = torch.zeros(out_f, in_f, dtype=torch.bool)
     if pattern is not None and blocksize % pattern.m:
         blocksize = pattern.m * max(1, blocksize // pattern.m)  # groups must not straddle blocks
-    for i1 in range(0, in_f, blocksize):
-        i2 = min(i1 + blocksize, in_f)
-        W1 = W[:, i1:i2].clone()  # (out, b)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)  # (b,)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+    d_block: list[torch.Tensor] = []  # diag of the current block's U
+
+    def start(i1, W1, U1):
+        d = torch.diag(U1)  # (b,)
+        d_block[:] = [d]
         if pattern is None:
             saliency = W1**2 / d.unsqueeze(0) ** 2  # (out, b)
             k = int(saliency.numel() * sparsity)
             if k:
-                mask1.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
-        for i in range(i2 - i1):
-            if pattern is not None and i % pattern.m == 0:
-                sal = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2  # (out, M)
-                drop = torch.topk(sal, pattern.m - pattern.n, dim=1, largest=False).indices
-                mask1[:, i : i + pattern.m].scatter_(1, drop, True)
-            col = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(col), col)
-            err = (col - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        mask[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                m1 = torch.zeros_like(W1, dtype=torch.bool)
+                m1.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+                mask[:, i1 : i1 + W1.shape[1]] = m1
+
+    def replace(j, W1, i, _W):
+        if pattern is not None and i % pattern.m == 0:
+            d = d_block[0]
+            sal = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2  # (out, M)
+            drop = torch.topk(sal, pattern.m - pattern.n, dim=1, largest=False).indices
+            mask[:, j : j + pattern.m].scatter_(1, drop, True)
+        col = W1[:, i]
+        return torch.where(mask[:, j], torch.zeros_like(col), col)
+
+    lazy_sweep(W, U, replace, blocksize, start)
     return W, mask | (W == 0) & dead.unsqueeze(0)

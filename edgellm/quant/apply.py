@@ -1,30 +1,36 @@
 """Apply a quantization method to a whole model, one decoder block at a time, and store it.
 
-The driver (GPTQ's "sequential" scheme): capture the inputs of block 0 on the calibration
-batch; for each block, record every linear's input statistics (H = X^T X, and activation
-samples for AWQ), quantize the block's linears, then run the quantized block to produce the
-next block's inputs, so later blocks are calibrated on what the quantized model computes.
+The driver is the shared calibration pass (edgellm/calibration.py): capture the inputs of
+block 0 on the calibration batch; for each block, record every linear's input statistics
+(H = X^T X, and activation samples for AWQ), quantize the block's linears, then run the
+quantized block to produce the next block's inputs, so later blocks are calibrated on what the
+quantized model computes.
+
+Before it, optionally: rotation of the residual stream (rotation.py) and a per-linear plan of
+formats (mixed.py, `--target-bpw`). After it, the token embeddings / lm_head (RTN with the
+clipping search; 8-bit by default for 4-bit models, the tied matrix stored once).
 """
 
 from __future__ import annotations
 
-import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from ..arch import block_linears, decoder_layers, family_of, get_path, is_linear, linear_weight, set_linear_weight
+from ..calibration import InputStats, capture_block_inputs, collect_stats, run_block
+from ..errors import EdgeLLMError
 from .awq import apply_clip, search_clip, search_scales
-from .formats import QuantFormat, quantize_rtn
+from .formats import QuantFormat, mse_group_params, pad_columns, quantize_codes, quantize_rtn
 from .gptq import gptq_quantize
-from .modules import QuantEmbedding, QuantLinear, TiedQuantLinear
+from .modules import PackedMatrix, QuantEmbedding, QuantLinear, TiedQuantLinear
 
 METHODS = ("rtn", "gptq", "awq")
+EMBEDDINGS = ("8", "4", "keep")
 AWQ_SAMPLE_ROWS = 2048  # activation rows kept per linear for AWQ's searches
 CLIP_SAMPLE_ROWS = 512
-MINI_BATCH = 4  # calibration sequences per forward pass
 RTN_ERROR_SAMPLES = 4  # RTN needs no calibration; these sequences only measure each layer's error
 
 
@@ -34,97 +40,44 @@ class QuantConfig:
     method: str = "gptq"
     damp: float = 0.01  # GPTQ: fraction of mean(diag H) added to H's diagonal
     act_order: bool = True  # GPTQ: quantize most-activated input columns first
-    quantize_embeddings: bool = False  # also 4/8-bit the token embeddings and lm_head (RTN)
+    clip_search: bool = True  # GPTQ: per-group clipping range minimising diag(H)-weighted error
+    quantize_embeddings: bool = False  # legacy switch: embeddings in `fmt` (when `embeddings` is None)
+    embeddings: str | None = None  # "8", "4" or "keep" (None: quantize_embeddings decides)
+    rotate: bool = False  # rotate the residual stream first (rotation.py)
+    seed: int = 0  # rotation's random signs / orthogonal factor
+    plan: dict[str, QuantFormat] = field(default_factory=dict)  # per-linear formats; default fmt otherwise
+    target_bpw: float | None = None  # plan the formats to this budget first (mixed.py)
+    plan_sym: bool | None = None  # the plan's candidates: symmetric only, asymmetric only, or both (None)
+
+    def __post_init__(self):
+        if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
+            raise EdgeLLMError(f"--embeddings {self.embeddings!r} is invalid; choose one of {', '.join(EMBEDDINGS)}")
+        if self.embeddings == "4" and self.fmt.bits == 8:
+            raise EdgeLLMError("--embeddings 4 with --bits 8 would store the most sensitive tensor below the rest; "
+                               "use --embeddings 8 or keep")
+
+    @property
+    def embeddings_mode(self) -> str:
+        if self.embeddings is not None:
+            return self.embeddings
+        return str(self.fmt.bits) if self.quantize_embeddings else "keep"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(d.pop("fmt"))
+        d.pop("quantize_embeddings")
+        d["embeddings"] = self.embeddings_mode
+        d["plan"] = bool(self.plan)
         return d
 
 
-class _Stop(Exception):
-    pass
-
-
-def _capture_block_inputs(model, calib: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states and keyword arguments reaching block 0, one entry per mini-batch."""
-    first = decoder_layers(model)[0]
-    captured = []
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden.detach(), kw))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(0, len(calib), MINI_BATCH):
-            try:
-                model(input_ids=calib[i : i + MINI_BATCH], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block, inputs):
-    outs = []
-    for hidden, kw in inputs:
-        out = block(hidden, **kw)
-        outs.append(((out[0] if isinstance(out, tuple) else out).detach(), kw))
-    return outs
-
-
-class _InputStats:
-    """Accumulates H = X^T X and a sample of rows of one linear's input X."""
-
-    def __init__(self, in_features: int, keep_rows: int):
-        self.H = torch.zeros(in_features, in_features)
-        self.n = 0
-        self.keep_rows = keep_rows
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        self.H += x.t() @ x
-        self.n += x.shape[0]
-        have = sum(r.shape[0] for r in self.rows)
-        if have < self.keep_rows:
-            step = max(1, x.shape[0] // max(1, (self.keep_rows // 4)))
-            self.rows.append(x[::step][: self.keep_rows - have])
-
-    @property
-    def X(self) -> torch.Tensor:
-        return torch.cat(self.rows, 0)
-
-
-def _collect(block, inputs, linears: dict, keep_rows: int) -> dict[str, _InputStats]:
-    """Input statistics per linear; linears that read the same tensor (q/k/v, gate/up) share one."""
-    stats: dict[str, _InputStats] = {}
-    seen: dict[int, tuple[torch.Tensor, _InputStats]] = {}  # id(input) -> (input kept alive, stats)
-
-    def hook(name, _module, args):
-        x = args[0]
-        if id(x) in seen:  # same tensor as a sibling linear: already accumulated for this call
-            stats.setdefault(name, seen[id(x)][1])
-            return
-        st = stats.get(name) or _InputStats(x.shape[-1], keep_rows)
-        stats[name] = st
-        st.add(x)
-        seen[id(x)] = (x, st)
-
-    handles = [m.register_forward_pre_hook(functools.partial(hook, name)) for name, m in linears.items()]
-    try:
-        for hidden, kw in inputs:
-            seen.clear()
-            block(hidden, **kw)
-    finally:
-        for h in handles:
-            h.remove()
-        seen.clear()
-    return stats
+def embedding_format(bits: int, dim: int, sym: bool = True) -> QuantFormat:
+    """Embeddings' format: groups of the largest power of two <= 128 dividing the width (576 -> 64)
+    so no row is padded; 8-bit like llama.cpp's Q8_0 default for token_embd."""
+    g = 128
+    while g > 16 and dim % g:
+        g //= 2
+    return QuantFormat(bits=bits, group_size=g if dim % g == 0 else 128, sym=sym)
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -132,7 +85,7 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(get_path(root, parent) if parent else root, leaf, new)
 
 
-def _awq_fold(block, family, stats: dict[str, _InputStats], fmt: QuantFormat) -> None:
+def _awq_fold(block, family, stats: dict[str, InputStats], fmt: QuantFormat) -> None:
     """Scale search per group, folded into the producing module (function unchanged)."""
     for prev_name, targets in family.scale_groups:
         prev = get_path(block, prev_name)
@@ -174,84 +127,150 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
     fmt = cfg.fmt
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}")
-    report, names = [], []
+    rotation = None
+    if cfg.rotate:
+        from .rotation import rotate_model
+
+        rotation = rotate_model(model, cfg.seed)
+    plan_info = None
+    if cfg.target_bpw is not None:
+        from .mixed import plan_formats
+
+        with torch.no_grad():
+            cfg.plan, plan_info = plan_formats(model, calib, cfg.target_bpw, cfg.plan_sym, progress)
+    report, names, formats = [], [], {}
     blocks = decoder_layers(model)
     family = family_of(model.config)
     keep = AWQ_SAMPLE_ROWS if cfg.method == "awq" else 0
     if cfg.method == "rtn":
         calib = calib[:RTN_ERROR_SAMPLES]
     with torch.no_grad():
-        inputs = _capture_block_inputs(model, calib)
+        inputs = capture_block_inputs(model, calib)
         for bi in progress.track(range(len(blocks)), f"{cfg.method} {fmt.bits}-bit", total=len(blocks)):
             block = blocks[bi]
             linears = block_linears(block)
-            stats = _collect(block, inputs, linears, keep)
+            stats = collect_stats(block, inputs, linears, keep)
             if cfg.method == "awq":
                 _awq_fold(block, family, stats, fmt)
             for name, lin in linears.items():
+                path = f"{family.layers}.{bi}.{name}"
+                lfmt = cfg.plan.get(path, fmt)
                 t0 = time.perf_counter()
                 w_ref = linear_weight(lin).detach().float()  # (out, in); after AWQ's exact rescaling
                 H = stats[name].H
                 if cfg.method == "gptq":
-                    codes, scales, zeros = gptq_quantize(w_ref, 2 * H / max(stats[name].n, 1), fmt, damp=cfg.damp, act_order=cfg.act_order)
+                    codes, scales, zeros = gptq_quantize(w_ref, stats[name].hessian, lfmt, damp=cfg.damp,
+                                                         act_order=cfg.act_order, clip_search=cfg.clip_search)
                 else:
                     w = w_ref
                     if cfg.method == "awq" and name not in family.clip_skip:
                         rows = stats[name].X
                         rows = rows[torch.linspace(0, len(rows) - 1, min(CLIP_SAMPLE_ROWS, len(rows))).long()]
-                        w = apply_clip(w, search_clip(rows, w, fmt), fmt)
-                    codes, scales, zeros = quantize_rtn(w, fmt)
-                q = QuantLinear(w_ref.shape[1], w_ref.shape[0], lin.bias is not None, fmt)
+                        w = apply_clip(w, search_clip(rows, w, lfmt), lfmt)
+                    codes, scales, zeros = quantize_rtn(w, lfmt)
+                q = QuantLinear(w_ref.shape[1], w_ref.shape[0], lin.bias is not None, lfmt)
                 q.set_codes(codes, scales, zeros)
                 if lin.bias is not None:
                     q.bias.data.copy_(lin.bias.data)
-                path = f"{family.layers}.{bi}.{name}"
-                report.append({"layer": path, "shape": list(w_ref.shape), "rel_error": _rel_error(w_ref, q.dequantize(), H),
-                               "time_s": time.perf_counter() - t0})
+                report.append({"layer": path, "shape": list(w_ref.shape), "bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym,
+                               "rel_error": _rel_error(w_ref, q.dequantize(), H), "time_s": time.perf_counter() - t0})
                 _replace(block, name, q)
                 names.append(path)
-            inputs = _run_block(block, inputs)
-        if cfg.quantize_embeddings:
-            _quantize_embeddings(model, fmt, names)
-    info = {**cfg.to_dict(), "modules": names, "embeddings": cfg.quantize_embeddings, "tied": _tied(model)}
+                if cfg.plan:
+                    formats[path] = {"bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym}
+            inputs = run_block(block, inputs)
+        emb_fmt = None
+        if cfg.embeddings_mode != "keep":
+            bits = int(cfg.embeddings_mode)
+            emb_fmt = fmt if cfg.embeddings is None else embedding_format(bits, model.get_input_embeddings().embedding_dim)
+            _quantize_embeddings(model, emb_fmt)
+    info = {**cfg.to_dict(), "modules": names, "embeddings": emb_fmt.to_dict() if emb_fmt else False, "tied": _tied(model)}
+    if formats:
+        info["formats"] = formats
+    if rotation:
+        info["rotation"] = rotation
+    if plan_info:
+        info["mixed"] = plan_info
+    info["bits_per_weight"] = round(bits_per_weight(model), 4)
     return report, info
+
+
+def bits_per_weight(model) -> float:
+    """Bytes of the decoder blocks' quantized linears (codes, scales, zero points) x 8 / their
+    parameter count (the issue's definition; padding of a last partial group counts)."""
+    nbytes = params = 0
+    for block in decoder_layers(model):
+        for m in block.modules():
+            if isinstance(m, PackedMatrix):
+                nbytes += packed_bytes(m)
+                params += m.out_features * m.in_features
+    return 8 * nbytes / max(params, 1)
+
+
+def packed_bytes(m: PackedMatrix) -> int:
+    return m.qweight.numel() + 2 * m.scales.numel() + (0 if m.qzeros is None else m.qzeros.numel())
 
 
 def _tied(model) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
 
 
-def _quantize_embeddings(model, fmt: QuantFormat, names: list[str]) -> None:
+def _rtn_clipped(w: torch.Tensor, fmt: QuantFormat):
+    """RTN with each group's clipping range chosen by the MSE search: (out, in) -> codes, scales, zeros."""
+    out_f, in_f = w.shape
+    g = fmt.group_for(in_f)
+    wg = pad_columns(w.float(), fmt.padded(in_f)).reshape(out_f, -1, g)
+    codes, scales, zeros = [], [], []
+    for r in range(0, out_f, 4096):  # row chunks bound the search's temporaries on big vocabularies
+        s, z = mse_group_params(wg[r : r + 4096], fmt)
+        codes.append(quantize_codes(wg[r : r + 4096], s, z, fmt.maxq)), scales.append(s), zeros.append(z)
+    return torch.cat(codes), torch.cat(scales), torch.cat(zeros)
+
+
+def _quantize_embeddings(model, fmt: QuantFormat) -> None:
     emb = model.get_input_embeddings()
     qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, fmt)
-    qe.set_codes(*quantize_rtn(emb.weight.detach(), fmt))
+    qe.set_codes(*_rtn_clipped(emb.weight.detach(), fmt))
     model.set_input_embeddings(qe)
     if _tied(model):
         model.lm_head = TiedQuantLinear(qe)
     else:
         head = model.lm_head
         qh = QuantLinear(head.in_features, head.out_features, head.bias is not None, fmt)
-        qh.set_codes(*quantize_rtn(head.weight.detach(), fmt))
+        qh.set_codes(*_rtn_clipped(head.weight.detach(), fmt))
         if head.bias is not None:
             qh.bias.data.copy_(head.bias.data)
         model.lm_head = qh
 
 
+def _embedding_format_of(info: dict, fmt: QuantFormat) -> QuantFormat | None:
+    e = info.get("embeddings")
+    if not e:
+        return None
+    if e is True:  # edgellm.json written before per-tensor embedding formats
+        return fmt
+    return QuantFormat(bits=e["bits"], group_size=e["group_size"], sym=e["sym"])
+
+
 def _swap_for_loading(model, info: dict, dtype) -> None:
     fmt = QuantFormat(bits=info["bits"], group_size=info["group_size"], sym=info["sym"])
+    formats = info.get("formats") or {}
     for path in info["modules"]:
         lin = get_path(model, path)
         w = linear_weight(lin)
-        _replace(model, path, QuantLinear(w.shape[1], w.shape[0], lin.bias is not None, fmt))
-    if info.get("embeddings"):
+        f = formats.get(path)
+        lfmt = fmt if f is None else QuantFormat(bits=f["bits"], group_size=f["group_size"], sym=f.get("sym", fmt.sym))
+        _replace(model, path, QuantLinear(w.shape[1], w.shape[0], lin.bias is not None, lfmt))
+    efmt = _embedding_format_of(info, fmt)
+    if efmt is not None:
         emb = model.get_input_embeddings()
-        qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, fmt)
+        qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, efmt)
         model.set_input_embeddings(qe)
         if info.get("tied"):
             model.lm_head = TiedQuantLinear(qe)
         else:
             head = model.lm_head
-            model.lm_head = QuantLinear(head.in_features, head.out_features, head.bias is not None, fmt)
+            model.lm_head = QuantLinear(head.in_features, head.out_features, head.bias is not None, efmt)
 
 
 def save_quantized(model, out_dir) -> None:

@@ -65,20 +65,21 @@ def pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
     return w if w.shape[-1] == width else torch.nn.functional.pad(w, (0, width - w.shape[-1]))
 
 
-def group_params(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, fmt: QuantFormat, shrink: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points for groups given as the last dim of `w` (..., gs) -> (...,), (...,).
 
+    `shrink` (a float or (...,)) scales the clipping range [min, max] (1 = no clipping).
     Scales are rounded to fp16 here, so the codes are chosen against the scale that is stored.
     """
     w = w.float()
     if fmt.sym:
         idx = w.abs().argmax(dim=-1, keepdim=True)
         m = torch.gather(w, -1, idx).squeeze(-1)  # signed value of largest magnitude
-        scale = m / -fmt.sym_zero
+        scale = m * shrink / -fmt.sym_zero
         zero = torch.full_like(scale, fmt.sym_zero)
     else:
-        lo = w.amin(dim=-1).clamp(max=0)
-        hi = w.amax(dim=-1).clamp(min=0)
+        lo = w.amin(dim=-1).clamp(max=0) * shrink
+        hi = w.amax(dim=-1).clamp(min=0) * shrink
         scale = (hi - lo) / fmt.maxq
         zero = torch.zeros_like(scale)  # set below once scale is final
     scale = scale.half().float()
@@ -106,3 +107,24 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat):
     wg = pad_columns(w.float(), fmt.padded(in_f)).reshape(out_f, -1, g)  # (out, ng, gs)
     scale, zero = group_params(wg, fmt)
     return quantize_codes(wg, scale, zero, fmt.maxq), scale, zero
+
+
+CLIP_GRID = tuple(1.0 - 0.01 * k for k in range(31))  # clipping ranges tried by the MSE search: 100% .. 70%
+
+
+def mse_group_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None,
+                     grid: tuple[float, ...] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the clipping range on `grid` whose rounding error sum(importance * (w - w')^2) is
+    smallest (importance (gs,) or (..., gs), e.g. diag H; None = plain MSE). w (..., gs) ->
+    scales, zeros (...,). The unclipped range is on the grid, so the result never rounds worse."""
+    w = w.float()
+    imp = torch.ones_like(w) if importance is None else importance.float().expand_as(w)
+    best_s, best_z = group_params(w, fmt)
+    best_err = torch.full(best_s.shape, float("inf"))
+    for p in grid:
+        s, z = group_params(w, fmt, p)
+        err = (imp * (dequantize_codes(quantize_codes(w, s, z, fmt.maxq), s, z) - w) ** 2).sum(-1)  # (...,)
+        better = err < best_err
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_err = torch.minimum(err, best_err)
+    return best_s, best_z

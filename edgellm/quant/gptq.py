@@ -1,74 +1,65 @@
 """GPTQ (Frantar et al., 2022): quantize one column at a time and push each column's rounding
 error onto the columns not yet quantized, weighted by the inverse Hessian H = 2 X^T X of the
-layer's calibration inputs.
+layer's calibration inputs (the sweep itself is edgellm/hessian.py, shared with SparseGPT).
 
 Options: damping (a fraction of mean(diag H) added to the diagonal), act-order (columns in
-decreasing diag(H), i.e. most-activated inputs first) and groups. With act-order the groups'
-scales are fixed up front on contiguous column ranges ("static groups"), so the stored layout
-stays plain contiguous groups that ONNX Runtime's MatMulNBits reads without a g_idx; without
-act-order each group's scale is chosen when the sweep reaches it, from the updated weights.
+decreasing diag(H), i.e. most-activated inputs first), groups, and the clipping search: each
+group's scale is the clipping range (100% .. 70% of its max) whose rounding error, weighted by
+diag H, is smallest (formats.mse_group_params), instead of the plain max. With act-order the
+groups' scales are fixed up front on contiguous column ranges ("static groups"), so the stored
+layout stays plain contiguous groups that ONNX Runtime's MatMulNBits reads without a g_idx;
+without act-order each group's scale is chosen when the sweep reaches it, from the updated
+weights.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .formats import QuantFormat, group_params, pad_columns
-
-BLOCK = 128  # columns updated lazily together (the paper's batched "lazy" updates)
+from ..hessian import BLOCK, inverse_cholesky, lazy_sweep, prepare_hessian
+from .formats import QuantFormat, group_params, mse_group_params, pad_columns
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.01,
-                  act_order: bool = True):
+                  act_order: bool = True, clip_search: bool = True):
     """W (out, in), H (in, in) -> codes (out, ng, gs) uint8, scales, zeros (out, ng)."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape
     g = fmt.group_for(in_f)
     ng = fmt.padded(in_f) // g
-    H = H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     pruned = W == 0  # exact zeros (e.g. from `edgellm prune`) are quantized to exactly 0.0
+    H, _ = prepare_hessian(W, H, damp)
+    hdiag = pad_columns(torch.diag(H).unsqueeze(0), ng * g).reshape(ng, g)  # (ng, gs) column importance
+
+    def params(wg: torch.Tensor, imp: torch.Tensor):  # wg (out, [ng,] gs) -> scales, zeros
+        return mse_group_params(wg, fmt, imp) if clip_search else group_params(wg, fmt)
 
     scales = torch.empty(out_f, ng)
     zeros = torch.empty(out_f, ng)
     if act_order:  # static groups from the original weights, in natural column order
-        wg = pad_columns(W, ng * g).reshape(out_f, ng, g)
-        scales, zeros = group_params(wg, fmt)
+        scales, zeros = params(pad_columns(W, ng * g).reshape(out_f, ng, g), hdiag)
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        pruned = pruned[:, perm]
+        W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
     else:
         perm = torch.arange(in_f)
-
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-
+    U = inverse_cholesky(H)
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    for i1 in range(0, in_f, BLOCK):
-        i2 = min(i1 + BLOCK, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = perm[i1 + i].item()
-            grp = col // g
-            if not act_order and col % g == 0:  # entering a new group: choose its parameters now
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]  # the group's columns, updated so far
-                s, z = group_params(pad_columns(ahead, g), fmt)
-                scales[:, grp], zeros[:, grp] = s, z
-            s, z = scales[:, grp], zeros[:, grp]
-            wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / s) + z, 0, fmt.maxq)
-            q = torch.where(pruned[:, i1 + i], z, q)  # code z decodes to exactly 0; its error is compensated
-            codes[:, col] = q.to(torch.uint8)
-            deq = (q - z) * s
-            err = (wcol - deq) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    def replace(j, W1, i, Wall):
+        col = perm[j].item()
+        grp = col // g
+        if not act_order and col % g == 0:  # entering a new group: choose its parameters now
+            i2 = j - i + W1.shape[1]
+            ahead = torch.cat([W1[:, i:], Wall[:, i2:]], 1)[:, :g]  # the group's columns, updated so far
+            s, z = params(pad_columns(ahead, g), hdiag[grp])
+            scales[:, grp], zeros[:, grp] = s, z
+        s, z = scales[:, grp], zeros[:, grp]
+        q = torch.clamp(torch.round(W1[:, i] / s) + z, 0, fmt.maxq)
+        q = torch.where(pruned[:, j], z, q)  # code z decodes to exactly 0; its error is compensated
+        codes[:, col] = q.to(torch.uint8)
+        return (q - z) * s
+
+    lazy_sweep(W, U, replace, BLOCK)
     padded = torch.empty(out_f, ng * g, dtype=torch.uint8)
     padded[:, in_f:] = zeros.to(torch.uint8).repeat_interleave(g, dim=1)[:, in_f:]  # padding encodes 0.0
     padded[:, :in_f] = codes

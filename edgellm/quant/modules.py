@@ -19,8 +19,9 @@ from .formats import QuantFormat, dequantize_codes
 from .packing import pack, unpack
 
 
-class _Packed(nn.Module):
-    """Shared storage and dequantization of a packed (out, in) matrix."""
+class PackedMatrix(nn.Module):
+    """Storage and dequantization of a packed (out, in) matrix, shared by every quantized module
+    (and read by the exporter and model I/O)."""
 
     def __init__(self, out_features: int, in_features: int, fmt: QuantFormat):
         super().__init__()
@@ -58,7 +59,7 @@ class _Packed(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={f.bits}, group={f.group_size}, sym={f.sym}"
 
 
-class QuantLinear(_Packed):
+class QuantLinear(PackedMatrix):
     """y = x @ dequant(W).T + b, computed from the packed weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: QuantFormat):
@@ -69,7 +70,7 @@ class QuantLinear(_Packed):
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-class QuantEmbedding(_Packed):
+class QuantEmbedding(PackedMatrix):
     """Row lookup into a packed (vocab, dim) table; only the looked-up rows are dequantized."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QuantFormat):

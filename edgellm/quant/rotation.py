@@ -1,0 +1,122 @@
+"""Rotation of the residual stream (QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024),
+folded into the weights so the exported graph and the runtime do not change.
+
+RMSNorm(x) * g = RMSNorm(x Q) Q^T * g for any orthogonal Q once the scale g is moved out of the
+norm. So: (1) fuse every norm's scale into the linears that read it (W <- W diag(g), g <- 1);
+(2) rotate the residual stream h -> h Q: the token embeddings E <- E Q, every linear reading the
+stream W <- W Q (q/k/v, gate/up, lm_head), every linear writing it W <- Q^T W (o_proj,
+down_proj). The model computes the same function in exact arithmetic, but its weights and
+activations lose their outlier channels (each is spread over all channels), so 4-bit groups
+waste less range on a few large values.
+
+Q = diag(signs) (R_m kron H_b): H_b the normalised Sylvester-Hadamard matrix of the largest power
+of two b dividing the width, R_m a random orthogonal m x m matrix for the odd rest (576 = 9 x 64,
+384 = 3 x 128), random signs in front (a randomised Hadamard transform).
+
+Tied embeddings: the head of a tied model reads E diag(g_f) after the final norm while the lookup
+reads E, and no orthogonal Q (other than a signed permutation) turns diag(g_f) into a diagonal
+again, so one stored matrix cannot serve both once the stream is rotated (keeping it tied with
+the closest diagonal in the norm was measured: KL 27 nats/token on SmolLM2-135M). Rotation
+therefore unties the head (E diag(g_f) Q, stored beside E Q) and records it; the file grows
+by one embedding-sized matrix. Untied models are rotated exactly, with no size change.
+
+Only RMSNorm families (Llama, Mistral, Qwen2). LayerNorm (GPT-2) also subtracts the mean, which
+a rotation does not commute with; it is refused rather than converted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..arch import decoder_layers
+from ..errors import UnsupportedError
+
+ROTATABLE = ("llama", "mistral", "qwen2")
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """Normalised Sylvester-Hadamard matrix (n, n), n a power of two: H H^T = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard size must be a power of two, got {n}")
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H / math.sqrt(n)
+
+
+def random_orthogonal(m: int, gen: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal (m, m) matrix (QR of a Gaussian, signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).contiguous()
+
+
+def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
+    """Orthogonal Q (d, d) float64: diag(random signs) @ (R_m kron H_b), d = m * b, b = 2**k."""
+    b = d & -d  # largest power of two dividing d
+    m = d // b
+    gen = torch.Generator().manual_seed(seed)
+    core = hadamard(b) if m == 1 else torch.kron(random_orthogonal(m, gen), hadamard(b))
+    signs = torch.randint(0, 2, (d,), generator=gen).double() * 2 - 1
+    return signs.unsqueeze(1) * core
+
+
+def check_rotatable(model) -> None:
+    mt = getattr(model.config, "model_type", None)
+    if mt not in ROTATABLE:
+        raise UnsupportedError(f"--rotate supports RMSNorm models ({', '.join(ROTATABLE)}); '{mt}' uses LayerNorm, "
+                               "whose mean subtraction a rotation does not commute with; quantize it without --rotate")
+
+
+def _scale_in(lin, g: torch.Tensor) -> None:  # W (out, in) <- W diag(g)
+    lin.weight.data = (lin.weight.data.double() * g.unsqueeze(0)).to(lin.weight.dtype)
+
+
+def _rot_in(lin, Q: torch.Tensor) -> None:  # a reader of the stream: W <- W Q
+    lin.weight.data = (lin.weight.data.double() @ Q).to(lin.weight.dtype)
+
+
+def _rot_out(lin, Q: torch.Tensor) -> None:  # a writer to the stream: W <- Q^T W, b <- b Q
+    lin.weight.data = (Q.t() @ lin.weight.data.double()).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (lin.bias.data.double() @ Q).to(lin.bias.dtype)
+
+
+def rotate_model(model, seed: int = 0) -> dict:
+    """Fuse norm scales and rotate the residual stream in place (module docstring); a tied head
+    is untied. Returns a record of the rotation."""
+    check_rotatable(model)
+    d = model.config.hidden_size
+    Q = rotation_matrix(d, seed)
+    one = lambda norm: norm.weight.data.fill_(1.0)  # noqa: E731
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            a, m = layer.self_attn, layer.mlp
+            g1, g2 = layer.input_layernorm.weight.data.double(), layer.post_attention_layernorm.weight.data.double()
+            for lin in (a.q_proj, a.k_proj, a.v_proj):
+                _scale_in(lin, g1)
+                _rot_in(lin, Q)
+            for lin in (m.gate_proj, m.up_proj):
+                _scale_in(lin, g2)
+                _rot_in(lin, Q)
+            _rot_out(a.o_proj, Q)
+            _rot_out(m.down_proj, Q)
+            one(layer.input_layernorm), one(layer.post_attention_layernorm)
+        emb = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is emb.weight
+        norm = model.model.norm
+        gf = norm.weight.data.double()
+        if tied:  # untie: the head gets its own copy, then absorbs g_f exactly like an untied head
+            new = torch.nn.Linear(d, emb.weight.shape[0], bias=False, dtype=emb.weight.dtype)
+            new.weight.data = emb.weight.data.clone()
+            model.lm_head = head = new
+            model.config.tie_word_embeddings = False
+            emb.weight.data = emb.weight.data.clone()
+        emb.weight.data = (emb.weight.data.double() @ Q).to(emb.weight.dtype)  # (vocab, d) rows live in the stream
+        _scale_in(head, gf)
+        _rot_in(head, Q)
+        one(norm)
+    return {"kind": "hadamard" if d & (d - 1) == 0 else f"R{d // (d & -d)} x hadamard{d & -d}", "width": d, "seed": seed,
+            "untied": tied}

@@ -1,0 +1,106 @@
+"""Mixed precision to a bits/weight budget, 8-bit embeddings, and their export + runtime path."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgellm.cli import app
+from edgellm.data import builtin_text, calibration_batch, split_tokens, token_ids
+from edgellm.evaluate import evaluate
+from edgellm.modelio import load_model
+from edgellm.quant.apply import QuantConfig, bits_per_weight, quantize_model
+from edgellm.quant.formats import QuantFormat
+from edgellm.quant.mixed import allocate, units
+
+runner = CliRunner()
+
+
+def test_units_follow_the_exported_fusion(tiny_dirs):
+    model = load_model(tiny_dirs["llama"]).model
+    u = units(model)
+    assert u[0] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in u and ["model.layers.1.mlp.down_proj"] in u
+    assert len(u) == 4 * 2
+
+
+def test_allocation_spends_the_budget_where_it_buys_most():
+    def unit(kl_small, kl_big):  # one 100x100 linear, two options: 4 bits or 8 bits
+        return {"shapes": [(100, 100)], "options": [{"bytes": 5000, "kl": kl_small}, {"bytes": 10000, "kl": kl_big}]}
+
+    sens = [unit(1.0, 0.1), unit(0.01, 0.001), unit(0.5, 0.05)]
+    assert allocate(sens, 4.0) == [0, 0, 0]
+    assert allocate(sens, 5.4) == [1, 0, 0]  # one upgrade fits: the most sensitive unit gets it
+    assert allocate(sens, 6.7) == [1, 0, 1]
+
+
+def test_target_bpw_matches_uniform_group_32_within_budget(trained_llama):
+    loaded = load_model(trained_llama)
+    ids = token_ids(loaded.tokenizer, builtin_text())
+    calib, eval_ids = calibration_batch(ids, 32, 256), split_tokens(ids, "eval")
+    uniform = copy.deepcopy(loaded.model)
+    _, info_u = quantize_model(uniform, QuantConfig(fmt=QuantFormat(4, 32, True), method="gptq"), calib)
+    mixed = copy.deepcopy(loaded.model)
+    _, info_m = quantize_model(mixed, QuantConfig(fmt=QuantFormat(4, 128, True), method="gptq", target_bpw=4.5), calib)
+    qu = evaluate(uniform, eval_ids, max_tokens=8192, reference=loaded.model)
+    qm = evaluate(mixed, eval_ids, max_tokens=8192, reference=loaded.model)
+    print(f"\nuniform g32 {info_u['bits_per_weight']:.3f} bpw ppl {qu.perplexity:.4f} KL {qu.kl:.5f}; "
+          f"target 4.5: {info_m['bits_per_weight']:.3f} bpw ppl {qm.perplexity:.4f} KL {qm.kl:.5f}")
+    assert info_m["bits_per_weight"] <= info_u["bits_per_weight"] == pytest.approx(4.5)
+    assert abs(bits_per_weight(mixed) - info_m["mixed"]["planned_bpw"]) < 1e-3
+    # measured on this 2-layer model: uniform g32 ppl 26.511 KL 0.00305, target 4.5 ppl 26.532 KL
+    # 0.00311 -- the plan matches uniform g32 within noise but does not beat it (issue 12's goal
+    # is not met here: 8 layer groups leave the knapsack no room to trade g32 for 8-bit anywhere)
+    assert qm.kl < 1.05 * qu.kl
+
+
+def _clean_failure(r, out):
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--target-bpw", "3.5"], "cannot be met"),
+    (["--target-bpw", "9"], "above 8"),
+    (["--embeddings", "4", "--bits", "8"], "--embeddings 4 with --bits 8"),
+    (["--target-bpw", "4.5", "--calib-samples", "1", "--seq-len", "64"], "too small"),
+])
+def test_bad_input(args, match, tiny_dirs, tmp_path):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), "--no-eval", "-o", str(out), *args])
+    _clean_failure(r, out)
+    assert match in r.output
+
+
+@pytest.mark.parametrize("family,args", [("qwen2", []), ("llama", ["--target-bpw", "5", "--rotate"])])
+def test_export_and_runtime_read_mixed_files(family, args, tiny_dirs, tmp_path):
+    """Default 4-bit (8-bit tied embeddings) and a rotated mixed plan: quantize -> export (ONNX
+    Runtime parity checked by export) -> the numba runtime agrees with ONNX Runtime."""
+    from edgellm.runtime.model import NumbaModel
+    from edgellm.runtime.ort_backend import OrtModel
+
+    q, onnx = tmp_path / "q", tmp_path / "onnx"
+    r = runner.invoke(app, ["quantize", str(tiny_dirs[family]), "--method", "gptq", "--calib-samples", "8", "--seq-len", "64",
+                            "--no-eval", "-o", str(q), *args])
+    assert r.exit_code == 0, r.output
+    assert "bits/weight (decoder linears)" in r.output
+    rec = json.loads((q / "edgellm.json").read_text())["quantization"]
+    assert rec["embeddings"]["bits"] == 8
+    r = runner.invoke(app, ["export", str(q), "-o", str(onnx)])
+    assert r.exit_code == 0, r.output
+    nm, om = NumbaModel(onnx, n_ctx=64, threads=1), OrtModel(onnx, threads=1)
+    assert nm.weights.tensor_bits["model.embed_tokens"] == 8
+    prompt = np.array([5, 17, 100, 3, 77, 250, 9, 11], np.int64)
+    a, b = nm.forward(prompt, all_logits=True), om.forward(prompt, all_logits=True)
+    assert np.abs(a - b).max() <= 0.03 * np.abs(b).max()
+    assert (a.reshape(-1, a.shape[-1]).argmax(-1) == b.reshape(-1, b.shape[-1]).argmax(-1)).mean() >= 0.75
+    nm.close()
+    back = load_model(q)
+    with torch.no_grad():
+        logits = back.model(input_ids=torch.tensor(prompt).unsqueeze(0)).logits[0].numpy()
+    assert np.abs(logits - b.reshape(logits.shape)).max() <= 0.03 * np.abs(b).max()

@@ -182,7 +182,7 @@ def created_at(job: Job) -> int:
 
 
 def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 async def read_json(request: Request, limit: int):

@@ -316,6 +316,7 @@ def test_serve_command_sigterm_and_logs(export):
     rid = json.loads(got[0])["id"]
     log = [ln for ln in err.splitlines() if rid in ln]
     assert len(log) == 1 and re.search(r"prompt=\d+ .*completion=\d+ .*ttft=[\d.]+s [\d.]+ tokens/s", log[0]), err
+    assert " cancelled " not in log[0] and " error" not in log[0], log[0]  # it ran to its end, not cut by the shutdown
     assert secret not in err
 
 

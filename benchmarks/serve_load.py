@@ -10,7 +10,7 @@ non-streaming; every streamed answer under load must equal that reference text e
 with a finish_reason (else it counts as failed or garbled). Reported: p50/p95 time to first
 token (to the first non-empty content chunk, so queueing counts: batch-1 servers serve one
 request at a time), tokens/s per client and in total, and the server's RSS before and after the
-load. llama.cpp (`llama_cpp.server`, from `llama-cpp-python[server]`) is skipped when it is not
+load (once warm: after each prompt has run once, alone). llama.cpp (`llama_cpp.server`, from `llama-cpp-python[server]`) is skipped when it is not
 installed. Bounded: --clients x --requests requests, each with a --timeout.
 """
 
@@ -90,7 +90,8 @@ def edgellm_server(export: str, threads: int, ctx: int, log: Path, extra=()) -> 
 def llama_cpp_server(gguf: str, threads: int, ctx: int, log: Path) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
-           "--n_threads_batch", str(threads), "--n_ctx", str(ctx), "--model_alias", "model"]
+           "--n_threads_batch", str(threads), "--n_ctx", str(ctx), "--model_alias", "model",
+           "--interrupt_requests", "False"]  # its default cuts a running stream whenever a new request arrives
     return ServerProcess(cmd, port, "/v1/models", log)
 
 
@@ -122,7 +123,8 @@ def stream_chat(client, model: str, prompt: str, max_tokens: int) -> dict:
             "chunks": n_chunks}
 
 
-def load_run(base_url: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+def load_run(base_url: str, clients: int, requests: int, max_tokens: int, timeout: float, rss=lambda: float("nan")) -> dict:
+    """The reference pass, then the load; `rss` reads the server's RSS (MiB) once warm and after the load."""
     import openai
 
     model = model_id(base_url)
@@ -133,6 +135,7 @@ def load_run(base_url: str, clients: int, requests: int, max_tokens: int, timeou
         r = ref_client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0)
         reference.append(r.choices[0].message.content)
         ref_tokens.append(r.usage.completion_tokens)
+    rss_warm = rss()  # after every prompt has run once: what the load may not grow
     results = [[] for _ in range(clients)]
     errors = [[] for _ in range(clients)]
     walls = [0.0] * clients
@@ -154,12 +157,15 @@ def load_run(base_url: str, clients: int, requests: int, max_tokens: int, timeou
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    garbled = sum(1 for i in range(clients) for r in results[i] if r["text"] != reference[i] or r["finish"] not in ("stop", "length"))
+    bad = [(reference[i], r["text"], r["finish"]) for i in range(clients) for r in results[i]
+           if r["text"] != reference[i] or r["finish"] not in ("stop", "length")]
+    garbled = len(bad)
     failed = sum(len(e) for e in errors)
     ttft = sorted(r["ttft"] for rs in results for r in rs)
     tokens = [sum(ref_tokens[i] for _ in results[i]) for i in range(clients)]  # each answer has its reference's token count
     decode = [(r["chunks"] - 1) / r["decode"] for rs in results for r in rs if r["decode"] > 0 and r["chunks"] > 1]
-    return {"requests": clients * requests, "failed": failed, "garbled": garbled, "errors": sorted({e for es in errors for e in es})[:5],
+    return {"rss_before_mb": rss_warm, "rss_after_mb": rss(), "requests": clients * requests, "failed": failed, "garbled": garbled, "errors": sorted({e for es in errors for e in es})[:5],
+            "garbled_examples": [{"reference": a, "got": b, "finish": f} for a, b, f in bad[:3]],
             "ttft_p50_s": _pct(ttft, 50), "ttft_p95_s": _pct(ttft, 95), "wall_s": wall,
             "tokens_per_s_total": sum(tokens) / wall, "tokens_per_s_per_client": statistics.median(t / w for t, w in zip(tokens, walls) if w),
             "stream_chunks_per_s_median": statistics.median(decode) if decode else 0.0, "completion_tokens": sum(tokens)}
@@ -199,16 +205,16 @@ def main():
         log = Path(args.logs) / f"serve_load_{name}.log"
         srv = start(log)
         try:
-            rss0 = srv.rss_mb()
-            res = load_run(srv.base_url, args.clients, args.requests, args.max_tokens, args.timeout)
-            res["rss_before_mb"], res["rss_after_mb"] = rss0, srv.rss_mb()
+            rss_start = srv.rss_mb()
+            res = load_run(srv.base_url, args.clients, args.requests, args.max_tokens, args.timeout, srv.rss_mb)
+            res["rss_start_mb"] = rss_start
         finally:
             res_code = srv.close()
         res.update(server=name, exit_code=res_code, log=str(log))
         out["runs"].append(res)
         print(f"{name:9} {res['requests']} requests: {res['failed']} failed, {res['garbled']} garbled | TTFT p50 {res['ttft_p50_s']:.2f} s "
               f"p95 {res['ttft_p95_s']:.2f} s | {res['tokens_per_s_per_client']:.1f} tok/s per client, {res['tokens_per_s_total']:.1f} total "
-              f"| RSS {res['rss_before_mb']:.0f} -> {res['rss_after_mb']:.0f} MiB | {res['wall_s']:.0f} s, exit {res_code}", flush=True)
+              f"| RSS {res['rss_start_mb']:.0f} at start, {res['rss_before_mb']:.0f} warm -> {res['rss_after_mb']:.0f} MiB after | {res['wall_s']:.0f} s, exit {res_code}", flush=True)
         for e in res["errors"]:
             print(f"  error: {e}", file=sys.stderr)
     if args.json:

@@ -144,7 +144,8 @@ class Generator:
     def stream(self, prompt: str | list[int], p: Sampling | None = None, reuse_prefix: bool = False) -> Iterator[str]:
         """Generate from a fresh context: text pieces as they are decoded. `reuse_prefix` keeps
         the cached keys/values of the prompt's prefix shared with the previous call (a server's
-        continuing chat); the text is the same either way, only the prompt's compute is saved."""
+        continuing chat) and prefills only the rest; those keys/values came from the previous
+        call's prefill and decode steps, so they differ from a fresh prefill's in rounding at most."""
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not reuse_prefix:
             self.cached = []

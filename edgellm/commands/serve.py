@@ -65,6 +65,9 @@ def serve(
         url_host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
         console.print(f"serving [bold]{name}[/] ({backend.value}, ctx {gen.model.n_ctx}, queue {max_queue}"
                       f"{', API key required' if api_key else ''}) on http://{url_host}:{addr[1]}/v1", highlight=False, soft_wrap=True)
+        if not (api_key or host == "localhost" or host == "::1" or host.startswith("127.")):
+            console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this port can use the model",
+                          highlight=False, soft_wrap=True)
         server.run(app, sock, log_config=_log_config())
     finally:
         sock.close()

@@ -46,14 +46,28 @@ def export(tiny_dirs, tmp_path_factory):
     return dst
 
 
+def slow_down(gen, seconds: float):
+    """Make each model step take at least `seconds` more: a tiny model is so fast on an idle
+    machine that a request would end before a test can queue another behind it or disconnect."""
+    forward = gen.model.forward
+
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    gen.model.forward = slowed
+
+
 class Server:
     """create_app(...) on uvicorn in a thread, on 127.0.0.1 and a free port."""
 
-    def __init__(self, export, **kw):
+    def __init__(self, export, step_s: float = 0.0, **kw):
         from edgellm.runtime import load
         from edgellm.runtime.serve import bind, create_app
 
         self.gen = load(export, threads=2, n_ctx=CTX)
+        if step_s:
+            slow_down(self.gen, step_s)
         self.app = create_app(self.gen, export.name, **kw)
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
@@ -93,8 +107,9 @@ def server(export):
 
 @pytest.fixture(scope="module")
 def guarded(export):
-    """API key, one running + one waiting request at most, no prefix reuse, small body limit."""
-    s = Server(export, api_key="sekrit", max_queue=1, reuse_prefix=False, max_body=8192)
+    """API key, one running + one waiting request at most, no prefix reuse, small body limit,
+    at least 10 ms a token (450 tokens take over 4 s)."""
+    s = Server(export, step_s=0.01, api_key="sekrit", max_queue=1, reuse_prefix=False, max_body=8192)
     yield s
     s.close()
 
@@ -318,6 +333,46 @@ def test_serve_command_sigterm_and_logs(export):
     assert len(log) == 1 and re.search(r"prompt=\d+ .*completion=\d+ .*ttft=[\d.]+s [\d.]+ tokens/s", log[0]), err
     assert " cancelled " not in log[0] and " error" not in log[0], log[0]  # it ran to its end, not cut by the shutdown
     assert secret not in err
+
+
+def test_sigterm_finishes_in_flight_and_queued(export):
+    """SIGTERM while one stream runs and another waits: both end with their final event, exit 0."""
+    code = textwrap.dedent(f"""
+        import time
+        from edgellm.runtime import load
+        from edgellm.runtime.serve import bind, create_app, run
+        gen = load({str(export)!r}, threads=1, n_ctx=256)
+        forward = gen.model.forward
+        gen.model.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]  # >= 10 ms a token, as slow_down
+        sock = bind("127.0.0.1", 0)
+        print(sock.getsockname()[1], flush=True)
+        run(create_app(gen, "m"), sock)
+        print("returned", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        body = {"prompt": "hello world", "max_tokens": 100, "temperature": 0}
+        conn_a, a = _open_stream(port, body, key="")
+        events_a = _events(a)
+        got_a = [next(events_a)]  # A runs (at least 1 s: 100 tokens at 10 ms)
+        conn_b, b = _open_stream(port, {**body, "max_tokens": 5}, key="")  # B waits behind it
+        assert b.status == 200
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        got_a += list(events_a)
+        got_b = list(_events(b))
+        conn_a.close(), conn_b.close()
+        for got, n in ((got_a, 100), (got_b, 5)):
+            final = json.loads(got[-2])
+            assert got[-1] == "[DONE]" and final["choices"][0]["finish_reason"] in ("stop", "length"), got[-3:]
+            assert final["choices"][0]["finish_reason"] == "stop" or final["usage"]["completion_tokens"] == n
+        assert proc.wait(TIMEOUT) == 0
+        assert proc.stdout.read().strip() == "returned"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_bad_input(export, tmp_path):

@@ -76,6 +76,8 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_qu
     async def complete(request: Request, kind: str):
         req = schema.parse(await read_json(request, max_body), kind, model_id)
         ids = tokens(req)
+        if not ids:
+            raise bad("the prompt encodes to no tokens", "messages" if kind == "chat" else "prompt")
         req.sampling.max_new_tokens = budget(req, len(ids))
         rid = schema.new_id(kind)
         note = f"prompt={json.dumps(req.messages if kind == 'chat' else req.prompt)}" if log_prompts else ""

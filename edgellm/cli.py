@@ -17,6 +17,7 @@ from .commands.info import info
 from .commands.prune import prune
 from .commands.quantize import quantize
 from .commands.run import run
+from .commands.serve import serve
 from .console import OneLineErrors
 from .errors import EdgeLLMError
 
@@ -98,6 +99,7 @@ COMMANDS = [
     ("run", run),
     ("eval", evaluate),
     ("bench", bench),
+    ("serve", serve),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(_guarded(_name, _fn))

@@ -204,10 +204,14 @@ class Generator:
             raise EdgeLLMError("the prompt is empty; give some text with -p")
         return self.tokenizer.encode(prompt)
 
-    def stream(self, prompt: str | list[int], p: Sampling | None = None) -> Iterator[str]:
-        """Generate from a fresh context: text pieces as they are decoded."""
+    def stream(self, prompt: str | list[int], p: Sampling | None = None, reuse_prefix: bool = False) -> Iterator[str]:
+        """Generate from a fresh context: text pieces as they are decoded. `reuse_prefix` keeps
+        the cached keys/values of the prompt's prefix shared with the previous call (a server's
+        continuing chat) and prefills only the rest; those keys/values came from the previous
+        call's prefill and decode steps, so they differ from a fresh prefill's in rounding at most."""
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
-        self.cached = []
+        if not reuse_prefix:
+            self.cached = []
         yield from self._generate(ids, p or Sampling())
 
     def chat(self, message: str, p: Sampling | None = None) -> Iterator[str]:

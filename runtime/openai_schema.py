@@ -1,0 +1,248 @@
+"""OpenAI's wire format for `edgellm serve`: request validation, responses, stream chunks, errors.
+
+Pure data in, plain dicts out (no HTTP here), so every rule is testable on its own. Field rules
+follow the OpenAI API reference; `top_k` and `repetition_penalty` are accepted as extensions (as
+llama.cpp's and vLLM's servers do, sent by the `openai` client through `extra_body`). Fields this
+runtime cannot honour (n > 1, logprobs, tools, penalties other than 0) are refused with a 400
+rather than silently ignored; fields that change nothing here (`user`, `metadata`) are ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from .generate import Sampling
+
+# When a request omits a sampling field, it gets `edgellm run`'s default, so the same request
+# gives the same text through the server and the command line.
+DEFAULTS = Sampling()
+MAX_STOP = 4  # OpenAI's limit on `stop` strings
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's JSON error object with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param, code)
+
+
+@dataclass
+class Request:
+    """A validated completion request: what to feed the model and how to sample it."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    messages: list | None  # chat: [{"role", "content"}] with text content
+    prompt: str | list | None  # completion: text or token ids
+    max_tokens: int | None  # None: the rest of the context
+    sampling: Sampling  # max_new_tokens is set once the prompt length is known
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: also send a usage-only chunk at the end
+
+
+# ----------------------------------------------------------------------------- field checks
+def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad(f"'{name}' must be a number, got {type(v).__name__}", name, "invalid_type")
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise bad(f"'{name}' is {v}; it must be in {'(' if lo_open else '['}{lo}, {hi}]", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int, default):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"'{name}' must be an integer, got {type(v).__name__}", name, "invalid_type")
+    if v < lo:
+        raise bad(f"'{name}' is {v}; it must be at least {lo}", name)
+    return v
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be a boolean, got {type(v).__name__}", name, "invalid_type")
+    return v
+
+
+def _stop(body: dict) -> tuple:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(items) > MAX_STOP:
+        raise bad(f"'stop' has {len(items)} strings; at most {MAX_STOP} are allowed", "stop")
+    return tuple(s for s in items if s)
+
+
+def _unsupported(body: dict):
+    """Refuse what batch-1 text generation cannot do, instead of answering something else."""
+    if body.get("n") not in (None, 1):
+        _integer(body, "n", 1, 1)
+        raise bad(f"'n' is {body['n']}; this server generates one choice per request (n=1)", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
+            raise bad(f"'{name}' is not supported (only 0); use 'repetition_penalty' instead", name, "unsupported_parameter")
+    for name in ("logprobs", "echo"):
+        v = body.get(name)
+        if v not in (None, False, 0):
+            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    for name in ("tools", "functions", "logit_bias"):
+        if body.get(name):
+            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise bad("'best_of' is not supported (only 1)", "best_of", "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
+        raise bad("'response_format' other than text is not supported", "response_format", "unsupported_parameter")
+
+
+def _message(i: int, m) -> dict:
+    param = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad(f"'{param}' must be an object with 'role' and 'content'", param, "invalid_type")
+    role, content = m.get("role"), m.get("content")
+    if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant"):
+        raise bad(f"'{param}.role' is {role!r}; give system, developer, user or assistant", f"{param}.role")
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise bad(f"'{param}.content' parts must be {{'type': 'text', 'text': ...}}; this model reads text only", f"{param}.content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise bad(f"'{param}.content' must be a string or a list of text parts", f"{param}.content", "invalid_type")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _prompt(v):
+    """Completion prompt: text, one-element list of text, or token ids."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+        v = v[0]
+    if isinstance(v, str):
+        if not v:
+            raise bad("'prompt' is empty", "prompt")
+        return v
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        return list(v)
+    if isinstance(v, list) and len(v) > 1:
+        raise bad(f"'prompt' holds {len(v)} prompts; this server takes one per request", "prompt")
+    raise bad("'prompt' must be a string or a list of token ids", "prompt", "invalid_type")
+
+
+def parse(body, kind: str, model_id: str) -> Request:
+    """Validate a chat ("chat") or completion ("completion") request body; APIError(400) on the first problem."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_type")
+    model = body.get("model", model_id)
+    if not isinstance(model, str):
+        raise bad("'model' must be a string", "model", "invalid_type")
+    if model != model_id:
+        raise bad(f"model '{model}' is not served here; this server serves '{model_id}' (see GET /v1/models)", "model", "model_not_found")
+    messages = prompt = None
+    if kind == "chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise bad("'messages' must be a non-empty list", "messages", "invalid_type" if not isinstance(msgs, list) else "invalid_value")
+        messages = [_message(i, m) for i, m in enumerate(msgs)]
+    else:
+        if "prompt" not in body:
+            raise bad("'prompt' is required", "prompt", "missing_required_parameter")
+        prompt = _prompt(body["prompt"])
+    _unsupported(body)
+    max_tokens = _integer(body, "max_completion_tokens", 1, None) if kind == "chat" else None
+    max_tokens = _integer(body, "max_tokens", 1, max_tokens)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed", "invalid_type")
+    sampling = Sampling(temperature=_number(body, "temperature", 0.0, 2.0, DEFAULTS.temperature),
+                        top_p=_number(body, "top_p", 0.0, 1.0, DEFAULTS.top_p, lo_open=True),
+                        top_k=_integer(body, "top_k", 0, DEFAULTS.top_k),
+                        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, DEFAULTS.repetition_penalty, lo_open=True),
+                        seed=seed if seed is None else seed % 2**63 if seed < 0 else seed, stop=_stop(body))
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = _flag(opts or {}, "include_usage")
+    return Request(kind, model_id, messages, prompt, max_tokens, sampling, _flag(body, "stream"), include_usage)
+
+
+# ----------------------------------------------------------------------------- responses
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def finish_reason(stop_reason: str) -> str:
+    """Runtime stop reason -> OpenAI's: end-of-sequence and stop strings are 'stop'."""
+    return "length" if stop_reason == "length" else "stop"
+
+
+def response(req: Request, rid: str, created: int, text: str, finish: str, use: dict) -> dict:
+    """The whole (non-streaming) answer."""
+    if req.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": req.model, "system_fingerprint": None, "choices": [choice], "usage": use}
+
+
+def chunk(req: Request, rid: str, created: int, text: str | None = None, finish: str | None = None, use: dict | None = None,
+          first: bool = False, usage_only: bool = False) -> dict:
+    """One server-sent event's payload: a text delta, the final chunk (finish_reason + usage), or a usage-only chunk."""
+    if req.kind == "chat":
+        delta = {} if finish is not None else {"content": text or ""}
+        if first:
+            delta = {"role": "assistant", "content": ""}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    out = {"id": rid, "object": obj, "created": created, "model": req.model, "system_fingerprint": None,
+           "choices": [] if usage_only else [choice]}
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def models(model_id: str, created: int) -> dict:
+    return {"object": "list", "data": [model_card(model_id, created)]}
+
+
+def model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "edgellm"}
+
+
+def now() -> int:
+    return int(time.time())

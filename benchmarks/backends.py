@@ -267,6 +267,8 @@ def make_backend(variant: dict, threads: int, n_ctx: int | None = None) -> Backe
     backend = variant["backend"]
     if backend == "numba":
         cls = RuntimeBackend
+    elif backend == "numba-cuda":
+        cls = type("RuntimeCuda", (RuntimeBackend,), {"name": "numba-cuda"})
     elif backend == "onnxruntime":
         cls = type("RuntimeOrt", (RuntimeBackend,), {"name": "onnxruntime"}) if runtime_adapter.available("onnxruntime") else OrtBackend
     else:

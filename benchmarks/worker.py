@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 ENGINE_MODULES = {"torch": ("torch", "transformers"), "onnxruntime": ("onnxruntime", "tokenizers", "onnx"),
-                  "numba": ("numba", "edgellm.runtime.model"), "llama.cpp": ("llama_cpp",)}
+                  "numba": ("numba", "edgellm.runtime.model"), "llama.cpp": ("llama_cpp",),
+                  "numba-cuda": ("numba", "edgellm.runtime.cuda.model")}
 WARMUP_STEPS = 8
 SAME_VOCAB_TOKENS, SAME_VOCAB_RATIO = 512, 0.9  # see same_vocabulary()
 

@@ -36,6 +36,7 @@ def run(
     backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime).")] = Backend.numba,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length (default: the model's maximum).")] = None,
     kv_cache: Annotated[KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend): auto = fp16 for quantized exports (half the memory), fp32 for float ones.")] = KVCache.auto,
+    device: Annotated[str, typer.Option("--device", help="cpu (numba CPU kernels) or cuda (an NVIDIA GPU through numba's CUDA target, from the same export; fp16 compute, fp16 KV cache).")] = "cpu",
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -54,8 +55,8 @@ def run(
     params = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                       max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
     params.check()
-    with console.status(f"loading {model} ({backend.value})"):
-        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value)
+    with console.status(f"loading {model} ({backend.value}{', ' + device if device != 'cpu' else ''})"):
+        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, device=device)
 
     def emit(pieces):
         for piece in pieces:

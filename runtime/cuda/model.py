@@ -5,10 +5,10 @@ Same interface as the CPU runtime's NumbaModel (`forward(ids, all_logits)`, `res
 
 Upload: every tensor goes from its memory-mapped view in `model.onnx.data` (runtime/loader.py,
 the CPU runtime's reader) straight into a device staging buffer, and a device kernel writes it
-into the transposed layout of linear.py (fp32 scales and float weights become fp16 there): the
+into the transposed layout of kernels.py (fp32 scales and float weights become fp16 there): the
 host makes no copy of the weights, only of the small tensors (biases, norms, zero*scale).
 
-Decode (one token): step.decode_coop, one cooperative launch per token; if the GPU or driver
+Decode (one token): kernels.decode_coop, one cooperative launch per token; if the GPU or driver
 refuses a cooperative launch, the same phases run as one launch each (`decode_mode` says which).
 Prompt (several tokens): chunks of PROMPT_CHUNK tokens, per layer a norm, a tiled GEMM per
 linear, RoPE/KV, attention and the activation as separate launches (9 per layer).
@@ -24,12 +24,11 @@ from ..kernels.layers import rope_inv_freq, rope_tables
 from ..loader import open_export
 from ..model import ModelConfig, _names
 from . import device as dev
-from .layers import act_kernel, attention_kernel, norm_rows_kernel, rope_kv_kernel
-from .linear import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_S, D_W, D_WORDS, D_Z, D_ZERO, DESC_LEN, K_FLOAT, MAX_THREADS, OUT_ADD,
-                     OUT_SET, ROWS, embed_kernel, gemm_grid, gemm_kernel, transpose_into)
-from .step import (C_FNB, C_FNW, C_GATED, C_H, C_HD, C_I, C_L, C_LAYER, C_LEN, C_NH, C_NKV, C_ROPE, C_V, C_WPE, LAYER_PHASES, N_LN1B,
+from .kernels import (C_FNB, C_FNW, C_GATED, C_H, C_HD, C_I, C_L, C_LAYER, C_LEN, C_NH, C_NKV, C_ROPE, C_V, C_WPE, LAYER_PHASES, N_LN1B,
                    N_LN1W, N_LN2B, N_LN2W, PH_ATTN, PH_DOWN, PH_EMBED, PH_HEAD, PH_O, PH_QKV, PH_ROPE, PH_UP, R_DOWN, R_O, R_QKV,
-                   R_UP, decode_coop, phase_kernel)
+                      R_UP, D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_S, D_W, D_WORDS, D_Z, D_ZERO, DESC_LEN, K_FLOAT, MAX_THREADS, OUT_ADD,
+                      OUT_SET, ROWS, act_kernel, attention_kernel, decode_coop, embed_kernel, gemm_grid, gemm_kernel, norm_rows_kernel,
+                      phase_kernel, rope_kv_kernel, transpose_into)
 
 PROMPT_CHUNK = 128  # tokens per prompt pass: the scratch (scores: chunk x heads x ctx floats) grows with it
 KV_CACHE_TYPES = ("auto", "fp16")

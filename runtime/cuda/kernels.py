@@ -192,7 +192,7 @@ def gemv(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi,
         gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def gemv_kernel(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode):
     """`gemv` as a launch of its own (tests; `mu`, `inv`: the IN_NORM row statistics)."""
     part = cuda.shared.array(MAX_THREADS, float32)
@@ -205,7 +205,7 @@ KTP = KT + 1  # padded row of the activation tile: no bank conflicts on its colu
 MAX_ACC = TM * TN // ROWS  # outputs per thread at the smallest block (32 threads)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def gemm_kernel(d, wq, fw, sc, zs, pf, x, t, out, omode):
     """out (t, n) (= or +=) x (t, k) fp16 @ W^T + b. Block (bx, by) computes rows bx*32.. of
     tokens by*32..: per K step of 32 columns it stages the activations (fp16 -> fp32) and the
@@ -267,7 +267,7 @@ def embed_row(d, wq, fw, sc, zs, pf, tok, i, pos, h, wpe, x):
         x[i, c] = v
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def embed_kernel(d, wq, fw, sc, zs, pf, ids, pos0, h, wpe, x):
     """Rows of the prompt: x (t, h) = table[ids] (+ positions pos0..)."""
     for i in range(ids.shape[0]):
@@ -275,7 +275,7 @@ def embed_kernel(d, wq, fw, sc, zs, pf, ids, pos0, h, wpe, x):
 
 
 # ----------------------------------------------------------------------------- layout (load time)
-@cuda.jit
+@cuda.jit(cache=True)
 def transpose_into(src, dst, off):
     """dst[off + j*n + r] = src[r, j] for src (n, m), cast to dst's type (fp32 -> fp16 etc.):
     the export's row-major tensors into the transposed device layout, on the device."""
@@ -344,7 +344,7 @@ def row_stats(x, i, h, layer, eps, red):
     return mu, np.float32(1.0) / math.sqrt(var + eps)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def norm_rows_kernel(x, t, h, layer, eps, pf, nw, nb, out):
     """out (t, h) fp16 = norm(x (t, h)) * w (+ b); one block per row (grid-stride)."""
     red = cuda.shared.array(RED, float32)
@@ -389,7 +389,7 @@ def rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
             vc[l, rem // hd, pos0 + i, rem % hd] = qkv[i, (nh + nkv) * hd + rem]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def rope_kv_kernel(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
     rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc)
 
@@ -439,7 +439,7 @@ def attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scores, out, red):
     cuda.syncthreads()
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def attention_kernel(qkv, kc, vc, l, pos0, t, nh, nkv, hd, window, scores, out):
     """Every (query row, head) of t new tokens, one block each (grid-stride)."""
     red = cuda.shared.array(RED, float32)
@@ -448,7 +448,7 @@ def attention_kernel(qkv, kc, vc, l, pos0, t, nh, nkv, hd, window, scores, out):
 
 
 # ----------------------------------------------------------------------------- activations (prompt path)
-@cuda.jit
+@cuda.jit(cache=True)
 def act_kernel(up, t, inter, gated, out):
     """out (t, inter) fp16 = silu(gate) * up from the fused gate|up rows (gated), or gelu(up)."""
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -502,7 +502,7 @@ def run_phase(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs
         gemv(desc[L * 4 + 1], wq, fw, sc, zs, pf, x, row, IN_NORM, 0, ci[C_FNW], ci[C_FNB], mu, inv, logits, 0, OUT_SET, part)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def decode_coop(tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up, scores, logits):
     """One decode step, the whole model, one launch: logits[0] for token `tok` at `pos`."""
     part = cuda.shared.array(MAX_THREADS, float32)
@@ -520,7 +520,7 @@ def decode_coop(tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos,
               scores, logits, part, red)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def phase_kernel(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
                  scores, logits):
     """One phase as a launch of its own (the fallback of decode_coop, and the prompt's head)."""

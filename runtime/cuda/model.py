@@ -32,6 +32,7 @@ from .kernels import (C_FNB, C_FNW, C_GATED, C_H, C_HD, C_I, C_L, C_LAYER, C_LEN
 
 PROMPT_CHUNK = 128  # tokens per prompt pass: the scratch (scores: chunk x heads x ctx floats) grows with it
 KV_CACHE_TYPES = ("auto", "fp16")
+SIM_THREADS = 64  # threads per block under numba's CUDA simulator (tests); MAX_THREADS on a GPU
 
 
 class _Plan:
@@ -99,9 +100,11 @@ class CudaModel:
     backend = "numba-cuda"
 
     def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, kv_cache: str = "auto",
-                 threads_per_block: int = MAX_THREADS, fused: bool = True):
+                 threads_per_block: int | None = None, fused: bool = True):
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgeLLMError(f"--kv-cache {kv_cache!r} is not available with --device cuda; it keeps an fp16 cache (give auto or fp16)")
+        if threads_per_block is None:  # the simulator runs each CUDA thread as a Python thread: small blocks there
+            threads_per_block = SIM_THREADS if dev.simulator() else MAX_THREADS
         if threads_per_block % ROWS or not ROWS <= threads_per_block <= MAX_THREADS:
             raise EdgeLLMError(f"threads_per_block {threads_per_block} must be a multiple of {ROWS} in [{ROWS}, {MAX_THREADS}]")
         self.cuda = cuda = dev.open_gpu()

@@ -16,6 +16,7 @@ goes to stdout. Run it on a quiet GPU (the NVML counter is the whole board).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -23,6 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+PARITY_PROMPT = 16  # tokens of the parity check's prompt
+
+
+class Skip(Exception):
+    """A peer that cannot run on this machine (no CUDA torch, no bitsandbytes): a skipped row."""
 
 
 def _meter():
@@ -56,7 +63,7 @@ def bench_export(path: Path, a, meter) -> dict:
     from edgellm.runtime.cuda.model import CudaModel
 
     t0 = time.perf_counter()
-    m = CudaModel(path, n_ctx=a.prompt_tokens + a.gen_tokens + 8)
+    m = CudaModel(path, n_ctx=a.prompt_tokens + a.gen_tokens + 8 + (PARITY_PROMPT + a.parity if a.parity else 0))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     m.warmup()
@@ -90,8 +97,8 @@ def parity(path: Path, gm, steps: int) -> dict:
     """Greedy tokens of the CUDA path vs the CPU runtime on the same file, and the first logits' gap."""
     from edgellm.runtime.model import NumbaModel
 
-    cm = NumbaModel(path, n_ctx=64 + steps)
-    prompt = np.arange(1, 17, dtype=np.int64) * 37 % gm.config.vocab_size
+    cm = NumbaModel(path, n_ctx=PARITY_PROMPT + steps + 8)
+    prompt = np.arange(1, PARITY_PROMPT + 1, dtype=np.int64) * 37 % gm.config.vocab_size
     seqs, first = [], []
     for m in (gm, cm):
         m.reset()
@@ -116,6 +123,11 @@ def bench_transformers(path: Path, a, meter, quant: str | None) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from edgellm.runtime.loader import open_export
+
+    if not torch.cuda.is_available():
+        raise Skip("torch has no CUDA device here")
+    if quant and importlib.util.find_spec("bitsandbytes") is None:
+        raise Skip("bitsandbytes is not installed (pip install 'edgellm[gpu]')")
 
     c = open_export(path).config
     cfg = LlamaConfig(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
@@ -153,8 +165,8 @@ def bench_transformers(path: Path, a, meter, quant: str | None) -> dict:
         return a.gen_tokens
 
     pp(), tg()  # warm-up
-    pp_runs = [_phase(meter, pp) for _ in range(a.reps)]
-    tg_runs = [_phase(meter, tg) for _ in range(a.reps)]
+    pp_runs = [_phase(meter, pp) for _ in range(a.peer_reps)]
+    tg_runs = [_phase(meter, tg) for _ in range(a.peer_reps)]
     name = f"{path.name}:transformers-{quant or 'fp16'}"
     del model
     torch.cuda.empty_cache()
@@ -168,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--peer-reps", type=int, default=2, help="repetitions of the transformers rows (slow: int8 bitsandbytes)")
     ap.add_argument("--peers", action="store_true")
     ap.add_argument("--parity", type=int, default=0)
     a = ap.parse_args(argv)
@@ -180,6 +193,8 @@ def main(argv=None) -> int:
             print(f"@ {label}", file=sys.stderr, flush=True)
             try:
                 row = bench_export(path, a, meter) if kind == "cuda" else bench_transformers(path, a, meter, quant)
+            except Skip as exc:
+                row = {"variant": label, "status": "skipped", "reason": str(exc)}
             except Exception as exc:  # one failed row (no bitsandbytes, OOM, ...) must not lose the others
                 row = {"variant": label, "status": "failed", "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
             rows.append(row)
@@ -187,15 +202,15 @@ def main(argv=None) -> int:
     print("| variant | pp tok/s | tg tok/s | J/token (tg, NVML measured) | notes |")
     print("|---|---:|---:|---:|---|")
     for r in rows:
-        if r.get("status") == "failed":
-            print(f"| {r['variant']} | - | - | - | failed: {r['error'][:80]} |")
+        if r.get("status") in ("failed", "skipped"):
+            print(f"| {r['variant']} | - | - | - | {r['status']}: {r.get('error', r.get('reason', ''))[:100]} |")
             continue
         j = f"{r['tg_j_per_token']:.4f}" if "tg_j_per_token" in r else "n/a (no NVML)"
         note = r.get("decode_mode", r.get("backend", ""))
         if "parity" in r:
             p = r["parity"]
             note += f"; greedy = CPU for {p['identical_prefix']}/{p['steps']} steps, first-logit gap {p['first_logits_max_abs_diff']:.3g} of {p['first_logits_scale']:.3g}"
-        print(f"| {r['variant']} | {r['pp_tokens_per_s']:.0f} | {r['tg_tokens_per_s']:.0f} | {j} | {note} |")
+        print(f"| {r['variant']} | {r['pp_tokens_per_s']:.1f} | {r['tg_tokens_per_s']:.1f} | {j} | {note} |")
     return 0
 
 

@@ -168,7 +168,7 @@ def bench_transformers(path: Path, a, meter, quant: str | None) -> dict:
     pp_runs = [_phase(meter, pp) for _ in range(a.peer_reps)]
     tg_runs = [_phase(meter, tg) for _ in range(a.peer_reps)]
     name = f"{path.name}:transformers-{quant or 'fp16'}"
-    del model
+    model = None  # free its GPU memory before the next row
     torch.cuda.empty_cache()
     return _summary(name, pp_runs, tg_runs, {"backend": f"transformers {'bitsandbytes ' + quant if quant else 'fp16 eager'}"})
 

@@ -134,6 +134,7 @@ class CudaModel:
             dev.check_fits(self.device_bytes + staging, free, total, name, f"'{path}' with a {self.n_ctx}-token context")
         self._upload(plan, staging)
         self.bytes_per_token = weight_bytes
+        self.desc, self.norms = desc, norms  # host copies: launch sizes and offsets for the prompt path
         self.d_desc = cuda.to_device(desc)
         self.desc_rows = [self.d_desc[r] for r in range(desc.shape[0])]
         self.d_norms = cuda.to_device(norms)
@@ -155,7 +156,7 @@ class CudaModel:
         self.ci[C_GATED] = 1 if cfg.mlp == "gated" else 0
         self.ci[[C_WPE, C_FNW, C_FNB]] = self._extra
         self.d_ci = cuda.to_device(self.ci)
-        self.buf = {k: cuda.device_array(s, t) for k, s, t in ((k, s, t) for k, (s, t) in scratch.items())}
+        self.buf = {k: cuda.device_array(s, t) for k, (s, t) in scratch.items()}
         self.eps = np.float32(cfg.norm_eps)
         self.pos = 0
         self.fused = fused
@@ -292,12 +293,7 @@ class CudaModel:
     def _gemm(self, role_row: int, x, t: int, out, omode: int):
         d = self.desc_rows[role_row]
         w = self.w
-        gemm_kernel[gemm_grid(int(self._n_of(role_row)), t), self.tpb](d, w["wq"], w["fw"], w["sc"], w["zs"], w["pf"], x, t, out, omode)
-
-    def _n_of(self, row: int) -> int:
-        if not hasattr(self, "_desc_n"):
-            self._desc_n = self.d_desc.copy_to_host()[:, D_N]
-        return self._desc_n[row]
+        gemm_kernel[gemm_grid(int(self.desc[role_row, D_N]), t), self.tpb](d, w["wq"], w["fw"], w["sc"], w["zs"], w["pf"], x, t, out, omode)
 
     def _prompt(self, ids: np.ndarray, all_logits: bool):
         """t tokens at positions pos..: every layer, then the last row's (or every row's) logits."""
@@ -305,7 +301,7 @@ class CudaModel:
         t, pos, L = ids.size, self.pos, cfg.num_layers
         H, NH, NKV, HD, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         layer, rope, gated = int(self.ci[C_LAYER]), int(self.ci[C_ROPE]), int(self.ci[C_GATED])
-        norms = self._norms_host
+        norms = self.norms
         spread = lambda n: max(1, min(1024, -(-n // tpb)))  # noqa: E731
         embed_kernel[spread(H), tpb](self.desc_rows[L * 4], w["wq"], w["fw"], w["sc"], w["zs"], w["pf"], self.cuda.to_device(ids), pos, H,
                                      int(self.ci[C_WPE]), b["x"])
@@ -326,12 +322,6 @@ class CudaModel:
             self._gemm(L * 4 + 1, b["hb"], t, b["logits"], OUT_SET)
         else:
             self._phase(PH_HEAD, 0, t - 1, 0, pos + t - 1)
-
-    @property
-    def _norms_host(self):
-        if not hasattr(self, "_nh"):
-            self._nh = self.d_norms.copy_to_host().astype(np.int64)
-        return self._nh
 
     def warmup(self):
         """Compile (or load from numba's cache) the prompt and decode kernels, then forget the tokens."""

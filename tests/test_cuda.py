@@ -35,7 +35,7 @@ def _suite(sim: bool, k: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800, cwd=HERE.parent)
 
 
-@pytest.mark.parametrize("group", ["kernels", "model"])
+@pytest.mark.parametrize("group", ["kernels", pytest.param("model", marks=pytest.mark.slow)])
 def test_cuda_suite_under_simulator(group):
     """Every CUDA kernel against its numpy reference, and the CUDA model against the CPU runtime
     (logits, 32 greedy tokens, streaming, the CLI), under numba's CUDA simulator."""

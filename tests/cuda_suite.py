@@ -53,7 +53,7 @@ def _packed(n, k, bits, gs, sym):
 
 
 class Lin:
-    """One linear in the device layout (linear.py) + its dequantized float64 reference."""
+    """One linear in the device layout (kernels.py) + its dequantized float64 reference."""
 
     def __init__(self, kind, n, k, gs=16, sym=True, bias=True):
         d = np.full(K.DESC_LEN, -1, np.int64)

@@ -215,6 +215,8 @@ def make_backend(variant: dict, threads: int, n_ctx: int | None = None) -> Backe
     backend = variant["backend"]
     if backend == "onnxruntime":
         return OrtRuntimeBackend(variant["path"], threads, n_ctx)
+    if backend == "numba-cuda":
+        return type("RuntimeCuda", (RuntimeBackend,), {"name": "numba-cuda"})(variant["path"], threads, n_ctx)
     return {"numba": RuntimeBackend, "torch": TorchBackend, "llama.cpp": LlamaCppBackend}[backend](
         variant["path"], threads, n_ctx
     )

@@ -66,6 +66,11 @@ def open_model(path: str, threads: int, engine: str = "numba", n_ctx: int | None
 
     if engine == "numba":
         from edgellm.runtime.model import NumbaModel as Model
+    elif engine == "numba-cuda":
+        from edgellm.runtime.cuda.device import open_gpu
+        from edgellm.runtime.cuda.model import CudaModel as Model
+
+        open_gpu()
     else:
         from edgellm.runtime.ort_backend import OrtModel as Model
     model = Model(path, n_ctx=n_ctx, threads=threads)

@@ -2,7 +2,7 @@
 
 A variant is
 - an export directory (`model.onnx` inside)  -> `numba` (default when edgellm.runtime is
-  available) or `onnxruntime`;
+  available), `onnxruntime`, or `numba-cuda` (alias `cuda`: the runtime's GPU path);
 - a model directory (`config.json` inside)    -> `torch` (transformers, the generate loop);
 - a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
   (transformers dequantizes it to fp32).
@@ -16,15 +16,17 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 
-BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp")
+BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp", "numba-cuda")
 ALIASES = {
     "ort": "onnxruntime",
     "llamacpp": "llama.cpp",
     "llama_cpp": "llama.cpp",
     "pytorch": "torch",
     "transformers": "torch",
+    "cuda": "numba-cuda",
+    "numba_cuda": "numba-cuda",
 }
-KIND_BACKENDS = {"export": ("numba", "onnxruntime"), "model": ("torch",), "gguf": ("llama.cpp", "torch")}
+KIND_BACKENDS = {"export": ("numba", "onnxruntime", "numba-cuda"), "model": ("torch",), "gguf": ("llama.cpp", "torch")}
 
 LLAMA_CPP_HINT = (
     "install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
@@ -106,7 +108,7 @@ def parse(spec: str) -> Variant:
 def check_backend_installed(backend: str, spec: str) -> None:
     if backend == "llama.cpp" and not _has_module("llama_cpp"):
         raise EdgeLLMError(f"variant '{spec}' needs llama-cpp-python, which is not installed; {LLAMA_CPP_HINT}")
-    if backend == "numba" and not numba_runtime_available():
+    if backend in ("numba", "numba-cuda") and not numba_runtime_available():
         raise EdgeLLMError(
             f"variant '{spec}': the numba runtime (edgellm.runtime) is not available in this install; use "
             "':onnxruntime'"

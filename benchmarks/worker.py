@@ -40,6 +40,7 @@ ENGINE_MODULES = {
     "onnxruntime": ("onnxruntime", "tokenizers", "edgellm.runtime.ort_backend"),
     "numba": ("numba", "edgellm.runtime.model"),
     "llama.cpp": ("llama_cpp",),
+    "numba-cuda": ("numba", "edgellm.runtime.cuda.model"),
 }
 WARMUP_STEPS = 8
 SAME_VOCAB_TOKENS, SAME_VOCAB_RATIO = 512, 0.9  # see same_vocabulary()

@@ -329,15 +329,29 @@ def _held_back(text: str, stops) -> int:
 
 
 def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | None = None, warmup: bool = True,
-         kv_cache: str = "auto", kernels: str = "auto", verify: bool = False) -> Generator:
+         kv_cache: str = "auto", kernels: str = "auto", verify: bool = False, device: str = "cpu") -> Generator:
     """Open an export directory on the numba (default) or onnxruntime backend. `kv_cache`
     (numba): auto = fp16 beside quantized weights, fp32 beside float ones; or fp16 / fp32.
     `kernels` (numba): the kernel tier, auto = the best the CPU numba compiles for has, or a
     lower one by name (avx512-vnni, avx-vnni, avx2, generic; kernels/tiers.py); one the CPU
     lacks is an EdgeLLMError.
-    `verify`: check every file against the sha256 recorded at export first (slower start)."""
+    `verify`: check every file against the sha256 recorded at export first (slower start).
+    `device="cuda"`: the numba backend's GPU path (runtime/cuda/, numba's CUDA target)."""
     path = Path(path)
-    if backend == "numba":
+    if device != "cpu":
+        from .cuda.device import check_device
+
+        check_device(device)
+        if backend != "numba":
+            raise EdgeLLMError(f"--device {device} runs on the numba backend, not {backend}")
+    if device == "cuda":
+        from .cuda.device import open_gpu
+
+        open_gpu()  # a missing driver or GPU is a one-line error before any CUDA module loads
+        from .cuda.model import CudaModel
+
+        model = CudaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
+    elif backend == "numba":
         from .model import NumbaModel
 
         model = NumbaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache, kernels=kernels, verify=verify)

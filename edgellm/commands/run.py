@@ -51,6 +51,7 @@ def run(
     kernels: Annotated[Kernels, typer.Option("--kernels", help="Kernel tier (numba backend): auto = the best the CPU has; a lower one for comparisons. One the CPU lacks is an error.")] = Kernels.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say which backend, kernel tier, KV cache and threads run.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="First check every file against the sha256 recorded at export (reads the whole model once).")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu (numba CPU kernels) or cuda (an NVIDIA GPU through numba's CUDA target, from the same export; fp16 compute, fp16 KV cache).")] = "cpu",
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -77,9 +78,10 @@ def run(
         from .._deps import require
 
         require("jinja2", "--chat (the model's chat template)")  # before the load, not after it
-    with console.status(f"loading {model} ({backend.value})"), warnings.catch_warnings():
+    with console.status(f"loading {model} ({backend.value}{', ' + device if device != 'cpu' else ''})"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a tier's self-check fallback: printed as one line below
-        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, kernels=kernels.value, verify=verify)
+        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, kernels=kernels.value, verify=verify,
+                   device=device)
     if getattr(gen.model, "kernel_warning", None):
         console.print(f"[yellow]warning:[/] {gen.model.kernel_warning}", highlight=False)
     if verbose:

@@ -1,0 +1,530 @@
+"""Every CUDA kernel of the GPU path (numba's CUDA target), in the order of a layer; the numpy
+reference of each is in references.py, its tests in tests/cuda_suite.py.
+
+One module on purpose: numba's CUDA simulator swaps a module's `cuda` global around each
+device-function call, and two threads inside device functions of a module other than the
+launching kernel's race on that swap; kernels and device functions sharing one module are safe.
+
+## Linear layers, straight from the export's packed weights
+
+Device layout (model.py uploads it once): every linear's weights are stored *transposed*, word j
+of row r at `base + j*n + r`, so the 32 threads of a warp, which own 32 consecutive output rows,
+read 32 consecutive words (one 128-byte transaction) per step:
+
+    wq  uint32   packed codes: a word holds 8 4-bit codes (columns 8j..8j+7, low nibble first,
+                 exactly the export's MatMulNBits bytes) or 4 8-bit codes
+    fw  float16  float weights (fp32 exports are computed in fp16 too): column c of row r at c*n + r
+    sc  float16  scales, block g of row r at g*n + r (exact: the exporter stored fp16 values)
+    zs  float32  zero*scale of asymmetric formats, same layout (symmetric: zero is a constant)
+    pf  float32  biases, norm weights, learned positions
+
+A linear is one int64 descriptor row (`desc`), the way the CPU runtime's kernels find weights:
+
+    kind 0 float | 4 | 8     n, k         out and in features
+    w, s, z, b               offsets into wq/fw, sc, zs, pf (-1: none)
+    gs, nb, words, zero      group size, blocks and uint32 words per row, symmetric zero point
+
+Numerics: inputs are fp16 (a buffer, or computed on the fly and rounded to fp16 as a buffer
+would hold them), weights are code*scale, every product is accumulated in fp32.
+
+Napkin math, decode (one token, SmolLM2-135M 4-bit): 30 layers x (960 + 576 + 3072 + 576 rows)
+x 576..1536 columns / 2 bytes ~ 55 MB of codes + 3.5 MB of scales per token, ~12 us at the H200's
+4.8 TB/s: the step is bound by latency and synchronisation, not bandwidth (the decode step below).
+
+## Norms, RoPE + KV cache, attention, activations
+
+Shapes: token rows x (t, h) fp32 (the residual stream stays fp32); qkv (t, (nh + 2 nkv) hd) fp32
+(GEMV outputs); KV cache (L, nkv, ctx, hd) fp16, preallocated; attention output and every other
+GEMV input fp16. references.py adds this path's fp16 rounding points to the CPU runtime's float
+references (runtime/kernels/layers.py ref_*).
+
+Block reductions go through shared memory (`red`, MAX_THREADS + 1 floats) with barriers only:
+numba's CUDA simulator has no warp shuffles, and one code path must run on both.
+
+## The decode step: every layer of one token in ONE launch (the hot loop)
+
+numba's CUDA target has no CUDA-graph capture, so the step is fused instead: `decode_coop` is
+a cooperative kernel (all blocks resident) that walks the phases below and meets at a grid-wide
+barrier (`cuda.cg.this_grid().sync()`) between them; every phase is a grid-stride loop, so any
+grid size is correct. Per layer, 6 phases (and 6 barriers):
+
+    QKV   rms/layer norm fused into the GEMV input (each block recomputes the row statistics),
+          fused q|k|v rows                                               -> qkv fp32
+    ROPE  rotate q, k; write k, v into the fp16 cache                    -> KV cache
+    ATTN  one block per head over the cache                              -> att fp16
+    O     GEMV of att, residual add fused                                -> x += ...
+    UP    norm fused into the GEMV input, fused gate|up rows             -> up fp32
+    DOWN  SwiGLU (or GELU) fused into the GEMV input, residual add fused -> x += ...
+
+plus EMBED before the layers and HEAD (final norm fused, logits) after them. Where a
+cooperative launch is refused (a driver without it, a grid that cannot be resident),
+`phase_kernel` runs the same phases as one launch each (model.py falls back to it and says so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32
+from numba.core import config
+
+
+def pure(fn):
+    """A device function that uses no CUDA intrinsics (arithmetic on its arguments only). Under
+    numba's CUDA simulator it stays a plain Python function: the simulator swaps module globals
+    around every device-function call (~10 us), which made per-element helpers the bulk of a
+    simulated decode step. On a GPU it is an ordinary `cuda.jit(device=True)` function."""
+    return fn if config.ENABLE_CUDASIM else cuda.jit(device=True)(fn)
+
+K_FLOAT, K_Q4, K_Q8 = 0, 4, 8
+D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_WORDS, D_ZERO = range(11)
+DESC_LEN = 11
+
+ROWS = 32  # output rows per tile: one per lane of a warp
+MAX_THREADS = 256  # threads per block the shared buffers are sized for (a multiple of ROWS)
+IN_H16, IN_NORM, IN_SWIGLU, IN_GELU = range(4)  # where a GEMV's input comes from
+OUT_SET, OUT_ADD = 0, 1  # out = y, or out += y (the residual add, fused)
+GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+
+
+# ----------------------------------------------------------------------------- element access
+@pure
+def gelu(v):
+    """GPT-2's tanh approximation (the CPU runtime's gelu_new)."""
+    return np.float32(0.5) * v * (np.float32(1.0) + math.tanh(GELU_C * (v + np.float32(0.044715) * v * v * v)))
+
+
+@pure
+def in_val(src, i, c, mode, half, pf, nw, nbias, mu, inv):
+    """Input column c of token row i as the GEMV sees it, fp16-rounded:
+    IN_H16 src (t, k) fp16 | IN_NORM (src - mu) * inv * w (+ b), src the fp32 residual |
+    IN_SWIGLU silu(src[c]) * src[half + c] | IN_GELU gelu(src[c])."""
+    if mode == IN_H16:
+        return np.float32(src[i, c])
+    if mode == IN_NORM:
+        v = (np.float32(src[i, c]) - mu) * inv * pf[nw + c]
+        if nbias >= 0:
+            v += pf[nbias + c]
+    elif mode == IN_SWIGLU:
+        g = np.float32(src[i, c])
+        v = g / (np.float32(1.0) + math.exp(-g)) * np.float32(src[i, half + c])
+    else:
+        v = gelu(np.float32(src[i, c]))
+    return np.float32(np.float16(v))
+
+
+@pure
+def weight(d, wq, fw, sc, zs, r, c):
+    """Dequantized weight (row r, column c) of the linear `d` (a descriptor row): fp32."""
+    n, kind = d[D_N], d[D_KIND]
+    if kind == K_FLOAT:
+        return np.float32(fw[d[D_W] + c * n + r])
+    cpw = 32 // kind
+    word = wq[d[D_W] + (c // cpw) * n + r]
+    code = np.float32((word >> (kind * (c % cpw))) & ((1 << kind) - 1))
+    g = c // d[D_GS]
+    scale = np.float32(sc[d[D_S] + g * n + r])
+    if d[D_Z] >= 0:
+        return code * scale - zs[d[D_Z] + g * n + r]
+    return (code - np.float32(d[D_ZERO])) * scale
+
+
+# ----------------------------------------------------------------------------- decode: fused dequantize + GEMV
+@cuda.jit(device=True)
+def gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile):
+    """Rows [tile*32, tile*32 + 32) of y = in(src row i) W^T + b into out[oi] (= or +=).
+
+    Thread t owns row tile*32 + t % 32 and every (blockDim/32)-th word of it: each warp reads
+    one word of 32 consecutive rows at a time (coalesced), unpacks its 8 (or 4) codes, and
+    accumulates sum(code*x) and sum(x) per block (the zero point is applied once per word). The
+    block's partial sums meet in shared memory `part` (one barrier), lane by lane."""
+    tid = cuda.threadIdx.x
+    lane, s, nsplit = tid % ROWS, tid // ROWS, cuda.blockDim.x // ROWS
+    n, k, kind = d[D_N], d[D_K], d[D_KIND]
+    r = tile * ROWS + lane
+    acc = np.float32(0.0)
+    if r < n:
+        if kind == K_FLOAT:
+            w0 = d[D_W]
+            for c in range(s, k, nsplit):
+                acc += np.float32(fw[w0 + c * n + r]) * in_val(src, i, c, mode, half, pf, nw, nbias, mu, inv)
+        else:
+            w0, s0, z0, gs, words = d[D_W], d[D_S], d[D_Z], d[D_GS], d[D_WORDS]
+            zero = np.float32(d[D_ZERO])
+            cpw = 32 // kind
+            mask = (1 << kind) - 1
+            for j in range(s, words, nsplit):
+                wv = wq[w0 + j * n + r]
+                c0 = j * cpw
+                dot = np.float32(0.0)
+                xs = np.float32(0.0)
+                for u in range(cpw):
+                    c = c0 + u
+                    if c < k:
+                        xv = in_val(src, i, c, mode, half, pf, nw, nbias, mu, inv)
+                        dot += np.float32((wv >> (kind * u)) & mask) * xv
+                        xs += xv
+                g = c0 // gs
+                scale = np.float32(sc[s0 + g * n + r])
+                zsv = zs[z0 + g * n + r] if z0 >= 0 else zero * scale
+                acc += dot * scale - zsv * xs
+    part[tid] = acc
+    cuda.syncthreads()
+    if s == 0 and r < n:
+        tot = part[lane]
+        for u in range(1, nsplit):
+            tot += part[u * ROWS + lane]
+        if d[D_B] >= 0:
+            tot += pf[d[D_B] + r]
+        if omode == OUT_ADD:
+            out[oi, r] += tot
+        else:
+            out[oi, r] = tot
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def gemv(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part):
+    """All row tiles of one GEMV, spread over the grid (grid-stride: any grid size works)."""
+    ntile = (d[D_N] + ROWS - 1) // ROWS
+    for tile in range(cuda.blockIdx.x, ntile, cuda.gridDim.x):
+        gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile)
+
+
+@cuda.jit(cache=True)
+def gemv_kernel(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode):
+    """`gemv` as a launch of its own (tests; `mu`, `inv`: the IN_NORM row statistics)."""
+    part = cuda.shared.array(MAX_THREADS, float32)
+    gemv(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part)
+
+
+# ----------------------------------------------------------------------------- prompt: tiled dequantize + GEMM
+TM, TN, KT = 32, 32, 32  # tokens x rows per block tile, columns per K step
+KTP = KT + 1  # padded row of the activation tile: no bank conflicts on its column reads
+MAX_ACC = TM * TN // ROWS  # outputs per thread at the smallest block (32 threads)
+
+
+@cuda.jit(cache=True)
+def gemm_kernel(d, wq, fw, sc, zs, pf, x, t, out, omode):
+    """out (t, n) (= or +=) x (t, k) fp16 @ W^T + b. Block (bx, by) computes rows bx*32.. of
+    tokens by*32..: per K step of 32 columns it stages the activations (fp16 -> fp32) and the
+    dequantized weight tile in shared memory, then every thread accumulates its TM*TN/blockDim
+    outputs (same row, tokens blockDim/32 apart: the weight value is loaded once per column)."""
+    xs = cuda.shared.array((TM, KTP), float32)
+    ws = cuda.shared.array((KT, TN), float32)
+    acc = cuda.local.array(MAX_ACC, float32)
+    tid, bd = cuda.threadIdx.x, cuda.blockDim.x
+    n, k = d[D_N], d[D_K]
+    r0, t0 = cuda.blockIdx.x * TN, cuda.blockIdx.y * TM
+    nacc, step = TM * TN // bd, bd // TN
+    ri, ti0 = tid % TN, tid // TN
+    rows = t - t0 if t - t0 < TM else TM
+    nu = 0  # outputs of this thread that hold a real token (short prompts fill few rows of the tile)
+    while nu < nacc and t0 + ti0 + nu * step < t:
+        nu += 1
+    for u in range(nacc):
+        acc[u] = 0.0
+    for k0 in range(0, k, KT):
+        for e in range(tid, rows * KT, bd):  # only the tile's real tokens: no thread reads past them (nu)
+            ti, kk = e // KT, e % KT
+            xs[ti, kk] = np.float32(x[t0 + ti, k0 + kk]) if k0 + kk < k else np.float32(0.0)
+        for e in range(tid, KT * TN, bd):
+            kk, rr = e // TN, e % TN
+            ws[kk, rr] = weight(d, wq, fw, sc, zs, r0 + rr, k0 + kk) if r0 + rr < n and k0 + kk < k else np.float32(0.0)
+        cuda.syncthreads()
+        for kk in range(KT):
+            wv = ws[kk, ri]
+            for u in range(nu):
+                acc[u] += xs[ti0 + u * step, kk] * wv
+        cuda.syncthreads()
+    r = r0 + ri
+    if r < n:
+        b = pf[d[D_B] + r] if d[D_B] >= 0 else np.float32(0.0)
+        for u in range(nu):
+            tok = t0 + ti0 + u * step
+            if tok < t:
+                if omode == OUT_ADD:
+                    out[tok, r] += acc[u] + b
+                else:
+                    out[tok, r] = acc[u] + b
+
+
+def gemm_grid(n: int, t: int) -> tuple:
+    return ((n + TN - 1) // TN, (t + TM - 1) // TM)
+
+
+# ----------------------------------------------------------------------------- embeddings
+@cuda.jit(device=True)
+def embed_row(d, wq, fw, sc, zs, pf, tok, i, pos, h, wpe, x):
+    """x[i] = row `tok` of the embedding table (+ learned position `pos` when wpe >= 0),
+    spread over the whole grid."""
+    start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    for c in range(start, h, cuda.gridDim.x * cuda.blockDim.x):
+        v = weight(d, wq, fw, sc, zs, tok, c)
+        if wpe >= 0:
+            v += pf[wpe + pos * h + c]
+        x[i, c] = v
+
+
+@cuda.jit(cache=True)
+def embed_kernel(d, wq, fw, sc, zs, pf, ids, pos0, h, wpe, x):
+    """Rows of the prompt: x (t, h) = table[ids] (+ positions pos0..)."""
+    for i in range(ids.shape[0]):
+        embed_row(d, wq, fw, sc, zs, pf, ids[i], i, pos0 + i, h, wpe, x)
+
+
+# ----------------------------------------------------------------------------- layout (load time)
+@cuda.jit(cache=True)
+def transpose_into(src, dst, off):
+    """dst[off + j*n + r] = src[r, j] for src (n, m), cast to dst's type (fp32 -> fp16 etc.):
+    the export's row-major tensors into the transposed device layout, on the device."""
+    n, m = src.shape[0], src.shape[1]
+    start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    for e in range(start, n * m, cuda.gridDim.x * cuda.blockDim.x):
+        j, r = e // n, e % n
+        dst[off + e] = src[r, j]
+
+
+# ============================================================================= layers
+RED = 2 * MAX_THREADS + 1  # shared floats: reductions (MAX_THREADS + 1) or attention's P.V partials (<= 2 * MAX_THREADS)
+NEG = np.float32(-3.0e38)
+SUM, MAX = 0, 1
+
+
+@pure
+def combine(a, b, op):
+    """a + b (op SUM) or the larger of the two (op MAX); no min/max builtins in device code
+    (they do not compile for a CUDA target chosen by `compile_ptx` without a GPU)."""
+    if op == SUM:
+        return a + b
+    return a if a >= b else b
+
+
+@cuda.jit(device=True)
+def block_reduce(v, red, op):
+    """Sum (op 0) or max (op 1) of `v` over the block, returned to every thread (4 barriers)."""
+    tid, bd = cuda.threadIdx.x, cuda.blockDim.x
+    red[tid] = v
+    cuda.syncthreads()
+    if tid < 32:
+        a = red[tid]
+        for u in range(tid + 32, bd, 32):
+            a = combine(a, red[u], op)
+        red[tid] = a
+    cuda.syncthreads()
+    if tid == 0:
+        a = red[0]
+        for u in range(1, 32 if bd > 32 else bd):
+            a = combine(a, red[u], op)
+        red[MAX_THREADS] = a
+    cuda.syncthreads()
+    out = red[MAX_THREADS]
+    cuda.syncthreads()
+    return out
+
+
+# ----------------------------------------------------------------------------- norms
+@cuda.jit(device=True)
+def row_stats(x, i, h, layer, eps, red):
+    """(mean, 1/sqrt(var + eps)) of row i of x (t, h) for LayerNorm (layer = 1), or
+    (0, 1/sqrt(mean(x^2) + eps)) for RMSNorm; block-wide, every thread gets them."""
+    tid, bd = cuda.threadIdx.x, cuda.blockDim.x
+    mu = np.float32(0.0)
+    if layer == 1:
+        s = np.float32(0.0)
+        for c in range(tid, h, bd):
+            s += x[i, c]
+        mu = block_reduce(s, red, SUM) / np.float32(h)
+    ss = np.float32(0.0)
+    for c in range(tid, h, bd):
+        dv = x[i, c] - mu
+        ss += dv * dv
+    var = block_reduce(ss, red, SUM) / np.float32(h)
+    return mu, np.float32(1.0) / math.sqrt(var + eps)
+
+
+@cuda.jit(cache=True)
+def norm_rows_kernel(x, t, h, layer, eps, pf, nw, nb, out):
+    """out (t, h) fp16 = norm(x (t, h)) * w (+ b); one block per row (grid-stride)."""
+    red = cuda.shared.array(RED, float32)
+    for i in range(cuda.blockIdx.x, t, cuda.gridDim.x):
+        mu, inv = row_stats(x, i, h, layer, eps, red)
+        for c in range(cuda.threadIdx.x, h, cuda.blockDim.x):
+            v = (x[i, c] - mu) * inv * pf[nw + c]
+            if nb >= 0:
+                v += pf[nb + c]
+            out[i, c] = v
+
+
+# ----------------------------------------------------------------------------- rope + KV cache
+@cuda.jit(device=True)
+def rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
+    """Rotate q and k heads of qkv (t, (nh + 2 nkv) hd) by their positions pos0.. (HF
+    rotate_half pairs (j, j + hd/2); rope = 0: learned positions, no rotation), write k and v
+    into the fp16 cache at layer l, positions pos0..pos0+t; q stays in qkv (fp32). Grid-stride
+    over pairs, one thread per pair (in place, no race)."""
+    half = hd // 2
+    nq = (nh + nkv) * half
+    npair, nv = t * nq, t * nkv * hd
+    start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    for e in range(start, npair + nv, cuda.gridDim.x * cuda.blockDim.x):
+        if e < npair:
+            i, rem = e // nq, e % nq
+            hh, j = rem // half, rem % half
+            col = hh * hd + j
+            a, b = qkv[i, col], qkv[i, col + half]
+            if rope == 1:
+                c, s = cos[pos0 + i, j], sin[pos0 + i, j]
+                a, b = a * c - b * s, b * c + a * s
+            if hh < nh:
+                qkv[i, col] = a
+                qkv[i, col + half] = b
+            else:
+                kc[l, hh - nh, pos0 + i, j] = a
+                kc[l, hh - nh, pos0 + i, j + half] = b
+        else:
+            e2 = e - npair
+            i, rem = e2 // (nkv * hd), e2 % (nkv * hd)
+            vc[l, rem // hd, pos0 + i, rem % hd] = qkv[i, (nh + nkv) * hd + rem]
+
+
+@cuda.jit(cache=True)
+def rope_kv_kernel(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
+    rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc)
+
+
+# ----------------------------------------------------------------------------- attention
+@cuda.jit(device=True)
+def attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scores, out, red):
+    """Query row i = item // nh, head h = item % nh over cached keys [p0, pos0 + i] (causal,
+    GQA, sliding `window` > 0), by the whole block: scores one position per thread (fp32 dot of
+    the fp32 query with fp16 keys), block max, exp and sum, then P.V with the block split into
+    hd columns x (blockDim / hd) position strides, partials met in `red`. out[i, h] fp16."""
+    tid, bd = cuda.threadIdx.x, cuda.blockDim.x
+    i, h = item // nh, item % nh
+    kvh = h // (nh // nkv)
+    n = pos0 + i + 1
+    p0 = n - window if window > 0 and n > window else 0
+    qo = h * hd
+    scale = np.float32(1.0) / math.sqrt(np.float32(hd))
+    m = NEG
+    for p in range(p0 + tid, n, bd):
+        s = np.float32(0.0)
+        for j in range(hd):
+            s += qkv[i, qo + j] * np.float32(kc[l, kvh, p, j])
+        s *= scale
+        scores[item, p] = s
+        m = m if m >= s else s
+    m = block_reduce(m, red, MAX)
+    tot = np.float32(0.0)
+    for p in range(p0 + tid, n, bd):
+        e = math.exp(scores[item, p] - m)
+        scores[item, p] = e
+        tot += e
+    tot = block_reduce(tot, red, SUM)  # its barriers also publish every thread's scores
+    nparts = bd // hd if bd >= hd else 1
+    for e in range(tid, hd * nparts, bd):
+        j, part = e % hd, e // hd
+        a = np.float32(0.0)
+        for p in range(p0 + part, n, nparts):
+            a += scores[item, p] * np.float32(vc[l, kvh, p, j])
+        red[e] = a
+    cuda.syncthreads()
+    for j in range(tid, hd, bd):
+        o = np.float32(0.0)
+        for part in range(nparts):
+            o += red[part * hd + j]
+        out[i, qo + j] = o / tot
+    cuda.syncthreads()
+
+
+@cuda.jit(cache=True)
+def attention_kernel(qkv, kc, vc, l, pos0, t, nh, nkv, hd, window, scores, out):
+    """Every (query row, head) of t new tokens, one block each (grid-stride)."""
+    red = cuda.shared.array(RED, float32)
+    for item in range(cuda.blockIdx.x, t * nh, cuda.gridDim.x):
+        attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scores, out, red)
+
+
+# ----------------------------------------------------------------------------- activations (prompt path)
+@cuda.jit(cache=True)
+def act_kernel(up, t, inter, gated, out):
+    """out (t, inter) fp16 = silu(gate) * up from the fused gate|up rows (gated), or gelu(up)."""
+    start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    for e in range(start, t * inter, cuda.gridDim.x * cuda.blockDim.x):
+        i, c = e // inter, e % inter
+        g = up[i, c]
+        if gated == 1:
+            out[i, c] = g / (np.float32(1.0) + math.exp(-g)) * up[i, inter + c]
+        else:
+            out[i, c] = gelu(g)
+
+
+# ============================================================================= the decode step
+# integer config (ci) of the step
+C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_LAYER, C_ROPE, C_GATED, C_WPE, C_FNW, C_FNB = range(13)
+C_LEN = 13
+R_QKV, R_O, R_UP, R_DOWN = range(4)  # linear roles: desc row l*4 + role; L*4 = embeddings, L*4 + 1 = head
+N_LN1W, N_LN1B, N_LN2W, N_LN2B = range(4)  # norms[l]: offsets into pf (-1: none)
+PH_EMBED, PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_UP, PH_DOWN, PH_HEAD = range(8)
+LAYER_PHASES = (PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_UP, PH_DOWN)
+
+
+@cuda.jit(device=True)
+def run_phase(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc,
+              x, qkv, att, up, scores, logits, part, red):
+    """Phase `ph` of layer `l` for one token at position `pos` (its residual row `row` of x)."""
+    H, NH, NKV, HD, L = ci[C_H], ci[C_NH], ci[C_NKV], ci[C_HD], ci[C_L]
+    layer = ci[C_LAYER]
+    if ph == PH_EMBED:
+        embed_row(desc[L * 4], wq, fw, sc, zs, pf, tok, row, pos, H, ci[C_WPE], x)
+    elif ph == PH_QKV:
+        mu, inv = row_stats(x, row, H, layer, eps, red)
+        gemv(desc[l * 4 + R_QKV], wq, fw, sc, zs, pf, x, row, IN_NORM, 0, norms[l, N_LN1W], norms[l, N_LN1B], mu, inv,
+             qkv, 0, OUT_SET, part)
+    elif ph == PH_ROPE:
+        rope_kv(qkv, 1, pos, l, NH, NKV, HD, ci[C_ROPE], cos, sin, kc, vc)
+    elif ph == PH_ATTN:
+        for item in range(cuda.blockIdx.x, NH, cuda.gridDim.x):
+            attend(item, qkv, kc, vc, l, pos, NH, NKV, HD, window[l], scores, att, red)
+    elif ph == PH_O:
+        gemv(desc[l * 4 + R_O], wq, fw, sc, zs, pf, att, 0, IN_H16, 0, 0, -1, np.float32(0.0), np.float32(1.0), x, row, OUT_ADD, part)
+    elif ph == PH_UP:
+        mu, inv = row_stats(x, row, H, layer, eps, red)
+        gemv(desc[l * 4 + R_UP], wq, fw, sc, zs, pf, x, row, IN_NORM, 0, norms[l, N_LN2W], norms[l, N_LN2B], mu, inv,
+             up, 0, OUT_SET, part)
+    elif ph == PH_DOWN:
+        mode = IN_SWIGLU if ci[C_GATED] == 1 else IN_GELU
+        gemv(desc[l * 4 + R_DOWN], wq, fw, sc, zs, pf, up, 0, mode, ci[C_I], 0, -1, np.float32(0.0), np.float32(1.0), x, row, OUT_ADD, part)
+    else:  # PH_HEAD
+        mu, inv = row_stats(x, row, H, layer, eps, red)
+        gemv(desc[L * 4 + 1], wq, fw, sc, zs, pf, x, row, IN_NORM, 0, ci[C_FNW], ci[C_FNB], mu, inv, logits, 0, OUT_SET, part)
+
+
+@cuda.jit(cache=True)
+def decode_coop(tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up, scores, logits):
+    """One decode step, the whole model, one launch: logits[0] for token `tok` at `pos`."""
+    part = cuda.shared.array(MAX_THREADS, float32)
+    red = cuda.shared.array(RED, float32)
+    grid = cuda.cg.this_grid()
+    run_phase(PH_EMBED, 0, 0, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
+              scores, logits, part, red)
+    grid.sync()
+    for l in range(ci[C_L]):
+        for ph in range(PH_QKV, PH_DOWN + 1):
+            run_phase(ph, l, 0, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
+                      scores, logits, part, red)
+            grid.sync()
+    run_phase(PH_HEAD, 0, 0, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
+              scores, logits, part, red)
+
+
+@cuda.jit(cache=True)
+def phase_kernel(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
+                 scores, logits):
+    """One phase as a launch of its own (the fallback of decode_coop, and the prompt's head)."""
+    part = cuda.shared.array(MAX_THREADS, float32)
+    red = cuda.shared.array(RED, float32)
+    run_phase(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
+              scores, logits, part, red)

@@ -1,0 +1,49 @@
+"""Compile every CUDA kernel of the runtime to sm_90 (H200) PTX with numba's real CUDA pipeline
+(typing, lowering, NVVM), no GPU needed: `CUDA_HOME=<nvidia-cuda-nvcc-cu12>/cuda_nvcc python
+tests/cuda_ptx.py`. tests/test_cuda.py runs it where NVVM is installed."""
+
+from __future__ import annotations
+
+import numba.cuda.dispatcher as disp
+from numba import cuda
+from numba import types as T
+
+
+class H200:
+    compute_capability = (9, 0)
+
+
+disp.get_current_device = lambda: H200()  # device functions compile for the target, not a present GPU
+
+from edgellm.runtime.cuda import kernels as K  # noqa: E402
+
+
+def kernels():
+    C = lambda dt, nd: T.Array(dt, nd, "C")  # noqa: E731  (device arrays are C-contiguous)
+    i64, f32, f16, u32 = T.int64, T.float32, T.float16, T.uint32
+    w = (C(i64, 1), C(u32, 1), C(f16, 1), C(f16, 1), C(f32, 1), C(f32, 1))  # desc row, wq, fw, sc, zs, pf
+    state = (C(i64, 1), C(i64, 2), C(i64, 2), C(i64, 1), C(u32, 1), C(f16, 1), C(f16, 1), C(f32, 1), C(f32, 1), C(f32, 2), C(f32, 2),
+             C(f16, 4), C(f16, 4), C(f32, 2), C(f32, 2), C(f16, 2), C(f32, 2), C(f32, 2), C(f32, 2))
+    return [
+        ("decode_coop", K.decode_coop, (i64, i64, f32) + state),
+        ("phase_kernel", K.phase_kernel, (i64, i64, i64, i64, i64, f32) + state),
+        ("gemm_kernel", K.gemm_kernel, w + (C(f16, 2), i64, C(f32, 2), i64)),
+        ("gemv_kernel[fp32 in]", K.gemv_kernel, w + (C(f32, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64)),
+        ("gemv_kernel[fp16 in]", K.gemv_kernel, w + (C(f16, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64)),
+        ("embed_kernel", K.embed_kernel, w + (C(i64, 1), i64, i64, i64, C(f32, 2))),
+        ("transpose_into[u32]", K.transpose_into, (C(u32, 2), C(u32, 1), i64)),
+        ("transpose_into[f32->f16]", K.transpose_into, (C(f32, 2), C(f16, 1), i64)),
+        ("transpose_into[f16]", K.transpose_into, (C(f16, 2), C(f16, 1), i64)),
+        ("norm_rows_kernel", K.norm_rows_kernel, (C(f32, 2), i64, i64, i64, f32, C(f32, 1), i64, i64, C(f16, 2))),
+        ("rope_kv_kernel", K.rope_kv_kernel, (C(f32, 2), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f32, 2), C(f16, 4), C(f16, 4))),
+        ("attention_kernel", K.attention_kernel, (C(f32, 2), C(f16, 4), C(f16, 4), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f16, 2))),
+        ("act_kernel", K.act_kernel, (C(f32, 2), i64, i64, i64, C(f16, 2))),
+    ]
+
+
+if __name__ == "__main__":
+    for name, fn, sig in kernels():
+        ptx, _ = cuda.compile_ptx(fn.py_func, sig, cc=(9, 0))
+        assert ".entry" in ptx, name
+        print(name, len(ptx), "bytes of PTX", flush=True)
+    print("OK")

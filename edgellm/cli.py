@@ -69,6 +69,7 @@ def _root(
 app.command("info")(_guarded(info_cmd.info))
 app.command("quantize")(_guarded(quantize_cmd.quantize))
 app.command("eval")(_guarded(eval_cmd.evaluate))
+app.command("compress")(_guarded(pending.load("compress")))
 # Commands whose module exists are registered; the rest say "not yet available". Each module
 # defines one function named after its command and imports its heavy dependencies inside it.
 for _name in pending.PENDING:

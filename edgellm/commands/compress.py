@@ -68,7 +68,7 @@ def compress(
     table = Table(title=f"{recipe.name} on {r.model}: every stage's output")
     for h in rep.HEADERS:
         table.add_column(h, justify="left" if h == "output" else "right")
-    for row in rep.rows_text(data):
+    for row in rep.rows_text(data, spread=False):
         table.add_row(*row)
     out.print(table)
     console.print(f"wrote {output}/report.md, report.json, report.html and recipe.lock.json")

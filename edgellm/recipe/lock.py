@@ -1,9 +1,9 @@
 """OUT/recipe.lock.json: what each stage was run on, with which options and code, and what it made.
 
-    {"format": 1, "recipe": "...", "model": "...", "code_version": "0.1.0+src.<hash>",
+    {"format": 1, "recipe": "...", "model": "...", "code_version": "0.1.0+src.<hash of edgellm's core>",
      "stages": [{"index": 0, "name": "prune", "command": "prune", "dir": "00-prune",
                  "options": {...}, "inputs": {"model": {"spec": ..., "sha256": ...}},
-                 "code_version": ..., "key": "<sha256 of the above>", "status": "done" | "failed" | "running",
+                 "code_version": "0.1.0+src.<hash of the code this stage depends on>", "key": "<sha256 of the above>", "status": "done" | "failed" | "running",
                  "output_sha256": ..., "seconds": ..., "error": ..., "metrics": {...}}]}
 
 A stage is skipped on a rerun when its key (inputs, options, code version) is the one recorded,
@@ -51,22 +51,49 @@ def identity(spec: str) -> dict:
     return {"spec": spec}
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """The package version plus a hash of edgellm's Python sources (so a code change reruns stages)."""
+# The code each stage's output depends on, besides edgellm's top-level modules (model I/O, data,
+# evaluation, architectures) and the command's own module: a change there reruns the stage; a
+# change to the recipe runner or the report does not.
+STAGE_CODE = {
+    "prune": ("edgellm/prune", "edgellm/quant"),  # prune drives blocks with quant/apply.py's calibration helpers
+    "distill": ("edgellm/distill",),
+    "quantize": ("edgellm/quant",),
+    "export": ("export", "edgellm/quant"),
+    "bench": ("benchmarks", "runtime", "export"),
+    "eval": (),
+}
+COMMAND_MODULE = {"eval": "evaluate"}
+
+
+def _roots() -> dict[str, Path]:
     import edgellm
 
-    roots = {Path(edgellm.__file__).parent}
+    roots = {"edgellm": Path(edgellm.__file__).parent}
     for sub in ("export", "runtime", "benchmarks"):
         try:
-            mod = __import__(f"edgellm.{sub}", fromlist=["__file__"])
-            roots.add(Path(mod.__file__).parent)
+            roots[sub] = Path(__import__(f"edgellm.{sub}", fromlist=["__file__"]).__file__).parent
         except ImportError:
             pass
+    return roots
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(command: str | None = None) -> str:
+    """The package version plus a hash of the Python sources a stage's output depends on."""
+    roots = _roots()
+    top = roots["edgellm"]
+    files = sorted(top.glob("*.py"))
+    if command is not None:
+        files += [top / "commands" / f"{COMMAND_MODULE.get(command, command)}.py", top / "commands" / "common.py"]
+        for part in STAGE_CODE[command]:
+            head, _, rest = part.partition("/")
+            base = roots.get(head)
+            if base is not None:
+                files += sorted((base / rest if rest else base).rglob("*.py"))
     h = hashlib.sha256()
-    for root in sorted(roots):
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.name.encode())
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(f.parents[1])).encode())
             h.update(f.read_bytes())
     return f"{__version__}+src.{h.hexdigest()[:12]}"
 

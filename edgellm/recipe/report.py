@@ -177,23 +177,24 @@ HEADERS = ["output", "size", "parameters", "perplexity", "KL vs input", "top-1",
 DASH = "—"
 
 
-def _rate(s: dict | None) -> str:
-    return DASH if not s else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})" if s.get("n", 1) > 1 else f"{s['median']:.1f}"
+def _rate(s: dict | None, spread: bool = True) -> str:
+    return DASH if not s else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})" if s.get("n", 1) > 1 and spread else f"{s['median']:.1f}"
 
 
-def rows_text(report: dict) -> list[list[str]]:
+def rows_text(report: dict, spread: bool = True) -> list[list[str]]:
+    """One row of strings per output (HEADERS order); `spread=False` shows medians only."""
     out = []
     for r in report["outputs"]:
         q, sp = r.get("quality") or {}, r.get("speed") or {}
         out.append([
-            r["stage"] + (f" (quality of {r['quality_from']})" if r.get("quality_from") else ""),
+            r["stage"] + (f" (quality of {r['quality_from']})" if r.get("quality_from") and spread else ""),
             DASH if r["size_bytes"] is None else f"{r['size_bytes'] / 2**20:.1f} MB",
             DASH if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f} M",
             f"{q['perplexity']:.3f}" if "perplexity" in q else DASH,
             f"{q['kl']:.4f}" if "kl" in q else DASH,
             f"{q['top1'] * 100:.1f}%" if "top1" in q else DASH,
-            sp.get("error", _rate(sp.get("pp_tokens_per_s"))) if sp else DASH,
-            DASH if not sp or "error" in sp else _rate(sp.get("tg_tokens_per_s")),
+            sp.get("error", _rate(sp.get("pp_tokens_per_s"), spread)) if sp else DASH,
+            DASH if not sp or "error" in sp else _rate(sp.get("tg_tokens_per_s"), spread),
         ])
     return out
 

@@ -63,11 +63,12 @@ def run(recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: Non
         outdir = out / stage.dirname
         args, inputs = _plan(stage, recipe, outdir, model, model_id, input_id, made_model, export_dir, export_id)
         options = {k: C.jsonable(v) for k, v in sorted(stage.options.items())}
-        key = stage_key(stage.command, options, inputs, version)
+        stage_version = code_version(stage.command)
+        key = stage_key(stage.command, options, inputs, stage_version)
         prev = lock.entry(stage.index)
         entry = {"index": stage.index, "name": stage.name, "command": stage.command, "dir": stage.dirname,
                  "options": {k: C.jsonable(v) for k, v in stage.keys.items()}, "resolved_options": options,
-                 "extra": stage.extra, "inputs": inputs, "code_version": version, "key": key}
+                 "extra": stage.extra, "inputs": inputs, "code_version": stage_version, "key": key}
         if prev and prev.get("key") == key and prev.get("status") == "done" and outdir.is_dir() \
                 and hash_path(outdir) == prev.get("output_sha256"):
             on_event(stage, "skip", "inputs, options and code unchanged")

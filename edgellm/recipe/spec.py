@@ -218,7 +218,7 @@ def _check_order(stages: list[Stage], quantized: bool, errors: list[str]) -> Non
     exported_at = quantized_at = None
     if quantized:
         quantized_at = "the input model"
-    first_model_stage = True
+    first_model_stage, sparse_at = True, None
     for s in stages:
         where = f"stage {s.index + 1} ({s.name})"
         if s.command in ("prune", "distill", "quantize") and exported_at:
@@ -232,6 +232,11 @@ def _check_order(stages: list[Stage], quantized: bool, errors: list[str]) -> Non
         if s.command == "distill" and "student_layers" in s.options and not first_model_stage:
             errors.append(f"{where}: 'student-layers' makes the student from the teacher's layers, but this distill "
                           "stage starts from the previous stage's output; drop it, or make distill the first stage")
+        if s.command == "distill" and sparse_at:
+            errors.append(f"{where}: 'distill' after an unstructured / N:M prune ({sparse_at}) would train the pruned "
+                          "zeros back to non-zero values; distill first, then prune with 'method', or prune with 'structured'")
+        if s.command == "prune" and "method" in s.options:
+            sparse_at = where
         if s.command == "quantize" and not quantized_at:
             quantized_at = where
         if s.command == "export" and not exported_at:

@@ -260,3 +260,19 @@ def test_shipped_recipes_are_valid():
     pi = spec.load(root / "smollm2-pi.yaml")
     assert [s.command for s in pi.stages] == ["prune", "distill", "quantize", "export", "bench"]
     assert pi.stages[-1].options["target"].value == "rpi5"
+
+
+def test_compare_adds_another_runs_outputs_only_when_measured_alike(tmp_path):
+    from edgellm.errors import EdgeLLMError
+    from edgellm.recipe import report as rep
+
+    ours = {"model": "m", "data": "builtin:pydoc", "settings": {"eval-tokens": 256, "ctx": 64}, "outputs": []}
+    other = tmp_path / "baseline"
+    other.mkdir()
+    rows = [{"stage": "input", "size_bytes": 10}, {"stage": "01-export", "size_bytes": 5, "quality": {"perplexity": 3.0, "kl": 0.1}}]
+    (other / "report.json").write_text(json.dumps({**ours, "outputs": rows}))
+    got = rep.compared_rows(ours, other)
+    assert [r["stage"] for r in got] == ["baseline/01-export"] and got[0]["compared"] == str(other)
+    (other / "report.json").write_text(json.dumps({**ours, "settings": {"eval-tokens": 512, "ctx": 64}, "outputs": rows}))
+    with pytest.raises(EdgeLLMError, match="another input or protocol"):
+        rep.compared_rows(ours, other)

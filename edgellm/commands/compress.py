@@ -4,7 +4,7 @@ eval) in order into one output folder, with a lock file, skip-on-rerun and a fin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -16,6 +16,7 @@ def compress(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Input model, instead of the recipe's 'model:'.")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Measure every stage's output and write OUT/report.*.")] = True,
     check: Annotated[bool, typer.Option("--check", help="Only check the recipe (every problem at once) and print the plan; run nothing.")] = False,
+    compare: Annotated[Optional[List[Path]], typer.Option("--compare", help="Add another compress run's outputs (its OUT folder) to the report, e.g. a quantize-only baseline.")] = None,
 ):
     """Run a compression recipe: named stages in order, each one edgellm command with its options.
 
@@ -38,6 +39,9 @@ def compress(
         raise EdgeLLMError(f"output '{output}' exists and is not a folder; choose another path")
     if output.is_dir() and any(output.iterdir()) and not (output / "recipe.lock.json").is_file():
         raise EdgeLLMError(f"output '{output}' is a non-empty folder that no recipe wrote (no recipe.lock.json); choose another path")
+    for other in compare or []:
+        if not (Path(other) / "report.json").is_file():
+            raise EdgeLLMError(f"--compare '{other}' has no report.json; give the output folder of another 'edgellm compress' run")
     if not output.exists() and not output.resolve().parent.is_dir():
         raise EdgeLLMError(f"the folder '{output.resolve().parent}' for output '{output}' does not exist; create it first")
 
@@ -61,7 +65,7 @@ def compress(
     if not report:
         return
     with show_warnings():
-        data = rep.measure(r, output, PROGRESS, lambda what: console.print(f"report: {what}", highlight=False))
+        data = rep.measure(r, output, PROGRESS, lambda what: console.print(f"report: {what}", highlight=False), compare or [])
     rep.write(data, output)
     from rich.table import Table
 

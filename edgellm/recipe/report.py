@@ -43,7 +43,7 @@ def _size(spec: str) -> int:
     return dir_size(Path(resolve_spec(spec)))
 
 
-def measure(recipe: Recipe, out: Path, progress=None, on_event=lambda what: None) -> dict:
+def measure(recipe: Recipe, out: Path, progress=None, on_event=lambda what: None, compare: list[Path] = ()) -> dict:
     """Measure what is not cached yet and return the report (also stored under the lock's 'report')."""
     from ..commands.common import data_tokens
     from ..data import split_tokens
@@ -104,7 +104,7 @@ def measure(recipe: Recipe, out: Path, progress=None, on_event=lambda what: None
     if r["speed"]:
         _measure_speed(out, [e for e in entries if e["command"] in MEASURED and "speed" not in e["metrics"]], r, on_event)
     lock.save()
-    return build(recipe, out, lock)
+    return build(recipe, out, lock, compare)
 
 
 def _speed_key(r: dict, e: dict) -> str:
@@ -150,7 +150,24 @@ def _measure_speed(out: Path, entries: list[dict], r: dict, on_event) -> None:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def build(recipe: Recipe, out: Path, lock: Lock) -> dict:
+def compared_rows(report: dict, other: Path) -> list[dict]:
+    """Another compress run's outputs (its report.json), when it scored the same input the same way."""
+    from ..errors import EdgeLLMError
+
+    path = Path(other) / "report.json"
+    if not path.is_file():
+        raise EdgeLLMError(f"--compare '{other}' has no report.json; give the output folder of another 'edgellm compress' run")
+    theirs = json.loads(path.read_text())
+    same = ("model", "data")
+    keys = ("eval-tokens", "ctx")
+    if any(theirs.get(k) != report[k] for k in same) or any(theirs["settings"].get(k) != report["settings"][k] for k in keys):
+        raise EdgeLLMError(f"--compare '{other}' was measured on another input or protocol (model, data, eval-tokens, ctx must match: "
+                           f"{theirs.get('model')}, {theirs['settings'].get('eval-tokens')}, {theirs['settings'].get('ctx')}); rerun it with the same report settings")
+    name = Path(other).name
+    return [{**r, "stage": f"{name}/{r['stage']}", "compared": str(other)} for r in theirs["outputs"] if r["stage"] != "input"]
+
+
+def build(recipe: Recipe, out: Path, lock: Lock, compare: list[Path] = ()) -> dict:
     inp = lock.data.get("report_input") or {}
     rows = [{"stage": "input", "command": None, "path": recipe.model, "size_bytes": inp.get("size_bytes"),
              "parameters": inp.get("parameters"), "quality": inp.get("quality"), "speed": None}]
@@ -164,11 +181,14 @@ def build(recipe: Recipe, out: Path, lock: Lock) -> dict:
     for e in lock.data["stages"]:
         if e["command"] == "bench" and e.get("status") == "done" and (out / e["dir"] / "report.json").is_file():
             bench = {"stage": e["dir"], "report": json.loads((out / e["dir"] / "report.json").read_text())}
-    return {"schema": "edgellm.compress.report", "schema_version": 1, "recipe": lock.data.get("recipe"), "model": recipe.model,
-            "code_version": lock.data.get("code_version"), "settings": recipe.report, "data": recipe.data or "builtin:pydoc",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "stages": [{k: e.get(k) for k in ("dir", "command", "options", "status", "seconds", "error")} for e in lock.data["stages"]],
-            "outputs": rows, "bench": bench}
+    report = {"schema": "edgellm.compress.report", "schema_version": 1, "recipe": lock.data.get("recipe"), "model": recipe.model,
+              "code_version": lock.data.get("code_version"), "settings": recipe.report, "data": recipe.data or "builtin:pydoc",
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "stages": [{k: e.get(k) for k in ("dir", "command", "options", "status", "seconds", "error")} for e in lock.data["stages"]],
+              "outputs": rows, "bench": bench}
+    for other in compare:
+        report["outputs"] += compared_rows(report, other)
+    return report
 
 
 # ---- rendering --------------------------------------------------------------------------------
@@ -209,6 +229,11 @@ def _notes(report: dict) -> list[str]:
         notes.append(f"Speed: Numba runtime, pp = prefill of {speed['prompt_tokens']} tokens, tg = {speed['gen_tokens']} decode steps, "
                      f"median (min–max) of {speed['reps']} repetitions, {speed['threads']} thread(s), each output in its own process; "
                      "model folders are exported to a temporary folder for this run.")
+    others = sorted({r["compared"] for r in report["outputs"] if r.get("compared")})
+    if others:
+        notes.append(f"Rows named OTHER/stage come from the report of {', '.join(others)} (same input model, data and quality protocol, "
+                     "so perplexity and KL compare exactly; its speed was measured in its own run: compare speed side by side with a "
+                     "bench stage's 'with:').")
     notes.append(f"Code {report['code_version']}; {report['date']}.")
     return notes
 

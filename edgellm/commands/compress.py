@@ -59,7 +59,13 @@ def compress(
         tag = {"skip": "[dim]skip[/]", "run": "[bold]run[/]", "resume": "[bold]resume[/]", "done": "[green]done[/]", "failed": "[red]failed[/]"}[what]
         console.print(f"[{stage.index + 1}/{n}] {stage.dirname}: {tag} ({detail})", highlight=False)
 
-    results = runner.run(r, output, on_event)
+    try:
+        results = runner.run(r, output, on_event)
+    except KeyboardInterrupt:
+        from ..console import fail
+
+        fail(f"interrupted; the finished stages' outputs in '{output}' are kept and recipe.lock.json marks the stage that stopped: "
+             "rerun the same command to continue there", 130)
     ran = sum(1 for x in results if x.status == "ran")
     console.print(f"stages: {ran} ran, {n - ran} skipped (unchanged)")
     if not report:

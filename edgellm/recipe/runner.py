@@ -91,12 +91,10 @@ def run(recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: Non
                 entry.update(status="failed", error=why, seconds=round(time.perf_counter() - t0, 2))
                 lock.set(stage.index, entry)
                 on_event(stage, "failed", why)
-                if isinstance(exc, (EdgeLLMError, KeyboardInterrupt)):
-                    if isinstance(exc, KeyboardInterrupt):
-                        raise
+                if isinstance(exc, EdgeLLMError):
                     raise EdgeLLMError(f"stage {stage.index + 1} ({stage.name}) failed: {why}; the earlier stages' outputs "
                                        f"in '{out}' are kept and the next run restarts at this stage") from None
-                raise
+                raise  # interrupted, or a bug: the lock says so; the CLI reports it
             seconds = time.perf_counter() - t0
             entry.update(status="done", seconds=round(seconds, 2), output_sha256=hash_path(outdir),
                          finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -118,7 +116,9 @@ def _plan(stage: Stage, recipe: Recipe, outdir: Path, model, model_id, input_id,
         args = {"teacher": recipe.model, **tail, "student": model if made_model else None}
         return args, {"teacher": input_id, **({"student": model_id} if made_model else {}), **data}
     if stage.command == "bench":
-        first, first_id = (export_dir, export_id) if export_dir else (model, model_id)
+        from ..modelio import resolve_spec
+
+        first, first_id = (export_dir, export_id) if export_dir else (resolve_spec(model), model_id)
         extra = list(stage.extra.get("with", []))
         return {"variants": [first, *extra], **tail}, {"variant": first_id, "with": [identity(_variant_path(v)) for v in extra], **data}
     if stage.command == "eval":

@@ -276,3 +276,20 @@ def test_compare_adds_another_runs_outputs_only_when_measured_alike(tmp_path):
     (other / "report.json").write_text(json.dumps({**ours, "settings": {"eval-tokens": 512, "ctx": 64}, "outputs": rows}))
     with pytest.raises(EdgeLLMError, match="another input or protocol"):
         rep.compared_rows(ours, other)
+
+
+def test_eval_stage_scores_the_latest_model_against_the_input(teacher, data, tmp_path):
+    out = tmp_path / "out"
+    recipe = write(tmp_path, f"""
+model: {teacher}
+data: {data}
+stages:
+  - quantize: {{bits: 4, method: rtn, group-size: 32, calib-samples: 4, seq-len: 32, eval: false}}
+  - eval: {{eval-tokens: 256, ctx: 64}}
+""")
+    r = compress(recipe, "-o", out, "--no-report")
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "01-eval" / "eval.json").read_text())
+    assert res["model"] == str(out / "00-quantize") and res["reference"] == str(teacher)
+    assert res["kl"] > 0 and 200 < res["tokens"] < 256 and res["ctx"] == 64
+    assert lock(out)["stages"][1]["inputs"]["model"]["sha256"] == lock(out)["stages"][0]["output_sha256"]

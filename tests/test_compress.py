@@ -131,13 +131,19 @@ def test_recipe_end_to_end_skip_and_partial_rerun(teacher, data, tmp_path):
     assert statuses(r)["03-export"] == "run" and not (out / "03-export" / "extra.txt").exists()
 
 
-def test_interrupted_distill_resumes_from_its_checkpoint(teacher, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_distill_resumes_from_its_checkpoint(teacher, data, tmp_path, monkeypatch, how):
+    import os
+    import signal
+
     from edgellm.distill import data as ddata
 
     real = ddata.PackedData.batch
 
     def interrupted(self, step, micro, **kw):
         if step == 3:  # after the checkpoint at step 2
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # `kill PID` of the compress process
             raise KeyboardInterrupt
         return real(self, step, micro, **kw)
 

@@ -59,6 +59,12 @@ def compress(
         tag = {"skip": "[dim]skip[/]", "run": "[bold]run[/]", "resume": "[bold]resume[/]", "done": "[green]done[/]", "failed": "[red]failed[/]"}[what]
         console.print(f"[{stage.index + 1}/{n}] {stage.dirname}: {tag} ({detail})", highlight=False)
 
+    import signal
+
+    def _terminate(signum, frame):  # `kill PID` stops a stage like Ctrl-C: temporary outputs removed, lock says so
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         results = runner.run(r, output, on_event)
     except KeyboardInterrupt:
@@ -66,6 +72,8 @@ def compress(
 
         fail(f"interrupted; the finished stages' outputs in '{output}' are kept and recipe.lock.json marks the stage that stopped: "
              "rerun the same command to continue there", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     ran = sum(1 for x in results if x.status == "ran")
     console.print(f"stages: {ran} ran, {n - ran} skipped (unchanged)")
     if not report:

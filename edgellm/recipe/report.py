@@ -32,7 +32,9 @@ MEASURED = ("prune", "distill", "quantize", "export")
 
 
 def _settings_key(recipe: Recipe, input_id: dict) -> str:
-    blob = json.dumps({"report": recipe.report, "data": recipe.data, "input": input_id}, sort_keys=True)
+    """What the quality figures depend on (the speed settings have their own key, _speed_key)."""
+    quality = {k: recipe.report[k] for k in ("eval-tokens", "ctx")}
+    blob = json.dumps({"quality": quality, "data": recipe.data, "input": input_id}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -98,9 +100,11 @@ def measure(recipe: Recipe, out: Path, progress=None, on_event=lambda what: None
             m.update(parameters=count_parameters(loaded.model), quality=q.to_dict())
             del loaded
         e["metrics"] = {**(e.get("metrics") or {}), **m}
-        if "speed" in e["metrics"] and e["metrics"].get("speed_key") != _speed_key(r, e):
-            e["metrics"].pop("speed")
     del ref
+    for e in entries:
+        m = e.get("metrics") or {}
+        if "speed" in m and m.get("speed_key") != _speed_key(r, e):
+            m.pop("speed")  # measured with other pp/tg/reps/threads
     if r["speed"]:
         _measure_speed(out, [e for e in entries if e["command"] in MEASURED and "speed" not in e["metrics"]], r, on_event)
     lock.save()

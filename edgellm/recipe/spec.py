@@ -17,6 +17,7 @@ reported together, each naming its stage and key.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,8 +158,6 @@ def _stages(items, data: str | None, errors: list[str]) -> list[Stage]:
         cmds = [k for k in item if k in C.COMMANDS]
         others = [k for k in item if k not in C.COMMANDS and k != "name"]
         for k in others:
-            import difflib
-
             close = difflib.get_close_matches(str(k), list(C.COMMANDS), n=1)
             errors.append(f"{where}: unknown stage '{k}'" + (f"; did you mean '{close[0]}'?" if close else f" (stages: {', '.join(C.COMMANDS)})"))
         if len(cmds) != 1:

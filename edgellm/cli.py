@@ -10,6 +10,7 @@ import typer
 
 from . import __version__
 from .commands.bench import bench
+from .commands.compress import compress
 from .commands.distill import distill
 from .commands.evaluate import evaluate
 from .commands.export import export
@@ -100,6 +101,7 @@ COMMANDS = [
     ("eval", evaluate),
     ("bench", bench),
     ("serve", serve),
+    ("compress", compress),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(_guarded(_name, _fn))

@@ -1,0 +1,1 @@
+"""Recipes: a YAML list of stages (prune, distill, quantize, export, bench, eval) run by `edgellm compress`."""

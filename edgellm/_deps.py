@@ -21,6 +21,7 @@ EXTRA_OF = {
     "gguf": "compress",
     "onnx": "compress",
     "onnxscript": "compress",
+    "yaml": "compress",
     "onnxruntime": "ort",
     "jinja2": "chat",
     "matplotlib": "bench",
@@ -30,6 +31,8 @@ EXTRA_OF = {
     "llama_cpp": "peers",
     "bitsandbytes": "gpu",
     "optimum": "gpu",
+    "uvicorn": "serve",
+    "starlette": "serve",
 }
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -154,6 +154,9 @@ class Quant:
     sym: bool
     embeddings: bool
     format: str
+    # bits of every packed tensor by name (exports since 8-bit embeddings and mixed plans): when
+    # present, each tensor's bits, block size and zero points are its own, checked per tensor
+    tensor_bits: dict = field(default_factory=dict)
 
     @classmethod
     def from_metadata(cls, q) -> "Quant | None":
@@ -176,7 +179,10 @@ class Quant:
         fmt = q.get("format", "matmulnbits")
         if fmt not in FORMATS:
             raise bad("format", " or ".join(FORMATS))
-        return cls(bits, gs, q.get("sym", True), bool(q.get("embeddings", False)), fmt)
+        tb = q.get("tensor_bits") or {}
+        if not isinstance(tb, dict) or any(not isinstance(k, str) or v not in (4, 8) or isinstance(v, bool) for k, v in tb.items()):
+            raise bad("tensor_bits", "an object of tensor names to 4 or 8")
+        return cls(bits, gs, q.get("sym", True), bool(q.get("embeddings", False)), fmt, tb)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -234,7 +240,7 @@ class _Checker:
         """A float [n, k] weight, or the packed layout of the quantization format; optional bias [n]."""
         ex, q = self.ex, self.q
         if quantized and q is not None and f"{p}.qweight" in ex.infos:
-            bits, fmt = q.bits, q.format
+            bits, fmt, own = q.tensor_bits.get(p, q.bits), q.format, bool(q.tensor_bits)
             qinfo = self.info(f"{p}.qweight")
             if fmt == "matmulnbits":
                 if len(qinfo.shape) != 3 or qinfo.shape[0] != n or qinfo.shape[2] < 1:
@@ -246,14 +252,16 @@ class _Checker:
                     raise EdgeLLMError(f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, padded inputs)")
                 nb = self.info(f"{p}.scales").shape[-1] if len(self.info(f"{p}.scales").shape) == 2 else 0
                 block = qinfo.shape[1] // nb if nb else 0
-            if q.group_size > 0 and block != q.group_size:
+            if own and (block < 16 or block & (block - 1)):
+                raise EdgeLLMError(f"'{p}' is packed in blocks of {block} columns; blocks are powers of two >= 16")
+            if not own and q.group_size > 0 and block != q.group_size:
                 raise EdgeLLMError(f"'{p}' is packed in blocks of {block} columns; the metadata says group_size {q.group_size}")
             if block < 1 or nb != -(-k // block) or (q.group_size == -1 and nb != 1):
                 raise EdgeLLMError(f"'{p}' packs {nb} blocks of {block} columns; its {k} inputs need {-(-k // max(block, 1))}")
             if fmt == "matmulnbits":
                 self.tensor(f"{p}.qweight", (n, nb, block * bits // 8), (_U8,))
                 self.tensor(f"{p}.scales", (n * nb,), (_FLOAT,), finite=True)
-                if not q.sym:
+                if (f"{p}.qzeros" in ex.infos) if own else not q.sym:  # per-tensor formats: zero points where asymmetric
                     self.tensor(f"{p}.qzeros", (n * (-(-nb * bits // 8)),), (_U8,))
             else:
                 code = UINT4 if bits == 4 else _U8

@@ -155,6 +155,7 @@ def main():
     ap.add_argument("--numba", action="append", default=[], metavar="TIER@CPU", help="numba runs: kernel tier @ the CPU numba compiles for")
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=PYTHON", help="llama.cpp runs in this interpreter")
     ap.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out")
+    ap.add_argument("--no-cold", action="store_true", help="skip the first-ever start (an empty compile cache)")
     ap.add_argument("--baseline", metavar="PYTHON", help="also run numba in this interpreter (another checkout's venv: an A/B of two versions)")
     args = ap.parse_args()
     if args.child:
@@ -198,7 +199,7 @@ def main():
             return None
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    if args.q4:  # first-ever start: an empty compile cache, so load + first token includes compiling
+    if args.q4 and not args.no_cold:  # first-ever start: an empty compile cache, so load + first token includes compiling
         with tempfile.TemporaryDirectory() as cache:
             cold = run(next(b for _, b, _ in jobs if b.startswith("numba")), args.q4, {"NUMBA_CACHE_DIR": cache})
         results["numba_cold_compile_load_first_token_s"] = cold and cold["load_first_token_s"]
@@ -225,7 +226,7 @@ def main():
         print(f"{fmt:6} {backend:26} tg {res['tg_median']:7.1f} tok/s  pp{args.pp} {res['pp_median']:7.1f} tok/s  "
               f"load+1st {res['load_first_token_s']:.2f} s  RSS decode/all {res['peak_rss_decode_mb']:.0f}/{res['peak_rss_mb']:.0f} MiB  "
               f"size {res['size_mb'] * 1e6 / 2**20:.1f} MiB" + (f"  kernels {res['kernels']}" if backend.startswith("numba") else ""), flush=True)
-    if args.q4:
+    if args.q4 and not args.no_cold:
         print(f"numba first-ever start (empty compile cache): load+1st {results['numba_cold_compile_load_first_token_s']:.1f} s")
     if args.q4:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

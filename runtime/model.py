@@ -140,7 +140,7 @@ class Weights:
             if ex.has(f"{p}.qzeros"):
                 zp = ex.get(f"{p}.qzeros").reshape(n, -1)
                 z = zp if bits == 8 else np.stack((zp & 15, zp >> 4), -1).reshape(n, -1)
-                zs = (z[:, :nb].astype(np.float32) - d[D_ZERO]) * scales.reshape(n, nb).astype(np.float32)  # from the centre (quant.py)
+                zs = z[:, :nb].astype(np.float32) * scales.reshape(n, nb).astype(np.float32)
                 d[D_Z], d[D_SYM] = self._addr(zs, np.float32), 0
                 ex.drop_pages(zp)
             ex.drop_pages(scales)  # the kernels read the fp16 copy

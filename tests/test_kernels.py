@@ -40,7 +40,7 @@ def _desc(kind, n, k, keep, w=None, qweight=None, scales=None, zeros=None, gs=0,
         d[Q.D_W], d[Q.D_S], d[Q.D_GS], d[Q.D_NB], d[Q.D_RB] = qweight.ctypes.data, s16.ctypes.data, gs, nb, nb * bb
         d[Q.D_SYM], d[Q.D_ZERO] = zeros is None, 1 << (kind - 1)
         if zeros is not None:
-            zs = (zeros.reshape(-1).astype(np.float32) - (1 << (kind - 1))) * scales
+            zs = zeros.reshape(-1).astype(np.float32) * scales
             keep.append(zs)
             d[Q.D_Z] = zs.ctypes.data
     if bias is not None:

@@ -62,12 +62,9 @@ def reduce_fadd(builder, v):
 
 
 def fmadd(builder, a, b, c):
-    """a * b + c as llvm.fmuladd: one rounding where the target has fast FMA, two where it has
-    not (llvm.fma would be a libm call per lane there), decided per target, not per code shape,
-    so every tier on one target rounds the same way."""
-    t = a.type
-    name = f"llvm.fmuladd.v{t.count}f32" if isinstance(t, ir.VectorType) else "llvm.fmuladd.f32"
-    return builder.call(declare(builder, name, t, [t, t, t]), [a, b, c])
+    """a * b + c, fused where the target has FMA (contract), two instructions where it has not
+    (llvm.fma would become a libm call per lane there)."""
+    return builder.fadd(builder.fmul(a, b, flags=("contract",)), c, flags=("contract",))
 
 
 def _like(v, ty):

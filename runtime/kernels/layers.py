@@ -362,6 +362,7 @@ def embed_rows(d, ids, out):
                 else:
                     code = wq[j]
                 s = half_to_float(sc[j // gs])
-                out[i, j] = (np.float32(code) - np.float32(d[D_ZERO])) * s
-                if not d[D_SYM]:  # zs = (zero - centre) * scale
-                    out[i, j] -= zs[j // gs]
+                if d[D_SYM]:
+                    out[i, j] = (np.float32(code) - np.float32(d[D_ZERO])) * s
+                else:
+                    out[i, j] = np.float32(code) * s - zs[j // gs]

@@ -6,13 +6,9 @@ one compiled decode step serves every layer without Python in between):
     kind  0 fp32 | 1 fp16 | 4 4-bit | 8 8-bit       n, k   out and in features
     w     address of the weights: float (n, k) or packed uint8 (n, n_blocks, group*bits/8)
     s     address of the fp16 scales (n*n_blocks + 16 padding; exact: the exporter stored fp16 values)
-    z     address of float32 (zero - 2**(bits-1)) * scale (n*n_blocks), asymmetric only, else 0
+    z     address of float32 zero*scale (n*n_blocks), asymmetric only, else 0
     b     address of the float32 bias (n,), or 0
-    gs, nb, rb   group size, blocks per row, bytes per weight row;  sym   symmetric;  zero   2**(bits-1):
-                 the symmetric zero point, and the centre asymmetric zero points are taken from (the
-                 raw dots then stay as small as symmetric ones instead of summing unsigned codes into
-                 a large float32 that the zero-point correction would mostly cancel: that made
-                 float32 summation order, which differs between tiers, show at 4e-2 of the logits)
+    gs, nb, rb   group size, blocks per row, bytes per weight row;  sym, zero   symmetric, its zero point
 
 Quantized layers multiply by int8-quantized activations (one scale per weight group, like
 llama.cpp's Q8_0 next to Q4_0): `quantize_act` writes them in the layout the SIMD microkernel reads
@@ -59,8 +55,8 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
     4-bit: byte j of a weight row holds columns 2j (low nibble) and 2j+1, so xa[j] = q[2j],
     xb[j] = q[2j+1]. 8-bit: xa[j] = q[j]. Lane g (4 weight bytes) covers 8 (4-bit) or 4 (8-bit)
     columns: xsl[g] = its activation scale, init[g] = (off - zero) * sum of its codes, zero = the
-    centre 2**(bits-1) (the symmetric zero point; asymmetric ones are corrected from it in
-    _finish): the tile's dot of re-centred codes plus init is the dot of (code - zero).
+    symmetric zero point (0 for asymmetric formats): the tile's dot of re-centred codes plus init
+    is the dot of (code - zero).
     xzb[b] = scale_b * sum of block b's codes (asymmetric correction)."""
     k, gs, nb, bits = d[D_K], d[D_GS], d[D_NB], d[D_KIND]
     nch = (d[D_RB] + 63) // 64
@@ -95,7 +91,7 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
                 tot += q0
         xzb[b] = s * np.float32(tot)
     cols = 8 if bits == 4 else 4
-    zero = d[D_ZERO]  # asymmetric too: _finish adds back the rows' own zero points
+    zero = d[D_ZERO] if d[D_SYM] else 0
     for g in range(nch * 16):
         blk = (g * cols) // gs
         xsl[g] = xs[blk] if blk < nb else np.float32(0.0)
@@ -154,7 +150,7 @@ def _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, ntok, o, so, tier):
 
 @njit(cache=True, fastmath=True)
 def _finish(d, r, v, xzb):
-    if d[D_Z] != 0:  # asymmetric: subtract sum_b (zero - centre)*scale_w * scale_x*sum(x codes)
+    if d[D_Z] != 0:  # asymmetric: subtract sum_b zero*scale_w * scale_x*sum(x codes)
         nb = d[D_NB]
         zs = carray(as_voidptr(d[D_Z] + r * nb * 4), (nb,), np.float32)
         corr = 0.0  # float64: the correction cancels most of v, whatever order fastmath picks
@@ -284,7 +280,7 @@ def make_desc(qweight, scales, zeros, bits, k, gs, keep, bias=None) -> np.ndarra
     d[D_KIND], d[D_N], d[D_K], d[D_W], d[D_S] = bits, n, k, qweight.ctypes.data, s16.ctypes.data
     d[D_GS], d[D_NB], d[D_RB], d[D_SYM], d[D_ZERO] = gs, nb, nb * bb, zeros is None, 1 << (bits - 1)
     if zeros is not None:
-        zs = np.ascontiguousarray((zeros.reshape(-1).astype(np.float32) - (1 << (bits - 1))) * scales.reshape(-1).astype(np.float32))
+        zs = np.ascontiguousarray(zeros.reshape(-1).astype(np.float32) * scales.reshape(-1).astype(np.float32))
         keep.append(zs)
         d[D_Z] = zs.ctypes.data
     if bias is not None:

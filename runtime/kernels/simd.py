@@ -42,43 +42,17 @@ _ptr = ptr
 
 
 def _for_each_chunk(builder, nbytes, width, step):
-    """Call step(sub-chunk index, part, load) over nbytes in 64-byte chunks, each as 64/width
-    sub-chunks of `width` bytes (part = its index within the chunk): whole chunks, then the tail,
-    where load(address) is a masked load (bytes past nbytes read as zero; a sub-chunk wholly
-    past them reads zeros, and its activation lanes are zero too, so it adds exactly 0)."""
+    """Call step(chunk index, load) over nbytes in chunks of `width`: whole chunks, then the tail,
+    where load(address) is a masked load (bytes past nbytes read as zero)."""
     vb = vec(I8, width)
-    parts = CHUNK // width
-    k64 = ir.Constant(I64, CHUNK)
-    nfull = builder.sdiv(nbytes, k64)
-    tail = builder.srem(nbytes, k64)
+    kw = ir.Constant(I64, width)
+    nfull = builder.sdiv(nbytes, kw)
+    tail = builder.srem(nbytes, kw)
     with cgutils.for_range(builder, nfull) as loop:
-        for p in range(parts):
-            c = builder.add(builder.mul(loop.index, ir.Constant(I64, parts)), ir.Constant(I64, p))
-            step(c, p, lambda addr: builder.load(ptr(builder, addr, vb), align=1))
+        step(loop.index, lambda addr: builder.load(ptr(builder, addr, vb), align=1))
     with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=True):
-        for p in range(parts):
-            left = builder.sub(tail, ir.Constant(I64, p * width))
-            m = lane_mask(builder, builder.select(builder.icmp_signed("<", left, ir.Constant(I64, 0)), ir.Constant(I64, 0), left), width)
-            c = builder.add(builder.mul(nfull, ir.Constant(I64, parts)), ir.Constant(I64, p))
-            step(c, p, lambda addr, m=m: masked_load(builder, addr, vb, m))
-
-
-def _sum_lanes(builder, accs):
-    """Sum of the 16 lanes held by `accs` (64/W vectors of L lanes: lanes 0..L-1, L..2L-1, ...)
-    in one fixed pairwise tree (lane i + lane i+8, then i+4, ...), whatever the tier's width:
-    every tier then rounds identically and their logits agree bit for bit."""
-    vs = list(accs)
-    while len(vs) > 1:  # whole registers first: halves of the 16 lanes are whole registers
-        half = len(vs) // 2
-        vs = [builder.fadd(vs[i], vs[i + half]) for i in range(half)]
-    v = vs[0]
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        hi = builder.shuffle_vector(v, v, const_vec(I32, range(n, 2 * n)))
-        lo = builder.shuffle_vector(v, v, const_vec(I32, list(range(n))))
-        v = builder.fadd(lo, hi)
-    return builder.extract_element(v, ir.Constant(I32, 0))
+        m = lane_mask(builder, tail, width)
+        step(nfull, lambda addr: masked_load(builder, addr, vb, m))
 
 
 def _spread_shuffles(builder, s, idx, k):
@@ -99,8 +73,7 @@ def _tile(builder, tier, nrows, ntok, args):
     W, L = tier.width, tier.lanes
     vb, vi, vf, vh = vec(I8, W), vec(I32, L), vec(F32, L), vec(F16, L)
     spread = tier.spread or _spread_shuffles
-    nparts = CHUNK // W  # accumulators per (row, token): lane l of a 64-byte chunk always sums into the same place
-    accs = [[[cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(nparts)] for _ in range(ntok)] for _ in range(nrows)]
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(ntok)] for _ in range(nrows)]
     log2l = L.bit_length() - 1
     k = builder.trunc(builder.select(builder.icmp_signed("<", shift, ir.Constant(I64, log2l)), shift, ir.Constant(I64, log2l)), I32)
     idx = builder.lshr(const_vec(I32, range(L)), splat(builder, k, L))  # lane -> block within the chunk
@@ -110,14 +83,15 @@ def _tile(builder, tier, nrows, ntok, args):
     toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
     toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
 
-    def step(bits, c, part, load):
+    def step(bits, c, load):
         off = builder.mul(c, kw)  # weight bytes, and bytes of the int32/float32 lane arrays
         fb = builder.lshr(builder.mul(c, kl), shift)  # first block of the chunk
         signed = bits in tier.recentre
         units = []
         for j in range(nrows):
-            if PREFETCH and ntok == 1 and part == 0:  # decode streams weights from DRAM: ask PREFETCH bytes ahead, once a line
-                prefetch(builder, builder.add(builder.add(rows_w[j], off), ir.Constant(I64, PREFETCH)))
+            if PREFETCH and ntok == 1:  # decode streams weights from DRAM: ask PREFETCH bytes ahead
+                for line in range(0, W, 64):
+                    prefetch(builder, builder.add(builder.add(rows_w[j], off), ir.Constant(I64, PREFETCH + line)))
             wv = load(builder.add(rows_w[j], off))
             parts = (builder.and_(wv, const_vec(I8, [15] * W)), builder.lshr(wv, const_vec(I8, [4] * W))) if bits == 4 else (wv,)
             if signed:
@@ -133,17 +107,17 @@ def _tile(builder, tier, nrows, ntok, args):
                 xv.append(builder.load(ptr(builder, builder.add(pb, toks_a[u]), vb), align=1))
             for j, (parts, wsv) in enumerate(units):
                 s = tier.dot(builder, iv, list(zip(parts, xv)), signed)
-                acc = accs[j][u][part]
+                acc = accs[j][u]
                 builder.store(fmadd(builder, builder.sitofp(s, vf), builder.fmul(wsv, xs), builder.load(acc)), acc)
 
     with builder.if_else(builder.icmp_signed("==", nbits, ir.Constant(I64, 4))) as (four, eight):
         with four:
-            _for_each_chunk(builder, rb, W, lambda c, part, load: step(4, c, part, load))
+            _for_each_chunk(builder, rb, W, lambda c, load: step(4, c, load))
         with eight:
-            _for_each_chunk(builder, rb, W, lambda c, part, load: step(8, c, part, load))
+            _for_each_chunk(builder, rb, W, lambda c, load: step(8, c, load))
     for j in range(nrows):
         for u in range(ntok):
-            _store_f32(builder, out, so, u, j, _sum_lanes(builder, [builder.load(a) for a in accs[j][u]]))
+            _store_f32(builder, out, so, u, j, reduce_fadd(builder, builder.load(accs[j][u])))
 
 
 def _store_f32(builder, out, so, u, j, v):
@@ -211,7 +185,6 @@ def as_voidptr(typingctx, addr):
 # prefetcher (all 121 SmolLM2 4-bit linears: 3.7 ms without, 2.1 ms at 12-16 KiB, 2.9 ms for the
 # one-row kernel before; 2.6 ms at 8 KiB, 2.3 ms at 24 KiB; medians of 30 on this machine).
 PREFETCH = 16384
-CHUNK = 64  # bytes of a logical chunk: 16 int32 lanes, whatever the tier's register width
 RB, TB = 4, 4  # rows x tokens of the big tile (decode: RB x 1; prompt: RB x TB)
 qdot_1x1, qdot_rx1, qdot_1xt, qdot_rxt = (_make_qdot(r, t) for r, t in ((1, 1), (RB, 1), (1, TB), (RB, TB)))
 

@@ -169,7 +169,7 @@ class Quant:
             return EdgeLLMError(f"export metadata 'edgellm.quantization' has {key} = {q.get(key)!r}; expected {want}")
 
         bits, gs = q.get("bits"), q.get("group_size")
-        if bits not in (4, 8) or isinstance(bits, bool):
+        if type(bits) is not int or bits not in (4, 8):  # not 8.0 or true
             raise bad("bits", "4 or 8")
         if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or 16 <= gs <= 1 << 16):
             raise bad("group_size", "-1 or an integer in [16, 65536]")
@@ -180,7 +180,7 @@ class Quant:
         if fmt not in FORMATS:
             raise bad("format", " or ".join(FORMATS))
         tb = q.get("tensor_bits") or {}
-        if not isinstance(tb, dict) or any(not isinstance(k, str) or v not in (4, 8) or isinstance(v, bool) for k, v in tb.items()):
+        if not isinstance(tb, dict) or any(not isinstance(k, str) or type(v) is not int or v not in (4, 8) for k, v in tb.items()):
             raise bad("tensor_bits", "an object of tensor names to 4 or 8")
         return cls(bits, gs, q.get("sym", True), bool(q.get("embeddings", False)), fmt, tb)
 

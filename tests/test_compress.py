@@ -202,7 +202,7 @@ stages:
     for needle in ["unknown key 'colour'", "stage 1: unknown stage 'quantise'; did you mean 'quantize'?",
                    "stage 3 (quantize): unknown option 'bitz'; did you mean 'bits'?", "stage 3 (quantize): 'group-size' takes an integer",
                    "'method' must be one of rtn, gptq, awq", "'sym' is a switch", "stage 4 (prune): 'output' is set by the recipe",
-                   "stage 5 (bench): 'target' must be one of this, laptop, rpi4, rpi5", "'with' must be a list",
+                   "stage 5 (bench): 'target' must be one of host, laptop, rpi4, rpi5", "'with' must be a list",
                    "stage 3 (quantize): 'quantize' after export", "stage 4 (prune): 'prune' after export"]:
         assert needle in r.output, (needle, r.output)
     assert r.output.count("\n  - ") == 11

@@ -156,6 +156,8 @@ def test_files_metadata_and_alignment(tokenizer, tmp_path):
     assert cfg["architecture"] == "llama" and cfg["num_kv_heads"] == 2 and cfg["head_dim"] == 16 and cfg["norm"] == "rms"
     assert cfg["rope_theta"] == 10000.0 and cfg["tie_word_embeddings"] is False and cfg["mlp"] == "gated"
     q = json.loads(meta["edgellm.quantization"])
+    tensor_bits = q.pop("tensor_bits")  # every packed tensor's own width (8-bit embeddings, mixed plans)
+    assert tensor_bits and set(tensor_bits.values()) == {4} and "model.embed_tokens" in tensor_bits
     assert q == {"bits": 4, "group_size": 32, "sym": True, "method": "rtn", "embeddings": True, "accuracy_level": 4, "format": "matmulnbits"}
     assert json.loads(meta["edgellm.source"])["steps"][0]["step"] == "quantize"
     for t in m.graph.initializer:

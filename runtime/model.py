@@ -8,7 +8,6 @@ matrix product is one `prange` region and nothing returns to Python between oper
 from __future__ import annotations
 
 import mmap
-import os
 import warnings
 
 import numba

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -335,5 +333,6 @@ def test_resume_from_a_different_run(teacher_dir, small_data, tmp_path, monkeypa
     r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--steps", 4, *SMALL, "--resume", ck)  # other data
     _one_line_error(r, "different run", "data")
     assert {p: p.stat().st_mtime_ns for p in ck.rglob("*")} == before  # nothing touched
-    r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--steps", 4, *SMALL, "--resume", tmp_path)
+    (tmp_path / "other").mkdir()  # not tmp_path itself: an output inside an input is refused first
+    r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--steps", 4, *SMALL, "--resume", tmp_path / "other")
     _one_line_error(r, "not a distill checkpoint")

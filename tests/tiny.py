@@ -5,7 +5,6 @@ Nothing is downloaded: the tokenizer is a small byte-level BPE trained on the bu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

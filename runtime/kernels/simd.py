@@ -35,7 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import tiers
-from .irutil import (F16, F32, I16, I32, I64, I8, const_vec, float_to_half_bits, fmadd, half_to_float as _h2f, lane_mask, masked_load,
+from .irutil import (F16, F32, I32, I64, I8, const_vec, float_to_half_bits, fmadd, half_to_float as _h2f, lane_mask, masked_load,
                      prefetch, ptr, reduce_fadd, splat, vec)
 
 _ptr = ptr

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from guards import BLOCK_TORCH  # noqa: E402
 
 sys.setswitchinterval(5e-5)  # simulator threads hand the GIL over at every barrier: 5 ms default switches dominate
 
@@ -336,13 +337,7 @@ def test_stream_and_cli_match_cpu(exports):
 
 
 def test_cuda_path_never_imports_torch(exports):
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('torch', 'transformers'):
-                    raise ImportError('blocked: ' + name)
-        sys.meta_path.insert(0, Block())
+    code = BLOCK_TORCH + textwrap.dedent(f"""
         from edgellm.runtime import load, Sampling
         gen = load({str(exports['llama', 'q4'])!r}, n_ctx=32, device='cuda')
         text = ''.join(gen.stream('hello', Sampling(temperature=0, max_new_tokens=2)))

@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgellm.cli import app
+from guards import BLOCK_TORCH  # noqa: E402
 
 VARIANTS = {
     "f32": [],
@@ -186,13 +187,7 @@ def test_one_token_and_ignore_eos(exports):
 
 
 def test_runtime_never_imports_torch(exports):
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('torch', 'transformers'):
-                    raise ImportError('blocked: ' + name)
-        sys.meta_path.insert(0, Block())
+    code = BLOCK_TORCH + textwrap.dedent(f"""
         from edgellm.runtime import load, Sampling
         import edgellm.commands.run
         gen = load({str(exports["qwen2", "q4"])!r}, threads=1, n_ctx=64)

@@ -24,6 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgellm.cli import app
+from guards import BLOCK_TORCH  # noqa: E402
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -386,13 +387,7 @@ def test_serve_bad_input(export, tmp_path):
 
 
 def test_server_never_imports_torch(export):
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('torch', 'transformers'):
-                    raise ImportError('blocked: ' + name)
-        sys.meta_path.insert(0, Block())
+    code = BLOCK_TORCH + textwrap.dedent(f"""
         from edgellm.runtime import load
         from edgellm.runtime.serve import create_app
         import edgellm.commands.serve

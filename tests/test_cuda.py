@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from guards import one_line_error  # noqa: E402
 
 HERE = Path(__file__).parent
 SUITE = HERE / "cuda_suite.py"
@@ -100,16 +101,7 @@ def test_fit_check_names_the_memory():
         check_fits(3 << 30, 2 << 30, 8 << 30, "GPU", "model")
 
 
-def _one_line_error(args):
-    from typer.testing import CliRunner
-
-    from edgellm.cli import app
-
-    r = CliRunner().invoke(app, args)
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert r.exit_code == 2, r.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    return lines[0]
+_one_line_error = one_line_error  # tests/guards.py
 
 
 def test_device_errors(tmp_path):

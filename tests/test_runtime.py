@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgellm.cli import app
-from guards import BLOCK_TORCH  # noqa: E402
+from guards import BLOCK_TORCH, one_line_error  # noqa: E402
 
 VARIANTS = {
     "f32": [],
@@ -199,12 +199,7 @@ def test_runtime_never_imports_torch(exports):
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
 
 
-def _one_line_error(args):
-    r = CliRunner().invoke(app, args)
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert r.exit_code == 2, r.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    return lines[0]
+_one_line_error = one_line_error  # tests/guards.py
 
 
 def test_bad_inputs(exports, tmp_path):

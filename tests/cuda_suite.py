@@ -17,6 +17,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from guards import BLOCK_TORCH  # noqa: E402
 
 sys.setswitchinterval(5e-5)  # simulator threads hand the GIL over at every barrier: 5 ms default switches dominate
 
-from numba import cuda  # noqa: E402
+from numba import cuda, float32  # noqa: E402
 from numba.core import config  # noqa: E402
 
 SIM = bool(config.ENABLE_CUDASIM)
@@ -237,6 +238,39 @@ from cuda_exports import VARIANTS, build_exports  # noqa: E402
 PREBUILT = Path(__file__).parent.parent / ".gpu" / "tiny-exports"  # benchmarks/gpu_prepare.sh (a GPU machine without ONNX tooling)
 
 
+# ----------------------------------------------------------------------------- the simulator's shared arrays
+@cuda.jit
+def _shared_sum(out):
+    s = cuda.shared.array(64, float32)
+    s[cuda.threadIdx.x] = 1.0
+    cuda.syncthreads()
+    acc = float32(0.0)
+    for i in range(cuda.blockDim.x):
+        acc += s[i]
+    out[cuda.threadIdx.x] = acc
+
+
+def _slow_alloc(shape, dtype):
+    time.sleep(0.002)  # a thread switch while one thread allocates: what CI's load did by chance
+    return np.empty(shape, dtype)
+
+
+@pytest.mark.skipif(not SIM, reason="simulator only: a GPU has real shared memory")
+@pytest.mark.parametrize("locked", [True, False], ids=["locked", "numba-race"])
+def test_simulator_shares_one_array_per_block(monkeypatch, locked):
+    """Every thread of a block sees one shared array (kernels.py makes the simulator's lookup
+    atomic). Without the lock, and with the allocation slowed, the race shows every time: this
+    is the test's proof that it can fail."""
+    import contextlib
+
+    monkeypatch.setattr(K, "_sim_alloc", _slow_alloc)
+    if not locked:
+        monkeypatch.setattr(K, "_SHARED_LOCK", contextlib.nullcontext())
+    out = np.zeros(32, np.float32)
+    _shared_sum[1, 32](out)
+    assert (out == 32).all() == locked, out
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tokenizer):
     import importlib.util
@@ -304,8 +338,6 @@ def test_greedy_tokens_match_cpu_runtime(exports):
     assert len(set(seqs[1])) > 3  # a real continuation, not one token repeated
 
 
-@pytest.mark.skipif(SIM, reason="known defect: under the simulator one of the two decode paths intermittently gives NaN "
-                    "logits (2 of 4 full runs on 2026-12-01); runs on a real GPU (benchmarks/gpu_check.sh)")
 def test_phases_fallback_equals_cooperative_step(exports):
     """The per-phase launches (multi-block grids) give the cooperative step's logits."""
     a, _ = _pair(exports["llama", "q8a"])

@@ -45,7 +45,7 @@ def test_cuda_suite_under_simulator(group):
     tail = (r.stdout + r.stderr)[-4000:]
     assert r.returncode == 0, tail
     skips = [line for line in r.stdout.splitlines() if line.startswith("SKIPPED")]
-    assert " passed" in r.stdout and all("known defect" in line for line in skips), tail  # no silent skips
+    assert " passed" in r.stdout and not skips, tail  # nothing skipped under the simulator
 
 
 @pytest.mark.skipif(not _gpu_present(), reason="no CUDA GPU here (the simulator runs the same suite above)")

@@ -64,10 +64,45 @@ cooperative launch is refused (a driver without it, a grid that cannot be reside
 from __future__ import annotations
 
 import math
+import sys
+import threading
 
 import numpy as np
 from numba import cuda, float32
-from numba.core import config
+from numba.core import config, types
+
+_SHARED_LOCK = threading.Lock()  # tests swap it for a no-op to show the race is real
+_sim_alloc = np.empty  # tests slow it down to widen the race window
+
+
+def _sim_shared_array(self, shape, dtype):
+    """numba 0.68's simulated `cuda.shared.array` with its get-or-allocate made atomic.
+
+    The simulator runs a block's threads as Python threads and finds a block's shared array by
+    the caller's (file, line): `get`, and on a miss `np.empty` then `set`. Two threads that miss
+    at once each allocate their own array, so a thread can read another's never-written
+    np.empty memory: the CI failure of 2026-12-01 (test_gemm[3-q8-g32-sym], values of 4e15 in
+    three output rows) and the intermittent NaN of the phases-vs-cooperative decode test."""
+    from numba.np import numpy_support
+
+    if isinstance(dtype, types.Type):
+        dtype = numpy_support.as_dtype(dtype)
+    if shape == 0:  # dynamic shared memory: one buffer, no lookup
+        return _SIM_ORIGINAL_ARRAY(self, shape, dtype)
+    frame = sys._getframe(1)
+    caller = (frame.f_code.co_filename, frame.f_lineno)
+    with _SHARED_LOCK:
+        res = self._allocations.get(caller)
+        if res is None:
+            res = self._allocations[caller] = _sim_alloc(shape, dtype)
+    return res
+
+
+if config.ENABLE_CUDASIM:
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    _SIM_ORIGINAL_ARRAY = FakeCUDAShared.array
+    FakeCUDAShared.array = _sim_shared_array
 
 
 def pure(fn):

@@ -66,17 +66,36 @@ def make_seeds(root: Path) -> dict[str, Path]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([builtin_text()[:200_000]], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     common = dict(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    configs = {"llama": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
-               "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512)}
-    quant = {"f32": [], "q4": ["--bits", "4", "--group-size", "32", "--sym"],
-             "q8a": ["--bits", "8", "--group-size", "16", "--asym", "--quantize-embeddings"]}
+    configs = {
+        "llama": dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+        "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    }
+    quant = {
+        "f32": [],
+        "q4": ["--bits", "4", "--group-size", "32", "--sym"],
+        "q8a": ["--bits", "8", "--group-size", "16", "--asym", "--quantize-embeddings"],
+    }
     runner, out = CliRunner(), {}
     for name in SEEDS:
         fam, var = name.split("-")
@@ -88,7 +107,20 @@ def make_seeds(root: Path) -> dict[str, Path]:
         model.save_pretrained(str(src), safe_serialization=True)
         fast.save_pretrained(str(src))
         if quant[var]:
-            r = runner.invoke(app, ["quantize", str(src), *quant[var], "--method", "rtn", "--no-eval", "-o", str(root / f"{name}-q"), "--force"])
+            r = runner.invoke(
+                app,
+                [
+                    "quantize",
+                    str(src),
+                    *quant[var],
+                    "--method",
+                    "rtn",
+                    "--no-eval",
+                    "-o",
+                    str(root / f"{name}-q"),
+                    "--force",
+                ],
+            )
             assert r.exit_code == 0, r.output
             src = root / f"{name}-q"
         r = runner.invoke(app, ["export", str(src), "-o", str(root / name), "--no-check", "--force"])
@@ -103,8 +135,22 @@ INTERESTING = [0, -1, 1, 2, 3, 7, 255, 256, 4096, 65537, 10**6, 10**9, 2**31 - 1
 
 def _value(rng: random.Random, v):
     """Another JSON value for `v`: a near or extreme number, another type, or a broken string."""
-    choices = [None, True, False, "x", "", [], {}, [1, 2], 1.5, -0.0, float("nan"), float("inf"), rng.choice(INTERESTING),
-               -rng.choice(INTERESTING)]
+    choices = [
+        None,
+        True,
+        False,
+        "x",
+        "",
+        [],
+        {},
+        [1, 2],
+        1.5,
+        -0.0,
+        float("nan"),
+        float("inf"),
+        rng.choice(INTERESTING),
+        -rng.choice(INTERESTING),
+    ]
     if isinstance(v, bool):
         choices += [not v, 1, "true"]
     elif isinstance(v, int):
@@ -112,7 +158,20 @@ def _value(rng: random.Random, v):
     elif isinstance(v, float):
         choices += [v * 10, v / 10, -v, 0.0, 1e30, 1e-30, str(v)]
     elif isinstance(v, str):
-        choices += [v + "x", v.upper(), v[: len(v) // 2], "rms", "layer", "gelu", "rope", "learned", "plain", "gated", "qwen2", "gpt2"]
+        choices += [
+            v + "x",
+            v.upper(),
+            v[: len(v) // 2],
+            "rms",
+            "layer",
+            "gelu",
+            "rope",
+            "learned",
+            "plain",
+            "gated",
+            "qwen2",
+            "gpt2",
+        ]
     elif isinstance(v, list):
         choices += [v[:-1], v + v, [None] * len(v), [str(x) for x in v]]
     return rng.choice(choices)
@@ -277,8 +336,16 @@ def m_init_swap(rng, m):
 @_proto_edit
 def m_init_rename(rng, m):
     t = _init(rng, m)
-    t.name = rng.choice((t.name + "_", t.name.replace(".weight", ".qweight"), t.name.replace("qzeros", "zeros"),
-                         t.name.replace(".1.", ".2.").replace(".0.", ".5."), "lm_head.weight", ""))
+    t.name = rng.choice(
+        (
+            t.name + "_",
+            t.name.replace(".weight", ".qweight"),
+            t.name.replace("qzeros", "zeros"),
+            t.name.replace(".1.", ".2.").replace(".0.", ".5."),
+            "lm_head.weight",
+            "",
+        )
+    )
 
 
 @_proto_edit
@@ -309,11 +376,27 @@ def m_init_external(rng, m):
     t = _init(rng, m)
     e = rng.choice(list(t.external_data))
     if e.key == "location":
-        e.value = rng.choice(("../model.onnx.data", "/etc/passwd", "model.onnx", "tokenizer.json", "", "model.onnx.data\x00"))
+        e.value = rng.choice(
+            ("../model.onnx.data", "/etc/passwd", "model.onnx", "tokenizer.json", "", "model.onnx.data\x00")
+        )
     else:
         v = int(e.value)
-        e.value = rng.choice((str(v + 64), str(v - 64), str(v + 1), str(v + 4), "0", str(v * 2), str(2**63), "-64", "1e3", "abc", " 64",
-                              str(v + rng.randrange(-4096, 4096) // 64 * 64)))
+        e.value = rng.choice(
+            (
+                str(v + 64),
+                str(v - 64),
+                str(v + 1),
+                str(v + 4),
+                "0",
+                str(v * 2),
+                str(2**63),
+                "-64",
+                "1e3",
+                "abc",
+                " 64",
+                str(v + rng.randrange(-4096, 4096) // 64 * 64),
+            )
+        )
 
 
 @_proto_edit
@@ -330,8 +413,11 @@ def m_init_drop(rng, m):
         t.raw_data = bytes(rng.randrange(0, 64))
 
 
-M_ONNX_BYTES = [lambda r, f, p: {"model.onnx": _flip(r, f["model.onnx"])}, lambda r, f, p: {"model.onnx": _bytes_set(r, f["model.onnx"])},
-                lambda r, f, p: {"model.onnx": _truncate(r, f["model.onnx"])}]
+M_ONNX_BYTES = [
+    lambda r, f, p: {"model.onnx": _flip(r, f["model.onnx"])},
+    lambda r, f, p: {"model.onnx": _bytes_set(r, f["model.onnx"])},
+    lambda r, f, p: {"model.onnx": _truncate(r, f["model.onnx"])},
+]
 
 
 def m_data(rng, files, proto):
@@ -345,11 +431,15 @@ def m_data(rng, files, proto):
         b = bytearray(data)
         for _ in range(rng.choice((1, 4))):
             i = rng.randrange(len(b) // 4) * 4
-            b[i:i + 4] = struct.pack("<f", rng.choice((float("nan"), float("inf"), -float("inf"), 3e38)))
+            b[i : i + 4] = struct.pack("<f", rng.choice((float("nan"), float("inf"), -float("inf"), 3e38)))
         return {"model.onnx.data": bytes(b)}
     if kind == 2:
         i = rng.randrange(len(data))
-        return {"model.onnx.data": data[:i] + b"\0" * min(len(data) - i, rng.choice((64, 4096))) + data[i + 4096:][: max(0, len(data) - i - 4096)]}
+        return {
+            "model.onnx.data": data[:i]
+            + b"\0" * min(len(data) - i, rng.choice((64, 4096)))
+            + data[i + 4096 :][: max(0, len(data) - i - 4096)]
+        }
     if kind == 3:
         return {"model.onnx.data": _truncate(rng, data)}
     return {"model.onnx.data": data + os.urandom(rng.choice((1, 64, 4096)))}
@@ -364,11 +454,15 @@ def m_side(rng, files, proto):
     if kind == 1:
         return {name: _truncate(rng, data)}
     if kind == 2:
-        return {name: data[: len(data) // 2] + b"\xff\xfe\xc3" + data[len(data) // 2:]}
+        return {name: data[: len(data) // 2] + b"\xff\xfe\xc3" + data[len(data) // 2 :]}
     if kind == 3:
         return {name: None}  # deleted
     if kind == 4 and name.endswith(".jinja"):
-        return {name: rng.choice((b"{% for %}", b"{{ messages[0].nope.x }}", b"{{ raise_exception('no') }}", b"{% if %}", b"{{ 1/0 }}"))}
+        return {
+            name: rng.choice(
+                (b"{% for %}", b"{{ messages[0].nope.x }}", b"{{ raise_exception('no') }}", b"{% if %}", b"{{ 1/0 }}")
+            )
+        }
     try:
         obj = json.loads(data)
     except ValueError:
@@ -388,11 +482,23 @@ def m_pickle(rng, files, proto):
     return {name: pickle.dumps(Trap())}
 
 
-MUTATORS = {"onnx_bytes": (M_ONNX_BYTES, 12), "onnx_varint": ([m_onnx_varint], 6), "onnx_tag": ([m_onnx_tag], 4),
-            "meta_config": ([m_meta_config], 14), "meta_quant": ([m_meta_quant], 5), "meta_text": ([m_meta_text], 5),
-            "init_swap": ([m_init_swap], 5), "init_rename": ([m_init_rename], 4), "init_dims": ([m_init_dims], 6),
-            "init_dtype": ([m_init_dtype], 4), "init_external": ([m_init_external], 6), "init_drop": ([m_init_drop], 3),
-            "data": ([m_data], 12), "side": ([m_side], 12), "pickle": ([m_pickle], 2)}
+MUTATORS = {
+    "onnx_bytes": (M_ONNX_BYTES, 12),
+    "onnx_varint": ([m_onnx_varint], 6),
+    "onnx_tag": ([m_onnx_tag], 4),
+    "meta_config": ([m_meta_config], 14),
+    "meta_quant": ([m_meta_quant], 5),
+    "meta_text": ([m_meta_text], 5),
+    "init_swap": ([m_init_swap], 5),
+    "init_rename": ([m_init_rename], 4),
+    "init_dims": ([m_init_dims], 6),
+    "init_dtype": ([m_init_dtype], 4),
+    "init_external": ([m_init_external], 6),
+    "init_drop": ([m_init_drop], 3),
+    "data": ([m_data], 12),
+    "side": ([m_side], 12),
+    "pickle": ([m_pickle], 2),
+}
 
 
 # ----------------------------------------------------------------------------- worker
@@ -438,8 +544,15 @@ class Worker:
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgellm.benchmarks.fuzz_loader", "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm.benchmarks.fuzz_loader", "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=self.env,
+            text=True,
+            bufsize=1,
+        )
         self.hwm = None
 
     def ask(self, job: dict, timeout: float) -> dict:
@@ -489,8 +602,15 @@ def _write_mutant(dst: Path, src: Path, files: dict, changed: dict):
             (dst / name).write_bytes(data)
 
 
-def campaign(seeds: dict, n: int, seed: int = 0, timeout: float = 20.0, minutes: float | None = None, max_rss_mb: int = 1500,
-             progress=None) -> dict:
+def campaign(
+    seeds: dict,
+    n: int,
+    seed: int = 0,
+    timeout: float = 20.0,
+    minutes: float | None = None,
+    max_rss_mb: int = 1500,
+    progress=None,
+) -> dict:
     """Run `n` mutants (or until `minutes` pass); counts by outcome and mutator, and examples of failures."""
     rng = random.Random(seed)
     loaded = {k: _load_seed(Path(p)) for k, p in seeds.items()}
@@ -543,7 +663,9 @@ def campaign(seeds: dict, n: int, seed: int = 0, timeout: float = 20.0, minutes:
             counts[status] += 1
             by_class[cls][status] += 1
             if status in FAILURES and len(examples[status]) < 20:
-                examples[status].append({"i": i, "seed": key, "class": cls, "backend": backend, "detail": res.get("detail", "")})
+                examples[status].append(
+                    {"i": i, "seed": key, "class": cls, "backend": backend, "detail": res.get("detail", "")}
+                )
             shutil.rmtree(d, ignore_errors=True)
             done += 1
             if progress is not None and done % 100 == 0:
@@ -551,9 +673,15 @@ def campaign(seeds: dict, n: int, seed: int = 0, timeout: float = 20.0, minutes:
     finally:
         w.stop()
         shutil.rmtree(work, ignore_errors=True)
-    return {"mutants": done, "seconds": round(time.monotonic() - t0, 1), "seed": seed, "counts": dict(counts),
-            "by_class": {k: dict(v) for k, v in sorted(by_class.items())}, "failures": sum(counts[f] for f in FAILURES),
-            "examples": dict(examples)}
+    return {
+        "mutants": done,
+        "seconds": round(time.monotonic() - t0, 1),
+        "seed": seed,
+        "counts": dict(counts),
+        "by_class": {k: dict(v) for k, v in sorted(by_class.items())},
+        "failures": sum(counts[f] for f in FAILURES),
+        "examples": dict(examples),
+    }
 
 
 def main(argv=None):

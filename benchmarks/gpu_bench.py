@@ -49,8 +49,13 @@ def _phase(meter, fn):
 
 
 def _summary(name, pp, tg, extra) -> dict:
-    row = {"variant": name, "pp_tokens_per_s": statistics.median(r[0] / r[1] for r in pp),
-           "tg_tokens_per_s": statistics.median(r[0] / r[1] for r in tg), "pp_runs": pp, "tg_runs": tg}
+    row = {
+        "variant": name,
+        "pp_tokens_per_s": statistics.median(r[0] / r[1] for r in pp),
+        "tg_tokens_per_s": statistics.median(r[0] / r[1] for r in tg),
+        "pp_runs": pp,
+        "tg_runs": tg,
+    }
     js = [r[2] / r[0] for r in tg if r[2] is not None]
     if js:
         row["tg_j_per_token"] = statistics.median(js)
@@ -85,8 +90,16 @@ def bench_export(path: Path, a, meter) -> dict:
 
     pp_runs = [_phase(meter, pp) for _ in range(a.reps)]
     tg_runs = [_phase(meter, tg) for _ in range(a.reps)]
-    extra = {"backend": "numba-cuda", "decode_mode": m.decode_mode, "grid_blocks": m._coop_grid, "threads_per_block": m.tpb,
-             "load_s": load_s, "warmup_s": warm_s, "device_mib": m.device_bytes / 2**20, "weight_mib_per_token": m.bytes_per_token / 2**20}
+    extra = {
+        "backend": "numba-cuda",
+        "decode_mode": m.decode_mode,
+        "grid_blocks": m._coop_grid,
+        "threads_per_block": m.tpb,
+        "load_s": load_s,
+        "warmup_s": warm_s,
+        "device_mib": m.device_bytes / 2**20,
+        "weight_mib_per_token": m.bytes_per_token / 2**20,
+    }
     if a.parity:
         extra["parity"] = parity(path, m, a.parity)
     m.close()
@@ -111,8 +124,12 @@ def parity(path: Path, gm, steps: int) -> dict:
         seqs.append(ids)
     same = next((i for i, (x, y) in enumerate(zip(*seqs)) if x != y), steps)
     cm.close()
-    return {"steps": steps, "identical_prefix": same, "first_logits_max_abs_diff": float(np.abs(first[0] - first[1]).max()),
-            "first_logits_scale": float(np.abs(first[1]).max())}
+    return {
+        "steps": steps,
+        "identical_prefix": same,
+        "first_logits_max_abs_diff": float(np.abs(first[0] - first[1]).max()),
+        "first_logits_scale": float(np.abs(first[1]).max()),
+    }
 
 
 def bench_transformers(path: Path, a, meter, quant: str | None) -> dict:
@@ -130,19 +147,31 @@ def bench_transformers(path: Path, a, meter, quant: str | None) -> dict:
         raise Skip("bitsandbytes is not installed (pip install 'edgellm[gpu]')")
 
     c = open_export(path).config
-    cfg = LlamaConfig(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
-                      num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"], vocab_size=c["vocab_size"],
-                      max_position_embeddings=c["max_position_embeddings"], tie_word_embeddings=bool(c.get("tie_word_embeddings")))
+    cfg = LlamaConfig(
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_layers"],
+        num_attention_heads=c["num_heads"],
+        num_key_value_heads=c["num_kv_heads"],
+        vocab_size=c["vocab_size"],
+        max_position_embeddings=c["max_position_embeddings"],
+        tie_word_embeddings=bool(c.get("tie_word_embeddings")),
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
     if quant:
         from transformers import BitsAndBytesConfig
 
-        qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16) if quant == "nf4"
-              else BitsAndBytesConfig(load_in_8bit=True))
+        qc = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
+            if quant == "nf4"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qc, dtype=torch.float16, device_map="cuda")
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=qc, dtype=torch.float16, device_map="cuda"
+            )
     else:
         model = model.to("cuda")
     model.eval()
@@ -170,7 +199,9 @@ def bench_transformers(path: Path, a, meter, quant: str | None) -> dict:
     name = f"{path.name}:transformers-{quant or 'fp16'}"
     model = None  # free its GPU memory before the next row
     torch.cuda.empty_cache()
-    return _summary(name, pp_runs, tg_runs, {"backend": f"transformers {'bitsandbytes ' + quant if quant else 'fp16 eager'}"})
+    return _summary(
+        name, pp_runs, tg_runs, {"backend": f"transformers {'bitsandbytes ' + quant if quant else 'fp16 eager'}"}
+    )
 
 
 def main(argv=None) -> int:
@@ -180,7 +211,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--peer-reps", type=int, default=2, help="repetitions of the transformers rows (slow: int8 bitsandbytes)")
+    ap.add_argument(
+        "--peer-reps", type=int, default=2, help="repetitions of the transformers rows (slow: int8 bitsandbytes)"
+    )
     ap.add_argument("--peers", action="store_true")
     ap.add_argument("--parity", type=int, default=0)
     a = ap.parse_args(argv)
@@ -209,7 +242,10 @@ def main(argv=None) -> int:
         note = r.get("decode_mode", r.get("backend", ""))
         if "parity" in r:
             p = r["parity"]
-            note += f"; greedy = CPU for {p['identical_prefix']}/{p['steps']} steps, first-logit gap {p['first_logits_max_abs_diff']:.3g} of {p['first_logits_scale']:.3g}"
+            note += (
+                f"; greedy = CPU for {p['identical_prefix']}/{p['steps']} steps, first-logit gap "
+                f"{p['first_logits_max_abs_diff']:.3g} of {p['first_logits_scale']:.3g}"
+            )
         print(f"| {r['variant']} | {r['pp_tokens_per_s']:.1f} | {r['tg_tokens_per_s']:.1f} | {j} | {note} |")
     return 0
 

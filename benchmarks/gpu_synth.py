@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 
 # hidden, intermediate, layers, heads, kv heads, vocab, context, tied (SmolLM2-135M; TinyLlama-1.1B)
-SHAPES = {"smollm2-135m": (576, 1536, 30, 9, 3, 49152, 8192, True), "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000, 2048, False)}
+SHAPES = {
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, 8192, True),
+    "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000, 2048, False),
+}
 GS, BITS = 32, 4
 ALIGN = 64
 
@@ -57,11 +60,37 @@ def skeleton(shape: str, out: Path) -> None:
     from onnx import TensorProto, helper
 
     h, inter, layers, heads, kv, vocab, ctx, tied = SHAPES[shape]
-    config = {"architecture": "llama", "vocab_size": vocab, "hidden_size": h, "intermediate_size": inter, "num_layers": layers,
-              "num_heads": heads, "num_kv_heads": kv, "head_dim": h // heads, "norm": "rms", "norm_eps": 1e-5, "position": "rope",
-              "rope_theta": 10000.0, "rope_scaling": None, "max_position_embeddings": ctx, "activation": "silu", "mlp": "gated",
-              "attention_bias": False, "sliding_window": None, "tie_word_embeddings": tied, "bos_token_id": 0, "eos_token_id": 0}
-    quant = {"bits": BITS, "group_size": GS, "sym": True, "method": "random", "embeddings": True, "format": "matmulnbits"}
+    config = {
+        "architecture": "llama",
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": h // heads,
+        "norm": "rms",
+        "norm_eps": 1e-5,
+        "position": "rope",
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": ctx,
+        "activation": "silu",
+        "mlp": "gated",
+        "attention_bias": False,
+        "sliding_window": None,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    quant = {
+        "bits": BITS,
+        "group_size": GS,
+        "sym": True,
+        "method": "random",
+        "embeddings": True,
+        "format": "matmulnbits",
+    }
     inits, off = [], 0
     for name, dt, dims in _tensors(shape):
         n = int(np.prod(dims)) * (1 if dt == 2 else 4)
@@ -72,13 +101,19 @@ def skeleton(shape: str, out: Path) -> None:
         inits.append(t)
         off += -(-n // ALIGN) * ALIGN
     model = helper.make_model(helper.make_graph([], f"synthetic-{shape}", [], [], initializer=inits))
-    for key, value in (("edgellm.format_version", "1"), ("edgellm.config", json.dumps(config)), ("edgellm.quantization", json.dumps(quant)),
-                       ("edgellm.synthetic", f"random weights of the {shape} shape; no graph nodes (numba runtime only)")):
+    for key, value in (
+        ("edgellm.format_version", "1"),
+        ("edgellm.config", json.dumps(config)),
+        ("edgellm.quantization", json.dumps(quant)),
+        ("edgellm.synthetic", f"random weights of the {shape} shape; no graph nodes (numba runtime only)"),
+    ):
         helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: value})
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out / "model.onnx"))
     _tokenizer(out, vocab)
-    (out / "SYNTHETIC.json").write_text(json.dumps({"shape": shape, "data_bytes": off, "note": "run gpu_synth fill before use"}))
+    (out / "SYNTHETIC.json").write_text(
+        json.dumps({"shape": shape, "data_bytes": off, "note": "run gpu_synth fill before use"})
+    )
 
 
 def _tokenizer(path: Path, vocab: int) -> None:
@@ -88,7 +123,9 @@ def _tokenizer(path: Path, vocab: int) -> None:
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t0"}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t0"})
+    )
 
 
 def fill(out: Path, seed: int = 0) -> int:
@@ -109,7 +146,7 @@ def fill(out: Path, seed: int = 0) -> int:
         mm = np.memmap(tmp, np.uint8, "r+", shape=(size,))
         for t in ext:
             off, n = int(t.external.get("offset", 0)), int(t.external["length"])
-            view = mm[off:off + n]
+            view = mm[off : off + n]
             name = t.name
             if name.endswith(".qweight") or name.endswith(".qzeros"):
                 view[:] = rng.integers(0, 256, n, dtype=np.uint8)

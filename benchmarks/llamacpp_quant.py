@@ -27,8 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-QUANTS = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-          "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+QUANTS = {
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+}
 
 
 def write_f32_gguf(src: Path, dst: Path) -> None:
@@ -136,6 +140,7 @@ def main(argv=None) -> int:
         def f(x):
             with torch.inference_mode():
                 return model(input_ids=torch.tensor([x]), use_cache=False).logits[0]
+
         return f
 
     rows = [{"model": "fp32 (torch, reference)", "bytes": None, **score(torch_logits(ref.model), ids, wins, cache)}]
@@ -146,29 +151,45 @@ def main(argv=None) -> int:
         b.n_ctx_needed = DEFAULT_CTX
         b.load(logits_all=True)
         t0 = time.perf_counter()
-        rows.append({"model": f"llama.cpp {kind}", "bytes": path.stat().st_size, **score(b.logits, ids, wins, cache),
-                     "time_s": round(time.perf_counter() - t0, 1)})
+        rows.append(
+            {
+                "model": f"llama.cpp {kind}",
+                "bytes": path.stat().st_size,
+                **score(b.logits, ids, wins, cache),
+                "time_s": round(time.perf_counter() - t0, 1),
+            }
+        )
         b.close()
         print(json.dumps(rows[-1]), flush=True)
     del ref
     for i, d in enumerate(args.edgellm):
         m = load_model(d)
         q = json.loads((Path(d) / "edgellm.json").read_text())["quantization"]
-        row = {"model": f"edgellm {Path(d).name}", "bytes": (Path(d) / "model.safetensors").stat().st_size,
-               "bpw": q.get("bits_per_weight"), **score(torch_logits(m.model), ids, wins, cache)}
+        row = {
+            "model": f"edgellm {Path(d).name}",
+            "bytes": (Path(d) / "model.safetensors").stat().st_size,
+            "bpw": q.get("bits_per_weight"),
+            **score(torch_logits(m.model), ids, wins, cache),
+        }
         if i < len(args.onnx):
             row["onnx_bytes"] = sum(p.stat().st_size for p in Path(args.onnx[i]).glob("model.onnx*"))
         rows.append(row)
         print(json.dumps(row), flush=True)
         del m
-    lines = [f"SmolLM2-135M (fp32 = the builtin Q4_1 file dequantized), {rows[0]['tokens']} held-out tokens of builtin:pydoc, "
-             f"ctx {DEFAULT_CTX}; KL and top-1 against the fp32 torch model.", "",
-             "| model | file (MB) | bits/weight (linears) | perplexity | Δ ppl | KL (nats/token) | top-1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"SmolLM2-135M (fp32 = the builtin Q4_1 file dequantized), {rows[0]['tokens']} held-out tokens of "
+        f"builtin:pydoc, ctx {DEFAULT_CTX}; KL and top-1 against the fp32 torch model.",
+        "",
+        "| model | file (MB) | bits/weight (linears) | perplexity | Δ ppl | KL (nats/token) | top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     base = rows[0]["ppl"]
     for r in rows:
         size = r.get("onnx_bytes") or r["bytes"]
-        lines.append(f"| {r['model']} | {'' if size is None else f'{size / 1e6:.1f}'} | {r.get('bpw') or ''} | {r['ppl']:.3f} | "
-                     f"{(r['ppl'] / base - 1) * 100:+.2f}% | {r['kl']:.4f} | {r['top1'] * 100:.2f}% |")
+        lines.append(
+            f"| {r['model']} | {'' if size is None else f'{size / 1e6:.1f}'} | {r.get('bpw') or ''} | {r['ppl']:.3f} | "
+            f"{(r['ppl'] / base - 1) * 100:+.2f}% | {r['kl']:.4f} | {r['top1'] * 100:.2f}% |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -40,7 +40,9 @@ def tile_module(tier_name: str, nrows: int, ntok: int, bits: int) -> str:
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 13), name="tile")
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     host_half = tiers.native_half
-    tiers.native_half = lambda: True  # every AArch64 core converts fp16 in hardware (fcvtl); the probe would ask this host
+    tiers.native_half = lambda: (
+        True
+    )  # every AArch64 core converts fp16 in hardware (fcvtl); the probe would ask this host
     try:
         simd._tile(builder, tier, nrows, ntok, [ir.Constant(i64, bits), *fn.args])
     finally:
@@ -111,9 +113,20 @@ def table() -> list[dict]:
             for bits in (4, 8):
                 n, loop = per_64_bytes(tier, nrows, ntok, bits)
                 m = mnemonics(loop)
-                rows.append({"tier": tier, "cpu": CPU_OF[tier], "tile": f"{nrows}x{ntok}", "bits": bits, "loop": len(loop),
-                             "per64": n, "per64_per_token": n / ntok,
-                             "dot": sum(v for k, v in m.items() if re.match(r"(sdot|smull|smull2|smlal|smlal2|saddlp|addp)$", k))})
+                rows.append(
+                    {
+                        "tier": tier,
+                        "cpu": CPU_OF[tier],
+                        "tile": f"{nrows}x{ntok}",
+                        "bits": bits,
+                        "loop": len(loop),
+                        "per64": n,
+                        "per64_per_token": n / ntok,
+                        "dot": sum(
+                            v for k, v in m.items() if re.match(r"(sdot|smull|smull2|smlal|smlal2|saddlp|addp)$", k)
+                        ),
+                    }
+                )
     return rows
 
 
@@ -124,10 +137,16 @@ def main(argv: list[str]) -> int:
         print("\n".join(loop))
         print(f"# {len(loop)} instructions per {16 * nrows} weight bytes = {n:.1f} per 64; {dict(mnemonics(loop))}")
         return 0
-    print("| tier | target | tile (rows x tokens) | bits | loop instructions | per 64 weight bytes | per 64 bytes per token | of which dot |")
+    print(
+        "| tier | target | tile (rows x tokens) | bits | loop instructions | per 64 weight bytes | per 64 bytes per "
+        "token | of which dot |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in table():
-        print(f"| {r['tier']} | {r['cpu']} | {r['tile']} | {r['bits']} | {r['loop']} | {r['per64']:.0f} | {r['per64_per_token']:.1f} | {r['dot']} |")
+        print(
+            f"| {r['tier']} | {r['cpu']} | {r['tile']} | {r['bits']} | {r['loop']} | {r['per64']:.0f} | "
+            f"{r['per64_per_token']:.1f} | {r['dot']} |"
+        )
     return 0
 
 

@@ -39,7 +39,9 @@ def bytes_per_token(path, ctx: int) -> tuple[int, int]:
     ex = open_export(path)
     cfg = ModelConfig.from_metadata(ex.config)
     w = Weights(ex, cfg)
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * (2 if w.bits else 4)  # K and V, fp16 beside quantized
+    kv = (
+        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * (2 if w.bits else 4)
+    )  # K and V, fp16 beside quantized
     per = w.bytes_per_token
     ex.close()
     return per, kv
@@ -54,10 +56,21 @@ def estimate(path, ctx: int = 64, threads: int = 4) -> list[dict]:
     for board, (tier, cpu, ghz, gbs, peak, how) in BOARDS.items():
         per64, _ = neon_asm.per_64_bytes(tier, 4, 1, 4, cpu)
         compute_gbs = threads * ghz * ASSUMED_IPC / per64 * 64  # GB/s of weights the loop can consume
-        rows.append({"board": board, "tier": tier, "bytes": total, "bandwidth_gbs": gbs, "peak_gbs": peak, "how": how,
-                     "instr_per_64": per64, "compute_gbs": compute_gbs,
-                     "tok_s_bandwidth": gbs * 1e9 / total, "tok_s_peak": peak * 1e9 / total,
-                     "tok_s": min(gbs, compute_gbs) * 1e9 / total})
+        rows.append(
+            {
+                "board": board,
+                "tier": tier,
+                "bytes": total,
+                "bandwidth_gbs": gbs,
+                "peak_gbs": peak,
+                "how": how,
+                "instr_per_64": per64,
+                "compute_gbs": compute_gbs,
+                "tok_s_bandwidth": gbs * 1e9 / total,
+                "tok_s_peak": peak * 1e9 / total,
+                "tok_s": min(gbs, compute_gbs) * 1e9 / total,
+            }
+        )
     return rows
 
 
@@ -70,9 +83,12 @@ def main(argv: list[str]) -> int:
     weights, kv = bytes_per_token(a.export, a.ctx)
     print(f"bytes per token: weights {weights / 1e6:.1f} MB + KV cache at {a.ctx} positions {kv / 1e6:.2f} MB")
     for r in estimate(a.export, a.ctx, a.threads):
-        print(f"{r['board']} ({r['tier']}), estimated: {r['tok_s']:.0f} tok/s  [bandwidth {r['bandwidth_gbs']:.2f} GB/s ({r['how']}) -> "
-              f"{r['tok_s_bandwidth']:.0f}; peak {r['peak_gbs']:.1f} GB/s -> {r['tok_s_peak']:.0f}; loop {r['instr_per_64']:.0f} "
-              f"instr/64 B at IPC {ASSUMED_IPC:g} x {a.threads} threads -> {r['compute_gbs']:.1f} GB/s]")
+        print(
+            f"{r['board']} ({r['tier']}), estimated: {r['tok_s']:.0f} tok/s  [bandwidth {r['bandwidth_gbs']:.2f} GB/s "
+            f"({r['how']}) -> {r['tok_s_bandwidth']:.0f}; peak {r['peak_gbs']:.1f} GB/s -> {r['tok_s_peak']:.0f}; loop "
+            f"{r['instr_per_64']:.0f} instr/64 B at IPC {ASSUMED_IPC:g} x {a.threads} threads -> "
+            f"{r['compute_gbs']:.1f} GB/s]"
+        )
     return 0
 
 

@@ -66,7 +66,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for r in q:
         ax.annotate(r["variant"], (r["bytes"] / 1e6, r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = sorted((r for r in q if r["pareto"]), key=lambda r: r["bytes"])
-    ax.plot([r["bytes"] / 1e6 for r in front], [r["ppl"] for r in front], "C3--", lw=1, label="Pareto front (size vs KL)")
+    ax.plot(
+        [r["bytes"] / 1e6 for r in front], [r["ppl"] for r in front], "C3--", lw=1, label="Pareto front (size vs KL)"
+    )
     ax.axhline(rows[0]["ppl"], color="gray", lw=0.8, ls=":", label="fp32")
     ax.set_xlabel("model.safetensors (MB)")
     ax.set_ylabel("perplexity (held-out)")
@@ -99,8 +101,17 @@ def main(argv=None):
     base = evaluate(ref.model, eval_ids, max_tokens=args.eval_tokens)
     tmp = Path(tempfile.mkdtemp(prefix="quant_table-"))
     ref.model.save_pretrained(str(tmp / "fp32"), safe_serialization=True)
-    rows = [{"variant": "fp32 (reference)", "bytes": (tmp / "fp32" / "model.safetensors").stat().st_size, "bpw": 32.0,
-             "ppl": base.perplexity, "kl": 0.0, "top1": 1.0, "time_s": 0.0}]
+    rows = [
+        {
+            "variant": "fp32 (reference)",
+            "bytes": (tmp / "fp32" / "model.safetensors").stat().st_size,
+            "bpw": 32.0,
+            "ppl": base.perplexity,
+            "kl": 0.0,
+            "top1": 1.0,
+            "time_s": 0.0,
+        }
+    ]
     names = list(VARIANTS)
     chosen = names if not args.only else [names[int(x)] if x.isdigit() else x for x in args.only.split(",")]
     for name in chosen:
@@ -113,24 +124,36 @@ def main(argv=None):
         q = evaluate(model, eval_ids, reference=ref.model, reference_cache=cache, max_tokens=args.eval_tokens)
         save_model(model, None, tmp / "q", {"quantization": info, "steps": []})
         size = (tmp / "q" / "model.safetensors").stat().st_size
-        rows.append({"variant": name, "bytes": size, "bpw": info["bits_per_weight"], "ppl": q.perplexity, "kl": q.kl,
-                     "top1": q.top1, "time_s": secs})
+        rows.append(
+            {
+                "variant": name,
+                "bytes": size,
+                "bpw": info["bits_per_weight"],
+                "ppl": q.perplexity,
+                "kl": q.kl,
+                "top1": q.top1,
+                "time_s": secs,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         del model
     pareto(rows)
     lines = [
         f"Quantization size-quality, {args.model} (embeddings {args.embeddings}), {date.today()}, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}; calibration "
-        f"{calib.shape[0]}x{calib.shape[1]} tokens of {args.data or 'builtin:pydoc'}, eval {base.tokens} held-out tokens "
-        f"(ctx {base.ctx}, stride {base.stride}). * = on the Pareto front (no variant both no larger and lower KL).",
+        f"{calib.shape[0]}x{calib.shape[1]} tokens of {args.data or 'builtin:pydoc'}, eval {base.tokens} held-out "
+        f"tokens (ctx {base.ctx}, stride {base.stride}). * = on the Pareto front (no variant both no larger and lower "
+        "KL).",
         "",
         "| variant | size (MB) | bits/weight (linears) | perplexity | Δ ppl | KL (nats/token) | top-1 | quantize (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']}{' *' if r['pareto'] and r['kl'] > 0 else ''} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | "
-                     f"{r['ppl']:.3f} | {(r['ppl'] / base.perplexity - 1) * 100:+.2f}% | {r['kl']:.3g} | {r['top1'] * 100:.2f}% | "
-                     f"{r['time_s']:.0f} |")
+        lines.append(
+            f"| {r['variant']}{' *' if r['pareto'] and r['kl'] > 0 else ''} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} "
+            f"| {r['ppl']:.3f} | {(r['ppl'] / base.perplexity - 1) * 100:+.2f}% | {r['kl']:.3g} | "
+            f"{r['top1'] * 100:.2f}% | {r['time_s']:.0f} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:
@@ -142,7 +165,8 @@ def main(argv=None):
 
         args.out.with_suffix(".html").write_text(
             f"<!doctype html><meta charset=utf-8><title>quantization table</title><pre>{html.escape(table)}</pre>"
-            f"<img src='{png.name}' alt='size vs perplexity'>\n")
+            f"<img src='{png.name}' alt='size vs perplexity'>\n"
+        )
 
 
 if __name__ == "__main__":

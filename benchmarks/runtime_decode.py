@@ -129,8 +129,20 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=128, help="tg: greedy decode steps")
     ap.add_argument("--pp", type=int, default=512, help="pp: prompt tokens")
     ap.add_argument("--json", help="write every figure here")
-    ap.add_argument("--numba", action="append", default=[], metavar="TIER@CPU", help="numba runs: kernel tier @ the CPU numba compiles for")
-    ap.add_argument("--peer", action="append", default=[], metavar="NAME=WHERE", help="llama.cpp runs from another build (see above)")
+    ap.add_argument(
+        "--numba",
+        action="append",
+        default=[],
+        metavar="TIER@CPU",
+        help="numba runs: kernel tier @ the CPU numba compiles for",
+    )
+    ap.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=WHERE",
+        help="llama.cpp runs from another build (see above)",
+    )
     ap.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out")
     args = ap.parse_args(argv)
 
@@ -139,13 +151,19 @@ def main(argv=None):
     for fmt, path, gg in (("4-bit", args.q4, "Q4_0"), ("8-bit", args.q8, "Q8_0"), ("fp32", args.fp32, "F32")):
         if not path:
             continue
-        jobs += [(fmt, f"numba {spec}", "numba", path, _tier_options(spec)) for spec in args.numba] or [(fmt, "numba", "numba", path, {})]
+        jobs += [(fmt, f"numba {spec}", "numba", path, _tier_options(spec)) for spec in args.numba] or [
+            (fmt, "numba", "numba", path, {})
+        ]
         jobs += [] if args.no_ort else [(fmt, "onnxruntime", "onnxruntime", path, {})]
         if args.gguf_src:
             dst = Path(args.gguf_dir) / f"{Path(args.gguf_src).stem.split('.')[0].lower()}-{gg.lower()}.gguf"
             make_gguf(Path(args.gguf_src), dst, gg)
-            peers = [(f"llama.cpp {gg} {name}", {"env": {"PYTHONPATH": site}}) for name, site in map(_peer_site, args.peer)]
-            jobs += [(fmt, label, "llama.cpp", str(dst), o) for label, o in peers] or [(fmt, f"llama.cpp {gg}", "llama.cpp", str(dst), {})]
+            peers = [
+                (f"llama.cpp {gg} {name}", {"env": {"PYTHONPATH": site}}) for name, site in map(_peer_site, args.peer)
+            ]
+            jobs += [(fmt, label, "llama.cpp", str(dst), o) for label, o in peers] or [
+                (fmt, f"llama.cpp {gg}", "llama.cpp", str(dst), {})
+            ]
     if not jobs:
         ap.error("give at least one of --q4, --q8, --fp32")
     opts = dict(threads=args.threads, tokens=args.tokens, pp=args.pp, reps=args.reps)
@@ -163,7 +181,9 @@ def main(argv=None):
     if numba_jobs:  # first-ever start: an empty compile cache, so load + first prefill includes compiling
         path, o = numba_jobs[0]
         with tempfile.TemporaryDirectory() as cache:
-            cold = measure(path, "numba", **{**opts, "reps": 1}, **{**o, "env": {**o.get("env", {}), "NUMBA_CACHE_DIR": cache}})
+            cold = measure(
+                path, "numba", **{**opts, "reps": 1}, **{**o, "env": {**o.get("env", {}), "NUMBA_CACHE_DIR": cache}}
+            )
         results["numba_first_ever_start_s"] = cold.get("first_token_s")
         for path, o in numba_jobs:  # and fill the default cache before timing anything
             measure(path, "numba", **{**opts, "reps": 1}, **o)

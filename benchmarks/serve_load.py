@@ -10,8 +10,9 @@ non-streaming; every streamed answer under load must equal that reference text e
 with a finish_reason (else it counts as failed or garbled). Reported: p50/p95 time to first
 token (to the first non-empty content chunk, so queueing counts: batch-1 servers serve one
 request at a time), tokens/s per client and in total, and the server's RSS before and after the
-load (once warm: after each prompt has run once, alone). llama.cpp (`llama_cpp.server`, from `llama-cpp-python[server]`) is skipped when it is not
-installed. Bounded: --clients x --requests requests, each with a --timeout.
+load (once warm: after each prompt has run once, alone). llama.cpp (`llama_cpp.server`, from
+`llama-cpp-python[server]`) is skipped when it is not installed. Bounded: --clients x --requests
+requests, each with a --timeout.
 """
 
 from __future__ import annotations
@@ -27,8 +28,24 @@ import threading
 import time
 from pathlib import Path
 
-TOPICS = ["the sea", "a mountain", "bread", "the moon", "a library", "rain", "a bicycle", "coffee", "winter", "a river",
-          "music", "a garden", "the desert", "a train", "snow", "the forest"]
+TOPICS = [
+    "the sea",
+    "a mountain",
+    "bread",
+    "the moon",
+    "a library",
+    "rain",
+    "a bicycle",
+    "coffee",
+    "winter",
+    "a river",
+    "music",
+    "a garden",
+    "the desert",
+    "a train",
+    "snow",
+    "the forest",
+]
 
 
 def free_port() -> int:
@@ -82,16 +99,48 @@ class ServerProcess:
 
 def edgellm_server(export: str, threads: int, ctx: int, log: Path, extra=()) -> ServerProcess:
     port = free_port()
-    cmd = [sys.executable, "-c", "from edgellm.cli import main; main()", "serve", export, "--port", str(port), "--threads", str(threads),
-           "--ctx", str(ctx), "--max-queue", "64", *extra]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from edgellm.cli import main; main()",
+        "serve",
+        export,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--ctx",
+        str(ctx),
+        "--max-queue",
+        "64",
+        *extra,
+    ]
     return ServerProcess(cmd, port, "/health", log)
 
 
 def llama_cpp_server(gguf: str, threads: int, ctx: int, log: Path) -> ServerProcess:
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
-           "--n_threads_batch", str(threads), "--n_ctx", str(ctx), "--model_alias", "model",
-           "--interrupt_requests", "False"]  # its default cuts a running stream whenever a new request arrives
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        gguf,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--n_ctx",
+        str(ctx),
+        "--model_alias",
+        "model",
+        "--interrupt_requests",
+        "False",
+    ]  # its default cuts a running stream whenever a new request arrives
     return ServerProcess(cmd, port, "/v1/models", log)
 
 
@@ -106,8 +155,9 @@ def stream_chat(client, model: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first = last = None
     text, finish, n_chunks = [], None, 0
-    for c in client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                            temperature=0, stream=True):
+    for c in client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+    ):
         if not c.choices:
             continue
         piece = c.choices[0].delta.content or ""
@@ -119,11 +169,19 @@ def stream_chat(client, model: str, prompt: str, max_tokens: int) -> dict:
             text.append(piece)
         finish = c.choices[0].finish_reason or finish
     end = time.perf_counter()
-    return {"text": "".join(text), "finish": finish, "ttft": (first or end) - t0, "total": end - t0, "decode": (last or end) - (first or end),
-            "chunks": n_chunks}
+    return {
+        "text": "".join(text),
+        "finish": finish,
+        "ttft": (first or end) - t0,
+        "total": end - t0,
+        "decode": (last or end) - (first or end),
+        "chunks": n_chunks,
+    }
 
 
-def load_run(base_url: str, clients: int, requests: int, max_tokens: int, timeout: float, rss=lambda: float("nan")) -> dict:
+def load_run(
+    base_url: str, clients: int, requests: int, max_tokens: int, timeout: float, rss=lambda: float("nan")
+) -> dict:
     """The reference pass, then the load; `rss` reads the server's RSS (MiB) once warm and after the load."""
     import openai
 
@@ -132,7 +190,9 @@ def load_run(base_url: str, clients: int, requests: int, max_tokens: int, timeou
     ref_client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
     reference, ref_tokens = [], []
     for p in prompts:  # alone, not streamed: what every answer under load must equal
-        r = ref_client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0)
+        r = ref_client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0
+        )
         reference.append(r.choices[0].message.content)
         ref_tokens.append(r.usage.completion_tokens)
     rss_warm = rss()  # after every prompt has run once: what the load may not grow
@@ -157,18 +217,35 @@ def load_run(base_url: str, clients: int, requests: int, max_tokens: int, timeou
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    bad = [(reference[i], r["text"], r["finish"]) for i in range(clients) for r in results[i]
-           if r["text"] != reference[i] or r["finish"] not in ("stop", "length")]
+    bad = [
+        (reference[i], r["text"], r["finish"])
+        for i in range(clients)
+        for r in results[i]
+        if r["text"] != reference[i] or r["finish"] not in ("stop", "length")
+    ]
     garbled = len(bad)
     failed = sum(len(e) for e in errors)
     ttft = sorted(r["ttft"] for rs in results for r in rs)
-    tokens = [sum(ref_tokens[i] for _ in results[i]) for i in range(clients)]  # each answer has its reference's token count
+    tokens = [
+        sum(ref_tokens[i] for _ in results[i]) for i in range(clients)
+    ]  # each answer has its reference's token count
     decode = [(r["chunks"] - 1) / r["decode"] for rs in results for r in rs if r["decode"] > 0 and r["chunks"] > 1]
-    return {"rss_before_mb": rss_warm, "rss_after_mb": rss(), "requests": clients * requests, "failed": failed, "garbled": garbled, "errors": sorted({e for es in errors for e in es})[:5],
-            "garbled_examples": [{"reference": a, "got": b, "finish": f} for a, b, f in bad[:3]],
-            "ttft_p50_s": _pct(ttft, 50), "ttft_p95_s": _pct(ttft, 95), "wall_s": wall,
-            "tokens_per_s_total": sum(tokens) / wall, "tokens_per_s_per_client": statistics.median(t / w for t, w in zip(tokens, walls) if w),
-            "stream_chunks_per_s_median": statistics.median(decode) if decode else 0.0, "completion_tokens": sum(tokens)}
+    return {
+        "rss_before_mb": rss_warm,
+        "rss_after_mb": rss(),
+        "requests": clients * requests,
+        "failed": failed,
+        "garbled": garbled,
+        "errors": sorted({e for es in errors for e in es})[:5],
+        "garbled_examples": [{"reference": a, "got": b, "finish": f} for a, b, f in bad[:3]],
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p95_s": _pct(ttft, 95),
+        "wall_s": wall,
+        "tokens_per_s_total": sum(tokens) / wall,
+        "tokens_per_s_per_client": statistics.median(t / w for t, w in zip(tokens, walls) if w),
+        "stream_chunks_per_s_median": statistics.median(decode) if decode else 0.0,
+        "completion_tokens": sum(tokens),
+    }
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -181,7 +258,9 @@ def _pct(xs: list[float], q: float) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export", help="edgellm export directory (e.g. SmolLM2-135M 4-bit)")
-    ap.add_argument("--gguf", help="the same model as a Q4_0 GGUF for llama.cpp's server (skipped if absent or not installed)")
+    ap.add_argument(
+        "--gguf", help="the same model as a Q4_0 GGUF for llama.cpp's server (skipped if absent or not installed)"
+    )
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=25, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -199,8 +278,15 @@ def main():
             servers.append(("llama.cpp", lambda log: llama_cpp_server(args.gguf, args.threads, args.ctx, log)))
         else:
             print("llama.cpp server not installed (pip install 'llama-cpp-python[server]'): skipped", file=sys.stderr)
-    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-           "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens, "runs": []}
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens,
+        "runs": [],
+    }
     for name, start in servers:
         log = Path(args.logs) / f"serve_load_{name}.log"
         srv = start(log)
@@ -212,9 +298,14 @@ def main():
             res_code = srv.close()
         res.update(server=name, exit_code=res_code, log=str(log))
         out["runs"].append(res)
-        print(f"{name:9} {res['requests']} requests: {res['failed']} failed, {res['garbled']} garbled | TTFT p50 {res['ttft_p50_s']:.2f} s "
-              f"p95 {res['ttft_p95_s']:.2f} s | {res['tokens_per_s_per_client']:.1f} tok/s per client, {res['tokens_per_s_total']:.1f} total "
-              f"| RSS {res['rss_start_mb']:.0f} at start, {res['rss_before_mb']:.0f} warm -> {res['rss_after_mb']:.0f} MiB after | {res['wall_s']:.0f} s, exit {res_code}", flush=True)
+        print(
+            f"{name:9} {res['requests']} requests: {res['failed']} failed, {res['garbled']} garbled | TTFT p50 "
+            f"{res['ttft_p50_s']:.2f} s p95 {res['ttft_p95_s']:.2f} s | {res['tokens_per_s_per_client']:.1f} tok/s "
+            f"per client, {res['tokens_per_s_total']:.1f} total | RSS {res['rss_start_mb']:.0f} at start, "
+            f"{res['rss_before_mb']:.0f} warm -> {res['rss_after_mb']:.0f} MiB after | {res['wall_s']:.0f} s, exit "
+            f"{res_code}",
+            flush=True,
+        )
         for e in res["errors"]:
             print(f"  error: {e}", file=sys.stderr)
     if args.json:

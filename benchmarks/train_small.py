@@ -23,9 +23,17 @@ import time
 from pathlib import Path
 
 VOCAB = 8192
-CONFIG = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-              num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
-              rope_theta=10000.0)
+CONFIG = dict(
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
 
 
 def corpus_text(max_chars: int) -> str:
@@ -56,11 +64,16 @@ def make_tokenizer(text: str, out: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([text], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.save_pretrained(str(out))
     return fast
 
@@ -127,9 +140,18 @@ def main(argv=None) -> int:
             print(f"step {step} loss {ema:.3f} lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
     model.eval()
     model.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "train.json").write_text(json.dumps({"steps": step, "final_loss_ema": ema, "params": n_params,
-                                                "seconds": round(time.time() - t0), **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
-                                               indent=1))
+    (tmp / "train.json").write_text(
+        json.dumps(
+            {
+                "steps": step,
+                "final_loss_ema": ema,
+                "params": n_params,
+                "seconds": round(time.time() - t0),
+                **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            },
+            indent=1,
+        )
+    )
     tmp.rename(args.out)
     print(f"wrote {args.out} after {step} steps (loss {ema:.3f})")
     return 0

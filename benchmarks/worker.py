@@ -239,7 +239,9 @@ def run(job: dict) -> dict:
     b.load()
     cold_s = time.perf_counter() - t0
     rss_after_load = peak_rss_bytes()
-    res["kernels"] = getattr(getattr(getattr(b, "impl", None), "model", None), "kernels", None)  # numba: the kernel tier that ran
+    res["kernels"] = getattr(
+        getattr(getattr(b, "impl", None), "model", None), "kernels", None
+    )  # numba: the kernel tier that ran
     res["traffic"] = b.traffic() or {
         "bytes_per_token": res["size_bytes"],
         "macs_per_token": None,

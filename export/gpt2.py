@@ -25,7 +25,9 @@ def _np(t) -> np.ndarray:
 def build(model, opts: Options) -> Graph:
     c = model.config
     if c.activation_function not in _GELU:
-        raise UnsupportedError(f"GPT-2 activation '{c.activation_function}' is not supported; supported: {', '.join(_GELU)}")
+        raise UnsupportedError(
+            f"GPT-2 activation '{c.activation_function}' is not supported; supported: {', '.join(_GELU)}"
+        )
     if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "reorder_and_upcast_attn", False):
         raise UnsupportedError("GPT-2 with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn is not supported")
     nh, d = c.n_head, c.n_embd
@@ -36,32 +38,68 @@ def build(model, opts: Options) -> Graph:
     tr = model.transformer
     emb_spec = embedding_spec(tr.wte, "transformer.wte")
     tok = emit_embedding(g, io.ids, emb_spec, "transformer.wte", opts)
-    pos = g.op("Gather", [g.weight("transformer.wpe.weight", _np(tr.wpe.weight)), io.pos], name="transformer.wpe/gather", axis=0)
+    pos = g.op(
+        "Gather",
+        [g.weight("transformer.wpe.weight", _np(tr.wpe.weight)), io.pos],
+        name="transformer.wpe/gather",
+        axis=0,
+    )
     h = g.op("Add", [tok, pos], name="transformer/embed")
     eps = float(c.layer_norm_epsilon)
 
     def ln(x, mod, path):
-        return g.layer_norm(x, g.weight(f"{path}.weight", _np(mod.weight)), g.weight(f"{path}.bias", _np(mod.bias)), eps, f"{path}/ln")
+        return g.layer_norm(
+            x, g.weight(f"{path}.weight", _np(mod.weight)), g.weight(f"{path}.bias", _np(mod.bias)), eps, f"{path}/ln"
+        )
 
     for i, blk in enumerate(tr.h):
         p = f"transformer.h.{i}"
         x = ln(h, blk.ln_1, f"{p}.ln_1")
         qkv = emit_linear(g, x, linear_spec([blk.attn.c_attn], f"{p}.attn.c_attn"), f"{p}.attn.c_attn", opts)
         o = attention(g, io, i, qkv, nh=nh, nkv=nh, hd=hd, scale=scale, rope=None, window=None, name=f"{p}/attn")
-        h = g.op("Add", [h, emit_linear(g, o, linear_spec([blk.attn.c_proj], f"{p}.attn.c_proj"), f"{p}.attn.c_proj", opts)], name=f"{p}/attn_residual")
+        h = g.op(
+            "Add",
+            [h, emit_linear(g, o, linear_spec([blk.attn.c_proj], f"{p}.attn.c_proj"), f"{p}.attn.c_proj", opts)],
+            name=f"{p}/attn_residual",
+        )
         x = ln(h, blk.ln_2, f"{p}.ln_2")
         f = emit_linear(g, x, linear_spec([blk.mlp.c_fc], f"{p}.mlp.c_fc"), f"{p}.mlp.c_fc", opts)
         f = g.op("Gelu", [f], name=f"{p}/gelu", approximate=_GELU[c.activation_function])
-        h = g.op("Add", [h, emit_linear(g, f, linear_spec([blk.mlp.c_proj], f"{p}.mlp.c_proj"), f"{p}.mlp.c_proj", opts)], name=f"{p}/mlp_residual")
+        h = g.op(
+            "Add",
+            [h, emit_linear(g, f, linear_spec([blk.mlp.c_proj], f"{p}.mlp.c_proj"), f"{p}.mlp.c_proj", opts)],
+            name=f"{p}/mlp_residual",
+        )
     h = ln(h, tr.ln_f, "transformer.ln_f")
-    g.output(lm_head(g, model, h, emb_spec, "transformer.wte", opts), "logits", FLOAT, ["batch", "seq", c.vocab_size], first=True)
+    g.output(
+        lm_head(g, model, h, emb_spec, "transformer.wte", opts),
+        "logits",
+        FLOAT,
+        ["batch", "seq", c.vocab_size],
+        first=True,
+    )
     return g
 
 
 def config_metadata(model) -> dict:
     c = model.config
-    return dict(architecture="gpt2", vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner or 4 * c.n_embd,
-                num_layers=c.n_layer, num_heads=c.n_head, num_kv_heads=c.n_head, head_dim=c.n_embd // c.n_head, norm="layer",
-                norm_eps=float(c.layer_norm_epsilon), position="learned", rope_theta=None, rope_scaling=None,
-                max_position_embeddings=c.n_positions, activation=c.activation_function, mlp="plain", attention_bias=True,
-                sliding_window=None)
+    return dict(
+        architecture="gpt2",
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.n_inner or 4 * c.n_embd,
+        num_layers=c.n_layer,
+        num_heads=c.n_head,
+        num_kv_heads=c.n_head,
+        head_dim=c.n_embd // c.n_head,
+        norm="layer",
+        norm_eps=float(c.layer_norm_epsilon),
+        position="learned",
+        rope_theta=None,
+        rope_scaling=None,
+        max_position_embeddings=c.n_positions,
+        activation=c.activation_function,
+        mlp="plain",
+        attention_bias=True,
+        sliding_window=None,
+    )

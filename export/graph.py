@@ -43,10 +43,21 @@ class Graph:
         return hint if n == 0 else f"{hint}_{n}"
 
     # -- nodes ------------------------------------------------------------------------------
-    def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: int | list[str] = 1,
-           domain: str = "", **attrs):
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str | None = None,
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        **attrs,
+    ):
         name = self.fresh(name or op_type)
-        outs = [f"{name}/out{i}" if outputs > 1 else f"{name}/out" for i in range(outputs)] if isinstance(outputs, int) else outputs
+        outs = (
+            [f"{name}/out{i}" if outputs > 1 else f"{name}/out" for i in range(outputs)]
+            if isinstance(outputs, int)
+            else outputs
+        )
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
         if domain == MS_DOMAIN:
             self.uses_ms = True
@@ -71,8 +82,11 @@ class Graph:
         if name in self.weights:
             raise ValueError(f"initializer {name!r} added twice")
         array = np.ascontiguousarray(array)
-        self.weights[name] = (array, elem_type if elem_type is not None else helper.np_dtype_to_tensor_dtype(array.dtype),
-                              list(array.shape) if dims is None else list(dims))
+        self.weights[name] = (
+            array,
+            elem_type if elem_type is not None else helper.np_dtype_to_tensor_dtype(array.dtype),
+            list(array.shape) if dims is None else list(dims),
+        )
         return name
 
     # -- I/O --------------------------------------------------------------------------------

@@ -41,7 +41,10 @@ def _rope(model) -> tuple[np.ndarray, float]:
     rot = model.model.rotary_emb
     rope_type = getattr(rot, "rope_type", "default")
     if "dynamic" in rope_type:
-        raise UnsupportedError(f"rope type '{rope_type}' changes with sequence length; export supports static rope types (default, linear, llama3, yarn ...)")
+        raise UnsupportedError(
+            f"rope type '{rope_type}' changes with sequence length; export supports static rope types (default, "
+            "linear, llama3, yarn ...)"
+        )
     return _np(rot.inv_freq), float(getattr(rot, "attention_scaling", 1.0))
 
 
@@ -63,16 +66,55 @@ def build(model, opts: Options) -> Graph:
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}"
         a, m = layer.self_attn, layer.mlp
-        x = g.rms_norm(h, g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight)), eps, f"{p}/input_norm")
-        qkv = emit_linear(g, x, linear_spec([a.q_proj, a.k_proj, a.v_proj], f"{p}.self_attn.qkv_proj"), f"{p}.self_attn.qkv_proj", opts)
-        o = attention(g, io, i, qkv, nh=nh, nkv=nkv, hd=hd, scale=float(a.scaling), rope=rope, window=_window(c, i), name=f"{p}/attn")
-        h = g.op("Add", [h, emit_linear(g, o, linear_spec([a.o_proj], f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj", opts)], name=f"{p}/attn_residual")
-        x = g.rms_norm(h, g.weight(f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)), eps, f"{p}/post_norm")
+        x = g.rms_norm(
+            h, g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight)), eps, f"{p}/input_norm"
+        )
+        qkv = emit_linear(
+            g,
+            x,
+            linear_spec([a.q_proj, a.k_proj, a.v_proj], f"{p}.self_attn.qkv_proj"),
+            f"{p}.self_attn.qkv_proj",
+            opts,
+        )
+        o = attention(
+            g,
+            io,
+            i,
+            qkv,
+            nh=nh,
+            nkv=nkv,
+            hd=hd,
+            scale=float(a.scaling),
+            rope=rope,
+            window=_window(c, i),
+            name=f"{p}/attn",
+        )
+        h = g.op(
+            "Add",
+            [h, emit_linear(g, o, linear_spec([a.o_proj], f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj", opts)],
+            name=f"{p}/attn_residual",
+        )
+        x = g.rms_norm(
+            h,
+            g.weight(f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)),
+            eps,
+            f"{p}/post_norm",
+        )
         inter = m.gate_proj.out_features
-        gu = emit_linear(g, x, linear_spec([m.gate_proj, m.up_proj], f"{p}.mlp.gate_up_proj"), f"{p}.mlp.gate_up_proj", opts)
+        gu = emit_linear(
+            g, x, linear_spec([m.gate_proj, m.up_proj], f"{p}.mlp.gate_up_proj"), f"{p}.mlp.gate_up_proj", opts
+        )
         gate, up = split_last(g, gu, [inter, inter], f"{p}/gate_up_split")
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}/sigmoid")], name=f"{p}/silu"), up], name=f"{p}/gated")
-        h = g.op("Add", [h, emit_linear(g, act, linear_spec([m.down_proj], f"{p}.mlp.down_proj"), f"{p}.mlp.down_proj", opts)], name=f"{p}/mlp_residual")
+        act = g.op(
+            "Mul",
+            [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}/sigmoid")], name=f"{p}/silu"), up],
+            name=f"{p}/gated",
+        )
+        h = g.op(
+            "Add",
+            [h, emit_linear(g, act, linear_spec([m.down_proj], f"{p}.mlp.down_proj"), f"{p}.mlp.down_proj", opts)],
+            name=f"{p}/mlp_residual",
+        )
     h = g.rms_norm(h, g.weight("model.norm.weight", _np(model.model.norm.weight)), eps, "model/final_norm")
     logits = lm_head(g, model, h, emb_spec, "model.embed_tokens", opts)
     g.output(logits, "logits", FLOAT, ["batch", "seq", c.vocab_size], first=True)
@@ -85,7 +127,9 @@ def lm_head(g: Graph, model, h: str, emb_spec, emb_path: str, opts: Options) -> 
 
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
-    tied = isinstance(head, TiedQuantLinear) or (getattr(head, "weight", None) is not None and head.weight is getattr(emb, "weight", None))
+    tied = isinstance(head, TiedQuantLinear) or (
+        getattr(head, "weight", None) is not None and head.weight is getattr(emb, "weight", None)
+    )
     if tied:
         spec = emb_spec
         if head.__class__.__name__ == "Linear" and head.bias is not None:
@@ -99,9 +143,30 @@ def config_metadata(model) -> dict:
     d = dims(model)
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None)
     theta = (rope or {}).get("rope_theta", getattr(c, "rope_theta", None))
-    scaling = None if not rope or rope.get("rope_type", "default") == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
-    return dict(architecture=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_layers=d["layers"], num_heads=d["nh"], num_kv_heads=d["nkv"], head_dim=d["hd"], norm="rms", norm_eps=float(c.rms_norm_eps),
-                position="rope", rope_theta=theta, rope_scaling=scaling, max_position_embeddings=c.max_position_embeddings,
-                activation="silu", mlp="gated", attention_bias=model.model.layers[0].self_attn.q_proj.bias is not None,
-                sliding_window=[_window(c, i) for i in range(d["layers"])] if any(_window(c, i) for i in range(d["layers"])) else None)
+    scaling = (
+        None
+        if not rope or rope.get("rope_type", "default") == "default"
+        else {k: v for k, v in rope.items() if k != "rope_theta"}
+    )
+    return dict(
+        architecture=c.model_type,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_layers=d["layers"],
+        num_heads=d["nh"],
+        num_kv_heads=d["nkv"],
+        head_dim=d["hd"],
+        norm="rms",
+        norm_eps=float(c.rms_norm_eps),
+        position="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=c.max_position_embeddings,
+        activation="silu",
+        mlp="gated",
+        attention_bias=model.model.layers[0].self_attn.q_proj.bias is not None,
+        sliding_window=[_window(c, i) for i in range(d["layers"])]
+        if any(_window(c, i) for i in range(d["layers"]))
+        else None,
+    )

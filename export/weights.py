@@ -75,8 +75,16 @@ def _packed_spec(m) -> LinearSpec:
         z = zeros if zeros is not None else np.full(scales.shape, fmt.sym_zero, np.uint8)
         pad = np.broadcast_to(z[..., None], (*z.shape, new - block))
         qweight, block = pack(np.concatenate([codes, pad], -1), fmt.bits, pad_odd=True), new
-    return LinearSpec(out_f=m.out_features, in_f=m.in_features, qweight=qweight, scales=scales, zeros=zeros,
-                      bits=fmt.bits, block=block, bias=None if getattr(m, "bias", None) is None else _np(m.bias).astype(np.float32))
+    return LinearSpec(
+        out_f=m.out_features,
+        in_f=m.in_features,
+        qweight=qweight,
+        scales=scales,
+        zeros=zeros,
+        bits=fmt.bits,
+        block=block,
+        bias=None if getattr(m, "bias", None) is None else _np(m.bias).astype(np.float32),
+    )
 
 
 def linear_spec(modules: list, path: str) -> LinearSpec:
@@ -90,22 +98,37 @@ def linear_spec(modules: list, path: str) -> LinearSpec:
     if all(packed):
         specs = [_packed_spec(m) for m in modules]
         s0 = specs[0]
-        if any((s.in_f, s.bits, s.block, s.zeros is None) != (s0.in_f, s0.bits, s0.block, s0.zeros is None) for s in specs):
+        if any(
+            (s.in_f, s.bits, s.block, s.zeros is None) != (s0.in_f, s0.bits, s0.block, s0.zeros is None) for s in specs
+        ):
             raise UnsupportedError(f"'{path}' fuses layers quantized with different formats")
-        spec = LinearSpec(out_f=sum(s.out_f for s in specs), in_f=s0.in_f, bits=s0.bits, block=s0.block,
-                          qweight=np.concatenate([s.qweight for s in specs]), scales=np.concatenate([s.scales for s in specs]),
-                          zeros=None if s0.zeros is None else np.concatenate([s.zeros for s in specs]))
+        spec = LinearSpec(
+            out_f=sum(s.out_f for s in specs),
+            in_f=s0.in_f,
+            bits=s0.bits,
+            block=s0.block,
+            qweight=np.concatenate([s.qweight for s in specs]),
+            scales=np.concatenate([s.scales for s in specs]),
+            zeros=None if s0.zeros is None else np.concatenate([s.zeros for s in specs]),
+        )
     else:
         ws = [_np(linear_weight(m)).astype(np.float32) for m in modules]
         spec = LinearSpec(out_f=sum(w.shape[0] for w in ws), in_f=ws[0].shape[1], w=np.concatenate(ws))
     biases = [getattr(m, "bias", None) for m in modules]
     if any(b is not None for b in biases):
-        spec.bias = np.concatenate([_np(b).astype(np.float32) if b is not None else np.zeros(m.out_features if hasattr(m, "out_features") else linear_weight(m).shape[0], np.float32)
-                                    for b, m in zip(biases, modules)])
+        spec.bias = np.concatenate(
+            [
+                _np(b).astype(np.float32)
+                if b is not None
+                else np.zeros(m.out_features if hasattr(m, "out_features") else linear_weight(m).shape[0], np.float32)
+                for b, m in zip(biases, modules)
+            ]
+        )
     return spec
 
 
 # -- emitting ---------------------------------------------------------------------------------
+
 
 def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
     """Add (once) the initializers of a packed tensor named `name`; return their names."""
@@ -152,8 +175,17 @@ def emit_linear(g: Graph, x: str, spec: LinearSpec, path: str, opts: Options, we
     elif opts.format == "matmulnbits":
         names = _quant_weights(g, wname, spec, opts)
         ins = [x] + (names if spec.zeros is not None else names[:2])
-        y = g.op("MatMulNBits", ins, name=f"{path}/matmulnbits", domain=MS_DOMAIN, K=spec.in_f, N=spec.out_f,
-                 bits=spec.bits, block_size=spec.block, accuracy_level=opts.accuracy_level)
+        y = g.op(
+            "MatMulNBits",
+            ins,
+            name=f"{path}/matmulnbits",
+            domain=MS_DOMAIN,
+            K=spec.in_f,
+            N=spec.out_f,
+            bits=spec.bits,
+            block_size=spec.block,
+            accuracy_level=opts.accuracy_level,
+        )
     else:
         w = _dequantized(g, wname, spec, opts)
         y = g.op("MatMul", [x, g.op("Transpose", [w], name=f"{path}/transpose", perm=[1, 0])], name=f"{path}/matmul")
@@ -172,12 +204,23 @@ def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Option
         return g.op("Gather", [_dequantized(g, path, spec, opts), ids], name=f"{path}/gather", axis=0)
     names = _quant_weights(g, path, spec, opts)
     rows = g.const([spec.out_f, -1])
-    ins = [g.op("Reshape", [names[0], rows], name=f"{path}/rows"), ids,
-           g.op("Reshape", [names[1], rows], name=f"{path}/scale_rows")]
+    ins = [
+        g.op("Reshape", [names[0], rows], name=f"{path}/rows"),
+        ids,
+        g.op("Reshape", [names[1], rows], name=f"{path}/scale_rows"),
+    ]
     if spec.zeros is not None:
         ins.append(g.op("Reshape", [names[2], rows], name=f"{path}/zero_rows"))
-    y = g.op("GatherBlockQuantized", ins, name=f"{path}/gather", domain=MS_DOMAIN, bits=spec.bits,
-             block_size=spec.block, gather_axis=0, quantize_axis=1)
+    y = g.op(
+        "GatherBlockQuantized",
+        ins,
+        name=f"{path}/gather",
+        domain=MS_DOMAIN,
+        bits=spec.bits,
+        block_size=spec.block,
+        gather_axis=0,
+        quantize_axis=1,
+    )
     if spec.n_blocks * spec.block != spec.in_f:
         y = g.op("Slice", [y, g.const([0]), g.const([spec.in_f]), g.const([-1])], name=f"{path}/unpad")
     return y
@@ -194,7 +237,13 @@ def embedding_spec(module, path: str) -> LinearSpec:
     return LinearSpec(out_f=w.shape[0], in_f=w.shape[1], w=w)
 
 
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
 
 
 def tensor_bits(model) -> dict[str, int]:
@@ -215,4 +264,6 @@ def check_options(opts: Options) -> None:
     if opts.format not in FORMATS:
         raise EdgeLLMError(f"--format {opts.format!r} is not supported; choose one of {', '.join(FORMATS)}")
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
-        raise EdgeLLMError(f"--accuracy-level {opts.accuracy_level} is invalid; choose 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
+        raise EdgeLLMError(
+            f"--accuracy-level {opts.accuracy_level} is invalid; choose 0 (fp32), 1, 2, 3 or 4 (int8 activations)"
+        )

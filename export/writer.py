@@ -40,7 +40,9 @@ def _external(name: str, elem_type: int, dims: list, offset: int, length: int) -
     return t
 
 
-def to_model(g: Graph, metadata: dict[str, str], out_dir: Path | None = None, checksums: dict[str, str] | None = None) -> onnx.ModelProto:
+def to_model(
+    g: Graph, metadata: dict[str, str], out_dir: Path | None = None, checksums: dict[str, str] | None = None
+) -> onnx.ModelProto:
     """The ModelProto; with `out_dir`, also writes the weights to out_dir/model.onnx.data and
     records its sha256 (with `checksums`, those of the side files) in the metadata."""
     inits = []
@@ -67,7 +69,10 @@ def to_model(g: Graph, metadata: dict[str, str], out_dir: Path | None = None, ch
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.uses_ms else [])
     model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="edgellm")
     if fh is not None:
-        metadata = {**metadata, SHA256_KEY: json.dumps({**(checksums or {}), DATA_NAME: digest.hexdigest()}, sort_keys=True)}
+        metadata = {
+            **metadata,
+            SHA256_KEY: json.dumps({**(checksums or {}), DATA_NAME: digest.hexdigest()}, sort_keys=True),
+        }
     helper.set_model_props(model, metadata)
     return model
 

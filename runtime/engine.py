@@ -109,7 +109,11 @@ class Engine:
 
     def load(self) -> dict:
         with self._cv:
-            return {"running": int(self._running is not None), "waiting": len(self._waiting), "max_queue": self.max_queue}
+            return {
+                "running": int(self._running is not None),
+                "waiting": len(self._waiting),
+                "max_queue": self.max_queue,
+            }
 
     def close(self, timeout: float | None = None):
         """Finish what runs and what waits, then stop the worker."""
@@ -172,8 +176,10 @@ class Engine:
 
 def _line(job: Job, r: Result) -> str:
     """One log line per request: no prompt text unless the server was asked to log it."""
-    line = (f"{job.id} {r.stop_reason} prompt={r.prompt_tokens} (cached {r.cached_tokens}) completion={r.completion_tokens} "
-            f"queued={r.queued_s:.3f}s ttft={r.ttft_s:.3f}s {r.tokens_per_s:.1f} tokens/s")
+    line = (
+        f"{job.id} {r.stop_reason} prompt={r.prompt_tokens} (cached {r.cached_tokens}) "
+        f"completion={r.completion_tokens} queued={r.queued_s:.3f}s ttft={r.ttft_s:.3f}s {r.tokens_per_s:.1f} tokens/s"
+    )
     if r.error is not None:
         line += f" error={type(r.error).__name__}: {r.error}"
     return line + (f" {job.note}" if job.note else "")

@@ -1,9 +1,9 @@
 """Text in, text out: tokenizer, chat template, sampling, stop strings, streaming.
 
-    gen = load("q4-onnx/")                                  # load once
-    for piece in gen.stream("Once upon a time", Sampling(temperature=0.7, seed=1)):
-        print(piece, end="")                                # generate many
-    gen.stats                                               # tokens and seconds of the last call
+gen = load("q4-onnx/")                                  # load once
+for piece in gen.stream("Once upon a time", Sampling(temperature=0.7, seed=1)):
+    print(piece, end="")                                # generate many
+gen.stats                                               # tokens and seconds of the last call
 """
 
 from __future__ import annotations
@@ -30,17 +30,20 @@ class Sampling:
     seed: int | None = None  # same seed, same prompt -> same text
     max_new_tokens: int = 128
     stop: tuple = ()  # strings that end the generation (not included in the output)
-    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (exactly max_new_tokens, as llama.cpp's --ignore-eos)
+    ignore_eos: bool = (
+        False  # keep generating past end-of-sequence tokens (exactly max_new_tokens, as llama.cpp's --ignore-eos)
+    )
 
     def check(self):
         fin = math.isfinite
         for name, ok, want in (
-                ("temperature", fin(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
-                ("top-k", self.top_k >= 0, "an integer >= 0"),
-                ("top-p", fin(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-                ("repetition-penalty", fin(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0"),
-                ("max-new-tokens", self.max_new_tokens >= 1, "an integer >= 1"),
-                ("seed", self.seed is None or 0 <= self.seed < 1 << 63, "an integer in [0, 2**63)")):
+            ("temperature", fin(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+            ("top-k", self.top_k >= 0, "an integer >= 0"),
+            ("top-p", fin(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("repetition-penalty", fin(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0"),
+            ("max-new-tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+            ("seed", self.seed is None or 0 <= self.seed < 1 << 63, "an integer in [0, 2**63)"),
+        ):
             if not ok:
                 raise EdgeLLMError(f"--{name} {getattr(self, name.replace('-', '_'))} is out of range; give {want}")
 
@@ -83,26 +86,40 @@ class Tokenizer:
         if self.chat_template is None and (path / "chat_template.jinja").is_file():
             self.chat_template = _read_text(path / "chat_template.jinja")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
-            raise EdgeLLMError(f"'{path / 'tokenizer_config.json'}' has a chat_template that is a JSON "
-                               f"{type(self.chat_template).__name__}; expected a string")
+            raise EdgeLLMError(
+                f"'{path / 'tokenizer_config.json'}' has a chat_template that is a JSON "
+                f"{type(self.chat_template).__name__}; expected a string"
+            )
         self.bos_token = _token_text(cfg.get("bos_token"), path / "tokenizer_config.json", "bos_token")
         self.eos_token = _token_text(cfg.get("eos_token"), path / "tokenizer_config.json", "eos_token")
 
     def encode(self, text: str, special: bool = True) -> list[int]:
-        return _tokenizers(lambda: self.tok.encode(text, add_special_tokens=special).ids, f"'{self.path}' cannot encode the prompt")
+        return _tokenizers(
+            lambda: self.tok.encode(text, add_special_tokens=special).ids, f"'{self.path}' cannot encode the prompt"
+        )
 
     def decode(self, ids) -> str:
-        return _tokenizers(lambda: self.tok.decode(list(ids), skip_special_tokens=True), f"'{self.path}' cannot decode the output")
+        return _tokenizers(
+            lambda: self.tok.decode(list(ids), skip_special_tokens=True), f"'{self.path}' cannot decode the output"
+        )
 
     def token_id(self, text: str | None):
-        return None if text is None else _tokenizers(lambda: self.tok.token_to_id(text), f"'{self.path}' cannot look up {text!r}")
+        return (
+            None
+            if text is None
+            else _tokenizers(lambda: self.tok.token_to_id(text), f"'{self.path}' cannot look up {text!r}")
+        )
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         if not self.chat_template:
-            raise EdgeLLMError("this model has no chat template (tokenizer_config.json 'chat_template'); use -p without --chat")
+            raise EdgeLLMError(
+                "this model has no chat template (tokenizer_config.json 'chat_template'); use -p without --chat"
+            )
         from edgellm._deps import require
 
-        ImmutableSandboxedEnvironment = require("jinja2.sandbox", "the chat template (--chat)").ImmutableSandboxedEnvironment
+        ImmutableSandboxedEnvironment = require(
+            "jinja2.sandbox", "the chat template (--chat)"
+        ).ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
             raise EdgeLLMError(f"chat template: {msg}")
@@ -110,12 +127,18 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         try:
-            text = env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
-                                                              bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            text = env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
         except EdgeLLMError:
             raise
         except Exception as exc:  # jinja2's TemplateError, or a template that misuses a value
-            raise EdgeLLMError(f"the model's chat template fails: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise EdgeLLMError(
+                f"the model's chat template fails: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
         if not isinstance(text, str):
             raise EdgeLLMError("the model's chat template does not render to text")
         return text
@@ -158,7 +181,9 @@ def _read_json(p: Path) -> dict:
 def _token_text(t, where: Path, key: str):
     t = t.get("content") if isinstance(t, dict) else t
     if t is not None and not isinstance(t, str):
-        raise EdgeLLMError(f"'{where}' has {key} of JSON type {type(t).__name__}; expected a string or {{\"content\": ...}}")
+        raise EdgeLLMError(
+            f"'{where}' has {key} of JSON type {type(t).__name__}; expected a string or {{\"content\": ...}}"
+        )
     return t
 
 
@@ -185,8 +210,10 @@ class Stats:
         def rate(r):
             return "" if r is None else f", {r:.1f} tokens/s"
 
-        return (f"prompt: {self.prompt_tokens} tokens{rate(self.prompt_rate)} | "
-                f"generation: {self.gen_tokens} token{'s' if self.gen_tokens != 1 else ''}{rate(self.gen_rate)}")
+        return (
+            f"prompt: {self.prompt_tokens} tokens{rate(self.prompt_rate)} | "
+            f"generation: {self.gen_tokens} token{'s' if self.gen_tokens != 1 else ''}{rate(self.gen_rate)}"
+        )
 
 
 class Generator:
@@ -262,7 +289,7 @@ class Generator:
             before = self.tokenizer.decode(out[prefix_at:read_at])
             after = self.tokenizer.decode(out[prefix_at:])
             if len(after) > len(before) and not after.endswith("\ufffd"):
-                text += after[len(before):]
+                text += after[len(before) :]
                 prefix_at, read_at = read_at, len(out)
             cut = _find_stop(text, p.stop)
             if cut is not None:
@@ -284,8 +311,10 @@ class Generator:
         st.gen_s = time.perf_counter() - t1 if t1 else 0.0
 
 
-_DAMAGED = ("the model computed NaN or infinite values: its weights are damaged "
-            "(check the files with 'edgellm info --verify', or export again)")
+_DAMAGED = (
+    "the model computed NaN or infinite values: its weights are damaged "
+    "(check the files with 'edgellm info --verify', or export again)"
+)
 
 
 def _step(model, ids: np.ndarray) -> np.ndarray:
@@ -307,7 +336,9 @@ def _numeric_damage():
     except (ZeroDivisionError, FloatingPointError):
         raise EdgeLLMError(_DAMAGED) from None
     except SystemError as exc:  # numba: "returned a result with an exception set" around the above
-        if isinstance(exc.__context__ or exc.__cause__, (ZeroDivisionError, FloatingPointError)) or "exception set" in str(exc):
+        if isinstance(
+            exc.__context__ or exc.__cause__, (ZeroDivisionError, FloatingPointError)
+        ) or "exception set" in str(exc):
             raise EdgeLLMError(_DAMAGED) from None
         raise
 
@@ -328,8 +359,17 @@ def _held_back(text: str, stops) -> int:
     return n
 
 
-def load(path, backend: str = "numba", threads: int | None = None, n_ctx: int | None = None, warmup: bool = True,
-         kv_cache: str = "auto", kernels: str = "auto", verify: bool = False, device: str = "cpu") -> Generator:
+def load(
+    path,
+    backend: str = "numba",
+    threads: int | None = None,
+    n_ctx: int | None = None,
+    warmup: bool = True,
+    kv_cache: str = "auto",
+    kernels: str = "auto",
+    verify: bool = False,
+    device: str = "cpu",
+) -> Generator:
     """Open an export directory on the numba (default) or onnxruntime backend. `kv_cache`
     (numba): auto = fp16 beside quantized weights, fp32 beside float ones; or fp16 / fp32.
     `kernels` (numba): the kernel tier, auto = the best the CPU numba compiles for has, or a

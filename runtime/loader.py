@@ -64,8 +64,10 @@ class Export:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.tensors:
-            raise EdgeLLMError(f"'{self.path / ONNX_NAME}' has no initializer '{name}' that the model needs "
-                               "(a damaged export, or one from another tool or version?)")
+            raise EdgeLLMError(
+                f"'{self.path / ONNX_NAME}' has no initializer '{name}' that the model needs "
+                "(a damaged export, or one from another tool or version?)"
+            )
         return self.tensors[name]
 
     @property
@@ -131,18 +133,24 @@ def read_metadata(path) -> tuple[Path, dict, list]:
         raise EdgeLLMError(f"'{path}' has no {ONNX_NAME}; give an export directory written by 'edgellm export'")
     size = onnx_path.stat().st_size
     if size > MAX_ONNX_BYTES:
-        raise EdgeLLMError(f"'{onnx_path}' is {size} bytes; an export keeps its weights in {DATA_NAME}, so model.onnx "
-                           f"should be far below {MAX_ONNX_BYTES} bytes")
+        raise EdgeLLMError(
+            f"'{onnx_path}' is {size} bytes; an export keeps its weights in {DATA_NAME}, so model.onnx "
+            f"should be far below {MAX_ONNX_BYTES} bytes"
+        )
     try:
         meta, inits = read_model(onnx_path.read_bytes())
     except ProtoError as exc:  # a damaged or foreign file
         raise EdgeLLMError(f"cannot read '{onnx_path}': not a valid ONNX model ({exc})") from None
     version = meta.get("edgellm.format_version")
     if version is None or "edgellm.config" not in meta:
-        raise UnsupportedError(f"'{onnx_path}' has no edgellm metadata (not written by 'edgellm export'); "
-                               "both edgellm backends need it to size the model and its KV cache")
+        raise UnsupportedError(
+            f"'{onnx_path}' has no edgellm metadata (not written by 'edgellm export'); "
+            "both edgellm backends need it to size the model and its KV cache"
+        )
     if version != FORMAT_VERSION:
-        raise UnsupportedError(f"'{onnx_path}' uses export format version {version!r}; this runtime reads version {FORMAT_VERSION}")
+        raise UnsupportedError(
+            f"'{onnx_path}' uses export format version {version!r}; this runtime reads version {FORMAT_VERSION}"
+        )
     return onnx_path, meta, inits
 
 
@@ -154,7 +162,9 @@ def verify_files(path, meta: dict | None = None) -> list[str]:
         _, meta, _ = read_metadata(path)
     sums = _json_meta(meta, SHA256_KEY, path / ONNX_NAME, "null")
     if sums is None:
-        raise EdgeLLMError(f"'{path / ONNX_NAME}' records no checksums (exported by an older edgellm); nothing to verify")
+        raise EdgeLLMError(
+            f"'{path / ONNX_NAME}' records no checksums (exported by an older edgellm); nothing to verify"
+        )
     if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
         raise EdgeLLMError(f"'{path / ONNX_NAME}' has malformed metadata '{SHA256_KEY}': expected {{file: sha256}}")
     sums = {**sums, **_record_sums(path)}
@@ -167,7 +177,9 @@ def verify_files(path, meta: dict | None = None) -> list[str]:
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
         if h.hexdigest() != want.lower():
-            raise EdgeLLMError(f"'{f}' does not match the sha256 recorded at export (damaged or modified); export or copy it again")
+            raise EdgeLLMError(
+                f"'{f}' does not match the sha256 recorded at export (damaged or modified); export or copy it again"
+            )
     return sorted(sums)
 
 
@@ -199,7 +211,9 @@ def open_export(path, verify: bool = False) -> Export:
     if not isinstance(config, dict):
         raise EdgeLLMError(f"'{onnx_path}' metadata 'edgellm.config' is a JSON {type(config).__name__}, not an object")
     if quant is not None and not isinstance(quant, dict):
-        raise EdgeLLMError(f"'{onnx_path}' metadata 'edgellm.quantization' is a JSON {type(quant).__name__}, not an object or null")
+        raise EdgeLLMError(
+            f"'{onnx_path}' metadata 'edgellm.quantization' is a JSON {type(quant).__name__}, not an object or null"
+        )
 
     infos: dict[str, TensorInfo] = {}
     for t in inits:
@@ -208,11 +222,15 @@ def open_export(path, verify: bool = False) -> Export:
         if t.name in infos:
             raise EdgeLLMError(f"'{onnx_path}' has two initializers named '{t.name}'")
         if any(d < 0 for d in t.dims) or len(t.dims) > 8:
-            raise EdgeLLMError(f"initializer '{t.name}' has shape {tuple(t.dims)}; expected at most 8 non-negative dimensions")
+            raise EdgeLLMError(
+                f"initializer '{t.name}' has shape {tuple(t.dims)}; expected at most 8 non-negative dimensions"
+            )
         shape = tuple(int(d) for d in t.dims)
         nbytes = _byte_count(t.data_type, math.prod(shape))
         if nbytes is None:
-            raise UnsupportedError(f"initializer '{t.name}' has ONNX data type {t.data_type}, which no edgellm export uses")
+            raise UnsupportedError(
+                f"initializer '{t.name}' has ONNX data type {t.data_type}, which no edgellm export uses"
+            )
         if t.data_location == EXTERNAL:
             if t.external.get("location") != DATA_NAME:
                 raise EdgeLLMError(f"initializer '{t.name}' lives in {t.external.get('location')!r}, not {DATA_NAME}")
@@ -220,10 +238,14 @@ def open_export(path, verify: bool = False) -> Export:
             if n != nbytes:
                 raise EdgeLLMError(f"initializer '{t.name}' says {n} bytes but its shape {shape} needs {nbytes}")
             if off % ALIGN:
-                raise EdgeLLMError(f"initializer '{t.name}' starts at byte {off} of {DATA_NAME}, not a multiple of {ALIGN}")
+                raise EdgeLLMError(
+                    f"initializer '{t.name}' starts at byte {off} of {DATA_NAME}, not a multiple of {ALIGN}"
+                )
             infos[t.name] = TensorInfo(t.data_type, shape, True, off, n)
         elif t.data_location != 0:
-            raise EdgeLLMError(f"initializer '{t.name}' has data_location {t.data_location}; expected 0 (inline) or 1 (external)")
+            raise EdgeLLMError(
+                f"initializer '{t.name}' has data_location {t.data_location}; expected 0 (inline) or 1 (external)"
+            )
         else:
             held = len(t.raw) if t.raw is not None else _byte_count(t.data_type, len(t.values or []))
             if t.raw is not None and t.values:
@@ -236,15 +258,21 @@ def open_export(path, verify: bool = False) -> Export:
     mm, size = None, 0
     if external:
         if not data_path.is_file():
-            raise EdgeLLMError(f"'{data_path}' is missing; the weights of '{onnx_path}' live there (copy the whole export directory)")
+            raise EdgeLLMError(
+                f"'{data_path}' is missing; the weights of '{onnx_path}' live there (copy the whole export directory)"
+            )
         size = data_path.stat().st_size
         need = max(e for _, e, _ in external)
         if size < need:
-            raise EdgeLLMError(f"'{data_path}' is truncated: {size} bytes, but the model's weights need {need} bytes "
-                               "(an interrupted copy? export again or copy the file again)")
+            raise EdgeLLMError(
+                f"'{data_path}' is truncated: {size} bytes, but the model's weights need {need} bytes "
+                "(an interrupted copy? export again or copy the file again)"
+            )
         for (_, e0, a), (s1, _, b) in zip(external, external[1:]):
             if s1 < e0:
-                raise EdgeLLMError(f"initializers '{a}' and '{b}' overlap in {DATA_NAME} (bytes {s1}..{e0}); the file is damaged")
+                raise EdgeLLMError(
+                    f"initializers '{a}' and '{b}' overlap in {DATA_NAME} (bytes {s1}..{e0}); the file is damaged"
+                )
         if size:
             with open(data_path, "rb") as fh:
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -271,5 +299,13 @@ def open_export(path, verify: bool = False) -> Export:
             except (OverflowError, ValueError, TypeError) as exc:
                 raise EdgeLLMError(f"initializer '{t.name}' holds values that do not fit its type: {exc}") from None
             tensors[t.name] = arr.reshape(info.shape)
-    return Export(path=path, config=config, quantization=quant, metadata=meta, tensors=tensors, data_size=size, _mmap=mm,
-                  infos=infos)
+    return Export(
+        path=path,
+        config=config,
+        quantization=quant,
+        metadata=meta,
+        tensors=tensors,
+        data_size=size,
+        _mmap=mm,
+        infos=infos,
+    )

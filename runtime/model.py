@@ -16,31 +16,67 @@ from numba import njit
 
 from edgellm.errors import EdgeLLMError, UnsupportedError
 
-from .kernels.layers import (attention, attention_mat, embed_rows, gelu_new, kv_cast, layer_norm, rms_norm, rope, rope_inv_freq, rope_tables,
-                             swiglu)
-from .kernels.quant import (D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, DESC_LEN, K_F16, K_F32,
-                            act_caps, linear_mat, linear_vec)
-from .kernels.quant import checked_tier
+from .kernels.layers import (
+    attention,
+    attention_mat,
+    embed_rows,
+    gelu_new,
+    kv_cast,
+    layer_norm,
+    rms_norm,
+    rope,
+    rope_inv_freq,
+    rope_tables,
+    swiglu,
+)
+from .kernels.quant import (
+    D_B,
+    D_GS,
+    D_K,
+    D_KIND,
+    D_N,
+    D_NB,
+    D_RB,
+    D_S,
+    D_SYM,
+    D_W,
+    D_Z,
+    D_ZERO,
+    DESC_LEN,
+    K_F16,
+    K_F32,
+    act_caps,
+    checked_tier,
+    linear_mat,
+    linear_vec,
+)
 from .kernels.simd import as_voidptr as _voidptr
 from .kernels.tiers import describe as _describe_tier
 from .loader import Export, open_export
 from .validate import ModelConfig, check_export, check_memory
 
-
 # ----------------------------------------------------------------------------- config
 # ModelConfig and the format checks live in validate.py (both backends); below, what only the
 # numba kernels cannot run (--backend onnxruntime still can).
-NUMBA_MLPS = {("gated", "silu"), ("plain", "gelu_new"), ("plain", "gelu_pytorch_tanh")}  # gelu_pytorch_tanh = gelu_new's formula
+NUMBA_MLPS = {
+    ("gated", "silu"),
+    ("plain", "gelu_new"),
+    ("plain", "gelu_pytorch_tanh"),
+}  # gelu_pytorch_tanh = gelu_new's formula
 
 
 def check_numba_support(cfg: ModelConfig, ex: Export) -> None:
     fmt = (ex.quantization or {}).get("format", "matmulnbits")
     if fmt != "matmulnbits":
-        raise UnsupportedError(f"'{ex.path}' stores its quantized weights as '{fmt}' (DequantizeLinear); the numba runtime reads "
-                               "the MatMulNBits layout (export with --format matmulnbits); --backend onnxruntime may still run it")
+        raise UnsupportedError(
+            f"'{ex.path}' stores its quantized weights as '{fmt}' (DequantizeLinear); the numba runtime reads "
+            "the MatMulNBits layout (export with --format matmulnbits); --backend onnxruntime may still run it"
+        )
     if (cfg.mlp, cfg.activation) not in NUMBA_MLPS:
-        raise UnsupportedError(f"a {cfg.mlp} MLP with activation '{cfg.activation}' is not supported by the numba runtime "
-                               f"(supported: {', '.join(f'{m}/{a}' for m, a in sorted(NUMBA_MLPS))}); --backend onnxruntime may still run it")
+        raise UnsupportedError(
+            f"a {cfg.mlp} MLP with activation '{cfg.activation}' is not supported by the numba runtime (supported: "
+            f"{', '.join(f'{m}/{a}' for m, a in sorted(NUMBA_MLPS))}); --backend onnxruntime may still run it"
+        )
 
 
 # integer config passed to the compiled step
@@ -52,11 +88,23 @@ N_LN1W, N_LN1B, N_LN2W, N_LN2B = range(4)
 def _names(cfg: ModelConfig, i: int) -> dict:
     if cfg.architecture == "gpt2":
         p = f"transformer.h.{i}"
-        return {R_QKV: f"{p}.attn.c_attn", R_O: f"{p}.attn.c_proj", R_UP: f"{p}.mlp.c_fc", R_DOWN: f"{p}.mlp.c_proj",
-                "ln1": f"{p}.ln_1", "ln2": f"{p}.ln_2"}
+        return {
+            R_QKV: f"{p}.attn.c_attn",
+            R_O: f"{p}.attn.c_proj",
+            R_UP: f"{p}.mlp.c_fc",
+            R_DOWN: f"{p}.mlp.c_proj",
+            "ln1": f"{p}.ln_1",
+            "ln2": f"{p}.ln_2",
+        }
     p = f"model.layers.{i}"
-    return {R_QKV: f"{p}.self_attn.qkv_proj", R_O: f"{p}.self_attn.o_proj", R_UP: f"{p}.mlp.gate_up_proj", R_DOWN: f"{p}.mlp.down_proj",
-            "ln1": f"{p}.input_layernorm", "ln2": f"{p}.post_attention_layernorm"}
+    return {
+        R_QKV: f"{p}.self_attn.qkv_proj",
+        R_O: f"{p}.self_attn.o_proj",
+        R_UP: f"{p}.mlp.gate_up_proj",
+        R_DOWN: f"{p}.mlp.down_proj",
+        "ln1": f"{p}.input_layernorm",
+        "ln2": f"{p}.post_attention_layernorm",
+    }
 
 
 # ----------------------------------------------------------------------------- weights
@@ -76,7 +124,12 @@ class Weights:
         self.norms = np.zeros((L, 4), np.int64)
         for i in range(L):
             n = _names(cfg, i)
-            ins = {R_QKV: cfg.hidden_size, R_O: cfg.num_heads * cfg.head_dim, R_UP: cfg.hidden_size, R_DOWN: cfg.intermediate_size}
+            ins = {
+                R_QKV: cfg.hidden_size,
+                R_O: cfg.num_heads * cfg.head_dim,
+                R_UP: cfg.hidden_size,
+                R_DOWN: cfg.intermediate_size,
+            }
             for role in (R_QKV, R_O, R_UP, R_DOWN):
                 self.lin[i, role] = self._linear(ex, n[role], ins[role])
             for slot, key in ((N_LN1W, "ln1"), (N_LN2W, "ln2")):
@@ -91,8 +144,13 @@ class Weights:
         else:
             self.head = self.emb.copy()  # tied (one copy of the table in the file)
         fn = "transformer.ln_f" if gpt2 else "model.norm"
-        self.fnorm = np.array([self._addr(ex.get(f"{fn}.weight"), np.float32),
-                               self._addr(ex.get(f"{fn}.bias"), np.float32) if cfg.norm == "layer" else 0], np.int64)
+        self.fnorm = np.array(
+            [
+                self._addr(ex.get(f"{fn}.weight"), np.float32),
+                self._addr(ex.get(f"{fn}.bias"), np.float32) if cfg.norm == "layer" else 0,
+            ],
+            np.int64,
+        )
         self.wpe = self._addr(ex.get("transformer.wpe.weight"), np.float32) if cfg.position == "learned" else 0
         caps = [act_caps(d) for d in self.lin.reshape(-1, DESC_LEN)] + [act_caps(self.head)]
         self.cap = max(c for c, _ in caps)
@@ -118,13 +176,17 @@ class Weights:
             qw = ex.get(f"{p}.qweight")
             bits = int(self.tensor_bits.get(p, self.bits))
             if bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
-                raise UnsupportedError(f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout "
-                                       "the numba runtime reads (4 or 8 bits); --backend onnxruntime may still run it")
+                raise UnsupportedError(
+                    f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout "
+                    "the numba runtime reads (4 or 8 bits); --backend onnxruntime may still run it"
+                )
             n, nb, bb = qw.shape
             gs = bb * 8 // bits
             if gs < 16 or gs & (gs - 1):
-                raise UnsupportedError(f"'{p}' has blocks of {gs} columns; the numba runtime needs a power of two >= 16; "
-                                       "--backend onnxruntime may still run it")
+                raise UnsupportedError(
+                    f"'{p}' has blocks of {gs} columns; the numba runtime needs a power of two >= 16; "
+                    "--backend onnxruntime may still run it"
+                )
             scales = ex.get(f"{p}.scales").reshape(-1)
             if scales.size != n * nb:
                 raise EdgeLLMError(f"'{p}.scales' has {scales.size} values, expected {n * nb}")
@@ -146,7 +208,9 @@ class Weights:
         elif ex.has(f"{p}.weight"):
             w = ex.get(f"{p}.weight")
             if w.ndim != 2 or w.dtype not in (np.float32, np.float16) or w.shape[1] != k:
-                raise UnsupportedError(f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix the numba runtime reads")
+                raise UnsupportedError(
+                    f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix the numba runtime reads"
+                )
             d[D_KIND] = K_F32 if w.dtype == np.float32 else K_F16
             d[D_N], d[D_K], d[D_RB] = w.shape[0], w.shape[1], w.shape[1] * w.itemsize
             d[D_W] = self._addr(w, w.dtype)
@@ -260,7 +324,7 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
         _norm(ci, x, fnorm[0], fnorm[1], eps, xn)
         _linear(head, xn, logits, xa, xb, init, xsl, xzb, xs, tier)
     else:
-        _norm(ci, x[t - 1:], fnorm[0], fnorm[1], eps, xn[:1])
+        _norm(ci, x[t - 1 :], fnorm[0], fnorm[1], eps, xn[:1])
         _linear(head, xn[:1], logits, xa, xb, init, xsl, xzb, xs, tier)
 
 
@@ -276,8 +340,16 @@ class NumbaModel:
 
     backend = "numba"
 
-    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, simd: bool = True, kv_cache: str = "auto",
-                 kernels: str = "auto", verify: bool = False):
+    def __init__(
+        self,
+        path,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        simd: bool = True,
+        kv_cache: str = "auto",
+        kernels: str = "auto",
+        verify: bool = False,
+    ):
         """kernels: the kernel tier ("auto": the best the CPU numba compiles for has; or one of
         kernels/tiers.py NAMES, to force a lower one); simd=False is kernels="generic".
         verify: check every file against the sha256 recorded at export first (slower start)."""
@@ -288,7 +360,9 @@ class NumbaModel:
         check_numba_support(cfg, self.export)
         self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
         fp16 = kv_cache == "fp16" or (kv_cache == "auto" and bool((self.export.quantization or {}).get("bits")))
-        check_memory(cfg, self.n_ctx, 2 if fp16 else 4, f"'{path}' on the numba runtime")  # before anything is sized by n_ctx
+        check_memory(
+            cfg, self.n_ctx, 2 if fp16 else 4, f"'{path}' on the numba runtime"
+        )  # before anything is sized by n_ctx
         self.weights = w = Weights(self.export, cfg)
         self.simd = simd
         # the kernel tier (kernels/tiers.py); a tier failing its load-time self-check falls back
@@ -301,16 +375,29 @@ class NumbaModel:
             try:
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
-                raise UnsupportedError(f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}); "
-                                       "--backend onnxruntime may still run it") from None
+                raise UnsupportedError(
+                    f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}); "
+                    "--backend onnxruntime may still run it"
+                ) from None
             if not np.isfinite(inv).all():
-                raise UnsupportedError(f"rope scaling {cfg.rope_scaling} gives non-finite frequencies; --backend onnxruntime may still run it")
+                raise UnsupportedError(
+                    f"rope scaling {cfg.rope_scaling} gives non-finite frequencies; --backend onnxruntime may still "
+                    "run it"
+                )
             self.cos, self.sin = rope_tables(self.n_ctx, inv)
         else:
             self.cos = self.sin = np.zeros((1, 1), np.float32)
         self.ci = np.zeros(C_LEN, np.int64)
-        self.ci[[C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX]] = (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
-                                                                  cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, self.n_ctx)
+        self.ci[[C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX]] = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+            self.n_ctx,
+        )
         self.ci[C_NORM] = 0 if cfg.norm == "rms" else 1
         self.ci[C_POS] = 0 if cfg.position == "rope" else 1
         self.ci[C_GATED] = 1 if cfg.mlp == "gated" else 0
@@ -360,8 +447,25 @@ class NumbaModel:
         for c0 in range(0, t, PROMPT_CHUNK):  # long prompts in chunks: the step's scratch is O(chunk x context)
             c1 = min(t, c0 + PROMPT_CHUNK)
             out = logits[c0:c1] if all_logits else logits  # a non-final chunk's last-token logits are overwritten
-            forward(ids[c0:c1], self.state.pos, self.ci, np.float32(self.config.norm_eps), w.lin, w.norms, w.emb, w.head, w.fnorm,
-                    self.window, self.cos, self.sin, self.state.k, self.state.v, out, all_logits, self.tier.id)
+            forward(
+                ids[c0:c1],
+                self.state.pos,
+                self.ci,
+                np.float32(self.config.norm_eps),
+                w.lin,
+                w.norms,
+                w.emb,
+                w.head,
+                w.fnorm,
+                self.window,
+                self.cos,
+                self.sin,
+                self.state.k,
+                self.state.v,
+                out,
+                all_logits,
+                self.tier.id,
+            )
             self.state.pos += c1 - c0
         return logits if all_logits else logits[0]
 

@@ -82,7 +82,7 @@ def _str(buf, wt, v) -> str:
     if wt != 2:
         raise ProtoError(f"a string field has wire type {wt}")
     try:
-        return bytes(buf[v[0]:v[1]]).decode("utf-8")
+        return bytes(buf[v[0] : v[1]]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtoError(f"a string field is not UTF-8 ({exc.reason} at byte {v[0] + exc.start})") from None
 
@@ -117,7 +117,7 @@ def _fixed(buf, wt, v, fmt: str) -> list:
     size = struct.calcsize(fmt)
     if wt not in (1, 2, 5) or (wt == 1 and size != 8) or (wt == 5 and size != 4):
         raise ProtoError(f"a {'float' if fmt == 'f' else 'double'} field has wire type {wt}")
-    data = bytes(buf[v[0]:v[1]])
+    data = bytes(buf[v[0] : v[1]])
     if len(data) % size:
         raise ProtoError("packed fixed-width field of a wrong length")
     return list(struct.unpack(f"<{len(data) // size}{fmt}", data))
@@ -139,7 +139,7 @@ def _tensor(buf, wt, span) -> Tensor:
         elif num == 9:
             if fwt != 2:
                 raise ProtoError(f"raw_data has wire type {fwt}")
-            t.raw = bytes(buf[v[0]:v[1]])
+            t.raw = bytes(buf[v[0] : v[1]])
         elif num == 13:
             k, val = _entry(buf, fwt, v)
             t.external[k] = val

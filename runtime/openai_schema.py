@@ -24,16 +24,32 @@ MAX_STOP = 4  # OpenAI's limit on `stop` strings
 class APIError(Exception):
     """An error answered as OpenAI's JSON error object with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        404: "invalid_request_error",
+        405: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        500: "server_error",
+        503: "server_error",
+    }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
@@ -105,7 +121,9 @@ def _unsupported(body: dict):
         raise bad(f"'n' is {body['n']}; this server generates one choice per request (n=1)", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
-            raise bad(f"'{name}' is not supported (only 0); use 'repetition_penalty' instead", name, "unsupported_parameter")
+            raise bad(
+                f"'{name}' is not supported (only 0); use 'repetition_penalty' instead", name, "unsupported_parameter"
+            )
     for name in ("logprobs", "echo"):
         v = body.get(name)
         if v not in (None, False, 0):
@@ -131,7 +149,10 @@ def _message(i: int, m) -> dict:
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise bad(f"'{param}.content' parts must be {{'type': 'text', 'text': ...}}; this model reads text only", f"{param}.content")
+                raise bad(
+                    f"'{param}.content' parts must be {{'type': 'text', 'text': ...}}; this model reads text only",
+                    f"{param}.content",
+                )
             texts.append(part["text"])
         content = "".join(texts)
     if not isinstance(content, str):
@@ -162,12 +183,20 @@ def parse(body, kind: str, model_id: str) -> Request:
     if not isinstance(model, str):
         raise bad("'model' must be a string", "model", "invalid_type")
     if model != model_id:
-        raise bad(f"model '{model}' is not served here; this server serves '{model_id}' (see GET /v1/models)", "model", "model_not_found")
+        raise bad(
+            f"model '{model}' is not served here; this server serves '{model_id}' (see GET /v1/models)",
+            "model",
+            "model_not_found",
+        )
     messages = prompt = None
     if kind == "chat":
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
-            raise bad("'messages' must be a non-empty list", "messages", "invalid_type" if not isinstance(msgs, list) else "invalid_value")
+            raise bad(
+                "'messages' must be a non-empty list",
+                "messages",
+                "invalid_type" if not isinstance(msgs, list) else "invalid_value",
+            )
         messages = [_message(i, m) for i, m in enumerate(msgs)]
     else:
         if "prompt" not in body:
@@ -179,11 +208,14 @@ def parse(body, kind: str, model_id: str) -> Request:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed", "invalid_type")
-    sampling = Sampling(temperature=_number(body, "temperature", 0.0, 2.0, DEFAULTS.temperature),
-                        top_p=_number(body, "top_p", 0.0, 1.0, DEFAULTS.top_p, lo_open=True),
-                        top_k=_integer(body, "top_k", 0, DEFAULTS.top_k),
-                        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, DEFAULTS.repetition_penalty, lo_open=True),
-                        seed=seed if seed is None else seed % 2**63 if seed < 0 else seed, stop=_stop(body))
+    sampling = Sampling(
+        temperature=_number(body, "temperature", 0.0, 2.0, DEFAULTS.temperature),
+        top_p=_number(body, "top_p", 0.0, 1.0, DEFAULTS.top_p, lo_open=True),
+        top_k=_integer(body, "top_k", 0, DEFAULTS.top_k),
+        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, DEFAULTS.repetition_penalty, lo_open=True),
+        seed=seed if seed is None else seed % 2**63 if seed < 0 else seed,
+        stop=_stop(body),
+    )
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -197,8 +229,12 @@ def new_id(kind: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def finish_reason(stop_reason: str) -> str:
@@ -209,16 +245,37 @@ def finish_reason(stop_reason: str) -> str:
 def response(req: Request, rid: str, created: int, text: str, finish: str, use: dict) -> dict:
     """The whole (non-streaming) answer."""
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": req.model, "system_fingerprint": None, "choices": [choice], "usage": use}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": req.model,
+        "system_fingerprint": None,
+        "choices": [choice],
+        "usage": use,
+    }
 
 
-def chunk(req: Request, rid: str, created: int, text: str | None = None, finish: str | None = None, use: dict | None = None,
-          first: bool = False, usage_only: bool = False) -> dict:
+def chunk(
+    req: Request,
+    rid: str,
+    created: int,
+    text: str | None = None,
+    finish: str | None = None,
+    use: dict | None = None,
+    first: bool = False,
+    usage_only: bool = False,
+) -> dict:
     """One server-sent event's payload: a text delta, the final chunk (finish_reason + usage), or a usage-only chunk."""
     if req.kind == "chat":
         delta = {} if finish is not None else {"content": text or ""}
@@ -229,8 +286,14 @@ def chunk(req: Request, rid: str, created: int, text: str | None = None, finish:
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    out = {"id": rid, "object": obj, "created": created, "model": req.model, "system_fingerprint": None,
-           "choices": [] if usage_only else [choice]}
+    out = {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": req.model,
+        "system_fingerprint": None,
+        "choices": [] if usage_only else [choice],
+    }
     if use is not None:
         out["usage"] = use
     return out

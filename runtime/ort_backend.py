@@ -84,16 +84,26 @@ class OrtModel:
         try:
             out = self.session.run(None, feed)
         except Exception as exc:  # a graph that does not compute what its metadata says
-            raise EdgeLLMError(f"ONNX Runtime failed to run '{self.export.path / ONNX_NAME}': {_first_line(exc)}") from None
+            raise EdgeLLMError(
+                f"ONNX Runtime failed to run '{self.export.path / ONNX_NAME}': {_first_line(exc)}"
+            ) from None
         names = [o.name for o in self.session.get_outputs()]
         res = dict(zip(names, out))
         c = self.config
-        want = {"logits": (1, t, c.vocab_size), **{f"present.{i}.{kv}": (1, c.num_kv_heads, self.pos_ + t, c.head_dim)
-                                                   for i in range(c.num_layers) for kv in ("key", "value")}}
+        want = {
+            "logits": (1, t, c.vocab_size),
+            **{
+                f"present.{i}.{kv}": (1, c.num_kv_heads, self.pos_ + t, c.head_dim)
+                for i in range(c.num_layers)
+                for kv in ("key", "value")
+            },
+        }
         for name, shape in want.items():
             if name not in res or tuple(res[name].shape) != shape:
                 got = tuple(res[name].shape) if name in res else "missing"
-                raise EdgeLLMError(f"'{self.export.path / ONNX_NAME}' output '{name}' is {got}; the metadata implies {shape}")
+                raise EdgeLLMError(
+                    f"'{self.export.path / ONNX_NAME}' output '{name}' is {got}; the metadata implies {shape}"
+                )
         self.past = [(res[f"present.{i}.key"], res[f"present.{i}.value"]) for i in range(c.num_layers)]
         self.pos_ += t
         logits = res["logits"][0]

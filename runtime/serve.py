@@ -39,8 +39,16 @@ MAX_BODY = 1 << 20  # bytes; a request body over this is answered 413
 DRAIN_LIMIT = 16 << 20  # read (and drop) at most this much of an oversized body, so the client sees the 413
 
 
-def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_queue: int = 16, reuse_prefix: bool = True,
-               max_body: int = MAX_BODY, log_prompts: bool = False, created: int | None = None) -> Starlette:
+def create_app(
+    gen: Generator,
+    model_id: str,
+    api_key: str | None = None,
+    max_queue: int = 16,
+    reuse_prefix: bool = True,
+    max_body: int = MAX_BODY,
+    log_prompts: bool = False,
+    created: int | None = None,
+) -> Starlette:
     """The ASGI app serving `gen` as `model_id`. Its model worker starts now and stops at shutdown."""
     engine = Engine(gen, max_queue=max_queue, reuse_prefix=reuse_prefix)
     n_ctx = gen.model.n_ctx
@@ -64,13 +72,19 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_qu
         param = "messages" if req.kind == "chat" else "prompt"
         if req.max_tokens is None:
             if n_prompt >= n_ctx:
-                raise bad(f"the prompt has {n_prompt} tokens; the context holds {n_ctx}, leaving no room for a reply",
-                          param, "context_length_exceeded")
+                raise bad(
+                    f"the prompt has {n_prompt} tokens; the context holds {n_ctx}, leaving no room for a reply",
+                    param,
+                    "context_length_exceeded",
+                )
             return n_ctx - n_prompt
         if n_prompt + req.max_tokens > n_ctx:
-            raise bad(f"the prompt has {n_prompt} tokens and max_tokens is {req.max_tokens}: {n_prompt + req.max_tokens} tokens "
-                      f"exceed the context of {n_ctx} tokens (shorten the prompt or lower max_tokens)", "max_tokens",
-                      "context_length_exceeded")
+            raise bad(
+                f"the prompt has {n_prompt} tokens and max_tokens is {req.max_tokens}: {n_prompt + req.max_tokens} "
+                f"tokens exceed the context of {n_ctx} tokens (shorten the prompt or lower max_tokens)",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         return req.max_tokens
 
     async def complete(request: Request, kind: str):
@@ -85,8 +99,14 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_qu
         try:
             engine.submit(job)
         except QueueFull as full:
-            raise APIError(429, f"the server is busy: {full.waiting} requests are waiting (--max-queue {engine.max_queue}); "
-                           f"retry in {full.retry_after} s", None, "queue_full", {"Retry-After": str(full.retry_after)}) from None
+            raise APIError(
+                429,
+                f"the server is busy: {full.waiting} requests are waiting (--max-queue {engine.max_queue}); "
+                f"retry in {full.retry_after} s",
+                None,
+                "queue_full",
+                {"Retry-After": str(full.retry_after)},
+            ) from None
         except EdgeLLMError as exc:
             raise APIError(503, str(exc), None, "shutting_down") from None
         headers = {"x-request-id": rid}
@@ -109,10 +129,19 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_qu
                 yield _event(schema.chunk(req, rid, created_at(job), text=value))
             result: Result = value
             if result.error is not None:
-                yield _event(APIError(500, f"generation failed: {type(result.error).__name__}: {result.error}", None, "generation_failed").body())
+                yield _event(
+                    APIError(
+                        500,
+                        f"generation failed: {type(result.error).__name__}: {result.error}",
+                        None,
+                        "generation_failed",
+                    ).body()
+                )
             else:
                 use = schema.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-                yield _event(schema.chunk(req, rid, created_at(job), finish=schema.finish_reason(result.stop_reason), use=use))
+                yield _event(
+                    schema.chunk(req, rid, created_at(job), finish=schema.finish_reason(result.stop_reason), use=use)
+                )
                 if req.include_usage:
                     yield _event(schema.chunk(req, rid, created_at(job), use=use, usage_only=True))
             yield "data: [DONE]\n\n"
@@ -140,9 +169,13 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_qu
             watcher.cancel()
         result: Result = value
         if result.error is not None:
-            raise APIError(500, f"generation failed: {type(result.error).__name__}: {result.error}", None, "generation_failed")
+            raise APIError(
+                500, f"generation failed: {type(result.error).__name__}: {result.error}", None, "generation_failed"
+            )
         use = schema.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        body = schema.response(req, rid, created_at(job), "".join(pieces), schema.finish_reason(result.stop_reason), use)
+        body = schema.response(
+            req, rid, created_at(job), "".join(pieces), schema.finish_reason(result.stop_reason), use
+        )
         return JSONResponse(body, headers=headers)
 
     async def chat(request: Request):
@@ -156,8 +189,12 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_qu
 
     async def model(request: Request):
         if request.path_params["name"] != model_id:
-            raise APIError(404, f"model '{request.path_params['name']}' is not served here; this server serves '{model_id}'",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model '{request.path_params['name']}' is not served here; this server serves '{model_id}'",
+                "model",
+                "model_not_found",
+            )
         return JSONResponse(schema.model_card(model_id, created))
 
     async def health(request: Request):
@@ -168,10 +205,19 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_qu
         yield
         await asyncio.to_thread(engine.close)
 
-    routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]), Route("/v1/models/{name:path}", model, methods=["GET"]),
-              Route("/health", health, methods=["GET"])]
-    handlers = {APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone, Exception: _internal_error}
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    handlers = {
+        APIError: _api_error,
+        HTTPException: _http_error,
+        ClientDisconnect: _client_gone,
+        Exception: _internal_error,
+    }
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.engine = engine
     if api_key:
@@ -221,10 +267,21 @@ async def _api_error(request, exc: APIError):
 
 
 async def _http_error(request, exc: HTTPException):
-    msg = {404: f"no route {request.method} {request.url.path}; see /v1/chat/completions, /v1/completions, /v1/models, /health",
-           405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-    return _error_response(request, APIError(exc.status_code, msg, None, {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
-                                             dict(exc.headers or {})))
+    msg = {
+        404: f"no route {request.method} {request.url.path}; see /v1/chat/completions, /v1/completions, /v1/models, "
+        "/health",
+        405: f"method {request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return _error_response(
+        request,
+        APIError(
+            exc.status_code,
+            msg,
+            None,
+            {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
+            dict(exc.headers or {}),
+        ),
+    )
 
 
 async def _client_gone(request, exc):
@@ -233,7 +290,9 @@ async def _client_gone(request, exc):
 
 async def _internal_error(request, exc: Exception):
     log.error(f"{request.method} {request.url.path} 500 {type(exc).__name__}: {exc}")
-    return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error").body(), status_code=500)
+    return JSONResponse(
+        APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error").body(), status_code=500
+    )
 
 
 class _RequireKey:
@@ -246,7 +305,11 @@ class _RequireKey:
         if scope["type"] == "http" and scope["path"] != "/health":
             given = dict(scope["headers"]).get(b"authorization")
             if given is None or not hmac.compare_digest(given, self.expected):
-                msg = ("no API key given; send the header 'Authorization: Bearer KEY'" if given is None else "the API key is wrong")
+                msg = (
+                    "no API key given; send the header 'Authorization: Bearer KEY'"
+                    if given is None
+                    else "the API key is wrong"
+                )
                 err = APIError(401, msg, None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
                 log.info(f"{scope['method']} {scope['path']} 401 invalid_api_key")
                 await JSONResponse(err.body(), status_code=401, headers=err.headers)(scope, receive, send)

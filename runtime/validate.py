@@ -38,8 +38,16 @@ NORMS, POSITIONS, MLPS = ("rms", "layer"), ("rope", "learned"), ("gated", "plain
 ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
 FORMATS = ("matmulnbits", "qdq")
 # Hard limits, far above any model a laptop or Pi runs, far below an int64 overflow in a size product.
-LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_layers": 1 << 10,
-          "num_heads": 1 << 10, "num_kv_heads": 1 << 10, "head_dim": 1 << 11, "max_position_embeddings": 1 << 24}
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_layers": 1 << 10,
+    "num_heads": 1 << 10,
+    "num_kv_heads": 1 << 10,
+    "head_dim": 1 << 11,
+    "max_position_embeddings": 1 << 24,
+}
 _FLOAT, _HALF, _U8 = 1, 10, 2
 
 
@@ -120,7 +128,9 @@ class ModelConfig:
             raise EdgeLLMError(f"export metadata 'edgellm.config' is a JSON {type(c).__name__}, not an object")
         arch = c.get("architecture")
         if not isinstance(arch, str) or arch not in ARCHITECTURES:
-            raise UnsupportedError(f"architecture {arch!r} is not one export format 1 describes (supported: {', '.join(ARCHITECTURES)})")
+            raise UnsupportedError(
+                f"architecture {arch!r} is not one export format 1 describes (supported: {', '.join(ARCHITECTURES)})"
+            )
         vocab, layers = _int(c, "vocab_size"), _int(c, "num_layers")
         heads, kv, hd = _int(c, "num_heads"), _int(c, "num_kv_heads"), _int(c, "head_dim")
         if heads % kv:
@@ -134,17 +144,40 @@ class ModelConfig:
             raise _bad("rope_scaling", scaling, "null or a JSON object")
         sw = c.get("sliding_window")
         sw = [0] * layers if sw is None else [sw] * layers if isinstance(sw, int) and not isinstance(sw, bool) else sw
-        if not isinstance(sw, list) or len(sw) != layers or any(
-                w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0) for w in sw):
-            raise _bad("sliding_window", c.get("sliding_window"), f"null, a window size, or a list of {layers} sizes or nulls")
+        if (
+            not isinstance(sw, list)
+            or len(sw) != layers
+            or any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0) for w in sw)
+        ):
+            raise _bad(
+                "sliding_window", c.get("sliding_window"), f"null, a window size, or a list of {layers} sizes or nulls"
+            )
         bos = c.get("bos_token_id")
         if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < vocab):
             raise _bad("bos_token_id", bos, f"null or a token id in [0, {vocab})")
-        return cls(arch, vocab, _int(c, "hidden_size"), _int(c, "intermediate_size"), layers, heads, kv, hd,
-                   _choice(c, "norm", NORMS), _finite(c, "norm_eps", 0.0, 1.0), position, theta, scaling,
-                   _int(c, "max_position_embeddings"), _choice(c, "activation", ACTIVATIONS), _choice(c, "mlp", MLPS),
-                   _flag(c, "attention_bias"), _flag(c, "tie_word_embeddings"), _token_ids(c, "eos_token_id", vocab), bos,
-                   tuple(int(w or 0) for w in sw))
+        return cls(
+            arch,
+            vocab,
+            _int(c, "hidden_size"),
+            _int(c, "intermediate_size"),
+            layers,
+            heads,
+            kv,
+            hd,
+            _choice(c, "norm", NORMS),
+            _finite(c, "norm_eps", 0.0, 1.0),
+            position,
+            theta,
+            scaling,
+            _int(c, "max_position_embeddings"),
+            _choice(c, "activation", ACTIVATIONS),
+            _choice(c, "mlp", MLPS),
+            _flag(c, "attention_bias"),
+            _flag(c, "tie_word_embeddings"),
+            _token_ids(c, "eos_token_id", vocab),
+            bos,
+            tuple(int(w or 0) for w in sw),
+        )
 
 
 @dataclass(frozen=True)
@@ -163,7 +196,9 @@ class Quant:
         if q is None:
             return None
         if not isinstance(q, dict):
-            raise EdgeLLMError(f"export metadata 'edgellm.quantization' is a JSON {type(q).__name__}, not an object or null")
+            raise EdgeLLMError(
+                f"export metadata 'edgellm.quantization' is a JSON {type(q).__name__}, not an object or null"
+            )
 
         def bad(key, want):
             return EdgeLLMError(f"export metadata 'edgellm.quantization' has {key} = {q.get(key)!r}; expected {want}")
@@ -180,7 +215,9 @@ class Quant:
         if fmt not in FORMATS:
             raise bad("format", " or ".join(FORMATS))
         tb = q.get("tensor_bits") or {}
-        if not isinstance(tb, dict) or any(not isinstance(k, str) or type(v) is not int or v not in (4, 8) for k, v in tb.items()):
+        if not isinstance(tb, dict) or any(
+            not isinstance(k, str) or type(v) is not int or v not in (4, 8) for k, v in tb.items()
+        ):
             raise bad("tensor_bits", "an object of tensor names to 4 or 8")
         return cls(bits, gs, q.get("sym", True), bool(q.get("embeddings", False)), fmt, tb)
 
@@ -194,12 +231,24 @@ def linear_paths(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
     for i in range(cfg.num_layers):
         if cfg.architecture == "gpt2":
             p = f"transformer.h.{i}"
-            out.update({f"{p}.attn.c_attn": (qkv, H, True), f"{p}.attn.c_proj": (H, NH * HD, True),
-                        f"{p}.mlp.c_fc": (mlp_up, H, True), f"{p}.mlp.c_proj": (H, I, True)})
+            out.update(
+                {
+                    f"{p}.attn.c_attn": (qkv, H, True),
+                    f"{p}.attn.c_proj": (H, NH * HD, True),
+                    f"{p}.mlp.c_fc": (mlp_up, H, True),
+                    f"{p}.mlp.c_proj": (H, I, True),
+                }
+            )
         else:
             p = f"model.layers.{i}"
-            out.update({f"{p}.self_attn.qkv_proj": (qkv, H, cfg.attention_bias), f"{p}.self_attn.o_proj": (H, NH * HD, False),
-                        f"{p}.mlp.gate_up_proj": (mlp_up, H, False), f"{p}.mlp.down_proj": (H, I, False)})
+            out.update(
+                {
+                    f"{p}.self_attn.qkv_proj": (qkv, H, cfg.attention_bias),
+                    f"{p}.self_attn.o_proj": (H, NH * HD, False),
+                    f"{p}.mlp.gate_up_proj": (mlp_up, H, False),
+                    f"{p}.mlp.down_proj": (H, I, False),
+                }
+            )
     return out
 
 
@@ -208,7 +257,11 @@ def norm_names(cfg: ModelConfig) -> list[str]:
     if cfg.architecture == "gpt2":
         bases = [f"transformer.h.{i}.ln_{k}" for i in range(cfg.num_layers) for k in (1, 2)] + ["transformer.ln_f"]
     else:
-        bases = [f"model.layers.{i}.{k}" for i in range(cfg.num_layers) for k in ("input_layernorm", "post_attention_layernorm")]
+        bases = [
+            f"model.layers.{i}.{k}"
+            for i in range(cfg.num_layers)
+            for k in ("input_layernorm", "post_attention_layernorm")
+        ]
         bases.append("model.norm")
     return [f"{b}.{s}" for b in bases for s in (("weight", "bias") if cfg.norm == "layer" else ("weight",))]
 
@@ -221,16 +274,20 @@ class _Checker:
     def info(self, name: str):
         info = self.ex.infos.get(name)
         if info is None:
-            raise EdgeLLMError(f"'{self.ex.path}' lacks initializer '{name}', which the metadata's model needs "
-                               "(a damaged export, or metadata that does not match the weights)")
+            raise EdgeLLMError(
+                f"'{self.ex.path}' lacks initializer '{name}', which the metadata's model needs "
+                "(a damaged export, or metadata that does not match the weights)"
+            )
         self.seen.add(name)
         return info
 
     def tensor(self, name: str, shape: tuple, types: tuple, finite: bool = False):
         info = self.info(name)
         if info.data_type not in types:
-            raise EdgeLLMError(f"initializer '{name}' has ONNX data type {info.data_type}; expected {' or '.join(map(str, types))} "
-                               "(1 = float32, 10 = float16, 2 = uint8, 21 = uint4)")
+            raise EdgeLLMError(
+                f"initializer '{name}' has ONNX data type {info.data_type}; expected {' or '.join(map(str, types))} "
+                "(1 = float32, 10 = float16, 2 = uint8, 21 = uint4)"
+            )
         if info.shape != shape:
             raise EdgeLLMError(f"initializer '{name}' has shape {info.shape}; the metadata implies {shape}")
         if finite and name in self.ex.tensors and not np.isfinite(self.ex.tensors[name]).all():
@@ -244,24 +301,34 @@ class _Checker:
             qinfo = self.info(f"{p}.qweight")
             if fmt == "matmulnbits":
                 if len(qinfo.shape) != 3 or qinfo.shape[0] != n or qinfo.shape[2] < 1:
-                    raise EdgeLLMError(f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, n_blocks, blob)")
+                    raise EdgeLLMError(
+                        f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, n_blocks, blob)"
+                    )
                 nb, blob = qinfo.shape[1], qinfo.shape[2]
                 block = blob * 8 // bits
             else:
                 if len(qinfo.shape) != 2 or qinfo.shape[0] != n:
-                    raise EdgeLLMError(f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, padded inputs)")
+                    raise EdgeLLMError(
+                        f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, padded inputs)"
+                    )
                 nb = self.info(f"{p}.scales").shape[-1] if len(self.info(f"{p}.scales").shape) == 2 else 0
                 block = qinfo.shape[1] // nb if nb else 0
             if own and (block < 16 or block & (block - 1)):
                 raise EdgeLLMError(f"'{p}' is packed in blocks of {block} columns; blocks are powers of two >= 16")
             if not own and q.group_size > 0 and block != q.group_size:
-                raise EdgeLLMError(f"'{p}' is packed in blocks of {block} columns; the metadata says group_size {q.group_size}")
+                raise EdgeLLMError(
+                    f"'{p}' is packed in blocks of {block} columns; the metadata says group_size {q.group_size}"
+                )
             if block < 1 or nb != -(-k // block) or (q.group_size == -1 and nb != 1):
-                raise EdgeLLMError(f"'{p}' packs {nb} blocks of {block} columns; its {k} inputs need {-(-k // max(block, 1))}")
+                raise EdgeLLMError(
+                    f"'{p}' packs {nb} blocks of {block} columns; its {k} inputs need {-(-k // max(block, 1))}"
+                )
             if fmt == "matmulnbits":
                 self.tensor(f"{p}.qweight", (n, nb, block * bits // 8), (_U8,))
                 self.tensor(f"{p}.scales", (n * nb,), (_FLOAT,), finite=True)
-                if (f"{p}.qzeros" in ex.infos) if own else not q.sym:  # per-tensor formats: zero points where asymmetric
+                if (
+                    (f"{p}.qzeros" in ex.infos) if own else not q.sym
+                ):  # per-tensor formats: zero points where asymmetric
                     self.tensor(f"{p}.qzeros", (n * (-(-nb * bits // 8)),), (_U8,))
             else:
                 code = UINT4 if bits == 4 else _U8
@@ -283,15 +350,19 @@ def check_export(ex: Export) -> ModelConfig:
     c = _Checker(ex, cfg, q)
     if cfg.architecture == "gpt2":
         if cfg.num_heads * cfg.head_dim != cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads:
-            raise EdgeLLMError(f"export metadata: GPT-2 needs num_heads x head_dim = hidden_size and num_kv_heads = num_heads "
-                               f"(got {cfg.num_heads} x {cfg.head_dim}, {cfg.hidden_size}, {cfg.num_kv_heads})")
+            raise EdgeLLMError(
+                f"export metadata: GPT-2 needs num_heads x head_dim = hidden_size and num_kv_heads = num_heads "
+                f"(got {cfg.num_heads} x {cfg.head_dim}, {cfg.hidden_size}, {cfg.num_kv_heads})"
+            )
         if cfg.position != "learned" or cfg.norm != "layer" or cfg.mlp != "plain":
             raise EdgeLLMError("export metadata: GPT-2 has learned positions, LayerNorm and a plain MLP")
         emb = "transformer.wte"
         c.tensor("transformer.wpe.weight", (cfg.max_position_embeddings, cfg.hidden_size), (_FLOAT,))
     else:
         if cfg.position != "rope":
-            raise EdgeLLMError(f"export metadata: architecture {cfg.architecture} has rotary positions, not {cfg.position!r}")
+            raise EdgeLLMError(
+                f"export metadata: architecture {cfg.architecture} has rotary positions, not {cfg.position!r}"
+            )
         emb = "model.embed_tokens"
     for p, (n, k, bias) in linear_paths(cfg).items():
         c.linear(p, n, k, bias, quantized=True)
@@ -303,14 +374,18 @@ def check_export(ex: Export) -> ModelConfig:
         c.linear("lm_head", cfg.vocab_size, cfg.hidden_size, "lm_head.bias" in ex.infos, quantized=embedded)
     else:
         if not cfg.tie_word_embeddings:
-            raise EdgeLLMError(f"'{ex.path}' has no lm_head tensors, but the metadata says the head is not tied to the embeddings")
+            raise EdgeLLMError(
+                f"'{ex.path}' has no lm_head tensors, but the metadata says the head is not tied to the embeddings"
+            )
         if "lm_head.bias" in ex.infos:
             c.tensor("lm_head.bias", (cfg.vocab_size,), (_FLOAT,), finite=True)
     unknown = sorted(set(ex.infos) - c.seen)
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        raise EdgeLLMError(f"'{ex.path}' has initializers the metadata's model does not use: {', '.join(unknown[:3])}{more} "
-                           "(a damaged export, or metadata that does not match the weights)")
+        raise EdgeLLMError(
+            f"'{ex.path}' has initializers the metadata's model does not use: {', '.join(unknown[:3])}{more} "
+            "(a damaged export, or metadata that does not match the weights)"
+        )
     return cfg
 
 
@@ -336,10 +411,14 @@ def run_bytes(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, chunk: int = 128) 
     """What a run of n_ctx positions allocates besides the (memory-mapped) weights, by part."""
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     t = min(chunk, n_ctx)
-    return {"KV cache": 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * kv_itemsize,
-            "rope tables": 2 * n_ctx * (cfg.head_dim // 2) * 4 if cfg.position == "rope" else 0,
-            "scratch": 4 * t * (4 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size + cfg.num_heads * (cfg.head_dim + n_ctx))
-            + 4 * cfg.vocab_size * t}
+    return {
+        "KV cache": 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * kv_itemsize,
+        "rope tables": 2 * n_ctx * (cfg.head_dim // 2) * 4 if cfg.position == "rope" else 0,
+        "scratch": 4
+        * t
+        * (4 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size + cfg.num_heads * (cfg.head_dim + n_ctx))
+        + 4 * cfg.vocab_size * t,
+    }
 
 
 def check_memory(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, what: str = "this run") -> int:
@@ -351,6 +430,8 @@ def check_memory(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, what: str = "th
     if avail is not None and need > avail:
         mib = 1 << 20
         detail = ", ".join(f"{k} {v / mib:,.0f} MiB" for k, v in parts.items() if v)
-        raise EdgeLLMError(f"{what} needs {need / mib:,.0f} MiB for a context of {n_ctx} tokens ({detail}) but only "
-                           f"{avail / mib:,.0f} MiB is available; give a smaller --ctx")
+        raise EdgeLLMError(
+            f"{what} needs {need / mib:,.0f} MiB for a context of {n_ctx} tokens ({detail}) but only "
+            f"{avail / mib:,.0f} MiB is available; give a smaller --ctx"
+        )
     return need

@@ -82,7 +82,6 @@ def reference(out: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo / "tests"))
     import tiny  # noqa: E402  (tests/tiny.py: seeded tiny models, needs torch)
-
     from edgellm.runtime.model import NumbaModel
 
     cli = str(Path(sys.executable).with_name("edgellm"))
@@ -96,8 +95,22 @@ def reference(out: Path) -> None:
         model = srcs[fam]
         if qargs:
             model = out / "src" / name
-            subprocess.run([cli, "quantize", str(srcs[fam]), *qargs, "--method", "rtn", "--quantize-embeddings", "--no-eval",
-                            "-o", str(model)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    cli,
+                    "quantize",
+                    str(srcs[fam]),
+                    *qargs,
+                    "--method",
+                    "rtn",
+                    "--quantize-embeddings",
+                    "--no-eval",
+                    "-o",
+                    str(model),
+                ],
+                check=True,
+                capture_output=True,
+            )
         dst = out / name
         subprocess.run([cli, "export", str(model), "-o", str(dst), "--no-check"], check=True, capture_output=True)
         nm = NumbaModel(dst, n_ctx=N_CTX, threads=2)
@@ -107,9 +120,12 @@ def reference(out: Path) -> None:
         np.savez(out / f"{name}.npz", prompt_logits=first, step_logits=steps, tokens=np.array(tokens, np.int64))
         allv = np.concatenate([first, steps])
         top2 = np.sort(np.concatenate([first[-1:], steps[:-1]]), axis=-1)[:, -2:]  # the rows that pick tokens
-        manifest["cases"][name] = {"quantized": qargs is not None, "tokens": tokens,
-                                   "tolerance": tolerance(qargs is not None, allv),
-                                   "min_top2_margin": float((top2[:, 1] - top2[:, 0]).min())}
+        manifest["cases"][name] = {
+            "quantized": qargs is not None,
+            "tokens": tokens,
+            "tolerance": tolerance(qargs is not None, allv),
+            "min_top2_margin": float((top2[:, 1] - top2[:, 0]).min()),
+        }
         manifest["cases"][name]["kernels"] = kernels
         print(f"reference {name}: tokens {tokens} (kernels {kernels})", flush=True)
     manifest["x86"] = describe()
@@ -136,9 +152,12 @@ def check(ref: Path) -> int:
         verdict = "equal" if same else f"differ {tokens} vs {case['tokens']}"
         ok = same and d <= case["tolerance"]
         failed += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {name}: tokens {verdict} "
-              f"({len(tokens)}), max|dlogit| {d:.3g} (tolerance {case['tolerance']:.3g}, x86 min top-2 margin "
-              f"{case['min_top2_margin']:.3g}), kernels {kernels}, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"{'PASS' if ok else 'FAIL'} {name}: tokens {verdict} "
+            f"({len(tokens)}), max|dlogit| {d:.3g} (tolerance {case['tolerance']:.3g}, x86 min top-2 margin "
+            f"{case['min_top2_margin']:.3g}), kernels {kernels}, {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

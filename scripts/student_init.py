@@ -48,7 +48,13 @@ def main() -> None:
     def score(name, model, extra):
         t0 = time.perf_counter()
         q = evaluate(model, eval_ids, reference=teacher.model, max_tokens=args.eval_tokens, reference_cache=cache)
-        row = {"student": name, "layers": num_layers(model.config), **extra, **q.to_dict(), "eval_s": round(time.perf_counter() - t0, 1)}
+        row = {
+            "student": name,
+            "layers": num_layers(model.config),
+            **extra,
+            **q.to_dict(),
+            "eval_s": round(time.perf_counter() - t0, 1),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -64,11 +70,20 @@ def main() -> None:
     pruned = copy.deepcopy(teacher.model)
     calib = calibration_batch(ids, args.calib_samples, args.seq_len, seed=0)
     info = prune_structured(pruned, "layers", args.ratio, calib)
-    score("block-importance (prune --structured layers)", pruned,
-          {"removed": info["removed"], "kept": [i for i in range(n_teacher) if i not in info["removed"]], "block_influence": info["scores"]})
+    score(
+        "block-importance (prune --structured layers)",
+        pruned,
+        {
+            "removed": info["removed"],
+            "kept": [i for i in range(n_teacher) if i not in info["removed"]],
+            "block_influence": info["scores"],
+        },
+    )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"model": args.model, "ratio": args.ratio, "eval_tokens": args.eval_tokens, "rows": rows}, fh, indent=1)
+            json.dump(
+                {"model": args.model, "ratio": args.ratio, "eval_tokens": args.eval_tokens, "rows": rows}, fh, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -9,15 +9,19 @@ from pathlib import Path
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
 TRAIN_STEPS = 300
-VARIANTS = {"q4": ["--bits", "4", "--group-size", "16", "--sym"], "q8a": ["--bits", "8", "--group-size", "16", "--asym"], "f32": []}
+VARIANTS = {
+    "q4": ["--bits", "4", "--group-size", "16", "--sym"],
+    "q8a": ["--bits", "8", "--group-size", "16", "--asym"],
+    "f32": [],
+}
 
 
 def build_exports(root: Path, tokenizer) -> dict:
     """Tiny exports (hidden 32: the simulator pays per element) through edgellm quantize + export;
     the llama is trained for TRAIN_STEPS steps first."""
-    import tiny
     from typer.testing import CliRunner
 
+    import tiny
     from edgellm.cli import app
 
     out = {}
@@ -33,9 +37,25 @@ def build_exports(root: Path, tokenizer) -> dict:
             model = src
             if qargs:
                 model = root / f"{fam}-{var}"
-                r = CliRunner().invoke(app, ["quantize", str(src), *qargs, "--method", "rtn", "--quantize-embeddings", "--no-eval", "-o", str(model), "--force"])
+                r = CliRunner().invoke(
+                    app,
+                    [
+                        "quantize",
+                        str(src),
+                        *qargs,
+                        "--method",
+                        "rtn",
+                        "--quantize-embeddings",
+                        "--no-eval",
+                        "-o",
+                        str(model),
+                        "--force",
+                    ],
+                )
                 assert r.exit_code == 0, r.output
-            r = CliRunner().invoke(app, ["export", str(model), "-o", str(root / f"{fam}-{var}-onnx"), "--no-check", "--force"])
+            r = CliRunner().invoke(
+                app, ["export", str(model), "-o", str(root / f"{fam}-{var}-onnx"), "--no-check", "--force"]
+            )
             assert r.exit_code == 0, r.output
             out[fam, var] = root / f"{fam}-{var}-onnx"
     return out

@@ -22,21 +22,56 @@ def kernels():
     C = lambda dt, nd: T.Array(dt, nd, "C")  # noqa: E731  (device arrays are C-contiguous)
     i64, f32, f16, u32 = T.int64, T.float32, T.float16, T.uint32
     w = (C(i64, 1), C(u32, 1), C(f16, 1), C(f16, 1), C(f32, 1), C(f32, 1))  # desc row, wq, fw, sc, zs, pf
-    state = (C(i64, 1), C(i64, 2), C(i64, 2), C(i64, 1), C(u32, 1), C(f16, 1), C(f16, 1), C(f32, 1), C(f32, 1), C(f32, 2), C(f32, 2),
-             C(f16, 4), C(f16, 4), C(f32, 2), C(f32, 2), C(f16, 2), C(f32, 2), C(f32, 2), C(f32, 2))
+    state = (
+        C(i64, 1),
+        C(i64, 2),
+        C(i64, 2),
+        C(i64, 1),
+        C(u32, 1),
+        C(f16, 1),
+        C(f16, 1),
+        C(f32, 1),
+        C(f32, 1),
+        C(f32, 2),
+        C(f32, 2),
+        C(f16, 4),
+        C(f16, 4),
+        C(f32, 2),
+        C(f32, 2),
+        C(f16, 2),
+        C(f32, 2),
+        C(f32, 2),
+        C(f32, 2),
+    )
     return [
         ("decode_coop", K.decode_coop, (i64, i64, f32) + state),
         ("phase_kernel", K.phase_kernel, (i64, i64, i64, i64, i64, f32) + state),
         ("gemm_kernel", K.gemm_kernel, w + (C(f16, 2), i64, C(f32, 2), i64)),
-        ("gemv_kernel[fp32 in]", K.gemv_kernel, w + (C(f32, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64)),
-        ("gemv_kernel[fp16 in]", K.gemv_kernel, w + (C(f16, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64)),
+        (
+            "gemv_kernel[fp32 in]",
+            K.gemv_kernel,
+            w + (C(f32, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64),
+        ),
+        (
+            "gemv_kernel[fp16 in]",
+            K.gemv_kernel,
+            w + (C(f16, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64),
+        ),
         ("embed_kernel", K.embed_kernel, w + (C(i64, 1), i64, i64, i64, C(f32, 2))),
         ("transpose_into[u32]", K.transpose_into, (C(u32, 2), C(u32, 1), i64)),
         ("transpose_into[f32->f16]", K.transpose_into, (C(f32, 2), C(f16, 1), i64)),
         ("transpose_into[f16]", K.transpose_into, (C(f16, 2), C(f16, 1), i64)),
         ("norm_rows_kernel", K.norm_rows_kernel, (C(f32, 2), i64, i64, i64, f32, C(f32, 1), i64, i64, C(f16, 2))),
-        ("rope_kv_kernel", K.rope_kv_kernel, (C(f32, 2), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f32, 2), C(f16, 4), C(f16, 4))),
-        ("attention_kernel", K.attention_kernel, (C(f32, 2), C(f16, 4), C(f16, 4), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f16, 2))),
+        (
+            "rope_kv_kernel",
+            K.rope_kv_kernel,
+            (C(f32, 2), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f32, 2), C(f16, 4), C(f16, 4)),
+        ),
+        (
+            "attention_kernel",
+            K.attention_kernel,
+            (C(f32, 2), C(f16, 4), C(f16, 4), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f16, 2)),
+        ),
         ("act_kernel", K.act_kernel, (C(f32, 2), i64, i64, i64, C(f16, 2))),
     ]
 

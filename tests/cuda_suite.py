@@ -31,8 +31,10 @@ from numba.core import config  # noqa: E402
 
 SIM = bool(config.ENABLE_CUDASIM)
 if not SIM and not cuda.is_available():
-    pytest.skip("no CUDA GPU and the simulator is off (tests/test_cuda.py runs this suite under NUMBA_ENABLE_CUDASIM=1)",
-                allow_module_level=True)
+    pytest.skip(
+        "no CUDA GPU and the simulator is off (tests/test_cuda.py runs this suite under NUMBA_ENABLE_CUDASIM=1)",
+        allow_module_level=True,
+    )
 
 from edgellm.runtime.cuda import kernels as K  # noqa: E402
 from edgellm.runtime.cuda import references as R  # noqa: E402
@@ -61,7 +63,12 @@ class Lin:
         d = np.full(K.DESC_LEN, -1, np.int64)
         d[K.D_KIND], d[K.D_N], d[K.D_K] = kind, n, k
         pf = [np.zeros(1, np.float32)]
-        wq, fw, sc, zs = np.zeros(1, np.uint32), np.zeros(1, np.float16), np.zeros(1, np.float16), np.zeros(1, np.float32)
+        wq, fw, sc, zs = (
+            np.zeros(1, np.uint32),
+            np.zeros(1, np.float16),
+            np.zeros(1, np.float16),
+            np.zeros(1, np.float32),
+        )
         if kind == K.K_FLOAT:
             w = rng.normal(0, 0.3, (n, k)).astype(np.float16)
             fw, d[K.D_W] = R.ref_transposed(w), 0
@@ -129,7 +136,9 @@ def test_gemv(kind, gs, sym, mode):
     out0 = rng.normal(0, 1, (3, n)).astype(np.float32)
     for omode in (K.OUT_SET, K.OUT_ADD):
         out = cuda.to_device(out0)
-        K.gemv_kernel[1, TPB](*lin.args(pf), cuda.to_device(src), 1, args[0], args[1], args[2], args[3], args[4], args[5], out, 2, omode)
+        K.gemv_kernel[1, TPB](
+            *lin.args(pf), cuda.to_device(src), 1, args[0], args[1], args[2], args[3], args[4], args[5], out, 2, omode
+        )
         ref = R.ref_gemv(xin, lin.w, lin.bias) + (out0[2] if omode == K.OUT_ADD else 0)
         got = out.copy_to_host()
         _close(got[2], ref)
@@ -168,8 +177,11 @@ def test_embed(kind, gs, sym):
 @pytest.mark.parametrize("dtype", [np.uint32, np.float32])
 def test_transpose_into(dtype):
     """The load-time layout kernel: row-major (n, m) -> transposed, fp32 -> fp16 on the way."""
-    a = (rng.integers(0, 2**32, (37, 5), dtype=np.uint64).astype(np.uint32) if dtype == np.uint32
-         else rng.normal(0, 1, (37, 5)).astype(np.float32))
+    a = (
+        rng.integers(0, 2**32, (37, 5), dtype=np.uint64).astype(np.uint32)
+        if dtype == np.uint32
+        else rng.normal(0, 1, (37, 5)).astype(np.float32)
+    )
     dst = cuda.to_device(np.zeros(3 + a.size, np.uint32 if dtype == np.uint32 else np.float16))
     K.transpose_into[2, TPB](cuda.to_device(a), dst, 3)
     ref = R.ref_transposed(a if dtype == np.uint32 else a.astype(np.float16))
@@ -201,12 +213,14 @@ def test_rope_kv(rope):
     q, k, v = R.ref_rope_kv(qkv, pos0, nh, nkv, hd, cos, sin, bool(rope))
     _close(d_qkv.copy_to_host()[:, : nh * hd].reshape(t, nh, hd), q, 1e-6)
     kch, vch = kc.copy_to_host(), vc.copy_to_host()
-    _close(kch[1, :, pos0:pos0 + t], k, 1e-3)
-    _close(vch[1, :, pos0:pos0 + t], v, 1e-3)
+    _close(kch[1, :, pos0 : pos0 + t], k, 1e-3)
+    _close(vch[1, :, pos0 : pos0 + t], v, 1e-3)
     assert not kch[0].any() and not kch[1, :, :pos0].any()  # other layers and positions untouched
 
 
-@pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(4, 2, 16, 1, 9, 0), (4, 1, 8, 3, 4, 0), (2, 2, 8, 4, 2, 3), (2, 1, 80, 2, 3, 0)])
+@pytest.mark.parametrize(
+    "nh,nkv,hd,t,pos0,window", [(4, 2, 16, 1, 9, 0), (4, 1, 8, 3, 4, 0), (2, 2, 8, 4, 2, 3), (2, 1, 80, 2, 3, 0)]
+)
 def test_attention(nh, nkv, hd, t, pos0, window):
     """Decode (t = 1) and prompt rows over the fp16 cache: GQA, sliding window, hd > threads."""
     ctx, n = 16, pos0 + t
@@ -215,7 +229,9 @@ def test_attention(nh, nkv, hd, t, pos0, window):
     qkv = rng.normal(0, 1, (t, (nh + 2 * nkv) * hd)).astype(np.float32)
     out = cuda.to_device(np.zeros((t, nh * hd), np.float16))
     scores = cuda.to_device(np.zeros((t * nh, ctx), np.float32))
-    K.attention_kernel[3, TPB](cuda.to_device(qkv), cuda.to_device(kc), cuda.to_device(vc), 1, pos0, t, nh, nkv, hd, window, scores, out)
+    K.attention_kernel[3, TPB](
+        cuda.to_device(qkv), cuda.to_device(kc), cuda.to_device(vc), 1, pos0, t, nh, nkv, hd, window, scores, out
+    )
     q = qkv[:, : nh * hd].reshape(t, nh, hd)
     ref = Lk.ref_attention(q, kc[1, :, :n].astype(np.float64), vc[1, :, :n].astype(np.float64), pos0, window)
     _close(out.copy_to_host().reshape(t, nh, hd), ref, 2e-3)
@@ -235,7 +251,9 @@ def test_act(gated):
 PROMPT = np.array([5, 17, 100, 3, 77, 250, 9, 11], np.int64)
 from cuda_exports import VARIANTS, build_exports  # noqa: E402
 
-PREBUILT = Path(__file__).parent.parent / ".gpu" / "tiny-exports"  # benchmarks/gpu_prepare.sh (a GPU machine without ONNX tooling)
+PREBUILT = (
+    Path(__file__).parent.parent / ".gpu" / "tiny-exports"
+)  # benchmarks/gpu_prepare.sh (a GPU machine without ONNX tooling)
 
 
 # ----------------------------------------------------------------------------- the simulator's shared arrays
@@ -276,8 +294,12 @@ def exports(tmp_path_factory, tokenizer):
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None and PREBUILT.is_dir():
-        return {(fam, var): PREBUILT / f"{fam}-{var}-onnx" for fam in ("llama", "gpt2") for var in VARIANTS
-                if (PREBUILT / f"{fam}-{var}-onnx").is_dir()}
+        return {
+            (fam, var): PREBUILT / f"{fam}-{var}-onnx"
+            for fam in ("llama", "gpt2")
+            for var in VARIANTS
+            if (PREBUILT / f"{fam}-{var}-onnx").is_dir()
+        }
     return build_exports(tmp_path_factory.mktemp("cuda-exports"), tokenizer)
 
 
@@ -298,7 +320,9 @@ def _check_logits(a, b, var):
     assert np.abs(a - b).max() <= tol, (float(np.abs(a - b).max()), tol)
 
 
-@pytest.mark.parametrize("key", [("llama", "q4"), ("llama", "q8a"), ("llama", "f32"), ("gpt2", "q4")], ids=lambda k: "-".join(k))
+@pytest.mark.parametrize(
+    "key", [("llama", "q4"), ("llama", "q8a"), ("llama", "f32"), ("gpt2", "q4")], ids=lambda k: "-".join(k)
+)
 def test_logits_match_cpu_runtime(exports, key):
     """Every prompt row (tiled GEMM path) and 2 decode steps (the cooperative step) of the same file."""
     gm, cm = _pair(exports[key])
@@ -333,8 +357,10 @@ def test_greedy_tokens_match_cpu_runtime(exports):
     for step, (a, b) in enumerate(zip(notes[0], notes[1])):
         if seqs[0][step] != seqs[1][step]:
             top2 = np.sort(b)[-2:]
-            raise AssertionError(f"step {step}: GPU {seqs[0][step]} vs CPU {seqs[1][step]}; CPU top-2 margin {top2[1] - top2[0]:.4f}, "
-                                 f"logits differ by {np.abs(a - b).max():.4f}; earlier tokens {seqs[1][:step]}")
+            raise AssertionError(
+                f"step {step}: GPU {seqs[0][step]} vs CPU {seqs[1][step]}; CPU top-2 margin {top2[1] - top2[0]:.4f}, "
+                f"logits differ by {np.abs(a - b).max():.4f}; earlier tokens {seqs[1][:step]}"
+            )
     assert len(set(seqs[1])) > 3  # a real continuation, not one token repeated
 
 
@@ -365,7 +391,9 @@ def test_stream_and_cli_match_cpu(exports):
         gen.eos_ids = set()
         texts.append("".join(gen.stream("def f(x):", p)))
     assert texts[0] == texts[1] and texts[0]
-    r = CliRunner().invoke(app, ["run", str(path), "-p", "def f(x):", "-t", "0", "-n", "4", "--device", "cuda", "--ctx", "64"])
+    r = CliRunner().invoke(
+        app, ["run", str(path), "-p", "def f(x):", "-t", "0", "-n", "4", "--device", "cuda", "--ctx", "64"]
+    )
     assert r.exit_code == 0, r.output
     assert "tokens/s" in r.output
 
@@ -373,11 +401,10 @@ def test_stream_and_cli_match_cpu(exports):
 def test_cuda_path_never_imports_torch(exports):
     code = BLOCK_TORCH + textwrap.dedent(f"""
         from edgellm.runtime import load, Sampling
-        gen = load({str(exports['llama', 'q4'])!r}, n_ctx=32, device='cuda')
+        gen = load({str(exports["llama", "q4"])!r}, n_ctx=32, device='cuda')
         text = ''.join(gen.stream('hello', Sampling(temperature=0, max_new_tokens=2)))
         assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch imported'
         print('OK', gen.model.backend)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "OK numba-cuda" in r.stdout, r.stderr[-2000:]
-

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tiny
 from edgellm.cli import app
 from edgellm.data import builtin_text
 
-import tiny
-
 runner = CliRunner()
 
-TEACHER_CFG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+TEACHER_CFG = dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +91,19 @@ def test_recipe_end_to_end_skip_and_partial_rerun(teacher, data, tmp_path):
     assert json.loads((out / "00-depth" / "config.json").read_text())["num_hidden_layers"] == 3
     lk = lock(out)
     assert [e["status"] for e in lk["stages"]] == ["done"] * 4
-    assert lk["stages"][1]["inputs"]["student"]["sha256"] == lk["stages"][0]["output_sha256"], "distill starts from the pruned model"
+    assert lk["stages"][1]["inputs"]["student"]["sha256"] == lk["stages"][0]["output_sha256"], (
+        "distill starts from the pruned model"
+    )
     assert lk["stages"][1]["inputs"]["teacher"]["spec"] == str(teacher)
-    assert lk["stages"][2]["options"] == {"bits": 4, "method": "rtn", "group-size": 32, "calib-samples": 4, "seq-len": 32, "eval": False, "data": str(data)}
+    assert lk["stages"][2]["options"] == {
+        "bits": 4,
+        "method": "rtn",
+        "group-size": 32,
+        "calib-samples": 4,
+        "seq-len": 32,
+        "eval": False,
+        "data": str(data),
+    }
     assert all(e["code_version"].startswith("0.") and e["code_version"] != lk["code_version"] for e in lk["stages"])
     heal = json.loads((out / "01-heal" / "edgellm.json").read_text())["steps"][-1]
     assert heal["student"]["model"]["spec"] == str((out / "00-depth").resolve())
@@ -187,7 +198,9 @@ def test_failed_stage_keeps_earlier_outputs_and_rerun_starts_there(teacher, data
 
 def test_every_problem_in_one_pass(teacher, tmp_path):
     out = tmp_path / "out"
-    recipe = write(tmp_path, f"""
+    recipe = write(
+        tmp_path,
+        f"""
 model: {teacher}
 colour: blue
 stages:
@@ -196,30 +209,48 @@ stages:
   - quantize: {{bitz: 4, group-size: "x", method: awq2, sym: 3}}
   - prune: {{structured: layers, ratio: 0.2, output: elsewhere}}
   - bench: {{target: rpi9, with: nope}}
-""")
+""",
+    )
     r = compress(recipe, "-o", out)
     assert r.exit_code == 2
-    for needle in ["unknown key 'colour'", "stage 1: unknown stage 'quantise'; did you mean 'quantize'?",
-                   "stage 3 (quantize): unknown option 'bitz'; did you mean 'bits'?", "stage 3 (quantize): 'group-size' takes an integer",
-                   "'method' must be one of rtn, gptq, awq", "'sym' is a switch", "stage 4 (prune): 'output' is set by the recipe",
-                   "stage 5 (bench): 'target' must be one of host, laptop, rpi4, rpi5", "'with' must be a list",
-                   "stage 3 (quantize): 'quantize' after export", "stage 4 (prune): 'prune' after export"]:
+    for needle in [
+        "unknown key 'colour'",
+        "stage 1: unknown stage 'quantise'; did you mean 'quantize'?",
+        "stage 3 (quantize): unknown option 'bitz'; did you mean 'bits'?",
+        "stage 3 (quantize): 'group-size' takes an integer",
+        "'method' must be one of rtn, gptq, awq",
+        "'sym' is a switch",
+        "stage 4 (prune): 'output' is set by the recipe",
+        "stage 5 (bench): 'target' must be one of host, laptop, rpi4, rpi5",
+        "'with' must be a list",
+        "stage 3 (quantize): 'quantize' after export",
+        "stage 4 (prune): 'prune' after export",
+    ]:
         assert needle in r.output, (needle, r.output)
     assert r.output.count("\n  - ") == 11
     assert not out.exists(), "nothing is written for a bad recipe"
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("stages: [\n", "is not valid YAML at line"),
-    ("- just a list\n", "expected a mapping"),
-    ("model: x\nstages: []\n", "'stages' must be a non-empty list"),
-    ("model: x\nstages:\n  - quantize: {bits: 4}\n  - quantize: {bits: 8}\n", "'quantize' twice"),
-    ("model: x\nstages:\n  - quantize: {}\n  - distill: {steps: 2}\n", "'distill' after quantize"),
-    ("model: x\nstages:\n  - prune: {structured: layers, ratio: 0.2}\n  - distill: {student-layers: 2}\n", "'student-layers' makes the student"),
-    ("model: x\nstages:\n  - distill: {student: other/}\n", "'student' is set by the recipe"),
-    ("model: x\nstages:\n  - prune: {method: wanda}\n  - distill: {steps: 2}\n", "would train the pruned zeros back"),
-    ("model: x\nreport: {speed: 3}\nstages:\n  - export: {}\n", "report: 'speed' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("stages: [\n", "is not valid YAML at line"),
+        ("- just a list\n", "expected a mapping"),
+        ("model: x\nstages: []\n", "'stages' must be a non-empty list"),
+        ("model: x\nstages:\n  - quantize: {bits: 4}\n  - quantize: {bits: 8}\n", "'quantize' twice"),
+        ("model: x\nstages:\n  - quantize: {}\n  - distill: {steps: 2}\n", "'distill' after quantize"),
+        (
+            "model: x\nstages:\n  - prune: {structured: layers, ratio: 0.2}\n  - distill: {student-layers: 2}\n",
+            "'student-layers' makes the student",
+        ),
+        ("model: x\nstages:\n  - distill: {student: other/}\n", "'student' is set by the recipe"),
+        (
+            "model: x\nstages:\n  - prune: {method: wanda}\n  - distill: {steps: 2}\n",
+            "would train the pruned zeros back",
+        ),
+        ("model: x\nreport: {speed: 3}\nstages:\n  - export: {}\n", "report: 'speed' must be true or false"),
+    ],
+)
 def test_bad_recipes(tmp_path, text, needle):
     r = compress(write(tmp_path, text), "-o", tmp_path / "out")
     assert r.exit_code == 2 and needle in r.output, r.output
@@ -230,11 +261,15 @@ def test_pattern_is_read_as_a_string_and_model_override(teacher, tmp_path):
     """YAML 1.1 reads 2:4 as the base-60 number 124; recipes follow YAML 1.2, where it is a string."""
     from edgellm.recipe import spec
 
-    r = spec.parse({"model": "unused", "stages": [{"prune": {"method": "sparsegpt", "pattern": "2:4"}}]}, model=str(teacher))
+    r = spec.parse(
+        {"model": "unused", "stages": [{"prune": {"method": "sparsegpt", "pattern": "2:4"}}]}, model=str(teacher)
+    )
     assert r.model == str(teacher)
     doc = spec.read_yaml(write(tmp_path, "stages:\n  - prune: {method: sparsegpt, pattern: 2:4, sparsity: .5}\n"))
     assert doc["stages"][0]["prune"] == {"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.5}
-    r = compress(write(tmp_path, "stages:\n  - export: {}\n"), "-o", tmp_path / "out", "--model", tmp_path / "missing", "--check")
+    r = compress(
+        write(tmp_path, "stages:\n  - export: {}\n"), "-o", tmp_path / "out", "--model", tmp_path / "missing", "--check"
+    )
     assert r.exit_code == 2 and "does not exist" in r.output
 
 
@@ -275,24 +310,32 @@ def test_compare_adds_another_runs_outputs_only_when_measured_alike(tmp_path):
     ours = {"model": "m", "data": "builtin:pydoc", "settings": {"eval-tokens": 256, "ctx": 64}, "outputs": []}
     other = tmp_path / "baseline"
     other.mkdir()
-    rows = [{"stage": "input", "size_bytes": 10}, {"stage": "01-export", "size_bytes": 5, "quality": {"perplexity": 3.0, "kl": 0.1}}]
+    rows = [
+        {"stage": "input", "size_bytes": 10},
+        {"stage": "01-export", "size_bytes": 5, "quality": {"perplexity": 3.0, "kl": 0.1}},
+    ]
     (other / "report.json").write_text(json.dumps({**ours, "outputs": rows}))
     got = rep.compared_rows(ours, other)
     assert [r["stage"] for r in got] == ["baseline/01-export"] and got[0]["compared"] == str(other)
-    (other / "report.json").write_text(json.dumps({**ours, "settings": {"eval-tokens": 512, "ctx": 64}, "outputs": rows}))
+    (other / "report.json").write_text(
+        json.dumps({**ours, "settings": {"eval-tokens": 512, "ctx": 64}, "outputs": rows})
+    )
     with pytest.raises(EdgeLLMError, match="another input or protocol"):
         rep.compared_rows(ours, other)
 
 
 def test_eval_stage_scores_the_latest_model_against_the_input(teacher, data, tmp_path):
     out = tmp_path / "out"
-    recipe = write(tmp_path, f"""
+    recipe = write(
+        tmp_path,
+        f"""
 model: {teacher}
 data: {data}
 stages:
   - quantize: {{bits: 4, method: rtn, group-size: 32, calib-samples: 4, seq-len: 32, eval: false}}
   - eval: {{eval-tokens: 256, ctx: 64}}
-""")
+""",
+    )
     r = compress(recipe, "-o", out, "--no-report")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "01-eval" / "eval.json").read_text())

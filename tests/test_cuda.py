@@ -32,7 +32,9 @@ def _suite(sim: bool, k: str | None = None) -> subprocess.CompletedProcess:
     env = {k_: v for k_, v in os.environ.items() if k_ != "NUMBA_ENABLE_CUDASIM"}
     if sim:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(SUITE), "-rs"] + (["-k", k] if k else [])
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(SUITE), "-rs"] + (
+        ["-k", k] if k else []
+    )
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800, cwd=HERE.parent)
 
 
@@ -40,7 +42,11 @@ def _suite(sim: bool, k: str | None = None) -> subprocess.CompletedProcess:
 def test_cuda_suite_under_simulator(group):
     """Every CUDA kernel against its numpy reference, and the CUDA model against the CPU runtime
     (logits, 32 greedy tokens, streaming, the CLI), under numba's CUDA simulator."""
-    k = "not (logits or greedy or phases or stream or torch)" if group == "kernels" else "logits or greedy or phases or stream or torch"
+    k = (
+        "not (logits or greedy or phases or stream or torch)"
+        if group == "kernels"
+        else "logits or greedy or phases or stream or torch"
+    )
     r = _suite(sim=True, k=k)
     tail = (r.stdout + r.stderr)[-4000:]
     assert r.returncode == 0, tail
@@ -66,13 +72,18 @@ def _nvvm_home() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_nvvm_home() is None, reason="NVVM not installed (pip install nvidia-cuda-nvcc-cu12 to compile the kernels for sm_90 without a GPU)")
+@pytest.mark.skipif(
+    _nvvm_home() is None,
+    reason="NVVM not installed (pip install nvidia-cuda-nvcc-cu12 to compile the kernels for sm_90 without a GPU)",
+)
 def test_kernels_compile_for_h200():
     """numba's real CUDA pipeline (typing, lowering, NVVM) turns every kernel into sm_90 PTX, the
     cooperative decode step included: what the simulator cannot check (it runs Python)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["CUDA_HOME"] = _nvvm_home()
-    r = subprocess.run([sys.executable, str(HERE / "cuda_ptx.py")], capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "cuda_ptx.py")], capture_output=True, text=True, env=env, timeout=900
+    )
     assert r.returncode == 0 and "OK" in r.stdout, (r.stdout + r.stderr)[-3000:]
     assert "decode_coop" in r.stdout
 

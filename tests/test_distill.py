@@ -14,14 +14,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import tiny
 from edgellm.cli import app
 from edgellm.data import builtin_text
 
-import tiny
-
 runner = CliRunner()
 
-TEACHER_CFG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+TEACHER_CFG = dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
 SMALL = ["--seq-len", "64", "--batch-size", "4", "--no-eval"]
 
 
@@ -58,6 +59,7 @@ def numbers(rows):
 
 # ---- pure pieces ------------------------------------------------------------------------------
 
+
 def test_keep_layers_spreads_first_and_last():
     from edgellm.distill.student import keep_layers
     from edgellm.errors import EdgeLLMError
@@ -82,7 +84,9 @@ def test_kl_losses_against_definition():
     assert kl_loss(s, t, kind="reverse").item() == pytest.approx(rev.item(), rel=1e-5)
     T = 2.0
     pT, qT = (t / T).softmax(-1), (s / T).softmax(-1)
-    assert kl_loss(s, t, temperature=T).item() == pytest.approx((T * T * (pT * (pT.log() - qT.log())).sum(-1).mean()).item(), rel=1e-5)
+    assert kl_loss(s, t, temperature=T).item() == pytest.approx(
+        (T * T * (pT * (pT.log() - qT.log())).sum(-1).mean()).item(), rel=1e-5
+    )
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -103,7 +107,9 @@ def test_data_order_is_a_function_of_position():
     two = torch.cat([d.batch(5, 0, batch_size=2, grad_accum=1, rank=r, world=2) for r in range(2)])
     assert torch.equal(one, two)  # 2 ranks x 2 = 1 rank x 4
     assert torch.equal(one, PackedData(torch.arange(1000), seq_len=10, seed=3).batch(5, 0, batch_size=4, grad_accum=1))
-    assert not torch.equal(one, PackedData(torch.arange(1000), seq_len=10, seed=4).batch(5, 0, batch_size=4, grad_accum=1))
+    assert not torch.equal(
+        one, PackedData(torch.arange(1000), seq_len=10, seed=4).batch(5, 0, batch_size=4, grad_accum=1)
+    )
 
 
 def test_student_copies_teacher_layers(teacher_dir):
@@ -158,9 +164,26 @@ def test_checkpoint_round_trip_with_tied_weights(tmp_path):
 
 # ---- the claim: distillation beats plain CE and the initial student --------------------------
 
+
 def test_distillation_beats_cross_entropy(teacher_dir, tmp_path):
-    common = ["--student-layers", 2, "--steps", 30, "--seq-len", 64, "--batch-size", 8, "--lr", 1e-3,
-              "--eval-tokens", 4096, "--ctx", 128, "--checkpoint-every", 0]
+    common = [
+        "--student-layers",
+        2,
+        "--steps",
+        30,
+        "--seq-len",
+        64,
+        "--batch-size",
+        8,
+        "--lr",
+        1e-3,
+        "--eval-tokens",
+        4096,
+        "--ctx",
+        128,
+        "--checkpoint-every",
+        0,
+    ]
     kd = invoke("distill", teacher_dir, "-o", tmp_path / "kd", *common)
     assert kd.exit_code == 0, kd.output
     ce = invoke("distill", teacher_dir, "-o", tmp_path / "ce", "--ce-weight", 1.0, *common)
@@ -168,8 +191,14 @@ def test_distillation_beats_cross_entropy(teacher_dir, tmp_path):
     q_kd = json.loads((tmp_path / "kd" / "edgellm.json").read_text())["steps"][-1]["quality"]
     q_ce = json.loads((tmp_path / "ce" / "edgellm.json").read_text())["steps"][-1]["quality"]
     assert q_kd["initial_student"]["perplexity"] == q_ce["initial_student"]["perplexity"]  # same start
-    print({"teacher": q_kd["teacher"]["perplexity"], "initial": q_kd["initial_student"]["perplexity"],
-           "kd": q_kd["student"]["perplexity"], "ce": q_ce["student"]["perplexity"]})
+    print(
+        {
+            "teacher": q_kd["teacher"]["perplexity"],
+            "initial": q_kd["initial_student"]["perplexity"],
+            "kd": q_kd["student"]["perplexity"],
+            "ce": q_ce["student"]["perplexity"],
+        }
+    )
     assert q_kd["student"]["perplexity"] < q_kd["initial_student"]["perplexity"]
     assert q_kd["student"]["perplexity"] < q_ce["student"]["perplexity"]
     # the output is an ordinary transformers directory
@@ -248,17 +277,48 @@ def test_full_disk_during_checkpoint_keeps_previous(teacher_dir, small_data, ref
 
 # ---- multi-process ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(teacher_dir, small_data, tmp_path, engine):
     """torchrun, 2 gloo processes x batch 2 == 1 process x batch 4 (same samples, averaged gradients)."""
-    args = ["distill", str(teacher_dir), "--data", str(small_data), "--steps", "3", "--checkpoint-every", "2",
-            "--seq-len", "64", "--no-eval"]
+    args = [
+        "distill",
+        str(teacher_dir),
+        "--data",
+        str(small_data),
+        "--steps",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--seq-len",
+        "64",
+        "--no-eval",
+    ]
     script = [sys.executable, "-c", "from edgellm.cli import main; main()"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ["--fsdp"] if engine == "fsdp" else []
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", *script, *args, *extra, "-o", str(tmp_path / "ddp"), "--batch-size", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+            *script,
+            *args,
+            *extra,
+            "-o",
+            str(tmp_path / "ddp"),
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = invoke(*args, "-o", tmp_path / "one", "--batch-size", "4")
     assert one.exit_code == 0, one.output
@@ -272,6 +332,7 @@ def test_two_processes_match_one_process(teacher_dir, small_data, tmp_path, engi
 
 
 # ---- bad input: one line, exit 2, nothing written --------------------------------------------
+
 
 def _one_line_error(result, *words):
     assert result.exit_code == 2, result.output
@@ -307,7 +368,9 @@ def test_empty_dataset(teacher_dir, tmp_path):
     r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--data", tmp_path / "empty.txt", *SMALL)
     _one_line_error(r, "empty")
     (tmp_path / "short.txt").write_text("def f(x): return x\n" * 20)  # too short for one --seq-len 512 window
-    r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--data", tmp_path / "short.txt", "--seq-len", 512, "--no-eval")
+    r = invoke(
+        "distill", teacher_dir, "-o", tmp_path / "o", "--data", tmp_path / "short.txt", "--seq-len", 512, "--no-eval"
+    )
     _one_line_error(r, "--seq-len")
     assert not (tmp_path / "o").exists()
 
@@ -324,11 +387,37 @@ def test_resume_from_a_different_run(teacher_dir, small_data, tmp_path, monkeypa
 
     monkeypatch.setattr(ddata.PackedData, "batch", interrupted)
     ck = tmp_path / "o.checkpoints"
-    r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--data", small_data, "--steps", 4, "--checkpoint-every", 1, *SMALL)
+    r = invoke(
+        "distill",
+        teacher_dir,
+        "-o",
+        tmp_path / "o",
+        "--data",
+        small_data,
+        "--steps",
+        4,
+        "--checkpoint-every",
+        1,
+        *SMALL,
+    )
     assert r.exit_code == 130
     monkeypatch.setattr(ddata.PackedData, "batch", real)
     before = {p: p.stat().st_mtime_ns for p in ck.rglob("*")}
-    r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--data", small_data, "--steps", 4, "--lr", 1e-3, *SMALL, "--resume", ck)
+    r = invoke(
+        "distill",
+        teacher_dir,
+        "-o",
+        tmp_path / "o",
+        "--data",
+        small_data,
+        "--steps",
+        4,
+        "--lr",
+        1e-3,
+        *SMALL,
+        "--resume",
+        ck,
+    )
     _one_line_error(r, "different run", "train")
     r = invoke("distill", teacher_dir, "-o", tmp_path / "o", "--steps", 4, *SMALL, "--resume", ck)  # other data
     _one_line_error(r, "different run", "data")

@@ -36,7 +36,9 @@ def _model(family: str, seed: int = 0, **overrides):
 
 def _quantize(model, bits=4, group_size=32, sym=True, embeddings=False):
     cfg = QuantConfig(fmt=QuantFormat(bits, group_size, sym), method="rtn", quantize_embeddings=embeddings)
-    _, info = quantize_model(model, cfg, torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)))
+    _, info = quantize_model(
+        model, cfg, torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    )
     return {"steps": [{"step": "quantize"}], "quantization": info}
 
 
@@ -81,7 +83,9 @@ QUANT_CASES = {
     "4bit-asym-g16": dict(family="mistral", bits=4, group_size=16, sym=False, embeddings=False),
     "8bit-sym-g32-tied-emb": dict(family="qwen2", bits=8, group_size=32, sym=True, embeddings=True),
     "8bit-asym-g64-padded": dict(family="llama", bits=8, group_size=64, sym=False, embeddings=True, hidden_size=96),
-    "4bit-asym-g64-padded-tied-emb": dict(family="qwen2", bits=4, group_size=64, sym=False, embeddings=True, hidden_size=96),
+    "4bit-asym-g64-padded-tied-emb": dict(
+        family="qwen2", bits=4, group_size=64, sym=False, embeddings=True, hidden_size=96
+    ),
     "4bit-per-channel": dict(family="gpt2", bits=4, group_size=-1, sym=False, embeddings=True, n_embd=96),
 }
 
@@ -101,7 +105,10 @@ def test_quantized_parity(case, fmt, tokenizer, tmp_path):
         assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
         assert ("GatherBlockQuantized" in ops) == emb
         # same packed bytes as PyTorch: exact with fp32 activations; int8 activations within the bound
-        assert p["accuracy_level_0_max_abs_diff"] <= FP_TOL and p["accuracy_level_0_cache_vs_nocache_max_abs_diff"] <= FP_TOL
+        assert (
+            p["accuracy_level_0_max_abs_diff"] <= FP_TOL
+            and p["accuracy_level_0_cache_vs_nocache_max_abs_diff"] <= FP_TOL
+        )
         assert p["max_abs_diff"] <= check_mod.INT8_ACT_REL_TOL * p["max_abs_logit"]
     else:
         assert "DequantizeLinear" in ops and "MatMulNBits" not in ops and "GatherBlockQuantized" not in ops
@@ -120,7 +127,9 @@ def test_tied_quantized_embeddings_one_copy_and_small(tokenizer, tmp_path):
     assert not any(n.startswith("lm_head.") for n in names)
     users = [n.op_type for n in m.graph.node if "model.embed_tokens.qweight" in n.input]
     assert "MatMulNBits" in users and "Reshape" in users  # lm_head and the gather share the bytes
-    ratio = (tmp_path / "q4" / "model.onnx.data").stat().st_size / (tmp_path / "fp32" / "model.onnx.data").stat().st_size
+    ratio = (tmp_path / "q4" / "model.onnx.data").stat().st_size / (
+        tmp_path / "fp32" / "model.onnx.data"
+    ).stat().st_size
     assert ratio <= 0.25, ratio
 
 
@@ -139,7 +148,9 @@ def test_packed_bytes_unchanged(tokenizer, tmp_path):
     sc = init["model.layers.1.self_attn.qkv_proj.scales"].reshape(qw.shape[0], -1)
     assert np.array_equal(sc[: q.out_features], q.scales.float().numpy())
     zp = init["model.layers.1.self_attn.qkv_proj.qzeros"].reshape(qw.shape[0], -1)
-    assert np.array_equal(np.stack([zp & 15, zp >> 4], -1).reshape(qw.shape[0], -1)[: q.out_features, : sc.shape[1]], q.qzeros.numpy())
+    assert np.array_equal(
+        np.stack([zp & 15, zp >> 4], -1).reshape(qw.shape[0], -1)[: q.out_features, : sc.shape[1]], q.qzeros.numpy()
+    )
 
 
 def test_files_metadata_and_alignment(tokenizer, tmp_path):
@@ -153,12 +164,22 @@ def test_files_metadata_and_alignment(tokenizer, tmp_path):
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta["edgellm.format_version"] == "1"
     cfg = json.loads(meta["edgellm.config"])
-    assert cfg["architecture"] == "llama" and cfg["num_kv_heads"] == 2 and cfg["head_dim"] == 16 and cfg["norm"] == "rms"
+    assert (
+        cfg["architecture"] == "llama" and cfg["num_kv_heads"] == 2 and cfg["head_dim"] == 16 and cfg["norm"] == "rms"
+    )
     assert cfg["rope_theta"] == 10000.0 and cfg["tie_word_embeddings"] is False and cfg["mlp"] == "gated"
     q = json.loads(meta["edgellm.quantization"])
     tensor_bits = q.pop("tensor_bits")  # every packed tensor's own width (8-bit embeddings, mixed plans)
     assert tensor_bits and set(tensor_bits.values()) == {4} and "model.embed_tokens" in tensor_bits
-    assert q == {"bits": 4, "group_size": 32, "sym": True, "method": "rtn", "embeddings": True, "accuracy_level": 4, "format": "matmulnbits"}
+    assert q == {
+        "bits": 4,
+        "group_size": 32,
+        "sym": True,
+        "method": "rtn",
+        "embeddings": True,
+        "accuracy_level": 4,
+        "format": "matmulnbits",
+    }
     assert json.loads(meta["edgellm.source"])["steps"][0]["step"] == "quantize"
     for t in m.graph.initializer:
         ext = {e.key: e.value for e in t.external_data}
@@ -179,6 +200,7 @@ def test_failed_check_keeps_export_elsewhere(tokenizer, tmp_path, monkeypatch):
 
 
 # -- CLI ----------------------------------------------------------------------------------------
+
 
 def _cli(*args):
     from typer.testing import CliRunner
@@ -205,8 +227,18 @@ def test_cli_bad_input(kind, tiny_dirs, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     if kind == "unsupported":
-        (src / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 1,
-                                                     "num_attention_heads": 2, "intermediate_size": 32}))
+        (src / "config.json").write_text(
+            json.dumps(
+                {
+                    "model_type": "bert",
+                    "vocab_size": 100,
+                    "hidden_size": 16,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 32,
+                }
+            )
+        )
     if kind == "exists":
         src = tiny_dirs["llama"]
         out.mkdir()

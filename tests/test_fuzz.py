@@ -57,43 +57,102 @@ def bad_command_lines(seeds, tmp: Path) -> list[list[str]]:
     run = ["run", exp, "-p", "hi"]
     cases = [
         # run
-        ["run"], [*run, "--temperature", "inf"], [*run, "--temperature", "-1"], [*run, "--temperature", "nan"], [*run, "--seed", "-1"],
-        [*run, "--top-p", "0"], [*run, "--top-p", "1.5"], [*run, "--top-k", "-3"], [*run, "--repetition-penalty", "0"],
-        [*run, "--repetition-penalty", "inf"], [*run, "-n", "0"], [*run, "--threads", "0"], [*run, "--ctx", "1"], [*run, "--ctx", "x"],
-        [*run, "--backend", "tvm"], [*run, "--kv-cache", "fp8"], [*run, "--bogus"], [*run, "--stop", ""], ["run", exp, "-p", ""],
-        ["run", str(tmp / "nope"), "-p", "hi"], ["run", hf, "-p", "hi"], [*run, "-n", "abc"], [*run, "--verify", "--backend", "onnxruntime", "--ctx", "0"],
+        ["run"],
+        [*run, "--temperature", "inf"],
+        [*run, "--temperature", "-1"],
+        [*run, "--temperature", "nan"],
+        [*run, "--seed", "-1"],
+        [*run, "--top-p", "0"],
+        [*run, "--top-p", "1.5"],
+        [*run, "--top-k", "-3"],
+        [*run, "--repetition-penalty", "0"],
+        [*run, "--repetition-penalty", "inf"],
+        [*run, "-n", "0"],
+        [*run, "--threads", "0"],
+        [*run, "--ctx", "1"],
+        [*run, "--ctx", "x"],
+        [*run, "--backend", "tvm"],
+        [*run, "--kv-cache", "fp8"],
+        [*run, "--bogus"],
+        [*run, "--stop", ""],
+        ["run", exp, "-p", ""],
+        ["run", str(tmp / "nope"), "-p", "hi"],
+        ["run", hf, "-p", "hi"],
+        [*run, "-n", "abc"],
+        [*run, "--verify", "--backend", "onnxruntime", "--ctx", "0"],
         # info
-        ["info"], ["info", str(tmp / "nope")], ["info", broken], ["info", hf, "--verify"], ["info", exp, "--bogus"],
+        ["info"],
+        ["info", str(tmp / "nope")],
+        ["info", broken],
+        ["info", hf, "--verify"],
+        ["info", exp, "--bogus"],
         # quantize
-        ["quantize", hf], ["quantize", hf, "-o", out, "--bits", "3"], ["quantize", hf, "-o", out, "--bits", "x"],
-        ["quantize", hf, "-o", out, "--group-size", "7"], ["quantize", hf, "-o", out, "--damp", "2"], ["quantize", hf, "-o", out, "--damp", "nan"],
-        ["quantize", hf, "-o", out, "--seed", "-1"], ["quantize", hf, "-o", out, "--method", "magic"], ["quantize", hf, "-o", out, "--calib-samples", "0"],
-        ["quantize", hf, "-o", hf, "--force"], ["quantize", hf, "-o", f"{hf}/sub"], ["quantize", broken, "-o", out],
-        ["quantize", hf, "-o", out, "--seq-len", "100000", "--no-eval", "--method", "rtn"], ["quantize", hf, "-o", exp],
+        ["quantize", hf],
+        ["quantize", hf, "-o", out, "--bits", "3"],
+        ["quantize", hf, "-o", out, "--bits", "x"],
+        ["quantize", hf, "-o", out, "--group-size", "7"],
+        ["quantize", hf, "-o", out, "--damp", "2"],
+        ["quantize", hf, "-o", out, "--damp", "nan"],
+        ["quantize", hf, "-o", out, "--seed", "-1"],
+        ["quantize", hf, "-o", out, "--method", "magic"],
+        ["quantize", hf, "-o", out, "--calib-samples", "0"],
+        ["quantize", hf, "-o", hf, "--force"],
+        ["quantize", hf, "-o", f"{hf}/sub"],
+        ["quantize", broken, "-o", out],
+        ["quantize", hf, "-o", out, "--seq-len", "100000", "--no-eval", "--method", "rtn"],
+        ["quantize", hf, "-o", exp],
         # prune
-        ["prune", hf, "-o", out], ["prune", hf, "-o", out, "--method", "wanda", "--sparsity", "1.5"],
-        ["prune", hf, "-o", out, "--method", "wanda", "--sparsity", "nan"], ["prune", hf, "-o", out, "--method", "wanda", "--pattern", "5:4"],
-        ["prune", hf, "-o", out, "--structured", "mlp"], ["prune", hf, "-o", out, "--structured", "mlp", "--ratio", "1"],
-        ["prune", hf, "-o", out, "--method", "wanda", "--damp", "-1"], ["prune", hf, "-o", out, "--method", "wanda", "--seed", "-2"],
-        ["prune", hf, "-o", hf, "--method", "magnitude", "--force"], ["prune", broken, "-o", out, "--method", "magnitude"],
+        ["prune", hf, "-o", out],
+        ["prune", hf, "-o", out, "--method", "wanda", "--sparsity", "1.5"],
+        ["prune", hf, "-o", out, "--method", "wanda", "--sparsity", "nan"],
+        ["prune", hf, "-o", out, "--method", "wanda", "--pattern", "5:4"],
+        ["prune", hf, "-o", out, "--structured", "mlp"],
+        ["prune", hf, "-o", out, "--structured", "mlp", "--ratio", "1"],
+        ["prune", hf, "-o", out, "--method", "wanda", "--damp", "-1"],
+        ["prune", hf, "-o", out, "--method", "wanda", "--seed", "-2"],
+        ["prune", hf, "-o", hf, "--method", "magnitude", "--force"],
+        ["prune", broken, "-o", out, "--method", "magnitude"],
         # distill
-        ["distill", hf], ["distill", hf, "-o", out, "--weight-decay", "-1"], ["distill", hf, "-o", out, "--warmup-steps", "-5"],
-        ["distill", hf, "-o", out, "--lr", "0"], ["distill", hf, "-o", out, "--lr", "inf"], ["distill", hf, "-o", out, "--temperature", "0"],
-        ["distill", hf, "-o", out, "--ce-weight", "2"], ["distill", hf, "-o", out, "--clip", "nan"], ["distill", hf, "-o", out, "--seed", "-1"],
-        ["distill", hf, "-o", out, "--steps", "0"], ["distill", hf, "-o", hf, "--force"], ["distill", hf, "-o", out, "--student", hf, "--student-layers", "1"],
+        ["distill", hf],
+        ["distill", hf, "-o", out, "--weight-decay", "-1"],
+        ["distill", hf, "-o", out, "--warmup-steps", "-5"],
+        ["distill", hf, "-o", out, "--lr", "0"],
+        ["distill", hf, "-o", out, "--lr", "inf"],
+        ["distill", hf, "-o", out, "--temperature", "0"],
+        ["distill", hf, "-o", out, "--ce-weight", "2"],
+        ["distill", hf, "-o", out, "--clip", "nan"],
+        ["distill", hf, "-o", out, "--seed", "-1"],
+        ["distill", hf, "-o", out, "--steps", "0"],
+        ["distill", hf, "-o", hf, "--force"],
+        ["distill", hf, "-o", out, "--student", hf, "--student-layers", "1"],
         # export
-        ["export", hf], ["export", hf, "-o", out, "--accuracy-level", "9"], ["export", hf, "-o", out, "--format", "gguf"],
-        ["export", hf, "-o", hf, "--force"], ["export", hf, "-o", f"{hf}/onnx"], ["export", broken, "-o", out, "--no-check"],
+        ["export", hf],
+        ["export", hf, "-o", out, "--accuracy-level", "9"],
+        ["export", hf, "-o", out, "--format", "gguf"],
+        ["export", hf, "-o", hf, "--force"],
+        ["export", hf, "-o", f"{hf}/onnx"],
+        ["export", broken, "-o", out, "--no-check"],
         ["export", str(tmp / "nope"), "-o", out],
         # eval
-        ["eval"], ["eval", hf, "--ctx", "4"], ["eval", hf, "--ctx", "64", "--stride", "128"], ["eval", broken],
-        ["eval", hf, "--ctx", "100000", "--eval-tokens", "64"], ["eval", hf, "--data", str(tmp / "nope.txt")],
+        ["eval"],
+        ["eval", hf, "--ctx", "4"],
+        ["eval", hf, "--ctx", "64", "--stride", "128"],
+        ["eval", broken],
+        ["eval", hf, "--ctx", "100000", "--eval-tokens", "64"],
+        ["eval", hf, "--data", str(tmp / "nope.txt")],
         # bench
-        ["bench", exp], ["bench", exp, "-o", exp, "--force"], ["bench", exp, "-o", f"{exp}/report"], ["bench", exp, "-o", out, "--reps", "0"],
-        ["bench", exp, "-o", out, "--timeout", "nan"], ["bench", exp, "-o", out, "--target", "mars"], ["bench", f"{exp}:tvm", "-o", out],
-        ["bench", str(tmp / "nope"), "-o", out], ["bench", exp, "-o", str(seeds["gpt2-f32"]), "--force"],
+        ["bench", exp],
+        ["bench", exp, "-o", exp, "--force"],
+        ["bench", exp, "-o", f"{exp}/report"],
+        ["bench", exp, "-o", out, "--reps", "0"],
+        ["bench", exp, "-o", out, "--timeout", "nan"],
+        ["bench", exp, "-o", out, "--target", "mars"],
+        ["bench", f"{exp}:tvm", "-o", out],
+        ["bench", str(tmp / "nope"), "-o", out],
+        ["bench", exp, "-o", str(seeds["gpt2-f32"]), "--force"],
         # no such command / option
-        ["nosuch"], ["--bogus"],
+        ["nosuch"],
+        ["--bogus"],
     ]
     return cases
 
@@ -143,7 +202,9 @@ def test_interrupt_after_rename_says_complete(seeds, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_cmd, "human_bytes", interrupted)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["export", str(seeds["llama-f32"].parent / "llama-f32-hf"), "-o", str(out), "--no-check"])
+    r = CliRunner().invoke(
+        app, ["export", str(seeds["llama-f32"].parent / "llama-f32-hf"), "-o", str(out), "--no-check"]
+    )
     assert r.exit_code == 130 and "written completely" in r.output, r.output
     assert (out / "model.onnx").is_file()
 
@@ -156,7 +217,9 @@ def test_interrupt_before_rename_says_nothing_written(seeds, tmp_path, monkeypat
 
     monkeypatch.setattr(exporter, "write_record", interrupted)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["export", str(seeds["llama-f32"].parent / "llama-f32-hf"), "-o", str(out), "--no-check"])
+    r = CliRunner().invoke(
+        app, ["export", str(seeds["llama-f32"].parent / "llama-f32-hf"), "-o", str(out), "--no-check"]
+    )
     assert r.exit_code == 130 and "nothing was written" in r.output, r.output
     assert list(tmp_path.iterdir()) == []
 
@@ -183,8 +246,12 @@ def test_sigterm_removes_the_temporary_folder(seeds, tmp_path):
     results = []
     for attempt in range(3):
         out = tmp_path / f"out{attempt}"
-        p = subprocess.Popen([sys.executable, "-c", "from edgellm.cli import main; main()", "export", str(hf), "-o", str(out)], stderr=subprocess.PIPE, text=True,
-                             cwd=tmp_path)
+        p = subprocess.Popen(
+            [sys.executable, "-c", "from edgellm.cli import main; main()", "export", str(hf), "-o", str(out)],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not list(tmp_path.glob(f".{out.name}.tmp-*")) and p.poll() is None:
             time.sleep(0.02)

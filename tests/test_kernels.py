@@ -51,8 +51,14 @@ def _desc(kind, n, k, keep, w=None, qweight=None, scales=None, zeros=None, gs=0,
 
 def _bufs(d, t):
     cap, nbc = Q.act_caps(d)
-    return (np.zeros((t, cap), np.int8), np.zeros((t, cap), np.int8), np.zeros((t, cap // 4), np.int32),
-            np.zeros((t, cap // 4), np.float32), np.zeros((t, nbc), np.float32), np.zeros((t, nbc), np.float32))
+    return (
+        np.zeros((t, cap), np.int8),
+        np.zeros((t, cap), np.int8),
+        np.zeros((t, cap // 4), np.int32),
+        np.zeros((t, cap // 4), np.float32),
+        np.zeros((t, nbc), np.float32),
+        np.zeros((t, nbc), np.float32),
+    )
 
 
 TIERS = tiers.supported()  # every kernel tier the CPU numba compiles for has (here: all x86 ones)
@@ -119,8 +125,15 @@ def test_dot_extremes(bits, sym):
     k, gs = 512, 32
     nb = k // gs
     pattern = np.tile(np.array([0, top], np.uint8), k // 2)
-    codes = np.stack([np.zeros(k, np.uint8), np.full(k, top, np.uint8), pattern, pattern[::-1],
-                      np.full(k, 1 << (bits - 1), np.uint8)]).reshape(5, nb, gs)
+    codes = np.stack(
+        [
+            np.zeros(k, np.uint8),
+            np.full(k, top, np.uint8),
+            pattern,
+            pattern[::-1],
+            np.full(k, 1 << (bits - 1), np.uint8),
+        ]
+    ).reshape(5, nb, gs)
     n = codes.shape[0]
     qweight = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     scales = np.full(n * nb, 0.25, np.float32)
@@ -152,15 +165,22 @@ def test_float_linear(dtype, n, k):
     w = rng.standard_normal((n, k)).astype(dtype)
     bias = rng.standard_normal(n).astype(np.float32)
     keep = []
-    d = _desc(Q.K_F32 if dtype == np.float32 else Q.K_F16, n, k, keep, w=w.view(np.uint16) if dtype == np.float16 else w, bias=bias)
+    d = _desc(
+        Q.K_F32 if dtype == np.float32 else Q.K_F16,
+        n,
+        k,
+        keep,
+        w=w.view(np.uint16) if dtype == np.float16 else w,
+        bias=bias,
+    )
     x = rng.standard_normal((4, k)).astype(np.float32)
     ref = Q.ref_linear(x, w.astype(np.float32), bias)
     out = np.zeros((4, n), np.float32)
     Q.linear_mat(d, x, out, *_bufs(d, 4), BEST)
-    np.testing.assert_allclose(out, ref, atol=1e-4 * max(1, k ** 0.5))
+    np.testing.assert_allclose(out, ref, atol=1e-4 * max(1, k**0.5))
     o1 = np.zeros(n, np.float32)
     Q.linear_vec(d, x[2], o1, *[b[0] for b in _bufs(d, 1)], BEST)
-    np.testing.assert_allclose(o1, ref[2], atol=1e-4 * max(1, k ** 0.5))
+    np.testing.assert_allclose(o1, ref[2], atol=1e-4 * max(1, k**0.5))
 
 
 @pytest.mark.parametrize("h", [1, 7, 64, 577])
@@ -175,23 +195,36 @@ def test_norms(h):
     np.testing.assert_allclose(out, Lk.ref_layer_norm(x, w, b, 1e-5), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
-                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
 def test_rope(scaling):
     nh, nkv, hd, t, pos0 = 3, 1, 10, 5, 7
     cos, sin = Lk.rope_tables(32, Lk.rope_inv_freq(hd, 10000.0, scaling))
     x = rng.standard_normal((t, (nh + nkv) * hd)).astype(np.float32)
     ref_q = Lk.ref_rope(x[:, : nh * hd].reshape(t, nh, hd), np.arange(pos0, pos0 + t), cos, sin)
-    ref_k = Lk.ref_rope(x[:, nh * hd:].reshape(t, nkv, hd), np.arange(pos0, pos0 + t), cos, sin)
+    ref_k = Lk.ref_rope(x[:, nh * hd :].reshape(t, nkv, hd), np.arange(pos0, pos0 + t), cos, sin)
     Lk.rope(x, 0, nh, hd, pos0, cos, sin)
     Lk.rope(x, nh * hd, nkv, hd, pos0, cos, sin)
     np.testing.assert_allclose(x[:, : nh * hd].reshape(t, nh, hd), ref_q, atol=1e-5)
-    np.testing.assert_allclose(x[:, nh * hd:].reshape(t, nkv, hd), ref_k, atol=1e-5)
+    np.testing.assert_allclose(x[:, nh * hd :].reshape(t, nkv, hd), ref_k, atol=1e-5)
 
 
-@pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(4, 2, 8, 1, 0, 0), (4, 2, 8, 1, 9, 0), (6, 3, 5, 7, 4, 0), (3, 3, 16, 6, 0, 0),
-                                                     (4, 1, 8, 5, 6, 4)])
+@pytest.mark.parametrize(
+    "nh,nkv,hd,t,pos0,window",
+    [(4, 2, 8, 1, 0, 0), (4, 2, 8, 1, 9, 0), (6, 3, 5, 7, 4, 0), (3, 3, 16, 6, 0, 0), (4, 1, 8, 5, 6, 4)],
+)
 @pytest.mark.parametrize("fp16", [False, True])
 def test_attention(nh, nkv, hd, t, pos0, window, fp16):
     ctx = 20
@@ -219,7 +252,9 @@ def _kv(kc, vc, fp16):
     return k16, v16, Lk.kv_get(k16), Lk.kv_get(v16)
 
 
-@pytest.mark.parametrize("nh,nkv,hd,t,pos0,window", [(9, 3, 64, 37, 0, 0), (6, 2, 7, 23, 5, 0), (4, 4, 9, 35, 3, 11), (2, 1, 16, 17, 40, 0)])
+@pytest.mark.parametrize(
+    "nh,nkv,hd,t,pos0,window", [(9, 3, 64, 37, 0, 0), (6, 2, 7, 23, 5, 0), (4, 4, 9, 35, 3, 11), (2, 1, 16, 17, 40, 0)]
+)
 @pytest.mark.parametrize("fp16", [False, True])
 def test_attention_mat(nh, nkv, hd, t, pos0, window, fp16):
     """The prompt attention over several query tiles (odd head dims, sliding window, a cached past)."""
@@ -275,7 +310,9 @@ def exp_rows(x, out):
 def test_fast_exp():
     """The vectorizable exp of softmax and silu against float64 exp: relative error < 3e-7 over
     the float32 range it serves, exactly 1 at 0, tiny and finite far below (the clamp)."""
-    x = np.concatenate([np.linspace(-87, 88, 200001), rng.standard_normal(1001) * 10, [0.0, -1e4, -np.inf]]).astype(np.float32)
+    x = np.concatenate([np.linspace(-87, 88, 200001), rng.standard_normal(1001) * 10, [0.0, -1e4, -np.inf]]).astype(
+        np.float32
+    )
     out = np.empty_like(x)
     exp_rows(x, out)
     ref = np.exp(x.astype(np.float64))
@@ -296,7 +333,9 @@ def test_half_conversion_without_f16c():
 
     @intrinsic
     def h2f(typingctx, v):
-        return types.float32(types.uint16), lambda ctx, b, sig, args: irutil.half_to_float(b, b.bitcast(args[0], irutil.F16), False)
+        return types.float32(types.uint16), lambda ctx, b, sig, args: irutil.half_to_float(
+            b, b.bitcast(args[0], irutil.F16), False
+        )
 
     @intrinsic
     def f2h(typingctx, v):
@@ -313,8 +352,16 @@ def test_half_conversion_without_f16c():
     ref_f = bits.view(np.float16).astype(np.float32)
     finite = ref_f[np.isfinite(ref_f)]
     mids = (finite[:-1].astype(np.float64) + np.diff(finite.astype(np.float64)) / 2).astype(np.float32)  # exact ties
-    fl = np.concatenate([finite, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
-                         rng.standard_normal(10000).astype(np.float32) * 1e3, np.float32([np.inf, -np.inf, np.nan, 1e10, -1e-30])])
+    fl = np.concatenate(
+        [
+            finite,
+            mids,
+            np.nextafter(mids, np.float32(np.inf)),
+            np.nextafter(mids, np.float32(-np.inf)),
+            rng.standard_normal(10000).astype(np.float32) * 1e3,
+            np.float32([np.inf, -np.inf, np.nan, 1e10, -1e-30]),
+        ]
+    )
     out_f, out_h = np.empty(65536, np.float32), np.empty(fl.size, np.uint16)
     run(bits, fl, out_f, out_h)
     nan = np.isnan(ref_f)

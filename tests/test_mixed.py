@@ -22,7 +22,11 @@ runner = CliRunner()
 def test_units_follow_the_exported_fusion(tiny_dirs):
     model = load_model(tiny_dirs["llama"]).model
     u = units(model)
-    assert u[0] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert u[0] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
     assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in u and ["model.layers.1.mlp.down_proj"] in u
     assert len(u) == 4 * 2
 
@@ -47,8 +51,10 @@ def test_target_bpw_matches_uniform_group_32_within_budget(trained_llama):
     _, info_m = quantize_model(mixed, QuantConfig(fmt=QuantFormat(4, 128, True), method="gptq", target_bpw=4.5), calib)
     qu = evaluate(uniform, eval_ids, max_tokens=8192, reference=loaded.model)
     qm = evaluate(mixed, eval_ids, max_tokens=8192, reference=loaded.model)
-    print(f"\nuniform g32 {info_u['bits_per_weight']:.3f} bpw ppl {qu.perplexity:.4f} KL {qu.kl:.5f}; "
-          f"target 4.5: {info_m['bits_per_weight']:.3f} bpw ppl {qm.perplexity:.4f} KL {qm.kl:.5f}")
+    print(
+        f"\nuniform g32 {info_u['bits_per_weight']:.3f} bpw ppl {qu.perplexity:.4f} KL {qu.kl:.5f}; "
+        f"target 4.5: {info_m['bits_per_weight']:.3f} bpw ppl {qm.perplexity:.4f} KL {qm.kl:.5f}"
+    )
     assert info_m["bits_per_weight"] <= info_u["bits_per_weight"] == pytest.approx(4.5)
     assert abs(bits_per_weight(mixed) - info_m["mixed"]["planned_bpw"]) < 1e-3
     # measured on this 2-layer model: uniform g32 ppl 26.511 KL 0.00305, target 4.5 ppl 26.532 KL
@@ -64,12 +70,15 @@ def _clean_failure(r, out):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--target-bpw", "3.5"], "cannot be met"),
-    (["--target-bpw", "9"], "above 8"),
-    (["--embeddings", "4", "--bits", "8"], "--embeddings 4 with --bits 8"),
-    (["--target-bpw", "4.5", "--calib-samples", "1", "--seq-len", "64"], "too small"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--target-bpw", "3.5"], "cannot be met"),
+        (["--target-bpw", "9"], "above 8"),
+        (["--embeddings", "4", "--bits", "8"], "--embeddings 4 with --bits 8"),
+        (["--target-bpw", "4.5", "--calib-samples", "1", "--seq-len", "64"], "too small"),
+    ],
+)
 def test_bad_input(args, match, tiny_dirs, tmp_path):
     out = tmp_path / "q"
     r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), "--no-eval", "-o", str(out), *args])
@@ -85,8 +94,23 @@ def test_export_and_runtime_read_mixed_files(family, args, tiny_dirs, tmp_path):
     from edgellm.runtime.ort_backend import OrtModel
 
     q, onnx = tmp_path / "q", tmp_path / "onnx"
-    r = runner.invoke(app, ["quantize", str(tiny_dirs[family]), "--method", "gptq", "--calib-samples", "8", "--seq-len", "64",
-                            "--no-eval", "-o", str(q), *args])
+    r = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(tiny_dirs[family]),
+            "--method",
+            "gptq",
+            "--calib-samples",
+            "8",
+            "--seq-len",
+            "64",
+            "--no-eval",
+            "-o",
+            str(q),
+            *args,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "bits/weight (decoder linears)" in r.output
     rec = json.loads((q / "edgellm.json").read_text())["quantization"]

@@ -23,25 +23,31 @@ neon_asm = pytest.importorskip("edgellm.benchmarks.neon_asm")
 ON_ARM = platform.machine().lower() in ("aarch64", "arm64")
 # Instructions that need more than ARMv8.0-A + ASIMD (what a Cortex-A72 has): dot products,
 # int8 matrix multiply, fp16 arithmetic, SVE registers.
-BEYOND_A72 = re.compile(r"^\s*(?:sdot|udot|usdot|sudot|smmla|ummla|usmmla|bf\w+|fmlal2?|fmlsl2?)\s"  # dot / matmul / bf16
-                        r"|^\s*f(?!cvt)\w+\s+v\d+\.[48]h"                                  # fp16 arithmetic (v8.2)
-                        r"|\bz\d+\.[bhsd]\b", re.M)                                         # SVE
+BEYOND_A72 = re.compile(
+    r"^\s*(?:sdot|udot|usdot|sudot|smmla|ummla|usmmla|bf\w+|fmlal2?|fmlsl2?)\s"  # dot / matmul / bf16
+    r"|^\s*f(?!cvt)\w+\s+v\d+\.[48]h"  # fp16 arithmetic (v8.2)
+    r"|\bz\d+\.[bhsd]\b",
+    re.M,
+)  # SVE
 
 
 def _probe_asm(cpu, features=""):
     return neon_asm.assembly(H.PROBE_SDOT, cpu, features)
 
 
-@pytest.mark.parametrize("cpu,features,has", [
-    ("cortex-a76", "", True),        # Pi 5: LLVM's cortex-a76 implies dotprod; no explicit +dotprod needed
-    ("neoverse-n1", "", True),       # Graviton 2
-    ("apple-m1", "", True),
-    ("generic", "+dotprod", True),
-    ("cortex-a72", "", False),       # Pi 4
-    ("cortex-a53", "", False),       # Pi 3
-    ("generic", "", False),
-    ("cortex-a76", "-dotprod", False),
-])
+@pytest.mark.parametrize(
+    "cpu,features,has",
+    [
+        ("cortex-a76", "", True),  # Pi 5: LLVM's cortex-a76 implies dotprod; no explicit +dotprod needed
+        ("neoverse-n1", "", True),  # Graviton 2
+        ("apple-m1", "", True),
+        ("generic", "+dotprod", True),
+        ("cortex-a72", "", False),  # Pi 4
+        ("cortex-a53", "", False),  # Pi 3
+        ("generic", "", False),
+        ("cortex-a76", "-dotprod", False),
+    ],
+)
 def test_probe_follows_the_target(cpu, features, has):
     """The neon-dotprod probe (plain IR, no intrinsic) becomes sdot exactly where the target has it."""
     assert (re.search(H.SDOT_ASM, _probe_asm(cpu, features)) is not None) == has
@@ -118,9 +124,13 @@ def _hook_kernel(tier_name, nparts):
         def codegen(context, builder, signature, args):
             a, wp, xp, op = args
             av = builder.load(ptr(builder, a, vec(I32, 4)))
-            parts = [(builder.load(ptr(builder, builder.add(wp, ir.Constant(ir.IntType(64), 16 * i)), vec(I8, 16))),
-                      builder.load(ptr(builder, builder.add(xp, ir.Constant(ir.IntType(64), 16 * i)), vec(I8, 16))))
-                     for i in range(nparts)]
+            parts = [
+                (
+                    builder.load(ptr(builder, builder.add(wp, ir.Constant(ir.IntType(64), 16 * i)), vec(I8, 16))),
+                    builder.load(ptr(builder, builder.add(xp, ir.Constant(ir.IntType(64), 16 * i)), vec(I8, 16))),
+                )
+                for i in range(nparts)
+            ]
             builder.store(tier.dot(builder, av, parts, True), ptr(builder, op, vec(I32, 4)))
             return context.get_dummy_value()
 
@@ -145,8 +155,12 @@ def test_dot_hook_matches_numpy(tier_name, bits):
     lo, hi = (-8, 7) if bits == 4 else (-128, 127)
     rng = np.random.default_rng(bits)
     run = _hook_kernel(tier_name, nparts)
-    cases = [(np.full((nparts, 16), lo), np.full((nparts, 16), 127)), (np.full((nparts, 16), lo), np.full((nparts, 16), -127)),
-             (np.full((nparts, 16), hi), np.full((nparts, 16), 127)), (np.full((nparts, 16), hi), np.full((nparts, 16), -127))]
+    cases = [
+        (np.full((nparts, 16), lo), np.full((nparts, 16), 127)),
+        (np.full((nparts, 16), lo), np.full((nparts, 16), -127)),
+        (np.full((nparts, 16), hi), np.full((nparts, 16), 127)),
+        (np.full((nparts, 16), hi), np.full((nparts, 16), -127)),
+    ]
     cases += [(rng.integers(lo, hi + 1, (nparts, 16)), rng.integers(-127, 128, (nparts, 16))) for _ in range(20)]
     for w, x in cases:
         w, x = w.astype(np.int8), x.astype(np.int8)

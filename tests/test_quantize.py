@@ -79,7 +79,25 @@ def test_packed_size_and_record(trained_llama, tmp_path):
     from safetensors import safe_open
 
     out = tmp_path / "q4"
-    r = runner.invoke(app, ["quantize", str(trained_llama), "-o", str(out), "--bits", "4", "--method", "rtn", "--calib-samples", "8", "--seq-len", "128", "--eval-tokens", "1024"])
+    r = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(trained_llama),
+            "-o",
+            str(out),
+            "--bits",
+            "4",
+            "--method",
+            "rtn",
+            "--calib-samples",
+            "8",
+            "--seq-len",
+            "128",
+            "--eval-tokens",
+            "1024",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "edgellm.json").read_text())
     assert rec["quantization"]["bits"] == 4 and rec["steps"][-1]["quality"]["after"]["perplexity"] > 1
@@ -123,7 +141,9 @@ def test_bad_options(args, tiny_dirs, tmp_path):
 
 def test_not_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
-    _assert_clean_failure(runner.invoke(app, ["quantize", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]), tmp_path / "o")
+    _assert_clean_failure(
+        runner.invoke(app, ["quantize", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]), tmp_path / "o"
+    )
 
 
 def test_unsupported_architecture(tmp_path):
@@ -148,7 +168,9 @@ def test_truncated_safetensors(tiny_dirs, tmp_path):
 
 def test_empty_data_file(tiny_dirs, tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), "-o", str(tmp_path / "o"), "--data", str(tmp_path / "empty.txt")])
+    r = runner.invoke(
+        app, ["quantize", str(tiny_dirs["llama"]), "-o", str(tmp_path / "o"), "--data", str(tmp_path / "empty.txt")]
+    )
     _assert_clean_failure(r, tmp_path / "o")
 
 
@@ -156,10 +178,27 @@ def test_existing_output_needs_force(tiny_dirs, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), "-o", str(out), "--calib-samples", "2", "--seq-len", "32", "--no-eval"])
+    r = runner.invoke(
+        app,
+        ["quantize", str(tiny_dirs["llama"]), "-o", str(out), "--calib-samples", "2", "--seq-len", "32", "--no-eval"],
+    )
     assert r.exit_code == 2 and "--force" in r.output
     assert (out / "keep.txt").read_text() == "mine"
-    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), "-o", str(out), "--calib-samples", "2", "--seq-len", "32", "--no-eval", "--force"])
+    r = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(tiny_dirs["llama"]),
+            "-o",
+            str(out),
+            "--calib-samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--no-eval",
+            "--force",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert not (out / "keep.txt").exists() and (out / "edgellm.json").exists()
 

@@ -17,10 +17,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from guards import BLOCK_TORCH, one_line_error  # noqa: E402
 from typer.testing import CliRunner
 
 from edgellm.cli import app
-from guards import BLOCK_TORCH, one_line_error  # noqa: E402
 
 VARIANTS = {
     "f32": [],

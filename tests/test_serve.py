@@ -21,10 +21,10 @@ import threading
 import time
 
 import pytest
+from guards import BLOCK_TORCH  # noqa: E402
 from typer.testing import CliRunner
 
 from edgellm.cli import app
-from guards import BLOCK_TORCH  # noqa: E402
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -38,8 +38,23 @@ def export(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     runner = CliRunner()
     q4 = root / "llama-q4"
-    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), "--bits", "4", "--group-size", "32", "--sym", "--method", "rtn",
-                            "--no-eval", "-o", str(q4)])
+    r = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(tiny_dirs["llama"]),
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--sym",
+            "--method",
+            "rtn",
+            "--no-eval",
+            "-o",
+            str(q4),
+        ],
+    )
     assert r.exit_code == 0, r.output
     dst = root / "tiny-q4"
     r = runner.invoke(app, ["export", str(q4), "-o", str(dst), "--no-check"])
@@ -72,7 +87,9 @@ class Server:
         self.app = create_app(self.gen, export.name, **kw)
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, access_log=False, lifespan="on", log_config=None, timeout_keep_alive=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, access_log=False, lifespan="on", log_config=None, timeout_keep_alive=5)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -156,7 +173,9 @@ def test_openai_client_equals_edgellm_run(server, export):
     assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens and r.usage.completion_tokens <= 24
-    chunks = list(client.chat.completions.create(messages=msgs, stream=True, stream_options={"include_usage": True}, **kw))
+    chunks = list(
+        client.chat.completions.create(messages=msgs, stream=True, stream_options={"include_usage": True}, **kw)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -169,7 +188,11 @@ def test_openai_client_equals_edgellm_run(server, export):
     full = client.completions.create(prompt="hello world", **greedy).choices[0].text
     stop = full[10:13]
     r = client.completions.create(prompt="hello world", stop=[stop], **greedy)
-    assert r.choices[0].text == full[:full.find(stop)] == _run(export, "-p", "hello world", "-n", "40", "-t", "0", "--stop", stop)
+    assert (
+        r.choices[0].text
+        == full[: full.find(stop)]
+        == _run(export, "-p", "hello world", "-n", "40", "-t", "0", "--stop", stop)
+    )
     assert r.choices[0].finish_reason == "stop"
     r = client.completions.create(prompt="hello world", **{**greedy, "max_tokens": 5})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
@@ -182,7 +205,10 @@ def test_prefix_reuse_continuing_chat(server, guarded, export):
         client = s.client(key)
         msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "hello"}]
         first = client.chat.completions.create(model=export.name, messages=msgs, max_tokens=16, temperature=0)
-        msgs += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "and then?"}]
+        msgs += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "and then?"},
+        ]
         second = client.chat.completions.create(model=export.name, messages=msgs, max_tokens=16, temperature=0)
         texts[s is server] = (first.choices[0].message.content, second.choices[0].message.content)
         cached = second.usage.prompt_tokens_details.cached_tokens
@@ -198,12 +224,21 @@ def test_errors_are_openai_shaped(server, export):
     ok = {"model": export.name, "prompt": "hi", "max_tokens": 2}
     status, _, body = server.call("POST", "/v1/completions", b"{not json")
     assert status == 400 and "JSON" in _error(status, body, "invalid_json")
-    for field, value in (("temperature", "hot"), ("max_tokens", 2.5), ("stop", 3), ("seed", "x"), ("stream", "yes"), ("top_p", 0)):
+    for field, value in (
+        ("temperature", "hot"),
+        ("max_tokens", 2.5),
+        ("stop", 3),
+        ("seed", "x"),
+        ("stream", "yes"),
+        ("top_p", 0),
+    ):
         status, _, body = server.call("POST", "/v1/completions", {**ok, field: value})
         assert status == 400 and body["error"]["param"] == field, (field, body)
     status, _, body = server.call("POST", "/v1/chat/completions", {"model": export.name, "messages": "hi"})
     assert status == 400 and body["error"]["param"] == "messages"
-    status, _, body = server.call("POST", "/v1/chat/completions", {"model": export.name, "messages": [{"role": "user", "content": 5}]})
+    status, _, body = server.call(
+        "POST", "/v1/chat/completions", {"model": export.name, "messages": [{"role": "user", "content": 5}]}
+    )
     assert status == 400 and body["error"]["param"] == "messages[0].content"
     status, _, body = server.call("POST", "/v1/completions", {**ok, "n": 2})
     assert status == 400 and body["error"]["param"] == "n"
@@ -217,7 +252,9 @@ def test_errors_are_openai_shaped(server, export):
     msg = _error(status, body, "context_length_exceeded")
     assert status == 400 and str(n_prompt) in msg and str(CTX) in msg and str(n_prompt + CTX) in msg
     with pytest.raises(openai.BadRequestError, match="context"):
-        server.client().chat.completions.create(model=export.name, messages=[{"role": "user", "content": prompt * 3}], max_tokens=8)
+        server.client().chat.completions.create(
+            model=export.name, messages=[{"role": "user", "content": prompt * 3}], max_tokens=8
+        )
 
     status, _, body = server.call("GET", "/v1/nope")
     assert status == 404 and "/v1/nope" in _error(status, body, "not_found")
@@ -231,7 +268,9 @@ def test_errors_are_openai_shaped(server, export):
 
 def test_body_limit_and_api_key(guarded, export):
     key = {"Authorization": "Bearer sekrit"}
-    status, _, body = guarded.call("POST", "/v1/completions", json.dumps({"model": export.name, "prompt": "x" * 20000}).encode(), key)
+    status, _, body = guarded.call(
+        "POST", "/v1/completions", json.dumps({"model": export.name, "prompt": "x" * 20000}).encode(), key
+    )
     assert status == 413 and "8192" in _error(status, body, "request_too_large")
 
     assert guarded.call("GET", "/health")[0] == 200  # /health never needs the key
@@ -250,8 +289,12 @@ def test_body_limit_and_api_key(guarded, export):
 # ----------------------------------------------------------------------------- queue and disconnects
 def _open_stream(port, body, key="sekrit"):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
-                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps({**body, "stream": True}),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
     return conn, conn.getresponse()
 
 
@@ -272,7 +315,9 @@ def test_queue_full_and_disconnect(guarded, export, caplog):
     assert first["object"] == "text_completion" and first["choices"][0]["finish_reason"] is None
     conn_b, b = _open_stream(guarded.port, {**long, "max_tokens": 3})  # waits (max_queue=1)
     assert b.status == 200
-    status, headers, body = guarded.call("POST", "/v1/completions", {**long, "max_tokens": 3}, {"Authorization": "Bearer sekrit"})
+    status, headers, body = guarded.call(
+        "POST", "/v1/completions", {**long, "max_tokens": 3}, {"Authorization": "Bearer sekrit"}
+    )
     assert status == 429 and int(headers["Retry-After"]) >= 1
     _error(status, body, "queue_full")
     with pytest.raises(openai.RateLimitError):
@@ -300,8 +345,19 @@ def test_queue_full_and_disconnect(guarded, export, caplog):
 def test_serve_command_sigterm_and_logs(export):
     """The CLI: binds 127.0.0.1 by default, logs one line per request without the prompt, and on
     SIGTERM finishes the in-flight stream with its final event and exits 0."""
-    cmd = [sys.executable, "-c", "from edgellm.cli import main; main()", "serve", str(export), "--port", "0", "--threads", "1",
-           "--ctx", "256"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from edgellm.cli import main; main()",
+        "serve",
+        str(export),
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--ctx",
+        "256",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -377,8 +433,12 @@ def test_sigterm_finishes_in_flight_and_queued(export):
 
 
 def test_serve_bad_input(export, tmp_path):
-    for args, word in ((["--port", "70000"], "port"), (["--max-queue", "-1"], "max-queue"), (["--threads", "0"], "threads"),
-                       (["--api-key", " "], "api-key")):
+    for args, word in (
+        (["--port", "70000"], "port"),
+        (["--max-queue", "-1"], "max-queue"),
+        (["--threads", "0"], "threads"),
+        (["--api-key", " "], "api-key"),
+    ):
         r = CliRunner().invoke(app, ["serve", str(export), *args])
         lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], r.output

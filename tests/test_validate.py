@@ -31,7 +31,9 @@ def seeds(tmp_path_factory):
 
 def run_error(path, *extra, prompt="def add(a, b):") -> str:
     """`edgellm run` must end in exactly one `error:` line with exit code 2."""
-    r = CliRunner().invoke(app, ["run", str(path), "-p", prompt, "-n", "2", "--temperature", "0", "--threads", "1", *extra])
+    r = CliRunner().invoke(
+        app, ["run", str(path), "-p", prompt, "-n", "2", "--temperature", "0", "--threads", "1", *extra]
+    )
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert r.exit_code == 2, r.output
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
@@ -39,7 +41,9 @@ def run_error(path, *extra, prompt="def add(a, b):") -> str:
 
 
 def run_ok(path, *extra) -> str:
-    r = CliRunner().invoke(app, ["run", str(path), "-p", "def add(a, b):", "-n", "2", "--temperature", "0", "--threads", "1", *extra])
+    r = CliRunner().invoke(
+        app, ["run", str(path), "-p", "def add(a, b):", "-n", "2", "--temperature", "0", "--threads", "1", *extra]
+    )
     assert r.exit_code == 0, r.output
     return r.output
 
@@ -63,7 +67,9 @@ def test_vocab_smaller_than_embeddings(seeds, tmp_path, seed):  # was a hang, SI
 
 
 def test_gpt2_position_table(seeds, tmp_path):  # was a read past the position table
-    assert "wpe" in run_error(edit_config(copy(seeds["gpt2-f32"], tmp_path / "m"), max_position_embeddings=4096), prompt="word " * 2200)
+    assert "wpe" in run_error(
+        edit_config(copy(seeds["gpt2-f32"], tmp_path / "m"), max_position_embeddings=4096), prompt="word " * 2200
+    )
     assert "context holds 512" in run_error(seeds["gpt2-f32"], prompt="word " * 2200)
 
 
@@ -72,7 +78,9 @@ def test_fewer_layers_in_metadata(seeds, tmp_path):  # ran a one-layer model
     assert "does not use" in run_error(edit_config(copy(seeds["llama-f32"], tmp_path / "m"), num_layers=1))
 
 
-@pytest.mark.parametrize("new,says", [("lm_head.weight_", "lacks initializer 'lm_head.weight'"), ("head.weight", "not tied")])
+@pytest.mark.parametrize(
+    "new,says", [("lm_head.weight_", "lacks initializer 'lm_head.weight'"), ("head.weight", "not tied")]
+)
 def test_renamed_lm_head(seeds, tmp_path, new, says):  # fell back to the tied embeddings
     def edit(m):
         init(m, "lm_head.weight").name = new
@@ -98,8 +106,15 @@ def test_norm_of_another_type(seeds, tmp_path):  # FLOAT -> INT32 was converted 
 def test_moved_external_offset(seeds, tmp_path, value):  # read another tensor's bytes, or a traceback
     def edit(m):
         e = next(e for e in init(m, "model.layers.0.input_layernorm.weight").external_data if e.key == "offset")
-        e.value = str(int(e.value) + 64) if value == "+64" else str(int(e.value) - 64) if value == "-64" else \
-            str(2**63) if value == "2**63" else value
+        e.value = (
+            str(int(e.value) + 64)
+            if value == "+64"
+            else str(int(e.value) - 64)
+            if value == "-64"
+            else str(2**63)
+            if value == "2**63"
+            else value
+        )
 
     msg = run_error(edit_model(copy(seeds["llama-f32"], tmp_path / "m"), edit))
     assert any(w in msg for w in ("overlap", "offset", "truncated")), msg
@@ -134,22 +149,34 @@ def test_nan_in_small_tensors_and_weights(seeds, tmp_path):
     proto = onnx.load(str(m / "model.onnx"), load_external_data=False)
     off = int(next(e.value for e in init(proto, "model.norm.weight").external_data if e.key == "offset"))
     data = bytearray((m / "model.onnx.data").read_bytes())
-    data[off:off + 4] = struct.pack("<f", float("nan"))
+    data[off : off + 4] = struct.pack("<f", float("nan"))
     (m / "model.onnx.data").write_bytes(bytes(data))
     assert "NaN" in run_error(m)
     # a NaN inside a float matrix is only seen by the computation: it must stop, not sample
     m = copy(seeds["llama-f32"], tmp_path / "matrix")
     proto = onnx.load(str(m / "model.onnx"), load_external_data=False)
-    off = int(next(e.value for e in init(proto, "model.layers.0.self_attn.qkv_proj.weight").external_data if e.key == "offset"))
+    off = int(
+        next(
+            e.value for e in init(proto, "model.layers.0.self_attn.qkv_proj.weight").external_data if e.key == "offset"
+        )
+    )
     data = bytearray((m / "model.onnx.data").read_bytes())
-    data[off:off + 4 * 64] = struct.pack("<f", float("nan")) * 64
+    data[off : off + 4 * 64] = struct.pack("<f", float("nan")) * 64
     (m / "model.onnx.data").write_bytes(bytes(data))
     assert "NaN or infinite" in run_error(m)
 
 
 # ----------------------------------------------------------------------------- resources
-@pytest.mark.parametrize("key,value", [("vocab_size", 10**9), ("max_position_embeddings", 10**9), ("num_layers", 10**9),
-                                       ("max_position_embeddings", 10**8), ("hidden_size", 2**31)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("vocab_size", 10**9),
+        ("max_position_embeddings", 10**9),
+        ("num_layers", 10**9),
+        ("max_position_embeddings", 10**8),
+        ("hidden_size", 2**31),
+    ],
+)
 def test_huge_dimensions_refused_before_allocation(seeds, tmp_path, key, value):  # took > 6 GB before any check
     import resource
 
@@ -185,22 +212,38 @@ def test_memory_error_is_one_line(seeds, monkeypatch):
 def test_broken_tokenizer_json(seeds, tmp_path, case):
     m = copy(seeds["llama-f32"], tmp_path / "m")
     tok = (m / "tokenizer.json").read_bytes()
-    blob = {"truncated": tok[: len(tok) // 2], "garbage": b"\x00\x01 not json", "wrong-type": b"[1, 2, 3]",
-            "bad-utf8": tok[:100] + b"\xff\xfe" + tok[100:], "empty-model": b'{"model": {}}'}[case]
+    blob = {
+        "truncated": tok[: len(tok) // 2],
+        "garbage": b"\x00\x01 not json",
+        "wrong-type": b"[1, 2, 3]",
+        "bad-utf8": tok[:100] + b"\xff\xfe" + tok[100:],
+        "empty-model": b'{"model": {}}',
+    }[case]
     (m / "tokenizer.json").write_bytes(blob)
     assert "tokenizer.json" in run_error(m)
 
 
-@pytest.mark.parametrize("name,blob", [("tokenizer_config.json", b"[1, 2]"), ("tokenizer_config.json", b'{"chat_template": 5}'),
-                                       ("tokenizer_config.json", b'{"eos_token": 3}'), ("tokenizer_config.json", b"\xff\xfe{}"),
-                                       ("generation_config.json", b'{"eos_token_id": "x"}'), ("generation_config.json", b"{"),
-                                       ("chat_template.jinja", b"\xff\xfe")])
+@pytest.mark.parametrize(
+    "name,blob",
+    [
+        ("tokenizer_config.json", b"[1, 2]"),
+        ("tokenizer_config.json", b'{"chat_template": 5}'),
+        ("tokenizer_config.json", b'{"eos_token": 3}'),
+        ("tokenizer_config.json", b"\xff\xfe{}"),
+        ("generation_config.json", b'{"eos_token_id": "x"}'),
+        ("generation_config.json", b"{"),
+        ("chat_template.jinja", b"\xff\xfe"),
+    ],
+)
 def test_side_files_of_wrong_types(seeds, tmp_path, name, blob):
     m = copy(seeds["llama-f32"], tmp_path / "m")
     (m / name).write_bytes(blob)
     if name == "chat_template.jinja":
-        (m / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in json.loads((m / "tokenizer_config.json").read_text()).items()
-                                                              if k != "chat_template"}))
+        (m / "tokenizer_config.json").write_text(
+            json.dumps(
+                {k: v for k, v in json.loads((m / "tokenizer_config.json").read_text()).items() if k != "chat_template"}
+            )
+        )
         assert "UTF-8" in _chat_error(m)
         return
     assert name in run_error(m)
@@ -208,7 +251,9 @@ def test_side_files_of_wrong_types(seeds, tmp_path, name, blob):
 
 def _chat_error(m) -> str:
     r = CliRunner().invoke(app, ["run", str(m), "--chat", "-p", "hi", "-n", "2", "--threads", "1"], input="")
-    assert r.exit_code == 2 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.exit_code == 2 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1, (
+        r.output
+    )
     return r.output
 
 
@@ -221,9 +266,22 @@ def test_broken_chat_template(seeds, tmp_path):
         assert "chat template" in _chat_error(m)
 
 
-@pytest.mark.parametrize("key,value", [("vocab_size", "512"), ("hidden_size", 64.0), ("num_heads", None), ("norm", 3), ("eos_token_id", "x"),
-                                       ("sliding_window", "x"), ("norm_eps", "nan"), ("rope_theta", -1), ("rope_scaling", [1]),
-                                       ("tie_word_embeddings", "yes"), ("architecture", ["llama"])])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("vocab_size", "512"),
+        ("hidden_size", 64.0),
+        ("num_heads", None),
+        ("norm", 3),
+        ("eos_token_id", "x"),
+        ("sliding_window", "x"),
+        ("norm_eps", "nan"),
+        ("rope_theta", -1),
+        ("rope_scaling", [1]),
+        ("tie_word_embeddings", "yes"),
+        ("architecture", ["llama"]),
+    ],
+)
 def test_metadata_of_wrong_types(seeds, tmp_path, key, value):
     assert key in run_error(edit_config(copy(seeds["llama-f32"], tmp_path / "m"), **{key: value}))
 
@@ -241,7 +299,13 @@ def test_quantization_metadata(seeds, tmp_path):
     # the model-wide group_size / sym are descriptive; a wrong width for one tensor is caught
     wrong_width = {"tensor_bits": {"model.layers.0.mlp.down_proj": 4}}
     for change in ({"bits": 3}, {"bits": 8.0}, {"format": "gguf"}, {"tensor_bits": {"x": 8.0}}, wrong_width):
-        msg = run_error(edit_config(copy(seeds["llama-q8a"], tmp_path / f"m{len(list(tmp_path.iterdir()))}"), "edgellm.quantization", **change))
+        msg = run_error(
+            edit_config(
+                copy(seeds["llama-q8a"], tmp_path / f"m{len(list(tmp_path.iterdir()))}"),
+                "edgellm.quantization",
+                **change,
+            )
+        )
         assert any(w in msg for w in ("quantization", "group_size", "does not use", "packs")), msg
 
 
@@ -266,7 +330,9 @@ def test_onnxruntime_runs_what_numba_refuses_without_numba(seeds, tmp_path):
     """A qdq export and a GELU-erf MLP are valid exports the numba kernels cannot run: numba
     refuses them (naming the fallback), --backend onnxruntime runs them, and never imports numba."""
     qdq = tmp_path / "qdq"
-    r = CliRunner().invoke(app, ["export", str(seeds["llama-q4"].parent / "llama-q4-q"), "-o", str(qdq), "--no-check", "--format", "qdq"])
+    r = CliRunner().invoke(
+        app, ["export", str(seeds["llama-q4"].parent / "llama-q4-q"), "-o", str(qdq), "--no-check", "--format", "qdq"]
+    )
     assert r.exit_code == 0, r.output
     gelu = edit_config(copy(seeds["gpt2-f32"], tmp_path / "gelu"), activation="gelu")
     for path in (qdq, gelu):
@@ -292,7 +358,9 @@ def test_onnxruntime_runs_what_numba_refuses_without_numba(seeds, tmp_path):
 
 
 def test_onnxruntime_backend_validates_too(seeds, tmp_path):
-    assert "embed_tokens" in run_error(edit_config(copy(seeds["llama-f32"], tmp_path / "m"), vocab_size=256), "--backend", "onnxruntime")
+    assert "embed_tokens" in run_error(
+        edit_config(copy(seeds["llama-f32"], tmp_path / "m"), vocab_size=256), "--backend", "onnxruntime"
+    )
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -320,8 +388,22 @@ def test_kernel_tests_under_numba_boundscheck(tmp_path):
     """tests/test_kernels.py again with NUMBA_BOUNDSCHECK=1 (about 3 minutes on 2 shared cores:
     every kernel recompiles into a private cache)."""
     env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", str(Path(__file__).parent / "test_kernels.py")],
-                       capture_output=True, text=True, timeout=1800, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-x",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__).parent / "test_kernels.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout[-3000:]
 
 

@@ -19,21 +19,74 @@ class Target(str, Enum):
 
 
 def bench(
-    variants: Annotated[List[str], typer.Argument(help="VARIANT[:BACKEND]: an export directory (numba | onnxruntime), a model directory (torch) "
-                                                   "or a .gguf file (llama.cpp | torch). The first one is the quality reference.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Report directory: report.json, report.md, report.html (written whole at the end).", show_default=False)],
-    prompt_tokens: Annotated[Optional[int], typer.Option("--prompt-tokens", "-p", help="pp: prompt tokens per repetition (default 512; --quick 64).", min=1)] = None,
-    gen_tokens: Annotated[Optional[int], typer.Option("--gen-tokens", "-n", help="tg: generated tokens per repetition (default 128; --quick 16).", min=1)] = None,
-    reps: Annotated[Optional[int], typer.Option("--reps", "-r", help="Repetitions (median and spread) after one warm-up (default 5; --quick 2).", min=1)] = None,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads for every engine (0: all usable CPUs).", min=0)] = 0,
+    variants: Annotated[
+        List[str],
+        typer.Argument(
+            help="VARIANT[:BACKEND]: an export directory (numba | onnxruntime), a model directory (torch) "
+            "or a .gguf file (llama.cpp | torch). The first one is the quality reference.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Report directory: report.json, report.md, report.html (written whole at the end).",
+            show_default=False,
+        ),
+    ],
+    prompt_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--prompt-tokens", "-p", help="pp: prompt tokens per repetition (default 512; --quick 64).", min=1
+        ),
+    ] = None,
+    gen_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--gen-tokens", "-n", help="tg: generated tokens per repetition (default 128; --quick 16).", min=1
+        ),
+    ] = None,
+    reps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--reps", "-r", help="Repetitions (median and spread) after one warm-up (default 5; --quick 2).", min=1
+        ),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", "-t", help="Threads for every engine (0: all usable CPUs).", min=0)
+    ] = 0,
     data: DataOpt = None,
-    eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens", help="Evaluation tokens for perplexity/KL (default 2048; --quick 256).", min=16)] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Perplexity context (stride = ctx) (default 512; --quick 128).", min=8)] = None,
-    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Measure perplexity, KL and top-1 against the first variant.")] = True,
-    target: Annotated[Target, typer.Option("--target", help="Energy for: host (this machine: RAPL/NVML where readable, else a labelled generic estimate), or a device "
-                                                      "(laptop, rpi4, rpi5) whose decode time is also estimated from its memory bandwidth and cores.")] = Target.host,
-    quick: Annotated[bool, typer.Option("--quick", help="Short smoke run (small pp/tg, 2 reps, little quality data): seconds per variant.")] = False,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds per variant before it is stopped and marked failed.", min=1)] = None,
+    eval_tokens: Annotated[
+        Optional[int],
+        typer.Option("--eval-tokens", help="Evaluation tokens for perplexity/KL (default 2048; --quick 256).", min=16),
+    ] = None,
+    ctx: Annotated[
+        Optional[int],
+        typer.Option("--ctx", help="Perplexity context (stride = ctx) (default 512; --quick 128).", min=8),
+    ] = None,
+    quality: Annotated[
+        bool, typer.Option("--quality/--no-quality", help="Measure perplexity, KL and top-1 against the first variant.")
+    ] = True,
+    target: Annotated[
+        Target,
+        typer.Option(
+            "--target",
+            help="Energy for: host (this machine: RAPL/NVML where readable, else a labelled generic estimate), or a "
+            "device (laptop, rpi4, rpi5) whose decode time is also estimated from its memory bandwidth and cores.",
+        ),
+    ] = Target.host,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="Short smoke run (small pp/tg, 2 reps, little quality data): seconds per variant."
+        ),
+    ] = False,
+    timeout: Annotated[
+        Optional[float],
+        typer.Option("--timeout", help="Seconds per variant before it is stopped and marked failed.", min=1),
+    ] = None,
     force: ForceOpt = False,
 ):
     """Benchmark variants, each in its own process: pp/tg tokens/s, TTFT, load time, peak RSS,
@@ -49,11 +102,10 @@ def bench(
     from edgellm.benchmarks.run import Settings, build_report, run_variants
     from edgellm.benchmarks.variants import parse_all
 
+    from .._deps import require
     from ..console import console, out
     from ..errors import EdgeLLMError
     from ..outputs import atomic_output_dir, check_output_dir
-
-    from .._deps import require
     from .common import check_range
 
     require("matplotlib", "'edgellm bench' (the plots of report.html)")  # before any work, not at the end
@@ -67,14 +119,28 @@ def bench(
     kw = {k: v for k, v in chosen.items() if v is not None}
     if "ctx" in kw:
         kw["stride"] = kw["ctx"]
-    settings = Settings(**{**base.__dict__, **kw, "threads": threads, "data": data, "quality": quality,
-                           "target": target.value, "timeout_s": timeout})
+    settings = Settings(
+        **{
+            **base.__dict__,
+            **kw,
+            "threads": threads,
+            "data": data,
+            "quality": quality,
+            "target": target.value,
+            "timeout_s": timeout,
+        }
+    )
     if data is not None and quality:
         from ..data import load_text
 
         load_text(data)  # a bad --data fails here, not inside every worker
 
-    columns = [SpinnerColumn(), TextColumn("[bold]{task.fields[label]}"), TextColumn("{task.description}"), TimeElapsedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[label]}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         tasks = {}
 
@@ -83,7 +149,9 @@ def bench(
                 tasks[i] = bar.add_task(phase, label=f"[{i + 1}/{len(parsed)}] {label}", total=None)
             bar.update(tasks[i], description=phase)
             if phase in ("done", "failed"):
-                bar.update(tasks[i], total=1, completed=1, description="[green]done" if phase == "done" else "[red]failed")
+                bar.update(
+                    tasks[i], total=1, completed=1, description="[green]done" if phase == "done" else "[red]failed"
+                )
 
         rows = run_variants(parsed, settings, on_event)
     report = build_report(parsed, settings, rows)
@@ -91,11 +159,17 @@ def bench(
         with atomic_output_dir(output, force, inputs, protect_exports=True) as tmp:
             rep.write(report, tmp)
     except OSError as exc:
-        raise EdgeLLMError(f"cannot write the report to '{output}' ({exc.strerror or exc}); nothing was written there") from None
+        raise EdgeLLMError(
+            f"cannot write the report to '{output}' ({exc.strerror or exc}); nothing was written there"
+        ) from None
 
-    table = Table(title=f"edgellm bench ({'quick, ' if quick else ''}{settings.resolved_threads()} threads, energy: {target.value}; "
-                        f"medians, spread in report.md)")
-    hide = ("backend", "load cold / warm", "KL") + (() if target is not Target.host else (rep.HEADERS[rep.DEVICE_COLUMN],))
+    table = Table(
+        title=f"edgellm bench ({'quick, ' if quick else ''}{settings.resolved_threads()} threads, energy: "
+        f"{target.value}; medians, spread in report.md)"
+    )
+    hide = ("backend", "load cold / warm", "KL") + (
+        () if target is not Target.host else (rep.HEADERS[rep.DEVICE_COLUMN],)
+    )
     keep = [i for i, h in enumerate(rep.HEADERS) if h not in hide]
     for i in keep:
         h = rep.HEADERS[i]
@@ -124,4 +198,6 @@ def _probe_writable(output: Path) -> None:
     try:
         shutil.rmtree(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=existing_ancestor(output)))
     except OSError as exc:
-        raise EdgeLLMError(f"cannot write to '{existing_ancestor(output)}' ({exc.strerror or exc}); choose a writable output path") from None
+        raise EdgeLLMError(
+            f"cannot write to '{existing_ancestor(output)}' ({exc.strerror or exc}); choose a writable output path"
+        ) from None

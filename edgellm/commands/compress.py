@@ -10,13 +10,39 @@ import typer
 
 
 def compress(
-    recipe: Annotated[Path, typer.Argument(help="Recipe file (YAML): the input model and the stages, see docs/RECIPES.md.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: OUT/NN-stage/ per stage, recipe.lock.json, report.md/.json/.html. "
-                                                              "Rerunning into the same folder skips unchanged stages.", show_default=False)],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Input model, instead of the recipe's 'model:'.")] = None,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="Measure every stage's output and write OUT/report.*.")] = True,
-    check: Annotated[bool, typer.Option("--check", help="Only check the recipe (every problem at once) and print the plan; run nothing.")] = False,
-    compare: Annotated[Optional[List[Path]], typer.Option("--compare", help="Add another compress run's outputs (its OUT folder) to the report, e.g. a quantize-only baseline.")] = None,
+    recipe: Annotated[
+        Path,
+        typer.Argument(
+            help="Recipe file (YAML): the input model and the stages, see docs/RECIPES.md.", show_default=False
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output folder: OUT/NN-stage/ per stage, recipe.lock.json, report.md/.json/.html. "
+            "Rerunning into the same folder skips unchanged stages.",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="Input model, instead of the recipe's 'model:'.")
+    ] = None,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Measure every stage's output and write OUT/report.*.")
+    ] = True,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Only check the recipe (every problem at once) and print the plan; run nothing."),
+    ] = False,
+    compare: Annotated[
+        Optional[List[Path]],
+        typer.Option(
+            "--compare",
+            help="Add another compress run's outputs (its OUT folder) to the report, e.g. a quantize-only baseline.",
+        ),
+    ] = None,
 ):
     """Run a compression recipe: named stages in order, each one edgellm command with its options.
 
@@ -29,8 +55,8 @@ def compress(
     """
     from ..console import PROGRESS, console, out, show_warnings
     from ..errors import EdgeLLMError
-    from ..recipe import runner, spec
     from ..recipe import report as rep
+    from ..recipe import runner, spec
 
     r = spec.load(recipe, model=model)
     _check_model(r.model)
@@ -38,25 +64,41 @@ def compress(
     if output.exists() and not output.is_dir():
         raise EdgeLLMError(f"output '{output}' exists and is not a folder; choose another path")
     if output.is_dir() and any(output.iterdir()) and not (output / "recipe.lock.json").is_file():
-        raise EdgeLLMError(f"output '{output}' is a non-empty folder that no recipe wrote (no recipe.lock.json); choose another path")
+        raise EdgeLLMError(
+            f"output '{output}' is a non-empty folder that no recipe wrote (no recipe.lock.json); choose another path"
+        )
     for other in compare or []:
         if not (Path(other) / "report.json").is_file():
-            raise EdgeLLMError(f"--compare '{other}' has no report.json; give the output folder of another 'edgellm compress' run")
+            raise EdgeLLMError(
+                f"--compare '{other}' has no report.json; give the output folder of another 'edgellm compress' run"
+            )
     if not output.exists() and not output.resolve().parent.is_dir():
-        raise EdgeLLMError(f"the folder '{output.resolve().parent}' for output '{output}' does not exist; create it first")
+        raise EdgeLLMError(
+            f"the folder '{output.resolve().parent}' for output '{output}' does not exist; create it first"
+        )
 
     n = len(r.stages)
     console.print(f"recipe {recipe}: {n} stage{'s' if n > 1 else ''} on {r.model} -> {output}/")
     for s in r.stages:
         opts = ", ".join(f"{k}={v}" for k, v in s.keys.items()) or "defaults"
-        console.print(f"  {s.dirname:<16} {s.command:<9} {opts}" + (f"; with {', '.join(s.extra['with'])}" if s.extra.get("with") else ""),
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"  {s.dirname:<16} {s.command:<9} {opts}"
+            + (f"; with {', '.join(s.extra['with'])}" if s.extra.get("with") else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
     if check:
         console.print("recipe is valid; nothing was run (--check)")
         return
 
     def on_event(stage, what, detail):
-        tag = {"skip": "[dim]skip[/]", "run": "[bold]run[/]", "resume": "[bold]resume[/]", "done": "[green]done[/]", "failed": "[red]failed[/]"}[what]
+        tag = {
+            "skip": "[dim]skip[/]",
+            "run": "[bold]run[/]",
+            "resume": "[bold]resume[/]",
+            "done": "[green]done[/]",
+            "failed": "[red]failed[/]",
+        }[what]
         console.print(f"[{stage.index + 1}/{n}] {stage.dirname}: {tag} ({detail})", highlight=False)
 
     import signal
@@ -70,8 +112,11 @@ def compress(
     except KeyboardInterrupt:
         from ..console import fail
 
-        fail(f"interrupted; the finished stages' outputs in '{output}' are kept and recipe.lock.json marks the stage that stopped: "
-             "rerun the same command to continue there", 130)
+        fail(
+            f"interrupted; the finished stages' outputs in '{output}' are kept and recipe.lock.json marks the stage "
+            "that stopped: rerun the same command to continue there",
+            130,
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
     ran = sum(1 for x in results if x.status == "ran")
@@ -79,7 +124,9 @@ def compress(
     if not report:
         return
     with show_warnings():
-        data = rep.measure(r, output, PROGRESS, lambda what: console.print(f"report: {what}", highlight=False), compare or [])
+        data = rep.measure(
+            r, output, PROGRESS, lambda what: console.print(f"report: {what}", highlight=False), compare or []
+        )
     rep.write(data, output)
     from rich.table import Table
 
@@ -100,6 +147,10 @@ def _check_model(spec: str) -> None:
     path = Path(resolve_spec(spec)) if spec in BUILTIN_MODELS else Path(spec)
     looks_local = spec in BUILTIN_MODELS or spec.startswith((".", "/", "~")) or path.suffix == ".gguf" or path.exists()
     if looks_local and not path.exists():
-        raise EdgeLLMError(f"input model '{spec}' does not exist; give a model directory, a .gguf file or builtin:smollm2")
+        raise EdgeLLMError(
+            f"input model '{spec}' does not exist; give a model directory, a .gguf file or builtin:smollm2"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
-        raise EdgeLLMError(f"input model '{spec}' is not a model: expected a Hugging Face model directory with config.json")
+        raise EdgeLLMError(
+            f"input model '{spec}' is not a model: expected a Hugging Face model directory with config.json"
+        )

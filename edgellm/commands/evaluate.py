@@ -12,7 +12,9 @@ from .common import CtxOpt, DataOpt, EvalTokensOpt, ModelArg, StrideOpt, check_c
 
 def evaluate(
     model: ModelArg,
-    reference: Annotated[Optional[str], typer.Option("--reference", "-r", help="Reference model for KL divergence and top-1 agreement.")] = None,
+    reference: Annotated[
+        Optional[str], typer.Option("--reference", "-r", help="Reference model for KL divergence and top-1 agreement.")
+    ] = None,
     data: DataOpt = None,
     ctx: CtxOpt = 512,
     stride: StrideOpt = None,
@@ -36,8 +38,15 @@ def evaluate(
         if ref is not None:
             check_context(ref.model, "--ctx", ctx)
         ids = split_tokens(data_tokens(loaded.tokenizer, data), "eval")
-        q = measure(loaded.model, ids, reference=ref.model if ref else None, ctx=ctx, stride=stride,
-                    max_tokens=eval_tokens, progress=PROGRESS)
+        q = measure(
+            loaded.model,
+            ids,
+            reference=ref.model if ref else None,
+            ctx=ctx,
+            stride=stride,
+            max_tokens=eval_tokens,
+            progress=PROGRESS,
+        )
     if as_json:
         out.print_json(json.dumps({"model": model, "reference": reference, **q.to_dict()}))
         return

@@ -11,7 +11,12 @@ import typer
 from .common import ModelArg, dir_size, human_bytes, load
 
 
-def info(model: ModelArg, verify: Annotated[bool, typer.Option("--verify", help="Export directory: check every file against the sha256 recorded at export.")] = False):
+def info(
+    model: ModelArg,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Export directory: check every file against the sha256 recorded at export.")
+    ] = False,
+):
     """Print architecture, parameter count, dtype, size on disk and compression applied.
 
     An export directory (written by 'edgellm export') is described from its metadata, without
@@ -36,9 +41,18 @@ def info(model: ModelArg, verify: Annotated[bool, typer.Option("--verify", help=
     table.add_row("parameters", f"{count_parameters(m) / 1e6:.2f} M")
     table.add_row("layers / hidden / heads", f"{cfg.num_hidden_layers} / {cfg.hidden_size} / {cfg.num_attention_heads}")
     table.add_row("dtype", str(next(m.parameters()).dtype).replace("torch.", ""))
-    table.add_row("size on disk", human_bytes(dir_size(Path(resolve_spec(model)))) if Path(resolve_spec(model)).exists() else "n/a (hub)")
+    table.add_row(
+        "size on disk",
+        human_bytes(dir_size(Path(resolve_spec(model)))) if Path(resolve_spec(model)).exists() else "n/a (hub)",
+    )
     q = rec.get("quantization")
-    table.add_row("quantization", "none" if not q else f"{q['method']} {q['bits']}-bit, group {q['group_size']}, {'sym' if q['sym'] else 'asym'}, embeddings {'quantized' if q['embeddings'] else 'kept'}")
+    table.add_row(
+        "quantization",
+        "none"
+        if not q
+        else f"{q['method']} {q['bits']}-bit, group {q['group_size']}, {'sym' if q['sym'] else 'asym'}, embeddings "
+        f"{'quantized' if q['embeddings'] else 'kept'}",
+    )
     steps = rec.get("steps", [])
     table.add_row("steps", ", ".join(s["step"] for s in steps) or "none")
     for s in steps:
@@ -66,12 +80,21 @@ def _export_info(path: Path, verify: bool) -> None:
         ex.close()
     table = Table(show_header=False, title=str(path))
     table.add_row("architecture", f"{cfg.architecture} (export format {ex.metadata.get('edgellm.format_version')})")
-    table.add_row("layers / hidden / heads (kv)", f"{cfg.num_layers} / {cfg.hidden_size} / {cfg.num_heads} ({cfg.num_kv_heads})")
+    table.add_row(
+        "layers / hidden / heads (kv)", f"{cfg.num_layers} / {cfg.hidden_size} / {cfg.num_heads} ({cfg.num_kv_heads})"
+    )
     table.add_row("vocabulary / context", f"{cfg.vocab_size} / {cfg.max_position_embeddings}")
-    table.add_row("quantization", "none" if not q else f"{q.get('bits')}-bit, group {q.get('group_size')}, "
-                  f"{'sym' if q.get('sym') else 'asym'}, {q.get('format', 'matmulnbits')}")
+    table.add_row(
+        "quantization",
+        "none"
+        if not q
+        else f"{q.get('bits')}-bit, group {q.get('group_size')}, "
+        f"{'sym' if q.get('sym') else 'asym'}, {q.get('format', 'matmulnbits')}",
+    )
     table.add_row("size on disk", human_bytes(dir_size(path)))
     table.add_row("kernels (numba)", f"{tiers.describe(tiers.best())}; this CPU runs {', '.join(tiers.supported())}")
     out.print(table)
     if checked is not None:
-        console.print(f"verified: {len(checked)} files match the sha256 recorded at export ({', '.join(checked)})", soft_wrap=True)
+        console.print(
+            f"verified: {len(checked)} files match the sha256 recorded at export ({', '.join(checked)})", soft_wrap=True
+        )

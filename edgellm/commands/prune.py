@@ -8,8 +8,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, check_context, check_range, data_tokens,
-                     dir_size, human_bytes, load)
+from .common import (
+    DataOpt,
+    EvalTokensOpt,
+    ForceOpt,
+    ModelArg,
+    OutOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    check_context,
+    check_range,
+    data_tokens,
+    dir_size,
+    human_bytes,
+    load,
+)
 
 
 class Method(str, Enum):
@@ -27,16 +40,53 @@ class Structure(str, Enum):
 def prune(
     model: ModelArg,
     output: OutOpt,
-    method: Annotated[Optional[Method], typer.Option("--method", "-m", help="Unstructured or N:M sparsity by magnitude (baseline), wanda (|W| x input norm), sparsegpt (second-order, updates weights).")] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="Fraction of each linear's weights to remove, in [0, 1). Default 0.5, or 1 - N/M with --pattern.")] = None,
-    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help="N:M semi-structured sparsity: at most N non-zeros in every M consecutive weights of a row, e.g. 2:4.")] = None,
-    structured: Annotated[Optional[Structure], typer.Option("--structured", help="Remove whole layers, attention heads (KV groups), or MLP channels: the model really shrinks.")] = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", help="With --structured: fraction of layers / KV groups / MLP channels to remove, in (0, 1).")] = None,
+    method: Annotated[
+        Optional[Method],
+        typer.Option(
+            "--method",
+            "-m",
+            help="Unstructured or N:M sparsity by magnitude (baseline), wanda (|W| x input norm), sparsegpt "
+            "(second-order, updates weights).",
+        ),
+    ] = None,
+    sparsity: Annotated[
+        Optional[float],
+        typer.Option(
+            "--sparsity",
+            "-s",
+            help="Fraction of each linear's weights to remove, in [0, 1). Default 0.5, or 1 - N/M with --pattern.",
+        ),
+    ] = None,
+    pattern: Annotated[
+        Optional[str],
+        typer.Option(
+            "--pattern",
+            "-p",
+            help="N:M semi-structured sparsity: at most N non-zeros in every M consecutive weights of a row, e.g. 2:4.",
+        ),
+    ] = None,
+    structured: Annotated[
+        Optional[Structure],
+        typer.Option(
+            "--structured",
+            help="Remove whole layers, attention heads (KV groups), or MLP channels: the model really shrinks.",
+        ),
+    ] = None,
+    ratio: Annotated[
+        Optional[float],
+        typer.Option(
+            "--ratio",
+            "-r",
+            help="With --structured: fraction of layers / KV groups / MLP channels to remove, in (0, 1).",
+        ),
+    ] = None,
     damp: Annotated[float, typer.Option("--damp", help="SparseGPT: damping as a fraction of mean(diag H).")] = 0.01,
     data: DataOpt = None,
     calib_samples: SamplesOpt = 64,
     seq_len: SeqLenOpt = 512,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure perplexity before and after (recorded in edgellm.json).")] = True,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Measure perplexity before and after (recorded in edgellm.json).")
+    ] = True,
     eval_tokens: EvalTokensOpt = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing calibration windows.")] = 0,
     force: ForceOpt = False,
@@ -58,7 +108,10 @@ def prune(
 
     # Validate every option before any heavy work (nothing is loaded or written on bad input).
     if (method is None) == (structured is None):
-        raise EdgeLLMError("give either --method {magnitude,wanda,sparsegpt} (with --sparsity or --pattern) or --structured {layers,heads,mlp} with --ratio")
+        raise EdgeLLMError(
+            "give either --method {magnitude,wanda,sparsegpt} (with --sparsity or --pattern) or --structured "
+            "{layers,heads,mlp} with --ratio"
+        )
     if structured is not None and (sparsity is not None or pattern is not None):
         raise EdgeLLMError("--sparsity and --pattern apply to --method; --structured takes --ratio")
     if method is not None and ratio is not None:
@@ -69,7 +122,10 @@ def prune(
     if sparsity is not None:
         check_sparsity(sparsity)
     if nm is not None and sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
-        raise EdgeLLMError(f"--sparsity {sparsity} contradicts --pattern {nm}, which removes {nm.sparsity:g} of the weights; drop --sparsity")
+        raise EdgeLLMError(
+            f"--sparsity {sparsity} contradicts --pattern {nm}, which removes {nm.sparsity:g} of the weights; drop "
+            "--sparsity"
+        )
     check_range("--damp", damp, 0.0, 1.0, hi_open=True)
     check_range("--sparsity", sparsity, 0.0, 1.0, hi_open=True)
     check_range("--seed", seed, 0, 2**32 - 1)
@@ -93,10 +149,15 @@ def prune(
             raise EdgeLLMError(f"'{model}' is quantized; prune the unquantized model, then quantize the pruned one")
         net = loaded.model
         if method is not None:
-            cfg = P.PruneConfig(method=method.value, sparsity=nm.sparsity if nm else (0.5 if sparsity is None else sparsity), pattern=nm, damp=damp)
+            cfg = P.PruneConfig(
+                method=method.value,
+                sparsity=nm.sparsity if nm else (0.5 if sparsity is None else sparsity),
+                pattern=nm,
+                damp=damp,
+            )
             P.check_unstructured(net, cfg)
         else:
-            plan = P.plan_structured(net, structured.value, ratio)
+            P.plan_structured(net, structured.value, ratio)
         ids = data_tokens(loaded.tokenizer, data)
         needs_data = structured is not None or method != Method.magnitude
         calib = calibration_batch(ids, calib_samples, seq_len, seed=seed) if needs_data else None
@@ -119,10 +180,22 @@ def prune(
             result["per_layer"] = [{"layer": r["layer"], "sparsity": r["sparsity"]} for r in report]
         else:
             result["note"] = "same number removed in every block so the config stays uniform; config.json updated"
-        record = add_step(loaded.record, "prune", params=params, time_s=round(seconds, 2),
-                          data=None if calib is None else {"spec": data or "builtin:pydoc", "calib_samples": int(calib.shape[0]),
-                                                           "seq_len": int(calib.shape[1]), "seed": seed},
-                          result=result, quality=quality)
+        record = add_step(
+            loaded.record,
+            "prune",
+            params=params,
+            time_s=round(seconds, 2),
+            data=None
+            if calib is None
+            else {
+                "spec": data or "builtin:pydoc",
+                "calib_samples": int(calib.shape[0]),
+                "seq_len": int(calib.shape[1]),
+                "seed": seed,
+            },
+            result=result,
+            quality=quality,
+        )
         with atomic_output_dir(output, force, inputs) as tmp:
             save_model(net, loaded.tokenizer, tmp, record)
 
@@ -135,8 +208,12 @@ def _summary(model, output, report, result, before, after, seconds, method, stru
     from ..console import console
 
     if report is not None:
-        table = Table(title=f"{method.value}: sparsity reached per block ({result['sparsity_reached']:.2%} of decoder linears)")
-        table.add_column("block", justify="right"); table.add_column("linears", justify="right"); table.add_column("sparsity", justify="right")
+        table = Table(
+            title=f"{method.value}: sparsity reached per block ({result['sparsity_reached']:.2%} of decoder linears)"
+        )
+        table.add_column("block", justify="right")
+        table.add_column("linears", justify="right")
+        table.add_column("sparsity", justify="right")
         table.add_column("min / max per linear", justify="right")
         blocks: dict[str, list[dict]] = {}
         for r in report:
@@ -144,21 +221,42 @@ def _summary(model, output, report, result, before, after, seconds, method, stru
         for name, rows in blocks.items():
             n = sum(r["shape"][0] * r["shape"][1] for r in rows)
             z = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)
-            table.add_row(str(name), str(len(rows)), f"{z / n:.2%}", f"{min(r['sparsity'] for r in rows):.2%} / {max(r['sparsity'] for r in rows):.2%}")
+            table.add_row(
+                str(name),
+                str(len(rows)),
+                f"{z / n:.2%}",
+                f"{min(r['sparsity'] for r in rows):.2%} / {max(r['sparsity'] for r in rows):.2%}",
+            )
         console.print(table)
-        console.print("note: zeros in dense weights; size and dense-runtime speed are unchanged (structured pruning shrinks the model)")
+        console.print(
+            "note: zeros in dense weights; size and dense-runtime speed are unchanged (structured pruning shrinks the "
+            "model)"
+        )
     else:
-        table = Table(title=f"structured {structured.value}: removed {result['remove']} of {result['total']} {result['unit']}")
-        table.add_column("config"); table.add_column("before", justify="right"); table.add_column("after", justify="right")
+        table = Table(
+            title=f"structured {structured.value}: removed {result['remove']} of {result['total']} {result['unit']}"
+        )
+        table.add_column("config")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
         for key, (b, a) in result["config"].items():
             table.add_row(key, str(b), str(a))
         console.print(table)
         if structured.value == "layers":
             console.print(f"removed layers: {', '.join(map(str, result['removed']))}")
     pb, pa = result["parameters_before"], result["parameters_after"]
-    console.print(f"parameters: {pb:,} -> {pa:,} ({(pa / pb - 1) * 100:+.1f}%)"
-                  + (f"; non-zero in decoder linears: {1 - result['sparsity_reached']:.1%}" if report is not None else ""))
+    console.print(
+        f"parameters: {pb:,} -> {pa:,} ({(pa / pb - 1) * 100:+.1f}%)"
+        + (f"; non-zero in decoder linears: {1 - result['sparsity_reached']:.1%}" if report is not None else "")
+    )
     src = dir_size(model) if not str(model).endswith(".gguf") else None
-    console.print(f"wrote {output} ({human_bytes(dir_size(output))}" + (f", source {human_bytes(src)}" if src else "") + f") in {seconds:.1f} s")
+    console.print(
+        f"wrote {output} ({human_bytes(dir_size(output))}"
+        + (f", source {human_bytes(src)}" if src else "")
+        + f") in {seconds:.1f} s"
+    )
     if before is not None:
-        console.print(f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} ({(after.perplexity / before.perplexity - 1) * 100:+.2f}%) on {after.tokens} held-out tokens")
+        console.print(
+            f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} "
+            f"({(after.perplexity / before.perplexity - 1) * 100:+.2f}%) on {after.tokens} held-out tokens"
+        )

@@ -34,24 +34,82 @@ class KVCache(str, Enum):
 
 def run(
     model: Annotated[Path, typer.Argument(help="Export directory written by 'edgellm export'.", show_default=False)],
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (with --chat: the first message).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Interactive chat with the model's chat template; the conversation stays in the KV cache. One message per line; end with Ctrl-D.")] = False,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.")] = 128,
+    prompt: Annotated[
+        Optional[str], typer.Option("--prompt", "-p", help="Prompt text (with --chat: the first message).")
+    ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Interactive chat with the model's chat template; the conversation stays in the KV cache. One "
+            "message per line; end with Ctrl-D.",
+        ),
+    ] = False,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.")
+    ] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")] = 0.7,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens; 0 = off.")] = 40,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1 = off.")] = 0.95,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens already in the context.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same text.")] = None,
-    stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop when this string appears (repeatable).")] = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence tokens: generate exactly --max-new-tokens (or until --stop or the context is full).")] = False,
+    repetition_penalty: Annotated[
+        float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens already in the context.")
+    ] = 1.0,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same text.")
+    ] = None,
+    stop: Annotated[
+        Optional[List[str]], typer.Option("--stop", help="Stop when this string appears (repeatable).")
+    ] = None,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-eos",
+            help="Do not stop at end-of-sequence tokens: generate exactly --max-new-tokens (or until --stop or the "
+            "context is full).",
+        ),
+    ] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
-    backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime).")] = Backend.numba,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            "--backend", help="numba (the edgellm runtime) or onnxruntime (same interface over ONNX Runtime)."
+        ),
+    ] = Backend.numba,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length (default: the model's maximum).")] = None,
-    kv_cache: Annotated[KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend): auto = fp16 for quantized exports (half the memory), fp32 for float ones.")] = KVCache.auto,
-    kernels: Annotated[Kernels, typer.Option("--kernels", help="Kernel tier (numba backend): auto = the best the CPU has; a lower one for comparisons. One the CPU lacks is an error.")] = Kernels.auto,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say which backend, kernel tier, KV cache and threads run.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="First check every file against the sha256 recorded at export (reads the whole model once).")] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu (numba CPU kernels) or cuda (an NVIDIA GPU through numba's CUDA target, from the same export; fp16 compute, fp16 KV cache).")] = "cpu",
+    kv_cache: Annotated[
+        KVCache,
+        typer.Option(
+            "--kv-cache",
+            help="KV cache precision (numba backend): auto = fp16 for quantized exports (half the memory), fp32 for "
+            "float ones.",
+        ),
+    ] = KVCache.auto,
+    kernels: Annotated[
+        Kernels,
+        typer.Option(
+            "--kernels",
+            help="Kernel tier (numba backend): auto = the best the CPU has; a lower one for comparisons. One the CPU "
+            "lacks is an error.",
+        ),
+    ] = Kernels.auto,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Say which backend, kernel tier, KV cache and threads run.")
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="First check every file against the sha256 recorded at export (reads the whole model once).",
+        ),
+    ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="cpu (numba CPU kernels) or cuda (an NVIDIA GPU through numba's CUDA target, from the same export; "
+            "fp16 compute, fp16 KV cache).",
+        ),
+    ] = "cpu",
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -71,23 +129,45 @@ def run(
         raise EdgeLLMError("--stop '' is invalid; give a non-empty stop string")
     if not chat and (prompt is None or not prompt.strip()):
         raise EdgeLLMError("the prompt is empty; give some text with -p (or use --chat)")
-    params = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                      max_new_tokens=max_new_tokens, stop=tuple(stop or ()), ignore_eos=ignore_eos)
+    params = Sampling(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        stop=tuple(stop or ()),
+        ignore_eos=ignore_eos,
+    )
     params.check()
     if chat:
         from .._deps import require
 
         require("jinja2", "--chat (the model's chat template)")  # before the load, not after it
-    with console.status(f"loading {model} ({backend.value}{', ' + device if device != 'cpu' else ''})"), warnings.catch_warnings():
+    with (
+        console.status(f"loading {model} ({backend.value}{', ' + device if device != 'cpu' else ''})"),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore", RuntimeWarning)  # a tier's self-check fallback: printed as one line below
-        gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value, kernels=kernels.value, verify=verify,
-                   device=device)
+        gen = load(
+            model,
+            backend=backend.value,
+            threads=threads,
+            n_ctx=ctx,
+            kv_cache=kv_cache.value,
+            kernels=kernels.value,
+            verify=verify,
+            device=device,
+        )
     if getattr(gen.model, "kernel_warning", None):
         console.print(f"[yellow]warning:[/] {gen.model.kernel_warning}", highlight=False)
     if verbose:
         m = gen.model
-        console.print(f"[dim]{backend.value}: kernels {getattr(m, 'kernels', 'n/a')}, KV cache {getattr(m, 'kv_cache', 'n/a')}, "
-                      f"threads {getattr(m, 'threads', threads)}[/]", highlight=False)
+        console.print(
+            f"[dim]{backend.value}: kernels {getattr(m, 'kernels', 'n/a')}, KV cache {getattr(m, 'kv_cache', 'n/a')}, "
+            f"threads {getattr(m, 'threads', threads)}[/]",
+            highlight=False,
+        )
 
     def emit(pieces):
         for piece in pieces:

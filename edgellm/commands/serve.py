@@ -13,33 +13,68 @@ from .run import Backend, KVCache
 
 def serve(
     model: Annotated[Path, typer.Argument(help="Export directory written by 'edgellm export'.", show_default=False)],
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port; 0 picks a free one (printed at start).")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
+    ] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length: prompt + max_tokens per request (default: the model's maximum).")] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait while one runs; more are answered 429 with Retry-After.")] = 16,
-    backend: Annotated[Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime.")] = Backend.numba,
-    kv_cache: Annotated[KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend), as for 'edgellm run'.")] = KVCache.auto,
-    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse the KV cache of the prompt prefix a request shares with the previous one (a continuing chat prefills only its new tokens).")] = True,
-    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Also log each request's prompt text (off: logs hold ids, token counts and timings only).")] = False,
+    ctx: Annotated[
+        Optional[int],
+        typer.Option("--ctx", help="Context length: prompt + max_tokens per request (default: the model's maximum)."),
+    ] = None,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue", help="Requests that may wait while one runs; more are answered 429 with Retry-After."
+        ),
+    ] = 16,
+    backend: Annotated[
+        Backend, typer.Option("--backend", help="numba (the edgellm runtime) or onnxruntime.")
+    ] = Backend.numba,
+    kv_cache: Annotated[
+        KVCache, typer.Option("--kv-cache", help="KV cache precision (numba backend), as for 'edgellm run'.")
+    ] = KVCache.auto,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Reuse the KV cache of the prompt prefix a request shares with the previous one (a continuing chat "
+            "prefills only its new tokens).",
+        ),
+    ] = True,
+    log_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--log-prompts",
+            help="Also log each request's prompt text (off: logs hold ids, token counts and timings only).",
+        ),
+    ] = False,
 ):
     """Serve an exported model over an OpenAI-compatible HTTP API (needs the 'serve' extra).
 
     POST /v1/chat/completions (stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health.
 
-    Requests run one at a time, first come first served. Unset sampling fields take 'edgellm run' defaults (temperature 0.7, top_p 0.95, top_k 40); max_tokens defaults to the rest of the context.
+    Requests run one at a time, first come first served. Unset sampling fields take 'edgellm run'
+    defaults (temperature 0.7, top_p 0.95, top_k 40); max_tokens defaults to the rest of the context.
 
     One log line per request on stderr. Ctrl-C or SIGTERM: running and queued requests finish, then it exits.
 
-    Example: edgellm serve q4-onnx/ --port 8000, then the openai client with base_url="http://127.0.0.1:8000/v1", model="q4-onnx".
+    Example: edgellm serve q4-onnx/ --port 8000, then the openai client with
+    base_url="http://127.0.0.1:8000/v1", model="q4-onnx".
     """
     from ..console import console
     from ..errors import EdgeLLMError
 
     missing = [m for m in ("uvicorn", "starlette", "jinja2") if importlib.util.find_spec(m) is None]
     if missing:
-        raise EdgeLLMError(f"'edgellm serve' needs {', '.join(missing)}, which is not installed; install it with: pip install 'edgellm[serve]'")
+        raise EdgeLLMError(
+            f"'edgellm serve' needs {', '.join(missing)}, which is not installed; install it with: pip install "
+            "'edgellm[serve]'"
+        )
     if not 0 <= port <= 65535:
         raise EdgeLLMError(f"--port {port} is invalid; give 0 to 65535")
     if max_queue < 0:
@@ -59,15 +94,30 @@ def serve(
         with console.status(f"loading {model} ({backend.value})"):
             gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value)
         name = server.model_name(model)
-        app = server.create_app(gen, name, api_key=api_key, max_queue=max_queue, reuse_prefix=prefix_cache, log_prompts=log_prompts,
-                                created=int(Path(model).stat().st_mtime))
+        app = server.create_app(
+            gen,
+            name,
+            api_key=api_key,
+            max_queue=max_queue,
+            reuse_prefix=prefix_cache,
+            log_prompts=log_prompts,
+            created=int(Path(model).stat().st_mtime),
+        )
         addr = sock.getsockname()
         url_host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-        console.print(f"serving [bold]{name}[/] ({backend.value}, ctx {gen.model.n_ctx}, queue {max_queue}"
-                      f"{', API key required' if api_key else ''}) on http://{url_host}:{addr[1]}/v1", highlight=False, soft_wrap=True)
+        console.print(
+            f"serving [bold]{name}[/] ({backend.value}, ctx {gen.model.n_ctx}, queue {max_queue}"
+            f"{', API key required' if api_key else ''}) on http://{url_host}:{addr[1]}/v1",
+            highlight=False,
+            soft_wrap=True,
+        )
         if not (api_key or host == "localhost" or host == "::1" or host.startswith("127.")):
-            console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this port can use the model",
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this port can use "
+                "the model",
+                highlight=False,
+                soft_wrap=True,
+            )
         server.run(app, sock, log_config=_log_config())
     finally:
         sock.close()
@@ -78,5 +128,12 @@ def _log_config() -> dict:
     """uvicorn's messages and the per-request lines of edgellm.serve, timestamped on stderr."""
     fmt = {"format": "%(asctime)s %(levelname)s %(message)s", "datefmt": "%Y-%m-%dT%H:%M:%S"}
     handler = {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
-    return {"version": 1, "disable_existing_loggers": False, "formatters": {"plain": fmt}, "handlers": {"stderr": handler},
-            "loggers": {name: {"handlers": ["stderr"], "level": "INFO", "propagate": False} for name in ("uvicorn", "edgellm.serve")}}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": fmt},
+        "handlers": {"stderr": handler},
+        "loggers": {
+            name: {"handlers": ["stderr"], "level": "INFO", "propagate": False} for name in ("uvicorn", "edgellm.serve")
+        },
+    }

@@ -37,7 +37,13 @@ def fingerprint(fields: dict) -> str:
 def model_identity(spec: str) -> dict:
     """A cheap identity for a model spec: config and weight-file headers, sizes (no full hash of GBs)."""
     path = Path(spec)
-    files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("config.json")]) if path.is_dir() else []
+    files = (
+        [path]
+        if path.is_file()
+        else sorted([*path.glob("*.safetensors"), *path.glob("config.json")])
+        if path.is_dir()
+        else []
+    )
     if not files:
         return {"spec": spec}
     h = hashlib.sha256()
@@ -75,7 +81,11 @@ def _dedupe_shared(tensors: dict) -> tuple[dict, dict]:
     """safetensors refuses tensors sharing storage (tied embeddings): keep one, record the aliases."""
     seen, out, aliases = {}, {}, {}
     for name, t in tensors.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) if t.numel() else None
+        key = (
+            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if t.numel()
+            else None
+        )
         if key is not None and key in seen:
             aliases[name] = seen[key]
         else:
@@ -99,7 +109,9 @@ def _load_tensors(path: Path) -> dict:
     try:
         return load_file(str(path))
     except Exception as exc:
-        raise EdgeLLMError(f"checkpoint file '{path}' is unreadable ({str(exc).splitlines()[0]}); the checkpoint is damaged") from None
+        raise EdgeLLMError(
+            f"checkpoint file '{path}' is unreadable ({str(exc).splitlines()[0]}); the checkpoint is damaged"
+        ) from None
 
 
 class CheckpointDir:
@@ -134,10 +146,16 @@ class CheckpointDir:
                 raise EdgeLLMError(f"'{run}' is damaged; the checkpoint folder cannot be resumed") from None
             if saved.get("fingerprint") != fp:
                 old = saved.get("fields", {})
-                diff = sorted(k for k in set(old) | set(fields) if json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(fields.get(k), sort_keys=True, default=str))
+                diff = sorted(
+                    k
+                    for k in set(old) | set(fields)
+                    if json.dumps(old.get(k), sort_keys=True, default=str)
+                    != json.dumps(fields.get(k), sort_keys=True, default=str)
+                )
                 raise EdgeLLMError(
-                    f"--resume '{self.path}' is a checkpoint of a different run (differs in: {', '.join(diff) or 'format'}); "
-                    "resume with the same teacher, data and options, or start a new run"
+                    f"--resume '{self.path}' is a checkpoint of a different run (differs in: "
+                    f"{', '.join(diff) or 'format'}); resume with the same teacher, data and options, or start a new "
+                    "run"
                 )
             self.latest_step()
         elif self.path.exists() and any(self.path.iterdir()) and not force:
@@ -156,7 +174,9 @@ class CheckpointDir:
             self.path.mkdir(parents=True, exist_ok=True)
             _write_json(run, {"format": FORMAT, "fingerprint": fp, "fields": fields})
         except OSError as exc:
-            raise EdgeLLMError(f"cannot create checkpoint folder '{self.path}' ({exc.strerror}); choose another --checkpoint-dir") from None
+            raise EdgeLLMError(
+                f"cannot create checkpoint folder '{self.path}' ({exc.strerror}); choose another --checkpoint-dir"
+            ) from None
         self.log_path.write_text("")
 
     def save(self, step: int, model_state: dict, optim_state: dict, rng: dict, extra: dict) -> None:
@@ -179,8 +199,14 @@ class CheckpointDir:
                         opt_scalars[f"{pname}/{k}"] = v
             _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
             _save_tensors({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
-            state = {"format": FORMAT, "step": step, "aliases": aliases, "param_groups": optim_state["param_groups"],
-                     "optimizer_scalars": opt_scalars, **extra}
+            state = {
+                "format": FORMAT,
+                "step": step,
+                "aliases": aliases,
+                "param_groups": optim_state["param_groups"],
+                "optimizer_scalars": opt_scalars,
+                **extra,
+            }
             _write_json(tmp / "state.json", state)
             _fsync_dir(tmp)
             if final.exists():
@@ -191,7 +217,11 @@ class CheckpointDir:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
-            kept = f"the previous checkpoint (step {previous}) is intact" if previous is not None else "no earlier checkpoint exists"
+            kept = (
+                f"the previous checkpoint (step {previous}) is intact"
+                if previous is not None
+                else "no earlier checkpoint exists"
+            )
             raise EdgeLLMError(
                 f"could not write the checkpoint at step {step} in '{self.path}' ({why}); {kept}: "
                 f"free space and continue with --resume {self.path}"
@@ -213,11 +243,20 @@ class CheckpointDir:
         for alias, name in state["aliases"].items():
             model[alias] = model[name]
         per_param: dict = {}
-        for key, value in [*_load_tensors(folder / "optimizer.safetensors").items(), *state["optimizer_scalars"].items()]:
+        for key, value in [
+            *_load_tensors(folder / "optimizer.safetensors").items(),
+            *state["optimizer_scalars"].items(),
+        ]:
             pname, k = key.rsplit("/", 1)
             per_param.setdefault(pname, {})[k] = value
         optim = {"state": per_param, "param_groups": state["param_groups"]}
-        return {"step": step, "model": model, "optimizer": optim, "rng": _load_tensors(folder / "rng.safetensors"), "state": state}
+        return {
+            "step": step,
+            "model": model,
+            "optimizer": optim,
+            "rng": _load_tensors(folder / "rng.safetensors"),
+            "state": state,
+        }
 
     def read_log(self, upto: int | None = None) -> list[dict]:
         if not self.log_path.is_file():

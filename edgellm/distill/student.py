@@ -56,7 +56,7 @@ def student_from_teacher(teacher, n_layers: int):
     state = {}
     for key, value in teacher.state_dict().items():
         if key.startswith(prefix):
-            idx, rest = key[len(prefix):].split(".", 1)
+            idx, rest = key[len(prefix) :].split(".", 1)
             if int(idx) not in new_of_old:
                 continue
             key = f"{prefix}{new_of_old[int(idx)]}.{rest}"
@@ -65,7 +65,9 @@ def student_from_teacher(teacher, n_layers: int):
     persistent = set(student.state_dict())
     missing = [k for k in missing if k in persistent]
     if missing or unexpected:  # a bug in the key mapping, not a user error
-        raise RuntimeError(f"student weights do not map onto the teacher's: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise RuntimeError(
+            f"student weights do not map onto the teacher's: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     with torch.no_grad():  # the copies are independent of the teacher
         for p in student.parameters():
             p.data = p.data.clone()

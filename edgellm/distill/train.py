@@ -108,12 +108,30 @@ def _full_state(model, opt):
 def _restore(model, opt, saved: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, [opt], model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        [opt],
+        model_state_dict=saved["model"],
+        optim_state_dict=saved["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
-def train(student, teacher, data, cfg: TrainConfig, loss_cfg: LossConfig, *, device: str = "cpu", kept=None,
-          ckpt=None, resume: dict | None = None, d: Dist | None = None, fsdp: bool = False, progress=NULL) -> dict:
+def train(
+    student,
+    teacher,
+    data,
+    cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    *,
+    device: str = "cpu",
+    kept=None,
+    ckpt=None,
+    resume: dict | None = None,
+    d: Dist | None = None,
+    fsdp: bool = False,
+    progress=NULL,
+) -> dict:
     """Distil `teacher` into `student`. Returns (trained student as a plain module, summary).
 
     `ckpt` is a CheckpointDir (rank 0 writes it), `resume` what `ckpt.load()` returned. Progress
@@ -148,7 +166,9 @@ def train(student, teacher, data, cfg: TrainConfig, loss_cfg: LossConfig, *, dev
             group["lr"] = lr
         loss_sum, term_sums = 0.0, {}
         for micro in range(cfg.grad_accum):
-            x = data.batch(step, micro, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=d.rank, world=d.world).to(device)  # (B, T)
+            x = data.batch(
+                step, micro, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=d.rank, world=d.world
+            ).to(device)  # (B, T)
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
@@ -172,9 +192,16 @@ def train(student, teacher, data, cfg: TrainConfig, loss_cfg: LossConfig, *, dev
         opt.zero_grad(set_to_none=True)
 
         dt = time.perf_counter() - t0
-        row = {"step": step + 1, "loss": d.mean(loss_sum, device), **{k: d.mean(v, device) for k, v in term_sums.items()},
-               "lr": lr, "grad_norm": gnorm, "tokens": (step + 1) * tokens_per_step, "step_s": round(dt, 4),
-               "tokens_per_s": round(tokens_per_step / dt, 1)}
+        row = {
+            "step": step + 1,
+            "loss": d.mean(loss_sum, device),
+            **{k: d.mean(v, device) for k, v in term_sums.items()},
+            "lr": lr,
+            "grad_norm": gnorm,
+            "tokens": (step + 1) * tokens_per_step,
+            "step_s": round(dt, 4),
+            "tokens_per_s": round(tokens_per_step / dt, 1),
+        }
         if not math.isfinite(row["loss"]):
             raise EdgeLLMError(f"the loss became {row['loss']} at step {step + 1}; lower --lr or use --precision fp32")
         curve.append(row)
@@ -189,8 +216,15 @@ def train(student, teacher, data, cfg: TrainConfig, loss_cfg: LossConfig, *, dev
     student = _plain_student(model, student, fsdp and d.active)
     if student is not None:
         student.eval()
-    return student, {"steps": cfg.steps, "resumed_from": start, "tokens": cfg.steps * tokens_per_step, "precision": precision,
-            "train_time_s": round(prev_time + time.perf_counter() - t_start, 2), "final_loss": row.get("loss"), "curve": curve}
+    return student, {
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "tokens": cfg.steps * tokens_per_step,
+        "precision": precision,
+        "train_time_s": round(prev_time + time.perf_counter() - t_start, 2),
+        "final_loss": row.get("loss"),
+        "curve": curve,
+    }
 
 
 def _plain_student(model, student, sharded: bool):
@@ -206,7 +240,9 @@ def _plain_student(model, student, sharded: bool):
     plain = AutoModelForCausalLM.from_config(student.config, dtype=next(iter(full.values())).dtype)
     missing, unexpected = plain.load_state_dict(full, strict=False)
     if unexpected or [k for k in missing if k in plain.state_dict() and k not in ("lm_head.weight",)]:
-        raise RuntimeError(f"FSDP state does not map onto the student: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise RuntimeError(
+            f"FSDP state does not map onto the student: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     return plain
 
 
@@ -231,4 +267,3 @@ def _checkpoint(ckpt, model, opt, d: Dist, device: str, step: int, train_time: f
             raise EdgeLLMError("rank 0 could not write the checkpoint; see its error")
     if error is not None:
         raise error
-

@@ -51,8 +51,11 @@ class PruneConfig:
 def linear_widths(model) -> dict[str, int]:
     """Input width of every prunable linear, by its path in the model."""
     layers_path = family_of(model.config).layers
-    return {f"{layers_path}.{bi}.{name}": linear_weight(m).shape[1]
-            for bi, block in enumerate(decoder_layers(model)) for name, m in block_linears(block).items()}
+    return {
+        f"{layers_path}.{bi}.{name}": linear_weight(m).shape[1]
+        for bi, block in enumerate(decoder_layers(model))
+        for name, m in block_linears(block).items()
+    }
 
 
 def check_unstructured(model, cfg: PruneConfig) -> None:
@@ -89,14 +92,26 @@ def prune_unstructured(model, cfg: PruneConfig, calib: torch.Tensor | None, prog
                     mask = select_mask(score, cfg.sparsity, cfg.pattern, per_row=cfg.method == "wanda")
                     new = w.masked_fill(mask, 0.0)
                 set_linear_weight(lin, new.to(lin.weight.dtype))
-                report.append({"block": bi, "layer": f"{layers_path}.{bi}.{name}", "shape": list(w.shape),
-                               "sparsity": round(sparsity_of(new), 6), "time_s": round(time.perf_counter() - t0, 4)})
+                report.append(
+                    {
+                        "block": bi,
+                        "layer": f"{layers_path}.{bi}.{name}",
+                        "shape": list(w.shape),
+                        "sparsity": round(sparsity_of(new), 6),
+                        "time_s": round(time.perf_counter() - t0, 4),
+                    }
+                )
             if needs_data and bi + 1 < len(blocks):
                 inputs = run_block(block, inputs)
     total = sum(r["shape"][0] * r["shape"][1] for r in report)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report)
-    info = {**cfg.to_dict(), "linears": len(report), "sparsity_reached": round(zeros / max(total, 1), 6),
-            "pruned_weights": int(round(zeros)), "prunable_weights": total}
+    info = {
+        **cfg.to_dict(),
+        "linears": len(report),
+        "sparsity_reached": round(zeros / max(total, 1), 6),
+        "pruned_weights": int(round(zeros)),
+        "prunable_weights": total,
+    }
     return report, info
 
 
@@ -111,14 +126,21 @@ def plan_structured(model, kind: str, ratio: float) -> dict:
         raise EdgeLLMError(f"--ratio {ratio} is outside (0, 1); give the fraction of {kind} to remove, e.g. 0.25")
     st.check_supported(model, kind)
     cfg = model.config
-    total, unit = {"layers": (len(decoder_layers(model)), "layers"),
-                   "heads": (getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 0), "KV groups"),
-                   "mlp": (getattr(cfg, "intermediate_size", 0), "MLP channels")}[kind]
+    total, unit = {
+        "layers": (len(decoder_layers(model)), "layers"),
+        "heads": (getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 0), "KV groups"),
+        "mlp": (getattr(cfg, "intermediate_size", 0), "MLP channels"),
+    }[kind]
     n_remove = int(round(ratio * total))
     if n_remove >= total:
-        raise EdgeLLMError(f"--ratio {ratio} would remove every one of the model's {total} {unit}; give a smaller ratio")
+        raise EdgeLLMError(
+            f"--ratio {ratio} would remove every one of the model's {total} {unit}; give a smaller ratio"
+        )
     if n_remove == 0:
-        raise EdgeLLMError(f"--ratio {ratio} removes none of the model's {total} {unit} ({ratio} x {total} rounds to 0); give a larger ratio")
+        raise EdgeLLMError(
+            f"--ratio {ratio} removes none of the model's {total} {unit} ({ratio} x {total} rounds to 0); give a "
+            "larger ratio"
+        )
     return {"kind": kind, "ratio": ratio, "unit": unit, "total": total, "remove": n_remove, "keep": total - n_remove}
 
 
@@ -127,7 +149,10 @@ def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progre
     what was removed (per block), and the config changes."""
     plan = plan_structured(model, kind, ratio)
     cfg = model.config
-    before = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")}
+    before = {
+        k: getattr(cfg, k, None)
+        for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    }
     with torch.no_grad():
         inputs = capture_block_inputs(model, calib)
         blocks = decoder_layers(model)
@@ -142,13 +167,19 @@ def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progre
             plan.update(removed=removed, scores=[round(s, 6) for s in scores])
         else:
             removed_per_block = []
-            n_heads, n_kv, hd = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, st.head_dim(cfg)
+            n_heads, n_kv, hd = (
+                cfg.num_attention_heads,
+                getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                st.head_dim(cfg),
+            )
             for bi in progress.track(range(len(blocks)), f"pruning {plan['unit']}", total=len(blocks)):
                 block = blocks[bi]
                 if kind == "heads":
                     attn = block.self_attn
                     H = collect_stats(block, inputs, {"o": attn.o_proj}, 0)["o"].H
-                    keep, removed = st.lowest(st.group_importance(attn.o_proj.weight, H, n_heads, n_kv, hd), plan["remove"])
+                    keep, removed = st.lowest(
+                        st.group_importance(attn.o_proj.weight, H, n_heads, n_kv, hd), plan["remove"]
+                    )
                     st.remove_kv_groups(attn, keep, n_heads, n_kv, hd)
                 else:
                     mlp = block.mlp

@@ -44,7 +44,9 @@ def parse_pattern(text: str) -> Pattern:
     except ValueError:
         n = m = -1
     if not sep or not 0 < n < m:
-        raise EdgeLLMError(f"--pattern '{text}' is invalid; give N:M with 0 < N < M (N non-zeros kept in every M weights), e.g. 2:4")
+        raise EdgeLLMError(
+            f"--pattern '{text}' is invalid; give N:M with 0 < N < M (N non-zeros kept in every M weights), e.g. 2:4"
+        )
     return Pattern(n, m)
 
 
@@ -58,7 +60,10 @@ def check_divides(pattern: Pattern, widths: dict[str, int]) -> None:
     """Every layer's input width must be a multiple of M (named layer in the error)."""
     for name, width in widths.items():
         if width % pattern.m:
-            raise EdgeLLMError(f"--pattern {pattern} does not divide layer '{name}': its input width {width} is not a multiple of {pattern.m}")
+            raise EdgeLLMError(
+                f"--pattern {pattern} does not divide layer '{name}': its input width {width} is not a multiple of "
+                f"{pattern.m}"
+            )
 
 
 def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:

@@ -20,8 +20,15 @@ from .masks import Pattern
 BLOCK = 128  # columns whose mask is chosen together and whose updates are applied lazily
 
 
-def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: Pattern | None = None, *,
-                    damp: float = 0.01, blocksize: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_prune(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern | None = None,
+    *,
+    damp: float = 0.01,
+    blocksize: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """W (out, in), H (in, in) -> (pruned and updated W, mask of removed weights)."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape

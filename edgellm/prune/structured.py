@@ -28,8 +28,8 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2")
 def check_supported(model, kind: str) -> None:
     if kind != "layers" and model.config.model_type not in LLAMA_LIKE:
         raise UnsupportedError(
-            f"--structured {kind} supports Llama-shaped models ({', '.join(LLAMA_LIKE)}), not '{model.config.model_type}'; "
-            "--structured layers works for every supported architecture"
+            f"--structured {kind} supports Llama-shaped models ({', '.join(LLAMA_LIKE)}), not "
+            f"'{model.config.model_type}'; --structured layers works for every supported architecture"
         )
 
 

@@ -53,8 +53,10 @@ class QuantConfig:
         if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
             raise EdgeLLMError(f"--embeddings {self.embeddings!r} is invalid; choose one of {', '.join(EMBEDDINGS)}")
         if self.embeddings == "4" and self.fmt.bits == 8:
-            raise EdgeLLMError("--embeddings 4 with --bits 8 would store the most sensitive tensor below the rest; "
-                               "use --embeddings 8 or keep")
+            raise EdgeLLMError(
+                "--embeddings 4 with --bits 8 would store the most sensitive tensor below the rest; "
+                "use --embeddings 8 or keep"
+            )
 
     @property
     def embeddings_mode(self) -> str:
@@ -159,8 +161,14 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
                 w_ref = linear_weight(lin).detach().float()  # (out, in); after AWQ's exact rescaling
                 H = stats[name].H
                 if cfg.method == "gptq":
-                    codes, scales, zeros = gptq_quantize(w_ref, stats[name].hessian, lfmt, damp=cfg.damp,
-                                                         act_order=cfg.act_order, clip_search=cfg.clip_search)
+                    codes, scales, zeros = gptq_quantize(
+                        w_ref,
+                        stats[name].hessian,
+                        lfmt,
+                        damp=cfg.damp,
+                        act_order=cfg.act_order,
+                        clip_search=cfg.clip_search,
+                    )
                 else:
                     w = w_ref
                     if cfg.method == "awq" and name not in family.clip_skip:
@@ -172,8 +180,17 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
                 q.set_codes(codes, scales, zeros)
                 if lin.bias is not None:
                     q.bias.data.copy_(lin.bias.data)
-                report.append({"layer": path, "shape": list(w_ref.shape), "bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym,
-                               "rel_error": _rel_error(w_ref, q.dequantize(), H), "time_s": time.perf_counter() - t0})
+                report.append(
+                    {
+                        "layer": path,
+                        "shape": list(w_ref.shape),
+                        "bits": lfmt.bits,
+                        "group_size": lfmt.group_size,
+                        "sym": lfmt.sym,
+                        "rel_error": _rel_error(w_ref, q.dequantize(), H),
+                        "time_s": time.perf_counter() - t0,
+                    }
+                )
                 _replace(block, name, q)
                 names.append(path)
                 if cfg.plan:
@@ -182,9 +199,16 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
         emb_fmt = None
         if cfg.embeddings_mode != "keep":
             bits = int(cfg.embeddings_mode)
-            emb_fmt = fmt if cfg.embeddings is None else embedding_format(bits, model.get_input_embeddings().embedding_dim)
+            emb_fmt = (
+                fmt if cfg.embeddings is None else embedding_format(bits, model.get_input_embeddings().embedding_dim)
+            )
             _quantize_embeddings(model, emb_fmt)
-    info = {**cfg.to_dict(), "modules": names, "embeddings": emb_fmt.to_dict() if emb_fmt else False, "tied": _tied(model)}
+    info = {
+        **cfg.to_dict(),
+        "modules": names,
+        "embeddings": emb_fmt.to_dict() if emb_fmt else False,
+        "tied": _tied(model),
+    }
     if formats:
         info["formats"] = formats
     if rotation:
@@ -299,5 +323,7 @@ def load_quantized(path, config, info: dict, dtype):
     if missing or unexpected:
         from ..errors import EdgeLLMError
 
-        raise EdgeLLMError(f"'{files[0]}' does not match its edgellm.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise EdgeLLMError(
+            f"'{files[0]}' does not match its edgellm.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model

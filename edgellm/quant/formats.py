@@ -33,11 +33,14 @@ class QuantFormat:
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
-            raise EdgeLLMError(f"--bits {self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+            raise EdgeLLMError(
+                f"--bits {self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
         gs = self.group_size
         if gs != -1 and (gs < 16 or gs & (gs - 1)):
             raise EdgeLLMError(
-                f"--group-size {gs} is invalid; it must be a power of two >= 16 (e.g. 32, 64, 128) or -1 for per-channel"
+                f"--group-size {gs} is invalid; it must be a power of two >= 16 (e.g. 32, 64, 128) or -1 for "
+                "per-channel"
             )
 
     @property
@@ -65,7 +68,9 @@ def pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
     return w if w.shape[-1] == width else torch.nn.functional.pad(w, (0, width - w.shape[-1]))
 
 
-def group_params(w: torch.Tensor, fmt: QuantFormat, shrink: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(
+    w: torch.Tensor, fmt: QuantFormat, shrink: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points for groups given as the last dim of `w` (..., gs) -> (...,), (...,).
 
     `shrink` (a float or (...,)) scales the clipping range [min, max] (1 = no clipping).
@@ -112,8 +117,9 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat):
 CLIP_GRID = tuple(1.0 - 0.01 * k for k in range(31))  # clipping ranges tried by the MSE search: 100% .. 70%
 
 
-def mse_group_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None,
-                     grid: tuple[float, ...] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+def mse_group_params(
+    w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the clipping range on `grid` whose rounding error sum(importance * (w - w')^2) is
     smallest (importance (gs,) or (..., gs), e.g. diag H; None = plain MSE). w (..., gs) ->
     scales, zeros (...,). The unclipped range is on the grid, so the result never rounds worse."""

@@ -20,8 +20,15 @@ from ..hessian import BLOCK, inverse_cholesky, lazy_sweep, prepare_hessian
 from .formats import QuantFormat, group_params, mse_group_params, pad_columns
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.01,
-                  act_order: bool = True, clip_search: bool = True):
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    fmt: QuantFormat,
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+    clip_search: bool = True,
+):
     """W (out, in), H (in, in) -> codes (out, ng, gs) uint8, scales, zeros (out, ng)."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape

@@ -24,7 +24,15 @@ from .formats import QuantFormat, dequantize_codes, mse_group_params, pad_column
 
 # (bits, group size, symmetric) a unit may get: asymmetric groups cost a zero-point byte each but
 # fit skewed groups better, so e.g. 4-bit g64 asym (4.375 bits/weight) sits between sym g64 and g32
-CANDIDATES = ((4, 128, True), (4, 64, True), (4, 32, True), (4, 128, False), (4, 64, False), (4, 32, False), (8, 128, True))
+CANDIDATES = (
+    (4, 128, True),
+    (4, 64, True),
+    (4, 32, True),
+    (4, 128, False),
+    (4, 64, False),
+    (4, 32, False),
+    (8, 128, True),
+)
 PROBE = (4, 128, True)
 SENS_SAMPLES = 4  # calibration sequences the sensitivity pass scores on
 SENS_TOKENS = 256  # tokens of each
@@ -73,8 +81,11 @@ def check_budget(model, target: float, sym: bool | None = None) -> None:
         smallest += min(sum(fmt_bytes(s, f) for s in shapes) for f in fmts)
     floor = 8 * smallest / params
     if target < floor:
-        raise EdgeLLMError(f"--target-bpw {target} cannot be met: the smallest formats ({', '.join(f'{f.bits}-bit g{f.group_size}' for f in fmts)}) "
-                           f"need {floor:.3f} bits/weight on this model; give at least {floor:.3f}")
+        raise EdgeLLMError(
+            f"--target-bpw {target} cannot be met: the smallest formats "
+            f"({', '.join(f'{f.bits}-bit g{f.group_size}' for f in fmts)}) need {floor:.3f} bits/weight on this model; "
+            f"give at least {floor:.3f}"
+        )
 
 
 def _fake(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -98,22 +109,28 @@ def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=No
     progress = progress or NULL
     x = calib[:SENS_SAMPLES, :SENS_TOKENS]
     if x.numel() < MIN_TOKENS:
-        raise EdgeLLMError(f"the calibration set ({calib.shape[0]} x {calib.shape[1]} tokens) is too small for the sensitivity pass "
-                           f"of --target-bpw; it needs at least {MIN_TOKENS} tokens (raise --calib-samples or --seq-len)")
+        raise EdgeLLMError(
+            f"the calibration set ({calib.shape[0]} x {calib.shape[1]} tokens) is too small for the sensitivity pass "
+            f"of --target-bpw; it needs at least {MIN_TOKENS} tokens (raise --calib-samples or --seq-len)"
+        )
     blocks = decoder_layers(model)
     fam = family_of(model.config)
     block_in: list = []  # (hidden, kwargs) entering each block
     col_power: dict[str, torch.Tensor] = {}  # linear path -> mean x_j^2 of its input (in,)
     hooks = []
     for bi, block in enumerate(blocks):
+
         def pre(_m, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             block_in.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
         hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         for name, lin in block_linears(block).items():
+
             def lin_pre(_m, args, path=f"{fam.layers}.{bi}.{name}"):
                 a = args[0].reshape(-1, args[0].shape[-1]).float()
                 col_power[path] = a.pow(2).mean(0)
+
             hooks.append(lin.register_forward_pre_hook(lin_pre))
     try:
         with torch.no_grad():
@@ -140,12 +157,28 @@ def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=No
             kl = max(_kl(ref_logp, head(norm(h))), 1e-12)
             for m, w in zip(mods, saved):
                 m.weight.data.copy_(w.t() if type(m).__name__ == "Conv1D" else w)
-            err = {f: sum(((w - _fake(w, f)).pow(2) * col_power[p].unsqueeze(0)).sum().item() for p, w in zip(unit, saved))
-                   for f in fmts + [probe]}
+            err = {
+                f: sum(((w - _fake(w, f)).pow(2) * col_power[p].unsqueeze(0)).sum().item() for p, w in zip(unit, saved))
+                for f in fmts + [probe]
+            }
             shapes = [tuple(w.shape) for w in saved]
-            out.append({"unit": unit, "shapes": shapes, "kl_probe": kl,
-                        "options": [{"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "bytes": sum(fmt_bytes(s, f) for s in shapes),
-                                     "kl": kl * err[f] / max(err[probe], 1e-30)} for f in fmts]})
+            out.append(
+                {
+                    "unit": unit,
+                    "shapes": shapes,
+                    "kl_probe": kl,
+                    "options": [
+                        {
+                            "bits": f.bits,
+                            "group_size": f.group_size,
+                            "sym": f.sym,
+                            "bytes": sum(fmt_bytes(s, f) for s in shapes),
+                            "kl": kl * err[f] / max(err[probe], 1e-30),
+                        }
+                        for f in fmts
+                    ],
+                }
+            )
     return out
 
 
@@ -176,7 +209,9 @@ def allocate(sens: list[dict], target: float) -> list[int]:
         used += extra
 
 
-def plan_formats(model, calib: torch.Tensor, target: float, sym: bool | None = None, progress=None) -> tuple[dict[str, QuantFormat], dict]:
+def plan_formats(
+    model, calib: torch.Tensor, target: float, sym: bool | None = None, progress=None
+) -> tuple[dict[str, QuantFormat], dict]:
     """The per-linear formats for a budget, and a record of the plan for edgellm.json."""
     check_budget(model, target, sym)
     sens = sensitivity(model, calib, sym, progress)
@@ -186,9 +221,22 @@ def plan_formats(model, calib: torch.Tensor, target: float, sym: bool | None = N
         opt = u["options"][c]
         for p in u["unit"]:
             plan[p] = QuantFormat(opt["bits"], opt["group_size"], opt["sym"])
-        rows.append({"unit": u["unit"], "bits": opt["bits"], "group_size": opt["group_size"], "sym": opt["sym"],
-                     "kl_probe": round(u["kl_probe"], 6)})
+        rows.append(
+            {
+                "unit": u["unit"],
+                "bits": opt["bits"],
+                "group_size": opt["group_size"],
+                "sym": opt["sym"],
+                "kl_probe": round(u["kl_probe"], 6),
+            }
+        )
     params = sum(o * i for u in sens for o, i in u["shapes"])
     planned = 8 * sum(u["options"][c]["bytes"] for u, c in zip(sens, choice)) / params
-    return plan, {"target_bpw": target, "planned_bpw": round(planned, 4), "probe": list(PROBE), "sym": sym,
-                  "candidates": [list(c) for c in CANDIDATES], "units": rows}
+    return plan, {
+        "target_bpw": target,
+        "planned_bpw": round(planned, 4),
+        "probe": list(PROBE),
+        "sym": sym,
+        "candidates": [list(c) for c in CANDIDATES],
+        "units": rows,
+    }

@@ -65,8 +65,10 @@ def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
 def check_rotatable(model) -> None:
     mt = getattr(model.config, "model_type", None)
     if mt not in ROTATABLE:
-        raise UnsupportedError(f"--rotate supports RMSNorm models ({', '.join(ROTATABLE)}); '{mt}' uses LayerNorm, "
-                               "whose mean subtraction a rotation does not commute with; quantize it without --rotate")
+        raise UnsupportedError(
+            f"--rotate supports RMSNorm models ({', '.join(ROTATABLE)}); '{mt}' uses LayerNorm, "
+            "whose mean subtraction a rotation does not commute with; quantize it without --rotate"
+        )
 
 
 def _scale_in(lin, g: torch.Tensor) -> None:  # W (out, in) <- W diag(g)
@@ -118,5 +120,9 @@ def rotate_model(model, seed: int = 0) -> dict:
         _scale_in(head, gf)
         _rot_in(head, Q)
         one(norm)
-    return {"kind": "hadamard" if d & (d - 1) == 0 else f"R{d // (d & -d)} x hadamard{d & -d}", "width": d, "seed": seed,
-            "untied": tied}
+    return {
+        "kind": "hadamard" if d & (d - 1) == 0 else f"R{d // (d & -d)} x hadamard{d & -d}",
+        "width": d,
+        "seed": seed,
+        "untied": tied,
+    }

@@ -41,7 +41,11 @@ MANAGED = {
 }
 
 # Keys a stage may hold besides its command's options (handled by the recipe runner).
-RECIPE_KEYS = {"bench": {"with": "extra variants measured in the same run (VARIANT[:BACKEND], paths relative to the working directory)"}}
+RECIPE_KEYS = {
+    "bench": {
+        "with": "extra variants measured in the same run (VARIANT[:BACKEND], paths relative to the working directory)"
+    }
+}
 
 
 def function(stage: str):
@@ -87,8 +91,15 @@ def signature(stage: str) -> tuple[dict[str, Option], list[str]]:
         if info is None or name in MANAGED:
             continue
         longs = [d.split("/")[0][2:] for decl in _decls(info) for d in [decl] if d.startswith("--")]
-        opt = Option(name=name, key=longs[0] if longs else name.replace("_", "-"), kind=_base(typing.get_args(hint)[0]),
-                     default=param.default, min=info.min, max=info.max, help=info.help or "")
+        opt = Option(
+            name=name,
+            key=longs[0] if longs else name.replace("_", "-"),
+            kind=_base(typing.get_args(hint)[0]),
+            default=param.default,
+            min=info.min,
+            max=info.max,
+            help=info.help or "",
+        )
         for alias in {*longs, name, name.replace("_", "-"), *(k.replace("-", "_") for k in longs)}:
             out[alias] = opt
     return out, list(params)
@@ -110,7 +121,11 @@ def option_keys(stage: str) -> list[str]:
 
 def defaults(stage: str) -> dict:
     """Every parameter's default from the function signature (managed ones included)."""
-    return {n: p.default for n, p in inspect.signature(function(stage)).parameters.items() if p.default is not inspect.Parameter.empty}
+    return {
+        n: p.default
+        for n, p in inspect.signature(function(stage)).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def convert(stage: str, key: str, value) -> tuple[str, object]:
@@ -137,7 +152,11 @@ def convert(stage: str, key: str, value) -> tuple[str, object]:
             raise ValueError(f"'{key}' is a switch: give true or false (got {value!r})")
         return opt.name, value
     if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not isinstance(value, int))
+        ):
             raise ValueError(f"'{key}' takes {'an integer' if kind is int else 'a number'} (got {value!r})")
         value = kind(value)
         if opt.min is not None and value < opt.min:

@@ -3,7 +3,8 @@
     {"format": 1, "recipe": "...", "model": "...", "code_version": "0.1.0+src.<hash of edgellm's core>",
      "stages": [{"index": 0, "name": "prune", "command": "prune", "dir": "00-prune",
                  "options": {...}, "inputs": {"model": {"spec": ..., "sha256": ...}},
-                 "code_version": "0.1.0+src.<hash of the code this stage depends on>", "key": "<sha256 of the above>", "status": "done" | "failed" | "running",
+                 "code_version": "0.1.0+src.<hash of the code this stage depends on>",
+                 "key": "<sha256 of the above>", "status": "done" | "failed" | "running",
                  "output_sha256": ..., "seconds": ..., "error": ..., "metrics": {...}}]}
 
 A stage is skipped on a rerun when its key (inputs, options, code version) is the one recorded,
@@ -99,7 +100,9 @@ def code_version(command: str | None = None) -> str:
 
 
 def stage_key(command: str, options: dict, inputs: dict, version: str) -> str:
-    blob = json.dumps({"command": command, "options": options, "inputs": inputs, "code_version": version}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"command": command, "options": options, "inputs": inputs, "code_version": version}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

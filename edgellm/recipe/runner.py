@@ -66,11 +66,25 @@ def run(recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: Non
         stage_version = code_version(stage.command)
         key = stage_key(stage.command, options, inputs, stage_version)
         prev = lock.entry(stage.index)
-        entry = {"index": stage.index, "name": stage.name, "command": stage.command, "dir": stage.dirname,
-                 "options": {k: C.jsonable(v) for k, v in stage.keys.items()}, "resolved_options": options,
-                 "extra": stage.extra, "inputs": inputs, "code_version": stage_version, "key": key}
-        if prev and prev.get("key") == key and prev.get("status") == "done" and outdir.is_dir() \
-                and hash_path(outdir) == prev.get("output_sha256"):
+        entry = {
+            "index": stage.index,
+            "name": stage.name,
+            "command": stage.command,
+            "dir": stage.dirname,
+            "options": {k: C.jsonable(v) for k, v in stage.keys.items()},
+            "resolved_options": options,
+            "extra": stage.extra,
+            "inputs": inputs,
+            "code_version": stage_version,
+            "key": key,
+        }
+        if (
+            prev
+            and prev.get("key") == key
+            and prev.get("status") == "done"
+            and outdir.is_dir()
+            and hash_path(outdir) == prev.get("output_sha256")
+        ):
             on_event(stage, "skip", "inputs, options and code unchanged")
             results.append(StageResult(stage, outdir, "skipped", 0.0, str(model), prev))
         else:
@@ -92,19 +106,32 @@ def run(recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: Non
                 lock.set(stage.index, entry)
                 on_event(stage, "failed", why)
                 if isinstance(exc, EdgeLLMError):
-                    raise EdgeLLMError(f"stage {stage.index + 1} ({stage.name}) failed: {why}; the earlier stages' outputs "
-                                       f"in '{out}' are kept and the next run restarts at this stage") from None
+                    raise EdgeLLMError(
+                        f"stage {stage.index + 1} ({stage.name}) failed: {why}; the earlier stages' outputs "
+                        f"in '{out}' are kept and the next run restarts at this stage"
+                    ) from None
                 raise  # interrupted, or a bug: the lock says so; the CLI reports it
             seconds = time.perf_counter() - t0
-            entry.update(status="done", seconds=round(seconds, 2), output_sha256=hash_path(outdir),
-                         finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            entry.update(
+                status="done",
+                seconds=round(seconds, 2),
+                output_sha256=hash_path(outdir),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
             lock.set(stage.index, entry)
             on_event(stage, "done", f"{seconds:.1f} s")
             results.append(StageResult(stage, outdir, "ran", seconds, str(model), entry))
         if stage.command in ("prune", "distill", "quantize"):
-            model, model_id, made_model = str(outdir), {"spec": stage.dirname, "sha256": lock.entry(stage.index)["output_sha256"]}, True
+            model, model_id, made_model = (
+                str(outdir),
+                {"spec": stage.dirname, "sha256": lock.entry(stage.index)["output_sha256"]},
+                True,
+            )
         elif stage.command == "export":
-            export_dir, export_id = str(outdir), {"spec": stage.dirname, "sha256": lock.entry(stage.index)["output_sha256"]}
+            export_dir, export_id = (
+                str(outdir),
+                {"spec": stage.dirname, "sha256": lock.entry(stage.index)["output_sha256"]},
+            )
     return results
 
 
@@ -120,7 +147,11 @@ def _plan(stage: Stage, recipe: Recipe, outdir: Path, model, model_id, input_id,
 
         first, first_id = (export_dir, export_id) if export_dir else (resolve_spec(model), model_id)
         extra = list(stage.extra.get("with", []))
-        return {"variants": [first, *extra], **tail}, {"variant": first_id, "with": [identity(_variant_path(v)) for v in extra], **data}
+        return {"variants": [first, *extra], **tail}, {
+            "variant": first_id,
+            "with": [identity(_variant_path(v)) for v in extra],
+            **data,
+        }
     if stage.command == "eval":
         ref = stage.options.get("reference") or recipe.model
         return {}, {"model": model_id, "reference": identity(ref) if ref != recipe.model else input_id, **data}
@@ -178,7 +209,16 @@ def _eval_stage(stage: Stage, model: str, input_model: str, outdir: Path) -> Non
         loaded = load(model)
         ref = load(reference, "loading reference")
         ids = split_tokens(data_tokens(loaded.tokenizer, o.get("data")), "eval")
-        q = measure(loaded.model, ids, reference=ref.model, ctx=o["ctx"], stride=stride, max_tokens=o["eval_tokens"], progress=PROGRESS)
+        q = measure(
+            loaded.model,
+            ids,
+            reference=ref.model,
+            ctx=o["ctx"],
+            stride=stride,
+            max_tokens=o["eval_tokens"],
+            progress=PROGRESS,
+        )
     with atomic_output_dir(outdir, force=True) as tmp:
-        (tmp / "eval.json").write_text(json.dumps({"model": model, "reference": reference, **q.to_dict()}, indent=1) + "\n")
-
+        (tmp / "eval.json").write_text(
+            json.dumps({"model": model, "reference": reference, **q.to_dict()}, indent=1) + "\n"
+        )

@@ -27,7 +27,15 @@ from . import commands as C
 
 TOP_KEYS = {"model", "data", "report", "stages", "description"}
 # What the report measures for every stage's output (all optional in `report:`).
-REPORT_DEFAULTS = {"eval-tokens": 4096, "ctx": 512, "speed": True, "prompt-tokens": 64, "gen-tokens": 32, "reps": 3, "threads": 0}
+REPORT_DEFAULTS = {
+    "eval-tokens": 4096,
+    "ctx": 512,
+    "speed": True,
+    "prompt-tokens": 64,
+    "gen-tokens": 32,
+    "reps": 3,
+    "threads": 0,
+}
 MODEL_STAGES = ("prune", "distill", "quantize", "export")  # stages whose output is the next stage's input
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 
@@ -64,14 +72,22 @@ def _loader():
         pass
 
     Loader.yaml_implicit_resolvers = {
-        k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
+        k: [
+            (tag, rx)
+            for tag, rx in v
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")
+        ]
         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
-    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
     Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789"))
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        re.compile(
+            r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
         list("-+0123456789."),
     )
     return Loader
@@ -117,8 +133,12 @@ def parse(doc, path: Path | None = None, model: str | None = None) -> Recipe:
         _check_order(stages, _input_quantized(model), errors)
     if errors:
         n = len(errors)
-        raise EdgeLLMError(f"recipe '{path}' has {n} problem{'s' if n > 1 else ''}; nothing was run:\n  - " + "\n  - ".join(errors))
-    return Recipe(path=path, model=model, data=data, report=report, stages=stages, description=str(doc.get("description") or ""))
+        raise EdgeLLMError(
+            f"recipe '{path}' has {n} problem{'s' if n > 1 else ''}; nothing was run:\n  - " + "\n  - ".join(errors)
+        )
+    return Recipe(
+        path=path, model=model, data=data, report=report, stages=stages, description=str(doc.get("description") or "")
+    )
 
 
 def load(path: Path, model: str | None = None) -> Recipe:
@@ -137,7 +157,10 @@ def _report(section, errors: list[str]) -> dict:
         if k not in REPORT_DEFAULTS:
             errors.append(f"report: unknown key '{key}' (keys: {', '.join(REPORT_DEFAULTS)})")
         elif isinstance(REPORT_DEFAULTS[k], bool) != isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"report: '{key}' must be {'true or false' if isinstance(REPORT_DEFAULTS[k], bool) else 'an integer'} (got {value!r})")
+            errors.append(
+                f"report: '{key}' must be {'true or false' if isinstance(REPORT_DEFAULTS[k], bool) else 'an integer'} "
+                f"(got {value!r})"
+            )
         elif not isinstance(value, bool) and value < (0 if k == "threads" else 1):
             errors.append(f"report: '{key}' must be >= {0 if k == 'threads' else 1} (got {value})")
         else:
@@ -147,7 +170,9 @@ def _report(section, errors: list[str]) -> dict:
 
 def _stages(items, data: str | None, errors: list[str]) -> list[Stage]:
     if not isinstance(items, list) or not items:
-        errors.append("top level: 'stages' must be a non-empty list, e.g. stages: [{quantize: {bits: 4}}, {export: {}}]")
+        errors.append(
+            "top level: 'stages' must be a non-empty list, e.g. stages: [{quantize: {bits: 4}}, {export: {}}]"
+        )
         return []
     stages, names = [], set()
     for i, item in enumerate(items):
@@ -159,10 +184,16 @@ def _stages(items, data: str | None, errors: list[str]) -> list[Stage]:
         others = [k for k in item if k not in C.COMMANDS and k != "name"]
         for k in others:
             close = difflib.get_close_matches(str(k), list(C.COMMANDS), n=1)
-            errors.append(f"{where}: unknown stage '{k}'" + (f"; did you mean '{close[0]}'?" if close else f" (stages: {', '.join(C.COMMANDS)})"))
+            errors.append(
+                f"{where}: unknown stage '{k}'"
+                + (f"; did you mean '{close[0]}'?" if close else f" (stages: {', '.join(C.COMMANDS)})")
+            )
         if len(cmds) != 1:
             if not others:
-                errors.append(f"{where}: give exactly one command ({', '.join(C.COMMANDS)}), got {', '.join(map(str, cmds)) or 'none'}")
+                errors.append(
+                    f"{where}: give exactly one command ({', '.join(C.COMMANDS)}), got "
+                    f"{', '.join(map(str, cmds)) or 'none'}"
+                )
             continue
         cmd = cmds[0]
         name = item.get("name", cmd)
@@ -221,19 +252,29 @@ def _check_order(stages: list[Stage], quantized: bool, errors: list[str]) -> Non
     for s in stages:
         where = f"stage {s.index + 1} ({s.name})"
         if s.command in ("prune", "distill", "quantize") and exported_at:
-            errors.append(f"{where}: '{s.command}' after export ({exported_at}): export comes after every stage that changes the weights")
+            errors.append(
+                f"{where}: '{s.command}' after export ({exported_at}): export comes after every stage that changes the "
+                "weights"
+            )
         elif s.command in ("prune", "distill") and quantized_at:
-            errors.append(f"{where}: '{s.command}' after quantize ({quantized_at}): {s.command} the unquantized model, quantize last")
+            errors.append(
+                f"{where}: '{s.command}' after quantize ({quantized_at}): {s.command} the unquantized model, quantize "
+                "last"
+            )
         elif s.command == "quantize" and quantized_at:
             errors.append(f"{where}: 'quantize' twice ({quantized_at} is already quantized)")
         if s.command == "export" and exported_at:
             errors.append(f"{where}: 'export' twice (already exported at {exported_at})")
         if s.command == "distill" and "student_layers" in s.options and not first_model_stage:
-            errors.append(f"{where}: 'student-layers' makes the student from the teacher's layers, but this distill "
-                          "stage starts from the previous stage's output; drop it, or make distill the first stage")
+            errors.append(
+                f"{where}: 'student-layers' makes the student from the teacher's layers, but this distill "
+                "stage starts from the previous stage's output; drop it, or make distill the first stage"
+            )
         if s.command == "distill" and sparse_at:
-            errors.append(f"{where}: 'distill' after an unstructured / N:M prune ({sparse_at}) would train the pruned "
-                          "zeros back to non-zero values; distill first, then prune with 'method', or prune with 'structured'")
+            errors.append(
+                f"{where}: 'distill' after an unstructured / N:M prune ({sparse_at}) would train the pruned "
+                "zeros back to non-zero values; distill first, then prune with 'method', or prune with 'structured'"
+            )
         if s.command == "prune" and "method" in s.options:
             sparse_at = where
         if s.command == "quantize" and not quantized_at:

@@ -58,5 +58,7 @@ def memory_info(cuda) -> tuple[float, float, str]:
 def check_fits(need: int, free: float, total: float, name: str, what: str):
     """Raise unless `need` bytes (+ RESERVE) fit in the GPU's free memory."""
     if need + RESERVE > free:
-        raise EdgeLLMError(f"{what} needs {need / 2**20:,.0f} MiB of GPU memory (+ {RESERVE >> 20} MiB for the CUDA context); "
-                           f"{name} has {free / 2**20:,.0f} of {total / 2**20:,.0f} MiB free (try a smaller --ctx or a 4-bit export)")
+        raise EdgeLLMError(
+            f"{what} needs {need / 2**20:,.0f} MiB of GPU memory (+ {RESERVE >> 20} MiB for the CUDA context); "
+            f"{name} has {free / 2**20:,.0f} of {total / 2**20:,.0f} MiB free (try a smaller --ctx or a 4-bit export)"
+        )

@@ -112,6 +112,7 @@ def pure(fn):
     simulated decode step. On a GPU it is an ordinary `cuda.jit(device=True)` function."""
     return fn if config.ENABLE_CUDASIM else cuda.jit(device=True)(fn)
 
+
 K_FLOAT, K_Q4, K_Q8 = 0, 4, 8
 D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_WORDS, D_ZERO = range(11)
 DESC_LEN = 11
@@ -322,7 +323,9 @@ def transpose_into(src, dst, off):
 
 
 # ============================================================================= layers
-RED = 2 * MAX_THREADS + 1  # shared floats: reductions (MAX_THREADS + 1) or attention's P.V partials (<= 2 * MAX_THREADS)
+RED = (
+    2 * MAX_THREADS + 1
+)  # shared floats: reductions (MAX_THREADS + 1) or attention's P.V partials (<= 2 * MAX_THREADS)
 NEG = np.float32(-3.0e38)
 SUM, MAX = 0, 1
 
@@ -507,8 +510,35 @@ LAYER_PHASES = (PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_UP, PH_DOWN)
 
 
 @cuda.jit(device=True)
-def run_phase(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc,
-              x, qkv, att, up, scores, logits, part, red):
+def run_phase(
+    ph,
+    l,
+    row,
+    tok,
+    pos,
+    eps,
+    ci,
+    desc,
+    norms,
+    window,
+    wq,
+    fw,
+    sc,
+    zs,
+    pf,
+    cos,
+    sin,
+    kc,
+    vc,
+    x,
+    qkv,
+    att,
+    up,
+    scores,
+    logits,
+    part,
+    red,
+):
     """Phase `ph` of layer `l` for one token at position `pos` (its residual row `row` of x)."""
     H, NH, NKV, HD, L = ci[C_H], ci[C_NH], ci[C_NKV], ci[C_HD], ci[C_L]
     layer = ci[C_LAYER]
@@ -516,50 +546,278 @@ def run_phase(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs
         embed_row(desc[L * 4], wq, fw, sc, zs, pf, tok, row, pos, H, ci[C_WPE], x)
     elif ph == PH_QKV:
         mu, inv = row_stats(x, row, H, layer, eps, red)
-        gemv(desc[l * 4 + R_QKV], wq, fw, sc, zs, pf, x, row, IN_NORM, 0, norms[l, N_LN1W], norms[l, N_LN1B], mu, inv,
-             qkv, 0, OUT_SET, part)
+        gemv(
+            desc[l * 4 + R_QKV],
+            wq,
+            fw,
+            sc,
+            zs,
+            pf,
+            x,
+            row,
+            IN_NORM,
+            0,
+            norms[l, N_LN1W],
+            norms[l, N_LN1B],
+            mu,
+            inv,
+            qkv,
+            0,
+            OUT_SET,
+            part,
+        )
     elif ph == PH_ROPE:
         rope_kv(qkv, 1, pos, l, NH, NKV, HD, ci[C_ROPE], cos, sin, kc, vc)
     elif ph == PH_ATTN:
         for item in range(cuda.blockIdx.x, NH, cuda.gridDim.x):
             attend(item, qkv, kc, vc, l, pos, NH, NKV, HD, window[l], scores, att, red)
     elif ph == PH_O:
-        gemv(desc[l * 4 + R_O], wq, fw, sc, zs, pf, att, 0, IN_H16, 0, 0, -1, np.float32(0.0), np.float32(1.0), x, row, OUT_ADD, part)
+        gemv(
+            desc[l * 4 + R_O],
+            wq,
+            fw,
+            sc,
+            zs,
+            pf,
+            att,
+            0,
+            IN_H16,
+            0,
+            0,
+            -1,
+            np.float32(0.0),
+            np.float32(1.0),
+            x,
+            row,
+            OUT_ADD,
+            part,
+        )
     elif ph == PH_UP:
         mu, inv = row_stats(x, row, H, layer, eps, red)
-        gemv(desc[l * 4 + R_UP], wq, fw, sc, zs, pf, x, row, IN_NORM, 0, norms[l, N_LN2W], norms[l, N_LN2B], mu, inv,
-             up, 0, OUT_SET, part)
+        gemv(
+            desc[l * 4 + R_UP],
+            wq,
+            fw,
+            sc,
+            zs,
+            pf,
+            x,
+            row,
+            IN_NORM,
+            0,
+            norms[l, N_LN2W],
+            norms[l, N_LN2B],
+            mu,
+            inv,
+            up,
+            0,
+            OUT_SET,
+            part,
+        )
     elif ph == PH_DOWN:
         mode = IN_SWIGLU if ci[C_GATED] == 1 else IN_GELU
-        gemv(desc[l * 4 + R_DOWN], wq, fw, sc, zs, pf, up, 0, mode, ci[C_I], 0, -1, np.float32(0.0), np.float32(1.0), x, row, OUT_ADD, part)
+        gemv(
+            desc[l * 4 + R_DOWN],
+            wq,
+            fw,
+            sc,
+            zs,
+            pf,
+            up,
+            0,
+            mode,
+            ci[C_I],
+            0,
+            -1,
+            np.float32(0.0),
+            np.float32(1.0),
+            x,
+            row,
+            OUT_ADD,
+            part,
+        )
     else:  # PH_HEAD
         mu, inv = row_stats(x, row, H, layer, eps, red)
-        gemv(desc[L * 4 + 1], wq, fw, sc, zs, pf, x, row, IN_NORM, 0, ci[C_FNW], ci[C_FNB], mu, inv, logits, 0, OUT_SET, part)
+        gemv(
+            desc[L * 4 + 1],
+            wq,
+            fw,
+            sc,
+            zs,
+            pf,
+            x,
+            row,
+            IN_NORM,
+            0,
+            ci[C_FNW],
+            ci[C_FNB],
+            mu,
+            inv,
+            logits,
+            0,
+            OUT_SET,
+            part,
+        )
 
 
 @cuda.jit(cache=True)
-def decode_coop(tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up, scores, logits):
+def decode_coop(
+    tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up, scores, logits
+):
     """One decode step, the whole model, one launch: logits[0] for token `tok` at `pos`."""
     part = cuda.shared.array(MAX_THREADS, float32)
     red = cuda.shared.array(RED, float32)
     grid = cuda.cg.this_grid()
-    run_phase(PH_EMBED, 0, 0, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
-              scores, logits, part, red)
+    run_phase(
+        PH_EMBED,
+        0,
+        0,
+        tok,
+        pos,
+        eps,
+        ci,
+        desc,
+        norms,
+        window,
+        wq,
+        fw,
+        sc,
+        zs,
+        pf,
+        cos,
+        sin,
+        kc,
+        vc,
+        x,
+        qkv,
+        att,
+        up,
+        scores,
+        logits,
+        part,
+        red,
+    )
     grid.sync()
     for l in range(ci[C_L]):
         for ph in range(PH_QKV, PH_DOWN + 1):
-            run_phase(ph, l, 0, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
-                      scores, logits, part, red)
+            run_phase(
+                ph,
+                l,
+                0,
+                tok,
+                pos,
+                eps,
+                ci,
+                desc,
+                norms,
+                window,
+                wq,
+                fw,
+                sc,
+                zs,
+                pf,
+                cos,
+                sin,
+                kc,
+                vc,
+                x,
+                qkv,
+                att,
+                up,
+                scores,
+                logits,
+                part,
+                red,
+            )
             grid.sync()
-    run_phase(PH_HEAD, 0, 0, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
-              scores, logits, part, red)
+    run_phase(
+        PH_HEAD,
+        0,
+        0,
+        tok,
+        pos,
+        eps,
+        ci,
+        desc,
+        norms,
+        window,
+        wq,
+        fw,
+        sc,
+        zs,
+        pf,
+        cos,
+        sin,
+        kc,
+        vc,
+        x,
+        qkv,
+        att,
+        up,
+        scores,
+        logits,
+        part,
+        red,
+    )
 
 
 @cuda.jit(cache=True)
-def phase_kernel(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
-                 scores, logits):
+def phase_kernel(
+    ph,
+    l,
+    row,
+    tok,
+    pos,
+    eps,
+    ci,
+    desc,
+    norms,
+    window,
+    wq,
+    fw,
+    sc,
+    zs,
+    pf,
+    cos,
+    sin,
+    kc,
+    vc,
+    x,
+    qkv,
+    att,
+    up,
+    scores,
+    logits,
+):
     """One phase as a launch of its own (the fallback of decode_coop, and the prompt's head)."""
     part = cuda.shared.array(MAX_THREADS, float32)
     red = cuda.shared.array(RED, float32)
-    run_phase(ph, l, row, tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up,
-              scores, logits, part, red)
+    run_phase(
+        ph,
+        l,
+        row,
+        tok,
+        pos,
+        eps,
+        ci,
+        desc,
+        norms,
+        window,
+        wq,
+        fw,
+        sc,
+        zs,
+        pf,
+        cos,
+        sin,
+        kc,
+        vc,
+        x,
+        qkv,
+        att,
+        up,
+        scores,
+        logits,
+        part,
+        red,
+    )

@@ -24,11 +24,66 @@ from ..kernels.layers import rope_inv_freq, rope_tables
 from ..loader import open_export
 from ..model import ModelConfig, _names
 from . import device as dev
-from .kernels import (C_FNB, C_FNW, C_GATED, C_H, C_HD, C_I, C_L, C_LAYER, C_LEN, C_NH, C_NKV, C_ROPE, C_V, C_WPE, LAYER_PHASES, N_LN1B,
-                   N_LN1W, N_LN2B, N_LN2W, PH_ATTN, PH_DOWN, PH_EMBED, PH_HEAD, PH_O, PH_QKV, PH_ROPE, PH_UP, R_DOWN, R_O, R_QKV,
-                      R_UP, D_B, D_GS, D_K, D_KIND, D_N, D_NB, D_S, D_W, D_WORDS, D_Z, D_ZERO, DESC_LEN, K_FLOAT, MAX_THREADS, OUT_ADD,
-                      OUT_SET, ROWS, act_kernel, attention_kernel, decode_coop, embed_kernel, gemm_grid, gemm_kernel, norm_rows_kernel,
-                      phase_kernel, rope_kv_kernel, transpose_into)
+from .kernels import (
+    C_FNB,
+    C_FNW,
+    C_GATED,
+    C_H,
+    C_HD,
+    C_I,
+    C_L,
+    C_LAYER,
+    C_LEN,
+    C_NH,
+    C_NKV,
+    C_ROPE,
+    C_V,
+    C_WPE,
+    D_B,
+    D_GS,
+    D_K,
+    D_KIND,
+    D_N,
+    D_NB,
+    D_S,
+    D_W,
+    D_WORDS,
+    D_Z,
+    D_ZERO,
+    DESC_LEN,
+    K_FLOAT,
+    LAYER_PHASES,
+    MAX_THREADS,
+    N_LN1B,
+    N_LN1W,
+    N_LN2B,
+    N_LN2W,
+    OUT_ADD,
+    OUT_SET,
+    PH_ATTN,
+    PH_DOWN,
+    PH_EMBED,
+    PH_HEAD,
+    PH_O,
+    PH_QKV,
+    PH_ROPE,
+    PH_UP,
+    R_DOWN,
+    R_O,
+    R_QKV,
+    R_UP,
+    ROWS,
+    act_kernel,
+    attention_kernel,
+    decode_coop,
+    embed_kernel,
+    gemm_grid,
+    gemm_kernel,
+    norm_rows_kernel,
+    phase_kernel,
+    rope_kv_kernel,
+    transpose_into,
+)
 
 PROMPT_CHUNK = 128  # tokens per prompt pass: the scratch (scores: chunk x heads x ctx floats) grows with it
 KV_CACHE_TYPES = ("auto", "fp16")
@@ -63,7 +118,10 @@ def _linear(ex, plan: _Plan, p: str, k: int, bits: int) -> np.ndarray:
     if ex.has(f"{p}.qweight"):
         qw = ex.get(f"{p}.qweight")
         if bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
-            raise UnsupportedError(f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout the CUDA path reads (4 or 8 bits)")
+            raise UnsupportedError(
+                f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout the CUDA path "
+                "reads (4 or 8 bits)"
+            )
         n, nb, bb = qw.shape
         gs = bb * 8 // bits
         if gs < 16 or gs & (gs - 1):
@@ -84,7 +142,9 @@ def _linear(ex, plan: _Plan, p: str, k: int, bits: int) -> np.ndarray:
     elif ex.has(f"{p}.weight"):
         w = ex.get(f"{p}.weight")
         if w.ndim != 2 or w.dtype not in (np.float32, np.float16) or w.shape[1] != k:
-            raise UnsupportedError(f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix the CUDA path reads")
+            raise UnsupportedError(
+                f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix the CUDA path reads"
+            )
         d[D_KIND], d[D_N], d[D_K] = K_FLOAT, w.shape[0], k
         d[D_W] = plan.big("fw", w)
     else:
@@ -99,14 +159,26 @@ class CudaModel:
 
     backend = "numba-cuda"
 
-    def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, kv_cache: str = "auto",
-                 threads_per_block: int | None = None, fused: bool = True):
+    def __init__(
+        self,
+        path,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        kv_cache: str = "auto",
+        threads_per_block: int | None = None,
+        fused: bool = True,
+    ):
         if kv_cache not in KV_CACHE_TYPES:
-            raise EdgeLLMError(f"--kv-cache {kv_cache!r} is not available with --device cuda; it keeps an fp16 cache (give auto or fp16)")
+            raise EdgeLLMError(
+                f"--kv-cache {kv_cache!r} is not available with --device cuda; it keeps an fp16 cache (give auto or "
+                "fp16)"
+            )
         if threads_per_block is None:  # the simulator runs each CUDA thread as a Python thread: small blocks there
             threads_per_block = SIM_THREADS if dev.simulator() else MAX_THREADS
         if threads_per_block % ROWS or not ROWS <= threads_per_block <= MAX_THREADS:
-            raise EdgeLLMError(f"threads_per_block {threads_per_block} must be a multiple of {ROWS} in [{ROWS}, {MAX_THREADS}]")
+            raise EdgeLLMError(
+                f"threads_per_block {threads_per_block} must be a multiple of {ROWS} in [{ROWS}, {MAX_THREADS}]"
+            )
         self.cuda = cuda = dev.open_gpu()
         self.threads, self.kv_cache, self.tpb = threads, "fp16", threads_per_block
         self.export = ex = open_export(path)
@@ -114,24 +186,36 @@ class CudaModel:
         if cfg.num_heads % cfg.num_kv_heads:
             raise UnsupportedError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
         if cfg.head_dim % 2 or cfg.head_dim > 2 * MAX_THREADS:
-            raise UnsupportedError(f"head_dim {cfg.head_dim} is not supported by the CUDA path (even, at most {2 * MAX_THREADS})")
+            raise UnsupportedError(
+                f"head_dim {cfg.head_dim} is not supported by the CUDA path (even, at most {2 * MAX_THREADS})"
+            )
         self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
         plan, desc, norms = self._plan(ex, cfg)
         self.chunk = min(PROMPT_CHUNK, self.n_ctx)
         L, H, NH, NKV, HD = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         up_n = int(desc[R_UP, D_N])
         wide = max(H, NH * HD, cfg.intermediate_size)
-        scratch = {"x": ((self.chunk, H), np.float32), "qkv": ((self.chunk, (NH + 2 * NKV) * HD), np.float32),
-                   "hb": ((self.chunk, wide), np.float16), "up": ((self.chunk, up_n), np.float32),
-                   "scores": ((self.chunk * NH, self.n_ctx), np.float32), "logits": ((self.chunk, cfg.vocab_size), np.float32),
-                   "kc": ((L, NKV, self.n_ctx, HD), np.float16), "vc": ((L, NKV, self.n_ctx, HD), np.float16)}
-        weight_bytes = 4 * plan.size["wq"] + 2 * plan.size["fw"] + 2 * plan.size["sc"] + 4 * plan.size["zs"] + 4 * plan.pf_size
+        scratch = {
+            "x": ((self.chunk, H), np.float32),
+            "qkv": ((self.chunk, (NH + 2 * NKV) * HD), np.float32),
+            "hb": ((self.chunk, wide), np.float16),
+            "up": ((self.chunk, up_n), np.float32),
+            "scores": ((self.chunk * NH, self.n_ctx), np.float32),
+            "logits": ((self.chunk, cfg.vocab_size), np.float32),
+            "kc": ((L, NKV, self.n_ctx, HD), np.float16),
+            "vc": ((L, NKV, self.n_ctx, HD), np.float16),
+        }
+        weight_bytes = (
+            4 * plan.size["wq"] + 2 * plan.size["fw"] + 2 * plan.size["sc"] + 4 * plan.size["zs"] + 4 * plan.pf_size
+        )
         staging = max([h.nbytes for _, _, h in plan.copies] or [0])
         state_bytes = sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in scratch.values())
         self.device_bytes = weight_bytes + state_bytes
         if not dev.simulator():
             free, total, name = dev.memory_info(cuda)
-            dev.check_fits(self.device_bytes + staging, free, total, name, f"'{path}' with a {self.n_ctx}-token context")
+            dev.check_fits(
+                self.device_bytes + staging, free, total, name, f"'{path}' with a {self.n_ctx}-token context"
+            )
         self._upload(plan, staging)
         self.bytes_per_token = weight_bytes
         self.desc, self.norms = desc, norms  # host copies: launch sizes and offsets for the prompt path
@@ -164,9 +248,16 @@ class CudaModel:
         self._coop_grid, self._coop_ran = None, False
         tiles = lambda n: (int(n) + ROWS - 1) // ROWS  # noqa: E731
         half = HD // 2
-        self._phase_grid = {PH_EMBED: -(-H // self.tpb), PH_QKV: tiles(desc[R_QKV, D_N]),
-                            PH_ROPE: -(-((NH + NKV) * half + NKV * HD) // self.tpb), PH_ATTN: NH, PH_O: tiles(H),
-                            PH_UP: tiles(up_n), PH_DOWN: tiles(H), PH_HEAD: tiles(cfg.vocab_size)}
+        self._phase_grid = {
+            PH_EMBED: -(-H // self.tpb),
+            PH_QKV: tiles(desc[R_QKV, D_N]),
+            PH_ROPE: -(-((NH + NKV) * half + NKV * HD) // self.tpb),
+            PH_ATTN: NH,
+            PH_O: tiles(H),
+            PH_UP: tiles(up_n),
+            PH_DOWN: tiles(H),
+            PH_HEAD: tiles(cfg.vocab_size),
+        }
         ex.close()  # everything lives on the GPU now
 
     # ------------------------------------------------------------------ load
@@ -179,7 +270,12 @@ class CudaModel:
         norms = np.full((L, 4), -1, np.int64)
         for i in range(L):
             n = _names(cfg, i)
-            ins = {R_QKV: cfg.hidden_size, R_O: cfg.num_heads * cfg.head_dim, R_UP: cfg.hidden_size, R_DOWN: cfg.intermediate_size}
+            ins = {
+                R_QKV: cfg.hidden_size,
+                R_O: cfg.num_heads * cfg.head_dim,
+                R_UP: cfg.hidden_size,
+                R_DOWN: cfg.intermediate_size,
+            }
             for role in (R_QKV, R_O, R_UP, R_DOWN):
                 desc[i * 4 + role] = _linear(ex, plan, n[role], ins[role], bits)
             for slot, key in ((N_LN1W, "ln1"), (N_LN2W, "ln2")):
@@ -199,7 +295,9 @@ class CudaModel:
         if cfg.position == "learned":
             table = ex.get("transformer.wpe.weight")
             if table.shape[0] < self.n_ctx:
-                raise EdgeLLMError(f"'transformer.wpe.weight' has {table.shape[0]} positions; the context is {self.n_ctx}")
+                raise EdgeLLMError(
+                    f"'transformer.wpe.weight' has {table.shape[0]} positions; the context is {self.n_ctx}"
+                )
             wpe = plan.small(table[: self.n_ctx])
         self._extra = (wpe, fnw, fnb)
         return plan, desc, norms
@@ -225,8 +323,28 @@ class CudaModel:
     @property
     def _args(self):
         b, w = self.buf, self.w
-        return (self.eps, self.d_ci, self.d_desc, self.d_norms, self.d_window, w["wq"], w["fw"], w["sc"], w["zs"], w["pf"],
-                self.d_cos, self.d_sin, b["kc"], b["vc"], b["x"], b["qkv"], b["hb"], b["up"], b["scores"], b["logits"])
+        return (
+            self.eps,
+            self.d_ci,
+            self.d_desc,
+            self.d_norms,
+            self.d_window,
+            w["wq"],
+            w["fw"],
+            w["sc"],
+            w["zs"],
+            w["pf"],
+            self.d_cos,
+            self.d_sin,
+            b["kc"],
+            b["vc"],
+            b["x"],
+            b["qkv"],
+            b["hb"],
+            b["up"],
+            b["scores"],
+            b["logits"],
+        )
 
     def reset(self):
         self.pos = 0
@@ -270,7 +388,10 @@ class CudaModel:
                 if self._coop_ran:
                     raise
                 first = (str(exc).strip().splitlines() or [""])[0][:160]
-                self.fused, self.decode_mode = False, f"phases (cooperative launch refused: {type(exc).__name__}: {first})"
+                self.fused, self.decode_mode = (
+                    False,
+                    f"phases (cooperative launch refused: {type(exc).__name__}: {first})",
+                )
         self._phase(PH_EMBED, 0, 0, tok, self.pos)
         for l in range(self.config.num_layers):
             for ph in LAYER_PHASES:
@@ -293,7 +414,9 @@ class CudaModel:
     def _gemm(self, role_row: int, x, t: int, out, omode: int):
         d = self.desc_rows[role_row]
         w = self.w
-        gemm_kernel[gemm_grid(int(self.desc[role_row, D_N]), t), self.tpb](d, w["wq"], w["fw"], w["sc"], w["zs"], w["pf"], x, t, out, omode)
+        gemm_kernel[gemm_grid(int(self.desc[role_row, D_N]), t), self.tpb](
+            d, w["wq"], w["fw"], w["sc"], w["zs"], w["pf"], x, t, out, omode
+        )
 
     def _prompt(self, ids: np.ndarray, all_logits: bool):
         """t tokens at positions pos..: every layer, then the last row's (or every row's) logits."""
@@ -303,16 +426,34 @@ class CudaModel:
         layer, rope, gated = int(self.ci[C_LAYER]), int(self.ci[C_ROPE]), int(self.ci[C_GATED])
         norms = self.norms
         spread = lambda n: max(1, min(1024, -(-n // tpb)))  # noqa: E731
-        embed_kernel[spread(H), tpb](self.desc_rows[L * 4], w["wq"], w["fw"], w["sc"], w["zs"], w["pf"], self.cuda.to_device(ids), pos, H,
-                                     int(self.ci[C_WPE]), b["x"])
+        embed_kernel[spread(H), tpb](
+            self.desc_rows[L * 4],
+            w["wq"],
+            w["fw"],
+            w["sc"],
+            w["zs"],
+            w["pf"],
+            self.cuda.to_device(ids),
+            pos,
+            H,
+            int(self.ci[C_WPE]),
+            b["x"],
+        )
         for l in range(L):
-            norm_rows_kernel[t, tpb](b["x"], t, H, layer, self.eps, w["pf"], norms[l, N_LN1W], norms[l, N_LN1B], b["hb"])
+            norm_rows_kernel[t, tpb](
+                b["x"], t, H, layer, self.eps, w["pf"], norms[l, N_LN1W], norms[l, N_LN1B], b["hb"]
+            )
             self._gemm(l * 4 + R_QKV, b["hb"], t, b["qkv"], OUT_SET)
-            rope_kv_kernel[spread(t * ((NH + NKV) * HD // 2 + NKV * HD)), tpb](b["qkv"], t, pos, l, NH, NKV, HD, rope, self.d_cos,
-                                                                              self.d_sin, b["kc"], b["vc"])
-            attention_kernel[t * NH, tpb](b["qkv"], b["kc"], b["vc"], l, pos, t, NH, NKV, HD, int(self.window[l]), b["scores"], b["hb"])
+            rope_kv_kernel[spread(t * ((NH + NKV) * HD // 2 + NKV * HD)), tpb](
+                b["qkv"], t, pos, l, NH, NKV, HD, rope, self.d_cos, self.d_sin, b["kc"], b["vc"]
+            )
+            attention_kernel[t * NH, tpb](
+                b["qkv"], b["kc"], b["vc"], l, pos, t, NH, NKV, HD, int(self.window[l]), b["scores"], b["hb"]
+            )
             self._gemm(l * 4 + R_O, b["hb"], t, b["x"], OUT_ADD)
-            norm_rows_kernel[t, tpb](b["x"], t, H, layer, self.eps, w["pf"], norms[l, N_LN2W], norms[l, N_LN2B], b["hb"])
+            norm_rows_kernel[t, tpb](
+                b["x"], t, H, layer, self.eps, w["pf"], norms[l, N_LN2W], norms[l, N_LN2B], b["hb"]
+            )
             self._gemm(l * 4 + R_UP, b["hb"], t, b["up"], OUT_SET)
             act_kernel[spread(t * I), tpb](b["up"], t, I, gated, b["hb"])
             self._gemm(l * 4 + R_DOWN, b["hb"], t, b["x"], OUT_ADD)

@@ -34,8 +34,8 @@ def ref_rope_kv(qkv, pos0, nh, nkv, hd, cos, sin, rope: bool = True):
     """(q rotated (t, nh, hd) fp32, k rotated fp16 (nkv, t, hd), v fp16 (nkv, t, hd))."""
     t = qkv.shape[0]
     q = qkv[:, : nh * hd].reshape(t, nh, hd)
-    k = qkv[:, nh * hd:(nh + nkv) * hd].reshape(t, nkv, hd)
-    v = qkv[:, (nh + nkv) * hd:].reshape(t, nkv, hd)
+    k = qkv[:, nh * hd : (nh + nkv) * hd].reshape(t, nkv, hd)
+    v = qkv[:, (nh + nkv) * hd :].reshape(t, nkv, hd)
     if rope:
         pos = np.arange(pos0, pos0 + t)
         q, k = ref_rope(q, pos, cos, sin), ref_rope(k, pos, cos, sin)

@@ -112,8 +112,27 @@ def _dotprod_probe() -> tuple[str, str]:
     return (PROBE_SDOT, NEVER if running_cpu_has_dotprod() is False else SDOT_ASM)
 
 
-NEON_DOTPROD = Tier("neon-dotprod", T_NEON_DOTPROD, "aarch64", WIDTH, _sdot, _dotprod_probe(), "neon", recentre=(4, 8),
-                    spread=_spread_tbl,
-                    cpus="Raspberry Pi 5 (Cortex-A76), Apple M, AWS Graviton 2+")
-NEON = Tier("neon", T_NEON, "aarch64", WIDTH, _smull, None, "generic", recentre=(4, 8), spread=_spread_tbl,
-            cpus="Raspberry Pi 4 (Cortex-A72), Pi 3 and other ARMv8.0 cores")
+NEON_DOTPROD = Tier(
+    "neon-dotprod",
+    T_NEON_DOTPROD,
+    "aarch64",
+    WIDTH,
+    _sdot,
+    _dotprod_probe(),
+    "neon",
+    recentre=(4, 8),
+    spread=_spread_tbl,
+    cpus="Raspberry Pi 5 (Cortex-A76), Apple M, AWS Graviton 2+",
+)
+NEON = Tier(
+    "neon",
+    T_NEON,
+    "aarch64",
+    WIDTH,
+    _smull,
+    None,
+    "generic",
+    recentre=(4, 8),
+    spread=_spread_tbl,
+    cpus="Raspberry Pi 4 (Cortex-A72), Pi 3 and other ARMv8.0 cores",
+)

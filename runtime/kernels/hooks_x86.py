@@ -13,7 +13,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from .hook import T_AVX2, T_AVX512_VNNI, T_AVX_VNNI, Tier
-from .irutil import I8, I16, I32, F32, const_vec, declare, vec
+from .irutil import F32, I8, I16, I32, const_vec, declare, vec
 
 
 def _probe_dot(n: int) -> str:
@@ -92,9 +92,37 @@ def _avx2(builder, acc, parts, signed):
     return (_avx2_dot_signed if signed else _avx2_dot)(builder, acc, parts)
 
 
-AVX512_VNNI = Tier("avx512-vnni", T_AVX512_VNNI, "x86_64", 64, _vnni_dot(64), (_probe_dot(64), r"vpdpbusd[^\n]*%zmm"), "avx-vnni",
-                   spread=_perm512, cpus="AMD Zen 4/5, Intel Xeon since Cascade Lake")
-AVX_VNNI = Tier("avx-vnni", T_AVX_VNNI, "x86_64", 32, _vnni_dot(32), (_probe_dot(32), r"vpdpbusd[^\n]*%ymm"), "avx2",
-                spread=_perm256, cpus="Intel Alder Lake and later, AMD Zen 5")
-AVX2 = Tier("avx2", T_AVX2, "x86_64", 32, _avx2, (_PROBE_YMM_INT, r"vpaddb[^\n]*%ymm"), "generic", recentre=(8,),
-            spread=_perm256, cpus="every x86-64 laptop since Haswell")
+AVX512_VNNI = Tier(
+    "avx512-vnni",
+    T_AVX512_VNNI,
+    "x86_64",
+    64,
+    _vnni_dot(64),
+    (_probe_dot(64), r"vpdpbusd[^\n]*%zmm"),
+    "avx-vnni",
+    spread=_perm512,
+    cpus="AMD Zen 4/5, Intel Xeon since Cascade Lake",
+)
+AVX_VNNI = Tier(
+    "avx-vnni",
+    T_AVX_VNNI,
+    "x86_64",
+    32,
+    _vnni_dot(32),
+    (_probe_dot(32), r"vpdpbusd[^\n]*%ymm"),
+    "avx2",
+    spread=_perm256,
+    cpus="Intel Alder Lake and later, AMD Zen 5",
+)
+AVX2 = Tier(
+    "avx2",
+    T_AVX2,
+    "x86_64",
+    32,
+    _avx2,
+    (_PROBE_YMM_INT, r"vpaddb[^\n]*%ymm"),
+    "generic",
+    recentre=(8,),
+    spread=_perm256,
+    cpus="every x86-64 laptop since Haswell",
+)

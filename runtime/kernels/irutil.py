@@ -52,7 +52,9 @@ def lane_mask(builder, left, n: int):
 def prefetch(builder, addr):
     """Software prefetch of the line at `addr` (read, high locality, data cache)."""
     fn = declare(builder, "llvm.prefetch.p0", ir.VoidType(), [ir.PointerType(I8), I32, I32, I32])
-    builder.call(fn, [builder.inttoptr(addr, ir.PointerType(I8)), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+    builder.call(
+        fn, [builder.inttoptr(addr, ir.PointerType(I8)), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)]
+    )
 
 
 def reduce_fadd(builder, v):
@@ -86,9 +88,11 @@ def half_to_float(builder, v, native: bool):
     h = builder.zext(builder.bitcast(v, _like(v, I16)), _like(v, I32))
     sign = builder.shl(builder.and_(h, _const(h, I32, 0x8000)), _const(h, I32, 16))
     em = builder.and_(h, _const(h, I32, 0x7FFF))
-    f = builder.fmul(builder.bitcast(builder.shl(em, _const(h, I32, 13)), _like(v, F32)), _const(h, F32, 2.0 ** 112))
+    f = builder.fmul(builder.bitcast(builder.shl(em, _const(h, I32, 13)), _like(v, F32)), _const(h, F32, 2.0**112))
     bits = builder.bitcast(f, _like(v, I32))
-    bits = builder.select(builder.icmp_unsigned(">=", em, _const(h, I32, 0x7C00)), builder.or_(bits, _const(h, I32, 0x7F800000)), bits)
+    bits = builder.select(
+        builder.icmp_unsigned(">=", em, _const(h, I32, 0x7C00)), builder.or_(bits, _const(h, I32, 0x7F800000)), bits
+    )
     return builder.bitcast(builder.or_(bits, sign), _like(v, F32))
 
 
@@ -103,9 +107,14 @@ def float_to_half_bits(builder, v, native: bool):
     c = lambda x: ir.Constant(I32, x)  # noqa: E731
     big = builder.select(builder.icmp_unsigned(">", f, c(255 << 23)), c(0x7E00), c(0x7C00))  # nan / inf
     magic = c(((127 - 15) + (23 - 10) + 1) << 23)
-    sub = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(f, F32), builder.bitcast(magic, F32)), I32), magic)  # subnormal / zero
+    sub = builder.sub(
+        builder.bitcast(builder.fadd(builder.bitcast(f, F32), builder.bitcast(magic, F32)), I32), magic
+    )  # subnormal / zero
     odd = builder.and_(builder.lshr(f, c(13)), c(1))
     norm = builder.lshr(builder.add(builder.add(f, c(((15 - 127) << 23) + 0xFFF)), odd), c(13))
-    o = builder.select(builder.icmp_unsigned(">=", f, c((127 + 16) << 23)), big,
-                       builder.select(builder.icmp_unsigned("<", f, c(113 << 23)), sub, norm))
+    o = builder.select(
+        builder.icmp_unsigned(">=", f, c((127 + 16) << 23)),
+        big,
+        builder.select(builder.icmp_unsigned("<", f, c(113 << 23)), sub, norm),
+    )
     return builder.trunc(builder.or_(o, builder.lshr(sign, c(16))), I16)

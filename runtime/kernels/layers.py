@@ -11,9 +11,8 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import overload
 
-from .quant import D_GS, D_K, D_KIND, D_N, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, K_F16, K_F32, K_Q4
+from .quant import D_GS, D_K, D_KIND, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, K_F16, K_F32, K_Q4
 from .simd import as_voidptr, float_from_bits, float_to_half, half_to_float
-
 
 # ----------------------------------------------------------------------------- exp
 _LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504), np.float32(0.693359375), np.float32(-2.12194440e-4)
@@ -174,8 +173,8 @@ def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
         i, h = job // n_heads, job % n_heads
         n = pos0 + i + 1  # this query sees keys [p0, n)
         p0 = max(0, n - window) if window > 0 else 0
-        qh = q[i, h * hd:(h + 1) * hd]
-        _attn_query_rows(qh, kc[h // group], vc[h // group], scores[job], out[i, h * hd:(h + 1) * hd], p0, n, scale)
+        qh = q[i, h * hd : (h + 1) * hd]
+        _attn_query_rows(qh, kc[h // group], vc[h // group], scores[job], out[i, h * hd : (h + 1) * hd], p0, n, scale)
 
 
 @njit(cache=True, fastmath=True)
@@ -220,9 +219,17 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
         acc = np.empty(hd, np.float32)
         for i in range(tile * QT, min(t, (tile + 1) * QT)):
             n = pos0 + i + 1
-            _attn_query(q[i, h * hd:(h + 1) * hd], kt[kv], vc[kv], scores[i * n_heads + h], acc, max(0, n - window) if window > 0 else 0, n,
-                        scale)
-            out[i, h * hd:(h + 1) * hd] = acc
+            _attn_query(
+                q[i, h * hd : (h + 1) * hd],
+                kt[kv],
+                vc[kv],
+                scores[i * n_heads + h],
+                acc,
+                max(0, n - window) if window > 0 else 0,
+                n,
+                scale,
+            )
+            out[i, h * hd : (h + 1) * hd] = acc
 
 
 @njit(cache=True, fastmath=True)
@@ -332,14 +339,14 @@ def ref_swiglu(gu, inter):
 
 def ref_gelu_new(x):
     x = x.astype(np.float64)
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 # ----------------------------------------------------------------------------- embeddings
 @njit(cache=True, fastmath=True)
 def embed_rows(d, ids, out):
     """out (t, k) = rows `ids` of the table described by `d` (float or packed, dequantized)."""
-    n, k, kind = d[D_N], d[D_K], d[D_KIND]
+    k, kind = d[D_K], d[D_KIND]
     for i in range(ids.shape[0]):
         r = ids[i]
         if kind == K_F32:
@@ -354,7 +361,9 @@ def embed_rows(d, ids, out):
             gs, nb, rb = d[D_GS], d[D_NB], d[D_RB]
             wq = carray(as_voidptr(d[D_W] + r * rb), (rb,), np.uint8)
             sc = carray(as_voidptr(d[D_S] + r * nb * 2), (nb,), np.uint16)
-            zs = carray(as_voidptr(d[D_Z] + r * nb * 4 if d[D_Z] != 0 else d[D_S]), (nb,), np.float32)  # read only if asym
+            zs = carray(
+                as_voidptr(d[D_Z] + r * nb * 4 if d[D_Z] != 0 else d[D_S]), (nb,), np.float32
+            )  # read only if asym
             for j in range(k):
                 if kind == K_Q4:
                     byte = wq[j >> 1]

@@ -13,8 +13,9 @@ one compiled decode step serves every layer without Python in between):
 Quantized layers multiply by int8-quantized activations (one scale per weight group, like
 llama.cpp's Q8_0 next to Q4_0): `quantize_act` writes them in the layout the SIMD microkernel reads
 (see simd.py). Every kernel takes `tier`, the id of the kernel tier to run (tiers.py); there is
-no scalar path: the generic tier is the portable one. The int8 rounding of activations is the only deviation from the float product; the
-numpy reference `ref_linear_q8act` reproduces it exactly, `ref_linear` is the float product.
+no scalar path: the generic tier is the portable one. The int8 rounding of activations is the
+only deviation from the float product; the numpy reference `ref_linear_q8act` reproduces it
+exactly, `ref_linear` is the float product.
 """
 
 from __future__ import annotations
@@ -293,8 +294,14 @@ def make_desc(qweight, scales, zeros, bits, k, gs, keep, bias=None) -> np.ndarra
 def act_buffers(d, t: int):
     """Scratch of quantize_act for t tokens: (xa, xb, init, xsl, xzb, xs)."""
     cap, nbc = act_caps(d)
-    return (np.zeros((t, cap), np.int8), np.zeros((t, cap), np.int8), np.zeros((t, cap // 4), np.int32),
-            np.zeros((t, cap // 4), np.float32), np.zeros((t, nbc), np.float32), np.zeros((t, nbc), np.float32))
+    return (
+        np.zeros((t, cap), np.int8),
+        np.zeros((t, cap), np.int8),
+        np.zeros((t, cap // 4), np.int32),
+        np.zeros((t, cap // 4), np.float32),
+        np.zeros((t, nbc), np.float32),
+        np.zeros((t, nbc), np.float32),
+    )
 
 
 def self_check(tier_id: int) -> float:
@@ -338,6 +345,9 @@ def checked_tier(kernels: str | None):
             return tier, warning
         if tier.fallback is None:
             raise EdgeLLMError(f"kernel tier {tier.name} failed its self-check (error {err:.2g}) and has no fallback")
-        note = f"kernel tier {tier.name} failed its self-check (error {err:.2g} > {SELF_CHECK_TOL:g}); using {tier.fallback}"
+        note = (
+            f"kernel tier {tier.name} failed its self-check (error {err:.2g} > {SELF_CHECK_TOL:g}); using "
+            f"{tier.fallback}"
+        )
         warning = note if warning is None else f"{warning}; {note}"
         tier = tiers.BY_NAME[tier.fallback]

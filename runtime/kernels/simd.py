@@ -35,8 +35,26 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import tiers
-from .irutil import (F16, F32, I32, I64, I8, const_vec, float_to_half_bits, fmadd, half_to_float as _h2f, lane_mask, masked_load,
-                     prefetch, ptr, reduce_fadd, splat, vec)
+from .irutil import (
+    F16,
+    F32,
+    I8,
+    I32,
+    I64,
+    const_vec,
+    float_to_half_bits,
+    fmadd,
+    lane_mask,
+    masked_load,
+    prefetch,
+    ptr,
+    reduce_fadd,
+    splat,
+    vec,
+)
+from .irutil import (
+    half_to_float as _h2f,
+)
 
 _ptr = ptr
 
@@ -75,7 +93,9 @@ def _tile(builder, tier, nrows, ntok, args):
     spread = tier.spread or _spread_shuffles
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(ntok)] for _ in range(nrows)]
     log2l = L.bit_length() - 1
-    k = builder.trunc(builder.select(builder.icmp_signed("<", shift, ir.Constant(I64, log2l)), shift, ir.Constant(I64, log2l)), I32)
+    k = builder.trunc(
+        builder.select(builder.icmp_signed("<", shift, ir.Constant(I64, log2l)), shift, ir.Constant(I64, log2l)), I32
+    )
     idx = builder.lshr(const_vec(I32, range(L)), splat(builder, k, L))  # lane -> block within the chunk
     kw, kl = ir.Constant(I64, W), ir.Constant(I64, L)
     rows_w = [builder.add(w, builder.mul(rb, ir.Constant(I64, j))) for j in range(nrows)]
@@ -93,7 +113,11 @@ def _tile(builder, tier, nrows, ntok, args):
                 for line in range(0, W, 64):
                     prefetch(builder, builder.add(builder.add(rows_w[j], off), ir.Constant(I64, PREFETCH + line)))
             wv = load(builder.add(rows_w[j], off))
-            parts = (builder.and_(wv, const_vec(I8, [15] * W)), builder.lshr(wv, const_vec(I8, [4] * W))) if bits == 4 else (wv,)
+            parts = (
+                (builder.and_(wv, const_vec(I8, [15] * W)), builder.lshr(wv, const_vec(I8, [4] * W)))
+                if bits == 4
+                else (wv,)
+            )
             if signed:
                 parts = tuple(builder.sub(p, const_vec(I8, [1 << (bits - 1)] * W)) for p in parts)
             wh = builder.load(ptr(builder, builder.add(rows_s[j], builder.mul(fb, ir.Constant(I64, 2))), vh), align=2)
@@ -216,8 +240,13 @@ def _make_rowdot_float(half: bool):
             nit = builder.sdiv(n, ir.Constant(I64, step))
             with cgutils.for_range(builder, nit) as loop:  # 4 independent accumulators hide FMA latency
                 base = builder.mul(loop.index, ir.Constant(I64, step))
-                for line in range(0, max(64, step * (2 if half else 4)), 64):  # one prefetch per 64-byte line, PREFETCH ahead
-                    prefetch(builder, builder.add(builder.add(w, builder.mul(base, esize)), ir.Constant(I64, PREFETCH + line)))
+                for line in range(
+                    0, max(64, step * (2 if half else 4)), 64
+                ):  # one prefetch per 64-byte line, PREFETCH ahead
+                    prefetch(
+                        builder,
+                        builder.add(builder.add(w, builder.mul(base, esize)), ir.Constant(I64, PREFETCH + line)),
+                    )
                 for u in range(4):
                     i = builder.add(base, ir.Constant(I64, L * u))
                     wv = builder.load(ptr(builder, builder.add(w, builder.mul(i, esize)), vty), align=2 if half else 4)
@@ -231,7 +260,10 @@ def _make_rowdot_float(half: bool):
                 wv = masked_load(builder, builder.add(w, builder.mul(i, esize)), vty, m)
                 xv = masked_load(builder, builder.add(x, builder.mul(i, ir.Constant(I64, 4))), vf, m)
                 fma_into(accs[0], wv, xv)
-            tot = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])), builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
+            tot = builder.fadd(
+                builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                builder.fadd(builder.load(accs[2]), builder.load(accs[3])),
+            )
             return reduce_fadd(builder, tot)
 
         return sig, codegen
@@ -257,10 +289,21 @@ def _scalar_cast(ret, arg, convert, doc):
     return cast
 
 
-half_to_float = _scalar_cast(types.float32, types.uint16, lambda b, v: _h2f(b, b.bitcast(v, F16), tiers.native_half()),
-                             "IEEE fp16 bits (uint16) -> float32 (numba has no float16 scalar type on CPU).")
-float_to_half = _scalar_cast(types.uint16, types.float32, lambda b, v: float_to_half_bits(b, v, tiers.native_half()),
-                             "float32 -> IEEE fp16 bits (uint16), round to nearest even (the fp16 KV cache's store).")
-float_from_bits = _scalar_cast(types.float32, types.int32, lambda b, v: b.bitcast(v, F32),
-                               "int32 bits -> the float32 with those bits (for building 2**n in `fast_exp`).")
-
+half_to_float = _scalar_cast(
+    types.float32,
+    types.uint16,
+    lambda b, v: _h2f(b, b.bitcast(v, F16), tiers.native_half()),
+    "IEEE fp16 bits (uint16) -> float32 (numba has no float16 scalar type on CPU).",
+)
+float_to_half = _scalar_cast(
+    types.uint16,
+    types.float32,
+    lambda b, v: float_to_half_bits(b, v, tiers.native_half()),
+    "float32 -> IEEE fp16 bits (uint16), round to nearest even (the fp16 KV cache's store).",
+)
+float_from_bits = _scalar_cast(
+    types.float32,
+    types.int32,
+    lambda b, v: b.bitcast(v, F32),
+    "int32 bits -> the float32 with those bits (for building 2**n in `fast_exp`).",
+)

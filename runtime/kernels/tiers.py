@@ -16,6 +16,7 @@ from edgellm.errors import EdgeLLMError
 
 from .hook import Tier
 
+
 def _tiers() -> tuple[Tier, ...]:
     from .hooks_generic import GENERIC
     from .hooks_neon import NEON, NEON_DOTPROD
@@ -25,7 +26,14 @@ def _tiers() -> tuple[Tier, ...]:
 
 
 TIERS = _tiers()
-KNOWN = ("avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "generic")  # every name `kernels=` takes (and "auto")
+KNOWN = (
+    "avx512-vnni",
+    "avx-vnni",
+    "avx2",
+    "neon-dotprod",
+    "neon",
+    "generic",
+)  # every name `kernels=` takes (and "auto")
 BY_NAME = {t.name: t for t in TIERS}
 BY_ID = {t.id: t for t in TIERS}
 NAMES = tuple(t.name for t in TIERS)
@@ -43,7 +51,13 @@ def target():
     name = cg._get_host_cpu_name()
     feats = cg._tm_features if isinstance(getattr(cg, "_tm_features", None), str) else ""
     triple = llb.get_process_triple()
-    arch = "aarch64" if triple.startswith(("aarch64", "arm64")) else "x86_64" if triple.startswith(("x86_64", "amd64")) else triple.split("-")[0]
+    arch = (
+        "aarch64"
+        if triple.startswith(("aarch64", "arm64"))
+        else "x86_64"
+        if triple.startswith(("x86_64", "amd64"))
+        else triple.split("-")[0]
+    )
     tm = getattr(cg, "_tm", None)
     if tm is None:  # older numba: build the same machine
         tm = llb.Target.from_triple(triple).create_target_machine(cpu=name, features=feats, opt=2, jit=True)
@@ -110,8 +124,10 @@ def resolve(kernels: str | None) -> Tier:
         raise EdgeLLMError(f"--kernels {kernels!r} is not a kernel tier; give auto or one of {', '.join(KNOWN)}")
     if kernels not in BY_NAME or not available(kernels):
         cpu = target()[0]
-        raise EdgeLLMError(f"--kernels {kernels!r} needs instructions that the CPU numba compiles for ({cpu}) lacks; "
-                           f"this CPU runs {', '.join(supported())}")
+        raise EdgeLLMError(
+            f"--kernels {kernels!r} needs instructions that the CPU numba compiles for ({cpu}) lacks; "
+            f"this CPU runs {', '.join(supported())}"
+        )
     return BY_NAME[kernels]
 
 

@@ -53,6 +53,7 @@ from .kernels.quant import (
 from .kernels.simd import as_voidptr as _voidptr
 from .kernels.tiers import describe as _describe_tier
 from .loader import Export, open_export
+from .packing import unpack_codes
 from .validate import ModelConfig, check_export, check_memory
 
 # ----------------------------------------------------------------------------- config
@@ -200,7 +201,7 @@ class Weights:
             d[D_SYM] = 1
             if ex.has(f"{p}.qzeros"):
                 zp = ex.get(f"{p}.qzeros").reshape(n, -1)
-                z = zp if bits == 8 else np.stack((zp & 15, zp >> 4), -1).reshape(n, -1)
+                z = unpack_codes(zp, bits)
                 zs = z[:, :nb].astype(np.float32) * scales.reshape(n, nb).astype(np.float32)
                 d[D_Z], d[D_SYM] = self._addr(zs, np.float32), 0
                 ex.drop_pages(zp)

@@ -1,6 +1,6 @@
 """Packing of unsigned codes into bytes, in ONNX Runtime MatMulNBits' layout: the one copy for
 the torch side (quantize, save, load) and the exporter, which calls it on numpy arrays. The
-torch-free runtime keeps its own numpy reader (runtime/kernels).
+torch-free runtime keeps its own numpy copy (runtime/packing.py; tests/test_packing.py checks they agree).
 
 4-bit: two codes per byte, the even column in the low nibble:  byte = q[2i] | q[2i+1] << 4.
 8-bit: one code per byte. A packed weight has shape (out, n_groups, group_size * bits / 8),

@@ -23,6 +23,7 @@ from edgellm.errors import EdgeLLMError, UnsupportedError
 from ..kernels.layers import rope_inv_freq, rope_tables
 from ..loader import open_export
 from ..model import ModelConfig, _names
+from ..packing import unpack_codes
 from . import device as dev
 from .kernels import (
     C_FNB,
@@ -137,7 +138,7 @@ def _linear(ex, plan: _Plan, p: str, k: int, bits: int) -> np.ndarray:
         d[D_S] = plan.big("sc", scales.reshape(n, nb))
         if ex.has(f"{p}.qzeros"):
             zp = ex.get(f"{p}.qzeros").reshape(n, -1)
-            z = zp if bits == 8 else np.stack((zp & 15, zp >> 4), -1).reshape(n, -1)
+            z = unpack_codes(zp, bits)
             d[D_Z] = plan.big("zs", z[:, :nb].astype(np.float32) * scales.reshape(n, nb).astype(np.float32))
     elif ex.has(f"{p}.weight"):
         w = ex.get(f"{p}.weight")

@@ -25,6 +25,7 @@ from numba import carray, njit, prange
 
 from edgellm.errors import EdgeLLMError
 
+from ..packing import pack_codes, unpack_codes
 from . import tiers
 from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rx1, qdot_rxt, rowdot_f16, rowdot_f32
 
@@ -238,7 +239,7 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
 def dequantize(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, k: int) -> np.ndarray:
     """Packed MatMulNBits weights -> float32 (n, k): (code - zero) * scale, padding dropped."""
     n, nb, _ = qweight.shape
-    codes = qweight if bits == 8 else np.stack((qweight & 15, qweight >> 4), -1).reshape(n, nb, -1)
+    codes = unpack_codes(qweight, bits).reshape(n, nb, -1)
     z = (1 << (bits - 1)) if zeros is None else zeros.reshape(n, nb, 1).astype(np.float32)
     w = (codes.astype(np.float32) - z) * scales.reshape(n, nb, 1).astype(np.float32)
     return w.reshape(n, -1)[:, :k]
@@ -314,7 +315,7 @@ def self_check(tier_id: int) -> float:
         nb = -(-k // gs)
         codes = rng.integers(0, 1 << bits, (n, nb * gs)).astype(np.uint8)
         codes[:, k:] = 1 << (bits - 1)
-        qw = codes if bits == 8 else (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        qw = pack_codes(codes, bits)
         qw = qw.reshape(n, nb, -1)
         scales = (rng.random(n * nb) * 0.1 + 1e-3).astype(np.float16).astype(np.float32)
         zeros = None if sym else rng.integers(0, 1 << bits, (n, nb)).astype(np.uint8)

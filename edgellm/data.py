@@ -71,7 +71,11 @@ def _hf_dataset_text(name: str) -> str:
     try:
         import datasets
     except ImportError:
-        raise EdgeLLMError(f"'{name}' is not a local path; to use a Hugging Face dataset install 'datasets'") from None
+        from ._deps import install_hint
+
+        raise EdgeLLMError(
+            f"'{name}' is not a local path; a Hugging Face dataset needs 'datasets': {install_hint('datasets')}"
+        ) from None
     repo, _, config = name.partition(":")
     try:
         ds = datasets.load_dataset(repo, config or None, split="train")

@@ -163,11 +163,15 @@ COMPRESS = "pip install 'edgellm[compress]'"
         (["bench", "{export}", "-o", "{out}"], "pip install 'edgellm[bench]'"),  # report.html plots
         (["run", "{export}", "-p", "hi", "--backend", "onnxruntime"], "pip install 'edgellm[ort]'"),
         (["run", "{export}", "-p", "hi", "--chat"], "pip install 'edgellm[chat]'"),  # chat template: jinja2
+        (["serve", "{export}", "--port", "0"], "pip install 'edgellm[serve]'"),
+        (["compress", "{recipe}", "-o", "{out}"], COMPRESS),  # its quantize stage needs torch
     ],
-    ids=["quantize", "prune", "distill", "export", "eval", "info", "bench", "run-ort", "run-chat"],
+    ids=["quantize", "prune", "distill", "export", "eval", "info", "bench", "run-ort", "run-chat", "serve", "compress"],
 )
 def test_missing_extra_is_one_line_exit_2(device_venv, tiny_dirs, tiny_export, tmp_path, args, hint):
-    args = [a.format(model=tiny_dirs["llama"], export=tiny_export, out=tmp_path / "out") for a in args]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_dirs['llama']}\nstages:\n  - quantize: {{bits: 4}}\n")
+    args = [a.format(model=tiny_dirs["llama"], export=tiny_export, out=tmp_path / "out", recipe=recipe) for a in args]
     r = _device(device_venv, *args)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert r.returncode == 2, r.stdout + r.stderr
@@ -179,7 +183,7 @@ def test_missing_extra_is_one_line_exit_2(device_venv, tiny_dirs, tiny_export, t
 def test_help_lists_every_command_on_the_device_install(device_venv):
     r = _device(device_venv, "--help")
     assert r.returncode == 0, r.stderr
-    for name in ("info", "distill", "prune", "quantize", "export", "run", "eval", "bench"):
+    for name in ("info", "distill", "prune", "quantize", "export", "run", "eval", "bench", "serve", "compress"):
         assert re.search(rf"│ {name}\s", r.stdout), (name, r.stdout)
     assert "not yet available" not in r.stdout
 

@@ -72,11 +72,14 @@ def compress(
             raise EdgeLLMError(
                 f"--compare '{other}' has no report.json; give the output folder of another 'edgellm compress' run"
             )
-    if not output.exists() and not output.resolve().parent.is_dir():
-        raise EdgeLLMError(
-            f"the folder '{output.resolve().parent}' for output '{output}' does not exist; create it first"
-        )
+    # missing parents of the output are created when the first stage runs (runner.run), as -o does
+    # for every other command; --check creates nothing
 
+    if not check and any(s.command != "bench" for s in r.stages):  # one error line before the plan, not after it
+        from .._deps import require
+
+        for module in ("torch", "transformers"):
+            require(module, "'edgellm compress'")
     n = len(r.stages)
     console.print(f"recipe {recipe}: {n} stage{'s' if n > 1 else ''} on {r.model} -> {output}/")
     for s in r.stages:

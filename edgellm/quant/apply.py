@@ -73,13 +73,10 @@ class QuantConfig:
         return d
 
 
-def embedding_format(bits: int, dim: int, sym: bool = True, max_group: int = 128) -> QuantFormat:
-    """Embeddings' format: groups of the largest power of two <= max_group dividing the width
-    (576 -> 64) so no row is padded; 8-bit like llama.cpp's Q8_0 default for token_embd. Below
-    8 bits max_group is the linears' group size: the tied lm_head's error lands on the logits
-    directly: 4-bit g64 embeddings measured +64% perplexity on SmolLM2-135M where g32 gave
-    +41% (RTN, linears 4-bit g32, 4088 tokens, 2026-12-01; 8-bit embeddings: see README)."""
-    g = max_group
+def embedding_format(bits: int, dim: int, sym: bool = True) -> QuantFormat:
+    """Embeddings' format: groups of the largest power of two <= 128 dividing the width (576 -> 64)
+    so no row is padded; 8-bit like llama.cpp's Q8_0 default for token_embd."""
+    g = 128
     while g > 16 and dim % g:
         g //= 2
     return QuantFormat(bits=bits, group_size=g if dim % g == 0 else 128, sym=sym)
@@ -203,13 +200,7 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
         if cfg.embeddings_mode != "keep":
             bits = int(cfg.embeddings_mode)
             emb_fmt = (
-                fmt
-                if cfg.embeddings is None
-                else embedding_format(
-                    bits,
-                    model.get_input_embeddings().embedding_dim,
-                    max_group=128 if bits >= 8 or fmt.group_size == -1 else min(128, fmt.group_size),
-                )
+                fmt if cfg.embeddings is None else embedding_format(bits, model.get_input_embeddings().embedding_dim)
             )
             _quantize_embeddings(model, emb_fmt)
     info = {

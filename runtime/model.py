@@ -86,6 +86,16 @@ R_QKV, R_O, R_UP, R_DOWN = range(4)  # linear roles per layer
 N_LN1W, N_LN1B, N_LN2W, N_LN2B = range(4)
 
 
+def linear_inputs(cfg: ModelConfig) -> dict[int, int]:
+    """Input width of each linear role of a layer (the CPU and CUDA loaders check exports against it)."""
+    return {
+        R_QKV: cfg.hidden_size,
+        R_O: cfg.num_heads * cfg.head_dim,
+        R_UP: cfg.hidden_size,
+        R_DOWN: cfg.intermediate_size,
+    }
+
+
 def _names(cfg: ModelConfig, i: int) -> dict:
     if cfg.architecture == "gpt2":
         p = f"transformer.h.{i}"
@@ -125,12 +135,7 @@ class Weights:
         self.norms = np.zeros((L, 4), np.int64)
         for i in range(L):
             n = _names(cfg, i)
-            ins = {
-                R_QKV: cfg.hidden_size,
-                R_O: cfg.num_heads * cfg.head_dim,
-                R_UP: cfg.hidden_size,
-                R_DOWN: cfg.intermediate_size,
-            }
+            ins = linear_inputs(cfg)
             for role in (R_QKV, R_O, R_UP, R_DOWN):
                 self.lin[i, role] = self._linear(ex, n[role], ins[role])
             for slot, key in ((N_LN1W, "ln1"), (N_LN2W, "ln2")):

@@ -22,7 +22,7 @@ from edgellm.errors import EdgeLLMError, UnsupportedError
 
 from ..kernels.layers import rope_inv_freq, rope_tables
 from ..loader import open_export
-from ..model import ModelConfig, _names
+from ..model import ModelConfig, _names, linear_inputs
 from ..packing import unpack_codes
 from . import device as dev
 from .kernels import (
@@ -271,12 +271,7 @@ class CudaModel:
         norms = np.full((L, 4), -1, np.int64)
         for i in range(L):
             n = _names(cfg, i)
-            ins = {
-                R_QKV: cfg.hidden_size,
-                R_O: cfg.num_heads * cfg.head_dim,
-                R_UP: cfg.hidden_size,
-                R_DOWN: cfg.intermediate_size,
-            }
+            ins = linear_inputs(cfg)
             for role in (R_QKV, R_O, R_UP, R_DOWN):
                 desc[i * 4 + role] = _linear(ex, plan, n[role], ins[role], bits)
             for slot, key in ((N_LN1W, "ln1"), (N_LN2W, "ln2")):

@@ -235,3 +235,28 @@ def test_packing_is_one_function_for_torch_and_numpy():
     assert pack(np.array([[1, 2, 3]], np.uint8), 4, pad_odd=True).tolist() == [[0x21, 0x03]]
     with pytest.raises(ValueError):
         pack(np.array([[1, 2, 3]], np.uint8), 4)
+
+
+@pytest.mark.parametrize("dim, bits, group", [(576, 8, 64), (576, 4, 32), (384, 8, 128), (384, 4, 32), (48, 4, 16)])
+def test_embedding_group_sizes(dim, bits, group):
+    """8-bit embeddings: the largest power of two <= 128 dividing the width; 4-bit: <= 32 (Q4_0's
+    blocks), where SmolLM2's tied head measured 13.19 perplexity against 16.17 at group 64."""
+    from edgellm.quant.apply import embedding_format
+
+    assert embedding_format(bits, dim).group_size == group
+
+
+def test_four_bit_embeddings_round_plainly_eight_bit_search_clipping():
+    """4-bit embedding rows keep each group's min/max (no clipping of a tied head's largest
+    weights, which the search would clip here); 8-bit ones take the MSE clipping search."""
+    from edgellm.quant.apply import _embedding_codes, _rtn_clipped, embedding_format
+    from edgellm.quant.formats import quantize_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * torch.rand(64, 1)
+    w[3, 5] = 9.0  # an outlier
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    four, eight = embedding_format(4, 96), embedding_format(8, 96)
+    assert same(_embedding_codes(w, four), quantize_rtn(w, four))
+    assert not same(_rtn_clipped(w, four), quantize_rtn(w, four))  # the search would have clipped
+    assert same(_embedding_codes(w, eight), _rtn_clipped(w, eight))

@@ -49,7 +49,8 @@ def test_resolve_errors():
 
 @pytest.fixture(scope="module")
 def trained_exports(trained_llama, tmp_path_factory):
-    """The trained llama exported 4-bit g128 sym (issue 18's format) and 8-bit g32 asym."""
+    """The trained llama exported 4-bit g128 sym (issue 18's format) and 8-bit g32 asym, both with
+    the default 8-bit embeddings."""
     root = tmp_path_factory.mktemp("tier-exports")
     runner, out = CliRunner(), {}
     for name, qargs in (
@@ -65,7 +66,6 @@ def trained_exports(trained_llama, tmp_path_factory):
                 *qargs,
                 "--method",
                 "rtn",
-                "--quantize-embeddings",
                 "--no-eval",
                 "-o",
                 str(q),
@@ -97,14 +97,16 @@ def test_every_tier_matches_onnxruntime_and_the_best_tier(trained_exports, fmt):
     position of a prompt longer than every tile match ONNX Runtime's, every tier is close to the
     best tier's logits and greedy decoding gives the same tokens.
 
-    "Close" is not issue 18's 1e-4: the integer dot products are exact on every tier, but each tier
-    adds its per-lane float partial sums in its own order (16 lanes on AVX-512, 8 on AVX2, 4 on
-    NEON), and a ~1e-7 relative change can move one int8 activation code across a rounding
-    boundary in the next layer. Measured on this trained llama: q4 within 1e-5 on every tier;
-    q8a (8-bit asymmetric) avx-vnni 3.5e-2 and generic 1.3e-2 from avx512-vnni (max|logit| ~10).
-    A version summing every tier in one order made the SIMD tiers equal but broke the 8-bit
-    asymmetric kernels (3e-4 of scale off their numpy reference) and tripled the NEON inner loop,
-    so it was reverted."""
+    "Close" is not issue 18's 1e-4 at every position: the integer dot products are exact on every
+    tier, but each tier adds its per-lane float partial sums in its own order (16 lanes on AVX-512,
+    8 on AVX2, 4 on NEON), and a ~1e-7 relative change can move one int8 activation code across a
+    rounding boundary in the next layer. Measured on this trained llama with 8-bit embeddings
+    (2026-12-01): q4 150 of 151 positions within 3e-6 of avx512-vnni on every tier, the other
+    0.029 off (max|logit| ~10); q8a (8-bit asymmetric) 91% of positions within 1e-4, max 0.035.
+    (With 4-bit g128 embeddings every q4 position was within 1e-5: where the flips land depends
+    on the model.) A version summing every tier in one order made the SIMD tiers equal but broke
+    the 8-bit asymmetric kernels (3e-4 of scale off their numpy reference) and tripled the NEON
+    inner loop, so it was reverted."""
     from edgellm.runtime.ort_backend import OrtModel
 
     path = trained_exports[fmt]
@@ -125,9 +127,10 @@ def test_every_tier_matches_onnxruntime_and_the_best_tier(trained_exports, fmt):
             base, base_tokens = a, tokens
         else:
             # float summation order differs per tier: one-code flips of int8 activations downstream
-            # (see the docstring); 4-bit symmetric stays within 1e-4
-            tol = 1e-4 if fmt == "q4" else 5e-3 * scale
-            assert np.abs(a - base).max() <= tol, (name, np.abs(a - base).max())
+            # (see the docstring) move a few positions; every other position is within 1e-4
+            per_pos = np.abs(a - base).max(-1)  # (positions,)
+            assert per_pos.max() <= 5e-3 * scale, (name, per_pos.max())
+            assert (per_pos <= 1e-4).mean() >= (0.98 if fmt == "q4" else 0.85), (name, (per_pos <= 1e-4).mean())
             assert tokens == base_tokens, name
         m.close()
 

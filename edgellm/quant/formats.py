@@ -55,6 +55,18 @@ class QuantFormat:
         """The effective group size for a layer of width `in_features`."""
         return in_features if self.group_size == -1 else self.group_size
 
+    def fitted(self, in_features: int) -> "QuantFormat":
+        """This format with the group halved (not below 16) until it divides `in_features`, so no
+        group is padding: SmolLM2's 576-wide inputs at group 128 would store 640 columns (4.58
+        bits/weight) where group 64 stores 576 (4.25) and rounds finer. Unchanged when no power
+        of two >= 16 divides the width (the last group is padded then)."""
+        g = self.group_size
+        if g == -1 or in_features % g == 0:
+            return self
+        while g > 16 and in_features % g:
+            g //= 2
+        return self if in_features % g else QuantFormat(self.bits, g, self.sym)
+
     def padded(self, in_features: int) -> int:
         g = self.group_for(in_features)
         return -(-in_features // g) * g

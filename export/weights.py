@@ -2,12 +2,15 @@
 
 The packed bytes edgellm quantize stored are written unchanged (no second quantization):
 - `matmulnbits`: `P.qweight` uint8 (out, n_blocks, blob) is MatMulNBits' input B as is;
-  `P.scales` float32 (out*n_blocks) holds the stored fp16 scales exactly; `P.qzeros` (asym only)
+  `P.scales` float16 (out*n_blocks) are the stored fp16 scales, widened by a Cast node because
+  MatMulNBits takes scales of its activations' type (ONNX Runtime folds the Cast at load; the
+  Numba and CUDA runtimes read the fp16 initializer directly). fp32 scales in the file would add
+  2 bytes per group: 3.7 MB on SmolLM2-135M's default 4-bit export. `P.qzeros` (asym only)
   packed per row like B. Embeddings gather rows with com.microsoft.GatherBlockQuantized over
   the same bytes (ORT 1.32 CPU: 2-D uint8 data, `bits` 4 or 8, scales (rows, n_blocks), packed
   zero points (rows, ceil(n_blocks*bits/8)), output includes the padded columns -> Slice).
 - `qdq`: the same bytes typed UINT4/UINT8 (out, padded_in) for a blocked DequantizeLinear
-  (opset 21, axis 1) with float32 scales and explicit zero points (out, n_blocks) (the implied
+  (opset 21, axis 1) with the same Cast fp16 scales and explicit zero points (out, n_blocks) (the implied
   symmetric zero point 2**(bits-1) is written out, because DequantizeLinear's default is 0).
 Fused layers (qkv, gate_up) concatenate rows: groups run along `in`, so each row keeps its own
 scales and the result is exactly the per-layer computation stacked.
@@ -131,24 +134,29 @@ def linear_spec(modules: list, path: str) -> LinearSpec:
 
 
 def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
-    """Add (once) the initializers of a packed tensor named `name`; return their names."""
+    """Add (once) the initializers of a packed tensor named `name`; return the names its users
+    take: codes, float32 scales (a Cast of the fp16 initializer `name.scales`), zero points."""
+    scales16 = spec.scales.astype(np.float16)  # exact: the values are the stored fp16 scales
     if opts.format == "matmulnbits":
         names = [f"{name}.qweight", f"{name}.scales"] + ([f"{name}.qzeros"] if spec.zeros is not None else [])
         if names[0] not in g.weights:
             g.weight(names[0], spec.qweight)
-            g.weight(names[1], spec.scales.reshape(-1))
+            g.weight(names[1], scales16.reshape(-1))
             if spec.zeros is not None:
                 g.weight(names[2], pack(spec.zeros, spec.bits, pad_odd=True).reshape(-1))
-        return names
-    names = [f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"]
-    if names[0] not in g.weights:
-        elem = TensorProto.UINT4 if spec.bits == 4 else TensorProto.UINT8
-        padded_in = spec.n_blocks * spec.block
-        g.weight(names[0], spec.qweight.reshape(spec.out_f, -1), elem, dims=[spec.out_f, padded_in])
-        g.weight(names[1], spec.scales)
-        zeros = spec.zeros if spec.zeros is not None else np.full(spec.scales.shape, 1 << (spec.bits - 1), np.uint8)
-        g.weight(names[2], pack(zeros.reshape(-1), spec.bits, pad_odd=True), elem, dims=list(spec.scales.shape))
-    return names
+    else:
+        names = [f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"]
+        if names[0] not in g.weights:
+            elem = TensorProto.UINT4 if spec.bits == 4 else TensorProto.UINT8
+            padded_in = spec.n_blocks * spec.block
+            g.weight(names[0], spec.qweight.reshape(spec.out_f, -1), elem, dims=[spec.out_f, padded_in])
+            g.weight(names[1], scales16)
+            zeros = spec.zeros if spec.zeros is not None else np.full(spec.scales.shape, 1 << (spec.bits - 1), np.uint8)
+            g.weight(names[2], pack(zeros.reshape(-1), spec.bits, pad_odd=True), elem, dims=list(spec.scales.shape))
+    key = f"{name}.scales/float"
+    if key not in g.memo:
+        g.memo[key] = g.op("Cast", [names[1]], name=f"{name}/scales_float", to=TensorProto.FLOAT)
+    return [names[0], g.memo[key], *names[2:]]
 
 
 def _dequantized(g: Graph, name: str, spec: LinearSpec, opts: Options) -> str:

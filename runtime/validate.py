@@ -325,7 +325,7 @@ class _Checker:
                 )
             if fmt == "matmulnbits":
                 self.tensor(f"{p}.qweight", (n, nb, block * bits // 8), (_U8,))
-                self.tensor(f"{p}.scales", (n * nb,), (_FLOAT,), finite=True)
+                self.tensor(f"{p}.scales", (n * nb,), (_HALF, _FLOAT), finite=True)  # fp32: exports before 12-01
                 if (
                     (f"{p}.qzeros" in ex.infos) if own else not q.sym
                 ):  # per-tensor formats: zero points where asymmetric
@@ -333,7 +333,7 @@ class _Checker:
             else:
                 code = UINT4 if bits == 4 else _U8
                 self.tensor(f"{p}.qweight", (n, nb * block), (code,))
-                self.tensor(f"{p}.scales", (n, nb), (_FLOAT,), finite=True)
+                self.tensor(f"{p}.scales", (n, nb), (_HALF, _FLOAT), finite=True)
                 self.tensor(f"{p}.qzeros", (n, nb), (code,))
         else:
             if f"{p}.weight" not in ex.infos and f"{p}.qweight" in ex.infos:

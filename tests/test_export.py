@@ -146,7 +146,12 @@ def test_packed_bytes_unchanged(tokenizer, tmp_path):
     assert np.array_equal(qw[: q.out_features], q.qweight.numpy())
     assert np.array_equal(qw[q.out_features : q.out_features + k.out_features], k.qweight.numpy())
     sc = init["model.layers.1.self_attn.qkv_proj.scales"].reshape(qw.shape[0], -1)
-    assert np.array_equal(sc[: q.out_features], q.scales.float().numpy())
+    assert sc.dtype == np.float16  # 2 bytes per group in the file; a Cast widens them for MatMulNBits
+    assert np.array_equal(sc[: q.out_features], q.scales.numpy())
+    (cast,) = [n for n in m.graph.node if n.input == ["model.layers.1.self_attn.qkv_proj.scales"]]
+    assert cast.op_type == "Cast" and any(
+        n.op_type == "MatMulNBits" and n.input[2] == cast.output[0] for n in m.graph.node
+    )
     zp = init["model.layers.1.self_attn.qkv_proj.qzeros"].reshape(qw.shape[0], -1)
     assert np.array_equal(
         np.stack([zp & 15, zp >> 4], -1).reshape(qw.shape[0], -1)[: q.out_features, : sc.shape[1]], q.qzeros.numpy()

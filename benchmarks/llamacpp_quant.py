@@ -6,7 +6,9 @@
 
 1. The base: builtin:smollm2 ships as Q4_1; every tensor is dequantized to fp32 (gguf-py's
    dequantize) and written, with all of the file's metadata and tokenizer, as an F32 GGUF. That is
-   the same fp32 model edgellm loads (transformers dequantizes the same file).
+   the same fp32 model edgellm loads (transformers dequantizes the same file). Because those
+   weights sit on Q4_1's grid, `--base DIR --data FILE` compares on a model trained here instead
+   (benchmarks/train_small.py: a Hugging Face llama directory, converted as llama.cpp does).
 2. llama.cpp quantizes that F32 file itself (llama_model_quantize): Q4_0, Q4_K_M, Q5_K_M, Q8_0.
    (No importance matrix: the binding exposes no way to compute one.)
 3. Every model is scored on the same token windows of the held-out split (edgellm.evaluate's
@@ -32,6 +34,7 @@ QUANTS = {
     "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",  # the builtin base's own grid: shows what reproducing it is worth
 }
 
 
@@ -70,6 +73,81 @@ def write_f32_gguf(src: Path, dst: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+GGUF_PARTS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def write_f32_gguf_from_hf(src: Path, dst: Path) -> None:
+    """An F32 GGUF of a Hugging Face llama directory (e.g. benchmarks/train_small.py's model), as
+    llama.cpp's converter writes it: q/k rows permuted to llama.cpp's rotary layout, a tied
+    lm_head stored once as token_embd. The vocabulary is placeholder text (scoring feeds token
+    ids, never text); its size and the BOS/EOS ids are the model's."""
+    import gguf
+    from safetensors import safe_open
+
+    c = json.loads((src / "config.json").read_text())
+    if c.get("model_type") != "llama":
+        raise SystemExit(f"{src}: only llama directories are converted here (got {c.get('model_type')!r})")
+    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    n = c["vocab_size"]
+    w = gguf.GGUFWriter(str(dst) + ".tmp", "llama")
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(c.get("head_dim") or c["hidden_size"] // heads)
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_freq_base(float(theta))
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + [f"t{i}" for i in range(n - 259)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks[:n])
+    w.add_token_scores([0.0] * n)
+    w.add_token_types(([2, 3, 3] + [6] * 256 + [1] * (n - 259))[:n])
+    w.add_bos_token_id(c.get("bos_token_id") or 0)
+    w.add_eos_token_id(c.get("eos_token_id") or 0)
+
+    def permute(x, nh):  # HF's rotate-half layout -> llama.cpp's interleaved pairs, per head
+        return x.reshape(nh, 2, x.shape[0] // nh // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    with safe_open(str(src / "model.safetensors"), "np") as f:
+        for k in f.keys():
+            t = f.get_tensor(k).astype(np.float32)
+            if k == "lm_head.weight":
+                if c.get("tie_word_embeddings"):
+                    continue
+                name = "output.weight"
+            elif k in GGUF_NAMES:
+                name = GGUF_NAMES[k]
+            else:
+                _, _, i, rest = k.split(".", 3)
+                part = rest.rsplit(".", 1)[0]
+                name = f"blk.{i}.{GGUF_PARTS[part]}.weight"
+                if part == "self_attn.q_proj":
+                    t = permute(t, heads)
+                elif part == "self_attn.k_proj":
+                    t = permute(t, kv)
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    Path(str(dst) + ".tmp").rename(dst)
 
 
 def llama_quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
@@ -112,27 +190,38 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quants", default="F32," + ",".join(QUANTS), help="llama.cpp files to score (all are written)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--base",
+        default="builtin:smollm2",
+        help="the fp32 base: builtin:smollm2 (its GGUF dequantized) or a Hugging Face llama directory",
+    )
+    ap.add_argument("--data", help="text whose held-out split is scored (default: builtin:pydoc)")
     args = ap.parse_args(argv)
 
     import torch
 
     from edgellm.benchmarks.backends import LlamaCppBackend
-    from edgellm.data import builtin_text, split_tokens, token_ids
+    from edgellm.data import load_text, split_tokens, token_ids
     from edgellm.evaluate import DEFAULT_CTX, windows
     from edgellm.modelio import load_model, resolve_spec
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    f32 = args.work / "smollm2-f32.gguf"
+    builtin = args.base == "builtin:smollm2"
+    stem = "smollm2" if builtin else Path(args.base).name
+    f32 = args.work / f"{stem}-f32.gguf"
     if not f32.is_file():
-        write_f32_gguf(Path(resolve_spec("builtin:smollm2")), f32)
+        if builtin:
+            write_f32_gguf(Path(resolve_spec(args.base)), f32)
+        else:
+            write_f32_gguf_from_hf(Path(args.base), f32)
     for kind in QUANTS:
-        q = args.work / f"smollm2-{kind}.gguf"
+        q = args.work / f"{stem}-{kind}.gguf"
         if not q.is_file():
             llama_quantize(f32, q, kind, args.threads)
 
-    ref = load_model("builtin:smollm2")
-    ids = split_tokens(token_ids(ref.tokenizer, builtin_text()), "eval")[: args.eval_tokens].tolist()
+    ref = load_model(args.base)
+    ids = split_tokens(token_ids(ref.tokenizer, load_text(args.data)), "eval")[: args.eval_tokens].tolist()
     wins = windows(len(ids), DEFAULT_CTX, DEFAULT_CTX)
     cache: dict = {}
 
@@ -146,7 +235,7 @@ def main(argv=None) -> int:
     rows = [{"model": "fp32 (torch, reference)", "bytes": None, **score(torch_logits(ref.model), ids, wins, cache)}]
     print(json.dumps(rows[-1]), flush=True)
     for kind in [k for k in args.quants.split(",") if k and k != "none"]:
-        path = f32 if kind == "F32" else args.work / f"smollm2-{kind}.gguf"
+        path = f32 if kind == "F32" else args.work / f"{stem}-{kind}.gguf"
         b = LlamaCppBackend(str(path), args.threads, n_ctx=DEFAULT_CTX)
         b.n_ctx_needed = DEFAULT_CTX
         b.load(logits_all=True)
@@ -176,9 +265,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del m
+    what = "SmolLM2-135M (fp32 = the builtin Q4_1 file dequantized)" if builtin else f"{args.base} (fp32)"
     lines = [
-        f"SmolLM2-135M (fp32 = the builtin Q4_1 file dequantized), {rows[0]['tokens']} held-out tokens of "
-        f"builtin:pydoc, ctx {DEFAULT_CTX}; KL and top-1 against the fp32 torch model.",
+        f"{what}, {rows[0]['tokens']} held-out tokens of {args.data or 'builtin:pydoc'}, ctx {DEFAULT_CTX}; "
+        "KL and top-1 against the fp32 torch model.",
         "",
         "| model | file (MB) | bits/weight (linears) | perplexity | Δ ppl | KL (nats/token) | top-1 |",
         "|---|---:|---:|---:|---:|---:|---:|",

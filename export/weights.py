@@ -136,12 +136,11 @@ def linear_spec(modules: list, path: str) -> LinearSpec:
 def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
     """Add (once) the initializers of a packed tensor named `name`; return the names its users
     take: codes, float32 scales (a Cast of the fp16 initializer `name.scales`), zero points."""
-    scales16 = spec.scales.astype(np.float16)  # exact: the values are the stored fp16 scales
     if opts.format == "matmulnbits":
         names = [f"{name}.qweight", f"{name}.scales"] + ([f"{name}.qzeros"] if spec.zeros is not None else [])
         if names[0] not in g.weights:
             g.weight(names[0], spec.qweight)
-            g.weight(names[1], scales16.reshape(-1))
+            g.weight(names[1], spec.scales.astype(np.float16).reshape(-1))  # exact: stored fp16 values
             if spec.zeros is not None:
                 g.weight(names[2], pack(spec.zeros, spec.bits, pad_odd=True).reshape(-1))
     else:
@@ -150,7 +149,7 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
             elem = TensorProto.UINT4 if spec.bits == 4 else TensorProto.UINT8
             padded_in = spec.n_blocks * spec.block
             g.weight(names[0], spec.qweight.reshape(spec.out_f, -1), elem, dims=[spec.out_f, padded_in])
-            g.weight(names[1], scales16)
+            g.weight(names[1], spec.scales.astype(np.float16))
             zeros = spec.zeros if spec.zeros is not None else np.full(spec.scales.shape, 1 << (spec.bits - 1), np.uint8)
             g.weight(names[2], pack(zeros.reshape(-1), spec.bits, pad_odd=True), elem, dims=list(spec.scales.shape))
     key = f"{name}.scales/float"

@@ -61,11 +61,11 @@ class QuantFormat:
         bits/weight) where group 64 stores 576 (4.25) and rounds finer. Unchanged when no power
         of two >= 16 divides the width (the last group is padded then)."""
         g = self.group_size
-        if g == -1 or in_features % g == 0:
+        if g == -1:
             return self
         while g > 16 and in_features % g:
             g //= 2
-        return self if in_features % g else QuantFormat(self.bits, g, self.sym)
+        return self if in_features % g or g == self.group_size else QuantFormat(self.bits, g, self.sym)
 
     def padded(self, in_features: int) -> int:
         g = self.group_for(in_features)

@@ -30,6 +30,19 @@ supplies only what differs between instruction sets, as a `Tier` (below, built i
                 (no ISA intrinsics: compiling an intrinsic for a target that lacks it aborts the
                 process), chosen so that LLVM selects the tier's instruction only when it may.
     fallback    the name of the tier to use when this one's load-time self-check fails
+    zero_init   bit widths for which the tile also has a copy without the lanes' start values,
+                run when all of them are zero (the tier re-centres the codes by exactly their
+                zero point: AVX2 8-bit symmetric; or neither re-centres nor has one: asymmetric
+                with unsigned codes). Only worth it where `dot` adds init as an instruction of
+                its own (AVX2: one vpaddd per row-token pair and chunk, of 7 in the 8-bit step);
+                VNNI and sdot start their accumulation from it for free.
+    subtile     optional (rows, tokens): the prompt tiles (more than one token) run as passes of
+                at most this many rows x tokens each, every pass over all chunks (L1-resident
+                by then). For ISAs with 16 vector registers (AVX2, AVX-VNNI): the 4x4 tile's 16
+                accumulators plus 3 registers of state per row spilled to the stack (AVX2 8-bit:
+                227 instructions per chunk for 16 row-token pairs); 2x2 passes ran SmolLM2's
+                512-token prompt 1.3-1.4x faster on AVX2 and 1.1-1.25x on AVX-VNNI, where 4x2,
+                2x4, 4x1 and 1x4 gained less. None: one pass (32-register ISAs: AVX-512, NEON).
 
 Adding a tier (e.g. NEON): write its hooks in a new file (hooks_neon.py), build its `Tier`, and
 add it to `_tiers()` in tiers.py; nothing in simd.py or quant.py changes. The compiled kernels contain
@@ -58,6 +71,8 @@ class Tier:
     fallback: str | None
     recentre: tuple = ()
     spread: Callable | None = None
+    subtile: tuple[int, int] | None = None
+    zero_init: tuple = ()
     cpus: str = ""  # for messages and docs
     lanes: int = field(init=False)
 

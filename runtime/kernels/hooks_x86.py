@@ -112,6 +112,7 @@ AVX_VNNI = Tier(
     (_probe_dot(32), r"vpdpbusd[^\n]*%ymm"),
     "avx2",
     spread=_perm256,
+    subtile=(2, 2),  # 16 ymm registers (hook.py)
     cpus="Intel Alder Lake and later, AMD Zen 5",
 )
 AVX2 = Tier(
@@ -124,5 +125,7 @@ AVX2 = Tier(
     "generic",
     recentre=(8,),
     spread=_perm256,
+    subtile=(2, 2),  # 16 ymm registers (hook.py)
+    zero_init=(4, 8),  # 8-bit symmetric (re-centred by 128) and 4-bit asymmetric
     cpus="every x86-64 laptop since Haswell",
 )

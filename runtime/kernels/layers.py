@@ -309,7 +309,10 @@ def _swiglu_row(g, inter, o):
         o[j] = g[j] / (np.float32(1.0) + fast_exp(-g[j])) * g[inter + j]
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+# error_model="numpy" (here, where _swiglu_row is inlined): numba's default ("python") guards
+# every float division with a ZeroDivisionError branch, which kept the row loop scalar (3.2 us for
+# SmolLM2's 1536-wide row on AVX-512; 0.43 us vectorized).
+@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
 def swiglu(gu, inter, out):
     """gate/up rows fused (t, 2*inter): out = silu(gate) * up. Token rows split across threads
     when there are several (the prompt); one row (decode) runs without a parallel region, whose

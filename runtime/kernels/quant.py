@@ -36,9 +36,14 @@ DESC_LEN = 12
 # RECENTRE[tier id, bits]: the offset the tier's tile subtracts from `bits`-bit codes (hook.py
 # `recentre`), 0 where it keeps them unsigned; quantize_act folds it into each lane's start value.
 RECENTRE = np.zeros((max(tiers.BY_ID) + 1, 9), np.int64)
+# ZERO_INIT[tier id, bits]: the tier's tile has a copy for all-zero lane start values (hook.py
+# `zero_init`), chosen by passing it a null `init` address.
+ZERO_INIT = np.zeros((max(tiers.BY_ID) + 1, 9), np.int64)
 for _t in tiers.TIERS:
     for _b in _t.recentre:
         RECENTRE[_t.id, _b] = 1 << (_b - 1)
+    for _b in _t.zero_init:
+        ZERO_INIT[_t.id, _b] = 1
 
 
 def act_caps(desc: np.ndarray) -> tuple[int, int]:
@@ -92,10 +97,10 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
                 xa[c] = q0
                 tot += q0
         xzb[b] = s * np.float32(tot)
-    cols = 8 if bits == 4 else 4
     zero = d[D_ZERO] if d[D_SYM] else 0
+    shift = lane_shift(d)  # lane g is in block g >> shift (a division here cost more than the codes)
     for g in range(nch * 16):
-        blk = (g * cols) // gs
+        blk = g >> shift
         xsl[g] = xs[blk] if blk < nb else np.float32(0.0)
         tot = 0
         for j in range(4 * g, 4 * g + 4):
@@ -127,6 +132,8 @@ def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so, tier):
     a, b = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
     i, x = init.ctypes.data + i0 * sl, xsl.ctypes.data + i0 * sl
     bits = d[D_KIND]
+    if ZERO_INIT[tier, bits] and RECENTRE[tier, bits] == (d[D_ZERO] if d[D_SYM] else 0):
+        i = 0  # every lane's start value (off - zero) * sum is zero: the tile's copy without them
     if nrows == 1 and ntok == 1:
         qdot_1x1(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     elif ntok == 1:

@@ -29,6 +29,8 @@ aborts the process on those) and an id without code writes NaN (tiers.resolve st
 
 from __future__ import annotations
 
+from functools import partial
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -103,12 +105,12 @@ def _tile(builder, tier, nrows, ntok, args):
     toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
     toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
 
-    def step(bits, c, load):
+    def step(bits, c, load, rows, toks, zero_init=False):
         off = builder.mul(c, kw)  # weight bytes, and bytes of the int32/float32 lane arrays
         fb = builder.lshr(builder.mul(c, kl), shift)  # first block of the chunk
         signed = bits in tier.recentre
         units = []
-        for j in range(nrows):
+        for j in rows:
             if PREFETCH and ntok == 1:  # decode streams weights from DRAM: ask PREFETCH bytes ahead
                 for line in range(0, W, 64):
                     prefetch(builder, builder.add(builder.add(rows_w[j], off), ir.Constant(I64, PREFETCH + line)))
@@ -123,25 +125,48 @@ def _tile(builder, tier, nrows, ntok, args):
             wh = builder.load(ptr(builder, builder.add(rows_s[j], builder.mul(fb, ir.Constant(I64, 2))), vh), align=2)
             units.append((parts, spread(builder, _h2f(builder, wh, tiers.native_half()), idx, k)))
         pa, pb, pi, px = (builder.add(p, off) for p in (xa, xb, init, xsl))
-        for u in range(ntok):
-            iv = builder.load(ptr(builder, builder.add(pi, toks_l[u]), vi), align=4)
+        for u in toks:
+            if zero_init:
+                iv = ir.Constant(vi, None)
+            else:
+                iv = builder.load(ptr(builder, builder.add(pi, toks_l[u]), vi), align=4)
             xs = builder.load(ptr(builder, builder.add(px, toks_l[u]), vf), align=4)
             xv = [builder.load(ptr(builder, builder.add(pa, toks_a[u]), vb), align=1)]
             if bits == 4:
                 xv.append(builder.load(ptr(builder, builder.add(pb, toks_a[u]), vb), align=1))
-            for j, (parts, wsv) in enumerate(units):
+            for j, (parts, wsv) in zip(rows, units):
                 s = tier.dot(builder, iv, list(zip(parts, xv)), signed)
                 acc = accs[j][u]
                 builder.store(fmadd(builder, builder.sitofp(s, vf), builder.fmul(wsv, xs), builder.load(acc)), acc)
 
-    with builder.if_else(builder.icmp_signed("==", nbits, ir.Constant(I64, 4))) as (four, eight):
-        with four:
-            _for_each_chunk(builder, rb, W, lambda c, load: step(4, c, load))
-        with eight:
-            _for_each_chunk(builder, rb, W, lambda c, load: step(8, c, load))
+    # passes of sub-tiles whose accumulators and row state fit the tier's registers (hook.py
+    # `subtile`), each over every chunk: e.g. the 4x4 prompt tile as four 2x2 passes
+    gr, gt = tier.subtile if tier.subtile and ntok > 1 else (nrows, ntok)
+    for r0 in range(0, nrows, gr):
+        for t0 in range(0, ntok, gt):
+            rows, toks = range(r0, min(nrows, r0 + gr)), range(t0, min(ntok, t0 + gt))
+            with builder.if_else(builder.icmp_signed("==", nbits, ir.Constant(I64, 4))) as (four, eight):
+                for bits, block in ((4, four), (8, eight)):
+                    with block:
+                        _chunk_loop(builder, tier, bits, rb, init, partial(step, bits, rows=rows, toks=toks))
     for j in range(nrows):
         for u in range(ntok):
             _store_f32(builder, out, so, u, j, reduce_fadd(builder, builder.load(accs[j][u])))
+
+
+def _chunk_loop(builder, tier, bits, rb, init, step):
+    """The chunk loop of one (bits, sub-tile): step(c, load[, zero_init=True]). Tiers that list
+    `bits` in `zero_init` get a second copy for init == 0 (quant.py passes a null address when
+    every lane's start value is zero), which skips the init loads and the adds of hook.dot."""
+    W = tier.width
+    if bits not in tier.zero_init:
+        _for_each_chunk(builder, rb, W, lambda c, load: step(c, load))
+        return
+    with builder.if_else(builder.icmp_signed("==", init, ir.Constant(I64, 0))) as (zero, loaded):
+        with zero:
+            _for_each_chunk(builder, rb, W, lambda c, load: step(c, load, zero_init=True))
+        with loaded:
+            _for_each_chunk(builder, rb, W, lambda c, load: step(c, load))
 
 
 def _store_f32(builder, out, so, u, j, v):

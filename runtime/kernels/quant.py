@@ -73,28 +73,33 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
         xb[j] = 0
     for b in range(nb):
         lo, hi = b * gs, min(k, (b + 1) * gs)
+        # every loop below runs from 0 over slices: from a variable start, numba's negative-index
+        # wraparound stays in the loop and LLVM leaves it scalar (the amax loop was)
+        xg, m = x[lo:hi], hi - lo
         amax = np.float32(0.0)
-        for c in range(lo, hi):
-            amax = max(amax, abs(x[c]))
+        for c in range(m):
+            amax = max(amax, abs(xg[c]))
         s = amax / np.float32(127.0)
         inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
         xs[b] = s
         tot = np.int32(0)
         if bits == 4:  # column pairs (lo is even), straight-line so that LLVM vectorizes it
-            for c2 in range(lo >> 1, hi >> 1):
-                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[2 * c2] * inv))))
-                q1 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[2 * c2 + 1] * inv))))
-                xa[c2] = q0
-                xb[c2] = q1
+            ag, bg = xa[lo >> 1 :], xb[lo >> 1 :]
+            for c2 in range(m >> 1):
+                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(xg[2 * c2] * inv))))
+                q1 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(xg[2 * c2 + 1] * inv))))
+                ag[c2] = q0
+                bg[c2] = q1
                 tot += q0 + q1
-            if hi & 1:
-                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[hi - 1] * inv))))
-                xa[hi >> 1] = q0
+            if m & 1:
+                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(xg[m - 1] * inv))))
+                ag[m >> 1] = q0
                 tot += q0
         else:
-            for c in range(lo, hi):
-                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(x[c] * inv))))
-                xa[c] = q0
+            ag = xa[lo:]
+            for c in range(m):
+                q0 = np.int32(max(np.float32(-127.0), min(np.float32(127.0), np.rint(xg[c] * inv))))
+                ag[c] = q0
                 tot += q0
         xzb[b] = s * np.float32(tot)
     zero = d[D_ZERO] if d[D_SYM] else 0

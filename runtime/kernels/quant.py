@@ -27,7 +27,7 @@ from edgellm.errors import EdgeLLMError
 
 from ..packing import pack_codes, unpack_codes
 from . import tiers
-from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rx1, qdot_rxt, rowdot_f16, rowdot_f32
+from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rows, qdot_rx1, qdot_rxt, rowdot_f16, rowdot_f32
 
 K_F32, K_F16, K_Q4, K_Q8 = 0, 1, 4, 8
 D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_RB, D_SYM, D_ZERO = range(12)
@@ -127,6 +127,16 @@ def lane_shift(d):
     return shift
 
 
+@njit(cache=True)
+def _init_addr(d, addr, tier):
+    """The lane start values' address for the tile, or 0 (null) when every one of them,
+    (off - zero) * sum, is zero and the tier has a copy of its tile without them (ZERO_INIT)."""
+    bits = d[D_KIND]
+    if ZERO_INIT[tier, bits] and RECENTRE[tier, bits] == (d[D_ZERO] if d[D_SYM] else 0):
+        return 0
+    return addr
+
+
 @njit(cache=True, fastmath=True)
 def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so, tier):
     """Raw dots of weight rows r..r+nrows (1 or RB) with tokens i0..i0+ntok (1 or TB) of the
@@ -135,10 +145,8 @@ def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so, tier):
     w, s = d[D_W] + r * rb, d[D_S] + r * ss
     sa, sl = xa.strides[0], init.strides[0]
     a, b = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
-    i, x = init.ctypes.data + i0 * sl, xsl.ctypes.data + i0 * sl
+    i, x = _init_addr(d, init.ctypes.data + i0 * sl, tier), xsl.ctypes.data + i0 * sl
     bits = d[D_KIND]
-    if ZERO_INIT[tier, bits] and RECENTRE[tier, bits] == (d[D_ZERO] if d[D_SYM] else 0):
-        i = 0  # every lane's start value (off - zero) * sum is zero: the tile's copy without them
     if nrows == 1 and ntok == 1:
         qdot_1x1(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
     elif ntok == 1:
@@ -160,6 +168,19 @@ def _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, ntok, o, so, tier):
     while r < r1:
         _qdot_simd(d, shift, r, 1, xa, xb, init, xsl, i0, ntok, o + r * 4, so, tier)
         r += 1
+
+
+@njit(cache=True, fastmath=True)
+def _qrows_vec(d, shift, r0, r1, xa, xb, init, xsl, o, tier):
+    """Decode: raw dots of rows [r0, r1) with one token (1-d activation buffers) at o + r*4: the
+    RB-row tiles in one microkernel call (`qdot_rows`), then the leftover rows one by one."""
+    rb, ss, nt = d[D_RB], d[D_NB] * 2, (r1 - r0) // RB
+    i = _init_addr(d, init.ctypes.data, tier)
+    a, b, x = xa.ctypes.data, xb.ctypes.data, xsl.ctypes.data
+    w, s = d[D_W] + r0 * rb, d[D_S] + r0 * ss
+    qdot_rows(tier, d[D_KIND], w, rb, a, b, i, x, s, ss, shift, o + r0 * 4, nt)
+    for r in range(r0 + nt * RB, r1):
+        qdot_1x1(tier, d[D_KIND], d[D_W] + r * rb, rb, a, b, i, x, 0, 0, d[D_S] + r * ss, ss, shift, o + r * 4, 0)
 
 
 @njit(cache=True, fastmath=True)
@@ -189,6 +210,11 @@ def _frow(d, r, x):
 
 
 # ----------------------------------------------------------------------------- matrix kernels
+# Decode tiles per microkernel call (`qdot_rows`) and per unit of the row split between threads:
+# enough to amortize the call, few enough that prange splits SmolLM2's 576 rows evenly (18 units).
+VEC_TILES = 8
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     """Decode (one token): out (n,) = x (k,) W^T + b. Rows split across threads, RB at a time."""
@@ -200,13 +226,14 @@ def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     quantize_act(x, d, xa, xb, init, xsl, xzb, xs, RECENTRE[tier, d[D_KIND]])
     plain = d[D_Z] == 0 and d[D_B] == 0
     shift = lane_shift(d)
-    xa2, xb2, init2, xsl2 = xa.reshape(1, -1), xb.reshape(1, -1), init.reshape(1, -1), xsl.reshape(1, -1)
     o = out.ctypes.data
-    for blk in prange((n + RB - 1) // RB):
-        r0 = blk * RB
-        _qrows_simd(d, shift, r0, min(n, r0 + RB), xa2, xb2, init2, xsl2, 0, 1, o, 0, tier)
+    rows = VEC_TILES * RB
+    for blk in prange((n + rows - 1) // rows):  # VEC_TILES tiles per microkernel call
+        r0 = blk * rows
+        r1 = min(n, r0 + rows)
+        _qrows_vec(d, shift, r0, r1, xa, xb, init, xsl, o, tier)
         if not plain:
-            for r in range(r0, min(n, r0 + RB)):
+            for r in range(r0, r1):
                 out[r] = _finish(d, r, out[r], xzb)
 
 

@@ -107,19 +107,24 @@ def atomic_output_dir(out: Path, force: bool = False, inputs=(), protect_exports
     while not p.exists():
         created.insert(0, p)
         p = p.parent
+    tmp = None
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        _remove_empty(created)
-        raise EdgeLLMError(f"cannot create output '{out}' ({exc.strerror or exc})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any new folder
-    try:
+        # Signals are held while the folder is made, so that one arriving just after mkdtemp is
+        # raised here, inside this try, with `tmp` set: it used to land between mkdtemp and the
+        # try and leave the folder behind (seen once under load in tests/test_fuzz.py).
+        with _signals_held():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+            except OSError as exc:
+                raise EdgeLLMError(f"cannot create output '{out}' ({exc.strerror or exc})") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any new folder
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
     old = None

@@ -217,7 +217,8 @@ VEC_TILES = 8
 
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
-    """Decode (one token): out (n,) = x (k,) W^T + b. Rows split across threads, RB at a time."""
+    """Decode (one token): out (n,) = x (k,) W^T + b. Rows split across threads, VEC_TILES * RB
+    at a time."""
     n = d[D_N]
     if d[D_KIND] == K_F32 or d[D_KIND] == K_F16:
         for r in prange(n):

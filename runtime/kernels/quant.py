@@ -27,7 +27,7 @@ from edgellm.errors import EdgeLLMError
 
 from ..packing import pack_codes, unpack_codes
 from . import tiers
-from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rows, qdot_rx1, qdot_rxt, rowdot_f16, rowdot_f32
+from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rows, qdot_rxt, rowdot_f16, rowdot_f32
 
 K_F32, K_F16, K_Q4, K_Q8 = 0, 1, 4, 8
 D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_RB, D_SYM, D_ZERO = range(12)
@@ -138,35 +138,20 @@ def _init_addr(d, addr, tier):
 
 
 @njit(cache=True, fastmath=True)
-def _qdot_simd(d, shift, r, nrows, xa, xb, init, xsl, i0, ntok, out, so, tier):
-    """Raw dots of weight rows r..r+nrows (1 or RB) with tokens i0..i0+ntok (1 or TB) of the
-    activation buffers (2-d: one row per token), stored at address out + u*so + j*4."""
+def _qrows_mat(d, shift, r0, r1, xa, xb, init, xsl, i0, o, so, tier):
+    """Prompt: raw dots of rows [r0, r1) with the TB tokens i0.. of the activation buffers (2-d:
+    one row per token) at o + u*so + r*4: RB x TB tiles, then the leftover rows as 1 x TB."""
     rb, ss = d[D_RB], d[D_NB] * 2
-    w, s = d[D_W] + r * rb, d[D_S] + r * ss
     sa, sl = xa.strides[0], init.strides[0]
     a, b = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
     i, x = _init_addr(d, init.ctypes.data + i0 * sl, tier), xsl.ctypes.data + i0 * sl
     bits = d[D_KIND]
-    if nrows == 1 and ntok == 1:
-        qdot_1x1(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-    elif ntok == 1:
-        qdot_rx1(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-    elif nrows == 1:
-        qdot_1xt(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-    else:
-        qdot_rxt(tier, bits, w, rb, a, b, i, x, sa, sl, s, ss, shift, out, so)
-
-
-@njit(cache=True, fastmath=True)
-def _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, ntok, o, so, tier):
-    """Raw dots of rows [r0, r1) with tokens i0..i0+ntok at o + u*so + r*4: RB-row tiles, then
-    the leftover rows one by one."""
     r = r0
     while r + RB <= r1:
-        _qdot_simd(d, shift, r, RB, xa, xb, init, xsl, i0, ntok, o + r * 4, so, tier)
+        qdot_rxt(tier, bits, d[D_W] + r * rb, rb, a, b, i, x, sa, sl, d[D_S] + r * ss, ss, shift, o + r * 4, so)
         r += RB
     while r < r1:
-        _qdot_simd(d, shift, r, 1, xa, xb, init, xsl, i0, ntok, o + r * 4, so, tier)
+        qdot_1xt(tier, bits, d[D_W] + r * rb, rb, a, b, i, x, sa, sl, d[D_S] + r * ss, ss, shift, o + r * 4, so)
         r += 1
 
 
@@ -245,7 +230,7 @@ TOK_TILE = 64
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     """Prompt (t tokens): out (t, n) = x (t, k) W^T + b. Quantized: a real GEMM of RB x TB
-    microkernel tiles (`_qdot_simd`), tiles of ROW_TILE output rows in parallel, the token
+    microkernel tiles (`_qrows_mat`), tiles of ROW_TILE output rows in parallel, the token
     groups streaming over a tile while it sits in L1. Float: row dots, TOK_TILE tokens per pass."""
     t, n = x.shape[0], d[D_N]
     ntile = (n + ROW_TILE - 1) // ROW_TILE
@@ -266,9 +251,9 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     for tile in prange(ntile):
         r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
         for i0 in range(0, tfull, TB):
-            _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i0, TB, o + i0 * so, so, tier)
-        for i in range(tfull, t):  # leftover tokens one by one
-            _qrows_simd(d, shift, r0, r1, xa, xb, init, xsl, i, 1, o + i * so, so, tier)
+            _qrows_mat(d, shift, r0, r1, xa, xb, init, xsl, i0, o + i0 * so, so, tier)
+        for i in range(tfull, t):  # leftover tokens one by one, as decode runs them
+            _qrows_vec(d, shift, r0, r1, xa[i], xb[i], init[i], xsl[i], o + i * so, tier)
         if d[D_Z] != 0 or d[D_B] != 0:
             for i in range(t):
                 for r in range(r0, r1):

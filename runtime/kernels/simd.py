@@ -229,10 +229,11 @@ def _per_tier(builder, tid, emit, missing):
 @intrinsic
 def qdot_rows(typingctx, tier, bits, w, rb, xa, xb, init, xsl, ws, ss, shift, out, ntiles):
     """Decode: `ntiles` consecutive RB x 1 tiles in one call (rows w + i*RB*rb.., their scales at
-    ws + i*RB*ss, raw dots at out + (i*RB + j)*4), the rest as in `qdot_rx1`. The decode matvec
-    makes one call per VEC_TILES tiles (quant.py) where it made one per tile, and one prange
-    iteration per call. SmolLM2's 4-bit matvecs with their weights in L2 and 2 threads: gate_up
-    29.3 -> 20.7 us, down 13.9 -> 7.6 us, qkv 8.7 -> 7.8 us; on 1 thread 5-12% faster."""
+    ws + i*RB*ss, raw dots at out + (i*RB + j)*4; the other arguments as in `_make_qdot`). The
+    decode matvec makes one call per VEC_TILES tiles (quant.py) where it made one per tile, and
+    one prange iteration per call (the prompt's leftover tokens use it too). SmolLM2's 4-bit
+    matvecs with their weights in L2 and 2 threads: gate_up 29.3 -> 20.7 us, down 13.9 -> 7.6
+    us, qkv 8.7 -> 7.8 us; on 1 thread 5-12% faster."""
     sig = types.none(*([types.int64] * 13))
 
     def codegen(context, builder, signature, args):
@@ -274,7 +275,8 @@ def as_voidptr(typingctx, addr):
 # one-row kernel before; 2.6 ms at 8 KiB, 2.3 ms at 24 KiB; medians of 30 on this machine).
 PREFETCH = 16384
 RB, TB = 4, 4  # rows x tokens of the big tile (decode: RB x 1; prompt: RB x TB)
-qdot_1x1, qdot_rx1, qdot_1xt, qdot_rxt = (_make_qdot(r, t) for r, t in ((1, 1), (RB, 1), (1, TB), (RB, TB)))
+# decode's RB x 1 tiles come from qdot_rows; 1 x 1 is its leftover rows
+qdot_1x1, qdot_1xt, qdot_rxt = (_make_qdot(r, t) for r, t in ((1, 1), (1, TB), (RB, TB)))
 
 
 def _make_rowdot_float(half: bool):

@@ -86,9 +86,17 @@ def loops(asm: str) -> list[list[str]]:
     return out
 
 
-def chunk_loop(asm: str) -> list[str]:
-    """The whole-chunk loop: the largest single-block loop holding integer dot instructions."""
-    cand = [l for l in loops(asm) if any(re.match(r"(sdot|smull|smlal|saddlp|sadalp)\b", i) for i in l)]
+def chunk_loop(asm: str, sums: bool = False) -> list[str]:
+    """The whole-chunk loop: the largest single-block loop holding integer dot instructions and
+    float multiply-adds (blocks of one chunk or less: each chunk's dots are scaled and added);
+    `sums`: the loop without them (the int32-only chunks of blocks that span several chunks,
+    simd._chunk_loop)."""
+    cand = [
+        l
+        for l in loops(asm)
+        if any(re.match(r"(sdot|smull|smlal|saddlp|sadalp)\b", i) for i in l)
+        and any(i.startswith("fmla") for i in l) != sums
+    ]
     if not cand:
         raise ValueError("no dot-product loop found in the assembly")
     return max(cand, key=len)

@@ -115,14 +115,15 @@ def test_quantized_gemm(bits, gs, sym, n, k, t):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("sym", [True, False])
-def test_dot_extremes(bits, sym):
+@pytest.mark.parametrize("gs", [32, 256])  # blocks within a chunk; blocks over several (int32 sums, simd._chunk_loop)
+def test_dot_extremes(bits, sym, gs):
     """No int16 saturation or int32 overflow on any tier: every row holds one extreme code (0,
     15 / 255, or alternating), every token's activations quantize to exactly +-127 (one sign,
     the other, or alternating), so each pair sum hits the largest |code x 127| products; the
     kernels must equal the exact reference (AVX2's vpmaddubsw saturates at 32767 unless 8-bit
     codes are re-centred)."""
     top = (1 << bits) - 1
-    k, gs = 512, 32
+    k = 512
     nb = k // gs
     pattern = np.tile(np.array([0, top], np.uint8), k // 2)
     codes = np.stack(

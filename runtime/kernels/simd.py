@@ -15,6 +15,8 @@ bytes (64 zmm, 32 ymm, 16 NEON/generic) and L = W/4 int32 lanes:
             isum  = hook.dot(init, parts x activation chunks)   (L lanes of int32, 4 bytes each)
             acc  += float(isum) * scale * (activation scales already spread to lanes)
     one horizontal sum per (row, token) at the end
+    (blocks wider than a chunk: isum carries on in int32 over the block's chunks and `acc` is
+    updated once per block, `_chunk_loop`)
 
 `init` carries (recentre offset - zero) * sum(x codes of the lane) (quant.quantize_act), so the
 zero point of symmetric formats costs nothing. Decode runs 4 rows x 1 token tiles (the
@@ -105,7 +107,14 @@ def _tile(builder, tier, nrows, ntok, args):
     toks_a = [builder.mul(sa, ir.Constant(I64, u)) for u in range(ntok)]
     toks_l = [builder.mul(sl, ir.Constant(I64, u)) for u in range(ntok)]
 
-    def step(bits, c, load, rows, toks, zero_init=False):
+    # int32 sums of the chunks of blocks that span several chunks (`_chunk_loop`), per (row, token)
+    isums = [[cgutils.alloca_once_value(builder, ir.Constant(vi, None)) for _ in range(ntok)] for _ in range(nrows)]
+
+    def step(bits, c, load, rows, toks, zero_init=False, mode="full"):
+        """Chunk c of the tile's rows. mode "full": the chunk holds whole blocks, its dots go to
+        the float accumulators; "sum": a chunk of a block that goes on, its dots stay int32 in
+        isums; "last": the block's last chunk, its dots plus isums go to the float accumulators
+        (one scale product per block instead of one per chunk)."""
         off = builder.mul(c, kw)  # weight bytes, and bytes of the int32/float32 lane arrays
         fb = builder.lshr(builder.mul(c, kl), shift)  # first block of the chunk
         signed = bits in tier.recentre
@@ -122,51 +131,107 @@ def _tile(builder, tier, nrows, ntok, args):
             )
             if signed:
                 parts = tuple(builder.sub(p, const_vec(I8, [1 << (bits - 1)] * W)) for p in parts)
-            wh = builder.load(ptr(builder, builder.add(rows_s[j], builder.mul(fb, ir.Constant(I64, 2))), vh), align=2)
-            units.append((parts, spread(builder, _h2f(builder, wh, tiers.native_half()), idx, k)))
+            wsv = None
+            if mode != "sum":
+                wh = builder.load(
+                    ptr(builder, builder.add(rows_s[j], builder.mul(fb, ir.Constant(I64, 2))), vh), align=2
+                )
+                wsv = spread(builder, _h2f(builder, wh, tiers.native_half()), idx, k)
+            units.append((parts, wsv))
         pa, pb, pi, px = (builder.add(p, off) for p in (xa, xb, init, xsl))
         for u in toks:
-            if zero_init:
-                iv = ir.Constant(vi, None)
-            else:
-                iv = builder.load(ptr(builder, builder.add(pi, toks_l[u]), vi), align=4)
-            xs = builder.load(ptr(builder, builder.add(px, toks_l[u]), vf), align=4)
+            iv = None if zero_init else builder.load(ptr(builder, builder.add(pi, toks_l[u]), vi), align=4)
+            xs = None if mode == "sum" else builder.load(ptr(builder, builder.add(px, toks_l[u]), vf), align=4)
             xv = [builder.load(ptr(builder, builder.add(pa, toks_a[u]), vb), align=1)]
             if bits == 4:
                 xv.append(builder.load(ptr(builder, builder.add(pb, toks_a[u]), vb), align=1))
             for j, (parts, wsv) in zip(rows, units):
-                s = tier.dot(builder, iv, list(zip(parts, xv)), signed)
+                if mode == "full":
+                    start = ir.Constant(vi, None) if zero_init else iv
+                else:
+                    start = builder.load(isums[j][u])
+                    start = start if zero_init else builder.add(start, iv)
+                s = tier.dot(builder, start, list(zip(parts, xv)), signed)
+                if mode == "sum":
+                    builder.store(s, isums[j][u])
+                    continue
+                if mode == "last":
+                    builder.store(ir.Constant(vi, None), isums[j][u])
                 acc = accs[j][u]
                 builder.store(fmadd(builder, builder.sitofp(s, vf), builder.fmul(wsv, xs), builder.load(acc)), acc)
 
     # passes of sub-tiles whose accumulators and row state fit the tier's registers (hook.py
-    # `subtile`), each over every chunk: e.g. the 4x4 prompt tile as four 2x2 passes
-    gr, gt = tier.subtile if tier.subtile and ntok > 1 else (nrows, ntok)
-    for r0 in range(0, nrows, gr):
-        for t0 in range(0, ntok, gt):
-            rows, toks = range(r0, min(nrows, r0 + gr)), range(t0, min(ntok, t0 + gt))
-            with builder.if_else(builder.icmp_signed("==", nbits, ir.Constant(I64, 4))) as (four, eight):
-                for bits, block in ((4, four), (8, eight)):
-                    with block:
-                        _chunk_loop(builder, tier, bits, rb, init, partial(step, bits, rows=rows, toks=toks))
+    # `subtile`), each over every chunk: e.g. the 4x4 prompt tile as four 2x2 passes. Blocks over
+    # several chunks (`_chunk_loop`) hold an int32 sum per pair too: their passes are at most
+    # MULTI_PAIRS pairs.
+    multi = builder.icmp_signed(">", shift, ir.Constant(I64, log2l))
+    with builder.if_else(builder.icmp_signed("==", nbits, ir.Constant(I64, 4))) as (four, eight):
+        for bits, block in ((4, four), (8, eight)):
+            with block, builder.if_else(multi) as (groups, chunks):
+                for many, branch in ((True, groups), (False, chunks)):
+                    with branch:
+                        for rows, toks in _passes(tier, nrows, ntok, many):
+                            _chunk_loop(
+                                builder, tier, bits, rb, init, shift, partial(step, bits, rows=rows, toks=toks), many
+                            )
     for j in range(nrows):
         for u in range(ntok):
             _store_f32(builder, out, so, u, j, reduce_fadd(builder, builder.load(accs[j][u])))
 
 
-def _chunk_loop(builder, tier, bits, rb, init, step):
-    """The chunk loop of one (bits, sub-tile): step(c, load[, zero_init=True]). Tiers that list
-    `bits` in `zero_init` get a second copy for init == 0 (quant.py passes a null address when
-    every lane's start value is zero), which skips the init loads and the adds of hook.dot."""
-    W = tier.width
+def _passes(tier, nrows, ntok, many):
+    """(rows, tokens) ranges of the tile's passes: the tier's `subtile` for prompt tiles, halved
+    (rows first) while it has more than MULTI_PAIRS pairs when blocks span several chunks."""
+    gr, gt = tier.subtile if tier.subtile and ntok > 1 else (nrows, ntok)
+    while many and gr * gt > MULTI_PAIRS:
+        gr, gt = (gr // 2, gt) if gr > 1 else (gr, gt // 2)
+    return [
+        (range(r0, min(nrows, r0 + gr)), range(t0, min(ntok, t0 + gt)))
+        for r0 in range(0, nrows, gr)
+        for t0 in range(0, ntok, gt)
+    ]
+
+
+def _chunk_loop(builder, tier, bits, rb, init, shift, step, many):
+    """The chunk loop of one (bits, pass): step(c, load[, zero_init=True], mode=...).
+
+    `many` (blocks of more lanes than a chunk has, e.g. 8-bit g128: 4 AVX2 chunks; 4-bit g128:
+    2): the chunks' dots stay int32 through each block and are converted, scaled and accumulated
+    once per block ("sum" chunks, then one "last"), so the AVX2 8-bit step drops from 6 vector
+    ops per row-token pair and chunk to 4. Such rows are whole chunks (a block is a whole number
+    of them): no masked tail. Otherwise (blocks of one chunk or less) every chunk is "full" (its
+    lanes' scales spread per lane).
+
+    Tiers that list `bits` in `zero_init` get a second copy for init == 0 (quant.py passes a null
+    address when every lane's start value is zero), which skips the init loads and the adds of
+    hook.dot."""
+    W, log2l = tier.width, tier.lanes.bit_length() - 1
+    vb = vec(I8, W)
+
+    def loops(**kw):
+        if not many:
+            _for_each_chunk(builder, rb, W, lambda c, load: step(c, load, **kw))
+            return
+        per = builder.shl(ir.Constant(I64, 1), builder.sub(shift, ir.Constant(I64, log2l)))  # chunks per block
+        nblk = builder.lshr(rb, builder.add(shift, ir.Constant(I64, 2)))  # 4 << shift bytes per block
+
+        def load(addr):
+            return builder.load(ptr(builder, addr, vb), align=1)
+
+        with cgutils.for_range(builder, nblk) as blk:
+            c0 = builder.mul(blk.index, per)
+            with cgutils.for_range(builder, builder.sub(per, ir.Constant(I64, 1))) as inner:
+                step(builder.add(c0, inner.index), load, mode="sum", **kw)
+            step(builder.add(c0, builder.sub(per, ir.Constant(I64, 1))), load, mode="last", **kw)
+
     if bits not in tier.zero_init:
-        _for_each_chunk(builder, rb, W, lambda c, load: step(c, load))
+        loops()
         return
     with builder.if_else(builder.icmp_signed("==", init, ir.Constant(I64, 0))) as (zero, loaded):
         with zero:
-            _for_each_chunk(builder, rb, W, lambda c, load: step(c, load, zero_init=True))
+            loops(zero_init=True)
         with loaded:
-            _for_each_chunk(builder, rb, W, lambda c, load: step(c, load))
+            loops()
 
 
 def _store_f32(builder, out, so, u, j, v):
@@ -274,6 +339,10 @@ def as_voidptr(typingctx, addr):
 # prefetcher (all 121 SmolLM2 4-bit linears: 3.7 ms without, 2.1 ms at 12-16 KiB, 2.9 ms for the
 # one-row kernel before; 2.6 ms at 8 KiB, 2.3 ms at 24 KiB; medians of 30 on this machine).
 PREFETCH = 16384
+# Row-token pairs of a pass whose blocks span several chunks: each pair holds an int32 block sum
+# beside its float accumulator, and the AVX-512 4x4 prompt tile with them (32 accumulators in
+# 32 zmm) spilled.
+MULTI_PAIRS = 8
 RB, TB = 4, 4  # rows x tokens of the big tile (decode: RB x 1; prompt: RB x TB)
 # decode's RB x 1 tiles come from qdot_rows; 1 x 1 is its leftover rows
 qdot_1x1, qdot_1xt, qdot_rxt = (_make_qdot(r, t) for r, t in ((1, 1), (1, TB), (RB, TB)))

@@ -6,7 +6,10 @@ The packed bytes edgellm quantize stored are written unchanged (no second quanti
   MatMulNBits takes scales of its activations' type (ONNX Runtime folds the Cast at load; the
   Numba and CUDA runtimes read the fp16 initializer directly). fp32 scales in the file would add
   2 bytes per group: 3.7 MB on SmolLM2-135M's default 4-bit export. `P.qzeros` (asym only)
-  packed per row like B. Embeddings gather rows with com.microsoft.GatherBlockQuantized over
+  packed per row like B, or, for float zero points (`zero="float"` formats), fp16 (out*n_blocks)
+  widened by a Cast like the scales (MatMulNBits takes zero points of the scales' type; the
+  QDQ format and GatherBlockQuantized have no float zero points: refused).
+  Embeddings gather rows with com.microsoft.GatherBlockQuantized over
   the same bytes (ORT 1.32 CPU: 2-D uint8 data, `bits` 4 or 8, scales (rows, n_blocks), packed
   zero points (rows, ceil(n_blocks*bits/8)), output includes the padded columns -> Slice).
 - `qdq`: the same bytes typed UINT4/UINT8 (out, padded_in) for a blocked DequantizeLinear
@@ -48,7 +51,7 @@ class LinearSpec:
     w: np.ndarray | None = None  # float (out, in)
     qweight: np.ndarray | None = None  # uint8 (out, nb, block*bits/8)
     scales: np.ndarray | None = None  # float32 (out, nb), the stored fp16 values
-    zeros: np.ndarray | None = None  # uint8 (out, nb) unpacked; None when symmetric
+    zeros: np.ndarray | None = None  # uint8 (out, nb) unpacked, or float16 (float zero points); None when symmetric
     bits: int = 0
     block: int = 0
 
@@ -76,6 +79,7 @@ def _packed_spec(m) -> LinearSpec:
         new = 1 << (block - 1).bit_length()
         codes = unpack(qweight, fmt.bits)  # (out, 1, block)
         z = zeros if zeros is not None else np.full(scales.shape, fmt.sym_zero, np.uint8)
+        z = np.clip(np.rint(z.astype(np.float32)), 0, fmt.maxq).astype(np.uint8)  # float zeros: nearest code
         pad = np.broadcast_to(z[..., None], (*z.shape, new - block))
         qweight, block = pack(np.concatenate([codes, pad], -1), fmt.bits, pad_odd=True), new
     return LinearSpec(
@@ -102,7 +106,9 @@ def linear_spec(modules: list, path: str) -> LinearSpec:
         specs = [_packed_spec(m) for m in modules]
         s0 = specs[0]
         if any(
-            (s.in_f, s.bits, s.block, s.zeros is None) != (s0.in_f, s0.bits, s0.block, s0.zeros is None) for s in specs
+            (s.in_f, s.bits, s.block, None if s.zeros is None else s.zeros.dtype)
+            != (s0.in_f, s0.bits, s0.block, None if s0.zeros is None else s0.zeros.dtype)
+            for s in specs
         ):
             raise UnsupportedError(f"'{path}' fuses layers quantized with different formats")
         spec = LinearSpec(
@@ -136,13 +142,26 @@ def linear_spec(modules: list, path: str) -> LinearSpec:
 def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
     """Add (once) the initializers of a packed tensor named `name`; return the names its users
     take: codes, float32 scales (a Cast of the fp16 initializer `name.scales`), zero points."""
+    fz = spec.zeros is not None and spec.zeros.dtype == np.float16
     if opts.format == "matmulnbits":
         names = [f"{name}.qweight", f"{name}.scales"] + ([f"{name}.qzeros"] if spec.zeros is not None else [])
         if names[0] not in g.weights:
             g.weight(names[0], spec.qweight)
             g.weight(names[1], spec.scales.astype(np.float16).reshape(-1))  # exact: stored fp16 values
-            if spec.zeros is not None:
+            if fz:
+                g.weight(names[2], spec.zeros.reshape(-1))  # fp16 (out*nb), exact
+            elif spec.zeros is not None:
                 g.weight(names[2], pack(spec.zeros, spec.bits, pad_odd=True).reshape(-1))
+        if fz:
+            zkey = f"{name}.qzeros/float"
+            if zkey not in g.memo:
+                g.memo[zkey] = g.op("Cast", [names[2]], name=f"{name}/zeros_float", to=TensorProto.FLOAT)
+            names[2] = g.memo[zkey]
+    elif fz:
+        raise UnsupportedError(
+            f"'{name}' has float zero points, which blocked DequantizeLinear cannot hold; "
+            "export with --format matmulnbits"
+        )
     else:
         names = [f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"]
         if names[0] not in g.weights:
@@ -217,6 +236,10 @@ def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Option
         g.op("Reshape", [names[1], rows], name=f"{path}/scale_rows"),
     ]
     if spec.zeros is not None:
+        if spec.zeros.dtype == np.float16:
+            raise UnsupportedError(
+                f"'{path}': GatherBlockQuantized takes no float zero points; quantize embeddings with integer ones"
+            )
         ins.append(g.op("Reshape", [names[2], rows], name=f"{path}/zero_rows"))
     y = g.op(
         "GatherBlockQuantized",

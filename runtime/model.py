@@ -53,7 +53,7 @@ from .kernels.quant import (
 from .kernels.simd import as_voidptr as _voidptr
 from .kernels.tiers import describe as _describe_tier
 from .loader import Export, open_export
-from .packing import unpack_codes
+from .packing import zero_points
 from .validate import ModelConfig, check_export, check_memory
 
 # ----------------------------------------------------------------------------- config
@@ -205,9 +205,8 @@ class Weights:
             d[D_GS], d[D_NB], d[D_RB], d[D_ZERO] = gs, nb, nb * bb, 1 << (bits - 1)
             d[D_SYM] = 1
             if ex.has(f"{p}.qzeros"):
-                zp = ex.get(f"{p}.qzeros").reshape(n, -1)
-                z = unpack_codes(zp, bits)
-                zs = z[:, :nb].astype(np.float32) * scales.reshape(n, nb).astype(np.float32)
+                zp = ex.get(f"{p}.qzeros")
+                zs = zero_points(zp, n, nb, bits) * scales.reshape(n, nb).astype(np.float32)
                 d[D_Z], d[D_SYM] = self._addr(zs, np.float32), 0
                 ex.drop_pages(zp)
             ex.drop_pages(scales)  # the kernels read the fp16 copy

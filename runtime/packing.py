@@ -19,3 +19,11 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return codes.astype(np.uint8)
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def zero_points(zp: np.ndarray, n: int, nb: int, bits: int) -> np.ndarray:
+    """MatMulNBits zero points -> float32 (n, nb): packed uint8 codes (n, ceil(nb*bits/8)), or
+    float16 values (n*nb,) (`zero="float"` formats, exported as fp16 and Cast like the scales)."""
+    if zp.dtype == np.float16:
+        return zp.reshape(n, nb).astype(np.float32)
+    return unpack_codes(zp.reshape(n, -1), bits)[:, :nb].astype(np.float32)

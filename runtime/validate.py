@@ -329,7 +329,10 @@ class _Checker:
                 if (
                     (f"{p}.qzeros" in ex.infos) if own else not q.sym
                 ):  # per-tensor formats: zero points where asymmetric
-                    self.tensor(f"{p}.qzeros", (n * (-(-nb * bits // 8)),), (_U8,))
+                    if self.info(f"{p}.qzeros").data_type == _HALF:  # float zero points (fp16, one per block)
+                        self.tensor(f"{p}.qzeros", (n * nb,), (_HALF,), finite=True)
+                    else:
+                        self.tensor(f"{p}.qzeros", (n * (-(-nb * bits // 8)),), (_U8,))
             else:
                 code = UINT4 if bits == 4 else _U8
                 self.tensor(f"{p}.qweight", (n, nb * block), (code,))

@@ -127,3 +127,59 @@ def test_export_and_runtime_read_mixed_files(family, args, tiny_dirs, tmp_path):
     with torch.no_grad():
         logits = back.model(input_ids=torch.tensor(prompt).unsqueeze(0)).logits[0].numpy()
     assert np.abs(logits - b.reshape(logits.shape)).max() <= 0.03 * np.abs(b).max()
+
+
+def test_float_zero_points_reproduce_a_q4_1_grid():
+    """Groups of 32 on Q4_1's grid (w = d*q + m, fp16 d and m, codes 0..15 all used): fp16 zero
+    points reproduce them (to fp16 rounding); integer zero points cannot (m/d rounds)."""
+    from edgellm.quant.formats import dequantize_codes, quantize_rtn
+
+    g = torch.Generator().manual_seed(0)
+    d = (torch.rand(64, 4, 1, generator=g) * 0.02 + 0.001).half().float()
+    m = (-d * (torch.rand(64, 4, 1, generator=g) * 6 + 4.5)).half().float()  # groups around 0, as weights are
+    q = torch.randint(0, 16, (64, 4, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # the grid's ends are used, as a min/max quantizer produces
+    w = (d * q + m).reshape(64, 128)
+    fz = QuantFormat(4, 32, False, "float")
+
+    def steps_off(fmt):  # worst error in units of each group's own grid step d
+        codes, s, z = quantize_rtn(w, fmt)
+        return ((dequantize_codes(codes, s, z) - w.reshape(64, 4, 32)).abs() / d).max().item()
+
+    # fp16 zero points are exact to |zero| * 2**-11 steps; integer ones are off by up to half a step
+    err_f, err_i = steps_off(fz), steps_off(QuantFormat(4, 32, False))
+    assert err_f < 0.01 and err_i > 0.3, (err_f, err_i)
+    assert QuantFormat(4, 32, False, "float").zero_bytes == 2 and fz.fitted(576) == fz
+    with pytest.raises(Exception, match="asymmetric"):
+        QuantFormat(4, 32, True, "float")
+
+
+def test_float_zero_points_export_and_run(tiny_dirs, tmp_path):
+    """--asym --float-zero: stored as fp16 zero points, exported as MatMulNBits' float zero points
+    (ONNX Runtime parity checked by export), read by the numba runtime; QDQ refuses them."""
+    from edgellm.runtime.model import NumbaModel
+    from edgellm.runtime.ort_backend import OrtModel
+
+    q, onnx = tmp_path / "q", tmp_path / "onnx"
+    base = ["quantize", str(tiny_dirs["llama"]), "--method", "gptq", "--calib-samples", "8", "--seq-len", "64"]
+    r = runner.invoke(app, [*base, "--bits", "4", "-g", "32", "--asym", "--float-zero", "--no-eval", "-o", str(q)])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((q / "edgellm.json").read_text())["quantization"]
+    assert rec["zero"] == "float" and rec["embeddings"]["zero"] == "int"
+    assert rec["bits_per_weight"] == pytest.approx(5.0)  # 4 + 16/32 (scale) + 16/32 (zero)
+    r = runner.invoke(app, ["export", str(q), "-o", str(onnx)])
+    assert r.exit_code == 0, r.output
+    nm, om = NumbaModel(onnx, n_ctx=64, threads=1), OrtModel(onnx, threads=1)
+    prompt = np.array([5, 17, 100, 3, 77, 250, 9, 11], np.int64)
+    a, b = nm.forward(prompt, all_logits=True), om.forward(prompt, all_logits=True)
+    assert np.abs(a - b).max() <= 0.03 * np.abs(b).max()
+    nm.close()
+    back = load_model(q)
+    with torch.no_grad():
+        logits = back.model(input_ids=torch.tensor(prompt).unsqueeze(0)).logits[0].numpy()
+    assert np.abs(logits - b.reshape(logits.shape)).max() <= 0.03 * np.abs(b).max()
+    r = runner.invoke(app, ["export", str(q), "--format", "qdq", "-o", str(tmp_path / "qdq")])
+    _clean_failure(r, tmp_path / "qdq")
+    assert "float zero points" in r.output
+    r = runner.invoke(app, [*base, "--float-zero", "--no-eval", "-o", str(tmp_path / "bad")])
+    _clean_failure(r, tmp_path / "bad")

@@ -50,6 +50,14 @@ def quantize(
     sym: Annotated[
         bool, typer.Option("--sym/--asym", help="Symmetric (no zero points) or asymmetric (a zero point per group).")
     ] = True,
+    float_zero: Annotated[
+        bool,
+        typer.Option(
+            "--float-zero",
+            help="With --asym: fp16 zero points (Q4_1 style: each group's min and max land exactly on codes 0 and "
+            "15) instead of integer ones; one more byte per group.",
+        ),
+    ] = False,
     embeddings: Annotated[
         Embeddings,
         typer.Option(
@@ -119,7 +127,9 @@ def quantize(
     from ..quant.formats import QuantFormat
     from ..record import add_step
 
-    fmt = QuantFormat(bits=bits, group_size=group_size, sym=sym)  # validates before any heavy work
+    if float_zero and sym:
+        raise EdgeLLMError("--float-zero needs --asym (symmetric formats store no zero points)")
+    fmt = QuantFormat(bits, group_size, sym, "float" if float_zero else "int")  # validates before any heavy work
     check_range("--damp", damp, 0.0, 1.0)
     check_range("--seed", seed, 0, 2**32 - 1)
     emb = embeddings.value if quantize_embeddings is None else (str(bits) if quantize_embeddings else "keep")
@@ -191,7 +201,7 @@ def quantize(
         table.add_row(
             r["layer"],
             "x".join(map(str, r["shape"])),
-            f"{r['bits']}-bit g{r['group_size']}{'' if r['sym'] else ' asym'}",
+            QuantFormat(r["bits"], r["group_size"], r["sym"], r.get("zero", "int")).label(),
             f"{r['rel_error']:.2e}",
         )
     if len(report) > 8:
@@ -209,6 +219,7 @@ def quantize(
         counts: dict = {}
         for u in info["mixed"]["units"]:
             k = f"{u['bits']}-bit g{u['group_size']}{'' if u.get('sym', True) else ' asym'}"
+            k += " fp16-zero" if u.get("zero") == "float" else ""
             counts[k] = counts.get(k, 0) + 1
         console.print(
             "plan: "

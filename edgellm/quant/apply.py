@@ -14,7 +14,7 @@ clipping search; 8-bit by default for 4-bit models, the tied matrix stored once)
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -187,6 +187,7 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
                         "bits": lfmt.bits,
                         "group_size": lfmt.group_size,
                         "sym": lfmt.sym,
+                        "zero": lfmt.zero,
                         "rel_error": _rel_error(w_ref, q.dequantize(), H),
                         "time_s": time.perf_counter() - t0,
                     }
@@ -195,12 +196,16 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
                 names.append(path)
                 if cfg.plan or lfmt != fmt:
                     formats[path] = {"bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym}
+                    if lfmt.float_zero:
+                        formats[path]["zero"] = "float"
             inputs = run_block(block, inputs)
         emb_fmt = None
         if cfg.embeddings_mode != "keep":
             bits = int(cfg.embeddings_mode)
-            emb_fmt = (
-                fmt if cfg.embeddings is None else embedding_format(bits, model.get_input_embeddings().embedding_dim)
+            emb_fmt = (  # integer zero points: ONNX's GatherBlockQuantized has no float ones
+                replace(fmt, zero="int")
+                if cfg.embeddings is None
+                else embedding_format(bits, model.get_input_embeddings().embedding_dim)
             )
             _quantize_embeddings(model, emb_fmt)
     info = {
@@ -232,7 +237,11 @@ def bits_per_weight(model) -> float:
 
 
 def packed_bytes(m: PackedMatrix) -> int:
-    return m.qweight.numel() + 2 * m.scales.numel() + (0 if m.qzeros is None else m.qzeros.numel())
+    return (
+        m.qweight.numel()
+        + 2 * m.scales.numel()
+        + (0 if m.qzeros is None else m.qzeros.numel() * m.qzeros.element_size())
+    )
 
 
 def _tied(model) -> bool:
@@ -247,7 +256,11 @@ def _rtn_clipped(w: torch.Tensor, fmt: QuantFormat):
     codes, scales, zeros = [], [], []
     for r in range(0, out_f, 4096):  # row chunks bound the search's temporaries on big vocabularies
         s, z = mse_group_params(wg[r : r + 4096], fmt)
-        codes.append(quantize_codes(wg[r : r + 4096], s, z, fmt.maxq)), scales.append(s), zeros.append(z)
+        (
+            codes.append(quantize_codes(wg[r : r + 4096], s, z, fmt.maxq, fmt.float_zero)),
+            scales.append(s),
+            zeros.append(z),
+        )
     return torch.cat(codes), torch.cat(scales), torch.cat(zeros)
 
 
@@ -282,17 +295,19 @@ def _embedding_format_of(info: dict, fmt: QuantFormat) -> QuantFormat | None:
         return None
     if e is True:  # edgellm.json written before per-tensor embedding formats
         return fmt
-    return QuantFormat(bits=e["bits"], group_size=e["group_size"], sym=e["sym"])
+    return QuantFormat(e["bits"], e["group_size"], e["sym"], e.get("zero", "int"))
 
 
 def _swap_for_loading(model, info: dict, dtype) -> None:
-    fmt = QuantFormat(bits=info["bits"], group_size=info["group_size"], sym=info["sym"])
+    fmt = QuantFormat(info["bits"], info["group_size"], info["sym"], info.get("zero", "int"))
     formats = info.get("formats") or {}
     for path in info["modules"]:
         lin = get_path(model, path)
         w = linear_weight(lin)
         f = formats.get(path)
-        lfmt = fmt if f is None else QuantFormat(bits=f["bits"], group_size=f["group_size"], sym=f.get("sym", fmt.sym))
+        lfmt = (
+            fmt if f is None else QuantFormat(f["bits"], f["group_size"], f.get("sym", fmt.sym), f.get("zero", "int"))
+        )
         _replace(model, path, QuantLinear(w.shape[1], w.shape[0], lin.bias is not None, lfmt))
     efmt = _embedding_format_of(info, fmt)
     if efmt is not None:

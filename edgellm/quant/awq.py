@@ -27,7 +27,7 @@ def fake_quantize(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     g = fmt.group_for(in_f)
     wg = pad_columns(w.float(), fmt.padded(in_f)).reshape(out_f, -1, g)
     s, z = group_params(wg, fmt)
-    return dequantize_codes(quantize_codes(wg, s, z, fmt.maxq), s, z).reshape(out_f, -1)[:, :in_f]
+    return dequantize_codes(quantize_codes(wg, s, z, fmt.maxq, fmt.float_zero), s, z).reshape(out_f, -1)[:, :in_f]
 
 
 def search_scales(x: torch.Tensor, weights: list[torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
@@ -69,7 +69,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, oc_batch: in
             bound = max_abs * (1 - (1 - CLIP_MIN) * k / CLIP_GRID)
             wc = torch.maximum(torch.minimum(wg, bound.unsqueeze(-1)), -bound.unsqueeze(-1))
             s, z = group_params(wc, fmt)
-            deq = dequantize_codes(quantize_codes(wc, s, z, fmt.maxq), s, z)
+            deq = dequantize_codes(quantize_codes(wc, s, z, fmt.maxq, fmt.float_zero), s, z)
             err = (torch.einsum("ngk,ogk->ong", xg, deq) - ref).pow(2).mean(1)  # (ob, ng)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

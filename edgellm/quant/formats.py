@@ -6,6 +6,12 @@ each (row, group) has one fp16 scale and, when asymmetric, one unsigned zero poi
     q   = clamp(round(w / scale) + zero, 0, 2**bits - 1)      # unsigned codes
     w'  = (q - zero) * scale
 
+Asymmetric formats store integer zero points (uint8) by default; `zero="float"` stores them as fp16
+instead (Q4_1 / k-quant style: the group's minimum lands exactly on code 0 and its maximum on the
+top code, with no rounding of the zero point; 2 bytes per group, 1.0 bit/weight at group 32 where
+integer zeros cost 0.5 at 4 bits). Codes are then round(w / scale + zero). ONNX Runtime's
+MatMulNBits takes float zero points of the scales' type.
+
 Symmetric formats use the fixed zero point 2**(bits-1) (8 for 4-bit, 128 for 8-bit) and, like
 llama.cpp's Q4_0 and ONNX Runtime's MatMulNBits quantizer, map the group's largest-magnitude
 value exactly onto the most negative code, so all 2**bits levels are used.
@@ -23,6 +29,7 @@ import torch
 from ..errors import EdgeLLMError
 
 SUPPORTED_BITS = (4, 8)
+ZERO_KINDS = ("int", "float")
 
 
 @dataclass(frozen=True)
@@ -30,8 +37,13 @@ class QuantFormat:
     bits: int = 4  # 4: two codes per byte; 8: one code per byte
     group_size: int = 128  # columns sharing a scale; -1 = per output channel
     sym: bool = True  # symmetric: fixed zero point, no zero points stored
+    zero: str = "int"  # asymmetric zero points: "int" (uint8 codes) or "float" (fp16)
 
     def __post_init__(self):
+        if self.zero not in ZERO_KINDS:
+            raise EdgeLLMError(f"zero point kind {self.zero!r} is invalid; choose one of {', '.join(ZERO_KINDS)}")
+        if self.zero == "float" and self.sym:
+            raise EdgeLLMError("float zero points are for asymmetric formats (sym=False)")
         if self.bits not in SUPPORTED_BITS:
             raise EdgeLLMError(
                 f"--bits {self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
@@ -65,7 +77,24 @@ class QuantFormat:
             return self
         while g > 16 and in_features % g:
             g //= 2
-        return self if in_features % g or g == self.group_size else QuantFormat(self.bits, g, self.sym)
+        return self if in_features % g or g == self.group_size else QuantFormat(self.bits, g, self.sym, self.zero)
+
+    @property
+    def float_zero(self) -> bool:
+        return self.zero == "float"
+
+    @property
+    def zero_bytes(self) -> int:
+        """Stored bytes per group for its zero point (0 when symmetric)."""
+        return 0 if self.sym else (2 if self.float_zero else 1)
+
+    def label(self) -> str:
+        """e.g. "4-bit g32", "4-bit g32 asym", "4-bit g32 asym fp16-zero"."""
+        return (
+            f"{self.bits}-bit g{self.group_size}"
+            + ("" if self.sym else " asym")
+            + (" fp16-zero" if self.float_zero else "")
+        )
 
     def padded(self, in_features: int) -> int:
         g = self.group_for(in_features)
@@ -94,6 +123,12 @@ def group_params(
         m = torch.gather(w, -1, idx).squeeze(-1)  # signed value of largest magnitude
         scale = m * shrink / -fmt.sym_zero
         zero = torch.full_like(scale, fmt.sym_zero)
+    elif fmt.float_zero:  # the range need not hold 0: [min, max] maps onto [0, maxq] exactly
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        mid = (lo + hi) / 2
+        lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink  # clipping shrinks towards the middle
+        scale = (hi - lo) / fmt.maxq
+        zero = torch.zeros_like(scale)
     else:
         lo = w.amin(dim=-1).clamp(max=0) * shrink
         hi = w.amax(dim=-1).clamp(min=0) * shrink
@@ -101,14 +136,22 @@ def group_params(
         zero = torch.zeros_like(scale)  # set below once scale is final
     scale = scale.half().float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # all-zero group: any scale works
-    if not fmt.sym:
+    if fmt.float_zero:
+        zero = (-lo / scale).half().float()  # stored as fp16
+    elif not fmt.sym:
         zero = torch.clamp(torch.round(-lo / scale), 0, fmt.maxq)
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Codes for `w` (..., gs) with per-group `scale`, `zero` (...,) -> uint8 (..., gs)."""
-    q = torch.round(w.float() / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
+) -> torch.Tensor:
+    """Codes for `w` (..., gs) with per-group `scale`, `zero` (...,) -> uint8 (..., gs).
+    Integer zero points: round(w / scale) + zero; float ones: round(w / scale + zero)."""
+    if float_zero:
+        q = torch.round(w.float() / scale.unsqueeze(-1) + zero.unsqueeze(-1))
+    else:
+        q = torch.round(w.float() / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     return q.clamp_(0, maxq).to(torch.uint8)
 
 
@@ -123,7 +166,7 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat):
     g = fmt.group_for(in_f)
     wg = pad_columns(w.float(), fmt.padded(in_f)).reshape(out_f, -1, g)  # (out, ng, gs)
     scale, zero = group_params(wg, fmt)
-    return quantize_codes(wg, scale, zero, fmt.maxq), scale, zero
+    return quantize_codes(wg, scale, zero, fmt.maxq, fmt.float_zero), scale, zero
 
 
 CLIP_GRID = tuple(1.0 - 0.01 * k for k in range(31))  # clipping ranges tried by the MSE search: 100% .. 70%
@@ -141,7 +184,7 @@ def mse_group_params(
     best_err = torch.full(best_s.shape, float("inf"))
     for p in grid:
         s, z = group_params(w, fmt, p)
-        err = (imp * (dequantize_codes(quantize_codes(w, s, z, fmt.maxq), s, z) - w) ** 2).sum(-1)  # (...,)
+        err = (imp * (dequantize_codes(quantize_codes(w, s, z, fmt.maxq, fmt.float_zero), s, z) - w) ** 2).sum(-1)
         better = err < best_err
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
         best_err = torch.minimum(err, best_err)

@@ -61,13 +61,18 @@ def gptq_quantize(
             s, z = params(pad_columns(ahead, g), hdiag[grp])
             scales[:, grp], zeros[:, grp] = s, z
         s, z = scales[:, grp], zeros[:, grp]
-        q = torch.clamp(torch.round(W1[:, i] / s) + z, 0, fmt.maxq)
-        q = torch.where(pruned[:, j], z, q)  # code z decodes to exactly 0; its error is compensated
+        if fmt.float_zero:  # no code decodes to exactly 0: pruned weights take the nearest one
+            q = torch.clamp(torch.round(W1[:, i] / s + z), 0, fmt.maxq)
+            q = torch.where(pruned[:, j], torch.clamp(torch.round(z), 0, fmt.maxq), q)
+        else:
+            q = torch.clamp(torch.round(W1[:, i] / s) + z, 0, fmt.maxq)
+            q = torch.where(pruned[:, j], z, q)  # code z decodes to exactly 0; its error is compensated
         codes[:, col] = q.to(torch.uint8)
         return (q - z) * s
 
     lazy_sweep(W, U, replace, BLOCK)
     padded = torch.empty(out_f, ng * g, dtype=torch.uint8)
-    padded[:, in_f:] = zeros.to(torch.uint8).repeat_interleave(g, dim=1)[:, in_f:]  # padding encodes 0.0
+    pad_code = torch.clamp(torch.round(zeros), 0, fmt.maxq).to(torch.uint8)  # padding: 0.0 (nearest, float zeros)
+    padded[:, in_f:] = pad_code.repeat_interleave(g, dim=1)[:, in_f:]
     padded[:, :in_f] = codes
     return padded.reshape(out_f, ng, g), scales, zeros

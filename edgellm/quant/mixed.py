@@ -27,15 +27,21 @@ from .formats import QuantFormat, dequantize_codes, mse_group_params, pad_column
 # 4-bit g16 (5.0) is the step between g32 and 8-bit (8.125) that lets a few sensitive units buy
 # precision: without it the tests' trained 2-layer llama measured KL 0.00311 at 4.5 bits/weight
 # against uniform g32's 0.00305; with it 0.00289 (2026-12-01).
+# Float zero points (fp16, "float": Q4_1-style, the group's [min, max] mapped exactly onto the codes)
+# cost one more byte per group than integer ones: 4-bit g32 5.0 bits/weight, g64 4.5. On
+# SmolLM2-135M (whose released weights lie on Q4_1's grid) the RTN plan at 4.5 bits/weight
+# measured KL 0.212 without them and 0.078 with them (2026-12-01, benchmarks/RESULTS.md §3).
 CANDIDATES = (
-    (4, 128, True),
-    (4, 64, True),
-    (4, 32, True),
-    (4, 16, True),
-    (4, 128, False),
-    (4, 64, False),
-    (4, 32, False),
-    (8, 128, True),
+    (4, 128, True, "int"),
+    (4, 64, True, "int"),
+    (4, 32, True, "int"),
+    (4, 16, True, "int"),
+    (4, 128, False, "int"),
+    (4, 64, False, "int"),
+    (4, 32, False, "int"),
+    (4, 64, False, "float"),
+    (4, 32, False, "float"),
+    (8, 128, True, "int"),
 )
 PROBE = (4, 128, True)
 SENS_SAMPLES = 4  # calibration sequences the sensitivity pass scores on
@@ -61,12 +67,12 @@ def fmt_bytes(shape: tuple[int, int], fmt: QuantFormat) -> int:
     """Stored bytes of an (out, in) linear in `fmt`: codes, fp16 scales, zero points if asymmetric."""
     out_f, in_f = shape
     ng = fmt.padded(in_f) // fmt.group_for(in_f)
-    return out_f * (fmt.padded(in_f) * fmt.bits // 8 + ng * (2 + (0 if fmt.sym else 1)))
+    return out_f * (fmt.padded(in_f) * fmt.bits // 8 + ng * (2 + fmt.zero_bytes))
 
 
 def _formats(sym: bool | None) -> list[QuantFormat]:
     """The candidates; sym=True/False keeps only that kind, None allows both."""
-    return [QuantFormat(b, g, s) for b, g, s in CANDIDATES if sym is None or s == sym]
+    return [QuantFormat(b, g, s, z) for b, g, s, z in CANDIDATES if sym is None or s == sym]
 
 
 def _shapes(model, unit: list[str]) -> list[tuple[int, int]]:
@@ -87,7 +93,7 @@ def check_budget(model, target: float, sym: bool | None = None) -> None:
     if target < floor:
         raise EdgeLLMError(
             f"--target-bpw {target} cannot be met: the smallest formats "
-            f"({', '.join(f'{f.bits}-bit g{f.group_size}' for f in fmts)}) need {floor:.3f} bits/weight on this model; "
+            f"({', '.join(f.label() for f in fmts)}) need {floor:.3f} bits/weight on this model; "
             f"give at least {floor:.3f}"
         )
 
@@ -98,7 +104,7 @@ def _fake(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     g = fmt.group_for(in_f)
     wg = pad_columns(w.float(), fmt.padded(in_f)).reshape(out_f, -1, g)
     s, z = mse_group_params(wg, fmt)
-    return dequantize_codes(quantize_codes(wg, s, z, fmt.maxq), s, z).reshape(out_f, -1)[:, :in_f]
+    return dequantize_codes(quantize_codes(wg, s, z, fmt.maxq, fmt.float_zero), s, z).reshape(out_f, -1)[:, :in_f]
 
 
 def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
@@ -176,6 +182,7 @@ def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=No
                             "bits": f.bits,
                             "group_size": f.group_size,
                             "sym": f.sym,
+                            "zero": f.zero,
                             "bytes": sum(fmt_bytes(s, f) for s in shapes),
                             "kl": kl * err[f] / max(err[probe], 1e-30),
                         }
@@ -224,13 +231,14 @@ def plan_formats(
     for u, c in zip(sens, choice):
         opt = u["options"][c]
         for p in u["unit"]:
-            plan[p] = QuantFormat(opt["bits"], opt["group_size"], opt["sym"])
+            plan[p] = QuantFormat(opt["bits"], opt["group_size"], opt["sym"], opt["zero"])
         rows.append(
             {
                 "unit": u["unit"],
                 "bits": opt["bits"],
                 "group_size": opt["group_size"],
                 "sym": opt["sym"],
+                "zero": opt["zero"],
                 "kl_probe": round(u["kl_probe"], 6),
             }
         )

@@ -3,7 +3,7 @@
 Buffers (all saved to safetensors; shapes for a layer with `out` rows, `ng` groups of `gs`):
     qweight  uint8   (out, ng, gs * bits / 8)   packed codes, MatMulNBits layout
     scales   fp16    (out, ng)
-    qzeros   uint8   (out, ng)                  only when asymmetric
+    qzeros   uint8   (out, ng)                  only when asymmetric (fp16 for float zero points)
     bias     fp32    (out,)                     when the layer had one
 The forward pass dequantizes the packed weight and multiplies: the values computed with are
 exactly those stored, which is what the exporter and the runtime reproduce.
@@ -31,7 +31,8 @@ class PackedMatrix(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, ng, g * fmt.bits // 8, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, ng, dtype=torch.float16))
         if not fmt.sym:
-            self.register_buffer("qzeros", torch.zeros(out_features, ng, dtype=torch.uint8))
+            zdt = torch.float16 if fmt.float_zero else torch.uint8
+            self.register_buffer("qzeros", torch.zeros(out_features, ng, dtype=zdt))
         else:
             self.qzeros = None
 
@@ -40,7 +41,7 @@ class PackedMatrix(nn.Module):
         self.qweight.copy_(pack(codes, self.fmt.bits))
         self.scales.copy_(scales.half())
         if self.qzeros is not None:
-            self.qzeros.copy_(zeros.to(torch.uint8))
+            self.qzeros.copy_(zeros.to(self.qzeros.dtype))
 
     def zeros_or_sym(self, rows=None) -> torch.Tensor:
         if self.qzeros is not None:
@@ -56,7 +57,7 @@ class PackedMatrix(nn.Module):
 
     def extra_repr(self) -> str:
         f = self.fmt
-        return f"in={self.in_features}, out={self.out_features}, bits={f.bits}, group={f.group_size}, sym={f.sym}"
+        return f"in={self.in_features}, out={self.out_features}, {f.label()}"
 
 
 class QuantLinear(PackedMatrix):

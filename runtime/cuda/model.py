@@ -23,7 +23,7 @@ from edgellm.errors import EdgeLLMError, UnsupportedError
 from ..kernels.layers import rope_inv_freq, rope_tables
 from ..loader import open_export
 from ..model import ModelConfig, _names, linear_inputs
-from ..packing import unpack_codes
+from ..packing import zero_points
 from . import device as dev
 from .kernels import (
     C_FNB,
@@ -137,9 +137,8 @@ def _linear(ex, plan: _Plan, p: str, k: int, bits: int) -> np.ndarray:
         d[D_W] = plan.big("wq", qw.reshape(n, nb * bb).view(np.uint32))
         d[D_S] = plan.big("sc", scales.reshape(n, nb))
         if ex.has(f"{p}.qzeros"):
-            zp = ex.get(f"{p}.qzeros").reshape(n, -1)
-            z = unpack_codes(zp, bits)
-            d[D_Z] = plan.big("zs", z[:, :nb].astype(np.float32) * scales.reshape(n, nb).astype(np.float32))
+            zs = zero_points(ex.get(f"{p}.qzeros"), n, nb, bits) * scales.reshape(n, nb).astype(np.float32)
+            d[D_Z] = plan.big("zs", zs)
     elif ex.has(f"{p}.weight"):
         w = ex.get(f"{p}.weight")
         if w.ndim != 2 or w.dtype not in (np.float32, np.float16) or w.shape[1] != k:

@@ -29,8 +29,9 @@ from .formats import QuantFormat, dequantize_codes, mse_group_params, pad_column
 # against uniform g32's 0.00305; with it 0.00289 (2026-12-01).
 # Float zero points (fp16, "float": Q4_1-style, the group's [min, max] mapped exactly onto the codes)
 # cost one more byte per group than integer ones: 4-bit g32 5.0 bits/weight, g64 4.5. On
-# SmolLM2-135M (whose released weights lie on Q4_1's grid) the RTN plan at 4.5 bits/weight
-# measured KL 0.212 without them and 0.078 with them (2026-12-01, benchmarks/RESULTS.md §3).
+# SmolLM2-135M (whose released weights lie on Q4_1's grid) `--target-bpw 4.5` measured KL 0.0699
+# without them and 0.0332 with them; on the trained stdlib llama 0.0003 either way (2026-12-01,
+# benchmarks/RESULTS.md §3).
 CANDIDATES = (
     (4, 128, True, "int"),
     (4, 64, True, "int"),

@@ -256,11 +256,9 @@ def _rtn_clipped(w: torch.Tensor, fmt: QuantFormat):
     codes, scales, zeros = [], [], []
     for r in range(0, out_f, 4096):  # row chunks bound the search's temporaries on big vocabularies
         s, z = mse_group_params(wg[r : r + 4096], fmt)
-        (
-            codes.append(quantize_codes(wg[r : r + 4096], s, z, fmt.maxq, fmt.float_zero)),
-            scales.append(s),
-            zeros.append(z),
-        )
+        codes.append(quantize_codes(wg[r : r + 4096], s, z, fmt.maxq, fmt.float_zero))
+        scales.append(s)
+        zeros.append(z)
     return torch.cat(codes), torch.cat(scales), torch.cat(zeros)
 
 

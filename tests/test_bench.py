@@ -246,19 +246,23 @@ def test_agrees_with_independent_measurements(models, tmp_path):
     s = Settings.quick(quality=False, gen_tokens=32, reps=3)
     (tmp_path / "ref").mkdir()
     time_log = tmp_path / "time.txt"
-    before = _stopwatch_tg(models["small"], s.resolved_threads(), 32, 3)
-    res = run_worker(v, s, tmp_path / "ref", True, tmp_path, prefix=("/usr/bin/time", "-v", "-o", str(time_log)))
-    after = _stopwatch_tg(models["small"], s.resolved_threads(), 32, 3)
-    assert res["status"] == "ok", res
-    kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_log.read_text()).group(1))
-    ours = res["memory"]["peak_rss_total_bytes"]
-    assert abs(ours - kib * 1024) < 0.03 * kib * 1024, (ours, kib * 1024)
-
-    harness = res["tg"]["tokens_per_s"]["median"]
     # Other jobs share these 2 cores, so the stopwatch runs before and after the harness and the
     # band is wide; a harness that mis-times (e.g. counts the prompt, or divides wrongly) is off by
-    # far more than this and fails.
-    lo, hi = min(before, after), max(before, after)
+    # far more than this, every time, and fails. A load burst during one attempt (a fresh-clone
+    # run beside the emulated ARM check measured 319 tok/s between stopwatch runs of 961 and 692)
+    # gets one more attempt.
+    for attempt in range(2):
+        before = _stopwatch_tg(models["small"], s.resolved_threads(), 32, 3)
+        res = run_worker(v, s, tmp_path / "ref", True, tmp_path, prefix=("/usr/bin/time", "-v", "-o", str(time_log)))
+        after = _stopwatch_tg(models["small"], s.resolved_threads(), 32, 3)
+        assert res["status"] == "ok", res
+        kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_log.read_text()).group(1))
+        ours = res["memory"]["peak_rss_total_bytes"]
+        assert abs(ours - kib * 1024) < 0.03 * kib * 1024, (ours, kib * 1024)
+        harness = res["tg"]["tokens_per_s"]["median"]
+        lo, hi = min(before, after), max(before, after)
+        if 0.5 * lo < harness < 2.0 * hi:
+            break
     assert 0.5 * lo < harness < 2.0 * hi, (harness, before, after)
 
 

@@ -183,6 +183,27 @@ def _finish(d, r, v, xzb):
 
 
 @njit(cache=True, fastmath=True)
+def _finish_mat(d, r0, r1, out, xzb, t):
+    """Prompt: `_finish` for rows [r0, r1) of all t tokens of out (t, n), each row's zero*scale
+    values and bias read once for every token. Called per (token, row), `_finish` made an
+    asymmetric 3072 x 576 g32 linear on 512 tokens take 16.0 ms against the symmetric 5.1 ms."""
+    nb = d[D_NB]
+    for r in range(r0, r1):
+        b = carray(as_voidptr(d[D_B]), (d[D_N],), np.float32)[r] if d[D_B] != 0 else np.float32(0.0)
+        if d[D_Z] == 0:
+            for i in range(t):
+                out[i, r] += b
+            continue
+        zs = carray(as_voidptr(d[D_Z] + r * nb * 4), (nb,), np.float32)
+        for i in range(t):
+            xz = xzb[i]
+            corr = 0.0  # float64, as in _finish
+            for j in range(nb):
+                corr += np.float64(zs[j]) * np.float64(xz[j])
+            out[i, r] = np.float32(out[i, r] - corr) + b
+
+
+@njit(cache=True, fastmath=True)
 def _frow(d, r, x):
     w = d[D_W] + r * d[D_RB]
     if d[D_KIND] == K_F16:
@@ -255,9 +276,7 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
         for i in range(tfull, t):  # leftover tokens one by one, as decode runs them
             _qrows_vec(d, shift, r0, r1, xa[i], xb[i], init[i], xsl[i], o + i * so, tier)
         if d[D_Z] != 0 or d[D_B] != 0:
-            for i in range(t):
-                for r in range(r0, r1):
-                    out[i, r] = _finish(d, r, out[i, r], xzb[i])
+            _finish_mat(d, r0, r1, out, xzb, t)
 
 
 # ----------------------------------------------------------------------------- numpy references

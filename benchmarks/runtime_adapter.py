@@ -35,10 +35,7 @@ class RuntimeAdapter:
         weights = getattr(self.model, "weights", None)
         if weights is None or not hasattr(weights, "bytes_per_token"):
             return None
-        from edgellm.runtime.kernels.quant import D_K, D_N
-
-        descs = list(weights.lin.reshape(-1, weights.lin.shape[-1])) + [weights.head]
-        macs = sum(int(d[D_N]) * int(d[D_K]) for d in descs)
+        macs = sum(int(d.n) * int(d.k) for d in weights.linears())
         return {
             "bytes_per_token": int(weights.bytes_per_token),
             "macs_per_token": macs,

@@ -1,12 +1,6 @@
-"""User-facing errors: the CLI prints them as one line and exits with code 2."""
+"""User-facing errors (their home is edgellm.runtime.errors, the bottom room: the runtime raises
+them without importing the compress side). The CLI prints them as one line and exits with code 2."""
 
+from edgellm.runtime.errors import EdgeLLMError, UnsupportedError
 
-class EdgeLLMError(Exception):
-    """An error caused by the user's input (path, option, file contents), not by a bug.
-
-    The message must say what was wrong and, where possible, how to fix it.
-    """
-
-
-class UnsupportedError(EdgeLLMError):
-    """The model, graph or option is valid in general but not supported by edgellm."""
+__all__ = ["EdgeLLMError", "UnsupportedError"]

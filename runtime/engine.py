@@ -22,8 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from edgellm.errors import EdgeLLMError
-
+from .errors import EdgeLLMError
 from .generate import Generator, Sampling
 
 log = logging.getLogger("edgellm.serve")

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgellm.errors import EdgeLLMError
+from .errors import EdgeLLMError
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Tokenizer:
             raise EdgeLLMError(
                 "this model has no chat template (tokenizer_config.json 'chat_template'); use -p without --chat"
             )
-        from edgellm._deps import require
+        from .deps import require
 
         ImmutableSandboxedEnvironment = require(
             "jinja2.sandbox", "the chat template (--chat)"

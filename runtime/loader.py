@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.errors import EdgeLLMError, UnsupportedError
-
+from .errors import EdgeLLMError, UnsupportedError
+from .format.dtypes import INT4, UINT4
+from .format.dtypes import NUMPY_OF as _NP_OF
 from .onnx_proto import EXTERNAL, ProtoError, read_model
 
 ONNX_NAME, DATA_NAME = "model.onnx", "model.onnx.data"
@@ -30,9 +31,6 @@ FORMAT_VERSION = "1"
 ALIGN = 64  # every external tensor starts at a multiple of this (export/writer.py)
 MAX_ONNX_BYTES = 1 << 30  # model.onnx holds the graph and metadata only; the weights are external
 SHA256_KEY = "edgellm.sha256"  # metadata: {file name: hex digest} of the data and side files
-
-_NP_OF = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
-UINT4, INT4 = 21, 22  # packed two per byte; the runtime never views them, ONNX Runtime reads them
 
 
 @dataclass(frozen=True)

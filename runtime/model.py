@@ -14,8 +14,8 @@ import numba
 import numpy as np
 from numba import njit
 
-from edgellm.errors import EdgeLLMError, UnsupportedError
-
+from .errors import EdgeLLMError, UnsupportedError
+from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, record, records
 from .kernels.layers import (
     attention,
     attention_mat,
@@ -29,41 +29,23 @@ from .kernels.layers import (
     rope_tables,
     swiglu,
 )
-from .kernels.quant import (
-    D_B,
-    D_GS,
-    D_K,
-    D_KIND,
-    D_N,
-    D_NB,
-    D_RB,
-    D_S,
-    D_SYM,
-    D_W,
-    D_Z,
-    D_ZERO,
-    DESC_LEN,
-    K_F16,
-    K_F32,
-    act_caps,
-    checked_tier,
-    linear_mat,
-    linear_vec,
-)
-from .kernels.simd import as_voidptr as _voidptr
-from .kernels.tiers import describe as _describe_tier
-from .loader import Export, open_export
-from .packing import zero_points
-from .validate import ModelConfig, check_export, check_memory
+from .kernels.quant import act_caps, checked_tier, linear_mat, linear_vec
+from .kernels.simd import as_voidptr
+from .kernels.tiers import describe as describe_tier
+from .loader import Export
+from .plan import LinearPlan, Norm, WeightsPlan, plan_export
+from .validate import ModelConfig
 
 # ----------------------------------------------------------------------------- config
-# ModelConfig and the format checks live in validate.py (both backends); below, what only the
-# numba kernels cannot run (--backend onnxruntime still can).
+# The format checks live in validate.py (every backend); below, what only the numba kernels cannot
+# run (--backend onnxruntime still can).
 NUMBA_MLPS = {
     ("gated", "silu"),
     ("plain", "gelu_new"),
     ("plain", "gelu_pytorch_tanh"),
 }  # gelu_pytorch_tanh = gelu_new's formula
+ORT_HINT = "; --backend onnxruntime may still run it"
+ROLES = ("qkv", "o", "up", "down")
 
 
 def check_numba_support(cfg: ModelConfig, ex: Export) -> None:
@@ -80,88 +62,52 @@ def check_numba_support(cfg: ModelConfig, ex: Export) -> None:
         )
 
 
-# integer config passed to the compiled step
-C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX, C_NORM, C_POS, C_ACT, C_GATED, C_CAP, C_NBCAP, C_WPE, C_LEN = range(16)
-R_QKV, R_O, R_UP, R_DOWN = range(4)  # linear roles per layer
-N_LN1W, N_LN1B, N_LN2W, N_LN2B = range(4)
-
-
-def linear_inputs(cfg: ModelConfig) -> dict[int, int]:
-    """Input width of each linear role of a layer (the CPU and CUDA loaders check exports against it)."""
-    return {
-        R_QKV: cfg.hidden_size,
-        R_O: cfg.num_heads * cfg.head_dim,
-        R_UP: cfg.hidden_size,
-        R_DOWN: cfg.intermediate_size,
-    }
-
-
-def _names(cfg: ModelConfig, i: int) -> dict:
-    if cfg.architecture == "gpt2":
-        p = f"transformer.h.{i}"
-        return {
-            R_QKV: f"{p}.attn.c_attn",
-            R_O: f"{p}.attn.c_proj",
-            R_UP: f"{p}.mlp.c_fc",
-            R_DOWN: f"{p}.mlp.c_proj",
-            "ln1": f"{p}.ln_1",
-            "ln2": f"{p}.ln_2",
-        }
-    p = f"model.layers.{i}"
-    return {
-        R_QKV: f"{p}.self_attn.qkv_proj",
-        R_O: f"{p}.self_attn.o_proj",
-        R_UP: f"{p}.mlp.gate_up_proj",
-        R_DOWN: f"{p}.mlp.down_proj",
-        "ln1": f"{p}.input_layernorm",
-        "ln2": f"{p}.post_attention_layernorm",
-    }
+def run_config(cfg: ModelConfig, n_ctx: int, act_cap: int, block_cap: int):
+    """The CONFIG record the compiled step reads."""
+    c = record(CONFIG)
+    c.hidden, c.intermediate, c.layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    c.heads, c.kv_heads, c.head_dim, c.ctx = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, n_ctx
+    c.layer_norm = cfg.norm == "layer"
+    c.learned_pos = cfg.position == "learned"
+    c.gated = cfg.mlp == "gated"
+    c.act_cap, c.block_cap, c.eps = act_cap, block_cap, cfg.norm_eps
+    return c
 
 
 # ----------------------------------------------------------------------------- weights
 class Weights:
-    """Descriptors (kernels/quant.py) of every tensor, pointing into the memory-mapped file.
+    """The plan's tensors as records of addresses (format/records.py) into the memory-mapped file.
 
-    Copies made at load, all small: fp16 scales padded for 16-lane loads (the file stores them as
-    float32) and, for asymmetric formats, zero*scale as float32."""
+    Copies made at load, all small: fp16 scales padded for 16-lane loads (older files store them
+    as float32) and, for asymmetric formats, zero*scale as float32."""
 
-    def __init__(self, ex: Export, cfg: ModelConfig):
-        self._keep = []  # every array whose address a descriptor holds
-        q = ex.quantization or {}
-        self.bits = int(q.get("bits") or 0)
-        self.tensor_bits = q.get("tensor_bits") or {}  # per packed tensor (8-bit embeddings, mixed plans)
-        L = cfg.num_layers
-        self.lin = np.zeros((L, 4, DESC_LEN), np.int64)
-        self.norms = np.zeros((L, 4), np.int64)
-        for i in range(L):
-            n = _names(cfg, i)
-            ins = linear_inputs(cfg)
-            for role in (R_QKV, R_O, R_UP, R_DOWN):
-                self.lin[i, role] = self._linear(ex, n[role], ins[role])
-            for slot, key in ((N_LN1W, "ln1"), (N_LN2W, "ln2")):
-                self.norms[i, slot] = self._addr(ex.get(f"{n[key]}.weight"), np.float32)
-                if cfg.norm == "layer":
-                    self.norms[i, slot + 1] = self._addr(ex.get(f"{n[key]}.bias"), np.float32)
-        gpt2 = cfg.architecture == "gpt2"
-        emb_name = "transformer.wte" if gpt2 else "model.embed_tokens"
-        self.emb = self._linear(ex, emb_name, cfg.hidden_size)
-        if ex.has("lm_head.qweight") or ex.has("lm_head.weight"):
-            self.head = self._linear(ex, "lm_head", cfg.hidden_size)
-        else:
-            self.head = self.emb.copy()  # tied (one copy of the table in the file)
-        fn = "transformer.ln_f" if gpt2 else "model.norm"
-        self.fnorm = np.array(
-            [
-                self._addr(ex.get(f"{fn}.weight"), np.float32),
-                self._addr(ex.get(f"{fn}.bias"), np.float32) if cfg.norm == "layer" else 0,
-            ],
-            np.int64,
-        )
-        self.wpe = self._addr(ex.get("transformer.wpe.weight"), np.float32) if cfg.position == "learned" else 0
-        caps = [act_caps(d) for d in self.lin.reshape(-1, DESC_LEN)] + [act_caps(self.head)]
-        self.cap = max(c for c, _ in caps)
-        self.nbcap = max(b for _, b in caps)
-        self.bytes_per_token = int(sum(self._bytes(d) for d in self.lin.reshape(-1, DESC_LEN)) + self._bytes(self.head))
+    def __init__(self, plan: WeightsPlan):
+        self._keep = []  # every array whose address a record holds
+        self._ex = plan.export
+        self.bits = plan.quant.bits if plan.quant else 0
+        self.layers = records(LAYER, len(plan.layers))  # (L,) LAYER
+        rows = self.layers.view(np.recarray)
+        for i, lp in enumerate(plan.layers):
+            row = rows[i]
+            for role, lin in lp.linears.items():
+                setattr(row, role, self._linear(lin))
+            row.attn_norm_w, row.attn_norm_b = self._norm(lp.norms["attn"])
+            row.mlp_norm_w, row.mlp_norm_b = self._norm(lp.norms["mlp"])
+            row.window = lp.window
+        self.model = m = record(MODEL)
+        m.embed = self._linear(plan.embed)
+        m.head = self._linear(plan.head) if plan.head is not None else m.embed  # tied: one copy in the file
+        m.final_norm_w, m.final_norm_b = self._norm(plan.final_norm)
+        m.positions_addr = self._addr(plan.positions, np.float32) if plan.positions is not None else 0
+        caps = [act_caps(d) for d in self.linears()]
+        self.act_cap = max(c for c, _ in caps)
+        self.block_cap = max(b for _, b in caps)
+        self.bytes_per_token = plan.bytes_per_token
+
+    def linears(self) -> list:
+        """Every LINEAR record the decode step reads (decoder layers, then the head)."""
+        rows = self.layers.view(np.recarray)
+        return [getattr(r, role) for r in rows for role in ROLES] + [self.model.head]
 
     def _addr(self, arr: np.ndarray, dtype) -> int:
         if arr.dtype != dtype:
@@ -170,59 +116,30 @@ class Weights:
         self._keep.append(arr)
         return arr.ctypes.data
 
-    @staticmethod
-    def _bytes(d) -> int:
-        if d[D_KIND] in (K_F32, K_F16):
-            return int(d[D_RB] * d[D_N])
-        return int(d[D_RB] * d[D_N] + d[D_NB] * d[D_N] * 2)
+    def _norm(self, norm: Norm) -> tuple[int, int]:
+        bias = self._addr(norm.bias, np.float32) if norm.bias is not None else 0
+        return self._addr(norm.weight, np.float32), bias
 
-    def _linear(self, ex: Export, p: str, k: int) -> np.ndarray:
-        d = np.zeros(DESC_LEN, np.int64)
-        if ex.has(f"{p}.qweight"):
-            qw = ex.get(f"{p}.qweight")
-            bits = int(self.tensor_bits.get(p, self.bits))
-            if bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
-                raise UnsupportedError(
-                    f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout "
-                    "the numba runtime reads (4 or 8 bits); --backend onnxruntime may still run it"
-                )
-            n, nb, bb = qw.shape
-            gs = bb * 8 // bits
-            if gs < 16 or gs & (gs - 1):
-                raise UnsupportedError(
-                    f"'{p}' has blocks of {gs} columns; the numba runtime needs a power of two >= 16; "
-                    "--backend onnxruntime may still run it"
-                )
-            scales = ex.get(f"{p}.scales").reshape(-1)
-            if scales.size != n * nb:
-                raise EdgeLLMError(f"'{p}.scales' has {scales.size} values, expected {n * nb}")
-            s16 = np.zeros(n * nb + 16, np.float16)
-            s16[: n * nb] = scales
-            if not nb * gs - gs < k <= nb * gs:
-                raise EdgeLLMError(f"'{p}.qweight' packs {nb * gs} columns but the layer has {k} inputs")
-            d[D_KIND], d[D_N], d[D_K], d[D_W] = bits, n, k, self._addr(qw, np.uint8)
-            d[D_S] = self._addr(s16.view(np.uint16), np.uint16)
-            d[D_GS], d[D_NB], d[D_RB], d[D_ZERO] = gs, nb, nb * bb, 1 << (bits - 1)
-            d[D_SYM] = 1
-            if ex.has(f"{p}.qzeros"):
-                zp = ex.get(f"{p}.qzeros")
-                zs = zero_points(zp, n, nb, bits) * scales.reshape(n, nb).astype(np.float32)
-                d[D_Z], d[D_SYM] = self._addr(zs, np.float32), 0
-                ex.drop_pages(zp)
-            ex.drop_pages(scales)  # the kernels read the fp16 copy
-        elif ex.has(f"{p}.weight"):
-            w = ex.get(f"{p}.weight")
-            if w.ndim != 2 or w.dtype not in (np.float32, np.float16) or w.shape[1] != k:
-                raise UnsupportedError(
-                    f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix the numba runtime reads"
-                )
-            d[D_KIND] = K_F32 if w.dtype == np.float32 else K_F16
-            d[D_N], d[D_K], d[D_RB] = w.shape[0], w.shape[1], w.shape[1] * w.itemsize
-            d[D_W] = self._addr(w, w.dtype)
+    def _linear(self, p: LinearPlan):
+        d = record(LINEAR)
+        d.n, d.k = p.n, p.k
+        if p.fmt is None:
+            d.kind = KIND_F32 if p.weight.dtype == np.float32 else KIND_F16
+            d.row_bytes, d.w_addr = p.k * p.weight.itemsize, self._addr(p.weight, p.weight.dtype)
         else:
-            ex.get(f"{p}.weight")  # raises the "no initializer" error
-        if ex.has(f"{p}.bias"):
-            d[D_B] = self._addr(ex.get(f"{p}.bias"), np.float32)
+            n, nb = p.n, p.nb
+            s16 = np.zeros(n * nb + 16, np.float16)  # (n * nb + 16,): 16-lane loads past the last scale
+            s16[: n * nb] = p.scales
+            d.kind, d.w_addr = p.bits, self._addr(p.weight, np.uint8)
+            d.s_addr = self._addr(s16.view(np.uint16), np.uint16)
+            d.block, d.nb, d.row_bytes, d.zero = p.fmt.block, nb, nb * p.weight.shape[2], p.fmt.sym_zero
+            d.sym = p.zeros is None
+            if p.zeros is not None:
+                d.z_addr = self._addr(p.zeros * p.scales.reshape(n, nb).astype(np.float32), np.float32)
+                self._ex.drop_pages(p.stored_zeros)
+            self._ex.drop_pages(p.scales)  # the kernels read the fp16 copy
+        if p.bias is not None:
+            d.b_addr = self._addr(p.bias, np.float32)
         return d
 
 
@@ -257,7 +174,9 @@ class RunState:
 
 # ----------------------------------------------------------------------------- the hot loop
 @njit(cache=True)
-def _linear(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
+def _linear(d, x, out, act):
+    """y = x W^T + b for the LINEAR record d; `act` is the int8 activation scratch (ActScratch)."""
+    xa, xb, init, xsl, xzb, xs, tier = act
     if x.shape[0] == 1:
         linear_vec(d, x[0], out[0], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], tier)
     else:
@@ -265,44 +184,51 @@ def _linear(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
 
 
 @njit(cache=True)
-def _norm(ci, x, w, b, eps, out):
-    if ci[C_NORM] == 0:
-        rms_norm(x, w, eps, out)
+def _norm(cfg, x, w_addr, b_addr, out):
+    if cfg.layer_norm:
+        layer_norm(x, w_addr, b_addr, cfg.eps, out)
     else:
-        layer_norm(x, w, b, eps, out)
+        rms_norm(x, w_addr, cfg.eps, out)
 
 
 @njit(cache=True)
-def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, kc, vc, logits, all_logits, tier):
+def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits, tier):
     """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V).
-    `tier`: the kernel tier id of the quantized linears (kernels/tiers.py)."""
+
+    cfg: CONFIG record; model: MODEL record (embedding, head, final norm); layers: (L,) LAYER
+    records; cos, sin: rope tables (ctx, HD/2); kc, vc: KV cache (L, NKV, ctx, HD); `tier`: the
+    kernel tier id of the quantized linears (kernels/tiers.py)."""
     t = ids.shape[0]
-    H, NH, NKV, HD, L = ci[C_H], ci[C_NH], ci[C_NKV], ci[C_HD], ci[C_L]
-    cap, nbc = ci[C_CAP], ci[C_NBCAP]
+    H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
+    cap, nbc = cfg.act_cap, cfg.block_cap
     x = np.empty((t, H), np.float32)  # residual stream (t, H)
     xn = np.empty((t, H), np.float32)
     qkv = np.empty((t, (NH + 2 * NKV) * HD), np.float32)  # (t, q|k|v)
     att = np.empty((t, NH * HD), np.float32)
     res = np.empty((t, H), np.float32)
-    up = np.empty((t, lin[0, R_UP, D_N]), np.float32)
-    mid = np.empty((t, ci[C_I]), np.float32)
-    xa = np.empty((t, cap), np.int8)  # int8 activations and their scales (kernels/quant.py)
-    xb = np.empty((t, cap), np.int8)
-    init = np.empty((t, cap // 4), np.int32)
-    xsl = np.empty((t, cap // 4), np.float32)
-    xzb = np.empty((t, nbc), np.float32)
-    xs = np.empty((t, nbc), np.float32)
+    up = np.empty((t, layers[0].up.n), np.float32)
+    mid = np.empty((t, cfg.intermediate), np.float32)
+    act = (  # int8 activations and their scales (kernels/quant.py quantize_act), then the tier
+        np.empty((t, cap), np.int8),  # xa
+        np.empty((t, cap), np.int8),  # xb
+        np.empty((t, cap // 4), np.int32),  # init
+        np.empty((t, cap // 4), np.float32),  # xsl
+        np.empty((t, nbc), np.float32),  # xzb
+        np.empty((t, nbc), np.float32),  # xs
+        tier,
+    )
     scores = np.empty((t * NH, pos0 + t), np.float32)
-    embed_rows(emb, ids, x)
-    if ci[C_POS] == 1:  # learned positions (gpt2)
-        wpe = numba.carray(_voidptr(ci[C_WPE]), (ci[C_CTX], H), np.float32)
+    embed_rows(model.embed, ids, x)
+    if cfg.learned_pos:  # learned positions (gpt2)
+        wpe = numba.carray(as_voidptr(model.positions_addr), (cfg.ctx, H), np.float32)
         for i in range(t):
             x[i] += wpe[pos0 + i]
-    for l in range(L):
+    for l in range(cfg.layers):
+        layer = layers[l]
         # attention block
-        _norm(ci, x, norms[l, N_LN1W], norms[l, N_LN1B], eps, xn)
-        _linear(lin[l, R_QKV], xn, qkv, xa, xb, init, xsl, xzb, xs, tier)
-        if ci[C_POS] == 0:
+        _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
+        _linear(layer.qkv, xn, qkv, act)
+        if not cfg.learned_pos:
             rope(qkv, 0, NH, HD, pos0, cos, sin)
             rope(qkv, NH * HD, NKV, HD, pos0, cos, sin)
         for i in range(t):
@@ -311,29 +237,44 @@ def forward(ids, pos0, ci, eps, lin, norms, emb, head, fnorm, window, cos, sin, 
                     kc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + h) * HD + j], kc)
                     vc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vc)
         if t == 1:
-            attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
+            attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window)
         else:
-            attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, window[l])
-        _linear(lin[l, R_O], att, res, xa, xb, init, xsl, xzb, xs, tier)
+            attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window)
+        _linear(layer.o, att, res, act)
         x += res
         # MLP block
-        _norm(ci, x, norms[l, N_LN2W], norms[l, N_LN2B], eps, xn)
-        _linear(lin[l, R_UP], xn, up, xa, xb, init, xsl, xzb, xs, tier)
-        if ci[C_GATED] == 1:
-            swiglu(up, ci[C_I], mid)
+        _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
+        _linear(layer.up, xn, up, act)
+        if cfg.gated:
+            swiglu(up, cfg.intermediate, mid)
         else:
             gelu_new(up, mid)
-        _linear(lin[l, R_DOWN], mid, res, xa, xb, init, xsl, xzb, xs, tier)
+        _linear(layer.down, mid, res, act)
         x += res
     if all_logits:
-        _norm(ci, x, fnorm[0], fnorm[1], eps, xn)
-        _linear(head, xn, logits, xa, xb, init, xsl, xzb, xs, tier)
+        _norm(cfg, x, model.final_norm_w, model.final_norm_b, xn)
+        _linear(model.head, xn, logits, act)
     else:
-        _norm(ci, x[t - 1 :], fnorm[0], fnorm[1], eps, xn[:1])
-        _linear(head, xn[:1], logits, xa, xb, init, xsl, xzb, xs, tier)
+        _norm(cfg, x[t - 1 :], model.final_norm_w, model.final_norm_b, xn[:1])
+        _linear(model.head, xn[:1], logits, act)
 
 
 # ----------------------------------------------------------------------------- the model
+def _rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_ctx, HD/2) of the rotary positions; (1, 1) zeros for learned positions."""
+    if cfg.position != "rope":
+        return np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32)
+    try:
+        inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise UnsupportedError(
+            f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}){ORT_HINT}"
+        ) from None
+    if not np.isfinite(inv).all():
+        raise UnsupportedError(f"rope scaling {cfg.rope_scaling} gives non-finite frequencies{ORT_HINT}")
+    return rope_tables(n_ctx, inv)
+
+
 # Tokens per compiled call on the prompt path. The step's scratch (scores alone: chunk x heads x
 # context floats) grows with it; 512 tokens at once peaked 20 MB higher than chunks of 128 for the
 # same prompt speed (SmolLM2 4-bit, pp512).
@@ -360,15 +301,22 @@ class NumbaModel:
         verify: check every file against the sha256 recorded at export first (slower start)."""
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgeLLMError(f"--kv-cache {kv_cache!r} is invalid; give one of {', '.join(KV_CACHE_TYPES)}")
-        self.export = open_export(path, verify=verify)
-        self.config = cfg = check_export(self.export)  # every shape below comes from validated metadata
-        check_numba_support(cfg, self.export)
-        self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        fp16 = kv_cache == "fp16" or (kv_cache == "auto" and bool((self.export.quantization or {}).get("bits")))
-        check_memory(
-            cfg, self.n_ctx, 2 if fp16 else 4, f"'{path}' on the numba runtime"
-        )  # before anything is sized by n_ctx
-        self.weights = w = Weights(self.export, cfg)
+        # auto: fp16 beside quantized weights (the int8 activations already round more than fp16
+        # keys and values do; half the cache's memory and attention reads), fp32 beside float
+        # weights (whose contract is ONNX Runtime's logits within 1e-3)
+        fp16 = lambda q: kv_cache == "fp16" or (kv_cache == "auto" and q is not None)  # noqa: E731
+        plan = plan_export(
+            path,
+            who="the numba runtime",
+            n_ctx=n_ctx,
+            kv_itemsize=lambda q: 2 if fp16(q) else 4,
+            verify=verify,
+            supports=check_numba_support,
+            hint=ORT_HINT,
+        )
+        self.export, self.config, self.n_ctx = plan.export, plan.config, plan.n_ctx
+        cfg = self.config  # every shape below comes from validated metadata
+        self.weights = w = Weights(plan)
         self.simd = simd
         # the kernel tier (kernels/tiers.py); a tier failing its load-time self-check falls back
         # one tier, with the one-line `kernel_warning` (also issued as a warning)
@@ -376,42 +324,9 @@ class NumbaModel:
         if self.kernel_warning:
             warnings.warn(self.kernel_warning, RuntimeWarning, stacklevel=2)
         self.set_threads(threads)
-        if cfg.position == "rope":
-            try:
-                inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-            except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
-                raise UnsupportedError(
-                    f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}); "
-                    "--backend onnxruntime may still run it"
-                ) from None
-            if not np.isfinite(inv).all():
-                raise UnsupportedError(
-                    f"rope scaling {cfg.rope_scaling} gives non-finite frequencies; --backend onnxruntime may still "
-                    "run it"
-                )
-            self.cos, self.sin = rope_tables(self.n_ctx, inv)
-        else:
-            self.cos = self.sin = np.zeros((1, 1), np.float32)
-        self.ci = np.zeros(C_LEN, np.int64)
-        self.ci[[C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_CTX]] = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.num_layers,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.vocab_size,
-            self.n_ctx,
-        )
-        self.ci[C_NORM] = 0 if cfg.norm == "rms" else 1
-        self.ci[C_POS] = 0 if cfg.position == "rope" else 1
-        self.ci[C_GATED] = 1 if cfg.mlp == "gated" else 0
-        self.ci[C_CAP], self.ci[C_NBCAP], self.ci[C_WPE] = w.cap, w.nbcap, w.wpe
-        self.window = np.array(cfg.sliding_window, np.int64)
-        # auto: fp16 beside quantized weights (the int8 activations already round more than fp16
-        # keys and values do; half the cache's memory and attention reads), fp32 beside float
-        # weights (whose contract is ONNX Runtime's logits within 1e-3)
-        self.kv_cache = ("fp16" if w.bits else "fp32") if kv_cache == "auto" else kv_cache
+        self.cos, self.sin = _rope_tables(cfg, self.n_ctx)
+        self.run_config = run_config(cfg, self.n_ctx, w.act_cap, w.block_cap)
+        self.kv_cache = "fp16" if fp16(plan.quant) else "fp32"
         self.state = RunState(cfg, self.n_ctx, self.kv_cache == "fp16")
 
     def set_threads(self, threads: int | None):
@@ -423,7 +338,7 @@ class NumbaModel:
     @property
     def kernels(self) -> str:
         """The kernel tier that runs, for `info`, `run --verbose` and bench rows."""
-        return _describe_tier(self.tier)
+        return describe_tier(self.tier)
 
     @property
     def pos(self) -> int:
@@ -455,14 +370,9 @@ class NumbaModel:
             forward(
                 ids[c0:c1],
                 self.state.pos,
-                self.ci,
-                np.float32(self.config.norm_eps),
-                w.lin,
-                w.norms,
-                w.emb,
-                w.head,
-                w.fnorm,
-                self.window,
+                self.run_config,
+                w.model,
+                w.layers,
                 self.cos,
                 self.sin,
                 self.state.k,

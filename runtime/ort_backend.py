@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgellm.errors import EdgeLLMError
-
-from .loader import ONNX_NAME, open_export
-from .validate import check_export, check_memory
+from .errors import EdgeLLMError
+from .loader import ONNX_NAME
+from .plan import plan_export
 
 
 class OrtModel:
@@ -21,19 +20,15 @@ class OrtModel:
     backend = "onnxruntime"
 
     def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, verify: bool = False):
-        from edgellm._deps import require
+        from .deps import require
 
         if threads is not None and threads < 1:
             raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
-        self.export = ex = open_export(path, verify=verify)  # validates the directory and data file the same way
-        try:
-            self.config = cfg = check_export(ex)
-        except BaseException:
-            ex.close()
-            raise
-        self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        check_memory(cfg, self.n_ctx, 4, f"'{path}' on ONNX Runtime")
-        ex.close()  # ORT reads the weights itself
+        # the same validation as every backend; no tensor walk: ORT reads the weights itself
+        plan = plan_export(path, who="ONNX Runtime", n_ctx=n_ctx, verify=verify, walk=False)
+        self.export = ex = plan.export
+        self.config, self.n_ctx = plan.config, plan.n_ctx
+        ex.close()
         ort = require("onnxruntime")
         self.threads = threads
         opts = ort.SessionOptions()

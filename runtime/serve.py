@@ -26,10 +26,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from edgellm.errors import EdgeLLMError
-
 from . import openai_schema as schema
 from .engine import Engine, Job, QueueFull, Result
+from .errors import EdgeLLMError
 from .generate import Generator
 from .openai_schema import APIError, bad
 

@@ -15,10 +15,11 @@ else (docs/EXPORT_FORMAT.md):
 - so every dimension is bounded by the tensors actually present in the file (the byte ranges
   themselves were checked by loader.open_export).
 
-Both backends call `check_export`; what only the numba kernels cannot do (a norm kind, a rope
-scaling type, a block size) is checked in model.py, so `--backend onnxruntime` still runs every
-valid export the numba backend refuses. `check_memory` then compares what the run will allocate
-(KV cache, tables, scratch) with the memory available, before anything is allocated.
+Every backend calls `validate_export` (through plan.plan_export); what only the numba kernels
+cannot do (a norm kind, a rope scaling type, a block size) is checked in model.py, so `--backend
+onnxruntime` still runs every valid export the numba backend refuses. `check_memory` then
+compares what the run will allocate (KV cache, tables, scratch) with the memory available, before
+anything is allocated.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgellm.errors import EdgeLLMError, UnsupportedError
+from .errors import EdgeLLMError, UnsupportedError
+from .format.dtypes import FLOAT as _FLOAT
+from .format.dtypes import FLOAT16 as _HALF
+from .format.dtypes import UINT4
+from .format.dtypes import UINT8 as _U8
+from .format.names import ARCHITECTURES, HEAD, LAYER_NORMS, ROLES, names_for
+from .loader import Export
 
-from .loader import UINT4, Export
-
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 NORMS, POSITIONS, MLPS = ("rms", "layer"), ("rope", "learned"), ("gated", "plain")
 ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
 FORMATS = ("matmulnbits", "qdq")
@@ -48,7 +52,6 @@ LIMITS = {
     "head_dim": 1 << 11,
     "max_position_embeddings": 1 << 24,
 }
-_FLOAT, _HALF, _U8 = 1, 10, 2
 
 
 def _bad(key, value, want) -> EdgeLLMError:
@@ -227,42 +230,21 @@ def linear_paths(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
     """{path: (out, in, has bias)} of every decoder linear; the embedding and lm_head apart."""
     H, I, NH, NKV, HD = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv, mlp_up = (NH + 2 * NKV) * HD, (2 * I if cfg.mlp == "gated" else I)
-    out = {}
-    for i in range(cfg.num_layers):
-        if cfg.architecture == "gpt2":
-            p = f"transformer.h.{i}"
-            out.update(
-                {
-                    f"{p}.attn.c_attn": (qkv, H, True),
-                    f"{p}.attn.c_proj": (H, NH * HD, True),
-                    f"{p}.mlp.c_fc": (mlp_up, H, True),
-                    f"{p}.mlp.c_proj": (H, I, True),
-                }
-            )
-        else:
-            p = f"model.layers.{i}"
-            out.update(
-                {
-                    f"{p}.self_attn.qkv_proj": (qkv, H, cfg.attention_bias),
-                    f"{p}.self_attn.o_proj": (H, NH * HD, False),
-                    f"{p}.mlp.gate_up_proj": (mlp_up, H, False),
-                    f"{p}.mlp.down_proj": (H, I, False),
-                }
-            )
-    return out
+    gpt2 = cfg.architecture == "gpt2"  # GPT-2's Conv1D layers all have biases
+    shapes = {
+        "qkv": (qkv, H, gpt2 or cfg.attention_bias),
+        "o": (H, NH * HD, gpt2),
+        "up": (mlp_up, H, gpt2),
+        "down": (H, I, gpt2),
+    }
+    names = names_for(cfg.architecture)
+    return {names.linear(i, role): shapes[role] for i in range(cfg.num_layers) for role in ROLES}
 
 
 def norm_names(cfg: ModelConfig) -> list[str]:
     """Every norm's weight (and bias, for LayerNorm): each is (hidden_size,) float32."""
-    if cfg.architecture == "gpt2":
-        bases = [f"transformer.h.{i}.ln_{k}" for i in range(cfg.num_layers) for k in (1, 2)] + ["transformer.ln_f"]
-    else:
-        bases = [
-            f"model.layers.{i}.{k}"
-            for i in range(cfg.num_layers)
-            for k in ("input_layernorm", "post_attention_layernorm")
-        ]
-        bases.append("model.norm")
+    names = names_for(cfg.architecture)
+    bases = [names.norm(i, which) for i in range(cfg.num_layers) for which in LAYER_NORMS] + [names.final_norm]
     return [f"{b}.{s}" for b in bases for s in (("weight", "bias") if cfg.norm == "layer" else ("weight",))]
 
 
@@ -346,7 +328,7 @@ class _Checker:
             self.tensor(f"{p}.bias", (n,), (_FLOAT,), finite=True)
 
 
-def check_export(ex: Export) -> ModelConfig:
+def validate_export(ex: Export) -> ModelConfig:
     """Validate the metadata and every tensor of `ex` (see the module docstring); its config."""
     cfg = ModelConfig.from_metadata(ex.config)
     q = Quant.from_metadata(ex.quantization)
@@ -359,29 +341,28 @@ def check_export(ex: Export) -> ModelConfig:
             )
         if cfg.position != "learned" or cfg.norm != "layer" or cfg.mlp != "plain":
             raise EdgeLLMError("export metadata: GPT-2 has learned positions, LayerNorm and a plain MLP")
-        emb = "transformer.wte"
-        c.tensor("transformer.wpe.weight", (cfg.max_position_embeddings, cfg.hidden_size), (_FLOAT,))
+        c.tensor(names_for("gpt2").positions, (cfg.max_position_embeddings, cfg.hidden_size), (_FLOAT,))
     else:
         if cfg.position != "rope":
             raise EdgeLLMError(
                 f"export metadata: architecture {cfg.architecture} has rotary positions, not {cfg.position!r}"
             )
-        emb = "model.embed_tokens"
     for p, (n, k, bias) in linear_paths(cfg).items():
         c.linear(p, n, k, bias, quantized=True)
     for name in norm_names(cfg):
         c.tensor(name, (cfg.hidden_size,), (_FLOAT,), finite=True)
+    emb = names_for(cfg.architecture).embed
     embedded = q is not None and q.embeddings
     c.linear(emb, cfg.vocab_size, cfg.hidden_size, False, quantized=embedded)
-    if any(n.startswith("lm_head.") and n != "lm_head.bias" for n in ex.infos):
-        c.linear("lm_head", cfg.vocab_size, cfg.hidden_size, "lm_head.bias" in ex.infos, quantized=embedded)
+    if any(n.startswith(f"{HEAD}.") and n != f"{HEAD}.bias" for n in ex.infos):
+        c.linear(HEAD, cfg.vocab_size, cfg.hidden_size, f"{HEAD}.bias" in ex.infos, quantized=embedded)
     else:
         if not cfg.tie_word_embeddings:
             raise EdgeLLMError(
                 f"'{ex.path}' has no lm_head tensors, but the metadata says the head is not tied to the embeddings"
             )
-        if "lm_head.bias" in ex.infos:
-            c.tensor("lm_head.bias", (cfg.vocab_size,), (_FLOAT,), finite=True)
+        if f"{HEAD}.bias" in ex.infos:
+            c.tensor(f"{HEAD}.bias", (cfg.vocab_size,), (_FLOAT,), finite=True)
     unknown = sorted(set(ex.infos) - c.seen)
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
+from edgellm.runtime.format.records import KIND_F16, KIND_F32, LINEAR, record
 from edgellm.runtime.kernels import layers as Lk
 from edgellm.runtime.kernels import quant as Q
 from edgellm.runtime.kernels import tiers
@@ -26,26 +27,26 @@ def _packed(n, k, bits, gs, sym):
 
 
 def _desc(kind, n, k, keep, w=None, qweight=None, scales=None, zeros=None, gs=0, bias=None):
-    d = np.zeros(Q.DESC_LEN, np.int64)
-    d[Q.D_KIND], d[Q.D_N], d[Q.D_K] = kind, n, k
+    d = record(LINEAR)
+    d.kind, d.n, d.k = kind, n, k
     if qweight is None:
         keep.append(w)
-        d[Q.D_W], d[Q.D_RB] = w.ctypes.data, k * w.itemsize
+        d.w_addr, d.row_bytes = w.ctypes.data, k * w.itemsize
     else:
         nb, bb = qweight.shape[1:]
         s16 = np.zeros(n * nb + 16, np.float16)
         s16[: n * nb] = scales
         s16 = s16.view(np.uint16)
         keep += [qweight, s16]
-        d[Q.D_W], d[Q.D_S], d[Q.D_GS], d[Q.D_NB], d[Q.D_RB] = qweight.ctypes.data, s16.ctypes.data, gs, nb, nb * bb
-        d[Q.D_SYM], d[Q.D_ZERO] = zeros is None, 1 << (kind - 1)
+        d.w_addr, d.s_addr, d.block, d.nb, d.row_bytes = qweight.ctypes.data, s16.ctypes.data, gs, nb, nb * bb
+        d.sym, d.zero = zeros is None, 1 << (kind - 1)
         if zeros is not None:
             zs = zeros.reshape(-1).astype(np.float32) * scales
             keep.append(zs)
-            d[Q.D_Z] = zs.ctypes.data
+            d.z_addr = zs.ctypes.data
     if bias is not None:
         keep.append(bias)
-        d[Q.D_B] = bias.ctypes.data
+        d.b_addr = bias.ctypes.data
     return d
 
 
@@ -167,7 +168,7 @@ def test_float_linear(dtype, n, k):
     bias = rng.standard_normal(n).astype(np.float32)
     keep = []
     d = _desc(
-        Q.K_F32 if dtype == np.float32 else Q.K_F16,
+        KIND_F32 if dtype == np.float32 else KIND_F16,
         n,
         k,
         keep,
@@ -289,7 +290,7 @@ def test_embedding_rows(kind):
     ids = np.array([0, 10, 3, 3], np.int64)
     if kind in ("f32", "f16"):
         w = rng.standard_normal((n, k)).astype(np.float32 if kind == "f32" else np.float16)
-        d = _desc(Q.K_F32 if kind == "f32" else Q.K_F16, n, k, keep, w=w if kind == "f32" else w.view(np.uint16))
+        d = _desc(KIND_F32 if kind == "f32" else KIND_F16, n, k, keep, w=w if kind == "f32" else w.view(np.uint16))
         ref = w.astype(np.float32)[ids]
     else:
         bits, sym = int(kind[1]), not kind.endswith("a")

@@ -409,16 +409,16 @@ def test_kernel_tests_under_numba_boundscheck(tmp_path):
 
 def test_validated_shapes_reach_the_descriptors(seeds):
     """Every descriptor's rows and columns equal what validate.py derived from the metadata."""
-    from edgellm.runtime.kernels.quant import D_K, D_N
     from edgellm.runtime.model import NumbaModel
     from edgellm.runtime.validate import linear_paths
 
     for key in ("llama-q4", "gpt2-f32"):
         m = NumbaModel(seeds[key], n_ctx=32, threads=1)
         paths = list(linear_paths(m.config).items())
-        lin = m.weights.lin.reshape(-1, m.weights.lin.shape[-1])
-        assert [(int(d[D_N]), int(d[D_K])) for d in lin] == [(n, k) for _, (n, k, _) in paths]
-        assert (int(m.weights.head[D_N]), int(m.weights.head[D_K])) == (m.config.vocab_size, m.config.hidden_size)
+        lin = m.weights.linears()[:-1]  # the decoder linears; the head last
+        assert [(int(d.n), int(d.k)) for d in lin] == [(n, k) for _, (n, k, _) in paths]
+        head = m.weights.model.head
+        assert (int(head.n), int(head.k)) == (m.config.vocab_size, m.config.hidden_size)
         m.close()
 
 

@@ -69,12 +69,12 @@ def _export_info(path: Path, verify: bool) -> None:
     from ..console import console, out
     from ..runtime.kernels import tiers
     from ..runtime.loader import open_export, verify_files
-    from ..runtime.validate import check_export
+    from ..runtime.validate import validate_export
 
     checked = verify_files(path) if verify else None
     ex = open_export(path)
     try:
-        cfg = check_export(ex)
+        cfg = validate_export(ex)
         q = ex.quantization
     finally:
         ex.close()

@@ -5,7 +5,7 @@ numba.cuda is imported here, and only when `load(..., device="cuda")` asks for i
 
 from __future__ import annotations
 
-from edgellm.errors import EdgeLLMError
+from ..errors import EdgeLLMError
 
 DEVICES = ("cpu", "cuda")
 RESERVE = 256 << 20  # bytes left free on the GPU for the CUDA context, kernels and their local memory

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgellm.errors import EdgeLLMError, UnsupportedError
-
+from ..errors import EdgeLLMError, UnsupportedError
+from ..format.blocks import zero_points
 from ..kernels.layers import rope_inv_freq, rope_tables
 from ..loader import open_export
 from ..model import ModelConfig, _names, linear_inputs
-from ..packing import zero_points
 from . import device as dev
 from .kernels import (
     C_FNB,

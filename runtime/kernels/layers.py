@@ -11,7 +11,7 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import overload
 
-from .quant import D_GS, D_K, D_KIND, D_NB, D_RB, D_S, D_SYM, D_W, D_Z, D_ZERO, K_F16, K_F32, K_Q4
+from ..format.records import KIND_F16, KIND_F32, KIND_Q4
 from .simd import as_voidptr, float_from_bits, float_to_half, half_to_float
 
 # ----------------------------------------------------------------------------- exp
@@ -349,32 +349,32 @@ def ref_gelu_new(x):
 @njit(cache=True, fastmath=True)
 def embed_rows(d, ids, out):
     """out (t, k) = rows `ids` of the table described by `d` (float or packed, dequantized)."""
-    k, kind = d[D_K], d[D_KIND]
+    k, kind = d.k, d.kind
     for i in range(ids.shape[0]):
         r = ids[i]
-        if kind == K_F32:
-            w = carray(as_voidptr(d[D_W] + r * d[D_RB]), (k,), np.float32)
+        if kind == KIND_F32:
+            w = carray(as_voidptr(d.w_addr + r * d.row_bytes), (k,), np.float32)
             for j in range(k):
                 out[i, j] = w[j]
-        elif kind == K_F16:
-            wh = carray(as_voidptr(d[D_W] + r * d[D_RB]), (k,), np.uint16)
+        elif kind == KIND_F16:
+            wh = carray(as_voidptr(d.w_addr + r * d.row_bytes), (k,), np.uint16)
             for j in range(k):
                 out[i, j] = half_to_float(wh[j])
         else:
-            gs, nb, rb = d[D_GS], d[D_NB], d[D_RB]
-            wq = carray(as_voidptr(d[D_W] + r * rb), (rb,), np.uint8)
-            sc = carray(as_voidptr(d[D_S] + r * nb * 2), (nb,), np.uint16)
+            gs, nb, rb = d.block, d.nb, d.row_bytes
+            wq = carray(as_voidptr(d.w_addr + r * rb), (rb,), np.uint8)
+            sc = carray(as_voidptr(d.s_addr + r * nb * 2), (nb,), np.uint16)
             zs = carray(
-                as_voidptr(d[D_Z] + r * nb * 4 if d[D_Z] != 0 else d[D_S]), (nb,), np.float32
+                as_voidptr(d.z_addr + r * nb * 4 if d.z_addr != 0 else d.s_addr), (nb,), np.float32
             )  # read only if asym
             for j in range(k):
-                if kind == K_Q4:
+                if kind == KIND_Q4:
                     byte = wq[j >> 1]
                     code = (byte >> 4) if j & 1 else (byte & 15)
                 else:
                     code = wq[j]
                 s = half_to_float(sc[j // gs])
-                if d[D_SYM]:
-                    out[i, j] = (np.float32(code) - np.float32(d[D_ZERO])) * s
+                if d.sym:
+                    out[i, j] = (np.float32(code) - np.float32(d.zero)) * s
                 else:
                     out[i, j] = np.float32(code) * s - zs[j // gs]

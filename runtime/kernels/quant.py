@@ -1,14 +1,10 @@
 """Linear layers y = x W^T + b over every weight format the exporter writes, Numba + numpy reference.
 
-A linear is described by one int64 row (`desc`, llama2.c style: weights are found by address, so
-one compiled decode step serves every layer without Python in between):
-
-    kind  0 fp32 | 1 fp16 | 4 4-bit | 8 8-bit       n, k   out and in features
-    w     address of the weights: float (n, k) or packed uint8 (n, n_blocks, group*bits/8)
-    s     address of the fp16 scales (n*n_blocks + 16 padding; exact: the exporter stored fp16 values)
-    z     address of float32 zero*scale (n*n_blocks), asymmetric only, else 0
-    b     address of the float32 bias (n,), or 0
-    gs, nb, rb   group size, blocks per row, bytes per weight row;  sym, zero   symmetric, its zero point
+A linear is described by one `LINEAR` record (`d`, format/records.py; llama2.c style: weights are
+found by address, so one compiled decode step serves every layer without Python in between):
+`d.kind` (fp32, fp16, 4- or 8-bit), `d.n` / `d.k` (out and in features), `d.w_addr` / `d.s_addr` /
+`d.z_addr` / `d.b_addr` (weights, fp16 scales padded by 16, float32 zero*scale, bias; 0 = none),
+`d.block`, `d.nb`, `d.row_bytes`, `d.sym` and `d.zero` (the symmetric zero point).
 
 Quantized layers multiply by int8-quantized activations (one scale per weight group, like
 llama.cpp's Q8_0 next to Q4_0): `quantize_act` writes them in the layout the SIMD microkernel reads
@@ -23,15 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from edgellm.errors import EdgeLLMError
-
-from ..packing import pack_codes, unpack_codes
+from ..errors import EdgeLLMError
+from ..format.blocks import dequantize, pack_codes
+from ..format.records import KIND_F16, KIND_F32, KIND_Q4, LINEAR, record
 from . import tiers
 from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rows, qdot_rxt, rowdot_f16, rowdot_f32
-
-K_F32, K_F16, K_Q4, K_Q8 = 0, 1, 4, 8
-D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_RB, D_SYM, D_ZERO = range(12)
-DESC_LEN = 12
 
 # RECENTRE[tier id, bits]: the offset the tier's tile subtracts from `bits`-bit codes (hook.py
 # `recentre`), 0 where it keeps them unsigned; quantize_act folds it into each lane's start value.
@@ -48,9 +40,9 @@ for _t in tiers.TIERS:
 
 def act_caps(desc: np.ndarray) -> tuple[int, int]:
     """(bytes per token of quantized activations, blocks) needed by the linear `desc`."""
-    if desc[D_KIND] in (K_F32, K_F16):
+    if desc.kind in (KIND_F32, KIND_F16):
         return 64, 1
-    return int(-(-desc[D_RB] // 64) * 64), int(desc[D_NB])
+    return int(-(-desc.row_bytes // 64) * 64), int(desc.nb)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -65,8 +57,8 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
     symmetric zero point (0 for asymmetric formats): the tile's dot of re-centred codes plus init
     is the dot of (code - zero).
     xzb[b] = scale_b * sum of block b's codes (asymmetric correction)."""
-    k, gs, nb, bits = d[D_K], d[D_GS], d[D_NB], d[D_KIND]
-    nch = (d[D_RB] + 63) // 64
+    k, gs, nb, bits = d.k, d.block, d.nb, d.kind
+    nch = (d.row_bytes + 63) // 64
     nbytes = nch * 64
     for j in range(nbytes):
         xa[j] = 0
@@ -102,7 +94,7 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
                 ag[c] = q0
                 tot += q0
         xzb[b] = s * np.float32(tot)
-    zero = d[D_ZERO] if d[D_SYM] else 0
+    zero = d.zero if d.sym else 0
     shift = lane_shift(d)  # lane g is in block g >> shift (a division here cost more than the codes)
     for g in range(nch * 16):
         blk = g >> shift
@@ -120,7 +112,7 @@ def quantize_act(x, d, xa, xb, init, xsl, xzb, xs, off):
 def lane_shift(d):
     """log2 of the 4-byte lanes per weight block (group/8 for 4-bit, group/4 for 8-bit; a power of
     two), the microkernel's `shift`: worked out once per linear, not per tile."""
-    lpb = d[D_GS] // (8 if d[D_KIND] == K_Q4 else 4)
+    lpb = d.block // (8 if d.kind == KIND_Q4 else 4)
     shift = 0
     while (1 << shift) < lpb:
         shift += 1
@@ -131,8 +123,8 @@ def lane_shift(d):
 def _init_addr(d, addr, tier):
     """The lane start values' address for the tile, or 0 (null) when every one of them,
     (off - zero) * sum, is zero and the tier has a copy of its tile without them (ZERO_INIT)."""
-    bits = d[D_KIND]
-    if ZERO_INIT[tier, bits] and RECENTRE[tier, bits] == (d[D_ZERO] if d[D_SYM] else 0):
+    bits = d.kind
+    if ZERO_INIT[tier, bits] and RECENTRE[tier, bits] == (d.zero if d.sym else 0):
         return 0
     return addr
 
@@ -141,17 +133,17 @@ def _init_addr(d, addr, tier):
 def _qrows_mat(d, shift, r0, r1, xa, xb, init, xsl, i0, o, so, tier):
     """Prompt: raw dots of rows [r0, r1) with the TB tokens i0.. of the activation buffers (2-d:
     one row per token) at o + u*so + r*4: RB x TB tiles, then the leftover rows as 1 x TB."""
-    rb, ss = d[D_RB], d[D_NB] * 2
+    rb, ss = d.row_bytes, d.nb * 2
     sa, sl = xa.strides[0], init.strides[0]
     a, b = xa.ctypes.data + i0 * sa, xb.ctypes.data + i0 * sa
     i, x = _init_addr(d, init.ctypes.data + i0 * sl, tier), xsl.ctypes.data + i0 * sl
-    bits = d[D_KIND]
+    bits = d.kind
     r = r0
     while r + RB <= r1:
-        qdot_rxt(tier, bits, d[D_W] + r * rb, rb, a, b, i, x, sa, sl, d[D_S] + r * ss, ss, shift, o + r * 4, so)
+        qdot_rxt(tier, bits, d.w_addr + r * rb, rb, a, b, i, x, sa, sl, d.s_addr + r * ss, ss, shift, o + r * 4, so)
         r += RB
     while r < r1:
-        qdot_1xt(tier, bits, d[D_W] + r * rb, rb, a, b, i, x, sa, sl, d[D_S] + r * ss, ss, shift, o + r * 4, so)
+        qdot_1xt(tier, bits, d.w_addr + r * rb, rb, a, b, i, x, sa, sl, d.s_addr + r * ss, ss, shift, o + r * 4, so)
         r += 1
 
 
@@ -159,19 +151,19 @@ def _qrows_mat(d, shift, r0, r1, xa, xb, init, xsl, i0, o, so, tier):
 def _qrows_vec(d, shift, r0, r1, xa, xb, init, xsl, o, tier):
     """Decode: raw dots of rows [r0, r1) with one token (1-d activation buffers) at o + r*4: the
     RB-row tiles in one microkernel call (`qdot_rows`), then the leftover rows one by one."""
-    rb, ss, nt = d[D_RB], d[D_NB] * 2, (r1 - r0) // RB
+    rb, ss, nt = d.row_bytes, d.nb * 2, (r1 - r0) // RB
     i = _init_addr(d, init.ctypes.data, tier)
     a, b, x = xa.ctypes.data, xb.ctypes.data, xsl.ctypes.data
-    w, s = d[D_W] + r0 * rb, d[D_S] + r0 * ss
-    qdot_rows(tier, d[D_KIND], w, rb, a, b, i, x, s, ss, shift, o + r0 * 4, nt)
+    w, s = d.w_addr + r0 * rb, d.s_addr + r0 * ss
+    qdot_rows(tier, d.kind, w, rb, a, b, i, x, s, ss, shift, o + r0 * 4, nt)
     for r in range(r0 + nt * RB, r1):
-        qdot_1x1(tier, d[D_KIND], d[D_W] + r * rb, rb, a, b, i, x, 0, 0, d[D_S] + r * ss, ss, shift, o + r * 4, 0)
+        qdot_1x1(tier, d.kind, d.w_addr + r * rb, rb, a, b, i, x, 0, 0, d.s_addr + r * ss, ss, shift, o + r * 4, 0)
 
 
 @njit(cache=True, fastmath=True)
 def _zero_rows(d, r):
     """Row r's float32 zero*scale per block (asymmetric formats)."""
-    return carray(as_voidptr(d[D_Z] + r * d[D_NB] * 4), (d[D_NB],), np.float32)
+    return carray(as_voidptr(d.z_addr + r * d.nb * 4), (d.nb,), np.float32)
 
 
 @njit(cache=True, fastmath=True)
@@ -186,13 +178,13 @@ def _corrected(v, zs, xz):
 
 @njit(cache=True, fastmath=True)
 def _bias(d, r):
-    return carray(as_voidptr(d[D_B]), (d[D_N],), np.float32)[r] if d[D_B] != 0 else np.float32(0.0)
+    return carray(as_voidptr(d.b_addr), (d.n,), np.float32)[r] if d.b_addr != 0 else np.float32(0.0)
 
 
 @njit(cache=True, fastmath=True)
 def _finish(d, r, v, xzb):
     """Decode: row r's raw dot v -> its output (zero-point correction, bias)."""
-    if d[D_Z] != 0:
+    if d.z_addr != 0:
         v = _corrected(v, _zero_rows(d, r), xzb)
     return v + _bias(d, r)
 
@@ -204,7 +196,7 @@ def _finish_mat(d, r0, r1, out, xzb, t):
     asymmetric 3072 x 576 g32 linear on 512 tokens take 16.0 ms against the symmetric 5.1 ms."""
     for r in range(r0, r1):
         b = _bias(d, r)
-        if d[D_Z] == 0:
+        if d.z_addr == 0:
             for i in range(t):
                 out[i, r] += b
             continue
@@ -215,13 +207,13 @@ def _finish_mat(d, r0, r1, out, xzb, t):
 
 @njit(cache=True, fastmath=True)
 def _frow(d, r, x):
-    w = d[D_W] + r * d[D_RB]
-    if d[D_KIND] == K_F16:
-        v = rowdot_f16(w, x.ctypes.data, d[D_K])
+    w = d.w_addr + r * d.row_bytes
+    if d.kind == KIND_F16:
+        v = rowdot_f16(w, x.ctypes.data, d.k)
     else:
-        v = rowdot_f32(w, x.ctypes.data, d[D_K])
-    if d[D_B] != 0:
-        v += carray(as_voidptr(d[D_B]), (d[D_N],), np.float32)[r]
+        v = rowdot_f32(w, x.ctypes.data, d.k)
+    if d.b_addr != 0:
+        v += carray(as_voidptr(d.b_addr), (d.n,), np.float32)[r]
     return v
 
 
@@ -231,27 +223,38 @@ def _frow(d, r, x):
 VEC_TILES = 8
 
 
+@njit(cache=True)
+def _held(d):
+    """A one-record array holding a copy of the LINEAR record d. numba 0.68 cannot hand a record
+    argument to a prange body (its parfor passes the record by value where the gufunc takes a
+    pointer: "Type of #N arg mismatch: [96 x i8]* != [96 x i8]"); an array of records it can."""
+    dv = np.empty(1, LINEAR)
+    dv[0] = d
+    return dv
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     """Decode (one token): out (n,) = x (k,) W^T + b. Rows split across threads, VEC_TILES * RB
     at a time."""
-    n = d[D_N]
-    if d[D_KIND] == K_F32 or d[D_KIND] == K_F16:
+    n = d.n
+    dv = _held(d)  # prange bodies read the record through this array (numba passes a record argument badly)
+    if d.kind == KIND_F32 or d.kind == KIND_F16:
         for r in prange(n):
-            out[r] = _frow(d, r, x)
+            out[r] = _frow(dv[0], r, x)
         return
-    quantize_act(x, d, xa, xb, init, xsl, xzb, xs, RECENTRE[tier, d[D_KIND]])
-    plain = d[D_Z] == 0 and d[D_B] == 0
+    quantize_act(x, d, xa, xb, init, xsl, xzb, xs, RECENTRE[tier, d.kind])
+    plain = d.z_addr == 0 and d.b_addr == 0
     shift = lane_shift(d)
     o = out.ctypes.data
     rows = VEC_TILES * RB
     for blk in prange((n + rows - 1) // rows):  # VEC_TILES tiles per microkernel call
         r0 = blk * rows
         r1 = min(n, r0 + rows)
-        _qrows_vec(d, shift, r0, r1, xa, xb, init, xsl, o, tier)
+        _qrows_vec(dv[0], shift, r0, r1, xa, xb, init, xsl, o, tier)
         if not plain:
             for r in range(r0, r1):
-                out[r] = _finish(d, r, out[r], xzb)
+                out[r] = _finish(dv[0], r, out[r], xzb)
 
 
 ROW_TILE = 32  # weight rows kept in L1 while every token group passes over them
@@ -263,42 +266,34 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     """Prompt (t tokens): out (t, n) = x (t, k) W^T + b. Quantized: a real GEMM of RB x TB
     microkernel tiles (`_qrows_mat`), tiles of ROW_TILE output rows in parallel, the token
     groups streaming over a tile while it sits in L1. Float: row dots, TOK_TILE tokens per pass."""
-    t, n = x.shape[0], d[D_N]
+    t, n = x.shape[0], d.n
+    dv = _held(d)  # prange bodies read the record through this array (numba passes a record argument badly)
     ntile = (n + ROW_TILE - 1) // ROW_TILE
-    if d[D_KIND] == K_F32 or d[D_KIND] == K_F16:
+    if d.kind == KIND_F32 or d.kind == KIND_F16:
         for tile in prange(ntile):
             r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
             for t0 in range(0, t, TOK_TILE):
                 for r in range(r0, r1):
                     for i in range(t0, min(t, t0 + TOK_TILE)):
-                        out[i, r] = _frow(d, r, x[i])
+                        out[i, r] = _frow(dv[0], r, x[i])
         return
-    off = RECENTRE[tier, d[D_KIND]]
+    off = RECENTRE[tier, d.kind]
     for i in prange(t):
-        quantize_act(x[i], d, xa[i], xb[i], init[i], xsl[i], xzb[i], xs[i], off)
+        quantize_act(x[i], dv[0], xa[i], xb[i], init[i], xsl[i], xzb[i], xs[i], off)
     tfull = t - t % TB
     so, o = out.strides[0], out.ctypes.data
     shift = lane_shift(d)
     for tile in prange(ntile):
         r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
         for i0 in range(0, tfull, TB):
-            _qrows_mat(d, shift, r0, r1, xa, xb, init, xsl, i0, o + i0 * so, so, tier)
+            _qrows_mat(dv[0], shift, r0, r1, xa, xb, init, xsl, i0, o + i0 * so, so, tier)
         for i in range(tfull, t):  # leftover tokens one by one, as decode runs them
-            _qrows_vec(d, shift, r0, r1, xa[i], xb[i], init[i], xsl[i], o + i * so, tier)
-        if d[D_Z] != 0 or d[D_B] != 0:
-            _finish_mat(d, r0, r1, out, xzb, t)
+            _qrows_vec(dv[0], shift, r0, r1, xa[i], xb[i], init[i], xsl[i], o + i * so, tier)
+        if dv[0].z_addr != 0 or dv[0].b_addr != 0:
+            _finish_mat(dv[0], r0, r1, out, xzb, t)
 
 
 # ----------------------------------------------------------------------------- numpy references
-def dequantize(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, k: int) -> np.ndarray:
-    """Packed MatMulNBits weights -> float32 (n, k): (code - zero) * scale, padding dropped."""
-    n, nb, _ = qweight.shape
-    codes = unpack_codes(qweight, bits).reshape(n, nb, -1)
-    z = (1 << (bits - 1)) if zeros is None else zeros.reshape(n, nb, 1).astype(np.float32)
-    w = (codes.astype(np.float32) - z) * scales.reshape(n, nb, 1).astype(np.float32)
-    return w.reshape(n, -1)[:, :k]
-
-
 def ref_linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """Float reference: x (..., k) @ w (n, k)^T + bias, in float64."""
     y = x.astype(np.float64) @ w.astype(np.float64).T
@@ -327,22 +322,22 @@ def make_desc(qweight, scales, zeros, bits, k, gs, keep, bias=None) -> np.ndarra
     """The descriptor of a packed linear held in numpy arrays (appended to `keep`, which must
     outlive every call with the descriptor): scales padded to fp16 as the loader stores them."""
     n, nb, bb = qweight.shape
-    d = np.zeros(DESC_LEN, np.int64)
+    d = record(LINEAR)
     s16 = np.zeros(n * nb + 16, np.float16)
     s16[: n * nb] = scales.reshape(-1)
     s16 = s16.view(np.uint16)
     qweight = np.ascontiguousarray(qweight)
     keep += [qweight, s16]
-    d[D_KIND], d[D_N], d[D_K], d[D_W], d[D_S] = bits, n, k, qweight.ctypes.data, s16.ctypes.data
-    d[D_GS], d[D_NB], d[D_RB], d[D_SYM], d[D_ZERO] = gs, nb, nb * bb, zeros is None, 1 << (bits - 1)
+    d.kind, d.n, d.k, d.w_addr, d.s_addr = bits, n, k, qweight.ctypes.data, s16.ctypes.data
+    d.block, d.nb, d.row_bytes, d.sym, d.zero = gs, nb, nb * bb, zeros is None, 1 << (bits - 1)
     if zeros is not None:
         zs = np.ascontiguousarray(zeros.reshape(-1).astype(np.float32) * scales.reshape(-1).astype(np.float32))
         keep.append(zs)
-        d[D_Z] = zs.ctypes.data
+        d.z_addr = zs.ctypes.data
     if bias is not None:
         bias = np.ascontiguousarray(bias, np.float32)
         keep.append(bias)
-        d[D_B] = bias.ctypes.data
+        d.b_addr = bias.ctypes.data
     return d
 
 

@@ -12,8 +12,7 @@ import re
 
 import llvmlite.binding as llb
 
-from edgellm.errors import EdgeLLMError
-
+from ..errors import EdgeLLMError
 from .hook import Tier
 
 

@@ -1,0 +1,25 @@
+"""ONNX data type codes used by export format 1 (TensorProto.DataType), and their numpy dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT, UINT8, INT8, INT16, INT32, INT64, FLOAT16, DOUBLE = 1, 2, 3, 5, 6, 7, 10, 11
+UINT4, INT4 = 21, 22  # packed two per byte: ONNX Runtime reads them (qdq graphs); the numba runtime never views them
+
+NUMPY_OF = {
+    FLOAT: np.float32,
+    UINT8: np.uint8,
+    INT8: np.int8,
+    INT16: np.int16,
+    INT32: np.int32,
+    INT64: np.int64,
+    FLOAT16: np.float16,
+    DOUBLE: np.float64,
+}
+NAME_OF = {FLOAT: "float32", UINT8: "uint8", FLOAT16: "float16", UINT4: "uint4", INT4: "int4"}
+
+
+def describe(codes) -> str:
+    """'1 (float32) or 10 (float16)' for an error message."""
+    return " or ".join(f"{c} ({NAME_OF.get(c, '?')})" for c in codes)

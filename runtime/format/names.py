@@ -1,0 +1,61 @@
+"""Tensor names of export format 1, per architecture (docs/EXPORT_FORMAT.md).
+
+The exporter fuses the checkpoint's projections: a decoder layer has four linears, named here by
+their role, and two norms. A linear `P` is stored as `P.weight` (float) or `P.qweight` /
+`P.scales` / `P.qzeros` (packed, format/blocks.py), plus `P.bias` where the model has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("qkv", "o", "up", "down")  # the layer's linears in the order the step runs them
+LAYER_NORMS = ("attn", "mlp")  # the norm before attention and the one before the MLP
+HEAD = "lm_head"
+WEIGHT, BIAS, QWEIGHT, SCALES, QZEROS = "weight", "bias", "qweight", "scales", "qzeros"
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Where one architecture keeps each tensor (paths without the `.weight` / `.qweight` part)."""
+
+    layer: str  # prefix of layer i, formatted with i
+    linears: dict  # role -> path under the layer
+    norms: dict  # LAYER_NORMS entry -> path under the layer
+    embed: str
+    final_norm: str
+    positions: str | None = None  # learned position table (float32 (ctx, hidden)), full name
+
+    def linear(self, i: int, role: str) -> str:
+        return f"{self.layer.format(i)}.{self.linears[role]}"
+
+    def norm(self, i: int, which: str) -> str:
+        return f"{self.layer.format(i)}.{self.norms[which]}"
+
+
+LLAMA = TensorNames(
+    layer="model.layers.{}",
+    linears={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "up": "mlp.gate_up_proj", "down": "mlp.down_proj"},
+    norms={"attn": "input_layernorm", "mlp": "post_attention_layernorm"},
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+)
+GPT2 = TensorNames(
+    layer="transformer.h.{}",
+    linears={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+    norms={"attn": "ln_1", "mlp": "ln_2"},
+    embed="transformer.wte",
+    final_norm="transformer.ln_f",
+    positions="transformer.wpe.weight",
+)
+BY_ARCHITECTURE = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt2": GPT2}
+ARCHITECTURES = tuple(BY_ARCHITECTURE)
+
+
+def names_for(architecture: str) -> TensorNames:
+    return BY_ARCHITECTURE[architecture]
+
+
+def tensor(path: str, part: str) -> str:
+    """'model.norm', 'weight' -> 'model.norm.weight'."""
+    return f"{path}.{part}"

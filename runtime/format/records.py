@@ -1,0 +1,91 @@
+"""The named records the compiled kernels read (llama2.c's Config / TransformerWeights, as numpy
+structured dtypes that numba compiles to field loads): one compiled step serves every layer, and
+a reader sees what each argument is without counting slots.
+
+Addresses (`*_addr`) point into the memory-mapped export or into small arrays the plan keeps
+alive (runtime/plan.py); 0 means "absent". Shapes are given per field.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+I8, F4 = np.int64, np.float32
+
+# linear kinds: the float formats, or the bits of a packed one
+KIND_F32, KIND_F16, KIND_Q4, KIND_Q8 = 0, 1, 4, 8
+
+# ----------------------------------------------------------------------------- CPU (numba) layout
+LINEAR = np.dtype(
+    [
+        ("kind", I8),  # KIND_*
+        ("n", I8),  # output features
+        ("k", I8),  # input features
+        ("w_addr", I8),  # float (n, k), or packed uint8 (n, nb, block * bits / 8)
+        ("s_addr", I8),  # fp16 scales (n * nb + 16 padding for 16-lane loads)
+        ("z_addr", I8),  # float32 zero * scale (n, nb), asymmetric formats only
+        ("b_addr", I8),  # float32 bias (n,)
+        ("block", I8),  # columns per scale
+        ("nb", I8),  # blocks per row
+        ("row_bytes", I8),  # bytes of one weight row
+        ("sym", I8),  # 1: symmetric (fixed zero point `zero`), 0: stored zero points
+        ("zero", I8),  # the symmetric zero point, 2**(bits - 1)
+    ],
+    align=True,
+)
+
+LAYER = np.dtype(
+    [
+        ("qkv", LINEAR),  # (NH + 2 NKV) * HD <- H
+        ("o", LINEAR),  # H <- NH * HD
+        ("up", LINEAR),  # 2 I (gated: gate | up) or I <- H
+        ("down", LINEAR),  # H <- I
+        ("attn_norm_w", I8),  # float32 (H,)
+        ("attn_norm_b", I8),  # float32 (H,), LayerNorm only
+        ("mlp_norm_w", I8),
+        ("mlp_norm_b", I8),
+        ("window", I8),  # sliding-window size, 0 = full attention
+    ],
+    align=True,
+)
+
+MODEL = np.dtype(
+    [
+        ("embed", LINEAR),  # (V, H) table, float or packed
+        ("head", LINEAR),  # V <- H (a copy of `embed` when tied)
+        ("final_norm_w", I8),  # float32 (H,)
+        ("final_norm_b", I8),
+        ("positions_addr", I8),  # float32 (ctx, H) learned positions (gpt2), else 0
+    ],
+    align=True,
+)
+
+CONFIG = np.dtype(
+    [
+        ("hidden", I8),  # H
+        ("intermediate", I8),  # I
+        ("layers", I8),  # L
+        ("heads", I8),  # NH
+        ("kv_heads", I8),  # NKV
+        ("head_dim", I8),  # HD
+        ("ctx", I8),  # positions the KV cache holds
+        ("layer_norm", I8),  # 1: LayerNorm with bias, 0: RMSNorm
+        ("learned_pos", I8),  # 1: learned position table (gpt2), 0: rotary
+        ("gated", I8),  # 1: SwiGLU (gate | up), 0: plain GELU MLP
+        ("act_cap", I8),  # bytes per token of int8 activations the widest linear needs
+        ("block_cap", I8),  # blocks per token of the linear with the most blocks
+        ("eps", F4),  # norm epsilon
+    ],
+    align=True,
+)
+
+
+def record(dtype: np.dtype):
+    """One zeroed record of `dtype`, fields readable and writable by name (`d.kind = 4`); numba
+    reads the same fields in compiled code."""
+    return np.zeros(1, dtype).view(np.recarray)[0]
+
+
+def records(dtype: np.dtype, n: int) -> np.ndarray:
+    """n zeroed records (a plain array numba compiles; write fields through `.view(np.recarray)`)."""
+    return np.zeros(n, dtype)

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import edgellm_server, model_id  # noqa: E402
+from edgellm.benchmarks.scripts.serve_load import edgellm_server, model_id
 
 
 def history_text(n_tokens: int, tokenizer) -> str:

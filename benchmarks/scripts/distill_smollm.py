@@ -37,7 +37,7 @@ def edgellm(*args: str) -> None:
 
 def numba_speed(onnx_dir: Path, threads: int) -> dict:
     """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
-    from edgellm.benchmarks.runtime_decode import measure
+    from edgellm.benchmarks.scripts.runtime_decode import measure
 
     r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
     if r["status"] != "ok":

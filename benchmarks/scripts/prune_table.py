@@ -24,7 +24,7 @@ from edgellm.files import dir_size
 
 def numba_speed(onnx_dir: str, threads: int) -> dict:
     """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
-    from edgellm.benchmarks.runtime_decode import measure
+    from edgellm.benchmarks.scripts.runtime_decode import measure
 
     r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
     if r["status"] != "ok":

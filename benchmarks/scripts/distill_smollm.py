@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgellm.benchmarks.scripts._common import numba_speed
 from edgellm.files import dir_size
 
 
@@ -35,14 +36,8 @@ def edgellm(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def numba_speed(onnx_dir: Path, threads: int) -> dict:
-    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
-    from edgellm.benchmarks.scripts.runtime_decode import measure
-
-    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
-    if r["status"] != "ok":
-        return {"error": r["error"]}
-    return {"tg_tok_s": r["tg_median"], "pp_tok_s": r["pp_median"], "tg_all": r["tg_values"]}
+# numba_speed's keys -> this report's
+SPEED_KEYS = {"tg": "tg_tok_s", "pp": "pp_tok_s", "tg_all": "tg_all", "error": "error"}
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -129,7 +124,8 @@ def main() -> None:
         edgellm("export", args.teacher, "-o", str(exports["teacher"]), "--force", "--no-check")
         edgellm("export", str(out), "-o", str(exports["student"]), "--force", "--no-check")
         for name, path in exports.items():  # side by side, same run, same threads
-            speed[name] = {**numba_speed(path, args.threads), "onnx_bytes": dir_size(path)}
+            r = numba_speed(path, args.threads)
+            speed[name] = {**{SPEED_KEYS[k]: v for k, v in r.items() if k in SPEED_KEYS}, "onnx_bytes": dir_size(path)}
         shutil.rmtree(exports["teacher"])
 
     rec = json.loads((out / "edgellm.json").read_text())["steps"][-1]

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.benchmarks.scripts._common import llama_quantize, write_table
+
 QUANTS = {
     "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
     "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -150,17 +152,6 @@ def write_f32_gguf_from_hf(src: Path, dst: Path) -> None:
     Path(str(dst) + ".tmp").rename(dst)
 
 
-def llama_quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
-    import llama_cpp
-
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, QUANTS[kind])
-    p.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({kind}) returned {rc}")
-
-
 def score(logits_fn, ids, wins, ref_cache) -> dict:
     """Perplexity, KL to the reference log-probs in ref_cache (filled on the first call), top-1."""
     import torch
@@ -218,7 +209,7 @@ def main(argv=None) -> int:
     for kind in QUANTS:
         q = args.work / f"{stem}-{kind}.gguf"
         if not q.is_file():
-            llama_quantize(f32, q, kind, args.threads)
+            llama_quantize(f32, q, QUANTS[kind], args.threads)
 
     ref = load_model(args.base)
     ids = split_tokens(token_ids(ref.tokenizer, load_text(args.data)), "eval")[: args.eval_tokens].tolist()
@@ -280,11 +271,7 @@ def main(argv=None) -> int:
             f"| {r['model']} | {'' if size is None else f'{size / 1e6:.1f}'} | {r.get('bpw') or ''} | {r['ppl']:.3f} | "
             f"{(r['ppl'] / base - 1) * 100:+.2f}% | {r['kl']:.4f} | {r['top1'] * 100:.2f}% |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_table("\n".join(lines), rows, args.out)
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from edgellm.benchmarks.scripts._common import write_table
 from edgellm.data import calibration_batch, load_text, split_tokens, token_ids
 from edgellm.evaluate import evaluate
 from edgellm.modelio import load_model, save_model
@@ -155,10 +156,8 @@ def main(argv=None):
             f"{r['top1'] * 100:.2f}% | {r['time_s']:.0f} |"
         )
     table = "\n".join(lines)
-    print(table)
+    write_table(table, rows, args.out)
     if args.out:
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         png = args.out.with_suffix(".png")
         plot(rows, png, f"{Path(args.model).name}: size vs perplexity")
         import html

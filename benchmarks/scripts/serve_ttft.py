@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgellm.benchmarks.scripts.serve_load import edgellm_server, model_id
+from edgellm.benchmarks.scripts._common import edgellm_server, model_id
 
 
 def history_text(n_tokens: int, tokenizer) -> str:

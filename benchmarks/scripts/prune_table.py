@@ -1,8 +1,9 @@
 """Pruning table for one model: perplexity and parameters for magnitude / Wanda / SparseGPT at 50%
 and 2:4, and structured removal of MLP channels and layers (optionally with ONNX export size).
 
-    flock /tmp/edgellm-heavy.lock python -m edgellm.benchmarks.prune_table /work/models/smollm2-fp32 \\
-        --out /work/models/prune --export
+    python -m edgellm.benchmarks.scripts.prune_table MODEL_DIR --out OUT_DIR --export
+
+Run it alone (nothing else busy on the machine).
 
 Perplexity follows edgellm.evaluate (held-out last 10% of the built-in corpus, ctx 512, stride
 512, the first --eval-tokens tokens). Every variant is pruned from the same loaded model with

@@ -9,8 +9,8 @@ quantized: speed depends on the format, not on where the values came from); the 
 first-ever start (an empty compile cache: load + first prefill includes compiling the kernels);
 and a memory-bandwidth probe with the 4-bit bandwidth bound. Run it alone:
 
-    flock /tmp/edgellm-bench.lock python benchmarks/runtime_decode.py --q4 q4-onnx --q8 q8-onnx \
-        --fp32 fp32-onnx --gguf-src SmolLM2-135M-Instruct.Q4_1.gguf --gguf-dir /work/models --threads 2
+    python -m edgellm.benchmarks.scripts.runtime_decode --q4 Q4_EXPORT_DIR --q8 Q8_EXPORT_DIR \
+        --fp32 FP32_EXPORT_DIR --gguf-src SmolLM2-135M-Instruct.Q4_1.gguf --gguf-dir GGUF_DIR --threads 2
 
 Kernel tiers (runtime/kernels/tiers.py): `--numba TIER@CPU` (repeatable) runs the numba runtime on
 that tier with numba compiling for CPU (the worker gets NUMBA_CPU_NAME=CPU, so the float kernels

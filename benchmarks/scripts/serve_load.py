@@ -1,7 +1,9 @@
 """Load on `edgellm serve` vs llama.cpp's server: concurrent streaming `openai` clients, loopback only.
 
-    flock /tmp/edgellm-bench.lock python benchmarks/serve_load.py smol-q4-onnx/ --gguf smol.Q4_0.gguf \
+    python -m edgellm.benchmarks.scripts.serve_load EXPORT_DIR --gguf MODEL.Q4_0.gguf \
         --clients 8 --requests 25 --max-tokens 16 --threads 2 --json serve_load.json
+
+Run it alone (nothing else busy on the machine).
 
 Each server runs in its own process on 127.0.0.1 (a free port), one after the other in the same
 run, with the same clients: every client thread sends --requests streaming chat completions
@@ -21,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -190,7 +193,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=300, help="seconds, any one request")
-    ap.add_argument("--logs", default="/tmp", help="folder for the servers' logs")
+    ap.add_argument("--logs", default=tempfile.gettempdir(), help="folder for the servers' logs (default: temp dir)")
     ap.add_argument("--json")
     args = ap.parse_args()
     servers = [("edgellm", lambda log: edgellm_server(args.export, args.threads, args.ctx, log))]

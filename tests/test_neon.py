@@ -18,7 +18,7 @@ from edgellm.runtime.kernels import hooks_neon as H
 from edgellm.runtime.kernels import tiers
 
 llb = pytest.importorskip("llvmlite.binding")
-neon_asm = pytest.importorskip("edgellm.benchmarks.neon_asm")
+neon_asm = pytest.importorskip("edgellm.benchmarks.scripts.neon_asm")
 
 ON_ARM = platform.machine().lower() in ("aarch64", "arm64")
 # Instructions that need more than ARMv8.0-A + ASIMD (what a Cortex-A72 has): dot products,

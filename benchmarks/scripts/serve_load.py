@@ -1,7 +1,9 @@
 """Load on `edgellm serve` vs llama.cpp's server: concurrent streaming `openai` clients, loopback only.
 
-    flock /tmp/edgellm-bench.lock python benchmarks/serve_load.py smol-q4-onnx/ --gguf smol.Q4_0.gguf \
+    python -m edgellm.benchmarks.scripts.serve_load EXPORT_DIR --gguf MODEL.Q4_0.gguf \
         --clients 8 --requests 25 --max-tokens 16 --threads 2 --json serve_load.json
+
+Run it alone (nothing else busy on the machine).
 
 Each server runs in its own process on 127.0.0.1 (a free port), one after the other in the same
 run, with the same clients: every client thread sends --requests streaming chat completions
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from edgellm.benchmarks.scripts._common import ServerProcess, edgellm_server, free_port, model_id, run_header
 
 TOPICS = [
     "the sea",
@@ -46,76 +48,6 @@ TOPICS = [
     "snow",
     "the forest",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server child process on 127.0.0.1:port; ready once `ready_path` answers 200."""
-
-    def __init__(self, cmd: list[str], port: int, ready_path: str, log: Path, timeout: float = 300):
-        import urllib.request
-
-        self.port, self.log = port, log
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise SystemExit(f"server not ready after {timeout} s: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def edgellm_server(export: str, threads: int, ctx: int, log: Path, extra=()) -> ServerProcess:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-c",
-        "from edgellm.cli import main; main()",
-        "serve",
-        export,
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-        "--ctx",
-        str(ctx),
-        "--max-queue",
-        "64",
-        *extra,
-    ]
-    return ServerProcess(cmd, port, "/health", log)
 
 
 def llama_cpp_server(gguf: str, threads: int, ctx: int, log: Path) -> ServerProcess:
@@ -142,12 +74,6 @@ def llama_cpp_server(gguf: str, threads: int, ctx: int, log: Path) -> ServerProc
         "False",
     ]  # its default cuts a running stream whenever a new request arrives
     return ServerProcess(cmd, port, "/v1/models", log)
-
-
-def model_id(base_url: str) -> str:
-    import openai
-
-    return openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=30).models.list().data[0].id
 
 
 def stream_chat(client, model: str, prompt: str, max_tokens: int) -> dict:
@@ -267,7 +193,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=300, help="seconds, any one request")
-    ap.add_argument("--logs", default="/tmp", help="folder for the servers' logs")
+    ap.add_argument("--logs", default=tempfile.gettempdir(), help="folder for the servers' logs (default: temp dir)")
     ap.add_argument("--json")
     args = ap.parse_args()
     servers = [("edgellm", lambda log: edgellm_server(args.export, args.threads, args.ctx, log))]
@@ -279,9 +205,7 @@ def main():
         else:
             print("llama.cpp server not installed (pip install 'llama-cpp-python[server]'): skipped", file=sys.stderr)
     out = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads,
+        **run_header(args.threads),
         "clients": args.clients,
         "requests_per_client": args.requests,
         "max_tokens": args.max_tokens,

@@ -1,7 +1,9 @@
 """Distil SmolLM2-135M (30 layers) into a 15-layer student for a fixed CPU time budget.
 
-    flock /tmp/edgellm-heavy.lock python benchmarks/distill_smollm.py \\
-        --teacher /work/models/smollm2-fp32 --out /work/models/smollm2-distill-15l --budget-min 15
+    python -m edgellm.benchmarks.scripts.distill_smollm --teacher TEACHER_DIR --out STUDENT_DIR --budget-min 15
+
+TEACHER_DIR is SmolLM2-135M as an fp32 model directory; STUDENT_DIR must not exist yet. Run it alone
+(nothing else busy on the machine): the budget is CPU time.
 
 1. a probe run (a few steps, no evaluation) measures the time per optimizer step on this machine;
 2. the real run gets as many steps as fit the budget (the cosine schedule needs the step count
@@ -9,7 +11,7 @@
 3. `edgellm distill` measures teacher / initial student / distilled student perplexity (and KL /
    top-1 agreement to the teacher) on the held-out split;
 4. teacher and student are exported to ONNX (fp32, `edgellm export`) and their decode / prompt
-   speed measured on the Numba runtime side by side (benchmarks/runtime_decode.py child, 64
+   speed measured on the Numba runtime side by side (one `edgellm bench` worker each, 64
    tokens, median of 3); this script writes <out>.report.json and <out>.report.md.
 
 The budget counts training only (model loading and the three perplexity measurements come on top).
@@ -26,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgellm.benchmarks.scripts._common import numba_speed
 from edgellm.files import dir_size
 
 
@@ -35,14 +38,8 @@ def edgellm(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def numba_speed(onnx_dir: Path, threads: int) -> dict:
-    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
-    from edgellm.benchmarks.runtime_decode import measure
-
-    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
-    if r["status"] != "ok":
-        return {"error": r["error"]}
-    return {"tg_tok_s": r["tg_median"], "pp_tok_s": r["pp_median"], "tg_all": r["tg_values"]}
+# numba_speed's keys -> this report's
+SPEED_KEYS = {"tg": "tg_tok_s", "pp": "pp_tok_s", "tg_all": "tg_all", "error": "error"}
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -51,8 +48,8 @@ def weights_bytes(model_dir: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="/work/models/smollm2-fp32")
-    ap.add_argument("--out", default="/work/models/smollm2-distill-15l")
+    ap.add_argument("--teacher", required=True, help="the teacher: SmolLM2-135M, an fp32 model directory")
+    ap.add_argument("--out", required=True, help="the student's model directory (reports beside it)")
     ap.add_argument("--layers", type=int, default=15)
     ap.add_argument("--budget-min", type=float, default=15.0, help="training time budget in minutes")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -129,7 +126,8 @@ def main() -> None:
         edgellm("export", args.teacher, "-o", str(exports["teacher"]), "--force", "--no-check")
         edgellm("export", str(out), "-o", str(exports["student"]), "--force", "--no-check")
         for name, path in exports.items():  # side by side, same run, same threads
-            speed[name] = {**numba_speed(path, args.threads), "onnx_bytes": dir_size(path)}
+            r = numba_speed(path, args.threads)
+            speed[name] = {**{SPEED_KEYS[k]: v for k, v in r.items() if k in SPEED_KEYS}, "onnx_bytes": dir_size(path)}
         shutil.rmtree(exports["teacher"])
 
     rec = json.loads((out / "edgellm.json").read_text())["steps"][-1]

@@ -6,8 +6,8 @@ and emitted for a named ARM core. What is counted: the instructions of the loop 
 16-byte weight chunks (the hot loop; the masked row tail runs once per row), normalised to 64
 weight bytes, so tiles and peers compare per byte of weights streamed.
 
-    python -m edgellm.benchmarks.neon_asm            # table: tier x tile x bits, per 64 bytes
-    python -m edgellm.benchmarks.neon_asm --dump neon-dotprod 4 1 4   # one loop's instructions
+    python -m edgellm.benchmarks.scripts.neon_asm            # table: tier x tile x bits, per 64 bytes
+    python -m edgellm.benchmarks.scripts.neon_asm --dump neon-dotprod 4 1 4   # one loop's instructions
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 memory bandwidth, and against the NEON loop's instruction throughput. No Pi was measured here;
 every output line says "estimated".
 
-    python -m edgellm.benchmarks.pi_estimate EXPORT_DIR [--ctx 64] [--threads 4]
+    python -m edgellm.benchmarks.scripts.pi_estimate EXPORT_DIR [--ctx 64] [--threads 4]
 
 Bytes per token = every linear's weights and scales (the runtime's own count,
 Weights.bytes_per_token) + the fp16 KV cache read at `--ctx` cached positions. Decode at batch 1

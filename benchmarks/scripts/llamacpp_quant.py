@@ -1,19 +1,20 @@
 """llama.cpp's own quantizer against edgellm quantize, on one fp32 base (issue 12).
 
-    flock /tmp/edgellm-bench.lock .venv/bin/python benchmarks/llamacpp_quant.py \
-        --work /work/models/smol-llamacpp --edgellm /work/models/smol-q4-default /work/models/smol-mixed \
-        --out benchmarks/results/llamacpp_quant_smollm2.md
+    python -m edgellm.benchmarks.scripts.llamacpp_quant --work GGUF_DIR \
+        --edgellm Q4_MODEL_DIR MIXED_MODEL_DIR --out benchmarks/results/llamacpp_quant_smollm2.md
+
+Run it alone (nothing else busy on the machine).
 
 1. The base: builtin:smollm2 ships as Q4_1; every tensor is dequantized to fp32 (gguf-py's
    dequantize) and written, with all of the file's metadata and tokenizer, as an F32 GGUF. That is
    the same fp32 model edgellm loads (transformers dequantizes the same file). Because those
    weights sit on Q4_1's grid, `--base DIR --data FILE` compares on a model trained here instead
-   (benchmarks/train_small.py: a Hugging Face llama directory, converted as llama.cpp does).
+   (edgellm.benchmarks.scripts.train_small: a Hugging Face llama directory, converted as llama.cpp does).
 2. llama.cpp quantizes that F32 file itself (llama_model_quantize): Q4_0, Q4_K_M, Q5_K_M, Q8_0.
    (No importance matrix: the binding exposes no way to compute one.)
 3. Every model is scored on the same token windows of the held-out split (edgellm.evaluate's
    windows, ctx 512): perplexity, and KL / top-1 agreement against the fp32 torch model. llama.cpp
-   models run through benchmarks/backends.py LlamaCppBackend; edgellm model directories in torch
+   models run through edgellm.benchmarks.backends.LlamaCppBackend; edgellm model directories in torch
    (they compute from exactly the stored codes). Sizes: the .gguf file; for edgellm its
    model.safetensors (packed codes, scales, norms) and, when given, the exported ONNX data.
 """
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from edgellm.benchmarks.scripts._common import llama_quantize, write_table
 
 QUANTS = {
     "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
@@ -90,7 +93,7 @@ GGUF_PARTS = {
 
 
 def write_f32_gguf_from_hf(src: Path, dst: Path) -> None:
-    """An F32 GGUF of a Hugging Face llama directory (e.g. benchmarks/train_small.py's model), as
+    """An F32 GGUF of a Hugging Face llama directory (e.g. scripts/train_small.py's model), as
     llama.cpp's converter writes it: q/k rows permuted to llama.cpp's rotary layout, a tied
     lm_head stored once as token_embd. The vocabulary is placeholder text (scoring feeds token
     ids, never text); its size and the BOS/EOS ids are the model's."""
@@ -150,17 +153,6 @@ def write_f32_gguf_from_hf(src: Path, dst: Path) -> None:
     Path(str(dst) + ".tmp").rename(dst)
 
 
-def llama_quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
-    import llama_cpp
-
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, QUANTS[kind])
-    p.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({kind}) returned {rc}")
-
-
 def score(logits_fn, ids, wins, ref_cache) -> dict:
     """Perplexity, KL to the reference log-probs in ref_cache (filled on the first call), top-1."""
     import torch
@@ -183,7 +175,7 @@ def score(logits_fn, ids, wins, ref_cache) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("/work/models/smol-llamacpp"), help="folder for the GGUF files")
+    ap.add_argument("--work", type=Path, required=True, help="folder for the GGUF files (kept for reuse)")
     ap.add_argument("--edgellm", nargs="*", default=[], help="edgellm quantized model directories to score beside them")
     ap.add_argument("--onnx", nargs="*", default=[], help="their exports, same order, for the exported size (optional)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -218,7 +210,7 @@ def main(argv=None) -> int:
     for kind in QUANTS:
         q = args.work / f"{stem}-{kind}.gguf"
         if not q.is_file():
-            llama_quantize(f32, q, kind, args.threads)
+            llama_quantize(f32, q, QUANTS[kind], args.threads)
 
     ref = load_model(args.base)
     ids = split_tokens(token_ids(ref.tokenizer, load_text(args.data)), "eval")[: args.eval_tokens].tolist()
@@ -280,11 +272,7 @@ def main(argv=None) -> int:
             f"| {r['model']} | {'' if size is None else f'{size / 1e6:.1f}'} | {r.get('bpw') or ''} | {r['ppl']:.3f} | "
             f"{(r['ppl'] / base - 1) * 100:+.2f}% | {r['kl']:.4f} | {r['top1'] * 100:.2f}% |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_table("\n".join(lines), rows, args.out)
     return 0
 
 

@@ -1,8 +1,10 @@
 """ONNX Runtime on edgellm exports vs ONNX Runtime's own MatMulNBits quantizer, side by side.
 
-    flock /tmp/edgellm-heavy.lock python benchmarks/export_ort.py \\
-        --export fp32=/work/models/smollm2-fp32-onnx --export q8=/work/models/smol-q8-g32-onnx \\
-        --export q4=/work/models/smol-q4-g32-onnx --ort-q4-from fp32 --work /work/models/bench-export
+    python -m edgellm.benchmarks.scripts.export_ort \\
+        --export fp32=FP32_EXPORT_DIR --export q8=Q8_EXPORT_DIR --export q4=Q4_EXPORT_DIR \\
+        --ort-q4-from fp32 --work WORK_DIR
+
+Run it alone (nothing else busy on the machine).
 
 For every variant: file sizes, greedy decode tokens/s (ORT, `--threads` intra-op threads,
 `--tokens` new tokens after a short prompt, `--reps` repetitions interleaved across variants so
@@ -138,15 +140,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", action="append", required=True, help="NAME=DIR of an edgellm export (repeat)")
     ap.add_argument("--ort-q4-from", help="NAME of a float export to quantize with ONNX Runtime's MatMulNBitsQuantizer")
-    ap.add_argument(
-        "--work", type=Path, default=Path("/tmp/edgellm-export-bench"), help="where the ORT-quantized model is written"
-    )
+    ap.add_argument("--work", type=Path, help="where the ORT-quantized model is written (needed by --ort-q4-from)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args(argv)
+    if args.ort_q4_from and args.work is None:
+        ap.error("--ort-q4-from needs --work DIR (where the ORT-quantized model is written)")
 
     variants = dict(e.split("=", 1) for e in args.export)
     variants = {k: Path(v) for k, v in variants.items()}

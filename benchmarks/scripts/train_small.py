@@ -1,7 +1,7 @@
 """Train the reference model the quantization measurements use: a ~13M-parameter llama on the
 CPython standard library source (text that ships with every Python, so it works offline).
 
-    .venv/bin/python benchmarks/train_small.py --out /work/models/stdlib-llama
+    python -m edgellm.benchmarks.scripts.train_small --out MODEL_DIR
 
 Writes a Hugging Face model directory (config.json, model.safetensors, tokenizer files) plus
 `corpus.txt`, the exact text it was trained on. Pass that file as `--data` to `edgellm quantize`
@@ -83,7 +83,7 @@ def make_tokenizer(text: str, out: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("/work/models/stdlib-llama"))
+    ap.add_argument("--out", type=Path, required=True, help="the model directory to write")
     ap.add_argument("--minutes", type=float, default=35.0, help="wall-clock training budget")
     ap.add_argument("--chars", type=int, default=8_000_000, help="corpus size in characters")
     ap.add_argument("--seq-len", type=int, default=256)

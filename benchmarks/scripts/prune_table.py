@@ -1,8 +1,9 @@
 """Pruning table for one model: perplexity and parameters for magnitude / Wanda / SparseGPT at 50%
 and 2:4, and structured removal of MLP channels and layers (optionally with ONNX export size).
 
-    flock /tmp/edgellm-heavy.lock python -m edgellm.benchmarks.prune_table /work/models/smollm2-fp32 \\
-        --out /work/models/prune --export
+    python -m edgellm.benchmarks.scripts.prune_table MODEL_DIR --out OUT_DIR --export
+
+Run it alone (nothing else busy on the machine).
 
 Perplexity follows edgellm.evaluate (held-out last 10% of the built-in corpus, ctx 512, stride
 512, the first --eval-tokens tokens). Every variant is pruned from the same loaded model with
@@ -19,22 +20,8 @@ import json
 import time
 from pathlib import Path
 
+from edgellm.benchmarks.scripts._common import numba_speed
 from edgellm.files import dir_size
-
-
-def numba_speed(onnx_dir: str, threads: int) -> dict:
-    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s, median of 3: one bench worker."""
-    from edgellm.benchmarks.runtime_decode import measure
-
-    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
-    if r["status"] != "ok":
-        return {"numba_error": r["error"]}
-    return {
-        "numba_tg": r["tg_median"],
-        "numba_tg_all": r["tg_values"],
-        "numba_pp": r["pp_median"],
-        "numba_load_s": r["first_token_s"],
-    }
 
 
 def main(argv=None) -> None:
@@ -127,7 +114,7 @@ def main(argv=None) -> None:
     if args.speed:  # after pruning, so the timings do not overlap with any torch work of this run
         for row in rows:
             if "onnx_dir" in row:
-                row.update(numba_speed(row["onnx_dir"], args.threads))
+                row.update({f"numba_{k}": v for k, v in numba_speed(row["onnx_dir"], args.threads).items()})
                 print(json.dumps(row), flush=True)
     (args.out / "prune_table.json").write_text(
         json.dumps(

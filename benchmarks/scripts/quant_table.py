@@ -1,7 +1,9 @@
 """Size-quality table of every edgellm quantize variant, with its Pareto front and a plot (issue 12).
 
-    .venv/bin/python benchmarks/quant_table.py /work/models/stdlib-llama --data /work/models/stdlib-llama/corpus.txt \
+    python -m edgellm.benchmarks.scripts.quant_table MODEL_DIR --data MODEL_DIR/corpus.txt \
         --out benchmarks/results/quant_stdlib.md
+
+MODEL_DIR: an fp32 model directory, e.g. the one edgellm.benchmarks.scripts.train_small writes.
 
 Each variant is quantized from the same fp32 model with the same calibration windows and scored
 on the same held-out windows (edgellm.evaluate protocol: perplexity, KL and top-1 agreement
@@ -23,13 +25,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
-
-from edgellm.data import calibration_batch, load_text, split_tokens, token_ids
-from edgellm.evaluate import evaluate
-from edgellm.modelio import load_model, save_model
-from edgellm.quant.apply import QuantConfig, quantize_model
-from edgellm.quant.formats import QuantFormat
+from edgellm.benchmarks.scripts._common import write_table
 
 # name: (bits, group, sym, method, extra QuantConfig fields)
 VARIANTS = {
@@ -91,6 +87,14 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated variant names or indexes (default: all)")
     ap.add_argument("--out", type=Path, help="write the Markdown table here (.json, .png, .html beside it)")
     args = ap.parse_args(argv)
+    import torch
+
+    from edgellm.data import calibration_batch, load_text, split_tokens, token_ids
+    from edgellm.evaluate import evaluate
+    from edgellm.modelio import load_model, save_model
+    from edgellm.quant.apply import QuantConfig, quantize_model
+    from edgellm.quant.formats import QuantFormat
+
     torch.set_num_threads(args.threads)
 
     ref = load_model(args.model)
@@ -155,10 +159,8 @@ def main(argv=None):
             f"{r['top1'] * 100:.2f}% | {r['time_s']:.0f} |"
         )
     table = "\n".join(lines)
-    print(table)
+    write_table(table, rows, args.out)
     if args.out:
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         png = args.out.with_suffix(".png")
         plot(rows, png, f"{Path(args.model).name}: size vs perplexity")
         import html

@@ -1,6 +1,8 @@
 """Second-turn time to first token of `edgellm serve`, with and without prefix (KV-cache) reuse.
 
-    flock /tmp/edgellm-bench.lock python benchmarks/serve_ttft.py smol-q4-onnx/ --threads 2 --rounds 3
+    python -m edgellm.benchmarks.scripts.serve_ttft EXPORT_DIR --threads 2 --rounds 3
+
+Run it alone (nothing else busy on the machine).
 
 Two servers of the same export run side by side (127.0.0.1, free ports): one default, one with
 --no-prefix-cache. A conversation starts with a system message holding --history tokens or so of
@@ -15,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import edgellm_server, model_id  # noqa: E402
+from edgellm.benchmarks.scripts._common import edgellm_server, model_id
 
 
 def history_text(n_tokens: int, tokenizer) -> str:
@@ -66,15 +67,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--json")
+    ap.add_argument("--logs", default=tempfile.gettempdir(), help="folder for the servers' logs (default: temp dir)")
     args = ap.parse_args()
     import openai
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(args.export) / "tokenizer.json"))
     servers = {
-        "reuse": edgellm_server(args.export, args.threads, args.ctx, Path("/tmp/serve_ttft_reuse.log")),
+        "reuse": edgellm_server(args.export, args.threads, args.ctx, Path(args.logs) / "serve_ttft_reuse.log"),
         "no reuse": edgellm_server(
-            args.export, args.threads, args.ctx, Path("/tmp/serve_ttft_noreuse.log"), ["--no-prefix-cache"]
+            args.export, args.threads, args.ctx, Path(args.logs) / "serve_ttft_noreuse.log", ["--no-prefix-cache"]
         ),
     }
     out = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "rounds": args.rounds, "runs": []}

@@ -9,8 +9,8 @@ quantized: speed depends on the format, not on where the values came from); the 
 first-ever start (an empty compile cache: load + first prefill includes compiling the kernels);
 and a memory-bandwidth probe with the 4-bit bandwidth bound. Run it alone:
 
-    flock /tmp/edgellm-bench.lock python benchmarks/runtime_decode.py --q4 q4-onnx --q8 q8-onnx \
-        --fp32 fp32-onnx --gguf-src SmolLM2-135M-Instruct.Q4_1.gguf --gguf-dir /work/models --threads 2
+    python -m edgellm.benchmarks.scripts.runtime_decode --q4 Q4_EXPORT_DIR --q8 Q8_EXPORT_DIR \
+        --fp32 FP32_EXPORT_DIR --gguf-src SmolLM2-135M-Instruct.Q4_1.gguf --gguf-dir GGUF_DIR --threads 2
 
 Kernel tiers (runtime/kernels/tiers.py): `--numba TIER@CPU` (repeatable) runs the numba runtime on
 that tier with numba compiling for CPU (the worker gets NUMBA_CPU_NAME=CPU, so the float kernels
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -36,46 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.benchmarks.scripts._common import llama_quantize, measure, run_header
+
 FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}
-
-
-def measure(
-    path: str,
-    backend: str,
-    threads: int,
-    tokens: int = 128,
-    pp: int = 512,
-    reps: int = 3,
-    env: dict | None = None,
-    kernels: str | None = None,
-) -> dict:
-    """One bench worker on one model: its result (status, pp, tg, load, memory, traffic; see
-    report.schema.json's ok_row) plus flat medians for tables. Speed only (no quality pass).
-    `kernels`: the numba kernel tier to force (None: the best the target CPU has)."""
-    from edgellm.benchmarks.run import Settings, run_worker
-    from edgellm.benchmarks.variants import parse
-
-    variant = parse(f"{path}:{backend}").to_dict()
-    if kernels:
-        variant["kernels"] = kernels
-    settings = Settings(prompt_tokens=pp, gen_tokens=tokens, reps=reps, threads=threads, quality=False)
-    work = Path(tempfile.mkdtemp(prefix="edgellm-decode-"))
-    try:
-        (work / "ref").mkdir()
-        res = run_worker(variant, settings, work / "ref", True, work, env=env)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if res["status"] == "ok":
-        res.update(
-            tg_values=res["tg"]["tokens_per_s"]["values"],
-            tg_median=res["tg"]["tokens_per_s"]["median"],
-            pp_values=res["pp"]["tokens_per_s"]["values"],
-            pp_median=res["pp"]["tokens_per_s"]["median"],
-            first_token_s=res["load"]["first_token_s"],
-            peak_rss_mb=res["memory"]["peak_rss_bytes"] / 2**20,
-            peak_rss_total_mb=res["memory"]["peak_rss_total_bytes"] / 2**20,
-        )
-    return res
 
 
 def bandwidth_gbs(threads: int, mib: int = 256) -> float:
@@ -103,17 +64,12 @@ def bandwidth_gbs(threads: int, mib: int = 256) -> float:
 
 
 def make_gguf(src: Path, dst: Path, ftype: str) -> None:
-    import llama_cpp
-
     if dst.exists():
         return
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = FTYPES[ftype]
-    p.nthread = 2
-    p.allow_requantize = True
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize({ftype}) failed: {rc}")
+    try:
+        llama_quantize(src, dst, FTYPES[ftype], threads=2, allow_requantize=True)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(argv=None):
@@ -168,9 +124,7 @@ def main(argv=None):
         ap.error("give at least one of --q4, --q8, --fp32")
     opts = dict(threads=args.threads, tokens=args.tokens, pp=args.pp, reps=args.reps)
     results = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads,
+        **run_header(args.threads),
         "rounds": args.rounds,
         "protocol": "edgellm bench worker (benchmarks/worker.py)",
         "bandwidth_gbs": bandwidth_gbs(args.threads),

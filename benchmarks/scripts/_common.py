@@ -1,0 +1,182 @@
+"""What more than one study script needs, written once: a bench worker's speed measurement
+(`measure`, `numba_speed`), llama.cpp's quantizer, a run's header and Markdown/JSON output, and
+`edgellm serve` as a child process. Not a script (no entry point); heavy libraries (llama_cpp,
+openai, psutil) are imported inside the functions that use them."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# ---- speed through `edgellm bench`'s worker ----------------------------------------------------
+
+
+def measure(
+    path: str,
+    backend: str,
+    threads: int,
+    tokens: int = 128,
+    pp: int = 512,
+    reps: int = 3,
+    env: dict | None = None,
+    kernels: str | None = None,
+) -> dict:
+    """One bench worker on one model: its result (status, pp, tg, load, memory, traffic; see
+    report.schema.json's ok_row) plus flat medians for tables. Speed only (no quality pass).
+    `kernels`: the numba kernel tier to force (None: the best the target CPU has)."""
+    from edgellm.benchmarks.run import Settings, run_worker
+    from edgellm.benchmarks.variants import parse
+
+    variant = parse(f"{path}:{backend}").to_dict()
+    if kernels:
+        variant["kernels"] = kernels
+    settings = Settings(prompt_tokens=pp, gen_tokens=tokens, reps=reps, threads=threads, quality=False)
+    work = Path(tempfile.mkdtemp(prefix="edgellm-decode-"))
+    try:
+        (work / "ref").mkdir()
+        res = run_worker(variant, settings, work / "ref", True, work, env=env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if res["status"] == "ok":
+        res.update(
+            tg_values=res["tg"]["tokens_per_s"]["values"],
+            tg_median=res["tg"]["tokens_per_s"]["median"],
+            pp_values=res["pp"]["tokens_per_s"]["values"],
+            pp_median=res["pp"]["tokens_per_s"]["median"],
+            first_token_s=res["load"]["first_token_s"],
+            peak_rss_mb=res["memory"]["peak_rss_bytes"] / 2**20,
+            peak_rss_total_mb=res["memory"]["peak_rss_total_bytes"] / 2**20,
+        )
+    return res
+
+
+def numba_speed(onnx_dir: str | Path, threads: int) -> dict:
+    """Decode (tg, 64 tokens) and prompt (pp, 64 tokens) tokens/s of the numba runtime on one export,
+    median of 3, one bench worker: {"tg", "tg_all", "pp", "load_s"}, or {"error"} when it failed."""
+    r = measure(str(onnx_dir), "numba", threads, tokens=64, pp=64, reps=3)
+    if r["status"] != "ok":
+        return {"error": r["error"]}
+    return {"tg": r["tg_median"], "tg_all": r["tg_values"], "pp": r["pp_median"], "load_s": r["first_token_s"]}
+
+
+# ---- llama.cpp ----------------------------------------------------------------------------------
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int | str, threads: int, allow_requantize: bool = False) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) from `src` to `dst`. `ftype`: a
+    LLAMA_FTYPE_* value or the name of one in llama_cpp. Raises RuntimeError on a non-zero return."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, ftype) if isinstance(ftype, str) else ftype
+    p.nthread = threads
+    p.allow_requantize = allow_requantize
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype}) returned {rc}")
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def run_header(threads: int) -> dict:
+    """The first keys of a result file: when, on which CPU, with how many threads."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": threads,
+    }
+
+
+def write_table(table: str, rows: list[dict], out: Path | None) -> None:
+    """Print a Markdown table; with `out`, write it there and the rows beside it as `.json`."""
+    print(table)
+    if out:
+        out.write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+# ---- servers on loopback -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server child process on 127.0.0.1:port; ready once `ready_path` answers 200."""
+
+    def __init__(self, cmd: list[str], port: int, ready_path: str, log: Path, timeout: float = 300):
+        import urllib.request
+
+        self.port, self.log = port, log
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise SystemExit(f"server not ready after {timeout} s: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def edgellm_server(export: str, threads: int, ctx: int, log: Path, extra=()) -> ServerProcess:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-c",
+        "from edgellm.cli import main; main()",
+        "serve",
+        export,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--ctx",
+        str(ctx),
+        "--max-queue",
+        "64",
+        *extra,
+    ]
+    return ServerProcess(cmd, port, "/health", log)
+
+
+def model_id(base_url: str) -> str:
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=30).models.list().data[0].id

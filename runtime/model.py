@@ -284,7 +284,7 @@ PROMPT_CHUNK = 128
 class NumbaModel:
     """Load once, run many: `forward(ids)` appends tokens to the cache and returns logits."""
 
-    backend = "numba"
+    backend = "numba"  # implements backend.Backend
 
     def __init__(
         self,

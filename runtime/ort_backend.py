@@ -18,6 +18,9 @@ class OrtModel:
     """`forward(ids)` appends tokens to the KV cache (past_key_values) and returns logits."""
 
     backend = "onnxruntime"
+    kernels = "onnxruntime (CPUExecutionProvider)"
+    kv_cache = "fp32"
+    kernel_warning = None
 
     def __init__(self, path, n_ctx: int | None = None, threads: int | None = None, verify: bool = False):
         from .deps import require

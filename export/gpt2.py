@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgellm.errors import UnsupportedError
+from edgellm.runtime.format.names import GPT2, tensor
 
 from .decoder import DecoderIO, attention
 from .graph import FLOAT, Graph
@@ -36,11 +37,12 @@ def build(model, opts: Options) -> Graph:
     g = Graph("edgellm-gpt2")
     io = DecoderIO(g, c.n_layer, nh, hd)
     tr = model.transformer
-    emb_spec = embedding_spec(tr.wte, "transformer.wte")
-    tok = emit_embedding(g, io.ids, emb_spec, "transformer.wte", opts)
+    names = GPT2  # runtime/format/names.py: the tensors' names in the export
+    emb_spec = embedding_spec(tr.wte, names.embed)
+    tok = emit_embedding(g, io.ids, emb_spec, names.embed, opts)
     pos = g.op(
         "Gather",
-        [g.weight("transformer.wpe.weight", _np(tr.wpe.weight)), io.pos],
+        [g.weight(names.positions, _np(tr.wpe.weight)), io.pos],
         name="transformer.wpe/gather",
         axis=0,
     )
@@ -49,30 +51,35 @@ def build(model, opts: Options) -> Graph:
 
     def ln(x, mod, path):
         return g.layer_norm(
-            x, g.weight(f"{path}.weight", _np(mod.weight)), g.weight(f"{path}.bias", _np(mod.bias)), eps, f"{path}/ln"
+            x,
+            g.weight(tensor(path, "weight"), _np(mod.weight)),
+            g.weight(tensor(path, "bias"), _np(mod.bias)),
+            eps,
+            f"{path}/ln",
         )
 
     for i, blk in enumerate(tr.h):
-        p = f"transformer.h.{i}"
-        x = ln(h, blk.ln_1, f"{p}.ln_1")
-        qkv = emit_linear(g, x, linear_spec([blk.attn.c_attn], f"{p}.attn.c_attn"), f"{p}.attn.c_attn", opts)
+        p = names.layer.format(i)  # graph node names
+        lin = {role: names.linear(i, role) for role in names.linears}
+        x = ln(h, blk.ln_1, names.norm(i, "attn"))
+        qkv = emit_linear(g, x, linear_spec([blk.attn.c_attn], lin["qkv"]), lin["qkv"], opts)
         o = attention(g, io, i, qkv, nh=nh, nkv=nh, hd=hd, scale=scale, rope=None, window=None, name=f"{p}/attn")
         h = g.op(
             "Add",
-            [h, emit_linear(g, o, linear_spec([blk.attn.c_proj], f"{p}.attn.c_proj"), f"{p}.attn.c_proj", opts)],
+            [h, emit_linear(g, o, linear_spec([blk.attn.c_proj], lin["o"]), lin["o"], opts)],
             name=f"{p}/attn_residual",
         )
-        x = ln(h, blk.ln_2, f"{p}.ln_2")
-        f = emit_linear(g, x, linear_spec([blk.mlp.c_fc], f"{p}.mlp.c_fc"), f"{p}.mlp.c_fc", opts)
+        x = ln(h, blk.ln_2, names.norm(i, "mlp"))
+        f = emit_linear(g, x, linear_spec([blk.mlp.c_fc], lin["up"]), lin["up"], opts)
         f = g.op("Gelu", [f], name=f"{p}/gelu", approximate=_GELU[c.activation_function])
         h = g.op(
             "Add",
-            [h, emit_linear(g, f, linear_spec([blk.mlp.c_proj], f"{p}.mlp.c_proj"), f"{p}.mlp.c_proj", opts)],
+            [h, emit_linear(g, f, linear_spec([blk.mlp.c_proj], lin["down"]), lin["down"], opts)],
             name=f"{p}/mlp_residual",
         )
-    h = ln(h, tr.ln_f, "transformer.ln_f")
+    h = ln(h, tr.ln_f, names.final_norm)
     g.output(
-        lm_head(g, model, h, emb_spec, "transformer.wte", opts),
+        lm_head(g, model, h, emb_spec, names.embed, opts),
         "logits",
         FLOAT,
         ["batch", "seq", c.vocab_size],

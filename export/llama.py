@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgellm.errors import UnsupportedError
+from edgellm.runtime.format.names import HEAD, LLAMA, tensor
 
 from .decoder import DecoderIO, attention, rotary, split_last
 from .graph import FLOAT, Graph
@@ -61,19 +62,24 @@ def build(model, opts: Options) -> Graph:
     eps = float(c.rms_norm_eps)
 
     emb = model.get_input_embeddings()
-    emb_spec = embedding_spec(emb, "model.embed_tokens")
-    h = emit_embedding(g, io.ids, emb_spec, "model.embed_tokens", opts)
+    names = LLAMA  # runtime/format/names.py: the tensors' names in the export
+    emb_spec = embedding_spec(emb, names.embed)
+    h = emit_embedding(g, io.ids, emb_spec, names.embed, opts)
     for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
+        p = names.layer.format(i)  # graph node names
+        lin = {role: names.linear(i, role) for role in names.linears}
         a, m = layer.self_attn, layer.mlp
         x = g.rms_norm(
-            h, g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight)), eps, f"{p}/input_norm"
+            h,
+            g.weight(tensor(names.norm(i, "attn"), "weight"), _np(layer.input_layernorm.weight)),
+            eps,
+            f"{p}/input_norm",
         )
         qkv = emit_linear(
             g,
             x,
-            linear_spec([a.q_proj, a.k_proj, a.v_proj], f"{p}.self_attn.qkv_proj"),
-            f"{p}.self_attn.qkv_proj",
+            linear_spec([a.q_proj, a.k_proj, a.v_proj], lin["qkv"]),
+            lin["qkv"],
             opts,
         )
         o = attention(
@@ -91,19 +97,17 @@ def build(model, opts: Options) -> Graph:
         )
         h = g.op(
             "Add",
-            [h, emit_linear(g, o, linear_spec([a.o_proj], f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj", opts)],
+            [h, emit_linear(g, o, linear_spec([a.o_proj], lin["o"]), lin["o"], opts)],
             name=f"{p}/attn_residual",
         )
         x = g.rms_norm(
             h,
-            g.weight(f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)),
+            g.weight(tensor(names.norm(i, "mlp"), "weight"), _np(layer.post_attention_layernorm.weight)),
             eps,
             f"{p}/post_norm",
         )
         inter = m.gate_proj.out_features
-        gu = emit_linear(
-            g, x, linear_spec([m.gate_proj, m.up_proj], f"{p}.mlp.gate_up_proj"), f"{p}.mlp.gate_up_proj", opts
-        )
+        gu = emit_linear(g, x, linear_spec([m.gate_proj, m.up_proj], lin["up"]), lin["up"], opts)
         gate, up = split_last(g, gu, [inter, inter], f"{p}/gate_up_split")
         act = g.op(
             "Mul",
@@ -112,11 +116,13 @@ def build(model, opts: Options) -> Graph:
         )
         h = g.op(
             "Add",
-            [h, emit_linear(g, act, linear_spec([m.down_proj], f"{p}.mlp.down_proj"), f"{p}.mlp.down_proj", opts)],
+            [h, emit_linear(g, act, linear_spec([m.down_proj], lin["down"]), lin["down"], opts)],
             name=f"{p}/mlp_residual",
         )
-    h = g.rms_norm(h, g.weight("model.norm.weight", _np(model.model.norm.weight)), eps, "model/final_norm")
-    logits = lm_head(g, model, h, emb_spec, "model.embed_tokens", opts)
+    h = g.rms_norm(
+        h, g.weight(tensor(names.final_norm, "weight"), _np(model.model.norm.weight)), eps, "model/final_norm"
+    )
+    logits = lm_head(g, model, h, emb_spec, names.embed, opts)
     g.output(logits, "logits", FLOAT, ["batch", "seq", c.vocab_size], first=True)
     return g
 
@@ -133,9 +139,9 @@ def lm_head(g: Graph, model, h: str, emb_spec, emb_path: str, opts: Options) -> 
     if tied:
         spec = emb_spec
         if head.__class__.__name__ == "Linear" and head.bias is not None:
-            spec = linear_spec([head], "lm_head")
-        return emit_linear(g, h, spec, "lm_head", opts, weight_name=emb_path)
-    return emit_linear(g, h, linear_spec([head], "lm_head"), "lm_head", opts)
+            spec = linear_spec([head], HEAD)
+        return emit_linear(g, h, spec, HEAD, opts, weight_name=emb_path)
+    return emit_linear(g, h, linear_spec([head], HEAD), HEAD, opts)
 
 
 def config_metadata(model) -> dict:

@@ -29,6 +29,7 @@ from onnx import TensorProto
 from edgellm.arch import linear_weight
 from edgellm.errors import EdgeLLMError, UnsupportedError
 from edgellm.quant.packing import pack, unpack
+from edgellm.runtime.format.names import BIAS, QWEIGHT, QZEROS, SCALES, WEIGHT, export_name, tensor
 
 from .graph import MS_DOMAIN, Graph
 
@@ -144,7 +145,9 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
     take: codes, float32 scales (a Cast of the fp16 initializer `name.scales`), zero points."""
     fz = spec.zeros is not None and spec.zeros.dtype == np.float16
     if opts.format == "matmulnbits":
-        names = [f"{name}.qweight", f"{name}.scales"] + ([f"{name}.qzeros"] if spec.zeros is not None else [])
+        names = [tensor(name, QWEIGHT), tensor(name, SCALES)] + (
+            [tensor(name, QZEROS)] if spec.zeros is not None else []
+        )
         if names[0] not in g.weights:
             g.weight(names[0], spec.qweight)
             g.weight(names[1], spec.scales.astype(np.float16).reshape(-1))  # exact: stored fp16 values
@@ -153,7 +156,7 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
             elif spec.zeros is not None:
                 g.weight(names[2], pack(spec.zeros, spec.bits, pad_odd=True).reshape(-1))
         if fz:
-            zkey = f"{name}.qzeros/float"
+            zkey = f"{names[2]}/float"
             if zkey not in g.memo:
                 g.memo[zkey] = g.op("Cast", [names[2]], name=f"{name}/zeros_float", to=TensorProto.FLOAT)
             names[2] = g.memo[zkey]
@@ -163,7 +166,7 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
             "export with --format matmulnbits"
         )
     else:
-        names = [f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"]
+        names = [tensor(name, QWEIGHT), tensor(name, SCALES), tensor(name, QZEROS)]
         if names[0] not in g.weights:
             elem = TensorProto.UINT4 if spec.bits == 4 else TensorProto.UINT8
             padded_in = spec.n_blocks * spec.block
@@ -171,7 +174,7 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
             g.weight(names[1], spec.scales.astype(np.float16))
             zeros = spec.zeros if spec.zeros is not None else np.full(spec.scales.shape, 1 << (spec.bits - 1), np.uint8)
             g.weight(names[2], pack(zeros.reshape(-1), spec.bits, pad_odd=True), elem, dims=list(spec.scales.shape))
-    key = f"{name}.scales/float"
+    key = f"{names[1]}/float"
     if key not in g.memo:
         g.memo[key] = g.op("Cast", [names[1]], name=f"{name}/scales_float", to=TensorProto.FLOAT)
     return [names[0], g.memo[key], *names[2:]]
@@ -194,9 +197,9 @@ def emit_linear(g: Graph, x: str, spec: LinearSpec, path: str, opts: Options, we
     """y = x @ W^T (+ b) for x (..., in) -> (..., out). `weight_name` shares another tensor's weights."""
     wname = weight_name or path
     if not spec.quantized:
-        if f"{wname}.weight" not in g.weights:
-            g.weight(f"{wname}.weight", spec.w)
-        wt = g.op("Transpose", [f"{wname}.weight"], name=f"{path}/transpose", perm=[1, 0])
+        if tensor(wname, WEIGHT) not in g.weights:
+            g.weight(tensor(wname, WEIGHT), spec.w)
+        wt = g.op("Transpose", [tensor(wname, WEIGHT)], name=f"{path}/transpose", perm=[1, 0])
         y = g.op("MatMul", [x, wt], name=f"{path}/matmul")
     elif opts.format == "matmulnbits":
         names = _quant_weights(g, wname, spec, opts)
@@ -216,16 +219,16 @@ def emit_linear(g: Graph, x: str, spec: LinearSpec, path: str, opts: Options, we
         w = _dequantized(g, wname, spec, opts)
         y = g.op("MatMul", [x, g.op("Transpose", [w], name=f"{path}/transpose", perm=[1, 0])], name=f"{path}/matmul")
     if spec.bias is not None:
-        g.weight(f"{path}.bias", spec.bias)
-        y = g.op("Add", [y, f"{path}.bias"], name=f"{path}/bias")
+        g.weight(tensor(path, BIAS), spec.bias)
+        y = g.op("Add", [y, tensor(path, BIAS)], name=f"{path}/bias")
     return y
 
 
 def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Options) -> str:
     """Rows of the (vocab, dim) table `path` for int64 ids (...) -> (..., dim)."""
     if not spec.quantized:
-        g.weight(f"{path}.weight", spec.w)
-        return g.op("Gather", [f"{path}.weight", ids], name=f"{path}/gather", axis=0)
+        g.weight(tensor(path, WEIGHT), spec.w)
+        return g.op("Gather", [tensor(path, WEIGHT), ids], name=f"{path}/gather", axis=0)
     if opts.format == "qdq":
         return g.op("Gather", [_dequantized(g, path, spec, opts), ids], name=f"{path}/gather", axis=0)
     names = _quant_weights(g, path, spec, opts)
@@ -267,15 +270,6 @@ def embedding_spec(module, path: str) -> LinearSpec:
     return LinearSpec(out_f=w.shape[0], in_f=w.shape[1], w=w)
 
 
-_FUSED = {
-    "q_proj": "qkv_proj",
-    "k_proj": "qkv_proj",
-    "v_proj": "qkv_proj",
-    "gate_proj": "gate_up_proj",
-    "up_proj": "gate_up_proj",
-}
-
-
 def tensor_bits(model) -> dict[str, int]:
     """Bits of every packed tensor by its name in the export (fused q/k/v and gate/up named as
     the exporters name them), so a reader needs no single model-wide width: a mixed-precision
@@ -285,8 +279,7 @@ def tensor_bits(model) -> dict[str, int]:
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, PackedMatrix):
-            parent, _, leaf = path.rpartition(".")
-            out[f"{parent}.{_FUSED[leaf]}" if leaf in _FUSED else path] = m.fmt.bits
+            out[export_name(path)] = m.fmt.bits
     return out
 
 

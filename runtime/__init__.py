@@ -1,4 +1,5 @@
-"""edgellm.runtime: run an exported model without torch or transformers (numpy, numba, onnx, tokenizers).
+"""edgellm.runtime: run an exported model without torch or transformers (numpy, numba, tokenizers;
+model.onnx is read by the runtime's own protobuf reader, onnx_proto.py).
 
 Never import torch or transformers here: a test enforces it.
 

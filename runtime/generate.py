@@ -373,7 +373,7 @@ def load(
     """Open an export directory on the numba (default) or onnxruntime backend. `kv_cache`
     (numba): auto = fp16 beside quantized weights, fp32 beside float ones; or fp16 / fp32.
     `kernels` (numba): the kernel tier, auto = the best the CPU numba compiles for has, or a
-    lower one by name (avx512-vnni, avx-vnni, avx2, generic; kernels/tiers.py); one the CPU
+    lower one by name (avx512-vnni, avx-vnni, avx2, neon-dotprod, neon, generic; kernels/tiers.py); one the CPU
     lacks is an EdgeLLMError.
     `verify`: check every file against the sha256 recorded at export first (slower start).
     `device="cuda"`: the numba backend's GPU path (runtime/cuda/, numba's CUDA target)."""

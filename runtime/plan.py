@@ -167,15 +167,17 @@ class _Walk:
         ex = self.ex
         bias = ex.get(tensor(p, BIAS)) if ex.has(tensor(p, BIAS)) else None
         if not ex.has(tensor(p, QWEIGHT)):
-            w = ex.get(tensor(p, WEIGHT))  # raises the "no initializer" error when absent
+            wname = tensor(p, WEIGHT)
+            w = ex.get(wname)  # raises the "no initializer" error when absent
             if w.ndim != 2 or w.dtype not in (np.float32, np.float16) or w.shape[1] != k:
-                raise self.refuse(f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix")
+                raise self.refuse(f"'{wname}' ({w.dtype}, shape {w.shape}) is not a float matrix")
             return LinearPlan(p, w.shape[0], k, w, bias=bias)
-        qw = ex.get(tensor(p, QWEIGHT))
+        qname = tensor(p, QWEIGHT)
+        qw = ex.get(qname)
         bits = int(self.tensor_bits.get(p, self.bits))
         if bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
             raise self.refuse(
-                f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout (4 or 8 bits)"
+                f"'{qname}' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout (4 or 8 bits)"
             )
         n, nb, blob = qw.shape
         zp = ex.get(tensor(p, QZEROS)) if ex.has(tensor(p, QZEROS)) else None
@@ -185,10 +187,11 @@ class _Walk:
             raise UnsupportedError(
                 f"'{p}' has blocks of {gs} columns; {self.who} needs a power of two >= {MIN_BLOCK}{self.hint}"
             )
-        scales = ex.get(tensor(p, SCALES)).reshape(-1)
+        sname = tensor(p, SCALES)
+        scales = ex.get(sname).reshape(-1)
         if scales.size != n * nb:
-            raise EdgeLLMError(f"'{p}.scales' has {scales.size} values, expected {n * nb}")
+            raise EdgeLLMError(f"'{sname}' has {scales.size} values, expected {n * nb}")
         if not nb * gs - gs < k <= nb * gs:
-            raise EdgeLLMError(f"'{p}.qweight' packs {nb * gs} columns but the layer has {k} inputs")
+            raise EdgeLLMError(f"'{qname}' packs {nb * gs} columns but the layer has {k} inputs")
         zeros = None if zp is None else zero_points(zp, n, nb, bits)
         return LinearPlan(p, n, k, qw, fmt, scales, zeros, zp, bias)

@@ -35,7 +35,19 @@ from .format.dtypes import FLOAT as _FLOAT
 from .format.dtypes import FLOAT16 as _HALF
 from .format.dtypes import UINT4
 from .format.dtypes import UINT8 as _U8
-from .format.names import ARCHITECTURES, HEAD, LAYER_NORMS, ROLES, names_for
+from .format.names import (
+    ARCHITECTURES,
+    BIAS,
+    HEAD,
+    LAYER_NORMS,
+    QWEIGHT,
+    QZEROS,
+    ROLES,
+    SCALES,
+    WEIGHT,
+    names_for,
+    tensor,
+)
 from .loader import Export
 
 NORMS, POSITIONS, MLPS = ("rms", "layer"), ("rope", "learned"), ("gated", "plain")
@@ -278,22 +290,19 @@ class _Checker:
     def linear(self, p: str, n: int, k: int, bias: bool, quantized: bool):
         """A float [n, k] weight, or the packed layout of the quantization format; optional bias [n]."""
         ex, q = self.ex, self.q
-        if quantized and q is not None and f"{p}.qweight" in ex.infos:
+        qw, sc, qz, wt = (tensor(p, part) for part in (QWEIGHT, SCALES, QZEROS, WEIGHT))
+        if quantized and q is not None and qw in ex.infos:
             bits, fmt, own = q.tensor_bits.get(p, q.bits), q.format, bool(q.tensor_bits)
-            qinfo = self.info(f"{p}.qweight")
+            qinfo = self.info(qw)
             if fmt == "matmulnbits":
                 if len(qinfo.shape) != 3 or qinfo.shape[0] != n or qinfo.shape[2] < 1:
-                    raise EdgeLLMError(
-                        f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, n_blocks, blob)"
-                    )
+                    raise EdgeLLMError(f"initializer '{qw}' has shape {qinfo.shape}; expected ({n}, n_blocks, blob)")
                 nb, blob = qinfo.shape[1], qinfo.shape[2]
                 block = blob * 8 // bits
             else:
                 if len(qinfo.shape) != 2 or qinfo.shape[0] != n:
-                    raise EdgeLLMError(
-                        f"initializer '{p}.qweight' has shape {qinfo.shape}; expected ({n}, padded inputs)"
-                    )
-                nb = self.info(f"{p}.scales").shape[-1] if len(self.info(f"{p}.scales").shape) == 2 else 0
+                    raise EdgeLLMError(f"initializer '{qw}' has shape {qinfo.shape}; expected ({n}, padded inputs)")
+                nb = self.info(sc).shape[-1] if len(self.info(sc).shape) == 2 else 0
                 block = qinfo.shape[1] // nb if nb else 0
             if own and (block < 16 or block & (block - 1)):
                 raise EdgeLLMError(f"'{p}' is packed in blocks of {block} columns; blocks are powers of two >= 16")
@@ -306,26 +315,24 @@ class _Checker:
                     f"'{p}' packs {nb} blocks of {block} columns; its {k} inputs need {-(-k // max(block, 1))}"
                 )
             if fmt == "matmulnbits":
-                self.tensor(f"{p}.qweight", (n, nb, block * bits // 8), (_U8,))
-                self.tensor(f"{p}.scales", (n * nb,), (_HALF, _FLOAT), finite=True)  # fp32: exports before 12-01
-                if (
-                    (f"{p}.qzeros" in ex.infos) if own else not q.sym
-                ):  # per-tensor formats: zero points where asymmetric
-                    if self.info(f"{p}.qzeros").data_type == _HALF:  # float zero points (fp16, one per block)
-                        self.tensor(f"{p}.qzeros", (n * nb,), (_HALF,), finite=True)
+                self.tensor(qw, (n, nb, block * bits // 8), (_U8,))
+                self.tensor(sc, (n * nb,), (_HALF, _FLOAT), finite=True)  # fp32: exports before 12-01
+                if (qz in ex.infos) if own else not q.sym:  # per-tensor formats: zero points where asymmetric
+                    if self.info(qz).data_type == _HALF:  # float zero points (fp16, one per block)
+                        self.tensor(qz, (n * nb,), (_HALF,), finite=True)
                     else:
-                        self.tensor(f"{p}.qzeros", (n * (-(-nb * bits // 8)),), (_U8,))
+                        self.tensor(qz, (n * (-(-nb * bits // 8)),), (_U8,))
             else:
                 code = UINT4 if bits == 4 else _U8
-                self.tensor(f"{p}.qweight", (n, nb * block), (code,))
-                self.tensor(f"{p}.scales", (n, nb), (_HALF, _FLOAT), finite=True)
-                self.tensor(f"{p}.qzeros", (n, nb), (code,))
+                self.tensor(qw, (n, nb * block), (code,))
+                self.tensor(sc, (n, nb), (_HALF, _FLOAT), finite=True)
+                self.tensor(qz, (n, nb), (code,))
         else:
-            if f"{p}.weight" not in ex.infos and f"{p}.qweight" in ex.infos:
+            if wt not in ex.infos and qw in ex.infos:
                 raise EdgeLLMError(f"'{p}' is quantized, but the metadata says the model is not (edgellm.quantization)")
-            self.tensor(f"{p}.weight", (n, k), (_FLOAT, _HALF))
+            self.tensor(wt, (n, k), (_FLOAT, _HALF))
         if bias:
-            self.tensor(f"{p}.bias", (n,), (_FLOAT,), finite=True)
+            self.tensor(tensor(p, BIAS), (n,), (_FLOAT,), finite=True)
 
 
 def validate_export(ex: Export) -> ModelConfig:

@@ -59,3 +59,16 @@ def names_for(architecture: str) -> TensorNames:
 def tensor(path: str, part: str) -> str:
     """'model.norm', 'weight' -> 'model.norm.weight'."""
     return f"{path}.{part}"
+
+
+# checkpoint projections the exporter fuses into one linear, by their module name -> the role
+FUSED_ROLES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "up", "up_proj": "up"}
+
+
+def export_name(checkpoint_path: str) -> str:
+    """The export's name of a checkpoint linear: 'model.layers.0.self_attn.q_proj' ->
+    'model.layers.0.self_attn.qkv_proj' (fused); any other module keeps its path."""
+    parent, _, leaf = checkpoint_path.rpartition(".")
+    if leaf not in FUSED_ROLES:
+        return checkpoint_path
+    return f"{parent}.{LLAMA.linears[FUSED_ROLES[leaf]].rpartition('.')[2]}"

@@ -44,7 +44,7 @@ supplies only what differs between instruction sets, as a `Tier` (below, built i
                 512-token prompt 1.3-1.4x faster on AVX2 and 1.1-1.25x on AVX-VNNI, where 4x2,
                 2x4, 4x1 and 1x4 gained less. None: one pass (32-register ISAs: AVX-512, NEON).
 
-Adding a tier (e.g. NEON): write its hooks in a new file (hooks_neon.py), build its `Tier`, and
+Adding a tier (as NEON was: hooks_neon.py): write its hooks in a new file, build its `Tier`, and
 add it to `_tiers()` in tiers.py; nothing in simd.py or quant.py changes. The compiled kernels contain
 code only for the tiers the compile target has (the gate runs at code generation), so a cache
 built for one CPU never holds another's instructions, and numba keys its caches on the target

@@ -201,7 +201,6 @@ def open_export(path, verify: bool = False) -> Export:
     one-line reason. `verify`: also check the files' sha256 against the export's record."""
     path = Path(path)
     onnx_path, meta, inits = read_metadata(path)
-    data_path = path / DATA_NAME
     if verify:
         verify_files(path, meta)
     config = _json_meta(meta, "edgellm.config", onnx_path)
@@ -212,91 +211,19 @@ def open_export(path, verify: bool = False) -> Export:
         raise EdgeLLMError(
             f"'{onnx_path}' metadata 'edgellm.quantization' is a JSON {type(quant).__name__}, not an object or null"
         )
-
     infos: dict[str, TensorInfo] = {}
     for t in inits:
         if not t.name:
             raise EdgeLLMError(f"'{onnx_path}' has an initializer without a name")
         if t.name in infos:
             raise EdgeLLMError(f"'{onnx_path}' has two initializers named '{t.name}'")
-        if any(d < 0 for d in t.dims) or len(t.dims) > 8:
-            raise EdgeLLMError(
-                f"initializer '{t.name}' has shape {tuple(t.dims)}; expected at most 8 non-negative dimensions"
-            )
-        shape = tuple(int(d) for d in t.dims)
-        nbytes = _byte_count(t.data_type, math.prod(shape))
-        if nbytes is None:
-            raise UnsupportedError(
-                f"initializer '{t.name}' has ONNX data type {t.data_type}, which no edgellm export uses"
-            )
-        if t.data_location == EXTERNAL:
-            if t.external.get("location") != DATA_NAME:
-                raise EdgeLLMError(f"initializer '{t.name}' lives in {t.external.get('location')!r}, not {DATA_NAME}")
-            off, n = _int_field(t, "offset"), _int_field(t, "length")
-            if n != nbytes:
-                raise EdgeLLMError(f"initializer '{t.name}' says {n} bytes but its shape {shape} needs {nbytes}")
-            if off % ALIGN:
-                raise EdgeLLMError(
-                    f"initializer '{t.name}' starts at byte {off} of {DATA_NAME}, not a multiple of {ALIGN}"
-                )
-            infos[t.name] = TensorInfo(t.data_type, shape, True, off, n)
-        elif t.data_location != 0:
-            raise EdgeLLMError(
-                f"initializer '{t.name}' has data_location {t.data_location}; expected 0 (inline) or 1 (external)"
-            )
-        else:
-            held = len(t.raw) if t.raw is not None else _byte_count(t.data_type, len(t.values or []))
-            if t.raw is not None and t.values:
-                raise EdgeLLMError(f"initializer '{t.name}' holds both raw_data and typed values")
-            if held != nbytes:
-                raise EdgeLLMError(f"initializer '{t.name}' holds {held} bytes but its shape {shape} needs {nbytes}")
-            infos[t.name] = TensorInfo(t.data_type, shape, False, 0, nbytes)
-
-    external = sorted((i.offset, i.offset + i.nbytes, name) for name, i in infos.items() if i.external)
-    mm, size = None, 0
-    if external:
-        if not data_path.is_file():
-            raise EdgeLLMError(
-                f"'{data_path}' is missing; the weights of '{onnx_path}' live there (copy the whole export directory)"
-            )
-        size = data_path.stat().st_size
-        need = max(e for _, e, _ in external)
-        if size < need:
-            raise EdgeLLMError(
-                f"'{data_path}' is truncated: {size} bytes, but the model's weights need {need} bytes "
-                "(an interrupted copy? export again or copy the file again)"
-            )
-        for (_, e0, a), (s1, _, b) in zip(external, external[1:]):
-            if s1 < e0:
-                raise EdgeLLMError(
-                    f"initializers '{a}' and '{b}' overlap in {DATA_NAME} (bytes {s1}..{e0}); the file is damaged"
-                )
-        if size:
-            with open(data_path, "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        infos[t.name] = _tensor_info(t)
+    mm, size = _map_data(path / DATA_NAME, onnx_path, infos)
     tensors = {}
     for t in inits:
-        dtype, info = _NP_OF.get(t.data_type), infos[t.name]
-        if dtype is None:
-            continue  # UINT4/INT4 of a qdq graph: ONNX Runtime reads them, the numba runtime never views them
-        count = math.prod(info.shape)
-        if info.external:
-            if count == 0:
-                tensors[t.name] = np.zeros(info.shape, dtype)
-            else:
-                tensors[t.name] = np.frombuffer(mm, dtype=dtype, count=count, offset=info.offset).reshape(info.shape)
-        elif t.raw is not None:
-            tensors[t.name] = np.frombuffer(t.raw, dtype=dtype).reshape(info.shape)
-        else:
-            vals = t.values or []
-            try:
-                if dtype == np.float16:  # stored as the uint16 bits in int32_data
-                    arr = np.array(vals, np.int64).astype(np.uint16).view(np.float16)
-                else:
-                    arr = np.array(vals, np.float64 if np.dtype(dtype).kind == "f" else np.int64).astype(dtype)
-            except (OverflowError, ValueError, TypeError) as exc:
-                raise EdgeLLMError(f"initializer '{t.name}' holds values that do not fit its type: {exc}") from None
-            tensors[t.name] = arr.reshape(info.shape)
+        dtype = _NP_OF.get(t.data_type)
+        if dtype is not None:  # UINT4/INT4 of a qdq graph: ONNX Runtime reads them, the numba runtime never views them
+            tensors[t.name] = _view(t, infos[t.name], dtype, mm)
     return Export(
         path=path,
         config=config,
@@ -307,3 +234,82 @@ def open_export(path, verify: bool = False) -> Export:
         _mmap=mm,
         infos=infos,
     )
+
+
+def _tensor_info(t) -> TensorInfo:
+    """What initializer `t` declares, checked: shape, data type, and its bytes (external: the
+    range in the data file, aligned; inline: exactly what the shape needs)."""
+    if any(d < 0 for d in t.dims) or len(t.dims) > 8:
+        raise EdgeLLMError(
+            f"initializer '{t.name}' has shape {tuple(t.dims)}; expected at most 8 non-negative dimensions"
+        )
+    shape = tuple(int(d) for d in t.dims)
+    nbytes = _byte_count(t.data_type, math.prod(shape))
+    if nbytes is None:
+        raise UnsupportedError(f"initializer '{t.name}' has ONNX data type {t.data_type}, which no edgellm export uses")
+    if t.data_location == EXTERNAL:
+        if t.external.get("location") != DATA_NAME:
+            raise EdgeLLMError(f"initializer '{t.name}' lives in {t.external.get('location')!r}, not {DATA_NAME}")
+        off, n = _int_field(t, "offset"), _int_field(t, "length")
+        if n != nbytes:
+            raise EdgeLLMError(f"initializer '{t.name}' says {n} bytes but its shape {shape} needs {nbytes}")
+        if off % ALIGN:
+            raise EdgeLLMError(f"initializer '{t.name}' starts at byte {off} of {DATA_NAME}, not a multiple of {ALIGN}")
+        return TensorInfo(t.data_type, shape, True, off, n)
+    if t.data_location != 0:
+        raise EdgeLLMError(
+            f"initializer '{t.name}' has data_location {t.data_location}; expected 0 (inline) or 1 (external)"
+        )
+    held = len(t.raw) if t.raw is not None else _byte_count(t.data_type, len(t.values or []))
+    if t.raw is not None and t.values:
+        raise EdgeLLMError(f"initializer '{t.name}' holds both raw_data and typed values")
+    if held != nbytes:
+        raise EdgeLLMError(f"initializer '{t.name}' holds {held} bytes but its shape {shape} needs {nbytes}")
+    return TensorInfo(t.data_type, shape, False, 0, nbytes)
+
+
+def _map_data(data_path: Path, onnx_path: Path, infos: dict[str, TensorInfo]) -> tuple[mmap.mmap | None, int]:
+    """Memory-map the data file once every external range is known to lie inside it, apart."""
+    external = sorted((i.offset, i.offset + i.nbytes, name) for name, i in infos.items() if i.external)
+    if not external:
+        return None, 0
+    if not data_path.is_file():
+        raise EdgeLLMError(
+            f"'{data_path}' is missing; the weights of '{onnx_path}' live there (copy the whole export directory)"
+        )
+    size = data_path.stat().st_size
+    need = max(e for _, e, _ in external)
+    if size < need:
+        raise EdgeLLMError(
+            f"'{data_path}' is truncated: {size} bytes, but the model's weights need {need} bytes "
+            "(an interrupted copy? export again or copy the file again)"
+        )
+    for (_, e0, a), (s1, _, b) in zip(external, external[1:]):
+        if s1 < e0:
+            raise EdgeLLMError(
+                f"initializers '{a}' and '{b}' overlap in {DATA_NAME} (bytes {s1}..{e0}); the file is damaged"
+            )
+    if not size:
+        return None, 0
+    with open(data_path, "rb") as fh:
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), size
+
+
+def _view(t, info: TensorInfo, dtype, mm) -> np.ndarray:
+    """A read-only view of initializer `t` (into the memory map, or its inline bytes)."""
+    count = math.prod(info.shape)
+    if info.external:
+        if count == 0:
+            return np.zeros(info.shape, dtype)
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=info.offset).reshape(info.shape)
+    if t.raw is not None:
+        return np.frombuffer(t.raw, dtype=dtype).reshape(info.shape)
+    vals = t.values or []
+    try:
+        if dtype == np.float16:  # stored as the uint16 bits in int32_data
+            arr = np.array(vals, np.int64).astype(np.uint16).view(np.float16)
+        else:
+            arr = np.array(vals, np.float64 if np.dtype(dtype).kind == "f" else np.int64).astype(dtype)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise EdgeLLMError(f"initializer '{t.name}' holds values that do not fit its type: {exc}") from None
+    return arr.reshape(info.shape)

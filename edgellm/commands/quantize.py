@@ -89,7 +89,7 @@ def quantize(
     Example: edgellm quantize SmolLM2-135M-Instruct.Q4_1.gguf --bits 4 --method gptq -o smol-q4/
     """
     from ..console import PROGRESS, quiet_transformers, show_warnings
-    from ..pipeline.quantize import run_quantize
+    from ..pipeline.quantize import quant_config, run_quantize
 
     options = QuantizeOptions(
         bits=bits,
@@ -111,6 +111,7 @@ def quantize(
         eval_tokens=eval_tokens,
         seed=seed,
     )
+    quant_config(options)  # every option before any heavy work
     with show_warnings():
         quiet_transformers()
         result = run_quantize(model, output, options, progress=PROGRESS, force=force)

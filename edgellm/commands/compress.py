@@ -80,6 +80,9 @@ def compress(
 
         for module in ("torch", "transformers"):
             require(module, "'edgellm compress'")
+        from ..console import quiet_transformers
+
+        quiet_transformers()
     n = len(r.stages)
     console.print(f"recipe {recipe}: {n} stage{'s' if n > 1 else ''} on {r.model} -> {output}/")
     for s in r.stages:
@@ -111,7 +114,7 @@ def compress(
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        results = runner.run(r, output, on_event)
+        results = runner.run(r, output, on_event, _hooks())
     except KeyboardInterrupt:
         from ..console import fail
 
@@ -140,6 +143,30 @@ def compress(
         table.add_row(*row)
     out.print(table)
     console.print(f"wrote {output}/report.md, report.json, report.html and recipe.lock.json")
+
+
+def _hooks():
+    """Each stage as its command shows it: warnings, progress bars, the command's summary."""
+    from ..console import PROGRESS, console, show_warnings
+    from ..recipe.stages import Hooks
+    from .distill import TrainBar
+
+    return Hooks(
+        progress=PROGRESS, train_progress=TrainBar(console, PROGRESS), context=show_warnings, show=_show_result
+    )
+
+
+def _show_result(command: str, args: dict, result, options) -> None:
+    from . import bench, distill, export, prune, quantize
+
+    if command == "bench":
+        bench.show_result(result, options)
+    elif command == "distill":
+        if result.main:
+            distill.show_result(result, args["teacher"], options)
+    elif command in ("prune", "quantize", "export"):
+        {"prune": prune, "quantize": quantize, "export": export}[command].show_result(result, args["model"], options)
+    # eval: the stage writes eval.json and prints nothing, as before
 
 
 def _check_model(spec: str) -> None:

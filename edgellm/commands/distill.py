@@ -129,7 +129,7 @@ def distill(
     with show_warnings():
         quiet_transformers()
         result = run_distill(
-            teacher, output, options, progress=PROGRESS, train_progress=_TrainBar(console, PROGRESS), force=force
+            teacher, output, options, progress=PROGRESS, train_progress=TrainBar(console, PROGRESS), force=force
         )
     if result.main:
         show_result(result, teacher, options)
@@ -155,7 +155,7 @@ def show_result(result: DistillResult, teacher: str, o: DistillOptions) -> None:
         )
 
 
-class _TrainBar:
+class TrainBar:
     """A progress bar for the training loop with loss, tokens/s and ETA (other phases: the usual bar).
 
     When stderr is not a terminal (a background job), prints a line about every 5% instead.

@@ -351,3 +351,11 @@ stages:
     assert res["model"] == str(out / "00-quantize") and res["reference"] == str(teacher)
     assert res["kl"] > 0 and 200 < res["tokens"] < 256 and res["ctx"] == 64
     assert lock(out)["stages"][1]["inputs"]["model"]["sha256"] == lock(out)["stages"][0]["output_sha256"]
+
+
+def test_eval_stage_checks_the_context_like_edgellm_eval(tiny_dirs, tmp_path):
+    """The eval stage is `edgellm eval`'s workflow: a --ctx beyond the model's positions is refused."""
+    recipe = write(tmp_path, f"model: {tiny_dirs['llama']}\nstages:\n  - eval: {{ctx: 100000, eval-tokens: 64}}\n")
+    r = compress(recipe, "-o", tmp_path / "out", "--no-report")
+    assert r.exit_code == 2 and "--ctx 100000 exceeds the model's" in r.output, r.output
+    assert not (tmp_path / "out" / "00-eval").exists()

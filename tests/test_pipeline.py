@@ -58,7 +58,7 @@ def _cli_options(fn) -> dict:
 
     from typer.models import OptionInfo
 
-    from edgellm.recipe.stages import _base
+    from edgellm.pipeline.options import value_type
 
     hints = typing.get_type_hints(fn, include_extras=True)
     out = {}
@@ -68,7 +68,7 @@ def _cli_options(fn) -> dict:
             continue
         decls = ([info.default] if isinstance(info.default, str) else []) + list(info.param_decls or ())
         flag = next(d.split("/")[0] for d in decls if d.startswith("--"))
-        out[name] = (flag, param.default, info.min, info.max, _base(typing.get_args(hints[name])[0]))
+        out[name] = (flag, param.default, info.min, info.max, value_type(typing.get_args(hints[name])[0]))
     return out
 
 
@@ -78,7 +78,7 @@ def test_options_records_match_the_commands():
 
     from edgellm.commands import bench, distill, evaluate, export, prune, quantize
     from edgellm.pipeline.options import flags
-    from edgellm.recipe.stages import COMMANDS, _base
+    from edgellm.recipe.stages import COMMANDS
 
     cli = {
         "prune": prune.prune,
@@ -90,7 +90,7 @@ def test_options_records_match_the_commands():
     }
     for stage, record in COMMANDS.items():
         want = {k: v for k, v in _cli_options(cli[stage]).items() if k not in ("output", "force", "as_json")}
-        got = {f.name: (flag.flag, f.default, flag.min, flag.max, _base(hint)) for f, flag, hint in flags(record)}
+        got = {f.name: (flag.flag, f.default, flag.min, flag.max, kind) for f, flag, kind in flags(record)}
         assert got == want, stage
         assert all(f.default is not dataclasses.MISSING for f in dataclasses.fields(record))
 

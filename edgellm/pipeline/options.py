@@ -8,6 +8,7 @@ types, ranges, enum choices), so the options are listed once, here.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 
@@ -26,7 +27,14 @@ def option(default, flag: str, *, min: float | None = None, max: float | None = 
     return dataclasses.field(default=default, metadata={"cli": Flag(flag, min, max)})
 
 
-def flags(cls) -> list[tuple[dataclasses.Field, Flag, object]]:
+def value_type(annotation):
+    """An option's value type: Optional[X] / X | None -> X (bool, int, float, str, Path or an Enum)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return args[0] if union and len(args) == 1 else annotation
+
+
+def flags(cls) -> list[tuple[dataclasses.Field, Flag, type]]:
     """(field, its Flag, its value type) for every option of an options record, in order."""
     hints = typing.get_type_hints(cls)
-    return [(f, f.metadata["cli"], hints[f.name]) for f in dataclasses.fields(cls) if "cli" in f.metadata]
+    return [(f, f.metadata["cli"], value_type(hints[f.name])) for f in dataclasses.fields(cls) if "cli" in f.metadata]

@@ -15,7 +15,6 @@ import difflib
 import enum
 import functools
 import json
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,24 +79,17 @@ class Option:
     max: float | None
 
 
-def _base(annotation):
-    """The option's value type: Optional[X] / X | None -> X."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    return args[0] if union and len(args) == 1 else annotation
-
-
 @functools.lru_cache(maxsize=None)
 def signature(stage: str) -> tuple[dict[str, Option], list[str]]:
     """(settable options by recipe key and aliases, every parameter name) read from the options record."""
     out: dict[str, Option] = {}
     names = list(ARGUMENTS[stage])
-    for f, flag, hint in flags(COMMANDS[stage]):
+    for f, flag, kind in flags(COMMANDS[stage]):
         names.append(f.name)
         if f.name in MANAGED:
             continue
         key = flag.flag[2:]
-        opt = Option(name=f.name, key=key, kind=_base(hint), default=f.default, min=flag.min, max=flag.max)
+        opt = Option(name=f.name, key=key, kind=kind, default=f.default, min=flag.min, max=flag.max)
         for alias in {key, f.name, f.name.replace("_", "-"), key.replace("-", "_")}:
             out[alias] = opt
     return out, names

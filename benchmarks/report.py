@@ -110,7 +110,8 @@ def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
     return rows
 
 
-def _notes(report: dict) -> list[str]:
+def notes(report: dict) -> list[str]:
+    """The report's footnotes: what pp, tg, load and energy mean in this run (Markdown and HTML)."""
     s, env, prof = report["settings"], report["environment"], report["energy_profile"]
     kinds = {r["energy"]["kind"] for r in report["variants"] if r.get("energy")}
     return [
@@ -164,14 +165,15 @@ def markdown(report: dict) -> str:
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS) - 1)) + "|---|",
     ]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    lines += [""] + [f"- {n}" for n in _notes(report)] + [""]
+    lines += [""] + [f"- {n}" for n in notes(report)] + [""]
     return "\n".join(lines)
 
 
 # ---- plots -------------------------------------------------------------------------------
 
 
-def _png(fig) -> str:
+def png_base64(fig) -> str:
+    """A matplotlib figure as a base64 PNG (for an <img src="data:..."> in report.html)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -222,7 +224,7 @@ def plots(report: dict) -> list[tuple[str, str]]:
     ax.set_ylabel("generation tokens/s (median)")
     ax.set_title("Speed vs size, coloured by perplexity")
     ax.grid(alpha=0.3)
-    out.append(("Generation speed vs size", _png(fig)))
+    out.append(("Generation speed vs size", png_base64(fig)))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, max(2.5, 0.5 * len(ok) + 1.5)))
@@ -236,7 +238,7 @@ def plots(report: dict) -> list[tuple[str, str]]:
         ax.set_xlabel("tokens/s (median, bars = min–max)")
         ax.set_title(f"{title} ({report['settings']['prompt_tokens' if key == 'pp' else 'gen_tokens']} tokens)")
         ax.grid(axis="x", alpha=0.3)
-    out.append(("Tokens/s per variant, with spread", _png(fig)))
+    out.append(("Tokens/s per variant, with spread", png_base64(fig)))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.45 * len(ok) + 1.2)))
@@ -247,7 +249,7 @@ def plots(report: dict) -> list[tuple[str, str]]:
     ax.set_xlabel("MB")
     ax.legend()
     ax.set_title("Peak RSS of each variant's process vs file size")
-    out.append(("Memory", _png(fig)))
+    out.append(("Memory", png_base64(fig)))
     plt.close(fig)
     return out
 
@@ -267,13 +269,13 @@ def html_page(report: dict) -> str:
         for r in rows
     )
     figs = "".join(f'<h2>{e(t)}</h2><img alt="{e(t)}" src="data:image/png;base64,{b}">' for t, b in plots(report))
-    notes = "".join(f"<li>{e(n)}</li>" for n in _notes(report))
+    notes_html = "".join(f"<li>{e(n)}</li>" for n in notes(report))
     raw = e(json.dumps(report, indent=1))
     return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>edgellm bench</title><style>{CSS}</style></head>'
         "<body>"
         f"<h1>edgellm bench — {e(report['environment']['date'][:10])}</h1><table><tr>{head}</tr>{body}</table>"
-        f"<ul>{notes}</ul>{figs}<details><summary>report.json</summary><pre>{raw}</pre></details></body></html>\n"
+        f"<ul>{notes_html}</ul>{figs}<details><summary>report.json</summary><pre>{raw}</pre></details></body></html>\n"
     )
 
 

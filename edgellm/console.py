@@ -41,6 +41,9 @@ class RichProgress:
         with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             yield from bar.track(iterable, total=total, description=description)
 
+    def status(self, message: str):
+        return status(message)
+
 
 PROGRESS = RichProgress()
 

@@ -1,11 +1,14 @@
 """Progress reporting without printing from library code.
 
 Library functions take a `progress` object and call `progress.track(iterable, description,
-total)`; the CLI passes a rich progress bar, tests and the Python API pass nothing.
+total)`, and `progress.status(message)` around a step without a count; the CLI passes a rich
+progress bar and spinner, tests and the Python API pass nothing.
 Warnings go through `warnings.warn(..., EdgeLLMWarning)`; the CLI shows them.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 
 class EdgeLLMWarning(UserWarning):
@@ -15,6 +18,10 @@ class EdgeLLMWarning(UserWarning):
 class NullProgress:
     def track(self, iterable, description: str = "", total: int | None = None):
         return iterable
+
+    def status(self, message: str):
+        """A spinner with `message` while a step without a count runs (here: nothing)."""
+        return contextlib.nullcontext()
 
 
 NULL = NullProgress()

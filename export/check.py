@@ -110,8 +110,8 @@ def _exact_variant(path: Path):
     return m if changed else None
 
 
-def check_export(out_dir: Path, model, prompt_ids: list[int]) -> dict:
-    """Run all checks on out_dir; return the measured figures or raise ParityError."""
+def check_parity(out_dir: Path, model, prompt_ids: list[int]) -> dict:
+    """onnx.checker, then ONNX Runtime vs PyTorch logits on out_dir: the figures, or ParityError."""
     import onnx
 
     path = Path(out_dir) / ONNX_NAME

@@ -19,7 +19,7 @@ from edgellm.outputs import atomic_output_dir, check_output_dir
 from edgellm.record import add_step, write_record
 
 from . import gpt2, llama
-from .check import ParityError, check_export
+from .check import ParityError, check_parity
 from .weights import Options, check_options, tensor_bits
 from .writer import ONNX_NAME, sha256_file, write
 
@@ -125,7 +125,7 @@ def export_model(
         parity = None
         if check:
             try:
-                parity = check_export(tmp, model, _prompt_ids(loaded.tokenizer, model.config.vocab_size))
+                parity = check_parity(tmp, model, _prompt_ids(loaded.tokenizer, model.config.vocab_size))
             except ParityError as exc:
                 kept = _keep_failed(tmp, out)
                 raise ParityError(f"{exc}; the export is kept at '{kept}' for inspection") from None

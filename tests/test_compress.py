@@ -275,10 +275,19 @@ def test_pattern_is_read_as_a_string_and_model_override(teacher, tmp_path):
 
 def test_options_come_from_the_command_signatures():
     """No second list: every option of the real command is accepted under its long name."""
-    from edgellm.recipe import commands as C
+    from edgellm.commands import bench, distill, evaluate, export, prune, quantize
+    from edgellm.recipe import stages as C
 
+    cli = {
+        "prune": prune.prune,
+        "distill": distill.distill,
+        "quantize": quantize.quantize,
+        "export": export.export,
+        "bench": bench.bench,
+        "eval": evaluate.evaluate,
+    }
     for stage in C.COMMANDS:
-        fn = C.function(stage)
+        fn = cli[stage]
         import inspect
 
         names = set(inspect.signature(fn).parameters) - set(C.MANAGED)
@@ -342,3 +351,11 @@ stages:
     assert res["model"] == str(out / "00-quantize") and res["reference"] == str(teacher)
     assert res["kl"] > 0 and 200 < res["tokens"] < 256 and res["ctx"] == 64
     assert lock(out)["stages"][1]["inputs"]["model"]["sha256"] == lock(out)["stages"][0]["output_sha256"]
+
+
+def test_eval_stage_checks_the_context_like_edgellm_eval(tiny_dirs, tmp_path):
+    """The eval stage is `edgellm eval`'s workflow: a --ctx beyond the model's positions is refused."""
+    recipe = write(tmp_path, f"model: {tiny_dirs['llama']}\nstages:\n  - eval: {{ctx: 100000, eval-tokens: 64}}\n")
+    r = compress(recipe, "-o", tmp_path / "out", "--no-report")
+    assert r.exit_code == 2 and "--ctx 100000 exceeds the model's" in r.output, r.output
+    assert not (tmp_path / "out" / "00-eval").exists()

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
+from ..pipeline.bench import BenchOptions, BenchResult, Target
 from .common import DataOpt, ForceOpt
-
-
-class Target(str, Enum):
-    host = "host"
-    laptop = "laptop"
-    rpi4 = "rpi4"
-    rpi5 = "rpi5"
 
 
 def bench(
@@ -95,46 +88,25 @@ def bench(
     Example: edgellm bench q4-onnx/ q4-onnx/:onnxruntime smol.Q4_0.gguf -o bench/ --quick
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-    from rich.text import Text
 
-    from edgellm.benchmarks import report as rep
-    from edgellm.benchmarks.run import Settings, build_report, run_variants
-    from edgellm.benchmarks.variants import parse_all
+    from ..console import console
+    from ..pipeline.bench import check_some_ok, plan_bench, run_bench
 
-    from .._deps import require
-    from ..console import console, out
-    from ..errors import EdgeLLMError
-    from ..outputs import atomic_output_dir, check_output_dir
-    from .common import check_range
-
-    require("matplotlib", "'edgellm bench' (the plots of report.html)")  # before any work, not at the end
-    check_range("--timeout", timeout, 0.0, lo_open=True)
-    parsed = parse_all(variants)
-    inputs = [v.path for v in parsed] + [data]
-    check_output_dir(output, force, inputs, protect_exports=True)  # before any work; never into an export directory
-    _probe_writable(output)
-    base = Settings.quick() if quick else Settings()
-    chosen = dict(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps, eval_tokens=eval_tokens, ctx=ctx)
-    kw = {k: v for k, v in chosen.items() if v is not None}
-    if "ctx" in kw:
-        kw["stride"] = kw["ctx"]
-    settings = Settings(
-        **{
-            **base.__dict__,
-            **kw,
-            "threads": threads,
-            "data": data,
-            "quality": quality,
-            "target": target.value,
-            "timeout_s": timeout,
-        }
+    options = BenchOptions(
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        reps=reps,
+        threads=threads,
+        data=data,
+        eval_tokens=eval_tokens,
+        ctx=ctx,
+        quality=quality,
+        target=target,
+        quick=quick,
+        timeout=timeout,
     )
-    if data is not None and quality:
-        from ..data import load_text
-
-        load_text(data)  # a bad --data fails here, not inside every worker
-
+    plan = plan_bench(variants, output, options, force=force)
+    n = len(plan.variants)
     columns = [
         SpinnerColumn(),
         TextColumn("[bold]{task.fields[label]}"),
@@ -146,25 +118,30 @@ def bench(
 
         def on_event(i, label, phase):
             if i not in tasks:
-                tasks[i] = bar.add_task(phase, label=f"[{i + 1}/{len(parsed)}] {label}", total=None)
+                tasks[i] = bar.add_task(phase, label=f"[{i + 1}/{n}] {label}", total=None)
             bar.update(tasks[i], description=phase)
             if phase in ("done", "failed"):
                 bar.update(
                     tasks[i], total=1, completed=1, description="[green]done" if phase == "done" else "[red]failed"
                 )
 
-        rows = run_variants(parsed, settings, on_event)
-    report = build_report(parsed, settings, rows)
-    try:
-        with atomic_output_dir(output, force, inputs, protect_exports=True) as tmp:
-            rep.write(report, tmp)
-    except OSError as exc:
-        raise EdgeLLMError(
-            f"cannot write the report to '{output}' ({exc.strerror or exc}); nothing was written there"
-        ) from None
+        result = run_bench(plan, on_event)
+    show_result(result, options)
+    check_some_ok(result)
 
+
+def show_result(result: BenchResult, o: BenchOptions) -> None:
+    """The report's table (medians; the spread is in report.md) and the variants that failed."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgellm.benchmarks import report as rep
+
+    from ..console import console, out
+
+    target = Target(o.target)
     table = Table(
-        title=f"edgellm bench ({'quick, ' if quick else ''}{settings.resolved_threads()} threads, energy: "
+        title=f"edgellm bench ({'quick, ' if o.quick else ''}{result.settings.resolved_threads()} threads, energy: "
         f"{target.value}; medians, spread in report.md)"
     )
     hide = ("backend", "load cold / warm", "KL") + (
@@ -175,29 +152,10 @@ def bench(
         h = rep.HEADERS[i]
         label = f"{target.value} tg tok/s (est. memory / compute bound)" if i == rep.DEVICE_COLUMN else h
         table.add_column(label, justify="left" if h in ("variant", "status") else "right")
-    for r in rep.table_rows(report, spread=False):
+    for r in rep.table_rows(result.report, spread=False):
         cells = [r[i] if i != len(r) - 1 else r[i].split(":")[0] for i in keep]
         table.add_row(*(Text(c) for c in cells), style=None if r[-1] == "ok" else "red")
     out.print(table)
-    failed = [r for r in rows if r["status"] != "ok"]
-    for r in failed:
+    for r in result.failed:
         console.print(f"[yellow]warning:[/] {r['label']} failed: {r['error']}")
-    console.print(f"wrote {output}/report.json, report.md, report.html")
-    if len(failed) == len(rows):
-        raise EdgeLLMError(f"every variant failed (the report in '{output}' says why)")
-
-
-def _probe_writable(output: Path) -> None:
-    """Create and remove a temporary sibling of `output`: fails early (exit 2) where writing will fail."""
-    import shutil
-    import tempfile
-
-    from ..errors import EdgeLLMError
-    from ..outputs import existing_ancestor
-
-    try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=existing_ancestor(output)))
-    except OSError as exc:
-        raise EdgeLLMError(
-            f"cannot write to '{existing_ancestor(output)}' ({exc.strerror or exc}); choose a writable output path"
-        ) from None
+    console.print(f"wrote {result.output}/report.json, report.md, report.html")

@@ -53,25 +53,13 @@ def compress(
 
     Example: edgellm compress recipes/smollm2-pi.yaml -o smollm2-pi/
     """
-    from ..console import PROGRESS, console, out, show_warnings
-    from ..errors import EdgeLLMError
-    from ..recipe import report as rep
-    from ..recipe import runner, spec
+    from ..console import console
+    from ..recipe import spec
 
     r = spec.load(recipe, model=model)
     _check_model(r.model)
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise EdgeLLMError(f"output '{output}' exists and is not a folder; choose another path")
-    if output.is_dir() and any(output.iterdir()) and not (output / "recipe.lock.json").is_file():
-        raise EdgeLLMError(
-            f"output '{output}' is a non-empty folder that no recipe wrote (no recipe.lock.json); choose another path"
-        )
-    for other in compare or []:
-        if not (Path(other) / "report.json").is_file():
-            raise EdgeLLMError(
-                f"--compare '{other}' has no report.json; give the output folder of another 'edgellm compress' run"
-            )
+    _check_output(output, compare or [])
     # missing parents of the output are created when the first stage runs (runner.run), as -o does
     # for every other command; --check creates nothing
 
@@ -80,6 +68,39 @@ def compress(
 
         for module in ("torch", "transformers"):
             require(module, "'edgellm compress'")
+        from ..console import quiet_transformers
+
+        quiet_transformers()
+    _print_plan(recipe, r, output)
+    if check:
+        console.print("recipe is valid; nothing was run (--check)")
+        return
+    results = _run_stages(r, output)
+    ran = sum(1 for x in results if x.status == "ran")
+    console.print(f"stages: {ran} ran, {len(r.stages) - ran} skipped (unchanged)")
+    if report:
+        _report(recipe, r, output, compare or [])
+
+
+def _check_output(output: Path, compare: list[Path]) -> None:
+    from ..errors import EdgeLLMError
+
+    if output.exists() and not output.is_dir():
+        raise EdgeLLMError(f"output '{output}' exists and is not a folder; choose another path")
+    if output.is_dir() and any(output.iterdir()) and not (output / "recipe.lock.json").is_file():
+        raise EdgeLLMError(
+            f"output '{output}' is a non-empty folder that no recipe wrote (no recipe.lock.json); choose another path"
+        )
+    for other in compare:
+        if not (Path(other) / "report.json").is_file():
+            raise EdgeLLMError(
+                f"--compare '{other}' has no report.json; give the output folder of another 'edgellm compress' run"
+            )
+
+
+def _print_plan(recipe: Path, r, output: Path) -> None:
+    from ..console import console
+
     n = len(r.stages)
     console.print(f"recipe {recipe}: {n} stage{'s' if n > 1 else ''} on {r.model} -> {output}/")
     for s in r.stages:
@@ -90,9 +111,16 @@ def compress(
             highlight=False,
             soft_wrap=True,
         )
-    if check:
-        console.print("recipe is valid; nothing was run (--check)")
-        return
+
+
+def _run_stages(r, output: Path):
+    """Every stage, each announced as it is skipped, run, resumed, done or failed; SIGTERM like Ctrl-C."""
+    import signal
+
+    from ..console import console
+    from ..recipe import runner
+
+    n = len(r.stages)
 
     def on_event(stage, what, detail):
         tag = {
@@ -104,14 +132,12 @@ def compress(
         }[what]
         console.print(f"[{stage.index + 1}/{n}] {stage.dirname}: {tag} ({detail})", highlight=False)
 
-    import signal
-
     def _terminate(signum, frame):  # `kill PID` stops a stage like Ctrl-C: temporary outputs removed, lock says so
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        results = runner.run(r, output, on_event)
+        return runner.run(r, output, on_event, _hooks())
     except KeyboardInterrupt:
         from ..console import fail
 
@@ -122,17 +148,18 @@ def compress(
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
-    ran = sum(1 for x in results if x.status == "ran")
-    console.print(f"stages: {ran} ran, {n - ran} skipped (unchanged)")
-    if not report:
-        return
-    with show_warnings():
-        data = rep.measure(
-            r, output, PROGRESS, lambda what: console.print(f"report: {what}", highlight=False), compare or []
-        )
-    rep.write(data, output)
+
+
+def _report(recipe: Path, r, output: Path, compare: list[Path]) -> None:
+    """Measure every stage's output, write OUT/report.*, print the table."""
     from rich.table import Table
 
+    from ..console import PROGRESS, console, out, show_warnings
+    from ..recipe import report as rep
+
+    with show_warnings():
+        data = rep.measure(r, output, PROGRESS, lambda what: console.print(f"report: {what}", highlight=False), compare)
+    rep.write(data, output)
     table = Table(title=f"{recipe.name} on {r.model}: every stage's output")
     for h in rep.HEADERS:
         table.add_column(h, justify="left" if h == "output" else "right")
@@ -140,6 +167,30 @@ def compress(
         table.add_row(*row)
     out.print(table)
     console.print(f"wrote {output}/report.md, report.json, report.html and recipe.lock.json")
+
+
+def _hooks():
+    """Each stage as its command shows it: warnings, progress bars, the command's summary."""
+    from ..console import PROGRESS, console, show_warnings
+    from ..recipe.stages import Hooks
+    from .distill import TrainBar
+
+    return Hooks(
+        progress=PROGRESS, train_progress=TrainBar(console, PROGRESS), context=show_warnings, show=_show_result
+    )
+
+
+def _show_result(command: str, args: dict, result, options) -> None:
+    from . import bench, distill, export, prune, quantize
+
+    if command == "bench":
+        bench.show_result(result, options)
+    elif command == "distill":
+        if result.main:
+            distill.show_result(result, args["teacher"], options)
+    elif command in ("prune", "quantize", "export"):
+        {"prune": prune, "quantize": quantize, "export": export}[command].show_result(result, args["model"], options)
+    # eval: the stage writes eval.json and prints nothing, as before
 
 
 def _check_model(spec: str) -> None:

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import CtxOpt, DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt
-
-
-class Loss(str, Enum):
-    forward = "forward"
-    reverse = "reverse"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
+from ..pipeline.distill import Device, DistillOptions, DistillResult, Loss, Precision
+from .common import CtxOpt, DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, dir_size, human_bytes
 
 
 def distill(
@@ -111,255 +95,57 @@ def distill(
 
     Example: edgellm distill smollm2/ --student-layers 15 --steps 500 -o smollm2-15l/
     """
-    from ..distill.distributed import setup, teardown
-    from ..errors import EdgeLLMError
+    from ..console import PROGRESS, console, quiet_transformers, show_warnings
+    from ..pipeline.distill import check_options, run_distill
 
-    _check_options(
-        temperature, ce_weight, hidden_weight, lr, weight_decay, clip, warmup_steps, steps, seed, resume, checkpoint_dir
-    )
-    if device is Device.cuda:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise EdgeLLMError("--device cuda: no CUDA device is available; use --device cpu")
-    d = setup(device.value)
-    ok = False
-    try:
-        _run(
-            d,
-            **{k: v for k, v in locals().items() if k not in ("d", "ok", "setup", "teardown", "EdgeLLMError", "torch")},
-        )
-        ok = True
-    finally:
-        teardown(d, ok)  # a failed rank must not wait at a barrier for ranks that may never come
-
-
-def _check_options(
-    temperature, ce_weight, hidden_weight, lr, weight_decay, clip, warmup_steps, steps, seed, resume, checkpoint_dir
-):
-    """Every numeric option's range, before anything is loaded."""
-    from ..errors import EdgeLLMError
-    from .common import check_range
-
-    for name, value, lo, lo_open in (
-        ("--temperature", temperature, 0.0, True),
-        ("--hidden-weight", hidden_weight, 0.0, False),
-        ("--lr", lr, 0.0, True),
-        ("--weight-decay", weight_decay, 0.0, False),
-        ("--clip", clip, 0.0, False),
-        ("--warmup-steps", warmup_steps, -1, False),
-        ("--seed", seed, 0, False),
-    ):
-        check_range(name, value, lo, lo_open=lo_open)
-    check_range("--ce-weight", ce_weight, 0.0, 1.0)
-    for name, path in (("--resume", resume), ("--checkpoint-dir", checkpoint_dir)):
-        if path is not None and path.exists() and not path.is_dir():
-            raise EdgeLLMError(f"{name} '{path}' is a file, not a folder")
-
-
-def _run(
-    d,
-    *,
-    teacher,
-    output,
-    student,
-    student_layers,
-    loss,
-    temperature,
-    ce_weight,
-    hidden_weight,
-    data,
-    seq_len,
-    batch_size,
-    grad_accum,
-    steps,
-    lr,
-    warmup_steps,
-    weight_decay,
-    clip,
-    precision,
-    device,
-    fsdp,
-    checkpoint_every,
-    checkpoint_dir,
-    resume,
-    evaluate,
-    eval_tokens,
-    ctx,
-    seed,
-    force,
-):
-    import json
-    import shutil
-    import time
-
-    from ..console import PROGRESS, console, show_warnings
-    from ..data import BUILTIN, split_tokens
-    from ..distill.checkpoint import CheckpointDir, model_identity
-    from ..distill.data import PackedData
-    from ..distill.losses import LossConfig
-    from ..distill.student import check_pair, num_layers, student_from_teacher
-    from ..distill.train import TrainConfig, train
-    from ..errors import EdgeLLMError
-    from ..evaluate import evaluate as measure
-    from ..modelio import count_parameters, save_model
-    from ..outputs import atomic_output_dir, check_output_dir
-    from ..progress import NULL
-    from ..record import add_step
-    from .common import check_context, data_tokens, dir_size, human_bytes, load
-
-    if student is not None and student_layers is not None:
-        raise EdgeLLMError("give either --student or --student-layers, not both")
-    if hidden_weight > 0 and student is not None:
-        raise EdgeLLMError("--hidden-weight needs the layer map of --student-layers; it cannot be used with --student")
-    loss_cfg = LossConfig(kind=loss.value, temperature=temperature, ce_weight=ce_weight, hidden_weight=hidden_weight)
-    cfg = TrainConfig(
-        steps=steps,
+    options = DistillOptions(
+        student=student,
+        student_layers=student_layers,
+        loss=loss,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        hidden_weight=hidden_weight,
+        data=data,
+        seq_len=seq_len,
         batch_size=batch_size,
         grad_accum=grad_accum,
-        seq_len=seq_len,
+        steps=steps,
         lr=lr,
         warmup_steps=warmup_steps,
         weight_decay=weight_decay,
         clip=clip,
-        seed=seed,
-        precision=precision.value,
+        precision=precision,
+        device=device,
+        fsdp=fsdp,
         checkpoint_every=checkpoint_every,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        evaluate=evaluate,
+        eval_tokens=eval_tokens,
+        ctx=ctx,
+        seed=seed,
     )
-    inputs = [teacher, student, data, resume, checkpoint_dir]
-    check_output_dir(output, force, inputs)
-    ckpt = CheckpointDir(resume or checkpoint_dir or output.with_name(output.name + ".checkpoints"))
-    progress = _TrainBar(console, PROGRESS) if d.main else NULL
-
+    check_options(options)  # before anything is loaded
     with show_warnings():
-        t_loaded = load(teacher, "loading teacher")
-        if t_loaded.record.get("quantization"):
-            raise EdgeLLMError(f"teacher '{teacher}' is quantized; distil from the unquantized model")
-        tok = t_loaded.tokenizer
-        check_context(t_loaded.model, "--seq-len", seq_len)
-        check_context(t_loaded.model, "--ctx", ctx)
-        if student is not None:
-            s_loaded = load(student, "loading student")
-            student_model, kept, student_desc = s_loaded.model, None, {"model": model_identity(student)}
-            check_pair(t_loaded.model, student_model, tok, s_loaded.tokenizer)
-        else:
-            n = student_layers if student_layers is not None else max(1, num_layers(t_loaded.model.config) // 2)
-            student_model, kept = student_from_teacher(t_loaded.model, n)
-            student_desc = {"from_teacher_layers": kept}
-            check_pair(t_loaded.model, student_model, tok)
-
-        ids = data_tokens(tok, data)
-        train_ids, eval_ids = split_tokens(ids, "calib"), split_tokens(ids, "eval")
-        packed = PackedData(train_ids, seq_len, seed)
-        fields = {
-            "teacher": model_identity(teacher),
-            "student": student_desc,
-            "data": {"spec": data or BUILTIN, "tokens": int(len(train_ids)), "sha": packed.fingerprint()},
-            "train": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"},
-            "loss": loss_cfg.to_dict(),
-            "world": d.world,
-            "fsdp": bool(fsdp and d.active),
-            "device": device.value,
-        }
-        if cfg.checkpoint_every or resume is not None:
-            ckpt.check(fields, resume=resume is not None, force=force)
-            d.barrier()
-            if resume is None and d.main:
-                ckpt.claim(fields)
-            d.barrier()
-            saved = ckpt.load() if resume is not None else None
-            if resume is not None and d.main:
-                ckpt.truncate_log(saved["step"] if saved else 0)
-        else:
-            ckpt, saved = None, None
-
-        quality = {}
-        if evaluate and d.main:
-            quality["teacher"] = measure(
-                t_loaded.model, eval_ids, ctx=ctx, stride=ctx, max_tokens=eval_tokens, progress=PROGRESS
-            ).to_dict()
-            quality["initial_student"] = measure(
-                student_model,
-                eval_ids,
-                reference=t_loaded.model,
-                ctx=ctx,
-                stride=ctx,
-                max_tokens=eval_tokens,
-                progress=PROGRESS,
-            ).to_dict()
-        d.barrier()
-        t0 = time.perf_counter()
-        trained, summary = train(
-            student_model,
-            t_loaded.model if loss_cfg.needs_teacher else None,
-            packed,
-            cfg,
-            loss_cfg,
-            device=device.value,
-            kept=kept,
-            ckpt=ckpt,
-            resume=saved,
-            d=d,
-            fsdp=fsdp,
-            progress=progress,
+        quiet_transformers()
+        result = run_distill(
+            teacher, output, options, progress=PROGRESS, train_progress=TrainBar(console, PROGRESS), force=force
         )
-        seconds = time.perf_counter() - t0
-        curve = summary.pop("curve")
-        if d.main:
-            trained.to("cpu")
-            t_loaded.model.to("cpu")
-            if evaluate:
-                quality["student"] = measure(
-                    trained,
-                    eval_ids,
-                    reference=t_loaded.model,
-                    ctx=ctx,
-                    stride=ctx,
-                    max_tokens=eval_tokens,
-                    progress=PROGRESS,
-                ).to_dict()
-            n_t, n_s = count_parameters(t_loaded.model), count_parameters(trained)
-            record = add_step(
-                t_loaded.record,
-                "distill",
-                teacher=str(teacher),
-                student=student_desc,
-                params={
-                    **cfg.to_dict(),
-                    "loss": loss_cfg.to_dict(),
-                    "world": d.world,
-                    "fsdp": bool(fsdp and d.active),
-                    "device": device.value,
-                },
-                data={
-                    "spec": data or BUILTIN,
-                    "train_tokens": int(len(train_ids)),
-                    "eval_tokens": int(len(eval_ids)),
-                    "seq_len": seq_len,
-                    "seed": seed,
-                },
-                steps=steps,
-                training={**summary, "this_run_s": round(seconds, 2)},
-                parameters={"teacher": n_t, "student": n_s},
-                quality=quality or None,
-            )
-            with atomic_output_dir(output, force, inputs) as tmp:
-                save_model(trained, tok, tmp, record)
-                if ckpt is not None:  # the whole curve, including the steps before a resume
-                    shutil.copyfile(ckpt.log_path, tmp / "distill_log.jsonl")
-                else:
-                    (tmp / "distill_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-            if ckpt is not None:
-                shutil.rmtree(ckpt.path, ignore_errors=True)
-        d.barrier()
+    if result.main:
+        show_result(result, teacher, options)
 
-    if not d.main:
-        return
+
+def show_result(result: DistillResult, teacher: str, o: DistillOptions) -> None:
+    """Sizes, steps and time; teacher / initial / distilled perplexity, KL and top-1 agreement."""
+    from ..console import console
+
+    n_t, n_s = result.parameters["teacher"], result.parameters["student"]
     console.print(
-        f"wrote {output} ({human_bytes(dir_size(output))}; student {n_s:,} parameters, teacher {n_t:,}) "
-        f"after {steps} steps ({summary['tokens']:,} tokens) in {seconds:.1f} s"
+        f"wrote {result.output} ({human_bytes(dir_size(result.output))}; student {n_s:,} parameters, teacher "
+        f"{n_t:,}) after {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.1f} s"
     )
-    if evaluate:
+    if o.evaluate:
+        quality = result.quality
         console.print(
             f"perplexity on {quality['student']['tokens']} held-out tokens: teacher "
             f"{quality['teacher']['perplexity']:.3f}, initial student {quality['initial_student']['perplexity']:.3f}, "
@@ -369,7 +155,7 @@ def _run(
         )
 
 
-class _TrainBar:
+class TrainBar:
     """A progress bar for the training loop with loss, tokens/s and ETA (other phases: the usual bar).
 
     When stderr is not a terminal (a background job), prints a line about every 5% instead.

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import CtxOpt, DataOpt, EvalTokensOpt, ModelArg, StrideOpt, check_context, check_stride, data_tokens, load
+from ..pipeline.evaluate import EvalOptions
+from .common import CtxOpt, DataOpt, EvalTokensOpt, ModelArg, StrideOpt
 
 
 def evaluate(
@@ -26,31 +27,20 @@ def evaluate(
 
     Example: edgellm eval smol-q4/ --reference SmolLM2-135M-Instruct.Q4_1.gguf
     """
-    from ..console import PROGRESS, console, out, show_warnings
-    from ..data import split_tokens
-    from ..evaluate import evaluate as measure
+    from ..console import PROGRESS, console, out, quiet_transformers, show_warnings
+    from ..pipeline.common import check_stride
+    from ..pipeline.evaluate import run_eval
 
-    stride = check_stride(ctx, stride)
+    options = EvalOptions(reference=reference, data=data, ctx=ctx, stride=stride, eval_tokens=eval_tokens)
+    check_stride(ctx, stride)  # before any heavy work
     with show_warnings():
-        loaded = load(model)
-        check_context(loaded.model, "--ctx", ctx)
-        ref = load(reference, "loading reference") if reference else None
-        if ref is not None:
-            check_context(ref.model, "--ctx", ctx)
-        ids = split_tokens(data_tokens(loaded.tokenizer, data), "eval")
-        q = measure(
-            loaded.model,
-            ids,
-            reference=ref.model if ref else None,
-            ctx=ctx,
-            stride=stride,
-            max_tokens=eval_tokens,
-            progress=PROGRESS,
-        )
+        quiet_transformers()
+        result = run_eval(model, options, progress=PROGRESS)
     if as_json:
-        out.print_json(json.dumps({"model": model, "reference": reference, **q.to_dict()}))
+        out.print_json(json.dumps(result.to_dict()))
         return
+    q = result.quality
     line = f"perplexity {q.perplexity:.4f} over {q.tokens} tokens (ctx {q.ctx}, stride {q.stride})"
-    if ref:
+    if reference:
         line += f"; KL {q.kl:.5f} nats/token, top-1 agreement {q.top1 * 100:.2f}% vs {reference}"
     console.print(line)

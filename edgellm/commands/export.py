@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated
 
 import typer
 
-from .common import ForceOpt, ModelArg, OutOpt, dir_size, human_bytes, load
-
-
-class Format(str, Enum):
-    matmulnbits = "matmulnbits"
-    qdq = "qdq"
+from ..pipeline.export import ExportOptions, Format
+from .common import ForceOpt, ModelArg, OutOpt, dir_size, human_bytes
 
 
 def export(
@@ -50,21 +45,27 @@ def export(
     Quantized layers keep exactly the packed values edgellm quantize chose.
     Example: edgellm export smol-q4/ -o smol-q4-onnx/
     """
-    from ..console import console, show_warnings, status
-    from ..outputs import check_output_dir
+    from ..console import PROGRESS, quiet_transformers, show_warnings
+    from ..pipeline.export import run_export
 
-    check_output_dir(output, force, [model])  # before the (slow) load
+    options = ExportOptions(format=format, accuracy_level=accuracy_level, check=check)
     with show_warnings():
-        loaded = load(model)
-        from ..export.exporter import export_model
-        from ..export.weights import Options
+        quiet_transformers()
+        result = run_export(model, output, options, progress=PROGRESS, force=force)
+    show_result(result, model, options)
 
-        with status(f"exporting to {output}" + (" and checking parity" if check else "")):
-            result = export_model(
-                loaded, output, Options(format=format.value, accuracy_level=accuracy_level), check=check, force=force
-            )
+
+def show_result(result, model: str, o: ExportOptions) -> None:
+    """Sizes, time and the ONNX Runtime parity figures."""
+    from ..console import console
+
+    output = result.out
     q = result.quantization
-    kind = "float" if not q else f"{q['bits']}-bit g{q['group_size']} {'sym' if q['sym'] else 'asym'} ({format.value})"
+    kind = (
+        "float"
+        if not q
+        else f"{q['bits']}-bit g{q['group_size']} {'sym' if q['sym'] else 'asym'} ({Format(o.format).value})"
+    )
     console.print(
         f"wrote {output} ({kind}, {human_bytes(dir_size(output))}; model.onnx.data "
         f"{human_bytes(result.sizes['model.onnx.data'])}) in {result.seconds:.1f} s"

@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
-from .common import (
-    DataOpt,
-    EvalTokensOpt,
-    ForceOpt,
-    ModelArg,
-    OutOpt,
-    SamplesOpt,
-    SeqLenOpt,
-    check_context,
-    check_range,
-    data_tokens,
-    dir_size,
-    human_bytes,
-    load,
-)
-
-
-class Method(str, Enum):
-    magnitude = "magnitude"
-    wanda = "wanda"
-    sparsegpt = "sparsegpt"
-
-
-class Structure(str, Enum):
-    layers = "layers"
-    heads = "heads"
-    mlp = "mlp"
+from ..pipeline.prune import Method, PruneOptions, PruneResult, Structure
+from .common import DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, dir_size, human_bytes
 
 
 def prune(
@@ -103,109 +76,46 @@ def prune(
     Examples: edgellm prune smol/ --method sparsegpt --pattern 2:4 -o smol-24/
               edgellm prune smol/ --structured mlp --ratio 0.25 -o smol-mlp75/
     """
-    from ..errors import EdgeLLMError
-    from ..prune.masks import check_sparsity, parse_pattern
+    from ..console import PROGRESS, quiet_transformers, show_warnings
+    from ..pipeline.prune import check_options, run_prune
 
-    # Validate every option before any heavy work (nothing is loaded or written on bad input).
-    if (method is None) == (structured is None):
-        raise EdgeLLMError(
-            "give either --method {magnitude,wanda,sparsegpt} (with --sparsity or --pattern) or --structured "
-            "{layers,heads,mlp} with --ratio"
-        )
-    if structured is not None and (sparsity is not None or pattern is not None):
-        raise EdgeLLMError("--sparsity and --pattern apply to --method; --structured takes --ratio")
-    if method is not None and ratio is not None:
-        raise EdgeLLMError("--ratio applies to --structured; --method takes --sparsity or --pattern")
-    if structured is not None and ratio is None:
-        raise EdgeLLMError(f"--structured {structured.value} needs --ratio, the fraction to remove (e.g. 0.25)")
-    nm = parse_pattern(pattern) if pattern is not None else None
-    if sparsity is not None:
-        check_sparsity(sparsity)
-    if nm is not None and sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
-        raise EdgeLLMError(
-            f"--sparsity {sparsity} contradicts --pattern {nm}, which removes {nm.sparsity:g} of the weights; drop "
-            "--sparsity"
-        )
-    check_range("--damp", damp, 0.0, 1.0, hi_open=True)
-    check_range("--sparsity", sparsity, 0.0, 1.0, hi_open=True)
-    check_range("--seed", seed, 0, 2**32 - 1)
-    if ratio is not None and not (0 < ratio < 1):
-        raise EdgeLLMError(f"--ratio {ratio} is outside (0, 1); give the fraction to remove, e.g. 0.25")
-
-    from ..console import PROGRESS, show_warnings
-    from ..data import calibration_batch, split_tokens
-    from ..evaluate import evaluate as measure
-    from ..modelio import count_parameters, save_model
-    from ..outputs import atomic_output_dir, check_output_dir
-    from ..prune import apply as P
-    from ..record import add_step
-
-    inputs = [model, data]
-    check_output_dir(output, force, inputs)
+    options = PruneOptions(
+        method=method,
+        sparsity=sparsity,
+        pattern=pattern,
+        structured=structured,
+        ratio=ratio,
+        damp=damp,
+        data=data,
+        calib_samples=calib_samples,
+        seq_len=seq_len,
+        evaluate=evaluate,
+        eval_tokens=eval_tokens,
+        seed=seed,
+    )
+    check_options(options)  # every option before any heavy work (nothing is loaded or written on bad input)
     with show_warnings():
-        loaded = load(model)
-        check_context(loaded.model, "--seq-len", seq_len)
-        if loaded.record.get("quantization"):
-            raise EdgeLLMError(f"'{model}' is quantized; prune the unquantized model, then quantize the pruned one")
-        net = loaded.model
-        if method is not None:
-            cfg = P.PruneConfig(
-                method=method.value,
-                sparsity=nm.sparsity if nm else (0.5 if sparsity is None else sparsity),
-                pattern=nm,
-                damp=damp,
-            )
-            P.check_unstructured(net, cfg)
-        else:
-            P.plan_structured(net, structured.value, ratio)
-        ids = data_tokens(loaded.tokenizer, data)
-        needs_data = structured is not None or method != Method.magnitude
-        calib = calibration_batch(ids, calib_samples, seq_len, seed=seed) if needs_data else None
-        eval_ids = split_tokens(ids, "eval")
-        before = measure(net, eval_ids, max_tokens=eval_tokens, progress=PROGRESS) if evaluate else None
-        params_before = count_parameters(net)
-        t0 = time.perf_counter()
-        if method is not None:
-            report, info = P.prune_unstructured(net, cfg, calib, progress=PROGRESS)
-            params = cfg.to_dict()
-        else:
-            report, info = None, P.prune_structured(net, structured.value, ratio, calib, progress=PROGRESS)
-            params = {"structured": structured.value, "ratio": ratio}
-        seconds = time.perf_counter() - t0
-        after = measure(net, eval_ids, max_tokens=eval_tokens, progress=PROGRESS) if evaluate else None
-        params_after = count_parameters(net)
-        quality = {"before": before.to_dict(), "after": after.to_dict()} if evaluate else None
-        result = {"parameters_before": params_before, "parameters_after": params_after, **info}
-        if report is not None:
-            result["per_layer"] = [{"layer": r["layer"], "sparsity": r["sparsity"]} for r in report]
-        else:
-            result["note"] = "same number removed in every block so the config stays uniform; config.json updated"
-        record = add_step(
-            loaded.record,
-            "prune",
-            params=params,
-            time_s=round(seconds, 2),
-            data=None
-            if calib is None
-            else {
-                "spec": data or "builtin:pydoc",
-                "calib_samples": int(calib.shape[0]),
-                "seq_len": int(calib.shape[1]),
-                "seed": seed,
-            },
-            result=result,
-            quality=quality,
-        )
-        with atomic_output_dir(output, force, inputs) as tmp:
-            save_model(net, loaded.tokenizer, tmp, record)
-
-    _summary(model, output, report, result, before, after, seconds, method, structured)
+        quiet_transformers()
+        result = run_prune(model, output, options, progress=PROGRESS, force=force)
+    show_result(result, model, options)
 
 
-def _summary(model, output, report, result, before, after, seconds, method, structured) -> None:
+def show_result(res: PruneResult, model: str, o: PruneOptions) -> None:
+    """Sparsity per block (or the config before / after), parameters, sizes and perplexity."""
     from rich.table import Table
 
     from ..console import console
+
+    output, report, result, before, after, seconds = (
+        res.output,
+        res.layers,
+        res.result,
+        res.before,
+        res.after,
+        res.seconds,
+    )
+    method = None if o.method is None else Method(o.method)
+    structured = None if o.structured is None else Structure(o.structured)
 
     if report is not None:
         table = Table(

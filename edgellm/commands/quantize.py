@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
-from .common import (
-    DataOpt,
-    EvalTokensOpt,
-    ForceOpt,
-    ModelArg,
-    OutOpt,
-    SamplesOpt,
-    SeqLenOpt,
-    check_context,
-    check_range,
-    data_tokens,
-    dir_size,
-    human_bytes,
-    load,
-)
-
-
-class Embeddings(str, Enum):
-    eight = "8"
-    four = "4"
-    keep = "keep"
-
-
-class Method(str, Enum):
-    rtn = "rtn"
-    gptq = "gptq"
-    awq = "awq"
+from ..pipeline.quantize import Embeddings, Method, QuantizeOptions, QuantizeResult
+from .common import DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, dir_size, human_bytes
 
 
 def quantize(
@@ -115,83 +88,74 @@ def quantize(
 
     Example: edgellm quantize SmolLM2-135M-Instruct.Q4_1.gguf --bits 4 --method gptq -o smol-q4/
     """
-    from rich.table import Table
+    from ..console import PROGRESS, quiet_transformers, show_warnings
+    from ..pipeline.quantize import quant_config, run_quantize
 
-    from ..console import PROGRESS, console, show_warnings
-    from ..data import calibration_batch, split_tokens
-    from ..errors import EdgeLLMError
-    from ..evaluate import evaluate as measure
-    from ..modelio import save_model
-    from ..outputs import atomic_output_dir, check_output_dir
-    from ..quant.apply import QuantConfig, quantize_model
-    from ..quant.formats import QuantFormat
-    from ..record import add_step
-
-    if float_zero and sym:
-        raise EdgeLLMError("--float-zero needs --asym (symmetric formats store no zero points)")
-    fmt = QuantFormat(bits, group_size, sym, "float" if float_zero else "int")  # validates before any heavy work
-    check_range("--damp", damp, 0.0, 1.0)
-    check_range("--seed", seed, 0, 2**32 - 1)
-    emb = embeddings.value if quantize_embeddings is None else (str(bits) if quantize_embeddings else "keep")
-    cfg = QuantConfig(
-        fmt=fmt,
-        method=method.value,
-        damp=damp,
-        act_order=act_order,
-        embeddings=emb,
+    options = QuantizeOptions(
+        bits=bits,
+        method=method,
+        group_size=group_size,
+        sym=sym,
+        float_zero=float_zero,
+        embeddings=embeddings,
+        quantize_embeddings=quantize_embeddings,
         rotate=rotate,
         target_bpw=target_bpw,
         clip_search=clip_search,
+        act_order=act_order,
+        damp=damp,
+        data=data,
+        calib_samples=calib_samples,
+        seq_len=seq_len,
+        evaluate=evaluate,
+        eval_tokens=eval_tokens,
         seed=seed,
     )
-    inputs = [model, data]
-    check_output_dir(output, force, inputs)
+    quant_config(options)  # every option before any heavy work
     with show_warnings():
-        loaded = load(model)
-        check_context(loaded.model, "--seq-len", seq_len)
-        if loaded.record.get("quantization"):
-            raise EdgeLLMError(f"'{model}' is already quantized; quantize the unquantized model instead")
-        if rotate:
-            from ..quant.rotation import check_rotatable
+        quiet_transformers()
+        result = run_quantize(model, output, options, progress=PROGRESS, force=force)
+    show_result(result, model, options)
 
-            check_rotatable(loaded.model)
-        if target_bpw is not None:
-            from ..quant.mixed import MIN_TOKENS, SENS_SAMPLES, SENS_TOKENS, check_budget
 
-            check_budget(loaded.model, target_bpw)
-            if min(calib_samples, SENS_SAMPLES) * min(seq_len, SENS_TOKENS) < MIN_TOKENS:
-                raise EdgeLLMError(
-                    f"--calib-samples {calib_samples} x --seq-len {seq_len} is too small for the sensitivity pass "
-                    f"of --target-bpw; it needs at least {MIN_TOKENS} tokens"
-                )
-        ids = data_tokens(loaded.tokenizer, data)
-        calib = calibration_batch(ids, calib_samples, seq_len, seed=seed)
-        eval_ids = split_tokens(ids, "eval")
-        before = measure(loaded.model, eval_ids, max_tokens=eval_tokens, progress=PROGRESS) if evaluate else None
-        t0 = time.perf_counter()
-        report, info = quantize_model(loaded.model, cfg, calib, progress=PROGRESS)
-        seconds = time.perf_counter() - t0
-        after = measure(loaded.model, eval_ids, max_tokens=eval_tokens, progress=PROGRESS) if evaluate else None
-        quality = {"before": before.to_dict(), "after": after.to_dict()} if evaluate else None
-        record = add_step(
-            loaded.record,
-            "quantize",
-            params=cfg.to_dict(),
-            time_s=round(seconds, 2),
-            data={
-                "spec": data or "builtin:pydoc",
-                "calib_samples": int(calib.shape[0]),
-                "seq_len": int(calib.shape[1]),
-                "seed": seed,
-            },
-            quality=quality,
+def show_result(result: QuantizeResult, model: str, o: QuantizeOptions) -> None:
+    """The worst layers' errors, sizes, the mixed plan and perplexity before / after."""
+    from ..console import console
+
+    console.print(_layer_table(result.layers, o))
+    output, info = result.output, result.info
+    src = dir_size(model) if not model.endswith(".gguf") else None
+    console.print(
+        f"wrote {output} ({human_bytes(dir_size(output))}"
+        + (f", source {human_bytes(src)}" if src else "")
+        + f") in {result.seconds:.1f} s"
+    )
+    if info.get("mixed"):
+        console.print(_plan_line(info["mixed"]))
+    e = info["embeddings"]
+    console.print(
+        f"bits/weight (decoder linears): {info['bits_per_weight']:.3f}; embeddings: "
+        + (f"{e['bits']}-bit g{e['group_size']}" if e else "kept")
+        + f"; file {human_bytes(dir_size(output))}"
+    )
+    if o.evaluate:
+        before, after = result.before, result.after
+        console.print(
+            f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} "
+            f"({(after.perplexity / before.perplexity - 1) * 100:+.2f}%) on {after.tokens} held-out tokens"
         )
-        record["quantization"] = info
-        with atomic_output_dir(output, force, inputs) as tmp:
-            save_model(loaded.model, loaded.tokenizer, tmp, record)
 
-    fmt_text = f"mixed to {target_bpw} bits/weight" if target_bpw is not None else f"{bits}-bit, group {group_size}"
-    table = Table(title=f"{method.value} {fmt_text}, {'sym' if sym else 'asym'}" + (", rotated" if rotate else ""))
+
+def _layer_table(report: list[dict], o: QuantizeOptions):
+    from rich.table import Table
+
+    from ..quant.formats import QuantFormat
+
+    method = Method(o.method).value
+    fmt_text = (
+        f"mixed to {o.target_bpw} bits/weight" if o.target_bpw is not None else f"{o.bits}-bit, group {o.group_size}"
+    )
+    table = Table(title=f"{method} {fmt_text}, {'sym' if o.sym else 'asym'}" + (", rotated" if o.rotate else ""))
     table.add_column("layer")
     table.add_column("shape", justify="right")
     table.add_column("format", justify="right")
@@ -208,32 +172,17 @@ def quantize(
         table.add_row(
             f"... {len(report) - 8} more (mean {sum(r['rel_error'] for r in report) / len(report):.2e})", "", "", ""
         )
-    console.print(table)
-    src = dir_size(model) if not model.endswith(".gguf") else None
-    console.print(
-        f"wrote {output} ({human_bytes(dir_size(output))}"
-        + (f", source {human_bytes(src)}" if src else "")
-        + f") in {seconds:.1f} s"
+    return table
+
+
+def _plan_line(mixed: dict) -> str:
+    counts: dict = {}
+    for u in mixed["units"]:
+        k = f"{u['bits']}-bit g{u['group_size']}{'' if u.get('sym', True) else ' asym'}"
+        k += " fp16-zero" if u.get("zero") == "float" else ""
+        counts[k] = counts.get(k, 0) + 1
+    return (
+        "plan: "
+        + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
+        + " (layer groups; recorded in edgellm.json)"
     )
-    if info.get("mixed"):
-        counts: dict = {}
-        for u in info["mixed"]["units"]:
-            k = f"{u['bits']}-bit g{u['group_size']}{'' if u.get('sym', True) else ' asym'}"
-            k += " fp16-zero" if u.get("zero") == "float" else ""
-            counts[k] = counts.get(k, 0) + 1
-        console.print(
-            "plan: "
-            + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
-            + " (layer groups; recorded in edgellm.json)"
-        )
-    e = info["embeddings"]
-    console.print(
-        f"bits/weight (decoder linears): {info['bits_per_weight']:.3f}; embeddings: "
-        + (f"{e['bits']}-bit g{e['group_size']}" if e else "kept")
-        + f"; file {human_bytes(dir_size(output))}"
-    )
-    if evaluate:
-        console.print(
-            f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} "
-            f"({(after.perplexity / before.perplexity - 1) * 100:+.2f}%) on {after.tokens} held-out tokens"
-        )

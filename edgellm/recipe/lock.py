@@ -53,8 +53,8 @@ def identity(spec: str) -> dict:
 
 
 # The code each stage's output depends on, besides edgellm's top-level modules (model I/O, data,
-# evaluation, architectures) and the command's own module: a change there reruns the stage; a
-# change to the recipe runner or the report does not.
+# evaluation, architectures) and the workflow's own module in edgellm/pipeline: a change there
+# reruns the stage; a change to the CLI, the recipe runner or the report does not.
 STAGE_CODE = {
     "prune": ("edgellm/prune", "edgellm/quant"),  # prune drives blocks with quant/apply.py's calibration helpers
     "distill": ("edgellm/distill",),
@@ -85,7 +85,8 @@ def code_version(command: str | None = None) -> str:
     top = roots["edgellm"]
     files = sorted(top.glob("*.py"))
     if command is not None:
-        files += [top / "commands" / f"{COMMAND_MODULE.get(command, command)}.py", top / "commands" / "common.py"]
+        files += [top / "pipeline" / f"{COMMAND_MODULE.get(command, command)}.py"]
+        files += [top / "pipeline" / "common.py", top / "pipeline" / "options.py"]
         for part in STAGE_CODE[command]:
             head, _, rest = part.partition("/")
             base = roots.get(head)

@@ -39,7 +39,7 @@ def _settings_key(recipe: Recipe, input_id: dict) -> str:
 
 
 def _size(spec: str) -> int:
-    from ..commands.common import dir_size
+    from ..files import dir_size
     from ..modelio import resolve_spec
 
     return dir_size(Path(resolve_spec(spec)))
@@ -47,10 +47,10 @@ def _size(spec: str) -> int:
 
 def measure(recipe: Recipe, out: Path, progress=None, on_event=lambda what: None, compare: list[Path] = ()) -> dict:
     """Measure what is not cached yet and return the report (also stored under the lock's 'report')."""
-    from ..commands.common import data_tokens
     from ..data import split_tokens
     from ..evaluate import evaluate
     from ..modelio import count_parameters, load_model
+    from ..pipeline.common import data_tokens
     from ..progress import NULL
 
     progress = progress or NULL
@@ -369,7 +369,7 @@ def _plots(report: dict) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgellm.benchmarks.report import _png
+    from edgellm.benchmarks.report import png_base64
 
     rows = [r for r in report["outputs"] if r.get("size_bytes") and (r.get("quality") or {}).get("perplexity")]
     if not rows:
@@ -404,7 +404,7 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         axes[1].set_title("Numba speed of each output")
     for ax in axes:
         ax.grid(alpha=0.3)
-    out = [("Quality and speed per stage", _png(fig))]
+    out = [("Quality and speed per stage", png_base64(fig))]
     plt.close(fig)
     return out
 
@@ -431,7 +431,7 @@ def html_page(report: dict) -> str:
         bfigs = "".join(
             f'<h3>{e(t)}</h3><img alt="{e(t)}" src="data:image/png;base64,{p}">' for t, p in bench_report.plots(b)
         )
-        bn = "".join(f"<li>{e(n)}</li>" for n in bench_report._notes(b))
+        bn = "".join(f"<li>{e(n)}</li>" for n in bench_report.notes(b))
         bench = f"<h2>Bench ({e(report['bench']['stage'])})</h2><table><tr>{bh}</tr>{bb}</table><ul>{bn}</ul>{bfigs}"
     title = f"edgellm compress — {e(Path(report['recipe'] or '').name or 'recipe')} on {e(report['model'])}"
     raw = e(json.dumps(report, indent=1))

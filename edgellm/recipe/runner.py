@@ -9,7 +9,7 @@ Chaining (what each stage reads):
 - bench: the latest export (numba) or, before any export, the latest model (torch), plus `with:`;
 - eval: the latest model, against `reference` (default: the recipe's input model).
 
-Each stage runs the real command, which writes OUT/NN-stage/ through a temporary sibling. A
+Each stage runs its workflow (edgellm.pipeline), which writes OUT/NN-stage/ through a temporary sibling. A
 stage that fails leaves the earlier outputs as they are and is marked failed in the lock; the
 next run restarts there, and a distill stage continues from its last checkpoint.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import EdgeLLMError
-from . import commands as C
+from . import stages as C
 from .lock import Lock, code_version, hash_path, identity, stage_key
 from .spec import Recipe, Stage
 
@@ -45,8 +45,11 @@ def _data_identity(stage: Stage) -> dict:
     return {"data": identity(data)} if data else {}
 
 
-def run(recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: None) -> list[StageResult]:
+def run(
+    recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: None, hooks: C.Hooks | None = None
+) -> list[StageResult]:
     """Run (or skip) every stage; returns one result per stage in order."""
+    hooks = hooks or C.Hooks()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = Lock(out)
@@ -96,10 +99,7 @@ def run(recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: Non
             lock.set(stage.index, entry)
             t0 = time.perf_counter()
             try:
-                if stage.command == "eval":
-                    _eval_stage(stage, model, recipe.model, outdir)
-                else:
-                    C.invoke(stage.command, args, stage.options)
+                C.run(stage.command, args, stage.options, hooks)
             except BaseException as exc:
                 why = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
                 entry.update(status="failed", error=why, seconds=round(time.perf_counter() - t0, 2))
@@ -154,7 +154,11 @@ def _plan(stage: Stage, recipe: Recipe, outdir: Path, model, model_id, input_id,
         }
     if stage.command == "eval":
         ref = stage.options.get("reference") or recipe.model
-        return {}, {"model": model_id, "reference": identity(ref) if ref != recipe.model else input_id, **data}
+        return {"model": model, "reference": ref, "output": outdir}, {
+            "model": model_id,
+            "reference": identity(ref) if ref != recipe.model else input_id,
+            **data,
+        }
     return {"model": model, **tail}, {"model": model_id, **data}
 
 
@@ -190,35 +194,3 @@ def _distill_resume(outdir: Path, prev: dict | None, key: str, stage: Stage, on_
         shutil.rmtree(ckpt.path)  # a checkpoint of other inputs or options: of no use now
     on_event(stage, "run", _why(prev, key, outdir))
     return None
-
-
-def _eval_stage(stage: Stage, model: str, input_model: str, outdir: Path) -> None:
-    """`eval` as a stage: the command's measurement, written to OUT/NN-eval/eval.json."""
-    import json
-
-    from ..commands.common import check_stride, data_tokens, load
-    from ..console import PROGRESS, show_warnings
-    from ..data import split_tokens
-    from ..evaluate import evaluate as measure
-    from ..outputs import atomic_output_dir
-
-    o = {**C.defaults("eval"), **stage.options}
-    reference = o.get("reference") or input_model
-    stride = check_stride(o["ctx"], o.get("stride"))
-    with show_warnings():
-        loaded = load(model)
-        ref = load(reference, "loading reference")
-        ids = split_tokens(data_tokens(loaded.tokenizer, o.get("data")), "eval")
-        q = measure(
-            loaded.model,
-            ids,
-            reference=ref.model,
-            ctx=o["ctx"],
-            stride=stride,
-            max_tokens=o["eval_tokens"],
-            progress=PROGRESS,
-        )
-    with atomic_output_dir(outdir, force=True) as tmp:
-        (tmp / "eval.json").write_text(
-            json.dumps({"model": model, "reference": reference, **q.to_dict()}, indent=1) + "\n"
-        )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EdgeLLMError
-from . import commands as C
+from . import stages as C
 
 TOP_KEYS = {"model", "data", "report", "stages", "description"}
 # What the report measures for every stage's output (all optional in `report:`).

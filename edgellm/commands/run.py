@@ -159,13 +159,12 @@ def run(
             verify=verify,
             device=device,
         )
-    if getattr(gen.model, "kernel_warning", None):
+    if gen.model.kernel_warning:  # every backend states it (runtime/backend.py Backend)
         console.print(f"[yellow]warning:[/] {gen.model.kernel_warning}", highlight=False)
     if verbose:
         m = gen.model
         console.print(
-            f"[dim]{backend.value}: kernels {getattr(m, 'kernels', 'n/a')}, KV cache {getattr(m, 'kv_cache', 'n/a')}, "
-            f"threads {getattr(m, 'threads', threads)}[/]",
+            f"[dim]{backend.value}: kernels {m.kernels}, KV cache {m.kv_cache}, threads {m.threads or threads}[/]",
             highlight=False,
         )
 

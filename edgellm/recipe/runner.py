@@ -81,13 +81,7 @@ def run(
             "code_version": stage_version,
             "key": key,
         }
-        if (
-            prev
-            and prev.get("key") == key
-            and prev.get("status") == "done"
-            and outdir.is_dir()
-            and hash_path(outdir) == prev.get("output_sha256")
-        ):
+        if _current(prev, key, outdir):
             on_event(stage, "skip", "inputs, options and code unchanged")
             results.append(StageResult(stage, outdir, "skipped", 0.0, str(model), prev))
         else:
@@ -95,31 +89,7 @@ def run(
                 args["resume"] = _distill_resume(outdir, prev, key, stage, on_event)
             else:
                 on_event(stage, "run", _why(prev, key, outdir))
-            entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            lock.set(stage.index, entry)
-            t0 = time.perf_counter()
-            try:
-                C.run(stage.command, args, stage.options, hooks)
-            except BaseException as exc:
-                why = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
-                entry.update(status="failed", error=why, seconds=round(time.perf_counter() - t0, 2))
-                lock.set(stage.index, entry)
-                on_event(stage, "failed", why)
-                if isinstance(exc, EdgeLLMError):
-                    raise EdgeLLMError(
-                        f"stage {stage.index + 1} ({stage.name}) failed: {why}; the earlier stages' outputs "
-                        f"in '{out}' are kept and the next run restarts at this stage"
-                    ) from None
-                raise  # interrupted, or a bug: the lock says so; the CLI reports it
-            seconds = time.perf_counter() - t0
-            entry.update(
-                status="done",
-                seconds=round(seconds, 2),
-                output_sha256=hash_path(outdir),
-                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            )
-            lock.set(stage.index, entry)
-            on_event(stage, "done", f"{seconds:.1f} s")
+            seconds = _run_stage(stage, args, entry, lock, hooks, on_event, out, outdir)
             results.append(StageResult(stage, outdir, "ran", seconds, str(model), entry))
         if stage.command in ("prune", "distill", "quantize"):
             model, model_id, made_model = (
@@ -133,6 +103,47 @@ def run(
                 {"spec": stage.dirname, "sha256": lock.entry(stage.index)["output_sha256"]},
             )
     return results
+
+
+def _current(prev: dict | None, key: str, outdir: Path) -> bool:
+    """The stage's last run finished with the same key, and its output is still what it wrote."""
+    return bool(
+        prev
+        and prev.get("key") == key
+        and prev.get("status") == "done"
+        and outdir.is_dir()
+        and hash_path(outdir) == prev.get("output_sha256")
+    )
+
+
+def _run_stage(stage: Stage, args: dict, entry: dict, lock: Lock, hooks, on_event, out: Path, outdir: Path) -> float:
+    """Run one stage, recording in the lock that it runs, then how it ended; its seconds."""
+    entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    lock.set(stage.index, entry)
+    t0 = time.perf_counter()
+    try:
+        C.run(stage.command, args, stage.options, hooks)
+    except BaseException as exc:
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
+        entry.update(status="failed", error=why, seconds=round(time.perf_counter() - t0, 2))
+        lock.set(stage.index, entry)
+        on_event(stage, "failed", why)
+        if isinstance(exc, EdgeLLMError):
+            raise EdgeLLMError(
+                f"stage {stage.index + 1} ({stage.name}) failed: {why}; the earlier stages' outputs "
+                f"in '{out}' are kept and the next run restarts at this stage"
+            ) from None
+        raise  # interrupted, or a bug: the lock says so; the CLI reports it
+    seconds = time.perf_counter() - t0
+    entry.update(
+        status="done",
+        seconds=round(seconds, 2),
+        output_sha256=hash_path(outdir),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    lock.set(stage.index, entry)
+    on_event(stage, "done", f"{seconds:.1f} s")
+    return seconds
 
 
 def _plan(stage: Stage, recipe: Recipe, outdir: Path, model, model_id, input_id, made_model, export_dir, export_id):

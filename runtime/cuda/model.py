@@ -289,6 +289,16 @@ class CudaModel:
         dtypes = {"wq": np.uint32, "fw": np.float16, "sc": np.float16, "zs": np.float32}
         arrays = {k: cuda.device_array(max(1, up.size[k]), t) for k, t in dtypes.items()}
         arrays["pf"] = cuda.to_device(np.concatenate(up.pf) if up.pf else np.zeros(1, np.float32))
+        if dev.simulator():
+            # the simulator's "device" arrays are host memory, so the staging copy + transpose_into
+            # launch (there to spare a host copy of the weights on a GPU) buys nothing and costs a
+            # Python thread per element (~40 s for a hidden-64 fp32 llama on 2 busy cores): write
+            # the same layout with numpy (references.ref_transposed; tests/cuda_suite.py checks
+            # transpose_into against it, and gpu_check.sh runs this path on the GPU)
+            for name, off, host in up.copies:
+                dst = arrays[name]
+                dst[off : off + host.size] = np.ascontiguousarray(host.T).reshape(-1).astype(dst.dtype)
+            return Weights(**arrays)
         stage = {}
         for name, off, host in up.copies:
             dt = host.dtype

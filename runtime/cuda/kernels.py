@@ -24,12 +24,15 @@ The five arrays travel together as one `Weights` tuple. A linear is one `CUDA_LI
 offsets, its window), and the model-wide parts `CUDA_MODEL` (embeddings, head, final norm, learned
 positions) and `CUDA_CONFIG` (dims, flags, eps): device arrays of records, read by field name.
 
-Records on numba's CUDA target: a kernel argument is an array of records (one-record arrays for
-a single linear or the config), never a bare record; `arr[i]` is a reference to the record in
-device memory, and device functions take it (and its nested records, `layer.qkv`) as an
-argument. Under the simulator a record field read goes through FakeWithinKernelCUDAArray's
-`__getattr__`, which calls `dir()` on the numpy record each time (~17 us a read, 30x an int
-array's index): `_sim_record_field` below answers field names first.
+Records on numba's CUDA target: kernels take device arrays of records (one-record arrays for a
+single linear, the config and the model), uploaded once, the same argument type on a GPU and in
+the simulator; `arr[i]` is a reference to the record in device memory, and device functions take
+it (and its nested records, `layer.qkv`) as an argument; the Weights / State named tuples of
+device arrays are flattened into kernel parameters by numba (tests/cuda_ptx.py compiles all of it
+for sm_90). Under the simulator a record field read goes through FakeWithinKernelCUDAArray's
+`__getattr__`, which calls `dir()` on the numpy record each time (17 us a read, 30x an int array's
+index, measured here): `_sim_record_field` below answers field names first (2 us). Hot loops
+read a record's fields into locals once (gemv_tile), as they would read descriptor slots.
 
 Numerics: inputs are fp16 (a buffer, or computed on the fly and rounded to fp16 as a buffer
 would hold them), weights are code*scale, every product is accumulated in fp32.

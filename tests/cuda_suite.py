@@ -338,6 +338,9 @@ def test_logits_match_cpu_runtime(exports, key):
         _check_logits(a, b, key[1])
         tok = int(b.argmax())
     assert gm.decode_mode == "cooperative"
+    from edgellm.runtime.backend import Backend
+
+    assert isinstance(gm, Backend) and gm.kernel_warning is None and gm.kernels  # the one backend interface
 
 
 TIE = 0.01  # a greedy flip is a near tie when the CPU's top-2 margin is <= 2 x TIE x max|logit|

@@ -44,6 +44,7 @@ import collections
 import json
 import os
 import random
+import re
 import select
 import shutil
 import subprocess
@@ -626,6 +627,14 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------- campaign
+def error_kind(detail: str) -> str:
+    """A rejection's message with its particulars (paths, names, numbers) blanked, to count kinds:
+    "'...' packs N columns but the layer has N inputs"."""
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", detail.removeprefix("error: "))
+    kind = re.sub(r"(?<![A-Za-z_\d.])-?\d+(?:[.,]\d+)*(?:e[+-]?\d+)?", "N", kind)  # not sha256
+    return kind[:90]
+
+
 def _load_seed(path: Path):
     import onnx
 
@@ -673,6 +682,7 @@ def campaign(
     names, weights = zip(*[(k, v[1]) for k, v in MUTATORS.items()])
     counts = collections.Counter()
     by_class = collections.defaultdict(collections.Counter)
+    kinds = collections.Counter()  # error_kind of each rejection
     examples = collections.defaultdict(list)
     baseline = {}
     t0 = time.monotonic()
@@ -716,6 +726,8 @@ def campaign(
                 marker.unlink()
             counts[status] += 1
             by_class[cls][status] += 1
+            if status == "rejected":
+                kinds[error_kind(res.get("detail", ""))] += 1
             if status in FAILURES and len(examples[status]) < 20:
                 examples[status].append(
                     {"i": i, "seed": key, "class": cls, "backend": backend, "cli": cli, "detail": res.get("detail", "")}
@@ -734,6 +746,7 @@ def campaign(
         "seed": seed,
         "counts": dict(counts),
         "by_class": {k: dict(v) for k, v in sorted(by_class.items())},
+        "error_kinds": dict(kinds.most_common()),
         "failures": sum(counts[f] for f in FAILURES),
         "examples": dict(examples),
     }

@@ -93,6 +93,7 @@ def bench_export(path: Path, a, meter) -> dict:
     extra = {
         "backend": "numba-cuda",
         "decode_mode": m.decode_mode,
+        "kernels": m.kernels,
         "grid_blocks": m._coop_grid,
         "threads_per_block": m.tpb,
         "load_s": load_s,

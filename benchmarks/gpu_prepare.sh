@@ -14,7 +14,7 @@ rm -rf .gpu && mkdir -p .gpu/synth
 "$PY" -m pip install -q --no-deps --target .gpu/site typer click rich markdown-it-py mdurl pygments shellingham \
     pytest pluggy iniconfig packaging typing_extensions
 NUMBA_ENABLE_CUDASIM=1 "$PY" tests/cuda_exports.py .gpu/tiny-exports > /dev/null
-rm -rf .gpu/tiny-exports/llama .gpu/tiny-exports/gpt2 .gpu/tiny-exports/*-q4 .gpu/tiny-exports/*-q8a  # keep the exports only
+rm -rf .gpu/tiny-exports/llama .gpu/tiny-exports/gpt2 .gpu/tiny-exports/*-q4 .gpu/tiny-exports/*-q8a .gpu/tiny-exports/*-q4-default .gpu/tiny-exports/*-bpw  # keep the exports only
 for shape in smollm2-135m tinyllama-1.1b; do
   "$PY" -m edgellm.benchmarks.gpu_synth skeleton "$shape" ".gpu/synth/$shape-q4"
 done

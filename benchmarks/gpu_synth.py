@@ -35,23 +35,30 @@ ALIGN = 64
 
 
 def _tensors(shape: str):
-    """(name, ONNX data type, dims) of every initializer, in export order."""
+    """(name, ONNX data type, dims) of every initializer, in export order (names from
+    runtime/format/names.py, the one place tensor names are spelled)."""
+    from edgellm.runtime.format.dtypes import FLOAT, UINT8
+    from edgellm.runtime.format.names import HEAD, QWEIGHT, SCALES, WEIGHT, names_for, tensor
+
     h, inter, layers, heads, kv, vocab, _, tied = SHAPES[shape]
     hd = h // heads
+    names = names_for("llama")
 
-    def linear(name, n, k):
+    def linear(path, n, k):
         nb = -(-k // GS)
-        return [(f"{name}.qweight", 2, (n, nb, GS * BITS // 8)), (f"{name}.scales", 1, (n * nb,))]
+        return [(tensor(path, QWEIGHT), UINT8, (n, nb, GS * BITS // 8)), (tensor(path, SCALES), FLOAT, (n * nb,))]
 
-    out = linear("model.embed_tokens", vocab, h)
+    def norm(path):
+        return [(tensor(path, WEIGHT), FLOAT, (h,))]
+
+    out = linear(names.embed, vocab, h)
     for i in range(layers):
-        p = f"model.layers.{i}"
-        out += [(f"{p}.input_layernorm.weight", 1, (h,))] + linear(f"{p}.self_attn.qkv_proj", (heads + 2 * kv) * hd, h)
-        out += linear(f"{p}.self_attn.o_proj", h, heads * hd) + [(f"{p}.post_attention_layernorm.weight", 1, (h,))]
-        out += linear(f"{p}.mlp.gate_up_proj", 2 * inter, h) + linear(f"{p}.mlp.down_proj", h, inter)
-    out.append(("model.norm.weight", 1, (h,)))
+        out += norm(names.norm(i, "attn")) + linear(names.linear(i, "qkv"), (heads + 2 * kv) * hd, h)
+        out += linear(names.linear(i, "o"), h, heads * hd) + norm(names.norm(i, "mlp"))
+        out += linear(names.linear(i, "up"), 2 * inter, h) + linear(names.linear(i, "down"), h, inter)
+    out += norm(names.final_norm)
     if not tied:
-        out += linear("lm_head", vocab, h)
+        out += linear(HEAD, vocab, h)
     return out
 
 

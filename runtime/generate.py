@@ -390,7 +390,7 @@ def load(
         open_gpu()  # a missing driver or GPU is a one-line error before any CUDA module loads
         from .cuda.model import CudaModel
 
-        model = CudaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
+        model = CudaModel(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache, verify=verify)
     elif backend == "numba":
         from .model import NumbaModel
 

@@ -9,11 +9,18 @@ from pathlib import Path
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
 TRAIN_STEPS = 300
-VARIANTS = {
-    "q4": ["--bits", "4", "--group-size", "16", "--sym"],
-    "q8a": ["--bits", "8", "--group-size", "16", "--asym"],
+RTN = ["--method", "rtn", "--quantize-embeddings"]
+VARIANTS = {  # edgellm quantize options per export (f32: not quantized)
+    "q4": ["--bits", "4", "--group-size", "16", "--sym", *RTN],
+    "q8a": ["--bits", "8", "--group-size", "16", "--asym", *RTN],
     "f32": [],
+    # the way a user quantizes, default options: GPTQ, groups of 128, embeddings at 8 bits inside a
+    # 4-bit export (`tensor_bits` in the metadata: the file the CUDA path once misread), and a
+    # mixed-precision plan (per-layer bits, group sizes and zero points); llama only
+    "q4-default": ["--bits", "4"],
+    "bpw": ["--target-bpw", "5"],
 }
+USER_VARIANTS = ("q4-default", "bpw")
 
 
 def build_exports(root: Path, tokenizer) -> dict:
@@ -43,9 +50,6 @@ def build_exports(root: Path, tokenizer) -> dict:
                         "quantize",
                         str(src),
                         *qargs,
-                        "--method",
-                        "rtn",
-                        "--quantize-embeddings",
                         "--no-eval",
                         "-o",
                         str(model),

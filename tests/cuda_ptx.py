@@ -19,33 +19,34 @@ from edgellm.runtime.cuda import kernels as K  # noqa: E402
 
 
 def kernels():
+    from numba.np.numpy_support import from_dtype
+
+    from edgellm.runtime.format.records import CUDA_CONFIG, CUDA_LAYER, CUDA_LINEAR, CUDA_MODEL
+
     C = lambda dt, nd: T.Array(dt, nd, "C")  # noqa: E731  (device arrays are C-contiguous)
+    rec = lambda dtype: C(from_dtype(dtype), 1)  # noqa: E731  (arrays of records: one per layer, or one)
     i64, f32, f16, u32 = T.int64, T.float32, T.float16, T.uint32
-    w = (C(i64, 1), C(u32, 1), C(f16, 1), C(f16, 1), C(f32, 1), C(f32, 1))  # desc row, wq, fw, sc, zs, pf
-    state = (
-        C(i64, 1),
-        C(i64, 2),
-        C(i64, 2),
-        C(i64, 1),
-        C(u32, 1),
-        C(f16, 1),
-        C(f16, 1),
-        C(f32, 1),
-        C(f32, 1),
-        C(f32, 2),
-        C(f32, 2),
-        C(f16, 4),
-        C(f16, 4),
-        C(f32, 2),
-        C(f32, 2),
-        C(f16, 2),
-        C(f32, 2),
-        C(f32, 2),
-        C(f32, 2),
+    weights = T.NamedTuple((C(u32, 1), C(f16, 1), C(f16, 1), C(f32, 1), C(f32, 1)), K.Weights)
+    state = T.NamedTuple(
+        (
+            C(f32, 2),  # cos
+            C(f32, 2),  # sin
+            C(f16, 4),  # kc
+            C(f16, 4),  # vc
+            C(f32, 2),  # x
+            C(f32, 2),  # qkv
+            C(f16, 2),  # att
+            C(f32, 2),  # up
+            C(f32, 2),  # scores
+            C(f32, 2),  # logits
+        ),
+        K.State,
     )
+    step = (rec(CUDA_CONFIG), rec(CUDA_MODEL), rec(CUDA_LAYER), weights, state)
+    w = (rec(CUDA_LINEAR), weights)  # one linear and the arrays it points into
     return [
-        ("decode_coop", K.decode_coop, (i64, i64, f32) + state),
-        ("phase_kernel", K.phase_kernel, (i64, i64, i64, i64, i64, f32) + state),
+        ("decode_coop", K.decode_coop, (i64, i64) + step),
+        ("phase_kernel", K.phase_kernel, (i64, i64, i64, i64, i64) + step),
         ("gemm_kernel", K.gemm_kernel, w + (C(f16, 2), i64, C(f32, 2), i64)),
         (
             "gemv_kernel[fp32 in]",

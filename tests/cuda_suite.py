@@ -38,6 +38,7 @@ if not SIM and not cuda.is_available():
 
 from edgellm.runtime.cuda import kernels as K  # noqa: E402
 from edgellm.runtime.cuda import references as R  # noqa: E402
+from edgellm.runtime.format.records import CUDA_LINEAR, KIND_F32, KIND_Q4, KIND_Q8, records  # noqa: E402
 from edgellm.runtime.kernels import layers as Lk  # noqa: E402
 from edgellm.runtime.kernels.quant import dequantize  # noqa: E402
 
@@ -57,11 +58,14 @@ def _packed(n, k, bits, gs, sym):
 
 
 class Lin:
-    """One linear in the device layout (kernels.py) + its dequantized float64 reference."""
+    """One linear in the device layout (kernels.py): its CUDA_LINEAR record, the Weights arrays,
+    and its dequantized float64 reference."""
 
     def __init__(self, kind, n, k, gs=16, sym=True, bias=True):
-        d = np.full(K.DESC_LEN, -1, np.int64)
-        d[K.D_KIND], d[K.D_N], d[K.D_K] = kind, n, k
+        d = records(CUDA_LINEAR, 1)
+        r = d.view(np.recarray)[0]
+        r.kind, r.n, r.k = kind, n, k
+        r.w_off = r.s_off = r.z_off = r.b_off = -1
         pf = [np.zeros(1, np.float32)]
         wq, fw, sc, zs = (
             np.zeros(1, np.uint32),
@@ -69,23 +73,23 @@ class Lin:
             np.zeros(1, np.float16),
             np.zeros(1, np.float32),
         )
-        if kind == K.K_FLOAT:
+        if kind == KIND_F32:
             w = rng.normal(0, 0.3, (n, k)).astype(np.float16)
-            fw, d[K.D_W] = R.ref_transposed(w), 0
+            fw, r.w_off = R.ref_transposed(w), 0
             self.w = w.astype(np.float64)
         else:
             qw, scales, zeros = _packed(n, k, kind, gs, sym)
             nb = qw.shape[1]
-            d[K.D_GS], d[K.D_NB], d[K.D_WORDS], d[K.D_ZERO] = gs, nb, qw.shape[1] * qw.shape[2] // 4, 1 << (kind - 1)
-            wq, d[K.D_W] = R.ref_transposed(qw.reshape(n, -1).view(np.uint32)), 0
-            sc, d[K.D_S] = R.ref_transposed(scales.reshape(n, nb).astype(np.float16)), 0
+            r.block, r.nb, r.words, r.zero = gs, nb, qw.shape[1] * qw.shape[2] // 4, 1 << (kind - 1)
+            wq, r.w_off = R.ref_transposed(qw.reshape(n, -1).view(np.uint32)), 0
+            sc, r.s_off = R.ref_transposed(scales.reshape(n, nb).astype(np.float16)), 0
             if zeros is not None:
-                zs, d[K.D_Z] = R.ref_transposed(zeros.astype(np.float32) * scales.reshape(n, nb)), 0
+                zs, r.z_off = R.ref_transposed(zeros.astype(np.float32) * scales.reshape(n, nb)), 0
             self.w = dequantize(qw, scales, zeros, kind, k).astype(np.float64)
         self.bias = None
         if bias:
             self.bias = rng.normal(0, 0.1, n).astype(np.float32)
-            d[K.D_B] = 1
+            r.b_off = 1
             pf.append(self.bias)
         self.pf_host = np.concatenate(pf)
         self.d = cuda.to_device(d)
@@ -93,7 +97,8 @@ class Lin:
         self.n, self.k = n, k
 
     def args(self, pf):
-        return (self.d, *self.dev, pf)
+        """(the one-record linear, kernels.Weights) with `pf` as the fp32 array."""
+        return self.d, K.Weights(*self.dev, pf)
 
 
 def _close(a, b, rel=2e-3):
@@ -101,7 +106,7 @@ def _close(a, b, rel=2e-3):
     assert np.abs(np.asarray(a, np.float64) - b).max() <= rel * scale, (float(np.abs(a - b).max()), scale)
 
 
-LIN_CASES = [(K.K_Q4, 16, True), (K.K_Q4, 32, False), (K.K_Q8, 16, False), (K.K_Q8, 32, True), (K.K_FLOAT, 0, True)]
+LIN_CASES = [(KIND_Q4, 16, True), (KIND_Q4, 32, False), (KIND_Q8, 16, False), (KIND_Q8, 32, True), (KIND_F32, 0, True)]
 LIN_IDS = ["q4-g16-sym", "q4-g32-asym", "q8-g16-asym", "q8-g32-sym", "fp16"]
 
 
@@ -249,7 +254,7 @@ def test_act(gated):
 
 # ----------------------------------------------------------------------------- the model vs the CPU runtime
 PROMPT = np.array([5, 17, 100, 3, 77, 250, 9, 11], np.int64)
-from cuda_exports import VARIANTS, build_exports  # noqa: E402
+from cuda_exports import USER_VARIANTS, VARIANTS, build_exports  # noqa: E402
 
 PREBUILT = (
     Path(__file__).parent.parent / ".gpu" / "tiny-exports"
@@ -333,6 +338,9 @@ def test_logits_match_cpu_runtime(exports, key):
         _check_logits(a, b, key[1])
         tok = int(b.argmax())
     assert gm.decode_mode == "cooperative"
+    from edgellm.runtime.backend import Backend
+
+    assert isinstance(gm, Backend) and gm.kernel_warning is None and gm.kernels  # the one backend interface
 
 
 TIE = 0.01  # a greedy flip is a near tie when the CPU's top-2 margin is <= 2 x TIE x max|logit|
@@ -379,6 +387,24 @@ def test_greedy_tokens_match_cpu_runtime(exports):
     assert all(f["tie"] for f in flips), (ids, flips)
     assert len(flips) <= 2, (ids, flips)  # ties are rare: more would mean the logits drifted apart
     assert len(set(ids)) > 3  # a real continuation, not one token repeated
+
+
+@pytest.mark.parametrize("var", USER_VARIANTS)
+def test_user_exports_greedy_match_cpu_runtime(exports, var):
+    """Exports built the way a user builds them (default `quantize --bits 4`: GPTQ, groups of 128,
+    8-bit embeddings and head inside a 4-bit file; and a `--target-bpw` plan) load through the
+    weights plan's per-tensor bits and give the CPU runtime's greedy tokens: 6 steps, a flip only
+    at a near tie (the rule of test_greedy_tokens_match_cpu_runtime). Before the CUDA path read
+    the plan, these files failed to load ("'model.embed_tokens.qweight' packs 768 columns ...")."""
+    from edgellm.runtime.loader import open_export
+
+    path = exports["llama", var]
+    ex = open_export(path)
+    tensor_bits = ex.quantization.get("tensor_bits") or {}
+    ex.close()
+    assert tensor_bits.get("model.embed_tokens") == 8, tensor_bits  # what the old loader misread
+    ids, flips = _teacher_forced_flips(path, PROMPT[:4], 6)
+    assert all(f["tie"] for f in flips) and len(flips) <= 1, (ids, flips)
 
 
 def test_phases_fallback_equals_cooperative_step(exports):

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from edgellm.benchmarks.fuzz_loader import SEEDS, make_seeds
+from tools.fuzz_loader import SEEDS, make_seeds
 
 
 def seed_exports(tmp_path_factory) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""Bounded, seeded fuzzing of the loader (benchmarks/fuzz_loader.py) and the bad-input matrix of
+"""Bounded, seeded fuzzing of the loader (tests/tools/fuzz_loader.py) and the bad-input matrix of
 the command line: no crash, hang, traceback or accepted NaN from any file, and every bad
 command line ends in one `error:` line with exit code 2."""
 
@@ -29,7 +29,7 @@ def test_fuzz_campaign(seeds):
     """1000 seeded mutants (about 25 s on one core): every outcome is a clean rejection or a
     run with finite logits; `changed` outputs come only from mutations nothing can detect
     without --verify (flipped weight bytes, swapped same-shape tensors)."""
-    from edgellm.benchmarks.fuzz_loader import FAILURES, campaign
+    from tools.fuzz_loader import FAILURES, campaign
 
     res = campaign(seeds, n=1000, seed=12345, timeout=30)
     print(json.dumps({k: res[k] for k in ("mutants", "seconds", "counts")}))
@@ -37,6 +37,25 @@ def test_fuzz_campaign(seeds):
     assert res["failures"] == 0, res["examples"]
     assert res["counts"].get("rejected", 0) > 500  # the mutators really do damage
     assert all(f not in res["counts"] for f in FAILURES)
+
+
+@pytest.mark.slow
+def test_fuzz_campaign_cuda(seeds):
+    """256 seeded mutants through the CUDA path under numba's CUDA simulator (workers get
+    NUMBA_ENABLE_CUDASIM=1; this process never imports numba.cuda): load, validate through the
+    weights plan, one decode step (a 1-token prompt, 1 new token: the simulator runs a CUDA thread
+    as a Python thread); every 16th through `edgellm run --device cuda`, where only exit 0 or one
+    `error:` line with exit 2 passes. Measured: 40 mutants in 61 s with the machine at load 14,
+    so about 5 minutes here; a few seconds per accepted mutant, mostly the simulated decode step."""
+    from tools.fuzz_loader import FAILURES, campaign
+
+    res = campaign(seeds, n=256, seed=2027, timeout=180, device="cuda")
+    print(json.dumps({k: res[k] for k in ("mutants", "device", "seconds", "counts")}))
+    assert res["mutants"] == 256 and res["device"] == "cuda (simulator)"
+    assert res["failures"] == 0, res["examples"]
+    assert all(f not in res["counts"] for f in FAILURES)
+    assert res["counts"].get("rejected", 0) > 100 and res["counts"].get("accepted", 0) > 20
+    assert sum(res["counts"].values()) == 256
 
 
 def _is_one_line_error(r) -> bool:

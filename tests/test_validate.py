@@ -371,7 +371,8 @@ def test_model_and_mutants_under_numba_boundscheck(seeds, tmp_path):
     every seed runs, and a small fuzz campaign finds no out-of-bounds index."""
     code = textwrap.dedent(f"""
         import json, sys
-        from edgellm.benchmarks.fuzz_loader import campaign
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from tools.fuzz_loader import campaign
         seeds = {json.dumps({k: str(v) for k, v in seeds.items()})}
         r = campaign(seeds, n=60, seed=7, timeout=600)
         print(json.dumps(r))
@@ -431,3 +432,48 @@ def test_logits_unchanged_on_valid_exports(seeds):
     a = NumbaModel(seeds["llama-f32"], n_ctx=32, threads=1).forward(ids, all_logits=True)
     b = OrtModel(seeds["llama-f32"], threads=1).forward(ids, all_logits=True)
     assert np.abs(a - b).max() < 1e-3
+
+
+# ----------------------------------------------------------------------------- the CUDA path
+def _cuda_cli(cases: list[list[str]]) -> list[tuple[int, list[str]]]:
+    """`python -m edgellm run ... --device cuda` for each argument list, under numba's CUDA
+    simulator (a subprocess each: NUMBA_ENABLE_CUDASIM must not reach this process); (exit code,
+    non-empty output lines)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "NUMBA_NUM_THREADS": "1"}
+    out = []
+    for args in cases:
+        cmd = [sys.executable, "-m", "edgellm", "run", *args, "-n", "1", "-t", "0", "--ctx", "16", "--device", "cuda"]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        out.append((r.returncode, [ln for ln in (r.stdout + r.stderr).strip().splitlines() if ln.strip()]))
+    return out
+
+
+def test_cuda_run_verify_and_bad_metadata_match_cpu(seeds, tmp_path):
+    """`edgellm run --device cuda` goes through the same weights plan as the CPU: --verify passes
+    a good export (the 4-bit seed, whose embeddings and head are 8-bit: `tensor_bits`) and stops a
+    tampered data file with one line and exit 2; three crafted bad-metadata exports (num_kv_heads
+    2 -> 1, intermediate_size 160 -> 320, vocab_size 512 -> 1024) give the CPU runtime's one-line
+    errors, naming the tensor each change breaks."""
+    good = seeds["llama-q4"]
+    tampered = copy(good, tmp_path / "tampered")
+    data = bytearray((tampered / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (tampered / "model.onnx.data").write_bytes(bytes(data))
+    bad = {
+        "qkv_proj": edit_config(copy(good, tmp_path / "kv"), num_kv_heads=1),
+        "gate_up_proj": edit_config(copy(good, tmp_path / "inter"), intermediate_size=320),
+        "embed_tokens": edit_config(copy(good, tmp_path / "vocab"), vocab_size=1024),
+    }
+    prompt = ["-p", "def add(a, b):"]
+    got = _cuda_cli(
+        [[str(good), *prompt, "--verify"], [str(tampered), *prompt, "--verify"]]
+        + [[str(p), *prompt] for p in bad.values()]
+    )
+    (rc, lines), (rc_t, lines_t) = got[0], got[1]
+    assert rc == 0 and "tokens/s" in "\n".join(lines), lines
+    assert rc_t == 2 and len(lines_t) == 1 and lines_t[0].startswith("error:") and "sha256" in lines_t[0], lines_t
+    assert lines_t[0] == run_error(tampered, "--verify")
+    for (tensor_name, path), (rc_b, lines_b) in zip(bad.items(), got[2:]):
+        assert rc_b == 2 and len(lines_b) == 1 and lines_b[0].startswith("error:"), (tensor_name, lines_b)
+        assert tensor_name in lines_b[0], lines_b[0]
+        assert lines_b[0] == run_error(path), (lines_b[0], run_error(path))

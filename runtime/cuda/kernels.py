@@ -18,11 +18,21 @@ read 32 consecutive words (one 128-byte transaction) per step:
     zs  float32  zero*scale of asymmetric formats, same layout (symmetric: zero is a constant)
     pf  float32  biases, norm weights, learned positions
 
-A linear is one int64 descriptor row (`desc`), the way the CPU runtime's kernels find weights:
+The five arrays travel together as one `Weights` tuple. A linear is one `CUDA_LINEAR` record
+(runtime/format/records.py: kind, n, k, w_off / s_off / z_off / b_off into the arrays above
+(-1: none), block, nb, words, zero), a layer one `CUDA_LAYER` (its four linears by role, its norms'
+offsets, its window), and the model-wide parts `CUDA_MODEL` (embeddings, head, final norm, learned
+positions) and `CUDA_CONFIG` (dims, flags, eps): device arrays of records, read by field name.
 
-    kind 0 float | 4 | 8     n, k         out and in features
-    w, s, z, b               offsets into wq/fw, sc, zs, pf (-1: none)
-    gs, nb, words, zero      group size, blocks and uint32 words per row, symmetric zero point
+Records on numba's CUDA target: kernels take device arrays of records (one-record arrays for a
+single linear, the config and the model), uploaded once, the same argument type on a GPU and in
+the simulator; `arr[i]` is a reference to the record in device memory, and device functions take
+it (and its nested records, `layer.qkv`) as an argument; the Weights / State named tuples of
+device arrays are flattened into kernel parameters by numba (tests/cuda_ptx.py compiles all of it
+for sm_90). Under the simulator a record field read goes through FakeWithinKernelCUDAArray's
+`__getattr__`, which calls `dir()` on the numpy record each time (17 us a read, 30x an int array's
+index, measured here): `_sim_record_field` below answers field names first (2 us). Hot loops
+read a record's fields into locals once (gemv_tile), as they would read descriptor slots.
 
 Numerics: inputs are fp16 (a buffer, or computed on the fly and rounded to fp16 as a buffer
 would hold them), weights are code*scale, every product is accumulated in fp32.
@@ -66,10 +76,13 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32
 from numba.core import config, types
+
+from ..format.records import KIND_F32, KIND_Q4, KIND_Q8  # noqa: F401  (the kinds a CUDA_LINEAR holds)
 
 _SHARED_LOCK = threading.Lock()  # tests swap it for a no-op to show the race is real
 _sim_alloc = np.empty  # tests slow it down to widen the race window
@@ -98,11 +111,24 @@ def _sim_shared_array(self, shape, dtype):
     return res
 
 
+def _sim_record_field(self, name):
+    """numba 0.68's simulated in-kernel array attribute lookup, record fields first (see above)."""
+    item = self.__dict__["_item"]
+    names = item._ary.dtype.names
+    if names is not None and name in names:
+        v = item.__getitem__(name)
+        return FakeWithinKernelCUDAArray(v) if isinstance(v, FakeCUDAArray) else v
+    return _SIM_ORIGINAL_GETATTR(self, name)
+
+
 if config.ENABLE_CUDASIM:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray, FakeWithinKernelCUDAArray
     from numba.cuda.simulator.kernelapi import FakeCUDAShared
 
     _SIM_ORIGINAL_ARRAY = FakeCUDAShared.array
     FakeCUDAShared.array = _sim_shared_array
+    _SIM_ORIGINAL_GETATTR = FakeWithinKernelCUDAArray.__getattr__
+    FakeWithinKernelCUDAArray.__getattr__ = _sim_record_field
 
 
 def pure(fn):
@@ -113,9 +139,30 @@ def pure(fn):
     return fn if config.ENABLE_CUDASIM else cuda.jit(device=True)(fn)
 
 
-K_FLOAT, K_Q4, K_Q8 = 0, 4, 8
-D_KIND, D_N, D_K, D_W, D_S, D_Z, D_B, D_GS, D_NB, D_WORDS, D_ZERO = range(11)
-DESC_LEN = 11
+class Weights(NamedTuple):
+    """The device arrays every linear points into (layout above): one kernel argument."""
+
+    wq: object  # uint32 (words,) packed codes
+    fw: object  # float16 float weights
+    sc: object  # float16 scales
+    zs: object  # float32 zero * scale
+    pf: object  # float32 biases, norms, learned positions
+
+
+class State(NamedTuple):
+    """The decode step's tables, KV cache and scratch (model.py sizes them): one kernel argument."""
+
+    cos: object  # float32 (ctx, HD/2) rope tables (a (1, 1) dummy with learned positions)
+    sin: object
+    kc: object  # float16 (L, NKV, ctx, HD) KV cache
+    vc: object
+    x: object  # float32 (chunk, H) residual stream
+    qkv: object  # float32 (chunk, (NH + 2 NKV) HD)
+    att: object  # float16 (chunk, max(H, NH HD, I)) attention output / GEMV inputs
+    up: object  # float32 (chunk, 2 I or I)
+    scores: object  # float32 (chunk NH, ctx)
+    logits: object  # float32 (chunk, V)
+
 
 ROWS = 32  # output rows per tile: one per lane of a warp
 MAX_THREADS = 256  # threads per block the shared buffers are sized for (a multiple of ROWS)
@@ -151,24 +198,24 @@ def in_val(src, i, c, mode, half, pf, nw, nbias, mu, inv):
 
 
 @pure
-def weight(d, wq, fw, sc, zs, r, c):
-    """Dequantized weight (row r, column c) of the linear `d` (a descriptor row): fp32."""
-    n, kind = d[D_N], d[D_KIND]
-    if kind == K_FLOAT:
-        return np.float32(fw[d[D_W] + c * n + r])
+def weight(d, w, r, c):
+    """Dequantized weight (row r, column c) of the linear `d` (a CUDA_LINEAR record): fp32."""
+    n, kind = d.n, d.kind
+    if kind == KIND_F32:
+        return np.float32(w.fw[d.w_off + c * n + r])
     cpw = 32 // kind
-    word = wq[d[D_W] + (c // cpw) * n + r]
+    word = w.wq[d.w_off + (c // cpw) * n + r]
     code = np.float32((word >> (kind * (c % cpw))) & ((1 << kind) - 1))
-    g = c // d[D_GS]
-    scale = np.float32(sc[d[D_S] + g * n + r])
-    if d[D_Z] >= 0:
-        return code * scale - zs[d[D_Z] + g * n + r]
-    return (code - np.float32(d[D_ZERO])) * scale
+    g = c // d.block
+    scale = np.float32(w.sc[d.s_off + g * n + r])
+    if d.z_off >= 0:
+        return code * scale - w.zs[d.z_off + g * n + r]
+    return (code - np.float32(d.zero)) * scale
 
 
 # ----------------------------------------------------------------------------- decode: fused dequantize + GEMV
 @cuda.jit(device=True)
-def gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile):
+def gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile):
     """Rows [tile*32, tile*32 + 32) of y = in(src row i) W^T + b into out[oi] (= or +=).
 
     Thread t owns row tile*32 + t % 32 and every (blockDim/32)-th word of it: each warp reads
@@ -177,17 +224,18 @@ def gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out
     block's partial sums meet in shared memory `part` (one barrier), lane by lane."""
     tid = cuda.threadIdx.x
     lane, s, nsplit = tid % ROWS, tid // ROWS, cuda.blockDim.x // ROWS
-    n, k, kind = d[D_N], d[D_K], d[D_KIND]
+    n, k, kind = d.n, d.k, d.kind
+    wq, fw, sc, zs, pf = w.wq, w.fw, w.sc, w.zs, w.pf
     r = tile * ROWS + lane
     acc = np.float32(0.0)
     if r < n:
-        if kind == K_FLOAT:
-            w0 = d[D_W]
+        if kind == KIND_F32:
+            w0 = d.w_off
             for c in range(s, k, nsplit):
                 acc += np.float32(fw[w0 + c * n + r]) * in_val(src, i, c, mode, half, pf, nw, nbias, mu, inv)
         else:
-            w0, s0, z0, gs, words = d[D_W], d[D_S], d[D_Z], d[D_GS], d[D_WORDS]
-            zero = np.float32(d[D_ZERO])
+            w0, s0, z0, gs, words = d.w_off, d.s_off, d.z_off, d.block, d.words
+            zero = np.float32(d.zero)
             cpw = 32 // kind
             mask = (1 << kind) - 1
             for j in range(s, words, nsplit):
@@ -211,8 +259,8 @@ def gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out
         tot = part[lane]
         for u in range(1, nsplit):
             tot += part[u * ROWS + lane]
-        if d[D_B] >= 0:
-            tot += pf[d[D_B] + r]
+        if d.b_off >= 0:
+            tot += pf[d.b_off + r]
         if omode == OUT_ADD:
             out[oi, r] += tot
         else:
@@ -221,18 +269,19 @@ def gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out
 
 
 @cuda.jit(device=True)
-def gemv(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part):
+def gemv(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part):
     """All row tiles of one GEMV, spread over the grid (grid-stride: any grid size works)."""
-    ntile = (d[D_N] + ROWS - 1) // ROWS
+    ntile = (d.n + ROWS - 1) // ROWS
     for tile in range(cuda.blockIdx.x, ntile, cuda.gridDim.x):
-        gemv_tile(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile)
+        gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile)
 
 
 @cuda.jit(cache=True)
-def gemv_kernel(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode):
-    """`gemv` as a launch of its own (tests; `mu`, `inv`: the IN_NORM row statistics)."""
+def gemv_kernel(lin, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode):
+    """`gemv` of the linear lin[0] (a one-record CUDA_LINEAR array) as a launch of its own
+    (tests; `mu`, `inv`: the IN_NORM row statistics)."""
     part = cuda.shared.array(MAX_THREADS, float32)
-    gemv(d, wq, fw, sc, zs, pf, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part)
+    gemv(lin[0], w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part)
 
 
 # ----------------------------------------------------------------------------- prompt: tiled dequantize + GEMM
@@ -242,8 +291,9 @@ MAX_ACC = TM * TN // ROWS  # outputs per thread at the smallest block (32 thread
 
 
 @cuda.jit(cache=True)
-def gemm_kernel(d, wq, fw, sc, zs, pf, x, t, out, omode):
-    """out (t, n) (= or +=) x (t, k) fp16 @ W^T + b. Block (bx, by) computes rows bx*32.. of
+def gemm_kernel(lin, w, x, t, out, omode):
+    """out (t, n) (= or +=) x (t, k) fp16 @ W^T + b, W the linear lin[0] (a one-record CUDA_LINEAR
+    array). Block (bx, by) computes rows bx*32.. of
     tokens by*32..: per K step of 32 columns it stages the activations (fp16 -> fp32) and the
     dequantized weight tile in shared memory, then every thread accumulates its TM*TN/blockDim
     outputs (same row, tokens blockDim/32 apart: the weight value is loaded once per column)."""
@@ -251,7 +301,8 @@ def gemm_kernel(d, wq, fw, sc, zs, pf, x, t, out, omode):
     ws = cuda.shared.array((KT, TN), float32)
     acc = cuda.local.array(MAX_ACC, float32)
     tid, bd = cuda.threadIdx.x, cuda.blockDim.x
-    n, k = d[D_N], d[D_K]
+    d = lin[0]
+    n, k = d.n, d.k
     r0, t0 = cuda.blockIdx.x * TN, cuda.blockIdx.y * TM
     nacc, step = TM * TN // bd, bd // TN
     ri, ti0 = tid % TN, tid // TN
@@ -267,7 +318,7 @@ def gemm_kernel(d, wq, fw, sc, zs, pf, x, t, out, omode):
             xs[ti, kk] = np.float32(x[t0 + ti, k0 + kk]) if k0 + kk < k else np.float32(0.0)
         for e in range(tid, KT * TN, bd):
             kk, rr = e // TN, e % TN
-            ws[kk, rr] = weight(d, wq, fw, sc, zs, r0 + rr, k0 + kk) if r0 + rr < n and k0 + kk < k else np.float32(0.0)
+            ws[kk, rr] = weight(d, w, r0 + rr, k0 + kk) if r0 + rr < n and k0 + kk < k else np.float32(0.0)
         cuda.syncthreads()
         for kk in range(KT):
             wv = ws[kk, ri]
@@ -276,7 +327,7 @@ def gemm_kernel(d, wq, fw, sc, zs, pf, x, t, out, omode):
         cuda.syncthreads()
     r = r0 + ri
     if r < n:
-        b = pf[d[D_B] + r] if d[D_B] >= 0 else np.float32(0.0)
+        b = w.pf[d.b_off + r] if d.b_off >= 0 else np.float32(0.0)
         for u in range(nu):
             tok = t0 + ti0 + u * step
             if tok < t:
@@ -292,22 +343,22 @@ def gemm_grid(n: int, t: int) -> tuple:
 
 # ----------------------------------------------------------------------------- embeddings
 @cuda.jit(device=True)
-def embed_row(d, wq, fw, sc, zs, pf, tok, i, pos, h, wpe, x):
+def embed_row(d, w, tok, i, pos, h, wpe, x):
     """x[i] = row `tok` of the embedding table (+ learned position `pos` when wpe >= 0),
     spread over the whole grid."""
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     for c in range(start, h, cuda.gridDim.x * cuda.blockDim.x):
-        v = weight(d, wq, fw, sc, zs, tok, c)
+        v = weight(d, w, tok, c)
         if wpe >= 0:
-            v += pf[wpe + pos * h + c]
+            v += w.pf[wpe + pos * h + c]
         x[i, c] = v
 
 
 @cuda.jit(cache=True)
-def embed_kernel(d, wq, fw, sc, zs, pf, ids, pos0, h, wpe, x):
-    """Rows of the prompt: x (t, h) = table[ids] (+ positions pos0..)."""
+def embed_kernel(lin, w, ids, pos0, h, wpe, x):
+    """Rows of the prompt: x (t, h) = table lin[0] at ids (+ positions pos0.. at pf[wpe]; wpe -1: none)."""
     for i in range(ids.shape[0]):
-        embed_row(d, wq, fw, sc, zs, pf, ids[i], i, pos0 + i, h, wpe, x)
+        embed_row(lin[0], w, ids[i], i, pos0 + i, h, wpe, x)
 
 
 # ----------------------------------------------------------------------------- layout (load time)
@@ -500,324 +551,64 @@ def act_kernel(up, t, inter, gated, out):
 
 
 # ============================================================================= the decode step
-# integer config (ci) of the step
-C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V, C_LAYER, C_ROPE, C_GATED, C_WPE, C_FNW, C_FNB = range(13)
-C_LEN = 13
-R_QKV, R_O, R_UP, R_DOWN = range(4)  # linear roles: desc row l*4 + role; L*4 = embeddings, L*4 + 1 = head
-N_LN1W, N_LN1B, N_LN2W, N_LN2B = range(4)  # norms[l]: offsets into pf (-1: none)
 PH_EMBED, PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_UP, PH_DOWN, PH_HEAD = range(8)
 LAYER_PHASES = (PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_UP, PH_DOWN)
+ZERO, ONE = np.float32(0.0), np.float32(1.0)
 
 
 @cuda.jit(device=True)
-def run_phase(
-    ph,
-    l,
-    row,
-    tok,
-    pos,
-    eps,
-    ci,
-    desc,
-    norms,
-    window,
-    wq,
-    fw,
-    sc,
-    zs,
-    pf,
-    cos,
-    sin,
-    kc,
-    vc,
-    x,
-    qkv,
-    att,
-    up,
-    scores,
-    logits,
-    part,
-    red,
-):
-    """Phase `ph` of layer `l` for one token at position `pos` (its residual row `row` of x)."""
-    H, NH, NKV, HD, L = ci[C_H], ci[C_NH], ci[C_NKV], ci[C_HD], ci[C_L]
-    layer = ci[C_LAYER]
+def run_phase(ph, l, row, tok, pos, c, m, layers, w, s, part, red):
+    """Phase `ph` of layer `l` for one token at position `pos` (its residual row `row` of s.x).
+    c: the CUDA_CONFIG record, m: the CUDA_MODEL record, layers: CUDA_LAYER records, w: Weights,
+    s: State."""
+    H, NH, NKV, HD = c.hidden, c.heads, c.kv_heads, c.head_dim
+    layer, eps = c.layer_norm, c.eps
     if ph == PH_EMBED:
-        embed_row(desc[L * 4], wq, fw, sc, zs, pf, tok, row, pos, H, ci[C_WPE], x)
+        embed_row(m.embed, w, tok, row, pos, H, m.positions_off, s.x)
     elif ph == PH_QKV:
-        mu, inv = row_stats(x, row, H, layer, eps, red)
-        gemv(
-            desc[l * 4 + R_QKV],
-            wq,
-            fw,
-            sc,
-            zs,
-            pf,
-            x,
-            row,
-            IN_NORM,
-            0,
-            norms[l, N_LN1W],
-            norms[l, N_LN1B],
-            mu,
-            inv,
-            qkv,
-            0,
-            OUT_SET,
-            part,
-        )
+        ly = layers[l]
+        mu, inv = row_stats(s.x, row, H, layer, eps, red)
+        gemv(ly.qkv, w, s.x, row, IN_NORM, 0, ly.attn_norm_w, ly.attn_norm_b, mu, inv, s.qkv, 0, OUT_SET, part)
     elif ph == PH_ROPE:
-        rope_kv(qkv, 1, pos, l, NH, NKV, HD, ci[C_ROPE], cos, sin, kc, vc)
+        rope_kv(s.qkv, 1, pos, l, NH, NKV, HD, 1 - c.learned_pos, s.cos, s.sin, s.kc, s.vc)
     elif ph == PH_ATTN:
+        window = layers[l].window
         for item in range(cuda.blockIdx.x, NH, cuda.gridDim.x):
-            attend(item, qkv, kc, vc, l, pos, NH, NKV, HD, window[l], scores, att, red)
+            attend(item, s.qkv, s.kc, s.vc, l, pos, NH, NKV, HD, window, s.scores, s.att, red)
     elif ph == PH_O:
-        gemv(
-            desc[l * 4 + R_O],
-            wq,
-            fw,
-            sc,
-            zs,
-            pf,
-            att,
-            0,
-            IN_H16,
-            0,
-            0,
-            -1,
-            np.float32(0.0),
-            np.float32(1.0),
-            x,
-            row,
-            OUT_ADD,
-            part,
-        )
+        gemv(layers[l].o, w, s.att, 0, IN_H16, 0, 0, -1, ZERO, ONE, s.x, row, OUT_ADD, part)
     elif ph == PH_UP:
-        mu, inv = row_stats(x, row, H, layer, eps, red)
-        gemv(
-            desc[l * 4 + R_UP],
-            wq,
-            fw,
-            sc,
-            zs,
-            pf,
-            x,
-            row,
-            IN_NORM,
-            0,
-            norms[l, N_LN2W],
-            norms[l, N_LN2B],
-            mu,
-            inv,
-            up,
-            0,
-            OUT_SET,
-            part,
-        )
+        ly = layers[l]
+        mu, inv = row_stats(s.x, row, H, layer, eps, red)
+        gemv(ly.up, w, s.x, row, IN_NORM, 0, ly.mlp_norm_w, ly.mlp_norm_b, mu, inv, s.up, 0, OUT_SET, part)
     elif ph == PH_DOWN:
-        mode = IN_SWIGLU if ci[C_GATED] == 1 else IN_GELU
-        gemv(
-            desc[l * 4 + R_DOWN],
-            wq,
-            fw,
-            sc,
-            zs,
-            pf,
-            up,
-            0,
-            mode,
-            ci[C_I],
-            0,
-            -1,
-            np.float32(0.0),
-            np.float32(1.0),
-            x,
-            row,
-            OUT_ADD,
-            part,
-        )
+        mode = IN_SWIGLU if c.gated == 1 else IN_GELU
+        gemv(layers[l].down, w, s.up, 0, mode, c.intermediate, 0, -1, ZERO, ONE, s.x, row, OUT_ADD, part)
     else:  # PH_HEAD
-        mu, inv = row_stats(x, row, H, layer, eps, red)
-        gemv(
-            desc[L * 4 + 1],
-            wq,
-            fw,
-            sc,
-            zs,
-            pf,
-            x,
-            row,
-            IN_NORM,
-            0,
-            ci[C_FNW],
-            ci[C_FNB],
-            mu,
-            inv,
-            logits,
-            0,
-            OUT_SET,
-            part,
-        )
+        mu, inv = row_stats(s.x, row, H, layer, eps, red)
+        gemv(m.head, w, s.x, row, IN_NORM, 0, m.final_norm_w, m.final_norm_b, mu, inv, s.logits, 0, OUT_SET, part)
 
 
 @cuda.jit(cache=True)
-def decode_coop(
-    tok, pos, eps, ci, desc, norms, window, wq, fw, sc, zs, pf, cos, sin, kc, vc, x, qkv, att, up, scores, logits
-):
-    """One decode step, the whole model, one launch: logits[0] for token `tok` at `pos`."""
+def decode_coop(tok, pos, cfg, model, layers, w, s):
+    """One decode step, the whole model, one launch: s.logits[0] for token `tok` at `pos`.
+    cfg, model: one-record CUDA_CONFIG / CUDA_MODEL arrays; layers: CUDA_LAYER records."""
     part = cuda.shared.array(MAX_THREADS, float32)
     red = cuda.shared.array(RED, float32)
     grid = cuda.cg.this_grid()
-    run_phase(
-        PH_EMBED,
-        0,
-        0,
-        tok,
-        pos,
-        eps,
-        ci,
-        desc,
-        norms,
-        window,
-        wq,
-        fw,
-        sc,
-        zs,
-        pf,
-        cos,
-        sin,
-        kc,
-        vc,
-        x,
-        qkv,
-        att,
-        up,
-        scores,
-        logits,
-        part,
-        red,
-    )
+    c, m = cfg[0], model[0]
+    run_phase(PH_EMBED, 0, 0, tok, pos, c, m, layers, w, s, part, red)
     grid.sync()
-    for l in range(ci[C_L]):
+    for l in range(c.layers):
         for ph in range(PH_QKV, PH_DOWN + 1):
-            run_phase(
-                ph,
-                l,
-                0,
-                tok,
-                pos,
-                eps,
-                ci,
-                desc,
-                norms,
-                window,
-                wq,
-                fw,
-                sc,
-                zs,
-                pf,
-                cos,
-                sin,
-                kc,
-                vc,
-                x,
-                qkv,
-                att,
-                up,
-                scores,
-                logits,
-                part,
-                red,
-            )
+            run_phase(ph, l, 0, tok, pos, c, m, layers, w, s, part, red)
             grid.sync()
-    run_phase(
-        PH_HEAD,
-        0,
-        0,
-        tok,
-        pos,
-        eps,
-        ci,
-        desc,
-        norms,
-        window,
-        wq,
-        fw,
-        sc,
-        zs,
-        pf,
-        cos,
-        sin,
-        kc,
-        vc,
-        x,
-        qkv,
-        att,
-        up,
-        scores,
-        logits,
-        part,
-        red,
-    )
+    run_phase(PH_HEAD, 0, 0, tok, pos, c, m, layers, w, s, part, red)
 
 
 @cuda.jit(cache=True)
-def phase_kernel(
-    ph,
-    l,
-    row,
-    tok,
-    pos,
-    eps,
-    ci,
-    desc,
-    norms,
-    window,
-    wq,
-    fw,
-    sc,
-    zs,
-    pf,
-    cos,
-    sin,
-    kc,
-    vc,
-    x,
-    qkv,
-    att,
-    up,
-    scores,
-    logits,
-):
+def phase_kernel(ph, l, row, tok, pos, cfg, model, layers, w, s):
     """One phase as a launch of its own (the fallback of decode_coop, and the prompt's head)."""
     part = cuda.shared.array(MAX_THREADS, float32)
     red = cuda.shared.array(RED, float32)
-    run_phase(
-        ph,
-        l,
-        row,
-        tok,
-        pos,
-        eps,
-        ci,
-        desc,
-        norms,
-        window,
-        wq,
-        fw,
-        sc,
-        zs,
-        pf,
-        cos,
-        sin,
-        kc,
-        vc,
-        x,
-        qkv,
-        att,
-        up,
-        scores,
-        logits,
-        part,
-        red,
-    )
+    run_phase(ph, l, row, tok, pos, cfg[0], model[0], layers, w, s, part, red)

@@ -1,7 +1,10 @@
 """The CUDA model: the export's weights uploaded once, a preallocated fp16 KV cache, `forward`.
 
-Same interface as the CPU runtime's NumbaModel (`forward(ids, all_logits)`, `reset`,
-`truncate`, `pos`, `n_ctx`, `warmup`), so `Generator` (sampling, streaming, chat) drives both.
+Implements runtime/backend.py's Backend, as the CPU runtime's NumbaModel does, so `Generator`
+(sampling, streaming, chat) drives both. It builds from the same weights plan (runtime/plan.py
+`plan_export`: verify, validate_export, check_memory, per-tensor formats), turned into the CUDA
+records of runtime/format/records.py (CUDA_CONFIG, CUDA_MODEL, CUDA_LAYER, CUDA_LINEAR); what is
+checked here is only what the GPU adds: the kernels' limits and the device memory fit.
 
 Upload: every tensor goes from its memory-mapped view in `model.onnx.data` (runtime/loader.py,
 the CPU runtime's reader) straight into a device staging buffer, and a device kernel writes it
@@ -19,45 +22,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgeLLMError, UnsupportedError
-from ..format.blocks import zero_points
+from ..format.names import ROLES
+from ..format.records import CUDA_CONFIG, CUDA_LAYER, CUDA_MODEL, KIND_F32, records
 from ..kernels.layers import rope_inv_freq, rope_tables
-from ..loader import open_export
-from ..model import ModelConfig, _names, linear_inputs
+from ..model import NUMBA_MLPS
+from ..plan import LinearPlan, Norm, WeightsPlan, plan_export
+from ..validate import ModelConfig
 from . import device as dev
 from .kernels import (
-    C_FNB,
-    C_FNW,
-    C_GATED,
-    C_H,
-    C_HD,
-    C_I,
-    C_L,
-    C_LAYER,
-    C_LEN,
-    C_NH,
-    C_NKV,
-    C_ROPE,
-    C_V,
-    C_WPE,
-    D_B,
-    D_GS,
-    D_K,
-    D_KIND,
-    D_N,
-    D_NB,
-    D_S,
-    D_W,
-    D_WORDS,
-    D_Z,
-    D_ZERO,
-    DESC_LEN,
-    K_FLOAT,
     LAYER_PHASES,
     MAX_THREADS,
-    N_LN1B,
-    N_LN1W,
-    N_LN2B,
-    N_LN2W,
     OUT_ADD,
     OUT_SET,
     PH_ATTN,
@@ -68,11 +42,9 @@ from .kernels import (
     PH_QKV,
     PH_ROPE,
     PH_UP,
-    R_DOWN,
-    R_O,
-    R_QKV,
-    R_UP,
     ROWS,
+    State,
+    Weights,
     act_kernel,
     attention_kernel,
     decode_coop,
@@ -88,10 +60,29 @@ from .kernels import (
 PROMPT_CHUNK = 128  # tokens per prompt pass: the scratch (scores: chunk x heads x ctx floats) grows with it
 KV_CACHE_TYPES = ("auto", "fp16")
 SIM_THREADS = 64  # threads per block under numba's CUDA simulator (tests); MAX_THREADS on a GPU
+WHO = "the CUDA path"
 
 
-class _Plan:
-    """Where every tensor goes: host views (into the memory map) and offsets in the device arrays."""
+def check_cuda_support(cfg: ModelConfig, ex) -> None:
+    """What the CUDA kernels cannot run (validate.py has checked the format already)."""
+    fmt = (ex.quantization or {}).get("format", "matmulnbits")
+    if fmt != "matmulnbits":
+        raise UnsupportedError(
+            f"'{ex.path}' stores its quantized weights as '{fmt}' (DequantizeLinear); {WHO} reads the MatMulNBits "
+            "layout (export with --format matmulnbits)"
+        )
+    if (cfg.mlp, cfg.activation) not in NUMBA_MLPS:
+        raise UnsupportedError(
+            f"a {cfg.mlp} MLP with activation '{cfg.activation}' is not supported by {WHO} (supported: "
+            f"{', '.join(f'{m}/{a}' for m, a in sorted(NUMBA_MLPS))})"
+        )
+    if cfg.head_dim % 2 or cfg.head_dim > 2 * MAX_THREADS:
+        raise UnsupportedError(f"head_dim {cfg.head_dim} is not supported by {WHO} (even, at most {2 * MAX_THREADS})")
+
+
+class _Upload:
+    """Where every tensor goes: host views (into the memory map) and offsets in the device arrays
+    (kernels.Weights: wq, fw, sc, zs take whole tensors; pf the small fp32 ones)."""
 
     def __init__(self):
         self.size = {"wq": 0, "fw": 0, "sc": 0, "zs": 0}
@@ -106,57 +97,76 @@ class _Plan:
         return off
 
     def small(self, arr) -> int:
+        if arr is None:
+            return -1
         a = np.ascontiguousarray(arr, np.float32).reshape(-1)
         off = self.pf_size
         self.pf.append(a)
         self.pf_size += a.size
         return off
 
+    @property
+    def weight_bytes(self) -> int:
+        s = self.size
+        return 4 * s["wq"] + 2 * s["fw"] + 2 * s["sc"] + 4 * s["zs"] + 4 * self.pf_size
 
-def _linear(ex, plan: _Plan, p: str, k: int, bits: int) -> np.ndarray:
-    d = np.full(DESC_LEN, -1, np.int64)
-    if ex.has(f"{p}.qweight"):
-        qw = ex.get(f"{p}.qweight")
-        if bits not in (4, 8) or qw.dtype != np.uint8 or qw.ndim != 3:
-            raise UnsupportedError(
-                f"'{p}.qweight' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout the CUDA path "
-                "reads (4 or 8 bits)"
-            )
-        n, nb, bb = qw.shape
-        gs = bb * 8 // bits
-        if gs < 16 or gs & (gs - 1):
-            raise UnsupportedError(f"'{p}' has blocks of {gs} columns; the CUDA path needs a power of two >= 16")
-        if not nb * gs - gs < k <= nb * gs:
-            raise EdgeLLMError(f"'{p}.qweight' packs {nb * gs} columns but the layer has {k} inputs")
-        scales = ex.get(f"{p}.scales").reshape(-1)
-        if scales.size != n * nb:
-            raise EdgeLLMError(f"'{p}.scales' has {scales.size} values, expected {n * nb}")
-        words = nb * bb // 4
-        d[D_KIND], d[D_N], d[D_K], d[D_GS], d[D_NB], d[D_WORDS], d[D_ZERO] = bits, n, k, gs, nb, words, 1 << (bits - 1)
-        d[D_W] = plan.big("wq", qw.reshape(n, nb * bb).view(np.uint32))
-        d[D_S] = plan.big("sc", scales.reshape(n, nb))
-        if ex.has(f"{p}.qzeros"):
-            zs = zero_points(ex.get(f"{p}.qzeros"), n, nb, bits) * scales.reshape(n, nb).astype(np.float32)
-            d[D_Z] = plan.big("zs", zs)
-    elif ex.has(f"{p}.weight"):
-        w = ex.get(f"{p}.weight")
-        if w.ndim != 2 or w.dtype not in (np.float32, np.float16) or w.shape[1] != k:
-            raise UnsupportedError(
-                f"'{p}.weight' ({w.dtype}, shape {w.shape}) is not a float matrix the CUDA path reads"
-            )
-        d[D_KIND], d[D_N], d[D_K] = K_FLOAT, w.shape[0], k
-        d[D_W] = plan.big("fw", w)
+    def linear(self, d, p: LinearPlan) -> None:
+        """Fill the CUDA_LINEAR record `d` for the planned linear `p` (format and bits resolved by the plan)."""
+        d.n, d.k = p.n, p.k
+        d.w_off = d.s_off = d.z_off = d.b_off = -1
+        if p.fmt is None:
+            d.kind, d.w_off = KIND_F32, self.big("fw", p.weight)
+        else:
+            n, nb, blob = p.weight.shape
+            d.kind, d.block, d.nb, d.words, d.zero = p.bits, p.fmt.block, nb, nb * blob // 4, p.fmt.sym_zero
+            d.w_off = self.big("wq", p.weight.reshape(n, nb * blob).view(np.uint32))
+            d.s_off = self.big("sc", p.scales.reshape(n, nb))
+            if p.zeros is not None:
+                d.z_off = self.big("zs", p.zeros * p.scales.reshape(n, nb).astype(np.float32))
+        d.b_off = self.small(p.bias)
+
+    def norm(self, norm: Norm) -> tuple[int, int]:
+        return self.small(norm.weight), self.small(norm.bias)
+
+
+def cuda_records(plan: WeightsPlan, up: _Upload):
+    """The plan as CUDA records: (config (1,), model (1,), layers (L,)) plus, for the prompt path,
+    one one-record CUDA_LINEAR array per linear {(layer, role) | "embed" | "head": array}."""
+    cfg = plan.config
+    c = records(CUDA_CONFIG, 1)
+    r = c.view(np.recarray)[0]
+    r.hidden, r.intermediate, r.layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    r.heads, r.kv_heads, r.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    r.vocab, r.ctx, r.eps = cfg.vocab_size, plan.n_ctx, cfg.norm_eps
+    r.layer_norm, r.learned_pos, r.gated = cfg.norm == "layer", cfg.position == "learned", cfg.mlp == "gated"
+    layers = records(CUDA_LAYER, cfg.num_layers)
+    for i, lp in enumerate(plan.layers):
+        ly = layers.view(np.recarray)[i]
+        for role in ROLES:
+            up.linear(ly[role], lp.linears[role])
+        ly.attn_norm_w, ly.attn_norm_b = up.norm(lp.norms["attn"])
+        ly.mlp_norm_w, ly.mlp_norm_b = up.norm(lp.norms["mlp"])
+        ly.window = lp.window
+    model = records(CUDA_MODEL, 1)
+    m = model.view(np.recarray)[0]
+    up.linear(m.embed, plan.embed)
+    if plan.head is None:
+        m.head = m.embed  # tied: one copy on the GPU
     else:
-        ex.get(f"{p}.weight")  # raises the "no initializer" error
-    if ex.has(f"{p}.bias"):
-        d[D_B] = plan.small(ex.get(f"{p}.bias"))
-    return d
+        up.linear(m.head, plan.head)
+    m.final_norm_w, m.final_norm_b = up.norm(plan.final_norm)
+    m.positions_off = -1 if plan.positions is None else up.small(plan.positions[: plan.n_ctx])
+    single = {(i, role): layers[i : i + 1][role].copy() for i in range(cfg.num_layers) for role in ROLES}
+    single["embed"], single["head"] = model["embed"].copy(), model["head"].copy()
+    return c, model, layers, single
 
 
 class CudaModel:
-    """Load once (weights to the GPU), run many: `forward(ids)` appends tokens to the cache."""
+    """Load once (weights to the GPU), run many: `forward(ids)` appends tokens to the cache.
+    Implements runtime/backend.py's Backend."""
 
     backend = "numba-cuda"
+    kernel_warning = None  # one code path: nothing falls back at load (decode_mode says how decode runs)
 
     def __init__(
         self,
@@ -166,6 +176,7 @@ class CudaModel:
         kv_cache: str = "auto",
         threads_per_block: int | None = None,
         fused: bool = True,
+        verify: bool = False,
     ):
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgeLLMError(
@@ -178,51 +189,58 @@ class CudaModel:
             raise EdgeLLMError(
                 f"threads_per_block {threads_per_block} must be a multiple of {ROWS} in [{ROWS}, {MAX_THREADS}]"
             )
-        self.cuda = cuda = dev.open_gpu()
-        self.threads, self.kv_cache, self.tpb = threads, "fp16", threads_per_block
-        self.export = ex = open_export(path)
-        self.config = cfg = ModelConfig.from_metadata(ex.config)
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise UnsupportedError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
-        if cfg.head_dim % 2 or cfg.head_dim > 2 * MAX_THREADS:
-            raise UnsupportedError(
-                f"head_dim {cfg.head_dim} is not supported by the CUDA path (even, at most {2 * MAX_THREADS})"
-            )
-        self.n_ctx = min(n_ctx or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        plan, desc, norms = self._plan(ex, cfg)
+        self.cuda = dev.open_gpu()
+        self.fused = fused
+        self.set_threads(threads)
+        self.kv_cache, self.tpb = "fp16", threads_per_block
+        plan = plan_export(
+            path, who=WHO, n_ctx=n_ctx, kv_itemsize=lambda q: 2, verify=verify, supports=check_cuda_support
+        )
+        try:
+            self._load(plan, path)
+        finally:
+            plan.export.close()  # everything lives on the GPU now
+
+    def _load(self, plan: WeightsPlan, path):
+        cuda = self.cuda
+        self.config = cfg = plan.config
+        self.n_ctx = plan.n_ctx
+        up = _Upload()
+        cfg_rec, model_rec, layers, self._single = cuda_records(plan, up)
         self.chunk = min(PROMPT_CHUNK, self.n_ctx)
         L, H, NH, NKV, HD = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        up_n = int(desc[R_UP, D_N])
+        up_n = int(layers["up"]["n"][0])
         wide = max(H, NH * HD, cfg.intermediate_size)
-        scratch = {
+        scratch = {  # State's fields after cos, sin
+            "kc": ((L, NKV, self.n_ctx, HD), np.float16),
+            "vc": ((L, NKV, self.n_ctx, HD), np.float16),
             "x": ((self.chunk, H), np.float32),
             "qkv": ((self.chunk, (NH + 2 * NKV) * HD), np.float32),
-            "hb": ((self.chunk, wide), np.float16),
+            "att": ((self.chunk, wide), np.float16),
             "up": ((self.chunk, up_n), np.float32),
             "scores": ((self.chunk * NH, self.n_ctx), np.float32),
             "logits": ((self.chunk, cfg.vocab_size), np.float32),
-            "kc": ((L, NKV, self.n_ctx, HD), np.float16),
-            "vc": ((L, NKV, self.n_ctx, HD), np.float16),
         }
-        weight_bytes = (
-            4 * plan.size["wq"] + 2 * plan.size["fw"] + 2 * plan.size["sc"] + 4 * plan.size["zs"] + 4 * plan.pf_size
-        )
-        staging = max([h.nbytes for _, _, h in plan.copies] or [0])
+        staging = max([h.nbytes for _, _, h in up.copies] or [0])
         state_bytes = sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in scratch.values())
-        self.device_bytes = weight_bytes + state_bytes
+        self.device_bytes = up.weight_bytes + state_bytes
         if not dev.simulator():
             free, total, name = dev.memory_info(cuda)
             dev.check_fits(
                 self.device_bytes + staging, free, total, name, f"'{path}' with a {self.n_ctx}-token context"
             )
-        self._upload(plan, staging)
-        self.bytes_per_token = weight_bytes
-        self.desc, self.norms = desc, norms  # host copies: launch sizes and offsets for the prompt path
-        self.d_desc = cuda.to_device(desc)
-        self.desc_rows = [self.d_desc[r] for r in range(desc.shape[0])]
-        self.d_norms = cuda.to_device(norms)
-        self.window = np.array(cfg.sliding_window, np.int64)
-        self.d_window = cuda.to_device(self.window)
+        self.w = self._upload(up, staging)
+        self.bytes_per_token = up.weight_bytes  # as the GPU holds them (float weights in fp16)
+        self.layers = layers  # host copies: launch sizes for the prompt path
+        self.d_cfg, self.d_model, self.d_layers = (
+            cuda.to_device(cfg_rec),
+            cuda.to_device(model_rec),
+            cuda.to_device(layers),
+        )
+        self.d_single = {k: cuda.to_device(v) for k, v in self._single.items()}
+        self.window = [int(w) for w in layers["window"]]
+        self.positions_off = int(model_rec["positions_off"][0])
+        self.final_norm = int(model_rec["final_norm_w"][0]), int(model_rec["final_norm_b"][0])
         if cfg.position == "rope":
             try:
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -231,25 +249,17 @@ class CudaModel:
             cos, sin = rope_tables(self.n_ctx, inv)
         else:
             cos = sin = np.zeros((1, 1), np.float32)
-        self.d_cos, self.d_sin = cuda.to_device(cos), cuda.to_device(sin)
-        self.ci = np.zeros(C_LEN, np.int64)
-        self.ci[[C_H, C_I, C_L, C_NH, C_NKV, C_HD, C_V]] = (H, cfg.intermediate_size, L, NH, NKV, HD, cfg.vocab_size)
-        self.ci[C_LAYER] = 1 if cfg.norm == "layer" else 0
-        self.ci[C_ROPE] = 1 if cfg.position == "rope" else 0
-        self.ci[C_GATED] = 1 if cfg.mlp == "gated" else 0
-        self.ci[[C_WPE, C_FNW, C_FNB]] = self._extra
-        self.d_ci = cuda.to_device(self.ci)
-        self.buf = {k: cuda.device_array(s, t) for k, (s, t) in scratch.items()}
-        self.eps = np.float32(cfg.norm_eps)
+        self.state = State(
+            cuda.to_device(cos), cuda.to_device(sin), **{k: cuda.device_array(s, t) for k, (s, t) in scratch.items()}
+        )
         self.pos = 0
-        self.fused = fused
-        self.decode_mode = "cooperative" if fused else "phases"
+        self.decode_mode = "cooperative" if self.fused else "phases"
         self._coop_grid, self._coop_ran = None, False
         tiles = lambda n: (int(n) + ROWS - 1) // ROWS  # noqa: E731
         half = HD // 2
         self._phase_grid = {
             PH_EMBED: -(-H // self.tpb),
-            PH_QKV: tiles(desc[R_QKV, D_N]),
+            PH_QKV: tiles(layers["qkv"]["n"][0]),
             PH_ROPE: -(-((NH + NKV) * half + NKV * HD) // self.tpb),
             PH_ATTN: NH,
             PH_O: tiles(H),
@@ -257,88 +267,56 @@ class CudaModel:
             PH_DOWN: tiles(H),
             PH_HEAD: tiles(cfg.vocab_size),
         }
-        ex.close()  # everything lives on the GPU now
+
+    @property
+    def kernels(self) -> str:
+        """What computes, for `info`, `run --verbose` and bench rows."""
+        if dev.simulator():
+            return f"numba CUDA simulator ({self.tpb} threads/block)"
+        free, total, name = dev.memory_info(self.cuda)
+        cc = ".".join(map(str, self.cuda.get_current_device().compute_capability))
+        return f"{name} (sm {cc}, {self.tpb} threads/block, decode: {self.decode_mode})"
+
+    def set_threads(self, threads: int | None):
+        """CPU threads do not compute here (the GPU does); kept for the Backend interface and `info`."""
+        if threads is not None and threads < 1:
+            raise EdgeLLMError(f"--threads {threads} is invalid; give at least 1")
+        self.threads = threads
 
     # ------------------------------------------------------------------ load
-    def _plan(self, ex, cfg):
-        q = ex.quantization or {}
-        bits = int(q.get("bits") or 0)
-        plan = _Plan()
-        L = cfg.num_layers
-        desc = np.full((L * 4 + 2, DESC_LEN), -1, np.int64)
-        norms = np.full((L, 4), -1, np.int64)
-        for i in range(L):
-            n = _names(cfg, i)
-            ins = linear_inputs(cfg)
-            for role in (R_QKV, R_O, R_UP, R_DOWN):
-                desc[i * 4 + role] = _linear(ex, plan, n[role], ins[role], bits)
-            for slot, key in ((N_LN1W, "ln1"), (N_LN2W, "ln2")):
-                norms[i, slot] = plan.small(ex.get(f"{n[key]}.weight"))
-                if cfg.norm == "layer":
-                    norms[i, slot + 1] = plan.small(ex.get(f"{n[key]}.bias"))
-        gpt2 = cfg.architecture == "gpt2"
-        desc[L * 4] = _linear(ex, plan, "transformer.wte" if gpt2 else "model.embed_tokens", cfg.hidden_size, bits)
-        if ex.has("lm_head.qweight") or ex.has("lm_head.weight"):
-            desc[L * 4 + 1] = _linear(ex, plan, "lm_head", cfg.hidden_size, bits)
-        else:
-            desc[L * 4 + 1] = desc[L * 4]  # tied: one copy on the GPU
-        fn = "transformer.ln_f" if gpt2 else "model.norm"
-        fnw = plan.small(ex.get(f"{fn}.weight"))
-        fnb = plan.small(ex.get(f"{fn}.bias")) if cfg.norm == "layer" else -1
-        wpe = -1
-        if cfg.position == "learned":
-            table = ex.get("transformer.wpe.weight")
-            if table.shape[0] < self.n_ctx:
-                raise EdgeLLMError(
-                    f"'transformer.wpe.weight' has {table.shape[0]} positions; the context is {self.n_ctx}"
-                )
-            wpe = plan.small(table[: self.n_ctx])
-        self._extra = (wpe, fnw, fnb)
-        return plan, desc, norms
-
-    def _upload(self, plan: _Plan, staging_bytes: int):
+    def _upload(self, up: _Upload, staging_bytes: int) -> Weights:
         cuda = self.cuda
         dtypes = {"wq": np.uint32, "fw": np.float16, "sc": np.float16, "zs": np.float32}
-        self.w = {k: cuda.device_array(max(1, plan.size[k]), t) for k, t in dtypes.items()}
-        self.w["pf"] = cuda.to_device(np.concatenate(plan.pf) if plan.pf else np.zeros(1, np.float32))
+        arrays = {k: cuda.device_array(max(1, up.size[k]), t) for k, t in dtypes.items()}
+        arrays["pf"] = cuda.to_device(np.concatenate(up.pf) if up.pf else np.zeros(1, np.float32))
+        if dev.simulator():
+            # the simulator's "device" arrays are host memory, so the staging copy + transpose_into
+            # launch (there to spare a host copy of the weights on a GPU) buys nothing and costs a
+            # Python thread per element (~40 s for a hidden-64 fp32 llama on 2 busy cores): write
+            # the same layout with numpy (references.ref_transposed; tests/cuda_suite.py checks
+            # transpose_into against it, and gpu_check.sh runs this path on the GPU)
+            for name, off, host in up.copies:
+                dst = arrays[name]
+                dst[off : off + host.size] = np.ascontiguousarray(host.T).reshape(-1).astype(dst.dtype)
+            return Weights(**arrays)
         stage = {}
-        for name, off, host in plan.copies:
+        for name, off, host in up.copies:
             dt = host.dtype
             if dt not in stage:
                 stage[dt] = cuda.device_array(max(1, staging_bytes // dt.itemsize), dt)
             src = stage[dt][: host.size].reshape(host.shape)
             src.copy_to_device(np.ascontiguousarray(host))  # from the memory map (a view; no copy unless unaligned)
             blocks = min(1024, -(-host.size // self.tpb))
-            transpose_into[blocks, self.tpb](src, self.w[name], off)
+            transpose_into[blocks, self.tpb](src, arrays[name], off)
         cuda.synchronize()
         del stage
+        return Weights(**arrays)
 
     # ------------------------------------------------------------------ run
     @property
-    def _args(self):
-        b, w = self.buf, self.w
-        return (
-            self.eps,
-            self.d_ci,
-            self.d_desc,
-            self.d_norms,
-            self.d_window,
-            w["wq"],
-            w["fw"],
-            w["sc"],
-            w["zs"],
-            w["pf"],
-            self.d_cos,
-            self.d_sin,
-            b["kc"],
-            b["vc"],
-            b["x"],
-            b["qkv"],
-            b["hb"],
-            b["up"],
-            b["scores"],
-            b["logits"],
-        )
+    def _step(self):
+        """The decode step's arguments after (tok, pos) / (ph, l, row, tok, pos)."""
+        return self.d_cfg, self.d_model, self.d_layers, self.w, self.state
 
     def reset(self):
         self.pos = 0
@@ -359,18 +337,18 @@ class CudaModel:
         if t == 1 and not all_logits:
             self._decode(int(ids[0]))
             self.pos += 1
-            return self.buf["logits"][0].copy_to_host()
+            return self.state.logits[0].copy_to_host()
         out = np.empty((t, self.config.vocab_size), np.float32) if all_logits else None
         for c0 in range(0, t, self.chunk):
             c1 = min(t, c0 + self.chunk)
             self._prompt(ids[c0:c1], all_logits)
             if all_logits:
-                out[c0:c1] = self.buf["logits"][: c1 - c0].copy_to_host()
+                out[c0:c1] = self.state.logits[: c1 - c0].copy_to_host()
             self.pos += c1 - c0
-        return out if all_logits else self.buf["logits"][0].copy_to_host()
+        return out if all_logits else self.state.logits[0].copy_to_host()
 
     def _decode(self, tok: int):
-        args = (tok, self.pos) + self._args
+        args = (tok, self.pos) + self._step
         if self.fused:
             try:
                 if self._coop_grid is None:
@@ -403,58 +381,41 @@ class CudaModel:
         return max(1, min(most, kernel.max_cooperative_grid_blocks(self.tpb)))
 
     def _phase(self, ph, l, row, tok, pos):
-        phase_kernel[self._phase_grid[ph], self.tpb](ph, l, row, tok, pos, *self._args)
+        phase_kernel[self._phase_grid[ph], self.tpb](ph, l, row, tok, pos, *self._step)
 
-    def _gemm(self, role_row: int, x, t: int, out, omode: int):
-        d = self.desc_rows[role_row]
-        w = self.w
-        gemm_kernel[gemm_grid(int(self.desc[role_row, D_N]), t), self.tpb](
-            d, w["wq"], w["fw"], w["sc"], w["zs"], w["pf"], x, t, out, omode
-        )
+    def _gemm(self, which, x, t: int, out, omode: int):
+        """The tiled GEMM of one linear: which = (layer, role), "embed" or "head"."""
+        n = int(self._single[which]["n"][0])
+        gemm_kernel[gemm_grid(n, t), self.tpb](self.d_single[which], self.w, x, t, out, omode)
 
     def _prompt(self, ids: np.ndarray, all_logits: bool):
         """t tokens at positions pos..: every layer, then the last row's (or every row's) logits."""
-        cfg, b, w, tpb = self.config, self.buf, self.w, self.tpb
+        cfg, s, pf, tpb = self.config, self.state, self.w.pf, self.tpb
         t, pos, L = ids.size, self.pos, cfg.num_layers
         H, NH, NKV, HD, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-        layer, rope, gated = int(self.ci[C_LAYER]), int(self.ci[C_ROPE]), int(self.ci[C_GATED])
-        norms = self.norms
+        layer, rope, gated = int(cfg.norm == "layer"), int(cfg.position == "rope"), int(cfg.mlp == "gated")
+        eps = np.float32(cfg.norm_eps)
         spread = lambda n: max(1, min(1024, -(-n // tpb)))  # noqa: E731
         embed_kernel[spread(H), tpb](
-            self.desc_rows[L * 4],
-            w["wq"],
-            w["fw"],
-            w["sc"],
-            w["zs"],
-            w["pf"],
-            self.cuda.to_device(ids),
-            pos,
-            H,
-            int(self.ci[C_WPE]),
-            b["x"],
+            self.d_single["embed"], self.w, self.cuda.to_device(ids), pos, H, self.positions_off, s.x
         )
         for l in range(L):
-            norm_rows_kernel[t, tpb](
-                b["x"], t, H, layer, self.eps, w["pf"], norms[l, N_LN1W], norms[l, N_LN1B], b["hb"]
-            )
-            self._gemm(l * 4 + R_QKV, b["hb"], t, b["qkv"], OUT_SET)
+            ly = self.layers[l]
+            norm_rows_kernel[t, tpb](s.x, t, H, layer, eps, pf, int(ly["attn_norm_w"]), int(ly["attn_norm_b"]), s.att)
+            self._gemm((l, "qkv"), s.att, t, s.qkv, OUT_SET)
             rope_kv_kernel[spread(t * ((NH + NKV) * HD // 2 + NKV * HD)), tpb](
-                b["qkv"], t, pos, l, NH, NKV, HD, rope, self.d_cos, self.d_sin, b["kc"], b["vc"]
+                s.qkv, t, pos, l, NH, NKV, HD, rope, s.cos, s.sin, s.kc, s.vc
             )
-            attention_kernel[t * NH, tpb](
-                b["qkv"], b["kc"], b["vc"], l, pos, t, NH, NKV, HD, int(self.window[l]), b["scores"], b["hb"]
-            )
-            self._gemm(l * 4 + R_O, b["hb"], t, b["x"], OUT_ADD)
-            norm_rows_kernel[t, tpb](
-                b["x"], t, H, layer, self.eps, w["pf"], norms[l, N_LN2W], norms[l, N_LN2B], b["hb"]
-            )
-            self._gemm(l * 4 + R_UP, b["hb"], t, b["up"], OUT_SET)
-            act_kernel[spread(t * I), tpb](b["up"], t, I, gated, b["hb"])
-            self._gemm(l * 4 + R_DOWN, b["hb"], t, b["x"], OUT_ADD)
+            attention_kernel[t * NH, tpb](s.qkv, s.kc, s.vc, l, pos, t, NH, NKV, HD, self.window[l], s.scores, s.att)
+            self._gemm((l, "o"), s.att, t, s.x, OUT_ADD)
+            norm_rows_kernel[t, tpb](s.x, t, H, layer, eps, pf, int(ly["mlp_norm_w"]), int(ly["mlp_norm_b"]), s.att)
+            self._gemm((l, "up"), s.att, t, s.up, OUT_SET)
+            act_kernel[spread(t * I), tpb](s.up, t, I, gated, s.att)
+            self._gemm((l, "down"), s.att, t, s.x, OUT_ADD)
         if all_logits:
-            fnw, fnb = int(self.ci[C_FNW]), int(self.ci[C_FNB])
-            norm_rows_kernel[t, tpb](b["x"], t, H, layer, self.eps, w["pf"], fnw, fnb, b["hb"])
-            self._gemm(L * 4 + 1, b["hb"], t, b["logits"], OUT_SET)
+            fnw, fnb = self.final_norm
+            norm_rows_kernel[t, tpb](s.x, t, H, layer, eps, pf, fnw, fnb, s.att)
+            self._gemm("head", s.att, t, s.logits, OUT_SET)
         else:
             self._phase(PH_HEAD, 0, t - 1, 0, pos + t - 1)
 
@@ -466,4 +427,4 @@ class CudaModel:
         self.pos = pos
 
     def close(self):
-        self.w = self.buf = None
+        self.w = self.state = None

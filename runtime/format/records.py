@@ -89,3 +89,71 @@ def record(dtype: np.dtype):
 def records(dtype: np.dtype, n: int) -> np.ndarray:
     """n zeroed records (a plain array numba compiles; write fields through `.view(np.recarray)`)."""
     return np.zeros(n, dtype)
+
+
+# ----------------------------------------------------------------------------- CUDA layout
+# runtime/cuda/kernels.py reads these from device arrays of records (numba's CUDA target compiles
+# field loads; its simulator reads them as numpy records). The same field names as the CPU layout
+# where the meaning is the same; weights live in five device arrays (kernels.Weights: wq, fw, sc,
+# zs, pf), so a linear names offsets (`*_off`, in elements of that array; -1: absent) instead of
+# addresses. Weights are stored transposed there (kernels.py: word j of row r at off + j*n + r).
+CUDA_LINEAR = np.dtype(
+    [
+        ("kind", I8),  # KIND_F32 (float weights, held as fp16 on the device) | KIND_Q4 | KIND_Q8
+        ("n", I8),  # output features
+        ("k", I8),  # input features
+        ("w_off", I8),  # packed codes in wq (uint32 words), or float weights in fw
+        ("s_off", I8),  # fp16 scales in sc, (nb, n) transposed
+        ("z_off", I8),  # float32 zero * scale in zs, (nb, n) transposed; -1: symmetric
+        ("b_off", I8),  # float32 bias in pf; -1: none
+        ("block", I8),  # columns per scale
+        ("nb", I8),  # blocks per row
+        ("words", I8),  # uint32 words of codes per row (nb * block * bits / 32)
+        ("zero", I8),  # the symmetric zero point, 2**(bits - 1)
+    ],
+    align=True,
+)
+
+CUDA_LAYER = np.dtype(
+    [
+        ("qkv", CUDA_LINEAR),  # (NH + 2 NKV) * HD <- H
+        ("o", CUDA_LINEAR),  # H <- NH * HD
+        ("up", CUDA_LINEAR),  # 2 I (gated: gate | up) or I <- H
+        ("down", CUDA_LINEAR),  # H <- I
+        ("attn_norm_w", I8),  # offsets into pf: float32 (H,)
+        ("attn_norm_b", I8),  # LayerNorm only; -1: none
+        ("mlp_norm_w", I8),
+        ("mlp_norm_b", I8),
+        ("window", I8),  # sliding-window size, 0 = full attention
+    ],
+    align=True,
+)
+
+CUDA_MODEL = np.dtype(
+    [
+        ("embed", CUDA_LINEAR),  # (V, H) table, float or packed
+        ("head", CUDA_LINEAR),  # V <- H (the same offsets as `embed` when tied: one copy on the GPU)
+        ("final_norm_w", I8),  # offsets into pf
+        ("final_norm_b", I8),  # -1: none
+        ("positions_off", I8),  # float32 (ctx, H) learned positions in pf (gpt2); -1: rotary
+    ],
+    align=True,
+)
+
+CUDA_CONFIG = np.dtype(
+    [
+        ("hidden", I8),  # H
+        ("intermediate", I8),  # I
+        ("layers", I8),  # L
+        ("heads", I8),  # NH
+        ("kv_heads", I8),  # NKV
+        ("head_dim", I8),  # HD
+        ("vocab", I8),  # V
+        ("ctx", I8),  # positions the KV cache holds
+        ("layer_norm", I8),  # 1: LayerNorm with bias, 0: RMSNorm
+        ("learned_pos", I8),  # 1: learned position table (gpt2), 0: rotary
+        ("gated", I8),  # 1: SwiGLU (gate | up), 0: plain GELU MLP
+        ("eps", F4),  # norm epsilon
+    ],
+    align=True,
+)

@@ -1,6 +1,7 @@
 """A seeded mutation fuzzer for the runtime's loader: no crash, hang or traceback from any file.
 
-    python benchmarks/fuzz_loader.py --n 20000 [--seed 0] [--minutes 15] [--json out.json]
+    python tests/tools/fuzz_loader.py --n 20000 [--seed 0] [--minutes 15] [--json out.json]
+    python tests/tools/fuzz_loader.py --device cuda --n 300     # the CUDA path, under numba's simulator
 
 Each mutant is a copy of one of four tiny exports (fp32 llama, 4-bit symmetric llama, 8-bit
 asymmetric llama with quantized embeddings, fp32 GPT-2) with one mutation, drawn from
@@ -26,6 +27,14 @@ never show: `crash` (the worker died of a signal), `hang` (no answer within --ti
 output that passed the sha256 check).
 A failed worker is restarted and the campaign goes on. tests/test_fuzz.py runs a bounded
 campaign in CI; this script is the long run.
+
+`--device cuda` runs every mutant through the CUDA path (`load(..., device="cuda")`, which
+validates through the same weights plan) under numba's CUDA simulator (`--gpu`: on a real GPU):
+the simulator runs each CUDA thread as a Python thread, so a mutant gets a 1-token prompt, one
+new token and a 16-token context there; every 16th mutant goes through the command line instead
+(`edgellm run DIR --device cuda`, in-process with typer's CliRunner), where anything but exit 0,
+or exit 2 with one `error:` line, is a `cli` failure. In both modes an EdgeLLMError whose
+message spans several lines is a `multiline` failure (the CLI prints it as `error: ...`).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import collections
 import json
 import os
 import random
+import re
 import select
 import shutil
 import subprocess
@@ -45,8 +55,9 @@ from pathlib import Path
 
 SEEDS = ("llama-f32", "llama-q4", "llama-q8a", "gpt2-f32")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
-FAILURES = ("crash", "hang", "exception", "nan", "memory", "unpickled", "changed_verified")
+FAILURES = ("crash", "hang", "exception", "nan", "memory", "unpickled", "changed_verified", "multiline", "cli")
 PROMPT = "def add(a, b):"
+CUDA_RUN = dict(prompt="a", tokens=1, n_ctx=16)  # --device cuda: what the simulator affords per mutant
 _MARKER = [Path("/nonexistent/edgellm-fuzz-marker")]  # set by campaign(): the file a trapped pickle would create
 
 
@@ -502,8 +513,29 @@ MUTATORS = {
 
 
 # ----------------------------------------------------------------------------- worker
+def _run_cli(job: dict) -> dict:
+    """`edgellm run DIR --device ...` in this process: exit 0, or exit 2 with one `error:` line."""
+    from typer.testing import CliRunner
+
+    from edgellm.cli import app
+
+    args = ["run", job["dir"], "-p", job.get("prompt", PROMPT), "-t", "0", "-n", str(job.get("tokens", 2))]
+    args += ["--device", job.get("device", "cpu"), "--threads", "1"]
+    args += ["--ctx", str(job["n_ctx"])] if job.get("n_ctx") else []
+    args += ["--verify"] if job.get("verify") else []
+    r = CliRunner().invoke(app, args)
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    if r.exit_code == 0:
+        return {"status": "accepted", "nan": False, "text": None}
+    if r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"):
+        return {"status": "rejected", "detail": lines[0][:200]}
+    exc = f"{type(r.exception).__name__}: {str(r.exception)[:120]} | " if r.exception else ""
+    return {"status": "cli", "detail": f"exit {r.exit_code}: {exc}{' / '.join(lines)[-200:]}"}
+
+
 def worker_main():
-    """Read one job per stdin line ({dir, backend}), answer one JSON line per job on stdout."""
+    """Read one job per stdin line ({dir, backend, device, verify, ...}), answer one JSON line per
+    job on stdout."""
     import numpy as np
 
     from edgellm.errors import EdgeLLMError
@@ -515,20 +547,33 @@ def worker_main():
         job = json.loads(line)
         res = {"status": "accepted", "nan": False}
         try:
-            gen = load(job["dir"], backend=job["backend"], threads=1, warmup=False, verify=job.get("verify", False))
-            model, forward = gen.model, gen.model.forward
+            if job.get("cli"):
+                res = _run_cli(job)
+            else:
+                gen = load(
+                    job["dir"],
+                    backend=job["backend"],
+                    threads=1,
+                    warmup=False,
+                    verify=job.get("verify", False),
+                    device=job.get("device", "cpu"),
+                    n_ctx=job.get("n_ctx"),
+                )
+                model, forward = gen.model, gen.model.forward
 
-            def checked(ids, all_logits=False):
-                logits = forward(ids, all_logits)
-                if not np.isfinite(logits).all():
-                    res["nan"] = True
-                return logits
+                def checked(ids, all_logits=False):
+                    logits = forward(ids, all_logits)
+                    if not np.isfinite(logits).all():
+                        res["nan"] = True
+                    return logits
 
-            model.forward = checked
-            res["text"] = "".join(gen.stream(PROMPT, Sampling(temperature=0, max_new_tokens=2)))
-            model.close()
+                model.forward = checked
+                sampling = Sampling(temperature=0, max_new_tokens=job.get("tokens", 2))
+                res["text"] = "".join(gen.stream(job.get("prompt", PROMPT), sampling))
+                model.close()
         except EdgeLLMError as exc:
-            res = {"status": "rejected", "detail": str(exc)[:200]}
+            msg = str(exc)
+            res = {"status": "multiline" if "\n" in msg.strip() else "rejected", "detail": msg[:200]}
         except Exception as exc:  # what the fuzzer is hunting for
             res = {"status": "exception", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
         from edgellm.benchmarks.environment import proc_kib_field
@@ -545,7 +590,7 @@ class Worker:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgellm.benchmarks.fuzz_loader", "--worker"],
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],  # a test tool: run by path
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -582,6 +627,14 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------- campaign
+def error_kind(detail: str) -> str:
+    """A rejection's message with its particulars (paths, names, numbers) blanked, to count kinds:
+    "'...' packs N columns but the layer has N inputs"."""
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", detail.removeprefix("error: "))
+    kind = re.sub(r"(?<![A-Za-z_\d.])-?\d+(?:[.,]\d+)*(?:e[+-]?\d+)?", "N", kind)  # not sha256
+    return kind[:90]
+
+
 def _load_seed(path: Path):
     import onnx
 
@@ -610,24 +663,32 @@ def campaign(
     minutes: float | None = None,
     max_rss_mb: int = 1500,
     progress=None,
+    device: str = "cpu",
+    simulator: bool = True,
 ) -> dict:
-    """Run `n` mutants (or until `minutes` pass); counts by outcome and mutator, and examples of failures."""
+    """Run `n` mutants (or until `minutes` pass); counts by outcome and mutator, and examples of failures.
+    device="cuda": through the CUDA path, under numba's CUDA simulator unless `simulator` is False."""
     rng = random.Random(seed)
     loaded = {k: _load_seed(Path(p)) for k, p in seeds.items()}
     work = Path(tempfile.mkdtemp(prefix="edgellm-fuzz-"))
     marker = work / "UNPICKLED"
     _MARKER[0] = marker
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if device == "cuda" and simulator:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    run = CUDA_RUN if device == "cuda" else {}
     w = Worker(env)
     names, weights = zip(*[(k, v[1]) for k, v in MUTATORS.items()])
     counts = collections.Counter()
     by_class = collections.defaultdict(collections.Counter)
+    kinds = collections.Counter()  # error_kind of each rejection
     examples = collections.defaultdict(list)
     baseline = {}
     t0 = time.monotonic()
     try:
         for key in seeds:
-            res = w.ask({"dir": str(seeds[key]), "backend": "numba"}, timeout * 5)
+            res = w.ask({"dir": str(seeds[key]), "backend": "numba", "device": device, **run}, timeout * 5)
             assert res["status"] == "accepted", (key, res)
             baseline[key] = res["text"]
         done = 0
@@ -643,16 +704,19 @@ def campaign(
             except (IndexError, ValueError):  # a mutator with nothing to act on (e.g. no external entry)
                 changed = {"model.onnx.data": _flip(rng, files["model.onnx.data"])}
                 cls = "data"
-            backend = "onnxruntime" if i % 8 == 7 else "numba"
+            # every 8th: the onnxruntime backend (cpu); every 16th: the command line (cuda)
+            backend = "onnxruntime" if i % 8 == 7 and device == "cpu" else "numba"
+            cli = i % 16 == 7 and device == "cuda"
             verify = i % 16 == 3  # run --verify: flipped weight bytes must be caught too
             d = work / f"m{i}"
             _write_mutant(d, Path(seeds[key]), files, changed)
-            res = w.ask({"dir": str(d), "backend": backend, "verify": verify}, timeout)
+            job = {"dir": str(d), "backend": backend, "verify": verify, "device": device, "cli": cli, **run}
+            res = w.ask(job, timeout)
             status = res["status"]
             if status == "accepted":
                 if res.get("nan"):
                     status = "nan"
-                elif res.get("text") != baseline[key] and backend == "numba":
+                elif res.get("text") is not None and res["text"] != baseline[key] and backend == "numba":
                     status = "changed_verified" if verify else "changed"  # the former: --verify missed a change
             if res.get("hwm") and res["hwm"] > max_rss_mb * 1024 * 1024:
                 status = "memory"
@@ -662,9 +726,11 @@ def campaign(
                 marker.unlink()
             counts[status] += 1
             by_class[cls][status] += 1
+            if status == "rejected":
+                kinds[error_kind(res.get("detail", ""))] += 1
             if status in FAILURES and len(examples[status]) < 20:
                 examples[status].append(
-                    {"i": i, "seed": key, "class": cls, "backend": backend, "detail": res.get("detail", "")}
+                    {"i": i, "seed": key, "class": cls, "backend": backend, "cli": cli, "detail": res.get("detail", "")}
                 )
             shutil.rmtree(d, ignore_errors=True)
             done += 1
@@ -675,10 +741,12 @@ def campaign(
         shutil.rmtree(work, ignore_errors=True)
     return {
         "mutants": done,
+        "device": device + (" (simulator)" if device == "cuda" and simulator else ""),
         "seconds": round(time.monotonic() - t0, 1),
         "seed": seed,
         "counts": dict(counts),
         "by_class": {k: dict(v) for k, v in sorted(by_class.items())},
+        "error_kinds": dict(kinds.most_common()),
         "failures": sum(counts[f] for f in FAILURES),
         "examples": dict(examples),
     }
@@ -692,6 +760,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds before a mutant counts as a hang")
     ap.add_argument("--seeds-dir", type=Path, default=None, help="reuse (or build) the seed exports here")
     ap.add_argument("--json", type=Path, default=None, help="write the counts here")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the runtime path each mutant runs on")
+    ap.add_argument("--gpu", action="store_true", help="with --device cuda: a real GPU, not numba's CUDA simulator")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -704,7 +774,7 @@ def main(argv=None):
     def progress(done, counts, s):
         print(f"{done} mutants, {s:.0f} s: {dict(counts)}", file=sys.stderr, flush=True)
 
-    result = campaign(seeds, a.n, a.seed, a.timeout, a.minutes, progress=progress)
+    result = campaign(seeds, a.n, a.seed, a.timeout, a.minutes, progress=progress, device=a.device, simulator=not a.gpu)
     text = json.dumps(result, indent=1)
     if a.json:
         a.json.write_text(text)

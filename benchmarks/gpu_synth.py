@@ -136,6 +136,7 @@ def _tokenizer(path: Path, vocab: int) -> None:
 
 
 def fill(out: Path, seed: int = 0) -> int:
+    from edgellm.runtime.format.names import QWEIGHT, QZEROS, SCALES
     from edgellm.runtime.loader import DATA_NAME, ONNX_NAME
     from edgellm.runtime.onnx_proto import EXTERNAL, read_model
 
@@ -145,8 +146,9 @@ def fill(out: Path, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     k_of = {}  # columns per row of each linear, from its qweight (n, blocks, bytes)
     for t in ext:
-        if t.name.endswith(".qweight"):
-            k_of[t.name[: -len(".qweight")]] = int(t.dims[1]) * int(t.dims[2]) * 2
+        path, _, part = t.name.rpartition(".")
+        if part == QWEIGHT:
+            k_of[path] = int(t.dims[1]) * int(t.dims[2]) * 2
     tmp = out / (DATA_NAME + ".tmp")  # a temporary sibling, renamed at the end
     with open(tmp, "wb") as f:
         f.truncate(size)
@@ -155,10 +157,11 @@ def fill(out: Path, seed: int = 0) -> int:
             off, n = int(t.external.get("offset", 0)), int(t.external["length"])
             view = mm[off : off + n]
             name = t.name
-            if name.endswith(".qweight") or name.endswith(".qzeros"):
+            path, _, part = name.rpartition(".")
+            if part in (QWEIGHT, QZEROS):
                 view[:] = rng.integers(0, 256, n, dtype=np.uint8)
-            elif name.endswith(".scales"):
-                k = k_of.get(name[: -len(".scales")], 1024)
+            elif part == SCALES:
+                k = k_of.get(path, 1024)
                 view.view(np.float32)[:] = np.float32(1.0 / (4.6 * math.sqrt(k)))
             elif name.endswith("norm.weight") or "layernorm" in name:
                 view.view(np.float32)[:] = 1.0

@@ -31,7 +31,10 @@ TENSOR_NAME = re.compile(
     r"|wpe\.weight|model\.layers\.\{"
 )
 PACKING = re.compile(r"1::2\]\s*<<\s*4|\(packed\s*&\s*(15|0x0F)")
-SLOT = re.compile(r"^\s*((?:[DCRN]_[A-Z0-9]+\s*,\s*)*[DCRN]_[A-Z0-9]+)\s*=\s*(range|\d)", re.M)
+# index-slot constants: a family of D_/C_/R_/N_ names numbered by range() or a tuple of ints
+SLOT = re.compile(
+    r"^\s*((?:[DCRN]_[A-Z0-9]+\s*,\s*)+[DCRN]_[A-Z0-9]+\s*=\s*(?:range|\d)|[DCRN]_[A-Z0-9]+\s*=\s*range)", re.M
+)
 
 
 def module_of(root: Path, path: Path) -> str:
@@ -98,7 +101,7 @@ def main(root: Path) -> dict:
         if PACKING.search(src):
             packing.append(rel)
         for m in SLOT.finditer(src):
-            slots += [f"{rel}:{n.strip()}" for n in m.group(1).split(",")]
+            slots += [f"{rel}:{n.strip()}" for n in m.group(1).split("=")[0].split(",")]
         mod, is_init = module_of(root, p), p.name == "__init__.py"
         pkg = package_of(mod, is_init)
         for node in ast.walk(tree):

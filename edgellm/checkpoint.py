@@ -32,6 +32,18 @@ _POSITIVE_INTS = {
 }
 _FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 _NUMBERS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range")
+_TORCH = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 _STORED = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -120,11 +132,12 @@ class Checkpoint:
             raise EdgeLLMError(f"'{self.folder}' has no *.safetensors weights")
         self.files = files
         self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}  # name -> (file, dtype, shape)
+        self._offsets: dict[str, int] = {}  # name -> byte offset of its data in its file
         for f in files:
-            header, _ = _header(f)
+            header, start = _header(f)
             for name, v in header.items():
                 self.entries[name] = (f, v["dtype"], tuple(v["shape"]))
-        self._handles: dict[Path, object] = {}
+                self._offsets[name] = start + v["data_offsets"][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]
@@ -133,23 +146,36 @@ class Checkpoint:
         _, dt, shape = self.entries[name]
         return math.prod(shape) * _STORED.get(dt, 4)
 
-    def _open(self, f: Path):
-        from safetensors import safe_open
-
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f]
-
     def get(self, name: str):
         """The tensor in its stored dtype."""
-        return self._open(self.entries[name][0]).get_tensor(name)
+        return self.rows(name, 0, self.entries[name][2][0] if self.entries[name][2] else 1)
 
     def rows(self, name: str, start: int, stop: int):
-        """Rows [start, stop) of a tensor, in its stored dtype."""
-        return self._open(self.entries[name][0]).get_slice(name)[start:stop]
+        """Rows [start, stop) of a tensor, in its stored dtype: read with pread into memory of its
+        own (no memory map, whose touched pages would stay in the resident set)."""
+        import torch
+
+        f, dt, shape = self.entries[name]
+        if dt not in _TORCH:
+            raise EdgeLLMError(f"'{f}': tensor '{name}' has dtype {dt}, which edgellm does not read")
+        stop = min(stop, shape[0]) if shape else 1
+        row = math.prod(shape[1:]) * _STORED[dt] if shape else _STORED[dt]
+        n = max(stop - start, 0) * row
+        buf = bytearray(n)
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(self._offsets[name] + start * row)
+            got = fh.readinto(buf)
+        if got != n:
+            raise EdgeLLMError(f"'{f}' is truncated (tensor '{name}'); re-create or re-download it")
+        t = (
+            torch.frombuffer(buf, dtype=getattr(torch, _TORCH[dt]))
+            if n
+            else torch.empty(0, dtype=getattr(torch, _TORCH[dt]))
+        )
+        return t.reshape((stop - start, *shape[1:]) if shape else ())
 
     def close(self) -> None:
-        self._handles.clear()
+        pass
 
     def check_against(self, config) -> None:
         """Every tensor config.json implies is present with its shape (a meta-device model)."""

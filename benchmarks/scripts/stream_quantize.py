@@ -1,8 +1,8 @@
 """Peak memory and time of `edgellm quantize` on real model shapes (issue 26), not in CI.
 
-    python -m edgellm.benchmarks.scripts.stream_quantize --shape tinyllama-1.1b --root /data/ckpt \
+    python -m edgellm.benchmarks.scripts.stream_quantize --shape tinyllama-1.1b --root CKPT_DIR \
         --method gptq --calib-samples 8 --seq-len 256
-    python -m edgellm.benchmarks.scripts.stream_quantize --shape tiny --root /tmp/sq   # a smoke run
+    python -m edgellm.benchmarks.scripts.stream_quantize --shape tiny --root CKPT_DIR   # a smoke run
 
 Builds a seeded random-weight checkpoint in bf16 with the shape's config (written a tensor at a
 time, in shards of at most 2 GB, so building an 8B checkpoint needs little memory), then runs

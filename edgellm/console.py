@@ -44,6 +44,10 @@ class RichProgress:
     def status(self, message: str):
         return status(message)
 
+    def note(self, message: str):
+        """One line on stderr, terminal or not (per-layer progress in a log)."""
+        console.print(message, soft_wrap=True, highlight=False)
+
 
 PROGRESS = RichProgress()
 

@@ -101,7 +101,14 @@ def load_config(spec: str):
             raise EdgeLLMError(
                 f"'{spec}' is not a model: expected a Hugging Face model directory with config.json, or a .gguf file"
             )
-        config = transformers.AutoConfig.from_pretrained(str(path))
+        from .checkpoint import validate_config_json
+
+        validate_config_json(path / "config.json")
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(path))
+        except Exception as exc:  # strict dataclass validation, a value transformers refuses ...
+            msg = " ".join(str(exc).split())[:200]
+            raise EdgeLLMError(f"'{path / 'config.json'}' is not a valid model config ({msg}); fix it") from None
     else:
         try:
             config = transformers.AutoConfig.from_pretrained(spec)
@@ -131,6 +138,10 @@ def load_model(spec: str | Path, dtype: str = "float32") -> Loaded:
     elif path.is_dir():
         _check_safetensors(path)
         record = read_record(path)
+        if not record.get("quantization"):
+            from .checkpoint import Checkpoint
+
+            Checkpoint(path).check_against(config)  # missing shards, shapes that disagree with config.json
         if record.get("quantization"):
             from .quant.apply import load_quantized
 

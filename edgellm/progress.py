@@ -1,7 +1,8 @@
 """Progress reporting without printing from library code.
 
 Library functions take a `progress` object and call `progress.track(iterable, description,
-total)`, and `progress.status(message)` around a step without a count; the CLI passes a rich
+total)`, and `progress.status(message)` around a step without a count, and `progress.note(line)` for a
+line that stays (also in a log); the CLI passes a rich
 progress bar and spinner, tests and the Python API pass nothing.
 Warnings go through `warnings.warn(..., EdgeLLMWarning)`; the CLI shows them.
 """
@@ -22,6 +23,9 @@ class NullProgress:
     def status(self, message: str):
         """A spinner with `message` while a step without a count runs (here: nothing)."""
         return contextlib.nullcontext()
+
+    def note(self, message: str):
+        """A line of progress (per layer: its time, the ETA, peak memory); here: nothing."""
 
 
 NULL = NullProgress()

@@ -82,6 +82,16 @@ def quantize(
     ] = True,
     eval_tokens: EvalTokensOpt = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing calibration windows.")] = 0,
+    max_memory: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-memory",
+            help="Memory budget, e.g. 6GB (default: 75% of the available RAM); planned before any work.",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted quantize from the layer it reached.")
+    ] = False,
     force: ForceOpt = False,
 ):
     """Quantize a model's linear weights to 4 or 8 bits (RTN, GPTQ or AWQ), stored packed.
@@ -110,6 +120,8 @@ def quantize(
         evaluate=evaluate,
         eval_tokens=eval_tokens,
         seed=seed,
+        max_memory=max_memory,
+        resume=resume,
     )
     quant_config(options)  # every option before any heavy work
     with show_warnings():

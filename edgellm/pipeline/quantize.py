@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -44,6 +45,8 @@ class QuantizeOptions:
     evaluate: bool = option(True, "--eval")  # perplexity before and after
     eval_tokens: int = option(4096, "--eval-tokens", min=64)
     seed: int = option(0, "--seed")
+    max_memory: str | None = option(None, "--max-memory")  # e.g. 6GB; None: a safe fraction of available RAM
+    resume: bool = option(False, "--resume")  # continue an interrupted quantize from the layer it reached
 
 
 @dataclass
@@ -106,19 +109,142 @@ def _check_model(loaded, spec: str, o: QuantizeOptions) -> None:
 def run_quantize(
     model: str, output: Path, options: QuantizeOptions, progress=None, force: bool = False
 ) -> QuantizeResult:
-    """Quantize `model` into the model directory `output` (written whole at the end)."""
+    """Quantize `model` into the model directory `output` (written whole at the end).
+
+    A local llama-family checkpoint streams one decoder layer at a time (quant/stream.py)
+    within --max-memory; what does not stream yet (other families, GGUF files, hub ids,
+    --rotate, --target-bpw) loads the model whole, and is refused when that cannot fit."""
+    from ..memory import budget
+    from ..modelio import load_config, resolve_spec
+    from ..outputs import check_output_dir
+    from ..progress import NULL
+    from ..quant.stream import not_streamed
+
+    o, progress = options, progress or NULL
+    cfg = quant_config(o)
+    check_output_dir(output, force, [model, o.data])
+    limit, how = budget(o.max_memory)
+    path = Path(resolve_spec(model))
+    config = load_config(str(path))
+    reason = not_streamed(config, cfg) if path.is_dir() else "a GGUF file or hub id"
+    if reason is None:
+        return _run_streamed(path, config, output, o, cfg, limit, how, progress, force)
+    if o.resume:
+        raise EdgeLLMError(f"--resume needs the layer-streaming path, which does not handle {reason} yet")
+    if path.is_dir():
+        _check_resident_fits(path, reason, limit, how)
+    return _run_resident(model, output, o, cfg, progress, force)
+
+
+def _check_resident_fits(path: Path, reason: str, limit: int, how: str) -> None:
+    """The resident path holds the model in fp32 about twice over (weights, evaluation, calibration)."""
+    from ..checkpoint import Checkpoint
+    from ..memory import human, rss
+
+    ckpt = Checkpoint(path)
+    params = sum(math.prod(s) for _, _, s in ckpt.entries.values())
+    need = rss() + 2 * 4 * params
+    if need > limit:
+        raise EdgeLLMError(
+            f"{reason} is not streamed yet: quantizing it loads the whole model, about {human(need)}, "
+            f"over the budget of {human(limit)} ({how})"
+        )
+
+
+def _quality(score):
+    from ..evaluate import DEFAULT_CTX, DEFAULT_STRIDE, Quality
+
+    nll, count = score
+    return Quality(perplexity=math.exp(nll / count), tokens=count, ctx=DEFAULT_CTX, stride=DEFAULT_STRIDE)
+
+
+def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, limit: int, how: str, progress, force):
+    """The layer-streaming quantize: plan, then quant/stream.py, then the output renamed into place."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from ..checkpoint import Checkpoint
+    from ..data import calibration_batch, split_tokens
+    from ..evaluate import DEFAULT_CTX, DEFAULT_STRIDE, windows
+    from ..memory import human
+    from ..outputs import atomic_output_dir
+    from ..quant.stream import _open_work, fingerprint, join_safetensors, plan_stream, quantize_streamed, work_dir
+    from ..record import add_step, read_record, write_record
+
+    ckpt = Checkpoint(path)
+    ckpt.check_against(config)
+    record = read_record(path)
+    if record.get("quantization"):
+        raise EdgeLLMError(f"'{path}' is already quantized; quantize the unquantized model instead")
+    limit_pos = getattr(config, "max_position_embeddings", None)
+    if limit_pos and o.seq_len > limit_pos:
+        raise EdgeLLMError(f"--seq-len {o.seq_len} exceeds the model's {limit_pos} positions; give at most {limit_pos}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    ids = data_tokens(tokenizer, o.data)
+    calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed)
+    wins, eval_ids = None, None
+    if o.evaluate:
+        eval_ids = split_tokens(ids, "eval")[: o.eval_tokens]
+        wins = [(eval_ids[s:e], first) for s, e, first in windows(len(eval_ids), DEFAULT_CTX, DEFAULT_STRIDE)]
+        if not wins:
+            raise EdgeLLMError(f"the evaluation data has {len(eval_ids)} tokens, too few to score; give more text")
+    plan = plan_stream(config, ckpt, cfg, calib.shape[0], calib.shape[1], o.eval_tokens, limit)
+    work = work_dir(output)
+    finger = fingerprint(ckpt, cfg, calib, eval_ids, plan.act_dtype)
+    state = _open_work(work, finger, o.resume)
+    note = getattr(progress, "note", None)
+    if note:
+        note(
+            f"streaming {config.num_hidden_layers} layers: plan {human(plan.need)} of {human(limit)} ({how}); "
+            f"activations {str(plan.act_dtype).replace('torch.', '')}; an interrupted run continues with --resume"
+        )
+    t0 = time.perf_counter()
+    report, info, before, after, parts = quantize_streamed(
+        ckpt, config, cfg, calib, wins, work, plan, state, finger, progress
+    )
+    seconds = time.perf_counter() - t0
+    before, after = (_quality(before), _quality(after)) if wins else (None, None)
+    record = add_step(
+        record,
+        "quantize",
+        params=cfg.to_dict(),
+        time_s=round(seconds, 2),
+        data=calib_data(o.data, calib, o.seed),
+        quality={"before": before.to_dict(), "after": after.to_dict()} if wins else None,
+    )
+    record["quantization"] = info
+    record.setdefault("source", {"kind": "directory", "path": str(path.resolve())})
+    config.dtype = torch.float32  # the norms (and kept embeddings) are stored in fp32, as the resident path does
+    gen = (
+        transformers.GenerationConfig.from_pretrained(str(path))
+        if (path / "generation_config.json").is_file()
+        else transformers.GenerationConfig.from_model_config(config)
+    )
+    with atomic_output_dir(output, force, [str(path), o.data]) as tmp:
+        join_safetensors(parts, tmp / "model.safetensors", {"format": "pt", "edgellm": "packed"})
+        config.save_pretrained(str(tmp))
+        gen.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        write_record(tmp, record)
+    ckpt.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return QuantizeResult(output, report, info, seconds, before, after)
+
+
+def _run_resident(model: str, output: Path, o: QuantizeOptions, cfg, progress, force) -> QuantizeResult:
+    """The whole model in memory (what does not stream yet)."""
     from ..data import calibration_batch, split_tokens
     from ..evaluate import evaluate as measure
     from ..modelio import save_model
-    from ..outputs import atomic_output_dir, check_output_dir
+    from ..outputs import atomic_output_dir
     from ..progress import NULL
     from ..quant.apply import quantize_model
     from ..record import add_step
 
-    o, progress = options, progress or NULL
-    cfg = quant_config(o)
+    progress = progress or NULL
     inputs = [model, o.data]
-    check_output_dir(output, force, inputs)
     loaded = load(model, progress=progress)
     _check_model(loaded, model, o)
     ids = data_tokens(loaded.tokenizer, o.data)

@@ -121,6 +121,64 @@ def _rel_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> float:
     return (num / den.clamp(min=1e-12)).item()
 
 
+def quantize_block(block, prefix: str, inputs, cfg: QuantConfig, family) -> tuple[list[dict], dict]:
+    """Quantize one decoder block in place on its calibration inputs (the one implementation
+    both the resident and the layer-streaming drivers call). Returns its report rows and the
+    formats that differ from the default."""
+    fmt = cfg.fmt
+    keep = AWQ_SAMPLE_ROWS if cfg.method == "awq" else 0
+    report, formats = [], {}
+    linears = block_linears(block)
+    stats = collect_stats(block, inputs, linears, keep)
+    if cfg.method == "awq":
+        _awq_fold(block, family, stats, fmt)
+    for name, lin in linears.items():
+        path = f"{prefix}.{name}"
+        w_ref = linear_weight(lin).detach().float()  # (out, in); after AWQ's exact rescaling
+        lfmt = cfg.plan.get(path) or fmt.fitted(w_ref.shape[1])
+        t0 = time.perf_counter()
+        H = stats[name].H
+        if cfg.method == "gptq":
+            codes, scales, zeros = gptq_quantize(
+                w_ref,
+                stats[name].hessian,
+                lfmt,
+                damp=cfg.damp,
+                act_order=cfg.act_order,
+                clip_search=cfg.clip_search,
+            )
+        else:
+            w = w_ref
+            if cfg.method == "awq" and name not in family.clip_skip:
+                rows = stats[name].X
+                rows = rows[torch.linspace(0, len(rows) - 1, min(CLIP_SAMPLE_ROWS, len(rows))).long()]
+                w = apply_clip(w, search_clip(rows, w, lfmt), lfmt)
+            codes, scales, zeros = quantize_rtn(w, lfmt)
+        q = QuantLinear(w_ref.shape[1], w_ref.shape[0], lin.bias is not None, lfmt)
+        q.set_codes(codes, scales, zeros)
+        if lin.bias is not None:
+            q.bias.data.copy_(lin.bias.data)
+        report.append(
+            {
+                "layer": path,
+                "shape": list(w_ref.shape),
+                "bits": lfmt.bits,
+                "group_size": lfmt.group_size,
+                "sym": lfmt.sym,
+                "zero": lfmt.zero,
+                "rel_error": _rel_error(w_ref, q.dequantize(), H),
+                "time_s": time.perf_counter() - t0,
+                "bytes": packed_bytes(q),
+            }
+        )
+        _replace(block, name, q)
+        if cfg.plan or lfmt != fmt:
+            formats[path] = {"bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym}
+            if lfmt.float_zero:
+                formats[path]["zero"] = "float"
+    return report, formats
+
+
 def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) -> tuple[list[dict], dict]:
     """Quantize `model` in place on calibration batch (n, T). Returns per-layer report, info."""
     from ..progress import NULL
@@ -143,61 +201,16 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
     report, names, formats = [], [], {}
     blocks = decoder_layers(model)
     family = family_of(model.config)
-    keep = AWQ_SAMPLE_ROWS if cfg.method == "awq" else 0
     if cfg.method == "rtn":
         calib = calib[:RTN_ERROR_SAMPLES]
     with torch.no_grad():
         inputs = capture_block_inputs(model, calib)
         for bi in progress.track(range(len(blocks)), f"{cfg.method} {fmt.bits}-bit", total=len(blocks)):
             block = blocks[bi]
-            linears = block_linears(block)
-            stats = collect_stats(block, inputs, linears, keep)
-            if cfg.method == "awq":
-                _awq_fold(block, family, stats, fmt)
-            for name, lin in linears.items():
-                path = f"{family.layers}.{bi}.{name}"
-                w_ref = linear_weight(lin).detach().float()  # (out, in); after AWQ's exact rescaling
-                lfmt = cfg.plan.get(path) or fmt.fitted(w_ref.shape[1])
-                t0 = time.perf_counter()
-                H = stats[name].H
-                if cfg.method == "gptq":
-                    codes, scales, zeros = gptq_quantize(
-                        w_ref,
-                        stats[name].hessian,
-                        lfmt,
-                        damp=cfg.damp,
-                        act_order=cfg.act_order,
-                        clip_search=cfg.clip_search,
-                    )
-                else:
-                    w = w_ref
-                    if cfg.method == "awq" and name not in family.clip_skip:
-                        rows = stats[name].X
-                        rows = rows[torch.linspace(0, len(rows) - 1, min(CLIP_SAMPLE_ROWS, len(rows))).long()]
-                        w = apply_clip(w, search_clip(rows, w, lfmt), lfmt)
-                    codes, scales, zeros = quantize_rtn(w, lfmt)
-                q = QuantLinear(w_ref.shape[1], w_ref.shape[0], lin.bias is not None, lfmt)
-                q.set_codes(codes, scales, zeros)
-                if lin.bias is not None:
-                    q.bias.data.copy_(lin.bias.data)
-                report.append(
-                    {
-                        "layer": path,
-                        "shape": list(w_ref.shape),
-                        "bits": lfmt.bits,
-                        "group_size": lfmt.group_size,
-                        "sym": lfmt.sym,
-                        "zero": lfmt.zero,
-                        "rel_error": _rel_error(w_ref, q.dequantize(), H),
-                        "time_s": time.perf_counter() - t0,
-                    }
-                )
-                _replace(block, name, q)
-                names.append(path)
-                if cfg.plan or lfmt != fmt:
-                    formats[path] = {"bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym}
-                    if lfmt.float_zero:
-                        formats[path]["zero"] = "float"
+            rows, fmts = quantize_block(block, f"{family.layers}.{bi}", inputs, cfg, family)
+            report += rows
+            names += [r["layer"] for r in rows]
+            formats.update(fmts)
             inputs = run_block(block, inputs)
         emb_fmt = None
         if cfg.embeddings_mode != "keep":

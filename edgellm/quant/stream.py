@@ -1,0 +1,493 @@
+"""Layer-streaming quantize: a checkpoint far larger than memory, one decoder layer at a time.
+
+The model is never materialized. A meta-device skeleton (no memory) gives the modules; the
+checkpoint (edgellm/checkpoint.py) gives each tensor, in its stored dtype, when it is needed:
+
+1. the embeddings (and an untied lm_head) are quantized in row chunks and written out;
+2. the calibration batch and the evaluation windows are embedded and captured at block 0
+   (`capture_block_inputs` on the skeleton: the embedding and rotary table are real, block 0 is
+   never run);
+3. per block: its weights are read and widened to fp32, the evaluation's "before" states go
+   through the original block, its linears are quantized by `apply.quantize_block` (the same
+   code the resident driver calls), the calibration and "after" states go through the quantized
+   block, its packed tensors are written to a part file, and the block is dropped. Hessians
+   live inside `quantize_block`, for one block;
+4. the final norm and head score the "before" and "after" states (perplexity as
+   evaluate.evaluate computes it), and the parts are joined into one model.safetensors.
+
+Activations are stored in fp32 when the plan fits the budget with them, otherwise bf16 (fp32
+compute either way). After every block the work folder (`.NAME.partial` beside the output)
+holds the parts and the states reaching the next block, so `--resume` continues from there;
+its `state.json` records the options, and a resume with other options is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import decoder_layers, family_of
+from ..calibration import MINI_BATCH, capture_block_inputs
+from ..errors import EdgeLLMError
+from ..memory import human, peak_rss, rss
+from .apply import QuantConfig, _embedding_codes, _tied, embedding_format, quantize_block
+from .formats import QuantFormat, dequantize_codes
+from .modules import QuantEmbedding, QuantLinear
+from .packing import pack, unpack
+
+STREAMED_FAMILIES = ("llama", "mistral", "qwen2")
+ROW_CHUNK = 4096  # embedding / head rows quantized or multiplied at a time
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64"}
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8}
+
+
+def not_streamed(config, cfg: QuantConfig) -> str | None:
+    """What in this request the streaming path does not do yet (None: it streams)."""
+    if config.model_type not in STREAMED_FAMILIES:
+        return f"the {config.model_type} family"
+    if cfg.rotate:
+        return "--rotate"
+    if cfg.target_bpw is not None:
+        return "--target-bpw"
+    return None
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamPlan:
+    need: int  # bytes at the peak stage
+    parts: dict  # stage -> bytes
+    act_dtype: torch.dtype
+    budget: int
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {human(v)}" for k, v in self.parts.items())
+
+
+def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval_tokens: int, budget: int):
+    """The memory each stage needs (bytes), with the activation dtype chosen to fit `budget`;
+    refuses (EdgeLLMError naming the need) when one layer does not fit."""
+    d, i_f, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads = config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    prefix = f"{family_of(config).layers}.0."
+    layer = [n for n in ckpt.entries if n.startswith(prefix)]
+    params = sum(math.prod(ckpt.shape(n)) for n in layer)
+    biggest_in = max(d, heads * hd, i_f)
+    biggest = max(math.prod(ckpt.shape(n)) for n in layer)
+    hessians = 4 * (2 * d * d + (heads * hd) ** 2 + i_f * i_f)
+    gptq = 4 * (5 * biggest_in**2 + 4 * biggest)  # H copies, its inverse factor, W copies
+    B = min(MINI_BATCH, n_calib)
+    forward = 4 * B * seq_len * (3 * i_f + 6 * d) + 4 * B * heads * seq_len * seq_len
+    evals = 4 * 4 * min(eval_tokens, 16384) * d  # before / after, in and out
+    base = rss()
+
+    def stages(act_bytes):
+        acts = 2 * n_calib * seq_len * d * act_bytes
+        emb_bits = 8 if cfg.embeddings_mode == "keep" else int(cfg.embeddings_mode)
+        return {
+            "process": base,
+            "layer weights": 4 * params + 2 * biggest,
+            "hessians": hessians + gptq,
+            "activations": acts + forward + evals,
+            "embeddings": 2 * V * d + V * d * emb_bits // 8 + 24 * ROW_CHUNK * d,
+            "head": 4 * min(512, eval_tokens) * V * 3 + 4 * ROW_CHUNK * d * 2,
+        }
+
+    def need(p):
+        layer_stage = p["layer weights"] + p["hessians"] + p["activations"]
+        return p["process"] + int(1.15 * max(layer_stage, p["embeddings"] + p["activations"] / 2, p["head"]))
+
+    for dtype, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
+        p = stages(nbytes)
+        if need(p) <= budget:
+            return StreamPlan(need(p), p, dtype, budget)
+    raise EdgeLLMError(
+        f"quantizing one decoder layer needs about {human(need(p))} ({StreamPlan(0, p, dtype, 0).describe()}), "
+        f"more than the budget of {human(budget)}; raise --max-memory or lower --calib-samples / --seq-len"
+    )
+
+
+# ---- the work folder ---------------------------------------------------------------------------
+
+
+def fingerprint(ckpt, cfg: QuantConfig, calib: torch.Tensor, eval_ids, act_dtype) -> dict:
+    """What a resumed run must share with the interrupted one."""
+
+    def sha(t):
+        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16] if t is not None else None
+
+    return {
+        "options": cfg.to_dict(),
+        "calibration": [list(calib.shape), sha(calib)],
+        "evaluation": None if eval_ids is None else [len(eval_ids), sha(eval_ids)],
+        "activations": str(act_dtype).replace("torch.", ""),
+        "source": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in ckpt.files],
+    }
+
+
+def work_dir(output: Path) -> Path:
+    output = Path(os.path.abspath(output))
+    return output.with_name(f".{output.name}.partial")
+
+
+def _open_work(work: Path, finger: dict, resume: bool) -> dict:
+    """The state to continue from ({} for a fresh start); refuses a resume made with other options."""
+    state_file = work / "state.json"
+    if resume and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        old = state.get("fingerprint", {})
+        if old != finger:
+            what = next((k for k in finger if old.get(k) != finger[k]), "options")
+            raise EdgeLLMError(
+                f"--resume: the interrupted quantize in '{work}' was made with other {what}; "
+                "rerun with its options, or without --resume to start over"
+            )
+        return state
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return {}
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def join_safetensors(parts: list[Path], out: Path, metadata: dict) -> None:
+    """One safetensors file holding every tensor of `parts`, copied a tensor at a time."""
+    from ..checkpoint import _header
+
+    entries, offset = [], 0
+    for p in parts:
+        header, start = _header(p)
+        for name, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            a, b = v["data_offsets"]
+            entries.append((name, v["dtype"], v["shape"], p, start + a, b - a, offset))
+            offset += b - a
+    header = {"__metadata__": metadata}
+    for name, dt, shape, _, _, n, off in entries:
+        header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(out, "wb") as fo:
+        fo.write(len(raw).to_bytes(8, "little"))
+        fo.write(raw)
+        for _, _, _, p, start, n, _ in entries:
+            with open(p, "rb") as fi:
+                fi.seek(start)
+                while n:
+                    chunk = fi.read(min(n, 64 << 20))
+                    fo.write(chunk)
+                    n -= len(chunk)
+
+
+# ---- modules built from the checkpoint ---------------------------------------------------------
+
+
+class StoredEmbedding(nn.Module):
+    """A lookup into the embedding in its stored dtype, widened to fp32 per row (exactly the
+    values an fp32 nn.Embedding of the same checkpoint holds)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids):  # (...) -> (..., dim)
+        return self.weight[ids].float()
+
+
+def _quantize_rows(ckpt, name: str, fmt: QuantFormat, module):
+    """Fill a PackedMatrix from checkpoint tensor `name`, ROW_CHUNK rows at a time."""
+    rows = ckpt.shape(name)[0]
+    for r in range(0, rows, ROW_CHUNK):
+        w = ckpt.rows(name, r, min(r + ROW_CHUNK, rows)).float()
+        codes, scales, zeros = _embedding_codes(w, fmt)
+        module.qweight[r : r + len(w)] = pack(codes, fmt.bits)
+        module.scales[r : r + len(w)] = scales.half()
+        if module.qzeros is not None:
+            module.qzeros[r : r + len(w)] = zeros.to(module.qzeros.dtype)
+    return module
+
+
+def _packed_rows(m, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a PackedMatrix, dequantized to fp32."""
+    if r0 == 0 and r1 == m.out_features:
+        return m.dequantize()
+    codes = unpack(m.qweight[r0:r1], m.fmt.bits)
+    w = dequantize_codes(codes, m.scales[r0:r1], m.zeros_or_sym(torch.arange(r0, r1)))
+    return w.reshape(r1 - r0, -1)[:, : m.in_features]
+
+
+def _head_logits(h: torch.Tensor, rows, V: int) -> torch.Tensor:
+    """h (T, d) @ W.T with W's rows fetched ROW_CHUNK at a time by rows(r0, r1) -> (T, V)."""
+    if V <= ROW_CHUNK:
+        return F.linear(h, rows(0, V))
+    return torch.cat([F.linear(h, rows(r, min(r + ROW_CHUNK, V))) for r in range(0, V, ROW_CHUNK)], -1)
+
+
+def _nll(logits: torch.Tensor, x: torch.Tensor, first: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of x[first+1:] under logits (T, V), as evaluate.evaluate scores it."""
+    logp = F.log_softmax(logits[first:-1], dim=-1)
+    target = x[first + 1 :]
+    return -logp.gather(-1, target.unsqueeze(-1)).sum().item(), target.numel()
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+
+def _note(progress, message: str) -> None:
+    note = getattr(progress, "note", None)
+    if note is not None:
+        note(message)
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _shell(config, embedding: nn.Module):
+    """The model on the meta device with a real embedding and rotary table: enough to capture
+    what reaches block 0 (the blocks are materialized one at a time later)."""
+    from ..checkpoint import meta_model
+
+    model = meta_model(config)
+    inner = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    inner.embed_tokens = embedding
+    return model.eval()
+
+
+def _capture(shell, calib, windows):
+    """(calibration inputs per mini-batch, evaluation inputs per window) reaching block 0."""
+    inputs = capture_block_inputs(shell, calib)
+    evals = [capture_block_inputs(shell, x.unsqueeze(0), 1)[0] for x, _ in windows] if windows else []
+    return inputs, evals
+
+
+def _load_block(shell, bi: int, ckpt, prefix: str):
+    """Block `bi` materialized in fp32 from the checkpoint (stored dtype widened exactly)."""
+    block = decoder_layers(shell)[bi].to_empty(device="cpu")
+    with torch.no_grad():
+        for k, t in block.state_dict(keep_vars=True).items():
+            t.copy_(ckpt.get(f"{prefix}.{k}"))
+    return block
+
+
+def _run(block, states, dtype):
+    """The block on every (hidden, kwargs), fp32 compute, outputs stored as `dtype`."""
+    outs = []
+    for hidden, kw in states:
+        out = block(hidden.float(), **kw)
+        outs.append(((out[0] if isinstance(out, tuple) else out).detach().to(dtype), kw))
+    return outs
+
+
+class _AsFloat:
+    """Iterates (hidden widened to fp32, kwargs) without keeping the widened copies."""
+
+    def __init__(self, states):
+        self.states = states
+
+    def __iter__(self):
+        return ((h.float(), kw) for h, kw in self.states)
+
+
+def quantize_streamed(
+    ckpt,
+    config,
+    cfg: QuantConfig,
+    calib: torch.Tensor,
+    windows: list | None,
+    work: Path,
+    plan: StreamPlan,
+    state: dict,
+    finger: dict,
+    progress=None,
+):
+    """Quantize the checkpoint into `work` one block at a time (continuing from `state`).
+    `windows`: [(ids (T,), first scored position)] to score before and after, or None.
+    Returns (report, info, before, after, part files); before/after are (nll, tokens) or None."""
+    from ..progress import NULL
+
+    progress = progress or NULL
+    family = family_of(config)
+    n_layers = config.num_hidden_layers
+    tied = _tied_config(config)
+    dt = plan.act_dtype
+    if cfg.method == "rtn":
+        from .apply import RTN_ERROR_SAMPLES
+
+        calib = calib[:RTN_ERROR_SAMPLES]
+    emb_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
+    V, d = ckpt.shape(emb_name)
+    emb_fmt = None
+    with torch.no_grad():
+        # 1. embeddings and head, quantized in row chunks (or kept in fp32 as the resident path keeps them)
+        head_part = work / "embeddings.safetensors"
+        qe = qh = None
+        if cfg.embeddings_mode != "keep":
+            # as apply.quantize_model: integer zero points (ONNX's GatherBlockQuantized has no float ones)
+            bits = int(cfg.embeddings_mode)
+            emb_fmt = replace(cfg.fmt, zero="int") if cfg.embeddings is None else embedding_format(bits, d)
+            if state and head_part.is_file():
+                qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_name)
+            else:
+                qe = _quantize_rows(ckpt, emb_name, emb_fmt, QuantEmbedding(V, d, emb_fmt))
+                tensors = {f"model.embed_tokens.{k}": v for k, v in qe.state_dict().items()}
+                if not tied:
+                    qh = QuantLinear(d, ckpt.shape(head_name)[0], False, emb_fmt)
+                    _quantize_rows(ckpt, head_name, emb_fmt, qh)
+                    tensors.update({f"lm_head.{k}": v for k, v in qh.state_dict().items()})
+                _save_atomic(tensors, head_part)
+        # 2. what reaches block 0
+        stored = StoredEmbedding(ckpt.get(emb_name))
+        shell = _shell(config, stored)
+        inputs, before = _capture(shell, calib, windows)
+        if qe is not None and windows:
+            shell.model.embed_tokens = qe
+            _, after = _capture(shell, calib, windows)
+        else:
+            after = [(h.clone(), kw) for h, kw in before]
+        shell.model.embed_tokens = nn.Identity()
+        del stored
+        inputs = [(h.to(dt), kw) for h, kw in inputs]
+        start = state.get("next", 0)
+        report, formats = state.get("report", []), state.get("formats", {})
+        if start:
+            acts = _load_acts(work / state["acts"])
+            inputs = [(acts[f"calib.{j}"], kw) for j, (_, kw) in enumerate(inputs)]
+            before = [(acts[f"before.{j}"], kw) for j, (_, kw) in enumerate(before)]
+            after = [(acts[f"after.{j}"], kw) for j, (_, kw) in enumerate(after)]
+            _note(progress, f"resuming at layer {start + 1}/{n_layers} from '{work}'")
+        # 3. the blocks, one at a time
+        layers = decoder_layers(shell)
+        t_start, done_here = time.perf_counter(), 0
+        for bi in progress.track(range(start, n_layers), f"{cfg.method} {cfg.fmt.bits}-bit", total=n_layers - start):
+            t0 = time.perf_counter()
+            prefix = f"{family.layers}.{bi}"
+            block = _load_block(shell, bi, ckpt, prefix)
+            before = _run(block, before, torch.float32)
+            rows, fmts = quantize_block(block, prefix, _AsFloat(inputs), cfg, family)
+            report += rows
+            formats.update(fmts)
+            inputs = _run(block, inputs, dt)
+            after = _run(block, after, torch.float32)
+            packed = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+            _save_atomic(packed, work / f"layer-{bi:05d}.safetensors")
+            layers[bi] = nn.Module()  # drop the block (its packed tensors are on disk)
+            del block
+            acts_name = f"acts-{bi + 1:05d}.safetensors"
+            acts = {f"calib.{j}": h for j, (h, _) in enumerate(inputs)}
+            acts.update({f"before.{j}": h for j, (h, _) in enumerate(before)})
+            acts.update({f"after.{j}": h for j, (h, _) in enumerate(after)})
+            _save_atomic(acts, work / acts_name)
+            old = state.get("acts")
+            state = {"fingerprint": finger, "next": bi + 1, "acts": acts_name, "report": report, "formats": formats}
+            _write_json(state, work / "state.json")
+            if old and old != acts_name:
+                (work / old).unlink(missing_ok=True)
+            done_here += 1
+            per = (time.perf_counter() - t_start) / done_here
+            _note(
+                progress,
+                f"layer {bi + 1}/{n_layers} done in {time.perf_counter() - t0:.1f}s; "
+                f"eta {_duration(per * (n_layers - bi - 1))}; peak RSS {human(peak_rss())}",
+            )
+        # 4. the final norm and head: score, and write what is left
+        norm = ckpt.get("model.norm.weight")
+        final = {"model.norm.weight": norm.float()}
+        if emb_fmt is None:
+            final[emb_name] = ckpt.get(emb_name).float()
+            if not tied:
+                final[head_name] = ckpt.get(head_name).float()
+        _save_atomic(final, work / "final.safetensors")
+        scores = None
+        if windows:
+            norm_mod = type(shell.model.norm)(d, eps=config.rms_norm_eps)
+            norm_mod.weight.data.copy_(norm)
+            src = emb_name if tied else head_name
+
+            def ref_rows(r0, r1):
+                return ckpt.rows(src, r0, r1).float()
+
+            if qe is None:
+                q_rows = ref_rows
+            else:
+                head = qe if tied else qh
+
+                def q_rows(r0, r1):
+                    return _packed_rows(head, r0, r1)
+
+            scores = []
+            for states, rows_fn in ((before, ref_rows), (after, q_rows)):
+                nll = count = 0
+                for (h, _), (x, first) in zip(states, windows):
+                    n, c = _nll(_head_logits(norm_mod(h)[0], rows_fn, V).float(), x, first)
+                    nll, count = nll + n, count + c
+                scores.append((nll, count))
+    parts = [work / f"layer-{bi:05d}.safetensors" for bi in range(n_layers)]
+    parts = ([head_part] if emb_fmt is not None else []) + parts + [work / "final.safetensors"]
+    info = {
+        **cfg.to_dict(),
+        "modules": [r["layer"] for r in report],
+        "embeddings": emb_fmt.to_dict() if emb_fmt else False,
+        "tied": tied,
+    }
+    if formats:
+        info["formats"] = formats
+    params = sum(r["shape"][0] * r["shape"][1] for r in report)
+    info["bits_per_weight"] = round(8 * sum(r["bytes"] for r in report) / max(params, 1), 4)
+    before_s, after_s = scores if scores else (None, None)
+    return report, info, before_s, after_s, parts
+
+
+def _tied_config(config) -> bool:
+    class _M:  # apply._tied reads model.config
+        pass
+
+    m = _M()
+    m.config = config
+    return _tied(m)
+
+
+def _load_acts(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _load_embeddings(path: Path, V: int, d: int, fmt: QuantFormat, tied: bool, ckpt, head_name: str):
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    qe = QuantEmbedding(V, d, fmt)
+    qe.load_state_dict({k.split(".", 2)[-1]: v for k, v in t.items() if k.startswith("model.embed_tokens.")})
+    qh = None
+    if not tied:
+        qh = QuantLinear(d, ckpt.shape(head_name)[0], False, fmt)
+        qh.load_state_dict({k[len("lm_head.") :]: v for k, v in t.items() if k.startswith("lm_head.")})
+    return qe, qh

@@ -89,6 +89,18 @@ def test_report_files_and_schema(cli_report):
     assert "edgellm bench" in output and "broken:torch failed" in " ".join(output.split())  # summary + warning
 
 
+def test_table_is_markdown_when_not_a_terminal(cli_report):
+    """CliRunner's stdout is not a terminal: the table prints as Markdown, every column by its full
+    name and each variant on one line (rich would wrap it into 80 columns: "vari…", "perp…")."""
+    lines = cli_report[2].splitlines()
+    header = next(line for line in lines if line.startswith("| variant |"))
+    for name in ("variant", "size", "pp tok/s", "tg tok/s", "TTFT", "peak RSS", "J/token (tg)", "perplexity", "status"):
+        assert f"| {name} |" in header, header
+    rows = [line for line in lines if line.startswith("| ") and line is not header]
+    assert len(rows) == 5 and all(r.count(" | ") == header.count(" | ") for r in rows)
+    assert "…" not in cli_report[2] and max(len(line) for line in lines) > 80
+
+
 def test_schema_rejects_a_broken_report(cli_report):
     import jsonschema
 

@@ -320,6 +320,31 @@ def test_bad_input_exits_2_and_writes_nothing(models, tmp_path, monkeypatch):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exists", "m.gguf"]
 
 
+def test_ort_genai_row(models, tmp_path, monkeypatch):
+    """DIR:ort-genai: ONNX Runtime GenAI runs the export (its genai_config.json) in its own worker
+    with the same protocol; on the same graph its perplexity is the ONNX Runtime row's. A missing
+    engine or an export without genai_config.json is one line, exit 2."""
+    onnx = str(models["onnx"])
+    real = var._has_module
+    monkeypatch.setattr(var, "_has_module", lambda name: False if name == "onnxruntime_genai" else real(name))
+    _bad([f"{onnx}:ort-genai", "-o", str(tmp_path / "x")], "needs onnxruntime-genai", "pip install onnxruntime-genai")
+    monkeypatch.undo()
+    old = tmp_path / "old-export"
+    shutil.copytree(onnx, old)
+    (old / "genai_config.json").unlink()
+    _bad([f"{old}:genai", "-o", str(tmp_path / "x")], "no genai_config.json", "export the model again")
+    if not real("onnxruntime_genai"):
+        pytest.skip("onnxruntime-genai is not installed (it is in the dev extra)")
+    out = tmp_path / "report"
+    res = runner.invoke(app, ["bench", f"{onnx}:ort-genai", f"{onnx}:onnxruntime", "-o", str(out), "--quick"])
+    assert res.exit_code == 0, res.output
+    genai, ort = json.loads((out / "report.json").read_text())["variants"]
+    assert (genai["backend"], genai["status"], ort["status"]) == ("ort-genai", "ok", "ok")
+    assert genai["tg"]["tokens_per_s"]["median"] > 0 and genai["ttft_s"]["median"] > 0
+    assert genai["memory"]["peak_rss_bytes"] > 0
+    assert genai["quality"]["perplexity"] == pytest.approx(ort["quality"]["perplexity"], rel=1e-4)
+
+
 def test_variant_parsing(models):
     small = str(models["small"])
     a, b, c = var.parse_all([small, f"{small}:pytorch", f"{small}:transformers"])

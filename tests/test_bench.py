@@ -101,6 +101,23 @@ def test_table_is_markdown_when_not_a_terminal(cli_report):
     assert "…" not in cli_report[2] and max(len(line) for line in lines) > 80
 
 
+def test_report_html_in_chromium(cli_report):
+    """report.html in a real browser (headless Debian Chromium over the DevTools protocol): no
+    console errors or exceptions, every plot image decoded, a screenshot taken
+    (docs/bench-report.png was made the same way: python tests/browser.py REPORT.html SHOT.png)."""
+    import browser
+
+    if browser.chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    pytest.importorskip("websocket", reason="websocket-client is in the dev extra")
+    page = browser.open_page(cli_report[0] / "report.html")
+    assert page.errors == [] and page.title == "edgellm bench"
+    assert len(page.images) == 3, page.images
+    for img in page.images:
+        assert img["complete"] and img["width"] > 200 and img["height"] > 200, img
+    assert page.screenshot.startswith(b"\x89PNG") and len(page.screenshot) > 20_000
+
+
 def test_schema_rejects_a_broken_report(cli_report):
     import jsonschema
 

@@ -105,3 +105,31 @@ def test_ort_genai_generates_from_4bit_export(tokenizer, tmp_path):
         out.append(int(gen.get_next_tokens()[0]))
     assert out == _greedy(path, "onnxruntime")  # the same graph through a plain ONNX Runtime session
     assert len(out) == NEW_TOKENS
+
+
+def test_ort_genai_builder_helper(tiny_dirs, tmp_path):
+    """benchmarks/scripts/ort_genai_build: ORT GenAI's own builder's int4 model of the same
+    checkpoint (the peer's model for `edgellm bench OUT:ort-genai`); bad input is one line, exit 2."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the dev extra")
+    script = [sys.executable, "-m", "edgellm.benchmarks.scripts.ort_genai_build"]
+    out = tmp_path / "genai-q4"
+    run = subprocess.run(
+        [*script, str(tiny_dirs["llama"]), "-o", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"{out}:ort-genai" in run.stdout
+    assert "MatMulNBits" in (out / "model.onnx").read_bytes().decode("latin-1")
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + 4)
+    gen = og.Generator(model, params)
+    gen.append_tokens(PROMPT)
+    gen.generate_next_token()
+    assert 0 <= int(gen.get_next_tokens()[0]) < tiny.VOCAB
+    for args, needle in (
+        ([str(out), "-o", str(tmp_path / "x")], "is an export"),
+        ([str(tmp_path), "-o", str(tmp_path / "x")], "not a model directory"),
+        ([str(tiny_dirs["llama"]), "-o", str(out)], "already exists"),
+    ):
+        bad = subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr

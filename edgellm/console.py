@@ -21,8 +21,55 @@ from typer.core import TyperGroup
 
 from .progress import EdgeLLMWarning
 
-console = Console(stderr=True)  # progress and tables on stderr; generated text goes to stdout
-out = Console()
+
+class CLIConsole(Console):
+    """A rich console that stays readable in logs: when its stream is not a terminal (a pipe, a
+    file, CI), tables print as Markdown and lines are never wrapped, instead of rich's fallback
+    of 80 columns (which cut bench's column names to "vari…" and spread each row over 4 lines)."""
+
+    def print(self, *objects, **kwargs):
+        if not self.is_terminal:
+            from rich.table import Table
+
+            objects = tuple(markdown_table(o) if isinstance(o, Table) else o for o in objects)
+            kwargs.setdefault("soft_wrap", True)
+            kwargs.setdefault("highlight", False)
+        super().print(*objects, **kwargs)
+
+
+def _plain(cell) -> str:
+    from rich.errors import MarkupError
+    from rich.text import Text
+
+    if isinstance(cell, Text):
+        return cell.plain
+    if isinstance(cell, str):
+        try:
+            return Text.from_markup(cell).plain
+        except MarkupError:
+            return cell
+    return str(cell)
+
+
+def markdown_table(table) -> str:
+    """A rich Table as a GitHub Markdown table (its title, if any, as a line above it)."""
+    from rich.markup import escape
+
+    cols = table.columns
+
+    def row(cells) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    lines = [f"**{_plain(table.title)}**", ""] if table.title else []
+    lines.append(row([_plain(c.header) for c in cols]))
+    lines.append("|" + "|".join("---:" if c.justify == "right" else "---" for c in cols) + "|")
+    cells = [[_plain(x) for x in c.cells] for c in cols]
+    lines += [row(r) for r in zip(*cells)]
+    return escape("\n".join(lines))  # printed as text: brackets in cells are not markup
+
+
+console = CLIConsole(stderr=True)  # progress and tables on stderr; generated text goes to stdout
+out = CLIConsole()
 
 
 class RichProgress:

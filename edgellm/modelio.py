@@ -97,6 +97,11 @@ def load_config(spec: str):
             raise EdgeLLMError(f"GGUF file '{spec}' does not exist")
         config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     elif path.exists():
+        if (path / "model.onnx").is_file():
+            raise EdgeLLMError(
+                f"'{spec}' is an edgellm export (model.onnx), not a model directory; "
+                "pass the model it was exported from"
+            )
         if not (path / "config.json").is_file():
             raise EdgeLLMError(
                 f"'{spec}' is not a model: expected a Hugging Face model directory with config.json, or a .gguf file"

@@ -1,8 +1,9 @@
 """`export_model`: a loaded edgellm model -> an export directory (docs/EXPORT_FORMAT.md).
 
 Build the graph for the model's family, stream the weights into model.onnx.data, add the
-tokenizer, generation config and edgellm.json, check parity, and only then move the directory
-into place. A failed check keeps the files in `<out>.failed-check` so they can be inspected.
+tokenizer, generation config, config.json, genai_config.json (export/interop.py) and edgellm.json,
+check parity, and only then move the directory into place. A failed check keeps the files in
+`<out>.failed-check` so they can be inspected.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from edgellm.record import add_step, write_record
 
 from . import gpt2, llama
 from .check import ParityError, check_parity
+from .interop import write_side_files
 from .weights import Options, check_options, tensor_bits
 from .writer import ONNX_NAME, sha256_file, write
 
@@ -119,6 +121,7 @@ def export_model(
     meta = metadata(model, loaded.record, opts)
     with atomic_output_dir(out, force, inputs=[getattr(loaded, "source", None)]) as tmp:
         _write_extras(model, loaded.tokenizer, tmp)  # first, so that model.onnx records their sha256
+        write_side_files(model, json.loads(meta["edgellm.config"]), tmp)  # config.json, genai_config.json
         sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         sizes = write(graph, tmp, meta, sums)
         seconds = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .errors import EdgeLLMError
 from .generate import Generator, Sampling
+from .logprobs import entry, prompt_entries
 
 log = logging.getLogger("edgellm.serve")
 
@@ -58,11 +59,15 @@ class Job:
     ids: list[int]
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("piece", str) ... then ("done", Result)
+    # ("piece", str) ... then ("done", Result); with logprobs, ("logprobs", [TokenLogprob]) before
+    # each piece (the tokens decoded since the last piece), and ("prompt", ...) first with echo
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     wall: float = field(default_factory=time.time)  # the response's `created`
     note: str = ""  # extra text for the log line (the prompt, with --log-prompts)
+    logprobs: int | None = None  # report each token's logprob and this many alternatives (None: off)
+    echo: bool = False  # score the prompt first: a ("prompt", [TokenLogprob | None]) event
 
     def put(self, kind: str, value):
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -148,24 +153,38 @@ class Engine:
         gen = self.gen
         gen.stats = type(gen.stats)()  # no stale figures if the generation fails before it starts
         first = None
-        pieces = gen.stream(job.ids, job.sampling, reuse_prefix=self.reuse_prefix)
+        pending: list = []
+        observe = None if job.logprobs is None else lambda tok, logits: pending.append(entry(tok, logits, job.logprobs))
+        pieces = None
         try:
-            for piece in pieces:
-                if first is None:
-                    first = time.perf_counter()
-                if job.cancel.is_set():
-                    res.stop_reason = "cancelled"
-                    break
-                job.put("piece", piece)
+            if job.echo:  # the prompt's own logprobs (lm-evaluation-harness's loglikelihood requests)
+                job.put("prompt", prompt_entries(job.ids, gen.score(job.ids), job.logprobs or 0))
+            if job.sampling.max_new_tokens == 0:
+                res.stop_reason = "length"
             else:
-                res.stop_reason = gen.stats.stop_reason
+                pieces = gen.stream(job.ids, job.sampling, reuse_prefix=self.reuse_prefix or job.echo, observe=observe)
+                for piece in pieces:
+                    if first is None:
+                        first = time.perf_counter()
+                    if job.cancel.is_set():
+                        res.stop_reason = "cancelled"
+                        break
+                    if observe is not None:
+                        job.put("logprobs", pending[:])
+                        pending.clear()
+                    job.put("piece", piece)
+                else:
+                    res.stop_reason = gen.stats.stop_reason
+                    if pending:  # the end-of-sequence token, or tokens whose text a stop string cut
+                        job.put("logprobs", pending[:])
         except Exception as exc:  # noqa: BLE001 - reported to the client as a 500, logged here
             res.stop_reason, res.error = "error", exc
         finally:
-            pieces.close()
+            if pieces is not None:
+                pieces.close()
         end = time.perf_counter()
         st = gen.stats
-        res.cached_tokens = len(job.ids) - st.prompt_tokens if st.prompt_tokens else 0
+        res.cached_tokens = len(job.ids) - st.prompt_tokens if st.prompt_tokens and not job.echo else 0
         res.completion_tokens = st.gen_tokens - (st.stop_reason == "eos")
         res.ttft_s = (first or end) - t0
         res.gen_s = end - first if first else 0.0

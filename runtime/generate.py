@@ -231,15 +231,35 @@ class Generator:
             raise EdgeLLMError("the prompt is empty; give some text with -p")
         return self.tokenizer.encode(prompt)
 
-    def stream(self, prompt: str | list[int], p: Sampling | None = None, reuse_prefix: bool = False) -> Iterator[str]:
+    def stream(
+        self, prompt: str | list[int], p: Sampling | None = None, reuse_prefix: bool = False, observe=None
+    ) -> Iterator[str]:
         """Generate from a fresh context: text pieces as they are decoded. `reuse_prefix` keeps
         the cached keys/values of the prompt's prefix shared with the previous call (a server's
         continuing chat) and prefills only the rest; those keys/values came from the previous
-        call's prefill and decode steps, so they differ from a fresh prefill's in rounding at most."""
+        call's prefill and decode steps, so they differ from a fresh prefill's in rounding at most.
+        `observe(token, logits)`: called for each sampled token (the end-of-sequence token too, as
+        OpenAI's logprobs list it) with the logits it came from, before its text is yielded."""
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not reuse_prefix:
             self.cached = []
-        yield from self._generate(ids, p or Sampling())
+        yield from self._generate(ids, p or Sampling(), observe)
+
+    def score(self, ids: list[int]) -> np.ndarray:
+        """Logits (len(ids), V) at every position of `ids` from a fresh context: row i predicts
+        ids[i + 1]. The cache then holds `ids`, so a `stream(ids, reuse_prefix=True)` after it
+        prefills only the last token."""
+        m = self.model
+        if not ids or len(ids) > m.n_ctx:
+            raise EdgeLLMError(f"the prompt has {len(ids)} tokens; the context holds {m.n_ctx} (shorten the prompt)")
+        m.truncate(0)
+        self.cached = []
+        with _numeric_damage():
+            logits = m.forward(np.array(ids, np.int64), all_logits=True)
+        if not np.isfinite(logits).all():
+            raise EdgeLLMError(_DAMAGED)
+        self.cached = list(ids)
+        return logits
 
     def chat(self, message: str, p: Sampling | None = None) -> Iterator[str]:
         """One chat turn: the user's message in, the assistant's reply streamed out."""
@@ -253,7 +273,7 @@ class Generator:
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(reply)})
 
-    def _generate(self, ids: list[int], p: Sampling) -> Iterator[str]:
+    def _generate(self, ids: list[int], p: Sampling, observe=None) -> Iterator[str]:
         p.check()
         m = self.model
         if len(ids) + 1 > m.n_ctx:
@@ -279,6 +299,8 @@ class Generator:
             if t1 is None:
                 t1 = time.perf_counter()  # generation speed counts the decode steps after the first token
             st.gen_tokens += 1
+            if observe is not None:
+                observe(tok, logits)
             if tok in self.eos_ids and not p.ignore_eos:
                 st.stop_reason = "eos"
                 break

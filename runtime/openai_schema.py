@@ -3,8 +3,10 @@
 Pure data in, plain dicts out (no HTTP here), so every rule is testable on its own. Field rules
 follow the OpenAI API reference; `top_k` and `repetition_penalty` are accepted as extensions (as
 llama.cpp's and vLLM's servers do, sent by the `openai` client through `extra_body`). Fields this
-runtime cannot honour (n > 1, logprobs, tools, penalties other than 0) are refused with a 400
-rather than silently ignored; fields that change nothing here (`user`, `metadata`) are ignored.
+runtime cannot honour (n > 1, tools, penalties other than 0) are refused with a 400 rather than
+silently ignored; fields that change nothing here (`user`, `metadata`) are ignored. `logprobs`
+(chat: `logprobs` + `top_logprobs`; completions: `logprobs` + `echo`, `max_tokens: 0` to score the
+prompt only) are answered in OpenAI's shapes (`chat_logprobs`, `completion_logprobs`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from .generate import Sampling
 # gives the same text through the server and the command line.
 DEFAULTS = Sampling()
 MAX_STOP = 4  # OpenAI's limit on `stop` strings
+MAX_TOP_LOGPROBS = 20  # chat `top_logprobs`, OpenAI's limit
+MAX_COMPLETION_LOGPROBS = 5  # completions `logprobs`, OpenAI's limit
 
 
 class APIError(Exception):
@@ -68,6 +72,8 @@ class Request:
     sampling: Sampling  # max_new_tokens is set once the prompt length is known
     stream: bool
     include_usage: bool  # stream_options.include_usage: also send a usage-only chunk at the end
+    logprobs: int | None = None  # alternatives per token to report (0: the chosen token's only); None: off
+    echo: bool = False  # completions: the answer starts with the prompt (and its logprobs)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -124,10 +130,6 @@ def _unsupported(body: dict):
             raise bad(
                 f"'{name}' is not supported (only 0); use 'repetition_penalty' instead", name, "unsupported_parameter"
             )
-    for name in ("logprobs", "echo"):
-        v = body.get(name)
-        if v not in (None, False, 0):
-            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
     for name in ("tools", "functions", "logit_bias"):
         if body.get(name):
             raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
@@ -203,8 +205,9 @@ def parse(body, kind: str, model_id: str) -> Request:
             raise bad("'prompt' is required", "prompt", "missing_required_parameter")
         prompt = _prompt(body["prompt"])
     _unsupported(body)
+    logprobs, echo = _logprobs(body, kind)
     max_tokens = _integer(body, "max_completion_tokens", 1, None) if kind == "chat" else None
-    max_tokens = _integer(body, "max_tokens", 1, max_tokens)
+    max_tokens = _integer(body, "max_tokens", 0 if echo else 1, max_tokens)  # 0 with echo: score the prompt
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed", "invalid_type")
@@ -220,7 +223,32 @@ def parse(body, kind: str, model_id: str) -> Request:
     if opts is not None and not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = _flag(opts or {}, "include_usage")
-    return Request(kind, model_id, messages, prompt, max_tokens, sampling, _flag(body, "stream"), include_usage)
+    return Request(
+        kind, model_id, messages, prompt, max_tokens, sampling, _flag(body, "stream"), include_usage, logprobs, echo
+    )
+
+
+def _logprobs(body: dict, kind: str) -> tuple[int | None, bool]:
+    """(alternatives per token or None, echo). Chat: `logprobs` true + `top_logprobs` 0..20;
+    completions: `logprobs` 0..5 alternatives + `echo`."""
+    if kind == "chat":
+        if body.get("echo") not in (None, False):
+            raise bad("'echo' is a completions parameter; chat answers never repeat the messages", "echo")
+        on = _flag(body, "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not on:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if top is not None:
+            _integer(body, "top_logprobs", 0, 0)
+            if top > MAX_TOP_LOGPROBS:
+                raise bad(f"'top_logprobs' is {top}; it must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+        return (top or 0) if on else None, False
+    n = body.get("logprobs")
+    if n is not None:
+        _integer(body, "logprobs", 0, 0)
+        if n > MAX_COMPLETION_LOGPROBS:
+            raise bad(f"'logprobs' is {n}; it must be in [0, {MAX_COMPLETION_LOGPROBS}]", "logprobs")
+    return n, _flag(body, "echo")
 
 
 # ----------------------------------------------------------------------------- responses
@@ -242,18 +270,46 @@ def finish_reason(stop_reason: str) -> str:
     return "length" if stop_reason == "length" else "stop"
 
 
-def response(req: Request, rid: str, created: int, text: str, finish: str, use: dict) -> dict:
-    """The whole (non-streaming) answer."""
+def chat_logprobs(entries: list, text_of) -> dict:
+    """Chat's `choices[].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}.
+    `entries`: runtime/logprobs.py TokenLogprob; `text_of(id)`: a token's text."""
+
+    def item(t: int, lp: float) -> dict:
+        s = text_of(t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list, text_of, offset: int = 0) -> dict:
+    """Completions' `choices[].logprobs`: parallel lists tokens / token_logprobs / top_logprobs
+    ({text: logprob}) / text_offset; an echoed prompt's first token has null logprobs."""
+    tokens, values, tops, offsets = [], [], [], []
+    for e in entries:
+        tok = text_of(e.token)
+        tokens.append(tok)
+        values.append(e.logprob)
+        tops.append(None if e.logprob is None else {text_of(t): lp for t, lp in e.top})
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def response(
+    req: Request, rid: str, created: int, text: str, finish: str, use: dict, logprobs: dict | None = None
+) -> dict:
+    """The whole (non-streaming) answer; `logprobs`: chat_logprobs / completion_logprobs when asked for."""
     if req.kind == "chat":
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish,
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return {
         "id": rid,
@@ -275,16 +331,18 @@ def chunk(
     use: dict | None = None,
     first: bool = False,
     usage_only: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
-    """One server-sent event's payload: a text delta, the final chunk (finish_reason + usage), or a usage-only chunk."""
+    """One server-sent event's payload: a text delta (with its tokens' `logprobs` when asked for),
+    the final chunk (finish_reason + usage), or a usage-only chunk."""
     if req.kind == "chat":
         delta = {} if finish is not None else {"content": text or ""}
         if first:
             delta = {"role": "assistant", "content": ""}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     out = {
         "id": rid,

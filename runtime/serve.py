@@ -94,7 +94,15 @@ def create_app(
         req.sampling.max_new_tokens = budget(req, len(ids))
         rid = schema.new_id(kind)
         note = f"prompt={json.dumps(req.messages if kind == 'chat' else req.prompt)}" if log_prompts else ""
-        job = Job(rid, ids, req.sampling, asyncio.get_running_loop(), note=note)
+        job = Job(
+            rid,
+            ids,
+            req.sampling,
+            asyncio.get_running_loop(),
+            note=note,
+            logprobs=req.logprobs,
+            echo=req.echo and req.logprobs is not None,
+        )
         try:
             engine.submit(job)
         except QueueFull as full:
@@ -109,24 +117,56 @@ def create_app(
         except EdgeLLMError as exc:
             raise APIError(503, str(exc), None, "shutting_down") from None
         headers = {"x-request-id": rid}
+        echoed = echo_text(req, ids)
         if req.stream:
             headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return StreamingResponse(sse(req, job, rid), media_type="text/event-stream", headers=headers)
-        return await whole(request, req, job, rid, headers)
+            return StreamingResponse(sse(req, job, rid, echoed), media_type="text/event-stream", headers=headers)
+        return await whole(request, req, job, rid, headers, echoed)
 
-    async def sse(req: schema.Request, job: Job, rid: str):
-        """Server-sent events: a role chunk (chat), one chunk per text piece, the final chunk, [DONE]."""
+    def echo_text(req: schema.Request, ids: list[int]) -> str:
+        """The prompt as the answer repeats it (completions with `echo`)."""
+        if not req.echo:
+            return ""
+        return req.prompt if isinstance(req.prompt, str) else gen.tokenizer.decode(ids)
+
+    def text_of(token: int) -> str:
+        return gen.tokenizer.decode([token])
+
+    def logprobs(req: schema.Request, entries: list, offset: int = 0) -> dict | None:
+        if req.logprobs is None:
+            return None
+        if req.kind == "chat":
+            return schema.chat_logprobs(entries, text_of)
+        return schema.completion_logprobs(entries, text_of, offset)
+
+    async def sse(req: schema.Request, job: Job, rid: str, echoed: str):
+        """Server-sent events: a role chunk (chat) or the echoed prompt (completions with echo),
+        one chunk per text piece (with its tokens' logprobs when asked for), the final chunk, [DONE]."""
         finished = False
+        pending: list = []  # logprobs of the tokens behind the next piece
+        offset = 0  # completions' text_offset: characters sent so far
         try:
             if req.kind == "chat":
                 yield _event(schema.chunk(req, rid, created_at(job), first=True))
+            elif echoed and not job.echo:  # echo without logprobs: the prompt's text, nothing to score
+                yield _event(schema.chunk(req, rid, created_at(job), text=echoed))
+                offset = len(echoed)
             while True:
                 kind, value = await job.events.get()
                 if kind == "done":
                     finished = True
                     break
-                yield _event(schema.chunk(req, rid, created_at(job), text=value))
+                if kind == "logprobs":
+                    pending.extend(value)
+                    continue
+                text = echoed if kind == "prompt" else value
+                lp = logprobs(req, value if kind == "prompt" else pending, offset)
+                pending = []
+                offset += len(text)
+                yield _event(schema.chunk(req, rid, created_at(job), text=text, logprobs=lp))
             result: Result = value
+            if pending and result.error is None:  # tokens without text of their own (end of sequence)
+                yield _event(schema.chunk(req, rid, created_at(job), text="", logprobs=logprobs(req, pending, offset)))
             if result.error is not None:
                 yield _event(
                     APIError(
@@ -148,7 +188,7 @@ def create_app(
             if not finished:  # the client went away mid-stream (starlette cancelled us): stop the generation
                 engine.abandon(job)
 
-    async def whole(request: Request, req: schema.Request, job: Job, rid: str, headers: dict):
+    async def whole(request: Request, req: schema.Request, job: Job, rid: str, headers: dict, echoed: str):
         """Collect the answer; a client that disconnects while waiting abandons its job."""
 
         async def watch():
@@ -158,12 +198,15 @@ def create_app(
 
         watcher = asyncio.create_task(watch())
         try:
-            pieces = []
+            pieces, entries = [], []
             while True:
                 kind, value = await job.events.get()
                 if kind == "done":
                     break
-                pieces.append(value)
+                if kind in ("prompt", "logprobs"):
+                    entries.extend(value)
+                else:
+                    pieces.append(value)
         finally:
             watcher.cancel()
         result: Result = value
@@ -173,7 +216,13 @@ def create_app(
             )
         use = schema.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         body = schema.response(
-            req, rid, created_at(job), "".join(pieces), schema.finish_reason(result.stop_reason), use
+            req,
+            rid,
+            created_at(job),
+            echoed + "".join(pieces),
+            schema.finish_reason(result.stop_reason),
+            use,
+            logprobs(req, entries),
         )
         return JSONResponse(body, headers=headers)
 

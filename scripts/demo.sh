@@ -13,6 +13,9 @@ $E info builtin:smollm2
 $E quantize builtin:smollm2 --bits 4 --method gptq --group-size 32 \
     -o "$OUT/smollm2-q4" --force
 $E export "$OUT/smollm2-q4" -o "$OUT/smollm2-q4-onnx" --force
-$E bench "$OUT/smollm2-q4-onnx" "$OUT/smollm2-q4-onnx:onnxruntime" -o "$OUT/bench" --quick --force
+# ONNX Runtime GenAI (a dev dependency) runs the same export as ONNX Runtime users would
+PEERS=()
+if .venv/bin/python -c "import onnxruntime_genai" 2>/dev/null; then PEERS+=("$OUT/smollm2-q4-onnx:ort-genai"); fi
+$E bench "$OUT/smollm2-q4-onnx" "$OUT/smollm2-q4-onnx:onnxruntime" "${PEERS[@]}" -o "$OUT/bench" --quick --force
 $E run "$OUT/smollm2-q4-onnx" -p "The three most useful Python built-in functions are" \
     --temperature 0 --max-new-tokens 48

@@ -89,6 +89,35 @@ def test_report_files_and_schema(cli_report):
     assert "edgellm bench" in output and "broken:torch failed" in " ".join(output.split())  # summary + warning
 
 
+def test_table_is_markdown_when_not_a_terminal(cli_report):
+    """CliRunner's stdout is not a terminal: the table prints as Markdown, every column by its full
+    name and each variant on one line (rich would wrap it into 80 columns: "vari…", "perp…")."""
+    lines = cli_report[2].splitlines()
+    header = next(line for line in lines if line.startswith("| variant |"))
+    for name in ("variant", "size", "pp tok/s", "tg tok/s", "TTFT", "peak RSS", "J/token (tg)", "perplexity", "status"):
+        assert f"| {name} |" in header, header
+    rows = [line for line in lines if line.startswith("| ") and line is not header]
+    assert len(rows) == 5 and all(r.count(" | ") == header.count(" | ") for r in rows)
+    assert "…" not in cli_report[2] and max(len(line) for line in lines) > 80
+
+
+def test_report_html_in_chromium(cli_report):
+    """report.html in a real browser (headless Debian Chromium over the DevTools protocol): no
+    console errors or exceptions, every plot image decoded, a screenshot taken
+    (docs/bench-report.png was made the same way: python tests/browser.py REPORT.html SHOT.png)."""
+    import browser
+
+    if browser.chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    pytest.importorskip("websocket", reason="websocket-client is in the dev extra")
+    page = browser.open_page(cli_report[0] / "report.html")
+    assert page.errors == [] and page.title == "edgellm bench"
+    assert len(page.images) == 3, page.images
+    for img in page.images:
+        assert img["complete"] and img["width"] > 200 and img["height"] > 200, img
+    assert page.screenshot.startswith(b"\x89PNG") and len(page.screenshot) > 20_000
+
+
 def test_schema_rejects_a_broken_report(cli_report):
     import jsonschema
 
@@ -306,6 +335,31 @@ def test_bad_input_exits_2_and_writes_nothing(models, tmp_path, monkeypatch):
     afile.write_text("x")
     _bad([small, "-o", str(afile / "out")], "cannot write")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exists", "m.gguf"]
+
+
+def test_ort_genai_row(models, tmp_path, monkeypatch):
+    """DIR:ort-genai: ONNX Runtime GenAI runs the export (its genai_config.json) in its own worker
+    with the same protocol; on the same graph its perplexity is the ONNX Runtime row's. A missing
+    engine or an export without genai_config.json is one line, exit 2."""
+    onnx = str(models["onnx"])
+    real = var._has_module
+    monkeypatch.setattr(var, "_has_module", lambda name: False if name == "onnxruntime_genai" else real(name))
+    _bad([f"{onnx}:ort-genai", "-o", str(tmp_path / "x")], "needs onnxruntime-genai", "pip install onnxruntime-genai")
+    monkeypatch.undo()
+    old = tmp_path / "old-export"
+    shutil.copytree(onnx, old)
+    (old / "genai_config.json").unlink()
+    _bad([f"{old}:genai", "-o", str(tmp_path / "x")], "no genai_config.json", "export the model again")
+    if not real("onnxruntime_genai"):
+        pytest.skip("onnxruntime-genai is not installed (it is in the dev extra)")
+    out = tmp_path / "report"
+    res = runner.invoke(app, ["bench", f"{onnx}:ort-genai", f"{onnx}:onnxruntime", "-o", str(out), "--quick"])
+    assert res.exit_code == 0, res.output
+    genai, ort = json.loads((out / "report.json").read_text())["variants"]
+    assert (genai["backend"], genai["status"], ort["status"]) == ("ort-genai", "ok", "ok")
+    assert genai["tg"]["tokens_per_s"]["median"] > 0 and genai["ttft_s"]["median"] > 0
+    assert genai["memory"]["peak_rss_bytes"] > 0
+    assert genai["quality"]["perplexity"] == pytest.approx(ort["quality"]["perplexity"], rel=1e-4)
 
 
 def test_variant_parsing(models):

@@ -219,6 +219,65 @@ def test_prefix_reuse_continuing_chat(server, guarded, export):
     assert texts[True] == texts[False]
 
 
+def test_logprobs_openai_shapes(server, export):
+    """chat logprobs/top_logprobs and completions logprobs + echo (max_tokens 0 scores the prompt):
+    OpenAI's shapes through the real client, the values the model's own log-softmax."""
+    import numpy as np
+
+    from edgellm.runtime import load
+    from edgellm.runtime.logprobs import log_softmax
+
+    client = server.client()
+    ids = server.gen.tokenizer.encode("the cat sat on the mat")
+    direct = log_softmax(load(export, threads=2, n_ctx=CTX, warmup=False).score(ids))  # (len(ids), V)
+    want = [float(direct[i, t]) for i, t in enumerate(ids[1:])]
+
+    r = client.completions.create(model=export.name, prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.usage.completion_tokens == 0 and r.choices[0].text == server.gen.tokenizer.decode(ids)
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, rtol=0, atol=1e-6)
+    assert all(1 <= len(top) <= 2 and max(top.values()) >= v - 1e-9 for top, v in zip(lp.top_logprobs[1:], want))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+
+    # lm-evaluation-harness's request: echo + one generated token, logprobs 1
+    r = client.completions.create(model=export.name, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1
+    np.testing.assert_allclose(lp.token_logprobs[1:-1], want, rtol=0, atol=1e-6)
+    assert lp.token_logprobs[-1] == pytest.approx(direct[-1].max(), abs=1e-4)  # greedy: the most likely token
+
+    msgs = [{"role": "user", "content": "hello there"}]
+    kw = dict(model=export.name, messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) >= r.usage.completion_tokens >= 1  # plus the end-of-sequence token when it ends there
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode())
+        tops = [t.logprob for t in c.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and c.logprob == pytest.approx(tops[0], abs=1e-9)  # greedy
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    plain = client.chat.completions.create(model=export.name, messages=msgs, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+    # over the limits: OpenAI-style 400s naming the parameter
+    for path, body, param in (
+        ("/v1/chat/completions", {**kw, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {**kw, "logprobs": False}, "top_logprobs"),
+        ("/v1/chat/completions", {**kw, "top_logprobs": -1}, "top_logprobs"),
+        ("/v1/completions", {"model": export.name, "prompt": "hi", "logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"model": export.name, "prompt": "hi", "logprobs": True}, "logprobs"),
+        ("/v1/completions", {"model": export.name, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ):
+        status, _, err = server.call("POST", path, body)
+        assert status == 400 and err["error"]["param"] == param, (body, err)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(**{**kw, "top_logprobs": 30})
+
+
 # ----------------------------------------------------------------------------- errors
 def test_errors_are_openai_shaped(server, export):
     ok = {"model": export.name, "prompt": "hi", "max_tokens": 2}

@@ -15,7 +15,7 @@ def bench(
     variants: Annotated[
         List[str],
         typer.Argument(
-            help="VARIANT[:BACKEND]: an export directory (numba | onnxruntime), a model directory (torch) "
+            help="VARIANT[:BACKEND]: an export directory (numba | onnxruntime | ort-genai), a model directory (torch) "
             "or a .gguf file (llama.cpp | torch). The first one is the quality reference.",
             show_default=False,
         ),

@@ -60,6 +60,7 @@ def serve(
 
     Requests run one at a time, first come first served. Unset sampling fields take 'edgellm run'
     defaults (temperature 0.7, top_p 0.95, top_k 40); max_tokens defaults to the rest of the context.
+    logprobs: chat logprobs + top_logprobs (up to 20), completions logprobs (up to 5) + echo.
 
     One log line per request on stderr. Ctrl-C or SIGTERM: running and queued requests finish, then it exits.
 

@@ -102,8 +102,9 @@ def _awq_fold(block, family, stats: dict[str, InputStats], fmt: QuantFormat) -> 
                 set_linear_weight(prev, linear_weight(prev) / s.unsqueeze(1))
                 if prev.bias is not None:
                     prev.bias.div_(s)
-            else:  # a norm: its output is weight * normalized (+ bias)
-                prev.weight.div_(s)
+            else:  # a norm: its output is (offset + weight) * normalized (+ bias); Gemma's offset is 1
+                off = family.norm_offset
+                prev.weight.add_(off).div_(s).sub_(off)
                 if getattr(prev, "bias", None) is not None:
                     prev.bias.div_(s)
             for m in mods:

@@ -112,7 +112,10 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-SUPPORTED_TEXT = "Llama (incl. SmolLM2/TinyLlama), Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3/Phi-4-mini, Gemma 3 (text), GPT-2"
+SUPPORTED_TEXT = (
+    "Llama (incl. SmolLM2/TinyLlama), Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3/Phi-4-mini, "
+    "Gemma 3 (text), GPT-2"
+)
 # rope types the exporter and the numba runtime compute from the config; others are refused up front
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -4,18 +4,19 @@ A family is data, not a code path: the one layer loop (model.py `forward`, the O
 export/llama.py) reads these fields. Every key is optional; absent, it means what Llama does, so
 exports written before these keys existed read as before.
 
-| key | values | families |
-|---|---|---|
-| `norm_placement` | `pre` (before attention / MLP), `post` (on their outputs, before the residual add), `both` | OLMo 2: post; Gemma 3: both |
-| `qk_norm` | null, `head` (RMSNorm over each head, weight (head_dim,)), `proj` (over the whole q / k projection) | Qwen3, Gemma 3: head; OLMo 2: proj |
-| `rope_dims` | null or even 2..head_dim: the leading dims of each head that rotate | Phi-3: partial_rotary_factor x head_dim |
-| `layer_rope` | null or per layer `global` / `local` / `none` | SmolLM3: none on NoPE layers; Gemma 3: local on sliding layers |
-| `rope_local_theta` | theta of the `local` table | Gemma 3: rope_local_base_freq |
-| `embedding_multiplier` | embeddings times this | Granite; Gemma: sqrt(hidden) |
-| `residual_multiplier` | each block's output times this before the residual add | Granite |
-| `attention_scale` | null (1/sqrt(head_dim)) or the softmax scale | Granite attention_multiplier; Gemma query_pre_attn_scalar**-0.5 |
-| `logits_scaling` | logits divided by this | Granite |
-| `attn_logit_softcapping`, `final_logit_softcapping` | null or cap: s -> cap tanh(s / cap) | Gemma 2/3 where configured |
+- `norm_placement`: `pre` (before attention / the MLP), `post` (on their outputs, before the
+  residual add: OLMo 2), `both` (Gemma 3's four norms);
+- `qk_norm`: null, `head` (RMSNorm over each head, weight (head_dim,): Qwen3, Gemma 3) or `proj`
+  (over the whole q / k projection: OLMo 2);
+- `rope_dims`: null or an even 2..head_dim: the leading dims of each head that rotate (Phi-3's
+  partial_rotary_factor x head_dim);
+- `layer_rope`: null or per layer `global` / `local` / `none` (SmolLM3's NoPE layers: none;
+  Gemma 3's sliding layers: local), `rope_local_theta` the local table's theta;
+- `embedding_multiplier` (Granite; Gemma: sqrt(hidden)), `residual_multiplier` (each block's
+  output times it before the residual add: Granite), `attention_scale` (null: 1/sqrt(head_dim);
+  Granite's attention_multiplier, Gemma's query_pre_attn_scalar**-0.5), `logits_scaling` (logits
+  divided by it: Granite);
+- `attn_logit_softcapping`, `final_logit_softcapping`: null or cap, s -> cap tanh(s / cap).
 
 Gemma's RMSNorm `x * (1 + w)` is stored folded (the file holds 1 + w, exact in float32): the
 runtime has one RMSNorm.

@@ -16,6 +16,7 @@ from numba import njit
 
 from .errors import EdgeLLMError, UnsupportedError
 from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, ROPE_KINDS, ROPE_LOCAL, record, records
+from .kernels.family import geglu, rms_norm_cols, scale_cap
 from .kernels.layers import (
     attention,
     attention_mat,
@@ -29,7 +30,6 @@ from .kernels.layers import (
     rope_tables,
     swiglu,
 )
-from .kernels.family import geglu, rms_norm_cols, scale_cap
 from .kernels.quant import act_caps, checked_tier, linear_mat, linear_vec
 from .kernels.simd import as_voidptr
 from .kernels.tiers import describe as describe_tier

@@ -97,14 +97,14 @@ def features(model) -> dict:
     tables = _rope_tables(model)
     rot = 2 * len(tables["global"][0])
     scale = float(layer0.self_attn.scaling)
-    emb = getattr(model.get_input_embeddings(), "scalar_embed_scale", None)  # Gemma: sqrt(hidden)
+    emb = float(np.float32(getattr(model.get_input_embeddings(), "scalar_embed_scale", 1.0)))  # Gemma: sqrt(hidden)
     return dict(
         norm_placement="both" if pre and post else "post" if post else "pre",
         qk_norm=None if "q" not in roles else "head" if layer0.self_attn.q_norm.weight.numel() == d["hd"] else "proj",
         rope_dims=None if rot == d["hd"] else rot,
         layer_rope=None if all(r == "global" for r in rope) else rope,
         rope_local_theta=_local_theta(c) if "local" in rope else None,
-        embedding_multiplier=float(np.float32(emb)) if emb else float(getattr(c, "embedding_multiplier", 1.0)),
+        embedding_multiplier=emb * float(getattr(c, "embedding_multiplier", 1.0)),  # Granite's
         residual_multiplier=float(getattr(c, "residual_multiplier", 1.0)),
         attention_scale=None if math.isclose(scale, d["hd"] ** -0.5, rel_tol=1e-7) else scale,
         logits_scaling=float(getattr(c, "logits_scaling", 1.0)),

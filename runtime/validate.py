@@ -424,7 +424,7 @@ def run_bytes(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, chunk: int = 128) 
     t = min(chunk, n_ctx)
     return {
         "KV cache": 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * kv_itemsize,
-        "rope tables": 2 * n_ctx * (cfg.head_dim // 2) * 4 if cfg.position == "rope" else 0,
+        "rope tables": 4 * n_ctx * (cfg.features.rope_dims // 2) * 4 if cfg.position == "rope" else 0,  # global, local
         "scratch": 4
         * t
         * (4 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size + cfg.num_heads * (cfg.head_dim + n_ctx))

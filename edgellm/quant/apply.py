@@ -274,7 +274,7 @@ def _embedding_codes(w: torch.Tensor, fmt: QuantFormat):
 
 def _quantize_embeddings(model, fmt: QuantFormat) -> None:
     emb = model.get_input_embeddings()
-    qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, fmt)
+    qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, fmt, getattr(emb, "scalar_embed_scale", 1.0))
     qe.set_codes(*_embedding_codes(emb.weight.detach(), fmt))
     model.set_input_embeddings(qe)
     if _tied(model):
@@ -311,7 +311,7 @@ def _swap_for_loading(model, info: dict, dtype) -> None:
     efmt = _embedding_format_of(info, fmt)
     if efmt is not None:
         emb = model.get_input_embeddings()
-        qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, efmt)
+        qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, efmt, getattr(emb, "scalar_embed_scale", 1.0))
         model.set_input_embeddings(qe)
         if info.get("tied"):
             model.lm_head = TiedQuantLinear(qe)

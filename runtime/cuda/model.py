@@ -182,6 +182,12 @@ class CudaModel:
         self.threads, self.kv_cache, self.tpb = threads, "fp16", threads_per_block
         self.export = ex = open_export(path)
         self.config = cfg = ModelConfig.from_metadata(ex.config)
+        lacks = cfg.features.non_llama(cfg.head_dim) + (["GeGLU"] if cfg.activation == "gelu_pytorch_tanh" else [])
+        if lacks and cfg.architecture != "gpt2":  # runtime/features.py: Llama's layer only, for now
+            raise UnsupportedError(
+                f"the CUDA path does not implement {', '.join(lacks)} ({cfg.architecture}); "
+                "run it on the CPU (numba) or with --backend onnxruntime"
+            )
         if cfg.num_heads % cfg.num_kv_heads:
             raise UnsupportedError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
         if cfg.head_dim % 2 or cfg.head_dim > 2 * MAX_THREADS:

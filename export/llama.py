@@ -230,6 +230,13 @@ def lm_head(g: Graph, model, h: str, emb_spec, emb_path: str, opts: Options) -> 
     return emit_linear(g, h, linear_spec([head], HEAD), HEAD, opts)
 
 
+def _qkv_bias(model) -> bool:
+    """q/k/v have biases (Qwen2 has them without saying so in its config)."""
+    fam = family_of(model.config)
+    layer0 = get_path(model, fam.layers)[0]
+    return getattr(get_path(layer0, fam.role_modules()["qkv"][0]), "bias", None) is not None
+
+
 def config_metadata(model) -> dict:
     c = model.config
     d = dims(model)
@@ -259,7 +266,7 @@ def config_metadata(model) -> dict:
         max_position_embeddings=c.max_position_embeddings,
         activation=_activation(c),
         mlp="gated",
-        attention_bias=bool(getattr(c, "attention_bias", False)),
+        attention_bias=_qkv_bias(model),
         sliding_window=[_window(c, i) for i in range(d["layers"])]
         if any(_window(c, i) for i in range(d["layers"]))
         else None,

@@ -248,3 +248,44 @@ def test_inconsistent_export_metadata_one_line(fp32, tmp_path, changes, says):
     path = edit_config(copy(fp32["qwen3"][1], tmp_path / "m"), **changes)
     line = one_line_error(["run", str(path), "-p", "x", "-n", "1"])
     assert says in line and "expected" in line, line
+
+
+# ----------------------------------------------------------------------------- kernels (contract 3)
+@pytest.mark.parametrize("t", [1, 5])
+def test_family_kernels_against_references(t):
+    """The kernels the description adds, against their numpy references on odd shapes."""
+    from edgellm.runtime.kernels import family as F
+    from edgellm.runtime.kernels import layers as Lk
+
+    rng = np.random.default_rng(t)
+    nh, nkv, hd, rot = 3, 1, 12, 8
+    x = rng.standard_normal((t, (nh + 2 * nkv) * hd)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(hd)).astype(np.float32)
+    y = x.copy()
+    F.rms_norm_cols(y, 0, nh, hd, w.ctypes.data, np.float32(1e-6))
+    np.testing.assert_allclose(y, F.ref_rms_norm_cols(x, 0, nh, hd, w, 1e-6), rtol=1e-5, atol=1e-5)
+    wp = (1 + 0.1 * rng.standard_normal(nh * hd)).astype(np.float32)
+    y = x.copy()
+    F.rms_norm_cols(y, 0, 1, nh * hd, wp.ctypes.data, np.float32(1e-6))
+    np.testing.assert_allclose(y, F.ref_rms_norm_cols(x, 0, 1, nh * hd, wp, 1e-6), rtol=1e-5, atol=1e-5)
+    gu = rng.standard_normal((t, 2 * 13)).astype(np.float32) * 3
+    out = np.empty((t, 13), np.float32)
+    F.geglu(gu, 13, out)
+    np.testing.assert_allclose(out, F.ref_geglu(gu, 13), rtol=1e-5, atol=1e-5)
+    y = gu.copy()
+    F.scale_cap(y, np.float32(0.4), np.float32(2.0))
+    np.testing.assert_allclose(y, F.ref_scale_cap(gu, 0.4, 2.0), rtol=1e-5, atol=1e-6)
+    cos, sin = Lk.rope_tables(16, Lk.rope_inv_freq(rot, 10000.0, None))
+    y, pos0 = x.copy(), 3
+    Lk.rope(y, 0, nh, hd, pos0, cos, sin, rot)
+    ref = F.ref_rope_partial(x[:, : nh * hd].reshape(t, nh, hd), np.arange(pos0, pos0 + t), cos, sin)
+    np.testing.assert_allclose(y[:, : nh * hd], ref.reshape(t, -1), rtol=1e-5, atol=1e-5)
+    # attention with the family's scale and soft-cap, both paths
+    ctx = pos0 + t
+    q = rng.standard_normal((t, nh * hd)).astype(np.float32)
+    kc, vc = (rng.standard_normal((nkv, ctx, hd)).astype(np.float32) for _ in range(2))
+    want = Lk.ref_attention(q.reshape(t, nh, hd), kc, vc, pos0, 2, 0.3, 5.0).reshape(t, -1)
+    for fn in (Lk.attention, Lk.attention_mat):
+        o = np.zeros((t, nh * hd), np.float32)
+        fn(q, kc, vc, pos0, nh, nkv, hd, o, np.zeros((t * nh, ctx), np.float32), 2, 0.3, 5.0)
+        np.testing.assert_allclose(o, want, rtol=1e-4, atol=1e-5)

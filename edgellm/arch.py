@@ -6,7 +6,7 @@ each norm's output), never by guessing from substrings of weight names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import UnsupportedError
 
@@ -21,7 +21,30 @@ class Family:
     # Linears AWQ does not clip: q/k feed softmax(QK^T), so their own output error is not what
     # matters (llm-awq skips them too).
     clip_skip: tuple[str, ...] = ()
+    # The checkpoint side of the per-layer description (runtime/features.py is the export side):
+    # the modules whose rows the export fuses into each of its linears (format/names.py ROLES) ...
+    linears: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("o", ("self_attn.o_proj",)),
+        ("up", ("mlp.gate_proj", "mlp.up_proj")),
+        ("down", ("mlp.down_proj",)),
+    )
+    # ... each norm by its role (format/names.py NORM_ROLES) ...
+    norms: tuple[tuple[str, str], ...] = (("attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
+    norm_offset: float = 0.0  # RMSNorm computes x * (offset + w) (Gemma: 1)
+    attn_softcap: bool = False  # the attention applies the config's attn_logit_softcapping
+    # ... and why --rotate is not exact for this family (None: it is). AWQ folds into every family's
+    # norms exactly (offset norms: 1 + w' = (1 + w) / s), so it has no refusal.
+    rotate_refusal: str | None = "its norms are LayerNorms, whose mean subtraction a rotation does not commute with"
 
+    def role_modules(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.linears)
+
+
+_PRE = (("attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
+_QK = (("q", "self_attn.q_norm"), ("k", "self_attn.k_norm"))
+_POST = (("attn_out", "post_attention_layernorm"), ("mlp_out", "post_feedforward_layernorm"))
+_NO_ROTATE = "its layers were not checked against the rotation's fusions (supported: llama, mistral, qwen2)"
 
 _LLAMA = Family(
     layers="model.layers",
@@ -33,12 +56,53 @@ _LLAMA = Family(
         ("mlp.up_proj", ("mlp.down_proj",)),
     ),
     clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
+    rotate_refusal=None,
 )
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": replace(_LLAMA, norms=_PRE + _QK, rotate_refusal=_NO_ROTATE),
+    "smollm3": replace(_LLAMA, rotate_refusal=_NO_ROTATE),
+    "granite": replace(_LLAMA, rotate_refusal=_NO_ROTATE),
+    # post-norm: q/k/v and gate/up read the residual stream itself, so no norm takes AWQ's scales
+    "olmo2": replace(
+        _LLAMA,
+        scale_groups=(("self_attn.v_proj", ("self_attn.o_proj",)), ("mlp.up_proj", ("mlp.down_proj",))),
+        norms=_POST + _QK,
+        rotate_refusal="its norms sit after attention and the MLP (post-norm), where a rotation of the residual "
+        "stream does not pass through them",
+    ),
+    # fused in the checkpoint: qkv_proj and gate_up_proj (gate rows, then up rows)
+    "phi3": replace(
+        _LLAMA,
+        scale_groups=(
+            ("input_layernorm", ("self_attn.qkv_proj",)),
+            ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
+        clip_skip=("self_attn.qkv_proj",),
+        linears=(
+            ("qkv", ("self_attn.qkv_proj",)),
+            ("o", ("self_attn.o_proj",)),
+            ("up", ("mlp.gate_up_proj",)),
+            ("down", ("mlp.down_proj",)),
+        ),
+        rotate_refusal=_NO_ROTATE,
+    ),
+    "gemma3_text": replace(
+        _LLAMA,
+        scale_groups=(
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("self_attn.v_proj", ("self_attn.o_proj",)),
+            ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            ("mlp.up_proj", ("mlp.down_proj",)),
+        ),
+        norms=(("attn", "input_layernorm"), ("mlp", "pre_feedforward_layernorm")) + _POST + _QK,
+        norm_offset=1.0,
+        rotate_refusal="its RMSNorm computes x * (1 + w) and its norms sit on both sides of each block (a rotation "
+        "does not pass through the post-norms)",
+    ),
     "gpt2": Family(
         layers="transformer.h",
         final_norm="transformer.ln_f",
@@ -48,7 +112,13 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-SUPPORTED_TEXT = "Llama (incl. SmolLM2/TinyLlama), Mistral, Qwen2, GPT-2"
+SUPPORTED_TEXT = (
+    "Llama (incl. SmolLM2/TinyLlama), Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3/Phi-4-mini, "
+    "Gemma 3 (text), GPT-2"
+)
+# rope types the exporter and the numba runtime compute from the config; others are refused up front
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def family_of(config) -> Family:
@@ -58,7 +128,32 @@ def family_of(config) -> Family:
             f"architecture '{model_type}' is not supported; supported: {SUPPORTED_TEXT} "
             f"(model_type one of {', '.join(sorted(FAMILIES))})"
         )
+    check_config(config)
     return FAMILIES[model_type]
+
+
+def _rope_params(config) -> list[dict]:
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rp, dict) and rp and all(isinstance(v, dict) or v is None for v in rp.values()):
+        return [v for v in rp.values() if v]  # per layer type (Gemma 3)
+    return [rp] if isinstance(rp, dict) else []
+
+
+def check_config(config) -> None:
+    """What a supported family's config may set that edgellm does not implement: a one-line
+    UnsupportedError naming the field and the supported values."""
+    types = getattr(config, "layer_types", None)
+    bad = sorted({t for t in types or () if t not in LAYER_TYPES})
+    if bad:
+        raise UnsupportedError(
+            f"config layer_types has {', '.join(map(repr, bad))}; supported entries: {', '.join(LAYER_TYPES)}"
+        )
+    for rp in _rope_params(config):
+        kind = rp.get("rope_type", rp.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise UnsupportedError(
+                f"config rope_parameters rope_type '{kind}' is not implemented; supported: {', '.join(ROPE_TYPES)}"
+            )
 
 
 def get_path(root, path: str):

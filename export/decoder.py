@@ -65,8 +65,9 @@ class DecoderIO:
 
 
 def rotary(g: Graph, pos: str, inv_freq: np.ndarray, scaling: float) -> tuple[str, str]:
-    """cos, sin (B, S, 1, hd) for position_ids (B, S), as HF computes them (fp32), computed once
-    and broadcast over heads in every layer."""
+    """cos, sin (B, S, 1, rot) for position_ids (B, S), as HF computes them (fp32), computed once
+    and broadcast over heads in every layer (rot = 2 len(inv_freq): head_dim, or fewer with
+    partial rotary)."""
     p = g.op(
         "Unsqueeze", [g.op("Cast", [pos], name="rope/pos", to=FLOAT), g.const([-1])], name="rope/pos3"
     )  # (B, S, 1)
@@ -106,24 +107,45 @@ def attention(
     rope: tuple[str, str] | None,
     window: int | None,
     name: str,
+    rot: int | None = None,
+    qk_norm: tuple | None = None,
+    softcap: float | None = None,
 ) -> str:
     """Attention of the new tokens' fused qkv (B, S, (nh+2*nkv)*hd) over past + new keys/values;
     returns (B, S, nh*hd) and exposes present.{layer}.key/value. Grouped-query: q is viewed as
     (B, nkv, rep, S, hd) so each kv head broadcasts over its rep query heads (HF's repeat_kv
-    order: head h = kv*rep + r). RoPE rotates q and k together, before they are split."""
+    order: head h = kv*rep + r). RoPE rotates q and k together, before they are split, over the
+    first `rot` dims of each head (None: all). qk_norm = (kind, q weight, k weight, eps): RMSNorm
+    of q and k before RoPE, per head ("head") or over the projection ("proj"). softcap: scores
+    -> softcap * tanh(scores / softcap)."""
     rep = nh // nkv
+    if qk_norm is not None and qk_norm[0] == "proj":  # (B, S, nh*hd) and (B, S, nkv*hd) each normed whole
+        _, wq, wk, eps = qk_norm
+        q, k, v = split_last(g, qkv, [nh * hd, nkv * hd, nkv * hd], f"{name}/qkv_split")
+        q, k = g.rms_norm(q, wq, eps, f"{name}/q_norm"), g.rms_norm(k, wk, eps, f"{name}/k_norm")
+        qkv = g.op("Concat", [q, k, v], name=f"{name}/qkv_normed", axis=-1)
     heads = g.op("Reshape", [qkv, g.const([0, 0, nh + 2 * nkv, hd])], name=f"{name}/heads")  # (B, S, nh+2nkv, hd)
+    if qk_norm is not None and qk_norm[0] == "head":  # each head of q and k normed over hd
+        _, wq, wk, eps = qk_norm
+        q, k, v = g.op("Split", [heads, g.const([nh, nkv, nkv])], name=f"{name}/heads_split", outputs=3, axis=2)
+        q, k = g.rms_norm(q, wq, eps, f"{name}/q_norm"), g.rms_norm(k, wk, eps, f"{name}/k_norm")
+        heads = g.op("Concat", [q, k, v], name=f"{name}/heads_normed", axis=2)
     if rope is not None:
         qk, v = g.op("Split", [heads, g.const([nh + nkv, nkv])], name=f"{name}/qk_v", outputs=2, axis=2)
         cos, sin = rope
-        rot = g.op(
-            "MatMul", [qk, g.memo_const("rope/rotate_half", _rotate_half_matrix(hd))], name=f"{name}/rotate_half"
+        rot = rot or hd
+        if rot < hd:  # partial rotary: the last hd - rot dims pass through
+            qk, qk_pass = g.op("Split", [qk, g.const([rot, hd - rot])], name=f"{name}/qk_rot", outputs=2, axis=3)
+        rotated = g.op(
+            "MatMul", [qk, g.memo_const(f"rope/rotate_half{rot}", _rotate_half_matrix(rot))], name=f"{name}/rotate_half"
         )
         qk = g.op(
             "Add",
-            [g.op("Mul", [qk, cos], name=f"{name}/qk_cos"), g.op("Mul", [rot, sin], name=f"{name}/rot_sin")],
+            [g.op("Mul", [qk, cos], name=f"{name}/qk_cos"), g.op("Mul", [rotated, sin], name=f"{name}/rot_sin")],
             name=f"{name}/qk_rope",
         )
+        if rot < hd:
+            qk = g.op("Concat", [qk, qk_pass], name=f"{name}/qk_rot_pass", axis=3)
         q, k = g.op("Split", [qk, g.const([nh, nkv])], name=f"{name}/q_k", outputs=2, axis=2)
     else:
         q, k, v = g.op("Split", [heads, g.const([nh, nkv, nkv])], name=f"{name}/q_k_v", outputs=3, axis=2)
@@ -149,6 +171,13 @@ def attention(
     scores = g.op(
         "Mul", [g.op("MatMul", [q5, kt], name=f"{name}/qk"), g.const(scale, np.float32, "scale")], name=f"{name}/scores"
     )
+    if softcap:
+        cap = g.const(softcap, np.float32, "softcap")
+        scores = g.op(
+            "Mul",
+            [g.op("Tanh", [g.op("Div", [scores, cap], name=f"{name}/capped")], name=f"{name}/tanh"), cap],
+            name=f"{name}/softcapped",
+        )
     neg = g.const(np.finfo(np.float32).min, np.float32, "mask_value")
     scores = g.op("Where", [io.allowed(window), scores, neg], name=f"{name}/masked")  # (B, nkv, rep, S, T)
     probs = g.op("Softmax", [scores], name=f"{name}/softmax", axis=-1)

@@ -18,6 +18,7 @@ from edgellm import __version__
 from edgellm.errors import UnsupportedError
 from edgellm.outputs import atomic_output_dir, check_output_dir
 from edgellm.record import add_step, write_record
+from edgellm.runtime.format.names import LLAMA_LIKE  # noqa: E402
 
 from . import gpt2, llama
 from .check import ParityError, check_parity
@@ -25,7 +26,8 @@ from .interop import write_side_files
 from .weights import Options, check_options, tensor_bits
 from .writer import ONNX_NAME, sha256_file, write
 
-BUILDERS = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2}
+# one builder for every RMSNorm family (it reads the family's description), one for GPT-2
+BUILDERS = {**{a: llama for a in LLAMA_LIKE}, "gpt2": gpt2}
 CHECK_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""'
 CHECK_PROMPT_TOKENS = 12
 

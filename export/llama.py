@@ -1,21 +1,32 @@
-"""Llama-family decoder graph (llama, mistral, qwen2): RMSNorm, RoPE, GQA, gated SiLU MLP.
+"""The decoder graph of every RMSNorm family (llama, mistral, qwen2, qwen3, smollm3, granite,
+olmo2, phi3, gemma3_text), built from the family's description, not one builder per family:
+edgellm/arch.py says which checkpoint modules are the layer's linears and norms, `features`
+below reads the config into the per-layer description the runtime also reads
+(runtime/features.py: norm placement, q/k norm, rope table per layer, partial rotary,
+multipliers, soft-caps).
 
-Per block (h: residual stream, B x S x D):
-    x = rms(h) ; q,k,v = split(x @ Wqkv^T + b) ; h += attn(q, k, v) @ Wo^T
-    x = rms(h) ; g,u = split(x @ Wgate_up^T) ; h += (silu(g) * u) @ Wdown^T
-then logits = rms(h) @ Wlm^T.
+Per block (h: residual stream, B x S x D; [..] where the description has it):
+    x = [rms(h)] ; q,k,v = split(x @ Wqkv^T + b) ; [q,k = rms(q), rms(k)] ; [rope(q, k)]
+    h += res_mult * [rms](attn(q, k, v) @ Wo^T)
+    x = [rms(h)] ; g,u = split(x @ Wgate_up^T) ; h += res_mult * [rms]((act(g) * u) @ Wdown^T)
+then logits = cap(rms(h) @ Wlm^T / logits_scaling), with h0 = embed * emb_mult.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from edgellm.arch import family_of, get_path
 from edgellm.errors import UnsupportedError
 from edgellm.runtime.format.names import HEAD, LLAMA, tensor
 
 from .decoder import DecoderIO, attention, rotary, split_last
 from .graph import FLOAT, Graph
 from .weights import Options, embedding_spec, emit_embedding, emit_linear, linear_spec
+
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gate: SwiGLU, GeGLU
 
 
 def _np(t) -> np.ndarray:
@@ -38,91 +49,166 @@ def _window(config, i: int) -> int | None:
     return w if config.model_type == "mistral" and w else None
 
 
-def _rope(model) -> tuple[np.ndarray, float]:
-    rot = model.model.rotary_emb
-    rope_type = getattr(rot, "rope_type", "default")
-    if "dynamic" in rope_type:
+def _activation(c) -> str:
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
         raise UnsupportedError(
-            f"rope type '{rope_type}' changes with sequence length; export supports static rope types (default, "
-            "linear, llama3, yarn ...)"
+            f"config hidden_act '{act}' is not supported for {c.model_type}; supported: {', '.join(ACTIVATIONS)}"
         )
-    return _np(rot.inv_freq), float(getattr(rot, "attention_scaling", 1.0))
+    return act
+
+
+def _rope_tables(model) -> dict[str, tuple[np.ndarray, float]]:
+    """{"global" / "local": (inv_freq, attention scaling)} from HF's own rotary module."""
+    rot = model.model.rotary_emb
+    kinds = getattr(rot, "rope_type", "default")
+    out = {}
+    for key, attr in (("global", "full_attention_"), ("local", "sliding_attention_")):
+        prefix = attr if hasattr(rot, f"{attr}inv_freq") else ""
+        if key == "local" and not prefix:
+            continue
+        kind = kinds.get(attr[:-1], "default") if isinstance(kinds, dict) else kinds
+        if "dynamic" in kind:
+            raise UnsupportedError(
+                f"rope type '{kind}' changes with sequence length; export supports static rope types (default, "
+                "linear, llama3, yarn ...)"
+            )
+        out[key] = (_np(getattr(rot, f"{prefix}inv_freq")), float(getattr(rot, f"{prefix}attention_scaling", 1.0)))
+    return out
+
+
+def _layer_rope(c, i: int) -> str:
+    """Which rotary table layer i uses: none (SmolLM3's NoPE layers), local (Gemma 3's sliding layers)."""
+    no_rope = getattr(c, "no_rope_layers", None)
+    if no_rope is not None and not no_rope[i]:
+        return "none"
+    if c.model_type == "gemma3_text" and c.layer_types[i] == "sliding_attention":
+        return "local"
+    return "global"
+
+
+def features(model) -> dict:
+    """The family's per-layer description as export metadata (runtime/features.py KEYS)."""
+    c, fam, d = model.config, family_of(model.config), dims(model)
+    roles = dict(fam.norms)
+    pre, post = "attn" in roles, "attn_out" in roles
+    layer0 = get_path(model, fam.layers)[0]
+    rope = [_layer_rope(c, i) for i in range(d["layers"])]
+    tables = _rope_tables(model)
+    rot = 2 * len(tables["global"][0])
+    scale = float(layer0.self_attn.scaling)
+    emb = float(np.float32(getattr(model.get_input_embeddings(), "scalar_embed_scale", 1.0)))  # Gemma: sqrt(hidden)
+    return dict(
+        norm_placement="both" if pre and post else "post" if post else "pre",
+        qk_norm=None if "q" not in roles else "head" if layer0.self_attn.q_norm.weight.numel() == d["hd"] else "proj",
+        rope_dims=None if rot == d["hd"] else rot,
+        layer_rope=None if all(r == "global" for r in rope) else rope,
+        rope_local_theta=_local_theta(c) if "local" in rope else None,
+        embedding_multiplier=emb * float(getattr(c, "embedding_multiplier", 1.0)),  # Granite's
+        residual_multiplier=float(getattr(c, "residual_multiplier", 1.0)),
+        attention_scale=None if math.isclose(scale, d["hd"] ** -0.5, rel_tol=1e-7) else scale,
+        logits_scaling=float(getattr(c, "logits_scaling", 1.0)),
+        # transformers' Gemma 3 attention never passes its config's attn_logit_softcapping on (Gemma 2
+        # did); the runtimes implement the cap for a family whose layer applies it
+        attn_logit_softcapping=getattr(c, "attn_logit_softcapping", None) if fam.attn_softcap else None,
+        final_logit_softcapping=getattr(c, "final_logit_softcapping", None),
+    )
+
+
+def _local_theta(c) -> float:
+    rp = c.rope_parameters["sliding_attention"]
+    if rp.get("rope_type", "default") != "default":
+        raise UnsupportedError(
+            f"config rope_parameters sliding_attention rope_type '{rp.get('rope_type')}' is not supported; "
+            "supported: default"
+        )
+    return float(rp["rope_theta"])
 
 
 def build(model, opts: Options) -> Graph:
-    c = model.config
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise UnsupportedError(f"hidden_act '{c.hidden_act}' is not supported for {c.model_type}; supported: silu")
+    c, fam = model.config, family_of(model.config)
+    act = _activation(c)
     d = dims(model)
     nh, nkv, hd = d["nh"], d["nkv"], d["hd"]
+    f = features(model)
     g = Graph(f"edgellm-{c.model_type}")
     io = DecoderIO(g, d["layers"], nkv, hd)
-    inv_freq, scaling = _rope(model)
-    rope = rotary(g, io.pos, inv_freq, scaling)
+    tables = {k: rotary(g, io.pos, inv, sc) for k, (inv, sc) in _rope_tables(model).items()}
+    rot = f["rope_dims"]
     eps = float(c.rms_norm_eps)
+    off = fam.norm_offset  # Gemma's x * (1 + w): the file holds 1 + w (exact in float32)
+    res_mult = f["residual_multiplier"]
 
     emb = model.get_input_embeddings()
     names = LLAMA  # runtime/format/names.py: the tensors' names in the export
     emb_spec = embedding_spec(emb, names.embed)
     h = emit_embedding(g, io.ids, emb_spec, names.embed, opts)
-    for i, layer in enumerate(model.model.layers):
+    if f["embedding_multiplier"] != 1.0:
+        h = g.op("Mul", [h, g.const(f["embedding_multiplier"], np.float32, "emb_mult")], name="model/emb_scaled")
+    for i, layer in enumerate(get_path(model, fam.layers)):
         p = names.layer.format(i)  # graph node names
-        lin = {role: names.linear(i, role) for role in names.linears}
-        a, m = layer.self_attn, layer.mlp
-        x = g.rms_norm(
-            h,
-            g.weight(tensor(names.norm(i, "attn"), "weight"), _np(layer.input_layernorm.weight)),
-            eps,
-            f"{p}/input_norm",
-        )
-        qkv = emit_linear(
-            g,
-            x,
-            linear_spec([a.q_proj, a.k_proj, a.v_proj], lin["qkv"]),
-            lin["qkv"],
-            opts,
-        )
+
+        def norm(x, role, layer=layer, i=i, p=p):
+            """RMSNorm `role` of this layer (format/names.py NORM_ROLES) applied to x, or x when absent."""
+            path = dict(fam.norms).get(role)
+            if path is None:
+                return x
+            w = _np(get_path(layer, path).weight) + np.float32(off)
+            return g.rms_norm(x, g.weight(tensor(names.norm(i, role), "weight"), w), eps, f"{p}/{role}_norm")
+
+        def linear(x, role, layer=layer, i=i):
+            mods = [get_path(layer, m) for m in fam.role_modules()[role]]
+            return emit_linear(g, x, linear_spec(mods, names.linear(i, role)), names.linear(i, role), opts)
+
+        def residual(h, y, name, p=p):
+            if res_mult != 1.0:
+                y = g.op("Mul", [y, g.const(res_mult, np.float32, "res_mult")], name=f"{name}_scaled")
+            return g.op("Add", [h, y], name=name)
+
+        qk = None
+        if f["qk_norm"]:
+            a = layer.self_attn
+            wq, wk = (
+                g.weight(tensor(names.norm(i, r), "weight"), _np(m.weight) + np.float32(off))
+                for r, m in (("q", a.q_norm), ("k", a.k_norm))
+            )
+            qk = (f["qk_norm"], wq, wk, eps)
+        kind = (f["layer_rope"] or ["global"] * d["layers"])[i]
         o = attention(
             g,
             io,
             i,
-            qkv,
+            linear(norm(h, "attn"), "qkv"),
             nh=nh,
             nkv=nkv,
             hd=hd,
-            scale=float(a.scaling),
-            rope=rope,
+            scale=float(layer.self_attn.scaling),
+            rope=None if kind == "none" else tables[kind],
             window=_window(c, i),
             name=f"{p}/attn",
+            rot=rot,
+            qk_norm=qk,
+            softcap=f["attn_logit_softcapping"],
         )
-        h = g.op(
-            "Add",
-            [h, emit_linear(g, o, linear_spec([a.o_proj], lin["o"]), lin["o"], opts)],
-            name=f"{p}/attn_residual",
-        )
-        x = g.rms_norm(
-            h,
-            g.weight(tensor(names.norm(i, "mlp"), "weight"), _np(layer.post_attention_layernorm.weight)),
-            eps,
-            f"{p}/post_norm",
-        )
-        inter = m.gate_proj.out_features
-        gu = emit_linear(g, x, linear_spec([m.gate_proj, m.up_proj], lin["up"]), lin["up"], opts)
+        h = residual(h, norm(linear(o, "o"), "attn_out"), f"{p}/attn_residual")
+        gu = linear(norm(h, "mlp"), "up")
+        inter = c.intermediate_size
         gate, up = split_last(g, gu, [inter, inter], f"{p}/gate_up_split")
-        act = g.op(
-            "Mul",
-            [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}/sigmoid")], name=f"{p}/silu"), up],
-            name=f"{p}/gated",
+        if act == "silu":
+            gate = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}/sigmoid")], name=f"{p}/silu")
+        else:
+            gate = g.op("Gelu", [gate], name=f"{p}/gelu", approximate="tanh")
+        h = residual(
+            h, norm(linear(g.op("Mul", [gate, up], name=f"{p}/gated"), "down"), "mlp_out"), f"{p}/mlp_residual"
         )
-        h = g.op(
-            "Add",
-            [h, emit_linear(g, act, linear_spec([m.down_proj], lin["down"]), lin["down"], opts)],
-            name=f"{p}/mlp_residual",
-        )
-    h = g.rms_norm(
-        h, g.weight(tensor(names.final_norm, "weight"), _np(model.model.norm.weight)), eps, "model/final_norm"
-    )
+    final = _np(get_path(model, fam.final_norm).weight) + np.float32(off)
+    h = g.rms_norm(h, g.weight(tensor(names.final_norm, "weight"), final), eps, "model/final_norm")
     logits = lm_head(g, model, h, emb_spec, names.embed, opts)
+    if f["logits_scaling"] != 1.0:
+        logits = g.op("Div", [logits, g.const(f["logits_scaling"], np.float32, "logits_scaling")], name="model/scaled")
+    if f["final_logit_softcapping"]:
+        cap = g.const(f["final_logit_softcapping"], np.float32, "final_cap")
+        logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], name="model/cap")], name="model/tanh"), cap])
     g.output(logits, "logits", FLOAT, ["batch", "seq", c.vocab_size], first=True)
     return g
 
@@ -144,10 +230,19 @@ def lm_head(g: Graph, model, h: str, emb_spec, emb_path: str, opts: Options) -> 
     return emit_linear(g, h, linear_spec([head], HEAD), HEAD, opts)
 
 
+def _qkv_bias(model) -> bool:
+    """q/k/v have biases (Qwen2 has them without saying so in its config)."""
+    fam = family_of(model.config)
+    layer0 = get_path(model, fam.layers)[0]
+    return getattr(get_path(layer0, fam.role_modules()["qkv"][0]), "bias", None) is not None
+
+
 def config_metadata(model) -> dict:
     c = model.config
     d = dims(model)
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None)
+    if isinstance(rope, dict) and "full_attention" in rope:  # per layer type (Gemma 3): the global table's
+        rope = rope["full_attention"]
     theta = (rope or {}).get("rope_theta", getattr(c, "rope_theta", None))
     scaling = (
         None
@@ -169,10 +264,11 @@ def config_metadata(model) -> dict:
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=c.max_position_embeddings,
-        activation="silu",
+        activation=_activation(c),
         mlp="gated",
-        attention_bias=model.model.layers[0].self_attn.q_proj.bias is not None,
+        attention_bias=_qkv_bias(model),
         sliding_window=[_window(c, i) for i in range(d["layers"])]
         if any(_window(c, i) for i in range(d["layers"]))
         else None,
+        **features(model),
     )

@@ -264,7 +264,9 @@ def embedding_spec(module, path: str) -> LinearSpec:
 
     if isinstance(module, QuantEmbedding):
         return _packed_spec(module)
-    if type(module).__name__ != "Embedding":
+    import torch.nn as nn
+
+    if not isinstance(module, nn.Embedding):  # an Embedding subclass (Gemma's scaled one: features.py scales)
         raise UnsupportedError(f"'{path}' is a {type(module).__name__}, not an embedding edgellm can export")
     w = _np(module.weight).astype(np.float32)
     return LinearSpec(out_f=w.shape[0], in_f=w.shape[1], w=w)

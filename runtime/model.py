@@ -15,7 +15,8 @@ import numpy as np
 from numba import njit
 
 from .errors import EdgeLLMError, UnsupportedError
-from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, record, records
+from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, ROPE_KINDS, ROPE_LOCAL, record, records
+from .kernels.family import geglu, rms_norm_cols, scale_cap
 from .kernels.layers import (
     attention,
     attention_mat,
@@ -41,6 +42,7 @@ from .validate import ModelConfig
 # run (--backend onnxruntime still can).
 NUMBA_MLPS = {
     ("gated", "silu"),
+    ("gated", "gelu_pytorch_tanh"),  # GeGLU (Gemma)
     ("plain", "gelu_new"),
     ("plain", "gelu_pytorch_tanh"),
 }  # gelu_pytorch_tanh = gelu_new's formula
@@ -70,7 +72,14 @@ def run_config(cfg: ModelConfig, n_ctx: int, act_cap: int, block_cap: int):
     c.layer_norm = cfg.norm == "layer"
     c.learned_pos = cfg.position == "learned"
     c.gated = cfg.mlp == "gated"
+    c.gelu_gate = c.gated and cfg.activation == "gelu_pytorch_tanh"
     c.act_cap, c.block_cap, c.eps = act_cap, block_cap, cfg.norm_eps
+    f = cfg.features  # the family's description (features.py)
+    c.rope_dims = f.rope_dims
+    c.emb_mult, c.res_mult = f.embedding_multiplier, f.residual_multiplier
+    c.attn_scale = f.attention_scale or 1.0 / np.sqrt(cfg.head_dim)
+    c.logit_mult = 1.0 / f.logits_scaling
+    c.attn_cap, c.final_cap = f.attn_logit_softcapping or 0.0, f.final_logit_softcapping or 0.0
     return c
 
 
@@ -91,9 +100,13 @@ class Weights:
             row = rows[i]
             for role, lin in lp.linears.items():
                 setattr(row, role, self._linear(lin))
-            row.attn_norm_w, row.attn_norm_b = self._norm(lp.norms["attn"])
-            row.mlp_norm_w, row.mlp_norm_b = self._norm(lp.norms["mlp"])
-            row.window = lp.window
+            row.attn_norm_w, row.attn_norm_b = self._norm(lp.norms.get("attn"))
+            row.mlp_norm_w, row.mlp_norm_b = self._norm(lp.norms.get("mlp"))
+            row.attn_out_norm_w = self._norm(lp.norms.get("attn_out"))[0]
+            row.mlp_out_norm_w = self._norm(lp.norms.get("mlp_out"))[0]
+            row.q_norm_w, row.k_norm_w = self._norm(lp.norms.get("q"))[0], self._norm(lp.norms.get("k"))[0]
+            row.qk_width = lp.norms["q"].weight.shape[0] if "q" in lp.norms else 0
+            row.window, row.rope = lp.window, ROPE_KINDS[lp.rope]
         self.model = m = record(MODEL)
         m.embed = self._linear(plan.embed)
         m.head = self._linear(plan.head) if plan.head is not None else m.embed  # tied: one copy in the file
@@ -116,7 +129,9 @@ class Weights:
         self._keep.append(arr)
         return arr.ctypes.data
 
-    def _norm(self, norm: Norm) -> tuple[int, int]:
+    def _norm(self, norm: Norm | None) -> tuple[int, int]:
+        if norm is None:  # a norm this family's layer does not have
+            return 0, 0
         bias = self._addr(norm.bias, np.float32) if norm.bias is not None else 0
         return self._addr(norm.weight, np.float32), bias
 
@@ -192,12 +207,38 @@ def _norm(cfg, x, w_addr, b_addr, out):
 
 
 @njit(cache=True)
+def _qk_norm(layer, qkv, NH, NKV, HD, eps):
+    """RMSNorm of q and k inside the fused qkv (t, (NH + 2 NKV) HD), per head or over the
+    projection (layer.qk_width columns per segment)."""
+    if layer.q_norm_w == 0:
+        return
+    if layer.qk_width == HD:  # per head (Qwen3, Gemma 3)
+        rms_norm_cols(qkv, 0, NH, HD, layer.q_norm_w, eps)
+        rms_norm_cols(qkv, NH * HD, NKV, HD, layer.k_norm_w, eps)
+    else:  # over the whole q and k projections (OLMo 2)
+        rms_norm_cols(qkv, 0, 1, NH * HD, layer.q_norm_w, eps)
+        rms_norm_cols(qkv, NH * HD, 1, NKV * HD, layer.k_norm_w, eps)
+
+
+@njit(cache=True)
+def _residual(cfg, x, res, out_norm_w, xn):
+    """x += res_mult * (post-norm of res, where the layer has one)."""
+    if out_norm_w != 0:
+        rms_norm(res, out_norm_w, cfg.eps, xn)
+        res[:] = xn
+    if cfg.res_mult != 1:
+        scale_cap(res, cfg.res_mult, np.float32(0.0))
+    x += res
+
+
+@njit(cache=True)
 def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits, tier):
     """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V).
 
     cfg: CONFIG record; model: MODEL record (embedding, head, final norm); layers: (L,) LAYER
-    records; cos, sin: rope tables (ctx, HD/2); kc, vc: KV cache (L, NKV, ctx, HD); `tier`: the
-    kernel tier id of the quantized linears (kernels/tiers.py)."""
+    records (the family's per-layer description: norms and their placement, q/k norm, rope table,
+    window); cos, sin: rope tables (2: global, local; ctx, rope_dims/2); kc, vc: KV cache (L, NKV,
+    ctx, HD); `tier`: the kernel tier id of the quantized linears (kernels/tiers.py)."""
     t = ids.shape[0]
     H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
     cap, nbc = cfg.act_cap, cfg.block_cap
@@ -219,6 +260,8 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
     )
     scores = np.empty((t * NH, pos0 + t), np.float32)
     embed_rows(model.embed, ids, x)
+    if cfg.emb_mult != 1:
+        scale_cap(x, cfg.emb_mult, np.float32(0.0))
     if cfg.learned_pos:  # learned positions (gpt2)
         wpe = numba.carray(as_voidptr(model.positions_addr), (cfg.ctx, H), np.float32)
         for i in range(t):
@@ -226,53 +269,71 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
     for l in range(cfg.layers):
         layer = layers[l]
         # attention block
-        _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
+        if layer.attn_norm_w != 0:
+            _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
+        else:  # post-norm layers (OLMo 2): the linears read the residual stream itself
+            xn[:] = x
         _linear(layer.qkv, xn, qkv, act)
-        if not cfg.learned_pos:
-            rope(qkv, 0, NH, HD, pos0, cos, sin)
-            rope(qkv, NH * HD, NKV, HD, pos0, cos, sin)
+        _qk_norm(layer, qkv, NH, NKV, HD, cfg.eps)
+        if layer.rope != 0:  # ROPE_NONE: a NoPE layer (SmolLM3)
+            tab = 1 if layer.rope == ROPE_LOCAL else 0
+            rope(qkv, 0, NH, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)
+            rope(qkv, NH * HD, NKV, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)
         for i in range(t):
             for h in range(NKV):
                 for j in range(HD):
                     kc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + h) * HD + j], kc)
                     vc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vc)
+        sc, cap = cfg.attn_scale, cfg.attn_cap
         if t == 1:
-            attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window)
+            attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window, sc, cap)
         else:
-            attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window)
+            attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window, sc, cap)
         _linear(layer.o, att, res, act)
-        x += res
+        _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
-        _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
+        if layer.mlp_norm_w != 0:
+            _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
+        else:
+            xn[:] = x
         _linear(layer.up, xn, up, act)
-        if cfg.gated:
+        if cfg.gelu_gate:
+            geglu(up, cfg.intermediate, mid)
+        elif cfg.gated:
             swiglu(up, cfg.intermediate, mid)
         else:
             gelu_new(up, mid)
         _linear(layer.down, mid, res, act)
-        x += res
+        _residual(cfg, x, res, layer.mlp_out_norm_w, xn)
     if all_logits:
         _norm(cfg, x, model.final_norm_w, model.final_norm_b, xn)
         _linear(model.head, xn, logits, act)
     else:
         _norm(cfg, x[t - 1 :], model.final_norm_w, model.final_norm_b, xn[:1])
         _linear(model.head, xn[:1], logits, act)
+    if cfg.logit_mult != 1 or cfg.final_cap > 0:  # Granite's logits_scaling, Gemma's final soft-cap
+        scale_cap(logits, cfg.logit_mult, cfg.final_cap)
 
 
 # ----------------------------------------------------------------------------- the model
 def _rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (n_ctx, HD/2) of the rotary positions; (1, 1) zeros for learned positions."""
+    """cos, sin (2, n_ctx, rope_dims/2): the global table, then the local one (Gemma 3's sliding
+    layers; a copy of the global one when the family has none); (2, 1, 1) zeros for learned
+    positions."""
     if cfg.position != "rope":
-        return np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32)
+        return np.zeros((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32)
+    f = cfg.features
     try:
-        inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        inv = rope_inv_freq(f.rope_dims, cfg.rope_theta, cfg.rope_scaling)
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
         raise UnsupportedError(
             f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}){ORT_HINT}"
         ) from None
     if not np.isfinite(inv).all():
         raise UnsupportedError(f"rope scaling {cfg.rope_scaling} gives non-finite frequencies{ORT_HINT}")
-    return rope_tables(n_ctx, inv)
+    local = rope_inv_freq(f.rope_dims, f.rope_local_theta, None) if f.rope_local_theta else inv
+    (cg, sg), (cl, sl) = rope_tables(n_ctx, inv), rope_tables(n_ctx, local)
+    return np.stack([cg, cl]), np.stack([sg, sl])
 
 
 # Tokens per compiled call on the prompt path. The step's scratch (scores alone: chunk x heads x

@@ -22,9 +22,9 @@ import numpy as np
 
 from .errors import EdgeLLMError, UnsupportedError
 from .format.blocks import MIN_BLOCK, BlockFormat, from_blob, zero_kind, zero_points
-from .format.names import BIAS, HEAD, LAYER_NORMS, QWEIGHT, QZEROS, ROLES, SCALES, WEIGHT, names_for, tensor
+from .format.names import BIAS, HEAD, QWEIGHT, QZEROS, ROLES, SCALES, WEIGHT, names_for, tensor
 from .loader import Export, open_export
-from .validate import ModelConfig, Quant, check_memory, validate_export
+from .validate import ModelConfig, Quant, check_memory, layer_norms, validate_export
 
 
 @dataclass
@@ -66,8 +66,9 @@ class Norm:
 @dataclass
 class LayerPlan:
     linears: dict[str, LinearPlan]  # ROLES -> plan
-    norms: dict[str, Norm]  # LAYER_NORMS -> norm
+    norms: dict[str, Norm]  # the roles of validate.layer_norms (format/names.py NORM_ROLES) -> norm
     window: int  # sliding window, 0 = full attention
+    rope: str = "global"  # the rotary table: "global" | "local" | "none" (features.py layer_rope)
 
 
 @dataclass
@@ -145,8 +146,9 @@ class _Walk:
             plan.layers.append(
                 LayerPlan(
                     {role: self.linear(names.linear(i, role), ins[role]) for role in ROLES},
-                    {which: self.norm(names.norm(i, which)) for which in LAYER_NORMS},
+                    {which: self.norm(names.norm(i, which)) for which in layer_norms(cfg)},
                     cfg.sliding_window[i],
+                    cfg.features.layer_rope[i] if cfg.position == "rope" else "none",
                 )
             )
         plan.embed = self.linear(names.embed, cfg.hidden_size)

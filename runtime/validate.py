@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import EdgeLLMError, UnsupportedError
+from .features import LLAMA, Features
 from .format.dtypes import FLOAT as _FLOAT
 from .format.dtypes import FLOAT16 as _HALF
 from .format.dtypes import UINT4
@@ -39,7 +40,6 @@ from .format.names import (
     ARCHITECTURES,
     BIAS,
     HEAD,
-    LAYER_NORMS,
     QWEIGHT,
     QZEROS,
     ROLES,
@@ -135,6 +135,7 @@ class ModelConfig:
     eos_token_ids: tuple
     bos_token_id: int | None
     sliding_window: tuple  # per layer, 0 = full attention
+    features: Features = LLAMA  # the family's per-layer description (features.py)
 
     @classmethod
     def from_metadata(cls, c) -> "ModelConfig":
@@ -192,6 +193,7 @@ class ModelConfig:
             _token_ids(c, "eos_token_id", vocab),
             bos,
             tuple(int(w or 0) for w in sw),
+            Features.from_metadata(c, layers=layers, head_dim=hd, position=position, norm=c.get("norm")),
         )
 
 
@@ -253,11 +255,29 @@ def linear_paths(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
     return {names.linear(i, role): shapes[role] for i in range(cfg.num_layers) for role in ROLES}
 
 
-def norm_names(cfg: ModelConfig) -> list[str]:
-    """Every norm's weight (and bias, for LayerNorm): each is (hidden_size,) float32."""
+def layer_norms(cfg: ModelConfig) -> dict[str, int]:
+    """{norm role: width} of the norms each layer has (format/names.py NORM_ROLES), from the
+    metadata's norm placement and q/k norm."""
+    f, H = cfg.features, cfg.hidden_size
+    out = {"attn": H, "mlp": H} if f.pre_norms else {}
+    if f.post_norms:
+        out.update(attn_out=H, mlp_out=H)
+    if f.qk_norm is not None:
+        per_head = f.qk_norm == "head"
+        out.update(
+            q=cfg.head_dim if per_head else cfg.num_heads * cfg.head_dim,
+            k=cfg.head_dim if per_head else cfg.num_kv_heads * cfg.head_dim,
+        )
+    return out
+
+
+def norm_names(cfg: ModelConfig) -> dict[str, int]:
+    """{name: width} of every norm's weight (and bias, for LayerNorm), each float32."""
     names = names_for(cfg.architecture)
-    bases = [names.norm(i, which) for i in range(cfg.num_layers) for which in LAYER_NORMS] + [names.final_norm]
-    return [f"{b}.{s}" for b in bases for s in (("weight", "bias") if cfg.norm == "layer" else ("weight",))]
+    bases = {names.norm(i, r): w for i in range(cfg.num_layers) for r, w in layer_norms(cfg).items()}
+    bases[names.final_norm] = cfg.hidden_size
+    parts = ("weight", "bias") if cfg.norm == "layer" else ("weight",)
+    return {f"{b}.{s}": w for b, w in bases.items() for s in parts}
 
 
 class _Checker:
@@ -356,8 +376,8 @@ def validate_export(ex: Export) -> ModelConfig:
             )
     for p, (n, k, bias) in linear_paths(cfg).items():
         c.linear(p, n, k, bias, quantized=True)
-    for name in norm_names(cfg):
-        c.tensor(name, (cfg.hidden_size,), (_FLOAT,), finite=True)
+    for name, width in norm_names(cfg).items():
+        c.tensor(name, (width,), (_FLOAT,), finite=True)
     emb = names_for(cfg.architecture).embed
     embedded = q is not None and q.embeddings
     c.linear(emb, cfg.vocab_size, cfg.hidden_size, False, quantized=embedded)
@@ -404,7 +424,7 @@ def run_bytes(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, chunk: int = 128) 
     t = min(chunk, n_ctx)
     return {
         "KV cache": 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * kv_itemsize,
-        "rope tables": 2 * n_ctx * (cfg.head_dim // 2) * 4 if cfg.position == "rope" else 0,
+        "rope tables": 4 * n_ctx * (cfg.features.rope_dims // 2) * 4 if cfg.position == "rope" else 0,  # global, local
         "scratch": 4
         * t
         * (4 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size + cfg.num_heads * (cfg.head_dim + n_ctx))

@@ -48,6 +48,50 @@ CONFIGS = {
 }
 
 
+_SMALL = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+# the families of issue 25, each with the features that set it apart switched on at tiny size
+# (kept apart from CONFIGS, which every older per-family test iterates over)
+FAMILIES = {
+    "qwen3": dict(_SMALL, model_type="qwen3", head_dim=24, tie_word_embeddings=True),  # head_dim != hidden/heads
+    "smollm3": dict(_SMALL, model_type="smollm3", no_rope_layer_interval=2, tie_word_embeddings=True),
+    "granite": dict(
+        _SMALL,
+        model_type="granite",
+        embedding_multiplier=6.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.09,
+        logits_scaling=2.5,
+        tie_word_embeddings=False,
+    ),
+    "olmo2": dict(_SMALL, model_type="olmo2", tie_word_embeddings=False),
+    "phi3": dict(
+        _SMALL,
+        model_type="phi3",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    "gemma3_text": dict(
+        _SMALL,
+        model_type="gemma3_text",
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=20,
+        attn_logit_softcapping=30.0,
+        final_logit_softcapping=15.0,
+        tie_word_embeddings=True,
+    ),
+}
+
+
 def make_tokenizer(out_dir: Path):
     """A byte-level BPE with VOCAB tokens trained on the built-in corpus, saved in out_dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -79,7 +123,7 @@ def make_tokenizer(out_dir: Path):
 def build(family: str, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(CONFIGS[family])
+    kw = dict(CONFIGS.get(family) or FAMILIES[family])
     model_type = kw.pop("model_type")
     kw.update(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     kw.update(overrides)

@@ -102,8 +102,9 @@ def _awq_fold(block, family, stats: dict[str, InputStats], fmt: QuantFormat) -> 
                 set_linear_weight(prev, linear_weight(prev) / s.unsqueeze(1))
                 if prev.bias is not None:
                     prev.bias.div_(s)
-            else:  # a norm: its output is weight * normalized (+ bias)
-                prev.weight.div_(s)
+            else:  # a norm: its output is (offset + weight) * normalized (+ bias); Gemma's offset is 1
+                off = family.norm_offset
+                prev.weight.add_(off).div_(s).sub_(off)
                 if getattr(prev, "bias", None) is not None:
                     prev.bias.div_(s)
             for m in mods:
@@ -286,7 +287,7 @@ def _embedding_codes(w: torch.Tensor, fmt: QuantFormat):
 
 def _quantize_embeddings(model, fmt: QuantFormat) -> None:
     emb = model.get_input_embeddings()
-    qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, fmt)
+    qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, fmt, getattr(emb, "scalar_embed_scale", 1.0))
     qe.set_codes(*_embedding_codes(emb.weight.detach(), fmt))
     model.set_input_embeddings(qe)
     if _tied(model):
@@ -323,7 +324,7 @@ def _swap_for_loading(model, info: dict, dtype) -> None:
     efmt = _embedding_format_of(info, fmt)
     if efmt is not None:
         emb = model.get_input_embeddings()
-        qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, efmt)
+        qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, efmt, getattr(emb, "scalar_embed_scale", 1.0))
         model.set_input_embeddings(qe)
         if info.get("tied"):
             model.lm_head = TiedQuantLinear(qe)

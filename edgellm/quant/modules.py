@@ -74,14 +74,16 @@ class QuantLinear(PackedMatrix):
 class QuantEmbedding(PackedMatrix):
     """Row lookup into a packed (vocab, dim) table; only the looked-up rows are dequantized."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QuantFormat):
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QuantFormat, embed_scale: float = 1.0):
         super().__init__(num_embeddings, embedding_dim, fmt)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        # the scale a family's embedding multiplies its rows by (Gemma's sqrt(hidden)), as HF names it
+        self.scalar_embed_scale = embed_scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., dim)
         codes = unpack(self.qweight[ids], self.fmt.bits)  # (..., ng, gs)
-        w = dequantize_codes(codes, self.scales[ids], self.zeros_or_sym(ids))
-        return w.flatten(-2)[..., : self.embedding_dim]
+        w = dequantize_codes(codes, self.scales[ids], self.zeros_or_sym(ids)).flatten(-2)[..., : self.embedding_dim]
+        return w if self.scalar_embed_scale == 1.0 else w * self.scalar_embed_scale
 
 
 class TiedQuantLinear(nn.Module):

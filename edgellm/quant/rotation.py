@@ -63,11 +63,13 @@ def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
 
 
 def check_rotatable(model) -> None:
+    from ..arch import family_of
+
     mt = getattr(model.config, "model_type", None)
-    if mt not in ROTATABLE:
+    reason = family_of(model.config).rotate_refusal
+    if reason is not None or mt not in ROTATABLE:
         raise UnsupportedError(
-            f"--rotate supports RMSNorm models ({', '.join(ROTATABLE)}); '{mt}' uses LayerNorm, "
-            "whose mean subtraction a rotation does not commute with; quantize it without --rotate"
+            f"--rotate supports {', '.join(ROTATABLE)}; not '{mt}': {reason}; quantize it without --rotate"
         )
 
 

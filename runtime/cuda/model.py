@@ -78,6 +78,13 @@ def check_cuda_support(cfg: ModelConfig, ex) -> None:
         )
     if cfg.head_dim % 2 or cfg.head_dim > 2 * MAX_THREADS:
         raise UnsupportedError(f"head_dim {cfg.head_dim} is not supported by {WHO} (even, at most {2 * MAX_THREADS})")
+    gated_gelu = cfg.mlp == "gated" and cfg.activation != "silu"
+    lacks = cfg.features.non_llama(cfg.head_dim) + (["GeGLU"] if gated_gelu else [])
+    if lacks and cfg.architecture != "gpt2":  # runtime/features.py: Llama's layer only, for now
+        raise UnsupportedError(
+            f"{WHO} does not implement {', '.join(lacks)} ({cfg.architecture}); "
+            "run it on the CPU (numba) or with --backend onnxruntime"
+        )
 
 
 class _Upload:

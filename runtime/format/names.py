@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 ROLES = ("qkv", "o", "up", "down")  # the layer's linears in the order the step runs them
 LAYER_NORMS = ("attn", "mlp")  # the norm before attention and the one before the MLP
+# every norm a layer may have, by role: before attention / the MLP ("pre" placement), on the
+# attention / MLP output before the residual add ("post"), on q and k (metadata `qk_norm`); which
+# ones an export holds follows from its metadata (validate.layer_norms)
+NORM_ROLES = ("attn", "mlp", "attn_out", "mlp_out", "q", "k")
 HEAD = "lm_head"
 WEIGHT, BIAS, QWEIGHT, SCALES, QZEROS = "weight", "bias", "qweight", "scales", "qzeros"
 
@@ -36,7 +40,14 @@ class TensorNames:
 LLAMA = TensorNames(
     layer="model.layers.{}",
     linears={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "up": "mlp.gate_up_proj", "down": "mlp.down_proj"},
-    norms={"attn": "input_layernorm", "mlp": "post_attention_layernorm"},
+    norms={
+        "attn": "input_layernorm",
+        "mlp": "post_attention_layernorm",  # llama's name for the norm before the MLP
+        "attn_out": "attn_output_layernorm",
+        "mlp_out": "post_feedforward_layernorm",
+        "q": "self_attn.q_norm",
+        "k": "self_attn.k_norm",
+    },
     embed="model.embed_tokens",
     final_norm="model.norm",
 )
@@ -48,7 +59,10 @@ GPT2 = TensorNames(
     final_norm="transformer.ln_f",
     positions="transformer.wpe.weight",
 )
-BY_ARCHITECTURE = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt2": GPT2}
+# every decoder family but GPT-2 is stored under llama's names: what differs between them is the
+# per-layer description in the metadata (validate.Features), not where tensors live
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "phi3", "gemma3_text")
+BY_ARCHITECTURE = {**{a: LLAMA for a in LLAMA_LIKE}, "gpt2": GPT2}
 ARCHITECTURES = tuple(BY_ARCHITECTURE)
 
 

@@ -15,6 +15,10 @@ I8, F4 = np.int64, np.float32
 # linear kinds: the float formats, or the bits of a packed one
 KIND_F32, KIND_F16, KIND_Q4, KIND_Q8 = 0, 1, 4, 8
 
+# a layer's rotary table (LAYER.rope): none (NoPE layers), the global one, the local one (Gemma 3)
+ROPE_NONE, ROPE_GLOBAL, ROPE_LOCAL = 0, 1, 2
+ROPE_KINDS = {"none": ROPE_NONE, "global": ROPE_GLOBAL, "local": ROPE_LOCAL}
+
 # ----------------------------------------------------------------------------- CPU (numba) layout
 LINEAR = np.dtype(
     [
@@ -40,11 +44,17 @@ LAYER = np.dtype(
         ("o", LINEAR),  # H <- NH * HD
         ("up", LINEAR),  # 2 I (gated: gate | up) or I <- H
         ("down", LINEAR),  # H <- I
-        ("attn_norm_w", I8),  # float32 (H,)
+        ("attn_norm_w", I8),  # float32 (H,), 0: no norm before attention (post-norm families)
         ("attn_norm_b", I8),  # float32 (H,), LayerNorm only
         ("mlp_norm_w", I8),
         ("mlp_norm_b", I8),
+        ("attn_out_norm_w", I8),  # float32 (H,) on the attention output before the residual add, or 0
+        ("mlp_out_norm_w", I8),  # float32 (H,) on the MLP output before the residual add, or 0
+        ("q_norm_w", I8),  # float32 (qk_width,) RMSNorm of q (per head or over the projection), or 0
+        ("k_norm_w", I8),
+        ("qk_width", I8),  # columns one q/k norm spans: HD (per head) or NH*HD / NKV*HD (projection)
         ("window", I8),  # sliding-window size, 0 = full attention
+        ("rope", I8),  # rotary table: ROPE_NONE, ROPE_GLOBAL, ROPE_LOCAL
     ],
     align=True,
 )
@@ -71,10 +81,18 @@ CONFIG = np.dtype(
         ("ctx", I8),  # positions the KV cache holds
         ("layer_norm", I8),  # 1: LayerNorm with bias, 0: RMSNorm
         ("learned_pos", I8),  # 1: learned position table (gpt2), 0: rotary
-        ("gated", I8),  # 1: SwiGLU (gate | up), 0: plain GELU MLP
+        ("gated", I8),  # 1: gated MLP (gate | up), 0: plain GELU MLP
+        ("gelu_gate", I8),  # gated: 1: GeGLU (tanh GELU of the gate, Gemma), 0: SwiGLU
+        ("rope_dims", I8),  # leading dims of each head that rotate (HD, or fewer: partial rotary)
         ("act_cap", I8),  # bytes per token of int8 activations the widest linear needs
         ("block_cap", I8),  # blocks per token of the linear with the most blocks
         ("eps", F4),  # norm epsilon
+        ("emb_mult", F4),  # embeddings x this (Granite; Gemma sqrt(H))
+        ("res_mult", F4),  # block outputs x this before the residual add (Granite)
+        ("attn_scale", F4),  # softmax scale of q.k (1/sqrt(HD) unless the family says otherwise)
+        ("logit_mult", F4),  # logits x this (1 / Granite's logits_scaling)
+        ("attn_cap", F4),  # attention logit soft-cap, 0 = none
+        ("final_cap", F4),  # final logit soft-cap, 0 = none
     ],
     align=True,
 )

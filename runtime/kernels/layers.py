@@ -137,9 +137,11 @@ def rope_tables(n_ctx: int, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 @njit(cache=True, fastmath=True)
-def rope(x, col0, n_heads, hd, pos0, cos, sin):
-    """Rotate heads [col0 + h*hd, ...) of x (t, *) in place, HF rotate_half pairing (i, i + hd/2)."""
-    half = hd // 2
+def rope(x, col0, n_heads, hd, pos0, cos, sin, rot=0):
+    """Rotate heads [col0 + h*hd, ...) of x (t, *) in place, HF rotate_half pairing (i, i + rot/2)
+    over each head's first `rot` dims (0: all hd; fewer: partial rotary, the rest pass through);
+    cos, sin (ctx, rot/2)."""
+    half = (rot if rot > 0 else hd) // 2
     for i in range(x.shape[0]):
         p = pos0 + i
         for h in range(n_heads):
@@ -161,24 +163,28 @@ def ref_rope(x, pos, cos, sin):
 
 # ----------------------------------------------------------------------------- attention
 @njit(cache=True, parallel=True, fastmath=True)
-def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
+def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0):
     """Causal GQA attention of t new queries over the cache. q (t, n_heads*hd); kc, vc
     (n_kv, ctx, hd), float32 or fp16 bits (kv_get), already hold positions [0, pos0 + t); out
     (t, n_heads*hd); scores (threads-
-    independent scratch (t*n_heads, ctx)); window > 0: see only the last `window` positions."""
+    independent scratch (t*n_heads, ctx)); window > 0: see only the last `window` positions;
+    scale: of q.k (0: 1/sqrt(hd)); softcap > 0: scores -> softcap * tanh(scores / softcap)."""
     t = q.shape[0]
     group = n_heads // n_kv
-    scale = np.float32(1.0 / np.sqrt(hd))
+    scale = np.float32(scale if scale > 0 else 1.0 / np.sqrt(hd))
+    softcap = np.float32(softcap)
     for job in prange(t * n_heads):
         i, h = job // n_heads, job % n_heads
         n = pos0 + i + 1  # this query sees keys [p0, n)
         p0 = max(0, n - window) if window > 0 else 0
         qh = q[i, h * hd : (h + 1) * hd]
-        _attn_query_rows(qh, kc[h // group], vc[h // group], scores[job], out[i, h * hd : (h + 1) * hd], p0, n, scale)
+        _attn_query_rows(
+            qh, kc[h // group], vc[h // group], scores[job], out[i, h * hd : (h + 1) * hd], p0, n, scale, softcap
+        )
 
 
 @njit(cache=True, fastmath=True)
-def _attn_query_rows(qh, kc, vc, srow, acc, a, b, scale):
+def _attn_query_rows(qh, kc, vc, srow, acc, a, b, scale, softcap):
     """One query of one head over keys [a, b) of kc (ctx, hd): each score a vectorized dot."""
     hd = qh.shape[0]
     for p in range(a, b):
@@ -187,21 +193,22 @@ def _attn_query_rows(qh, kc, vc, srow, acc, a, b, scale):
         for j in range(hd):
             s += qh[j] * kv_get(kp[j])
         srow[p] = s * scale
-    _softmax_pv(srow, vc, acc, a, b)
+    _softmax_pv(srow, vc, acc, a, b, softcap)
 
 
 QT = 16  # queries per attention tile of the prompt path
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
+def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0):
     """`attention` for many queries (the prompt): per (head, tile of QT queries) job, scores
     S = Q K^T vectorized over key positions against a transposed copy of the keys (each key
     load shared by four query dims), softmax per row, then O = P V four positions at a time.
     Same arguments and results as `attention`; scores row i*n_heads + h is query i's."""
     t = q.shape[0]
     group = n_heads // n_kv
-    scale = np.float32(1.0 / np.sqrt(hd))
+    scale = np.float32(scale if scale > 0 else 1.0 / np.sqrt(hd))
+    softcap = np.float32(softcap)
     ntile = (t + QT - 1) // QT
     nk = pos0 + t
     kt = np.empty((n_kv, hd, nk), np.float32)  # keys transposed: S rows vectorize over positions
@@ -228,12 +235,13 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window):
                 max(0, n - window) if window > 0 else 0,
                 n,
                 scale,
+                softcap,
             )
             out[i, h * hd : (h + 1) * hd] = acc
 
 
 @njit(cache=True, fastmath=True)
-def _attn_query(qh, kt, vc, srow, acc, a, b, scale):
+def _attn_query(qh, kt, vc, srow, acc, a, b, scale, softcap):
     """One query of one head over keys [a, b): kt (hd, ctx) transposed keys, vc (ctx, hd)."""
     hd = qh.shape[0]
     s = srow[a:b]  # loops from 0 (a variable start stops LLVM vectorizing them)
@@ -253,15 +261,19 @@ def _attn_query(qh, kt, vc, srow, acc, a, b, scale):
         for p in range(nk):
             s[p] += q0 * k0[p]
         j += 1
-    _softmax_pv(srow, vc, acc, a, b)
+    _softmax_pv(srow, vc, acc, a, b, softcap)
 
 
 @njit(cache=True, fastmath=True)
-def _softmax_pv(srow, vc, acc, a, b):
-    """srow[a:b] (scores) -> softmax in place; acc (hd,) = sum_p srow[p] vc[p]."""
+def _softmax_pv(srow, vc, acc, a, b, softcap):
+    """srow[a:b] (scores; soft-capped first when softcap > 0) -> softmax in place; acc (hd,) =
+    sum_p srow[p] vc[p]."""
     hd = acc.shape[0]
     s = srow[a:b]  # loops from 0 (a variable start stops LLVM vectorizing them)
     nk = b - a
+    if softcap > 0:
+        for p in range(nk):
+            s[p] = softcap * np.tanh(s[p] / softcap)
     m = np.float32(-np.inf)
     for p in range(nk):
         m = max(m, s[p])
@@ -288,7 +300,7 @@ def _softmax_pv(srow, vc, acc, a, b):
         p += 1
 
 
-def ref_attention(q, k, v, pos0, window=0):
+def ref_attention(q, k, v, pos0, window=0, scale=0.0, softcap=0.0):
     """q (t, nh, hd); k, v (n_kv, pos0+t, hd) -> (t, nh, hd), causal (sliding `window`), float64."""
     t, nh, hd = q.shape
     group = nh // k.shape[0]
@@ -296,7 +308,9 @@ def ref_attention(q, k, v, pos0, window=0):
     for i in range(t):
         for h in range(nh):
             lo = max(0, pos0 + i + 1 - window) if window else 0
-            s = k[h // group, lo : pos0 + i + 1].astype(np.float64) @ q[i, h] / np.sqrt(hd)
+            s = k[h // group, lo : pos0 + i + 1].astype(np.float64) @ q[i, h] * (scale or 1 / np.sqrt(hd))
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
             p = np.exp(s - s.max())
             out[i, h] = (p / p.sum()) @ v[h // group, lo : pos0 + i + 1]
     return out

@@ -86,7 +86,7 @@ def validate_config_json(path: Path) -> dict:
     return cfg
 
 
-def _header(path: Path) -> tuple[dict, int]:
+def read_header(path: Path) -> tuple[dict, int]:
     """(tensor entries, data start) of a safetensors file; truncation is an EdgeLLMError."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -134,7 +134,7 @@ class Checkpoint:
         self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}  # name -> (file, dtype, shape)
         self._offsets: dict[str, int] = {}  # name -> byte offset of its data in its file
         for f in files:
-            header, start = _header(f)
+            header, start = read_header(f)
             for name, v in header.items():
                 self.entries[name] = (f, v["dtype"], tuple(v["shape"]))
                 self._offsets[name] = start + v["data_offsets"][0]

@@ -170,7 +170,7 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     from ..evaluate import DEFAULT_CTX, DEFAULT_STRIDE, windows
     from ..memory import human
     from ..outputs import atomic_output_dir
-    from ..quant.stream import _open_work, fingerprint, join_safetensors, plan_stream, quantize_streamed, work_dir
+    from ..quant.stream import open_work, fingerprint, join_safetensors, plan_stream, quantize_streamed, work_dir
     from ..record import add_step, read_record, write_record
 
     ckpt = Checkpoint(path)
@@ -193,7 +193,7 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     plan = plan_stream(config, ckpt, cfg, calib.shape[0], calib.shape[1], o.eval_tokens, limit)
     work = work_dir(output)
     finger = fingerprint(ckpt, cfg, calib, eval_ids, plan.act_dtype)
-    state = _open_work(work, finger, o.resume)
+    state = open_work(work, finger, o.resume)
     note = getattr(progress, "note", None)
     if note:
         note(

@@ -143,7 +143,7 @@ def work_dir(output: Path) -> Path:
     return output.with_name(f".{output.name}.partial")
 
 
-def _open_work(work: Path, finger: dict, resume: bool) -> dict:
+def open_work(work: Path, finger: dict, resume: bool) -> dict:
     """The state to continue from ({} for a fresh start); refuses a resume made with other options."""
     state_file = work / "state.json"
     if resume and state_file.is_file():
@@ -178,11 +178,11 @@ def _write_json(obj, path: Path) -> None:
 
 def join_safetensors(parts: list[Path], out: Path, metadata: dict) -> None:
     """One safetensors file holding every tensor of `parts`, copied a tensor at a time."""
-    from ..checkpoint import _header
+    from ..checkpoint import read_header
 
     entries, offset = [], 0
     for p in parts:
-        header, start = _header(p)
+        header, start = read_header(p)
         for name, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             a, b = v["data_offsets"]
             entries.append((name, v["dtype"], v["shape"], p, start + a, b - a, offset))

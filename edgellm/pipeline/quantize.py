@@ -170,7 +170,7 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     from ..evaluate import DEFAULT_CTX, DEFAULT_STRIDE, windows
     from ..memory import human
     from ..outputs import atomic_output_dir
-    from ..quant.stream import open_work, fingerprint, join_safetensors, plan_stream, quantize_streamed, work_dir
+    from ..quant.stream import fingerprint, join_safetensors, open_work, plan_stream, quantize_streamed, work_dir
     from ..record import add_step, read_record, write_record
 
     ckpt = Checkpoint(path)

@@ -41,21 +41,22 @@ def test_fuzz_campaign(seeds):
 
 @pytest.mark.slow
 def test_fuzz_campaign_cuda(seeds):
-    """256 seeded mutants through the CUDA path under numba's CUDA simulator (workers get
+    """64 seeded mutants through the CUDA path under numba's CUDA simulator (workers get
     NUMBA_ENABLE_CUDASIM=1; this process never imports numba.cuda): load, validate through the
     weights plan, one decode step (a 1-token prompt, 1 new token: the simulator runs a CUDA thread
     as a Python thread); every 16th through `edgellm run --device cuda`, where only exit 0 or one
-    `error:` line with exit 2 passes. Measured: 40 mutants in 61 s with the machine at load 14,
-    so about 5 minutes here; a few seconds per accepted mutant, mostly the simulated decode step."""
+    `error:` line with exit 2 passes. A few seconds per accepted mutant, mostly the simulated
+    decode step: 256 mutants took 729 s of a 25-minute suite, so CI runs 64 and the campaign of
+    a few hundred is `python tests/tools/fuzz_loader.py --device cuda` (benchmarks/RESULTS.md §8)."""
     from tools.fuzz_loader import FAILURES, campaign
 
-    res = campaign(seeds, n=256, seed=2027, timeout=180, device="cuda")
+    res = campaign(seeds, n=64, seed=2027, timeout=180, device="cuda")
     print(json.dumps({k: res[k] for k in ("mutants", "device", "seconds", "counts")}))
-    assert res["mutants"] == 256 and res["device"] == "cuda (simulator)"
+    assert res["mutants"] == 64 and res["device"] == "cuda (simulator)"
     assert res["failures"] == 0, res["examples"]
     assert all(f not in res["counts"] for f in FAILURES)
-    assert res["counts"].get("rejected", 0) > 100 and res["counts"].get("accepted", 0) > 20
-    assert sum(res["counts"].values()) == 256
+    assert res["counts"].get("rejected", 0) > 25 and res["counts"].get("accepted", 0) > 5
+    assert sum(res["counts"].values()) == 64
 
 
 def _is_one_line_error(r) -> bool:

@@ -192,5 +192,7 @@ def test_quantize_fits_a_memory_cap_only_by_streaming(tmp_path, tokenizer):
     assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
     assert (tmp_path / "stream" / "model.safetensors").is_file()
     r = child("resident")  # the cap is real: the whole model in fp32 does not fit under it
-    assert r.returncode != 0 and ("memory" in r.stderr.lower() or "MemoryError" in r.stderr), r.stderr[-2000:]
+    # out of memory shows as MemoryError, or as a thread whose stack cannot be mapped under the cap
+    oom = ("memory" in r.stderr.lower(), "can't start new thread" in r.stderr)
+    assert r.returncode != 0 and any(oom), r.stderr[-2000:]
     assert not (tmp_path / "resident").exists()

@@ -115,8 +115,8 @@ def notes(report: dict) -> list[str]:
     s, env, prof = report["settings"], report["environment"], report["energy_profile"]
     kinds = {r["energy"]["kind"] for r in report["variants"] if r.get("energy")}
     return [
-        f"pp = prefill of {s['prompt_tokens']} tokens, tg = {s['gen_tokens']} greedy decode steps; median (min–max) "
-        "over "
+        f"pp = prefill of {s['prompt_tokens']} tokens from an empty cache, tg = {s['gen_tokens']} greedy decode "
+        f"steps after a 1-token prefill (tokens/s = {s['gen_tokens']} / their time); median (min–max) over "
         f"{s['reps']} repetitions after a warm-up; {s['threads']} thread(s); TTFT = tokenize + prefill + first token.",
         "Load cold = first load in a fresh process after evicting the files from the page cache; warm = reload with "
         "the files cached.",

@@ -20,6 +20,7 @@ from .commands.prune import prune
 from .commands.quantize import quantize
 from .commands.run import run
 from .commands.serve import serve
+from .commands.warmup import warmup
 from .console import OneLineErrors
 from .errors import EdgeLLMError
 
@@ -99,6 +100,7 @@ COMMANDS = [
     ("quantize", quantize),
     ("export", export),
     ("run", run),
+    ("warmup", warmup),
     ("eval", evaluate),
     ("bench", bench),
     ("serve", serve),

@@ -20,7 +20,10 @@ GENAI_CONFIG_NAME = "genai_config.json"
 # Optimum I/O names below, which GenAI's decoder-only model reads by name. GenAI's own "gpt2" type
 # expects its older graph (one combined `past_%d` per layer), so edgellm's GPT-2 graph is declared
 # as a decoder-only type: everything architectural is inside the graph.
-GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "llama"}
+# ORT GenAI's model type: every edgellm graph has the same inputs and outputs (Optimum's names),
+# which GenAI's decoder types read alike; a family it has no type of its own for runs as "llama"
+# (GPT-2 too: GenAI's gpt2 type expects other input names)
+GENAI_TYPE = {"mistral": "mistral", "qwen2": "qwen2"}
 
 
 def genai_config(cfg: dict, generation: dict | None = None) -> dict:
@@ -60,7 +63,7 @@ def genai_config(cfg: dict, generation: dict | None = None) -> dict:
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": GENAI_TYPE[cfg["architecture"]],
+            "type": GENAI_TYPE.get(cfg["architecture"], "llama"),
             "vocab_size": cfg["vocab_size"],
         },
         "search": {

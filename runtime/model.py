@@ -16,6 +16,7 @@ from numba import njit
 
 from .errors import EdgeLLMError, UnsupportedError
 from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, ROPE_KINDS, ROPE_LOCAL, record, records
+from .kernels import tiers
 from .kernels.family import geglu, rms_norm_cols, scale_cap
 from .kernels.layers import (
     attention,
@@ -188,10 +189,12 @@ class RunState:
 
 
 # ----------------------------------------------------------------------------- the hot loop
-@njit(cache=True)
-def _linear(d, x, out, act):
-    """y = x W^T + b for the LINEAR record d; `act` is the int8 activation scratch (ActScratch)."""
-    xa, xb, init, xsl, xzb, xs, tier = act
+@njit(cache=True, inline="always")
+def _linear(d, x, out, act, tier):
+    """y = x W^T + b for the LINEAR record d; `act` is the int8 activation scratch. Inlined into
+    `forward` by numba (not a compiled function of its own: that re-optimized both linears'
+    code once more, 0.9 s of a first compile)."""
+    xa, xb, init, xsl, xzb, xs = act
     if x.shape[0] == 1:
         linear_vec(d, x[0], out[0], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], tier)
     else:
@@ -228,7 +231,9 @@ def _residual(cfg, x, res, out_norm_w, xn):
         res[:] = xn
     if cfg.res_mult != 1:
         scale_cap(res, cfg.res_mult, np.float32(0.0))
-    x += res
+    for i in range(x.shape[0]):  # loops: numba's array `+=` compiles a shape check whose error
+        for j in range(x.shape[1]):  # message (string formatting) was 1.5 s of a 19 s first compile
+            x[i, j] += res[i, j]
 
 
 @njit(cache=True)
@@ -238,7 +243,8 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
     cfg: CONFIG record; model: MODEL record (embedding, head, final norm); layers: (L,) LAYER
     records (the family's per-layer description: norms and their placement, q/k norm, rope table,
     window); cos, sin: rope tables (2: global, local; ctx, rope_dims/2); kc, vc: KV cache (L, NKV,
-    ctx, HD); `tier`: the kernel tier id of the quantized linears (kernels/tiers.py)."""
+    ctx, HD); `tier`: the kernel tier of the quantized linears, a `Tier` (compiled as the literal of its
+    id: one specialization per tier, holding that tier's code only, kernels/tiers.py)."""
     t = ids.shape[0]
     H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
     cap, nbc = cfg.act_cap, cfg.block_cap
@@ -249,14 +255,13 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
     res = np.empty((t, H), np.float32)
     up = np.empty((t, layers[0].up.n), np.float32)
     mid = np.empty((t, cfg.intermediate), np.float32)
-    act = (  # int8 activations and their scales (kernels/quant.py quantize_act), then the tier
+    act = (  # int8 activations and their scales (kernels/quant.py quantize_act)
         np.empty((t, cap), np.int8),  # xa
         np.empty((t, cap), np.int8),  # xb
         np.empty((t, cap // 4), np.int32),  # init
         np.empty((t, cap // 4), np.float32),  # xsl
         np.empty((t, nbc), np.float32),  # xzb
         np.empty((t, nbc), np.float32),  # xs
-        tier,
     )
     scores = np.empty((t * NH, pos0 + t), np.float32)
     embed_rows(model.embed, ids, x)
@@ -265,7 +270,8 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
     if cfg.learned_pos:  # learned positions (gpt2)
         wpe = numba.carray(as_voidptr(model.positions_addr), (cfg.ctx, H), np.float32)
         for i in range(t):
-            x[i] += wpe[pos0 + i]
+            for j in range(H):
+                x[i, j] += wpe[pos0 + i, j]
     for l in range(cfg.layers):
         layer = layers[l]
         # attention block
@@ -273,7 +279,7 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
             _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
         else:  # post-norm layers (OLMo 2): the linears read the residual stream itself
             xn[:] = x
-        _linear(layer.qkv, xn, qkv, act)
+        _linear(layer.qkv, xn, qkv, act, tier)
         _qk_norm(layer, qkv, NH, NKV, HD, cfg.eps)
         if layer.rope != 0:  # ROPE_NONE: a NoPE layer (SmolLM3)
             tab = 1 if layer.rope == ROPE_LOCAL else 0
@@ -289,28 +295,28 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
             attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window, sc, cap)
         else:
             attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window, sc, cap)
-        _linear(layer.o, att, res, act)
+        _linear(layer.o, att, res, act, tier)
         _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
         if layer.mlp_norm_w != 0:
             _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
         else:
             xn[:] = x
-        _linear(layer.up, xn, up, act)
+        _linear(layer.up, xn, up, act, tier)
         if cfg.gelu_gate:
             geglu(up, cfg.intermediate, mid)
         elif cfg.gated:
             swiglu(up, cfg.intermediate, mid)
         else:
             gelu_new(up, mid)
-        _linear(layer.down, mid, res, act)
+        _linear(layer.down, mid, res, act, tier)
         _residual(cfg, x, res, layer.mlp_out_norm_w, xn)
     if all_logits:
         _norm(cfg, x, model.final_norm_w, model.final_norm_b, xn)
-        _linear(model.head, xn, logits, act)
+        _linear(model.head, xn, logits, act, tier)
     else:
         _norm(cfg, x[t - 1 :], model.final_norm_w, model.final_norm_b, xn[:1])
-        _linear(model.head, xn[:1], logits, act)
+        _linear(model.head, xn[:1], logits, act, tier)
     if cfg.logit_mult != 1 or cfg.final_cap > 0:  # Granite's logits_scaling, Gemma's final soft-cap
         scale_cap(logits, cfg.logit_mult, cfg.final_cap)
 
@@ -356,10 +362,13 @@ class NumbaModel:
         kv_cache: str = "auto",
         kernels: str = "auto",
         verify: bool = False,
+        compile_in_child: bool = True,
     ):
         """kernels: the kernel tier ("auto": the best the CPU numba compiles for has; or one of
         kernels/tiers.py NAMES, to force a lower one); simd=False is kernels="generic".
-        verify: check every file against the sha256 recorded at export first (slower start)."""
+        verify: check every file against the sha256 recorded at export first (slower start).
+        compile_in_child: when numba's cache lacks the compiled step, compile it in a child
+        process first (runtime/warmup.py; the serving process then stays as small as a warm one)."""
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgeLLMError(f"--kv-cache {kv_cache!r} is invalid; give one of {', '.join(KV_CACHE_TYPES)}")
         # auto: fp16 beside quantized weights (the int8 activations already round more than fp16
@@ -379,16 +388,49 @@ class NumbaModel:
         cfg = self.config  # every shape below comes from validated metadata
         self.weights = w = Weights(plan)
         self.simd = simd
+        self.cos, self.sin = _rope_tables(cfg, self.n_ctx)
+        self.run_config = run_config(cfg, self.n_ctx, w.act_cap, w.block_cap)
+        self.kv_cache = "fp16" if fp16(plan.quant) else "fp32"
+        self.state = RunState(cfg, self.n_ctx, self.kv_cache == "fp16")
+        # a first start compiles the step in a child process (runtime/warmup.py): LLVM's memory
+        # leaves with it, and this process loads the step from numba's cache
+        self.compiled_in_child = compile_in_child and self._compile_in_child(
+            tiers.resolve(kernels if simd else "generic")
+        )
         # the kernel tier (kernels/tiers.py); a tier failing its load-time self-check falls back
         # one tier, with the one-line `kernel_warning` (also issued as a warning)
         self.tier, self.kernel_warning = checked_tier(kernels if simd else "generic")
         if self.kernel_warning:
             warnings.warn(self.kernel_warning, RuntimeWarning, stacklevel=2)
         self.set_threads(threads)
-        self.cos, self.sin = _rope_tables(cfg, self.n_ctx)
-        self.run_config = run_config(cfg, self.n_ctx, w.act_cap, w.block_cap)
-        self.kv_cache = "fp16" if fp16(plan.quant) else "fp32"
-        self.state = RunState(cfg, self.n_ctx, self.kv_cache == "fp16")
+
+    def _step_args(self, ids, logits, all_logits, tier):
+        """The arguments of the compiled step `forward` for `ids` at the current position."""
+        w, st = self.weights, self.state
+        return (
+            ids,
+            st.pos,
+            self.run_config,
+            w.model,
+            w.layers,
+            self.cos,
+            self.sin,
+            st.k,
+            st.v,
+            logits,
+            all_logits,
+            tier,
+        )
+
+    def _compile_in_child(self, tier) -> bool:
+        """Compile the step for `tier` in a child process unless numba's cache has it; True if
+        a child compiled it."""
+        from . import warmup
+
+        args = self._step_args(np.zeros(1, np.int64), np.empty((1, self.config.vocab_size), np.float32), False, tier)
+        if warmup.is_cached(forward, args):
+            return False
+        return warmup.compile_in_child(tier, self.kv_cache == "fp16")
 
     def set_threads(self, threads: int | None):
         if threads is not None and threads < 1:
@@ -423,25 +465,11 @@ class NumbaModel:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise EdgeLLMError(f"token id out of range [0, {self.config.vocab_size})")
         numba.set_num_threads(self.threads)
-        w = self.weights
         logits = np.empty((t if all_logits else 1, self.config.vocab_size), np.float32)
         for c0 in range(0, t, PROMPT_CHUNK):  # long prompts in chunks: the step's scratch is O(chunk x context)
             c1 = min(t, c0 + PROMPT_CHUNK)
             out = logits[c0:c1] if all_logits else logits  # a non-final chunk's last-token logits are overwritten
-            forward(
-                ids[c0:c1],
-                self.state.pos,
-                self.run_config,
-                w.model,
-                w.layers,
-                self.cos,
-                self.sin,
-                self.state.k,
-                self.state.v,
-                out,
-                all_logits,
-                self.tier.id,
-            )
+            forward(*self._step_args(ids[c0:c1], out, all_logits, self.tier))
             self.state.pos += c1 - c0
         return logits if all_logits else logits[0]
 

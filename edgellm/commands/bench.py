@@ -140,9 +140,12 @@ def show_result(result: BenchResult, o: BenchOptions) -> None:
     from ..console import console, out
 
     target = Target(o.target)
+    st = result.settings
     table = Table(
-        title=f"edgellm bench ({'quick, ' if o.quick else ''}{result.settings.resolved_threads()} threads, energy: "
-        f"{target.value}; medians, spread in report.md)"
+        title=f"edgellm bench ({'quick, ' if o.quick else ''}{st.resolved_threads()} threads, energy: "
+        f"{target.value}; medians, spread in report.md)",
+        caption=f"pp: a {st.prompt_tokens}-token prompt from an empty cache; tg: {st.gen_tokens} greedy decode steps "
+        "after a 1-token prefill",
     )
     hide = ("backend", "load cold / warm", "KL") + (
         () if target is not Target.host else (rep.HEADERS[rep.DEVICE_COLUMN],)

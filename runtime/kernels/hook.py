@@ -78,3 +78,6 @@ class Tier:
 
     def __post_init__(self):
         object.__setattr__(self, "lanes", self.width // 4)
+
+    def __index__(self) -> int:  # a Tier passed to a compiled kernel is unboxed as its id (tiers.py)
+        return self.id

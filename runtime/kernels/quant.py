@@ -360,6 +360,7 @@ def self_check(tier_id: int) -> float:
     a miscompiled or mis-detected tier shows here at load instead of as wrong text."""
     rng = np.random.default_rng(1)
     worst = 0.0
+    tier = tiers.BY_ID[tier_id]  # the Tier, not its id: the specialization the model runs (tiers.py)
     for bits, gs, sym, n, k in ((4, 32, True, 9, 200), (8, 16, False, 6, 72)):
         nb = -(-k // gs)
         codes = rng.integers(0, 1 << bits, (n, nb * gs)).astype(np.uint8)
@@ -373,9 +374,9 @@ def self_check(tier_id: int) -> float:
         x = rng.standard_normal((5, k)).astype(np.float32)
         ref = ref_linear_q8act(x, qw, scales, zeros, bits, k, gs)
         out = np.zeros((5, n), np.float32)
-        linear_mat(d, x, out, *act_buffers(d, 5), tier_id)
+        linear_mat(d, x, out, *act_buffers(d, 5), tier)
         o1 = np.zeros(n, np.float32)
-        linear_vec(d, x[2], o1, *[b[0] for b in act_buffers(d, 1)], tier_id)
+        linear_vec(d, x[2], o1, *[b[0] for b in act_buffers(d, 1)], tier)
         err = max(np.abs(out - ref).max(), np.abs(o1 - ref[2]).max()) / np.abs(ref).max()
         worst = max(worst, float(err) if np.isfinite(err) else np.inf)
     return worst

@@ -27,6 +27,7 @@ log2 (`shift`).
 Each intrinsic takes the tier id and switches on it; only the tiers the compile target has
 (tiers.available) get code, so compiling never meets an instruction the target lacks (LLVM
 aborts the process on those) and an id without code writes NaN (tiers.resolve stops that first).
+An id typed as a literal (a `Tier` passed from Python, tiers.py) gets the code of that one tier.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ def _make_qdot(nrows: int, ntok: int):
     @intrinsic
     def qdot(typingctx, tier, bits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so):
         sig = types.none(*([types.int64] * 15))
+        only = _literal_tier(tier)  # a literal id: that tier's code alone
 
         def codegen(context, builder, signature, args):
             tid, rest = args[0], args[1:]
@@ -274,7 +276,7 @@ def _make_qdot(nrows: int, ntok: int):
                     for u in range(ntok):
                         _store_f32(builder, rest[12], rest[13], u, j, ir.Constant(F32, float("nan")))
 
-            _per_tier(builder, tid, lambda t: _tile(builder, t, nrows, ntok, rest), missing)
+            _per_tier(builder, tid, lambda t: _tile(builder, t, nrows, ntok, rest), missing, only)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -282,12 +284,19 @@ def _make_qdot(nrows: int, ntok: int):
     return qdot
 
 
-def _per_tier(builder, tid, emit, missing):
-    """switch (tier id): emit(tier) for every tier the compile target has, missing() otherwise."""
+def _literal_tier(tier_type):
+    """The tier id a kernel's `tier` argument was typed as a literal of (a `Tier` passed from
+    Python, tiers.py), or None for a plain int."""
+    return tier_type.literal_value if isinstance(tier_type, types.IntegerLiteral) else None
+
+
+def _per_tier(builder, tid, emit, missing, only=None):
+    """switch (tier id): emit(tier) for every tier the compile target has (`only`: that tier
+    alone, when the id is a compile-time literal), missing() otherwise."""
     after = builder.append_basic_block("qdot.end")
     other = builder.append_basic_block("qdot.missing")
     sw = builder.switch(tid, other)
-    for t in (t for t in tiers.TIERS if tiers.available(t.name)):
+    for t in (t for t in tiers.TIERS if tiers.available(t.name) and only in (None, t.id)):
         bb = builder.append_basic_block(f"qdot.{t.name}")
         sw.add_case(ir.Constant(I64, t.id), bb)
         with builder.goto_block(bb):
@@ -308,6 +317,7 @@ def qdot_rows(typingctx, tier, bits, w, rb, xa, xb, init, xsl, ws, ss, shift, ou
     matvecs with their weights in L2 and 2 threads: gate_up 29.3 -> 20.7 us, down 13.9 -> 7.6
     us, qkv 8.7 -> 7.8 us; on 1 thread 5-12% faster."""
     sig = types.none(*([types.int64] * 13))
+    only = _literal_tier(tier)  # a literal id: that tier's code alone
 
     def codegen(context, builder, signature, args):
         tid, nbits, w, rb, xa, xb, init, xsl, ws, ss, shift, out, ntiles = args
@@ -325,7 +335,7 @@ def qdot_rows(typingctx, tier, bits, w, rb, xa, xb, init, xsl, ws, ss, shift, ou
                 dst = builder.add(out, builder.mul(loop.index, ir.Constant(I64, 4)))
                 builder.store(ir.Constant(F32, float("nan")), ptr(builder, dst, F32), align=4)
 
-        _per_tier(builder, tid, tiles, missing)
+        _per_tier(builder, tid, tiles, missing, only)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -51,17 +51,18 @@ ORT_HINT = "; --backend onnxruntime may still run it"
 ROLES = ("qkv", "o", "up", "down")
 
 
-def check_numba_support(cfg: ModelConfig, ex: Export) -> None:
+def check_numba_support(cfg: ModelConfig, ex: Export, who: str = "the numba runtime", hint: str = ORT_HINT) -> None:
+    """What the numba kernels (CPU, and the CUDA path with its own `who`) cannot run."""
     fmt = (ex.quantization or {}).get("format", "matmulnbits")
     if fmt != "matmulnbits":
         raise UnsupportedError(
-            f"'{ex.path}' stores its quantized weights as '{fmt}' (DequantizeLinear); the numba runtime reads "
-            "the MatMulNBits layout (export with --format matmulnbits); --backend onnxruntime may still run it"
+            f"'{ex.path}' stores its quantized weights as '{fmt}' (DequantizeLinear); {who} reads "
+            f"the MatMulNBits layout (export with --format matmulnbits){hint}"
         )
     if (cfg.mlp, cfg.activation) not in NUMBA_MLPS:
         raise UnsupportedError(
-            f"a {cfg.mlp} MLP with activation '{cfg.activation}' is not supported by the numba runtime (supported: "
-            f"{', '.join(f'{m}/{a}' for m, a in sorted(NUMBA_MLPS))}); --backend onnxruntime may still run it"
+            f"a {cfg.mlp} MLP with activation '{cfg.activation}' is not supported by {who} (supported: "
+            f"{', '.join(f'{m}/{a}' for m, a in sorted(NUMBA_MLPS))}){hint}"
         )
 
 

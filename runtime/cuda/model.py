@@ -25,7 +25,7 @@ from ..errors import EdgeLLMError, UnsupportedError
 from ..format.names import ROLES
 from ..format.records import CUDA_CONFIG, CUDA_LAYER, CUDA_MODEL, KIND_F32, records
 from ..kernels.layers import rope_inv_freq, rope_tables
-from ..model import NUMBA_MLPS
+from ..model import check_numba_support
 from ..plan import LinearPlan, Norm, WeightsPlan, plan_export
 from ..validate import ModelConfig
 from . import device as dev
@@ -65,17 +65,7 @@ WHO = "the CUDA path"
 
 def check_cuda_support(cfg: ModelConfig, ex) -> None:
     """What the CUDA kernels cannot run (validate.py has checked the format already)."""
-    fmt = (ex.quantization or {}).get("format", "matmulnbits")
-    if fmt != "matmulnbits":
-        raise UnsupportedError(
-            f"'{ex.path}' stores its quantized weights as '{fmt}' (DequantizeLinear); {WHO} reads the MatMulNBits "
-            "layout (export with --format matmulnbits)"
-        )
-    if (cfg.mlp, cfg.activation) not in NUMBA_MLPS:
-        raise UnsupportedError(
-            f"a {cfg.mlp} MLP with activation '{cfg.activation}' is not supported by {WHO} (supported: "
-            f"{', '.join(f'{m}/{a}' for m, a in sorted(NUMBA_MLPS))})"
-        )
+    check_numba_support(cfg, ex, WHO, "")
     if cfg.head_dim % 2 or cfg.head_dim > 2 * MAX_THREADS:
         raise UnsupportedError(f"head_dim {cfg.head_dim} is not supported by {WHO} (even, at most {2 * MAX_THREADS})")
     gated_gelu = cfg.mlp == "gated" and cfg.activation != "silu"

@@ -212,7 +212,7 @@ def quality(b, ids: list[int], s: dict, ref_dir: Path, is_ref: bool) -> dict:
     return out
 
 
-def run(job: dict) -> dict:
+def run_job(job: dict) -> dict:
     from edgellm.data import load_text
     from edgellm.files import dir_size
 
@@ -341,7 +341,7 @@ def main(argv: list[str]) -> int:
     job_path, result_path = Path(argv[0]), Path(argv[1])
     job = json.loads(job_path.read_text())
     try:
-        res = run(job)
+        res = run_job(job)
         code = 0
     except BaseException as exc:  # the row is marked failed with this error; the report still comes out
         traceback.print_exc(file=sys.stderr)

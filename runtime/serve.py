@@ -375,7 +375,7 @@ def bind(host: str, port: int) -> socket.socket:
         raise EdgeLLMError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def run(app, sock: socket.socket, log_config: dict | None = None):
+def serve_on(app, sock: socket.socket, log_config: dict | None = None):
     """Serve `app` on `sock` until SIGTERM or SIGINT; in-flight requests finish first, then it returns."""
     import uvicorn
 

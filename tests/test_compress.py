@@ -305,9 +305,9 @@ def test_shipped_recipes_are_valid():
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert {"smollm2-pi.yaml", "quantize-only.yaml", "sparse-2of4.yaml"} <= set(names)
     for name in names:
-        r = spec.load(root / name)
+        r = spec.read_recipe(root / name)
         assert r.stages
-    pi = spec.load(root / "smollm2-pi.yaml")
+    pi = spec.read_recipe(root / "smollm2-pi.yaml")
     assert [s.command for s in pi.stages] == ["prune", "distill", "quantize", "export", "bench"]
     assert pi.stages[-1].options["target"].value == "rpi5"
 

@@ -456,13 +456,13 @@ def test_sigterm_finishes_in_flight_and_queued(export):
     code = textwrap.dedent(f"""
         import time
         from edgellm.runtime import load
-        from edgellm.runtime.serve import bind, create_app, run
+        from edgellm.runtime.serve import bind, create_app, serve_on
         gen = load({str(export)!r}, threads=1, n_ctx=256)
         forward = gen.model.forward
         gen.model.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]  # >= 10 ms a token, as slow_down
         sock = bind("127.0.0.1", 0)
         print(sock.getsockname()[1], flush=True)
-        run(create_app(gen, "m"), sock)
+        serve_on(create_app(gen, "m"), sock)
         print("returned", flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -40,10 +40,10 @@ StrideOpt = Annotated[
 ]
 
 
-def load(spec: str, message: str = "loading model"):
+def load_shown(spec: str, message: str = "loading model"):
     """Load a model for a command, with a spinner and transformers' own logging silenced."""
     from ..console import PROGRESS, quiet_transformers
-    from ..pipeline.common import load as load_spec
+    from ..pipeline.common import load_spec
 
     quiet_transformers()
     return load_spec(spec, message, progress=PROGRESS)

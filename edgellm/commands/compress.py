@@ -56,11 +56,11 @@ def compress(
     from ..console import console
     from ..recipe import spec
 
-    r = spec.load(recipe, model=model)
+    r = spec.read_recipe(recipe, model=model)
     _check_model(r.model)
     output = Path(output)
     _check_output(output, compare or [])
-    # missing parents of the output are created when the first stage runs (runner.run), as -o does
+    # missing parents of the output are created when the first stage runs (runner.run_recipe), as -o does
     # for every other command; --check creates nothing
 
     if not check and any(s.command != "bench" for s in r.stages):  # one error line before the plan, not after it
@@ -137,7 +137,7 @@ def _run_stages(r, output: Path):
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return runner.run(r, output, on_event, _hooks())
+        return runner.run_recipe(r, output, on_event, _hooks())
     except KeyboardInterrupt:
         from ..console import fail
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import ModelArg, dir_size, human_bytes, load
+from .common import ModelArg, dir_size, human_bytes, load_shown
 
 
 def info(
@@ -33,7 +33,7 @@ def info(
         return _export_info(Path(model), verify)
     if verify:
         raise EdgeLLMError(f"--verify checks an export directory (with model.onnx); '{model}' is not one")
-    loaded = load(model)
+    loaded = load_shown(model)
     m, cfg = loaded.model, loaded.model.config
     rec = loaded.record
     table = Table(show_header=False, title=str(model))

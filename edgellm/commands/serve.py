@@ -119,7 +119,7 @@ def serve(
                 highlight=False,
                 soft_wrap=True,
             )
-        server.run(app, sock, log_config=_log_config())
+        server.serve_on(app, sock, log_config=_log_config())
     finally:
         sock.close()
     console.print(f"stopped after {app.state.engine.served} requests", highlight=False)

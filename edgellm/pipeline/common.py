@@ -34,7 +34,7 @@ def check_stride(ctx: int, stride: int | None) -> int:
     return stride
 
 
-def load(spec: str, message: str = "loading model", progress=None):
+def load_spec(spec: str, message: str = "loading model", progress=None):
     """Load a model spec; a damaged or unloadable one is an EdgeLLMError naming it."""
     import json
 

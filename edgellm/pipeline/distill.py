@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import EdgeLLMError
-from .common import check_context, check_range, data_tokens, load
+from .common import check_context, check_range, data_tokens, load_spec
 from .options import option
 
 
@@ -153,14 +153,14 @@ def _load_pair(teacher: str, o: DistillOptions, progress) -> _Pair:
     from ..distill.checkpoint import model_identity
     from ..distill.student import check_pair, num_layers, student_from_teacher
 
-    t_loaded = load(teacher, "loading teacher", progress=progress)
+    t_loaded = load_spec(teacher, "loading teacher", progress=progress)
     if t_loaded.record.get("quantization"):
         raise EdgeLLMError(f"teacher '{teacher}' is quantized; distil from the unquantized model")
     tok = t_loaded.tokenizer
     check_context(t_loaded.model, "--seq-len", o.seq_len)
     check_context(t_loaded.model, "--ctx", o.ctx)
     if o.student is not None:
-        s_loaded = load(o.student, "loading student", progress=progress)
+        s_loaded = load_spec(o.student, "loading student", progress=progress)
         check_pair(t_loaded.model, s_loaded.model, tok, s_loaded.tokenizer)
         return _Pair(t_loaded, s_loaded.model, None, {"model": model_identity(o.student)})
     n = o.student_layers if o.student_layers is not None else max(1, num_layers(t_loaded.model.config) // 2)

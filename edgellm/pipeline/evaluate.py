@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .common import check_context, check_stride, data_tokens, load
+from .common import check_context, check_stride, data_tokens, load_spec
 from .options import option
 
 
@@ -35,9 +35,9 @@ def run_eval(model: str, options: EvalOptions, progress=None) -> EvalResult:
 
     o, progress = options, progress or NULL
     stride = check_stride(o.ctx, o.stride)
-    loaded = load(model, progress=progress)
+    loaded = load_spec(model, progress=progress)
     check_context(loaded.model, "--ctx", o.ctx)
-    ref = load(o.reference, "loading reference", progress=progress) if o.reference else None
+    ref = load_spec(o.reference, "loading reference", progress=progress) if o.reference else None
     if ref is not None:
         check_context(ref.model, "--ctx", o.ctx)
     ids = split_tokens(data_tokens(loaded.tokenizer, o.data), "eval")

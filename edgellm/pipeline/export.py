@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .common import load, status
+from .common import load_spec, status
 from .options import option
 
 
@@ -30,7 +30,7 @@ def run_export(model: str, output: Path, options: ExportOptions, progress=None, 
 
     o = options
     check_output_dir(output, force, [model])  # before the (slow) load
-    loaded = load(model, progress=progress)
+    loaded = load_spec(model, progress=progress)
     with status(progress, f"exporting to {output}" + (" and checking parity" if o.check else "")):
         return export_model(
             loaded,

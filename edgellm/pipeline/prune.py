@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import EdgeLLMError
-from .common import SEED_MAX, calib_data, check_context, check_range, data_tokens, load
+from .common import SEED_MAX, calib_data, check_context, check_range, data_tokens, load_spec
 from .options import option
 
 
@@ -127,7 +127,7 @@ def run_prune(model: str, output: Path, options: PruneOptions, progress=None, fo
     nm = check_options(o)
     inputs = [model, o.data]
     check_output_dir(output, force, inputs)
-    loaded = load(model, progress=progress)
+    loaded = load_spec(model, progress=progress)
     check_context(loaded.model, "--seq-len", o.seq_len)
     if loaded.record.get("quantization"):
         raise EdgeLLMError(f"'{model}' is quantized; prune the unquantized model, then quantize the pruned one")

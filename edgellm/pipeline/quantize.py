@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import EdgeLLMError
-from .common import SEED_MAX, calib_data, check_context, check_range, data_tokens, load
+from .common import SEED_MAX, calib_data, check_context, check_range, data_tokens, load_spec
 from .options import option
 
 
@@ -245,7 +245,7 @@ def _run_resident(model: str, output: Path, o: QuantizeOptions, cfg, progress, f
 
     progress = progress or NULL
     inputs = [model, o.data]
-    loaded = load(model, progress=progress)
+    loaded = load_spec(model, progress=progress)
     _check_model(loaded, model, o)
     ids = data_tokens(loaded.tokenizer, o.data)
     calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed)

@@ -45,7 +45,7 @@ def _data_identity(stage: Stage) -> dict:
     return {"data": identity(data)} if data else {}
 
 
-def run(
+def run_recipe(
     recipe: Recipe, out: Path, on_event: Event = lambda s, what, detail: None, hooks: C.Hooks | None = None
 ) -> list[StageResult]:
     """Run (or skip) every stage; returns one result per stage in order."""
@@ -122,7 +122,7 @@ def _run_stage(stage: Stage, args: dict, entry: dict, lock: Lock, hooks, on_even
     lock.set(stage.index, entry)
     t0 = time.perf_counter()
     try:
-        C.run(stage.command, args, stage.options, hooks)
+        C.run_stage(stage.command, args, stage.options, hooks)
     except BaseException as exc:
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
         entry.update(status="failed", error=why, seconds=round(time.perf_counter() - t0, 2))

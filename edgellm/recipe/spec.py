@@ -141,7 +141,7 @@ def parse(doc, path: Path | None = None, model: str | None = None) -> Recipe:
     )
 
 
-def load(path: Path, model: str | None = None) -> Recipe:
+def read_recipe(path: Path, model: str | None = None) -> Recipe:
     return parse(read_yaml(path), Path(path), model)
 
 

@@ -180,7 +180,7 @@ class Hooks:
 _IN_OPTIONS = {"distill": ("student", "resume"), "eval": ("reference",)}  # arguments that are option fields
 
 
-def run(stage: str, args: dict, values: dict, hooks: Hooks):
+def run_stage(stage: str, args: dict, values: dict, hooks: Hooks):
     """Run one stage's workflow with the recipe's arguments and option values (defaults for the rest)."""
     options = dataclasses.replace(COMMANDS[stage](**values), **{k: args[k] for k in _IN_OPTIONS.get(stage, ())})
     with hooks.context():

@@ -19,6 +19,8 @@ linear, RoPE/KV, attention and the activation as separate launches (9 per layer)
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ..errors import EdgeLLMError, UnsupportedError
@@ -323,6 +325,16 @@ class CudaModel:
 
     def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         """Append `ids` at the current position; logits (len(ids), V) or (V,) of the last token."""
+        if not dev.simulator():
+            return self._forward(ids, all_logits)
+        # the simulator computes each CUDA thread's arithmetic with numpy scalars, which warn on
+        # NaN/inf where a GPU stays silent (damaged weights are reported once, by the Generator);
+        # the filter is process-wide because the simulated threads are Python threads
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return self._forward(ids, all_logits)
+
+    def _forward(self, ids, all_logits: bool) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         t = ids.size
         if t == 0:

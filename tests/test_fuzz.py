@@ -254,7 +254,7 @@ def test_signal_inside_an_import_is_an_interrupt(monkeypatch):
         console.SIGNALLED.append(signal.SIGINT)
         raise ImportError("initialization failed")
 
-    monkeypatch.setattr(info_cmd, "load", load)
+    monkeypatch.setattr(info_cmd, "load_shown", load)
     r = CliRunner().invoke(app, ["info", "whatever"])
     assert r.exit_code == 130 and "interrupted" in r.output and "ImportError" not in r.output, r.output
 

@@ -17,9 +17,3 @@ NUMPY_OF = {
     FLOAT16: np.float16,
     DOUBLE: np.float64,
 }
-NAME_OF = {FLOAT: "float32", UINT8: "uint8", FLOAT16: "float16", UINT4: "uint4", INT4: "int4"}
-
-
-def describe(codes) -> str:
-    """'1 (float32) or 10 (float16)' for an error message."""
-    return " or ".join(f"{c} ({NAME_OF.get(c, '?')})" for c in codes)

@@ -33,6 +33,7 @@ EXTRA_OF = {
     "optimum": "gpu",
     "uvicorn": "serve",
     "starlette": "serve",
+    "llguidance": "serve",
     "datasets": "data",
 }
 

@@ -33,6 +33,8 @@ class Sampling:
     ignore_eos: bool = (
         False  # keep generating past end-of-sequence tokens (exactly max_new_tokens, as llama.cpp's --ignore-eos)
     )
+    grammar: object = None  # constrain.Grammar: only tokens it allows are sampled (structured output)
+    keep_special: tuple = ()  # special token ids whose text stays in the output (tool-call markers)
 
     def check(self):
         fin = math.isfinite
@@ -104,9 +106,22 @@ class Tokenizer:
             lambda: self.tok.encode(text, add_special_tokens=special).ids, f"'{self.path}' cannot encode the prompt"
         )
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, keep: tuple = ()) -> str:
+        """Text of `ids` without special tokens, except those in `keep` (kept as their text)."""
+        ids = list(ids)
+        if keep and any(t in keep for t in ids):
+            parts, run = [], []
+            for t in ids + [None]:
+                if t is None or t in keep:
+                    parts.append(self.decode(run))
+                    run = []
+                    if t is not None:
+                        parts.append(self.tok.id_to_token(t) or "")
+                else:
+                    run.append(t)
+            return "".join(parts)
         return _tokenizers(
-            lambda: self.tok.decode(list(ids), skip_special_tokens=True), f"'{self.path}' cannot decode the output"
+            lambda: self.tok.decode(ids, skip_special_tokens=True), f"'{self.path}' cannot decode the output"
         )
 
     def token_id(self, text: str | None):
@@ -304,23 +319,31 @@ class Generator:
         text, emitted = "", 0
         prefix_at = read_at = 0  # incremental detokenization (TGI-style): O(1) per step, not O(n)
         budget = min(p.max_new_tokens, m.n_ctx - len(ids))
+        con = p.grammar.start() if p.grammar is not None else None  # structured output: runtime/constrain.py
+        keep = p.keep_special
         t1 = None
         while True:
-            tok = sample(logits, p, rng, np.array(context, np.int64) if p.repetition_penalty != 1.0 else None)
+            x = logits
+            if con is not None:  # disallowed tokens -> -inf (a copy when logprobs read the raw logits)
+                x = logits.copy() if observe is not None else logits
+                con.mask(x)
+            tok = sample(x, p, rng, np.array(context, np.int64) if p.repetition_penalty != 1.0 else None)
             if t1 is None:
                 t1 = time.perf_counter()  # generation speed counts the decode steps after the first token
             st.gen_tokens += 1
             if observe is not None:
                 observe(tok, logits)
-            if tok in self.eos_ids and not p.ignore_eos:
+            if tok in self.eos_ids and (not p.ignore_eos or con is not None):
                 st.stop_reason = "eos"
                 break
+            if con is not None:
+                con.advance(tok)
             out.append(tok)
             context.append(tok)
             # decode the new tokens together with a few before them, so merges across the
             # boundary (leading spaces, multi-byte characters) come out as the full decode would
-            before = self.tokenizer.decode(out[prefix_at:read_at])
-            after = self.tokenizer.decode(out[prefix_at:])
+            before = self.tokenizer.decode(out[prefix_at:read_at], keep)
+            after = self.tokenizer.decode(out[prefix_at:], keep)
             if len(after) > len(before) and not after.endswith("\ufffd"):
                 text += after[len(before) :]
                 prefix_at, read_at = read_at, len(out)
@@ -334,8 +357,9 @@ class Generator:
             if safe > emitted and not text.endswith("\ufffd"):
                 yield text[emitted:safe]
                 emitted = safe
-            if len(out) >= budget:
-                st.stop_reason = "length"
+            finished = con is not None and con.done  # the grammar admits nothing more: as end of sequence
+            if len(out) >= budget or finished:
+                st.stop_reason = "eos" if finished else "length"
                 if len(text) > emitted:
                     yield text[emitted:]
                 break

@@ -131,7 +131,8 @@ class Tokenizer:
             else _tokenizers(lambda: self.tok.token_to_id(text), f"'{self.path}' cannot look up {text!r}")
         )
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list | None = None) -> str:
+        """The prompt text of `messages` (and `tools`, for templates that read them: runtime/tools.py)."""
         if not self.chat_template:
             raise EdgeLLMError(
                 "this model has no chat template (tokenizer_config.json 'chat_template'); use -p without --chat"
@@ -153,6 +154,7 @@ class Tokenizer:
                 add_generation_prompt=True,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **({"tools": tools} if tools else {}),
             )
         except EdgeLLMError:
             raise

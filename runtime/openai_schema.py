@@ -4,7 +4,10 @@ Pure data in, plain dicts out (no HTTP here), so every rule is testable on its o
 follow the OpenAI API reference; `top_k` and `repetition_penalty` are accepted as extensions (as
 llama.cpp's and vLLM's servers do, sent by the `openai` client through `extra_body`). Fields this
 runtime cannot honour (n > 1, tools, penalties other than 0) are refused with a 400 rather than
-silently ignored; fields that change nothing here (`user`, `metadata`) are ignored. `logprobs`
+silently ignored; fields that change nothing here (`user`, `metadata`) are ignored. Structured
+output: `response_format` json_schema / json_object, and as extensions (vLLM's names)
+`guided_json`, `guided_regex`, `guided_grammar` (Lark or GBNF; llama.cpp's `grammar` is the same
+field); tools: `tools`, `tool_choice`, `parallel_tool_calls` (runtime/tools.py). `logprobs`
 (chat: `logprobs` + `top_logprobs`; completions: `logprobs` + `echo`, `max_tokens: 0` to score the
 prompt only) are answered in OpenAI's shapes (`chat_logprobs`, `completion_logprobs`).
 """
@@ -16,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from .generate import Sampling
+from .tools import ToolsError, check_choice, check_tools
 
 # When a request omits a sampling field, it gets `edgellm run`'s default, so the same request
 # gives the same text through the server and the command line.
@@ -74,6 +78,10 @@ class Request:
     include_usage: bool  # stream_options.include_usage: also send a usage-only chunk at the end
     logprobs: int | None = None  # alternatives per token to report (0: the chosen token's only); None: off
     echo: bool = False  # completions: the answer starts with the prompt (and its logprobs)
+    structured: tuple | None = None  # (kind, spec, field): runtime/constrain.py grammar kind, its source, the field
+    tools: list | None = None  # chat: OpenAI tool definitions (checked)
+    tool_choice: str = "none"  # auto | none | required | a function name
+    parallel_tool_calls: bool = True
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -130,14 +138,67 @@ def _unsupported(body: dict):
             raise bad(
                 f"'{name}' is not supported (only 0); use 'repetition_penalty' instead", name, "unsupported_parameter"
             )
-    for name in ("tools", "functions", "logit_bias"):
+    for name in ("functions", "logit_bias"):
         if body.get(name):
             raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
     if body.get("best_of") not in (None, 1):
         raise bad("'best_of' is not supported (only 1)", "best_of", "unsupported_parameter")
+
+
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar", "grammar": "grammar"}
+
+
+def _structured(body: dict) -> tuple | None:
+    """(grammar kind, spec, field) from response_format or one guided_* extension; None: free text."""
+    found = []
     fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
-        raise bad("'response_format' other than text is not supported", "response_format", "unsupported_parameter")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_schema":
+            js = fmt.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, (dict, bool)):
+                raise bad(
+                    "'response_format.json_schema.schema' must be a JSON Schema object",
+                    "response_format.json_schema.schema",
+                    "invalid_type",
+                )
+            found.append(("json_schema", schema, "response_format.json_schema.schema"))
+        elif kind == "json_object":
+            found.append(("json_object", None, "response_format"))
+        elif kind not in (None, "text"):
+            raise bad(
+                f"'response_format.type' is {kind!r}; give text, json_object or json_schema", "response_format.type"
+            )
+    for name, kind in GUIDED.items():
+        v = body.get(name)
+        if v is None:
+            continue
+        ok = isinstance(v, (dict, str)) if kind == "json_schema" else isinstance(v, str) and v.strip()
+        if not ok:
+            want = "a JSON Schema (object or string)" if kind == "json_schema" else "a non-empty string"
+            raise bad(f"'{name}' must be {want}", name, "invalid_type")
+        found.append((kind, v, name))
+    if len(found) > 1:
+        raise bad(
+            f"give one of response_format / guided_json / guided_regex / guided_grammar, not {len(found)}",
+            found[1][2],
+        )
+    return found[0] if found else None
+
+
+def _tools(body: dict, kind: str) -> tuple:
+    """(tools or None, tool_choice, parallel_tool_calls), checked."""
+    tools = body.get("tools")
+    try:
+        if tools is not None:
+            if kind != "chat":
+                raise ToolsError("'tools' is a chat completions parameter", "tools")
+            tools = check_tools(tools)
+        choice = check_choice(body.get("tool_choice"), tools)
+    except ToolsError as exc:
+        raise bad(str(exc), exc.param) from None
+    return tools, choice, _flag(body, "parallel_tool_calls") if "parallel_tool_calls" in body else True
 
 
 def _message(i: int, m) -> dict:
@@ -145,8 +206,18 @@ def _message(i: int, m) -> dict:
     if not isinstance(m, dict):
         raise bad(f"'{param}' must be an object with 'role' and 'content'", param, "invalid_type")
     role, content = m.get("role"), m.get("content")
-    if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant"):
-        raise bad(f"'{param}.role' is {role!r}; give system, developer, user or assistant", f"{param}.role")
+    if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant", "tool"):
+        raise bad(f"'{param}.role' is {role!r}; give system, developer, user, assistant or tool", f"{param}.role")
+    extra = {}
+    if role == "assistant" and m.get("tool_calls"):
+        extra["tool_calls"] = _tool_calls(param, m["tool_calls"])
+        content = "" if content is None else content
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise bad(f"'{param}.tool_call_id' must be the id of the call this answers", f"{param}.tool_call_id")
+        extra["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str):
+            extra["name"] = m["name"]
     if isinstance(content, list):  # content parts: text only
         texts = []
         for part in content:
@@ -159,7 +230,24 @@ def _message(i: int, m) -> dict:
         content = "".join(texts)
     if not isinstance(content, str):
         raise bad(f"'{param}.content' must be a string or a list of text parts", f"{param}.content", "invalid_type")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return {"role": "system" if role == "developer" else role, "content": content, **extra}
+
+
+def _tool_calls(param: str, calls) -> list:
+    """An assistant message's earlier tool_calls, as OpenAI sends them back."""
+    ok = isinstance(calls, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments"), str)
+        for c in calls
+    )
+    if not ok:
+        raise bad(
+            f"'{param}.tool_calls' must be a list of {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}",
+            f"{param}.tool_calls",
+        )
+    return [{"id": c.get("id"), "type": "function", "function": dict(c["function"])} for c in calls]
 
 
 def _prompt(v):
@@ -223,8 +311,25 @@ def parse(body, kind: str, model_id: str) -> Request:
     if opts is not None and not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = _flag(opts or {}, "include_usage")
+    structured = _structured(body)
+    tools, choice, parallel = _tools(body, kind)
+    if structured is not None and tools and choice != "none":
+        raise bad(f"'{structured[2]}' cannot be combined with 'tools' (unless tool_choice is none)", structured[2])
     return Request(
-        kind, model_id, messages, prompt, max_tokens, sampling, _flag(body, "stream"), include_usage, logprobs, echo
+        kind,
+        model_id,
+        messages,
+        prompt,
+        max_tokens,
+        sampling,
+        _flag(body, "stream"),
+        include_usage,
+        logprobs,
+        echo,
+        structured,
+        tools,
+        choice,
+        parallel,
     )
 
 
@@ -265,9 +370,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def finish_reason(stop_reason: str) -> str:
-    """Runtime stop reason -> OpenAI's: end-of-sequence and stop strings are 'stop'."""
-    return "length" if stop_reason == "length" else "stop"
+def finish_reason(stop_reason: str, tool_calls: bool = False) -> str:
+    """Runtime stop reason -> OpenAI's: end-of-sequence and stop strings are 'stop'; a finished
+    answer that called tools is 'tool_calls'."""
+    return "length" if stop_reason == "length" else "tool_calls" if tool_calls else "stop"
 
 
 def chat_logprobs(entries: list, text_of) -> dict:
@@ -297,13 +403,24 @@ def completion_logprobs(entries: list, text_of, offset: int = 0) -> dict:
 
 
 def response(
-    req: Request, rid: str, created: int, text: str, finish: str, use: dict, logprobs: dict | None = None
+    req: Request,
+    rid: str,
+    created: int,
+    text: str,
+    finish: str,
+    use: dict,
+    logprobs: dict | None = None,
+    tool_calls: list | None = None,
 ) -> dict:
-    """The whole (non-streaming) answer; `logprobs`: chat_logprobs / completion_logprobs when asked for."""
+    """The whole (non-streaming) answer; `logprobs`: chat_logprobs / completion_logprobs when asked for;
+    `tool_calls`: the calls parsed from the answer (content is then the text before them, or null)."""
     if req.kind == "chat":
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": logprobs,
             "finish_reason": finish,
         }
@@ -332,13 +449,16 @@ def chunk(
     first: bool = False,
     usage_only: bool = False,
     logprobs: dict | None = None,
+    tool_calls: list | None = None,
 ) -> dict:
     """One server-sent event's payload: a text delta (with its tokens' `logprobs` when asked for),
-    the final chunk (finish_reason + usage), or a usage-only chunk."""
+    a tool_calls delta (tool_call_deltas), the final chunk (finish_reason + usage), or a usage-only chunk."""
     if req.kind == "chat":
         delta = {} if finish is not None else {"content": text or ""}
         if first:
             delta = {"role": "assistant", "content": ""}
+        if tool_calls is not None:
+            delta = {"tool_calls": tool_calls}
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
@@ -367,3 +487,10 @@ def model_card(model_id: str, created: int) -> dict:
 
 def now() -> int:
     return int(time.time())
+
+
+def tool_call_deltas(index: int, call: dict) -> list[list]:
+    """One call as OpenAI streams it: its id, type and name with empty arguments, then the arguments."""
+    fn = call["function"]
+    head = {"index": index, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
+    return [[head], [{"index": index, "function": {"arguments": fn["arguments"]}}]]

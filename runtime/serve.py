@@ -27,10 +27,14 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_schema as schema
+from .constrain import ConstraintError
 from .engine import Engine, Job, QueueFull, Result
 from .errors import EdgeLLMError
 from .generate import Generator
+from .guided import Plan, plan
 from .openai_schema import APIError, bad
+from .tools import ToolParser
+from .tools import template_messages as tools_messages
 
 log = logging.getLogger("edgellm.serve")
 
@@ -54,10 +58,11 @@ def create_app(
     vocab = gen.model.config.vocab_size
     created = created or schema.now()
 
-    def tokens(req: schema.Request) -> list[int]:
+    def tokens(req: schema.Request, tools: list | None = None) -> list[int]:
         try:
             if req.kind == "chat":
-                return gen.tokenizer.encode(gen.tokenizer.apply_chat_template(req.messages), special=False)
+                messages = req.messages if not req.tools else tools_messages(req.messages)
+                return gen.tokenizer.encode(gen.tokenizer.apply_chat_template(messages, tools), special=False)
             if isinstance(req.prompt, str):
                 return gen.tokenizer.encode(req.prompt)
         except EdgeLLMError as exc:
@@ -88,7 +93,9 @@ def create_app(
 
     async def complete(request: Request, kind: str):
         req = schema.parse(await read_json(request, max_body), kind, model_id)
-        ids = tokens(req)
+        guide = plan(gen, req)  # structured output and tools (runtime/guided.py)
+        req.sampling.grammar, req.sampling.keep_special = guide.grammar, guide.keep_special
+        ids = tokens(req, guide.tools)
         if not ids:
             raise bad("the prompt encodes to no tokens", "messages" if kind == "chat" else "prompt")
         req.sampling.max_new_tokens = budget(req, len(ids))
@@ -120,8 +127,8 @@ def create_app(
         echoed = echo_text(req, ids)
         if req.stream:
             headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return StreamingResponse(sse(req, job, rid, echoed), media_type="text/event-stream", headers=headers)
-        return await whole(request, req, job, rid, headers, echoed)
+            return StreamingResponse(sse(req, job, rid, echoed, guide), media_type="text/event-stream", headers=headers)
+        return await whole(request, req, job, rid, headers, echoed, guide)
 
     def echo_text(req: schema.Request, ids: list[int]) -> str:
         """The prompt as the answer repeats it (completions with `echo`)."""
@@ -139,10 +146,24 @@ def create_app(
             return schema.chat_logprobs(entries, text_of)
         return schema.completion_logprobs(entries, text_of, offset)
 
-    async def sse(req: schema.Request, job: Job, rid: str, echoed: str):
+    async def sse(req: schema.Request, job: Job, rid: str, echoed: str, guide: Plan):
         """Server-sent events: a role chunk (chat) or the echoed prompt (completions with echo),
-        one chunk per text piece (with its tokens' logprobs when asked for), the final chunk, [DONE]."""
+        one chunk per text piece (with its tokens' logprobs when asked for), tool_calls deltas
+        (each call once it is complete), the final chunk, [DONE]."""
         finished = False
+        parser = ToolParser(guide.fmt) if guide.fmt is not None else None
+        n_calls = 0
+
+        def events(kind_text: list):  # the parser's events -> SSE payloads
+            nonlocal n_calls
+            for kind, v in kind_text:
+                if kind == "content":
+                    yield schema.chunk(req, rid, created_at(job), text=v)
+                else:
+                    for delta in schema.tool_call_deltas(n_calls, v):
+                        yield schema.chunk(req, rid, created_at(job), tool_calls=delta)
+                    n_calls += 1
+
         pending: list = []  # logprobs of the tokens behind the next piece
         offset = 0  # completions' text_offset: characters sent so far
         try:
@@ -160,14 +181,23 @@ def create_app(
                     pending.extend(value)
                     continue
                 text = echoed if kind == "prompt" else value
+                if parser is not None:
+                    for payload in events(parser.feed(text)):
+                        yield _event(payload)
+                    continue
                 lp = logprobs(req, value if kind == "prompt" else pending, offset)
                 pending = []
                 offset += len(text)
                 yield _event(schema.chunk(req, rid, created_at(job), text=text, logprobs=lp))
             result: Result = value
+            if parser is not None and result.error is None:
+                for payload in events(parser.finish()):
+                    yield _event(payload)
             if pending and result.error is None:  # tokens without text of their own (end of sequence)
                 yield _event(schema.chunk(req, rid, created_at(job), text="", logprobs=logprobs(req, pending, offset)))
-            if result.error is not None:
+            if isinstance(result.error, ConstraintError):  # the grammar allowed no token: a 400 naming it
+                yield _event(bad(f"'{guide.field}': {result.error}", guide.field, "grammar_dead_end").body())
+            elif result.error is not None:
                 yield _event(
                     APIError(
                         500,
@@ -178,9 +208,8 @@ def create_app(
                 )
             else:
                 use = schema.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-                yield _event(
-                    schema.chunk(req, rid, created_at(job), finish=schema.finish_reason(result.stop_reason), use=use)
-                )
+                finish = schema.finish_reason(result.stop_reason, n_calls > 0)
+                yield _event(schema.chunk(req, rid, created_at(job), finish=finish, use=use))
                 if req.include_usage:
                     yield _event(schema.chunk(req, rid, created_at(job), use=use, usage_only=True))
             yield "data: [DONE]\n\n"
@@ -188,7 +217,7 @@ def create_app(
             if not finished:  # the client went away mid-stream (starlette cancelled us): stop the generation
                 engine.abandon(job)
 
-    async def whole(request: Request, req: schema.Request, job: Job, rid: str, headers: dict, echoed: str):
+    async def whole(request: Request, req: schema.Request, job: Job, rid: str, headers: dict, echoed: str, guide: Plan):
         """Collect the answer; a client that disconnects while waiting abandons its job."""
 
         async def watch():
@@ -210,19 +239,28 @@ def create_app(
         finally:
             watcher.cancel()
         result: Result = value
+        if isinstance(result.error, ConstraintError):  # the grammar allowed no token: a 400 naming it
+            raise bad(f"'{guide.field}': {result.error}", guide.field, "grammar_dead_end")
         if result.error is not None:
             raise APIError(
                 500, f"generation failed: {type(result.error).__name__}: {result.error}", None, "generation_failed"
             )
         use = schema.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        text, calls = echoed + "".join(pieces), None
+        if guide.fmt is not None:  # tool calls parsed out of the answer (runtime/tools.py)
+            parser = ToolParser(guide.fmt)
+            found = parser.feed(text) + parser.finish()
+            text = "".join(v for k, v in found if k == "content")
+            calls = [v for k, v in found if k == "call"] or None
         body = schema.response(
             req,
             rid,
             created_at(job),
-            echoed + "".join(pieces),
-            schema.finish_reason(result.stop_reason),
+            text,
+            schema.finish_reason(result.stop_reason, bool(calls)),
             use,
             logprobs(req, entries),
+            calls,
         )
         return JSONResponse(body, headers=headers)
 

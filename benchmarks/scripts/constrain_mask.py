@@ -151,14 +151,29 @@ def main():
             apply = [x for r in runs for x in r["apply_us"]]
             total = statistics.median([a + b for a, b in zip(mask, apply)])
             rows.append(
-                (name, lib, len(ids), statistics.median(r["compile_ms"] for r in runs), statistics.median(mask),
-                 float(np.percentile(mask, 95)), statistics.median(apply), total, 100 * total / 1e3 / step_ms)
+                (
+                    name,
+                    lib,
+                    len(ids),
+                    statistics.median(r["compile_ms"] for r in runs),
+                    statistics.median(mask),
+                    float(np.percentile(mask, 95)),
+                    statistics.median(apply),
+                    total,
+                    100 * total / 1e3 / step_ms,
+                )
             )
     print(f"\nvocabulary {vocab} tokens; per token: mask = the library's bitmask, apply = -inf into the logits")
-    print("| grammar | library | tokens | compile ms | mask µs p50 | mask µs p95 | apply µs p50 | total µs p50 | % of step |")
+    print(
+        "| grammar | library | tokens | compile ms | mask µs p50 | mask µs p95 | apply µs p50 | total µs p50 "
+        "| % of step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.0f} | {r[8]:.1f}% |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.0f} "
+            f"| {r[8]:.1f}% |"
+        )
 
 
 if __name__ == "__main__":

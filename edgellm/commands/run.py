@@ -102,6 +102,18 @@ def run(
             help="First check every file against the sha256 recorded at export (reads the whole model once).",
         ),
     ] = False,
+    json_schema: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--json-schema",
+            help="Constrain the output to JSON valid against this JSON Schema file (constrained decoding; needs the "
+            "'chat' or 'serve' extra).",
+        ),
+    ] = None,
+    grammar: Annotated[
+        Optional[Path],
+        typer.Option("--grammar", help="Constrain the output to this Lark or GBNF grammar file (as --json-schema)."),
+    ] = None,
     device: Annotated[
         str,
         typer.Option(
@@ -140,6 +152,9 @@ def run(
         ignore_eos=ignore_eos,
     )
     params.check()
+    if json_schema is not None and grammar is not None:
+        raise EdgeLLMError("give --json-schema or --grammar, not both")
+    constraint = _constraint_spec(json_schema, grammar)  # read and parsed before the load
     if chat:
         from .._deps import require
 
@@ -168,6 +183,15 @@ def run(
             highlight=False,
         )
 
+    if constraint is not None:
+        from ..runtime.constrain import compile_grammar
+
+        kind, spec, where = constraint
+        try:
+            params.grammar = compile_grammar(gen.tokenizer, gen.model.config.vocab_size, gen.eos_ids, kind, spec)
+        except EdgeLLMError as exc:
+            raise EdgeLLMError(f"{where}: {exc}") from None
+
     def emit(pieces):
         for piece in pieces:
             sys.stdout.write(piece)
@@ -185,3 +209,29 @@ def run(
     for line in sys.stdin:
         if line.strip():
             emit(gen.chat(line.rstrip("\n"), params))
+
+
+def _constraint_spec(json_schema: Path | None, grammar: Path | None):
+    """(grammar kind, spec, what to name in errors) from --json-schema / --grammar, or None."""
+    import json
+
+    from ..errors import EdgeLLMError
+    from ..runtime.deps import require
+
+    path = json_schema or grammar
+    if path is None:
+        return None
+    require("llguidance", "--json-schema / --grammar (constrained decoding)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeLLMError(f"cannot read '{path}': {getattr(exc, 'strerror', None) or exc}") from None
+    if grammar is not None:
+        return "grammar", text, f"--grammar '{path}'"
+    try:
+        schema = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise EdgeLLMError(f"--json-schema '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise EdgeLLMError(f"--json-schema '{path}' holds a JSON {type(schema).__name__}; expected a schema object")
+    return "json_schema", schema, f"--json-schema '{path}'"

@@ -216,7 +216,7 @@ def _constraint_spec(json_schema: Path | None, grammar: Path | None):
     import json
 
     from ..errors import EdgeLLMError
-    from ..runtime.deps import require
+    from .._deps import require
 
     path = json_schema or grammar
     if path is None:

@@ -8,6 +8,8 @@ Never import torch or transformers here: a test enforces it.
     print("".join(gen.stream("Hello", Sampling(temperature=0))))
     gen.model.kernels                        # the kernel tier that runs, e.g. 'avx2 (numba target haswell)'
     load("q4-onnx/", kernels="generic")      # force a lower tier (kernels/tiers.py); one the CPU lacks: EdgeLLMError
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    gen.stream("JSON: ", Sampling(grammar=gen.grammar("json_schema", schema)))  # only schema-valid JSON
 """
 
 from .generate import Generator, Sampling, load  # noqa: F401

@@ -273,6 +273,13 @@ class Generator:
             self.cached = []
         yield from self._generate(ids, p or Sampling(), observe)
 
+    def grammar(self, kind: str, spec=None):
+        """A constraint for `Sampling(grammar=...)`: kind json_schema (spec: a JSON Schema dict),
+        json_object, regex or grammar (Lark / GBNF text). runtime/constrain.py; needs llguidance."""
+        from .constrain import compile_grammar
+
+        return compile_grammar(self.tokenizer, self.model.config.vocab_size, self.eos_ids, kind, spec)
+
     def score(self, ids: list[int]) -> np.ndarray:
         """Logits (len(ids), V) at every position of `ids` from a fresh context: row i predicts
         ids[i + 1]. The cache then holds `ids`, so a `stream(ids, reuse_prefix=True)` after it

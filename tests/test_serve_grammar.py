@@ -449,3 +449,19 @@ def test_run_json_schema(exports, tmp_path):
     f.write_text("{nope")
     r = CliRunner().invoke(app, ["run", str(exports[0]), "-p", "x", "--json-schema", str(f)])
     assert r.exit_code == 2 and "not valid JSON" in r.output
+
+
+def test_python_api(exports):
+    from edgellm.runtime import Sampling, load
+
+    gen = load(exports[0], threads=2, n_ctx=512)
+    schema = SCHEMAS["bounds"]
+    for seed in (1, 2):
+        text = "".join(
+            gen.stream("JSON:", Sampling(temperature=1.0, seed=seed, grammar=gen.grammar("json_schema", schema)))
+        )
+        assert gen.stats.stop_reason == "eos"
+        jsonschema.validate(json.loads(text), schema)
+    free = "".join(gen.stream("JSON:", Sampling(temperature=1.0, seed=1, max_new_tokens=20)))
+    with pytest.raises(json.JSONDecodeError):  # the same sampling without the grammar is not JSON
+        json.loads(free)

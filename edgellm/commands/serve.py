@@ -61,6 +61,10 @@ def serve(
     Requests run one at a time, first come first served. Unset sampling fields take 'edgellm run'
     defaults (temperature 0.7, top_p 0.95, top_k 40); max_tokens defaults to the rest of the context.
     logprobs: chat logprobs + top_logprobs (up to 20), completions logprobs (up to 5) + echo.
+    Structured output (constrained decoding, llguidance): response_format json_schema / json_object, and the
+    extensions guided_json, guided_regex, guided_grammar (Lark or GBNF; llama.cpp's name 'grammar' too).
+    Tools: tools, tool_choice (auto, none, required, a named function), parallel_tool_calls, through the
+    model's chat template (Qwen2/3, Llama 3.x, SmolLM3, Mistral, Phi-4-mini, Granite formats).
 
     One log line per request on stderr. Ctrl-C or SIGTERM: running and queued requests finish, then it exits.
 

@@ -286,7 +286,7 @@ def test_tool_call_round_trip(tool_server, stream):
         tools=[WEATHER],
     )
     assert "<tool_response>\nRESULT\n</tool_response>" in prompt
-    final = dict(kw, tool_choice="none", max_tokens=12)
+    final = dict(kw, tool_choice="auto", max_tokens=12)  # auto: the answer goes through the tool-call parser
     if stream:
         chunks = list(client.chat.completions.create(messages=msgs, stream=True, **final))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -465,3 +465,35 @@ def test_python_api(exports):
     free = "".join(gen.stream("JSON:", Sampling(temperature=1.0, seed=1, max_new_tokens=20)))
     with pytest.raises(json.JSONDecodeError):  # the same sampling without the grammar is not JSON
         json.loads(free)
+
+
+def test_special_token_markers(tokenizer, tmp_path):
+    """Mistral's [TOOL_CALLS] is a special token: decode keeps its text when asked (so the parser
+    sees it), and the forcing grammar writes it as that token, not as the letters."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from edgellm.runtime import tools as T
+    from edgellm.runtime.constrain import compile_grammar
+    from edgellm.runtime.generate import Tokenizer
+    from edgellm.runtime.guided import special_ids
+
+    tokenizer.save_pretrained(str(tmp_path))
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf.add_special_tokens(["[TOOL_CALLS]"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    fmt = next(f for f in T.FORMATS if f.name == "mistral")
+    special = special_ids(tok, T.markers_of(fmt))
+    mark = special["[TOOL_CALLS]"]
+    body = tok.encode('[{"name": "get_time", "arguments": {"zone": "UTC"}}]', special=False)
+    assert "[TOOL_CALLS]" not in tok.decode([mark] + body)  # special tokens are dropped by default
+    text = tok.decode([mark] + body, keep=(mark,))
+    p = T.ToolParser(fmt)
+    calls = [v for k, v in p.feed(text) + p.finish() if k == "call"]
+    assert [c["function"]["name"] for c in calls] == ["get_time"]
+
+    g = compile_grammar(tok, 513, {0}, "grammar", T.call_grammar([WEATHER, TIME], fmt, "get_time", False, special))
+    c = g.start()
+    allowed = c.allowed()
+    assert allowed[mark] and allowed.sum() == 1  # the call starts with the special token, and only with it
+    assert c.matcher.consume_tokens([mark] + body) and c.accepting

@@ -163,6 +163,24 @@ def main():
                     100 * total / 1e3 / step_ms,
                 )
             )
+    # end to end: the generator's decode rate with and without a grammar (chat prompt, greedy)
+    from edgellm.runtime import Sampling
+
+    ids = gen.tokenizer.encode(
+        gen.tokenizer.apply_chat_template([{"role": "user", "content": "Describe Ada Lovelace as JSON."}]),
+        special=False,
+    )
+    rates = {}
+    for label, grammar in (("free", None), ("json_schema", gen.grammar("json_schema", SCHEMA))):
+        runs = []
+        for _ in range(args.reps):
+            p = Sampling(temperature=0, max_new_tokens=64, grammar=grammar, ignore_eos=grammar is None)
+            "".join(gen.stream(ids, p))
+            runs.append((gen.stats.gen_rate, gen.stats.gen_tokens))
+        rates[label] = (statistics.median(r[0] for r in runs), runs[0][1])
+    for label, (rate, n) in rates.items():
+        print(f"generation {label}: {rate:.1f} tokens/s ({n} tokens, median of {args.reps})")
+    print(f"  per token: {1e3 / rates['json_schema'][0] - 1e3 / rates['free'][0]:+.2f} ms with the grammar")
     print(f"\nvocabulary {vocab} tokens; per token: mask = the library's bitmask, apply = -inf into the logits")
     print(
         "| grammar | library | tokens | compile ms | mask µs p50 | mask µs p95 | apply µs p50 | total µs p50 "

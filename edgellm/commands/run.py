@@ -215,8 +215,8 @@ def _constraint_spec(json_schema: Path | None, grammar: Path | None):
     """(grammar kind, spec, what to name in errors) from --json-schema / --grammar, or None."""
     import json
 
-    from ..errors import EdgeLLMError
     from .._deps import require
+    from ..errors import EdgeLLMError
 
     path = json_schema or grammar
     if path is None:

@@ -1,7 +1,7 @@
 """The cost of a structured-output token mask per decode step, llguidance vs xgrammar, beside
 the decode step it rides on (issue 28: goal mask <= 10% of the step at 135M).
 
-    python -m edgellm.benchmarks.scripts.constrain_mask /work/models/smol-q4-onnx --threads 2
+    python -m edgellm.benchmarks.scripts.constrain_mask smol-q4-onnx/ --threads 2
 
 For each grammar the same token sequence is replayed through each library: the tokens of a
 valid document (the model's own tokenization), each step computing the mask, applying it to a

@@ -1,9 +1,11 @@
 """Several sequences through the model in one step: the batched forward of `edgellm serve --parallel`.
 
 `forward_rows` is the hot loop of the parallel server: one compiled call runs T rows, each a token
-of one of S sequences (slots) at its own position, through every layer. The rows' projections go
-through the multi-token tiles of the prompt path (`linear_mat`: each weight is read once for all
-rows), while attention is per sequence against its own KV cache:
+of one of S sequences (slots) at its own position, through every layer. Each weight is read from
+memory once for all rows: up to ROWS_VEC rows (decoding slots) go through `linear_rows`, which
+holds a tile of weight rows in L1 while every row passes over it with the decode microkernel;
+more rows (a step with a prompt chunk) through the prompt path's RB x TB tiles (`linear_mat`).
+Attention is per sequence against its own KV cache:
 - a row that is its slot's only token this step (decode) joins one parallel attention region
   over all such rows (kernels/slots.py `attention_rows`, the decode kernel's per-query code);
 - a run of rows of one slot at consecutive positions (a chunk of a prompt) goes through the
@@ -16,6 +18,9 @@ single-sequence `model.forward` gives for it alone (tests/test_slots.py checks t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numba
 import numpy as np
 from numba import njit
@@ -25,8 +30,8 @@ from .format.records import ROPE_LOCAL
 from .kernels.family import geglu, scale_cap
 from .kernels.layers import attention_mat, embed_rows, gelu_new, kv_cast, rope, swiglu
 from .kernels.simd import as_voidptr
-from .kernels.slots import attention_rows
-from .model import _linear, _norm, _qk_norm, _residual, lazy_zeros
+from .kernels.slots import attention_rows, batch_linear
+from .model import _norm, _qk_norm, _residual, lazy_zeros
 from .validate import available_memory, run_bytes
 
 # Prompt tokens per step, summed over the slots that are reading a prompt: a long prompt is read
@@ -34,7 +39,7 @@ from .validate import available_memory, run_bytes
 PREFILL_CHUNK = 64
 
 
-@njit(cache=True, nogil=True)  # nogil: the HTTP side runs while a step computes
+@njit(cache=True)
 def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, kc, vc, logits, tier):
     """Run T = len(ids) rows through every layer; write logits (R, V) of the rows `want`.
 
@@ -83,7 +88,7 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
             _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
         else:
             xn[:] = x
-        _linear(layer.qkv, xn, qkv, act, tier)
+        batch_linear(layer.qkv, xn, qkv, act, tier)
         _qk_norm(layer, qkv, NH, NKV, HD, cfg.eps)
         if layer.rope != 0:
             tab = 1 if layer.rope == ROPE_LOCAL else 0
@@ -103,21 +108,21 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
             r0, n, s = segs[g, 0], segs[g, 1], segs[g, 2]
             q, o = qkv[r0 : r0 + n], att[r0 : r0 + n]
             attention_mat(q, kc[s, l], vc[s, l], pos[r0], NH, NKV, HD, o, cscores, layer.window, sc, acap)
-        _linear(layer.o, att, res, act, tier)
+        batch_linear(layer.o, att, res, act, tier)
         _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
         if layer.mlp_norm_w != 0:
             _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
         else:
             xn[:] = x
-        _linear(layer.up, xn, up, act, tier)
+        batch_linear(layer.up, xn, up, act, tier)
         if cfg.gelu_gate:
             geglu(up, cfg.intermediate, mid)
         elif cfg.gated:
             swiglu(up, cfg.intermediate, mid)
         else:
             gelu_new(up, mid)
-        _linear(layer.down, mid, res, act, tier)
+        batch_linear(layer.down, mid, res, act, tier)
         _residual(cfg, x, res, layer.mlp_out_norm_w, xn)
     r = want.shape[0]  # the head only for the rows whose logits are wanted
     xw = np.empty((r, H), np.float32)
@@ -125,7 +130,7 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
         xw[k] = x[want[k]]
     xo = np.empty((r, H), np.float32)
     _norm(cfg, xw, model.final_norm_w, model.final_norm_b, xo)
-    _linear(model.head, xo, logits, act, tier)
+    batch_linear(model.head, xo, logits, act, tier)
     if cfg.logit_mult != 1 or cfg.final_cap > 0:
         scale_cap(logits, cfg.logit_mult, cfg.final_cap)
 
@@ -148,6 +153,15 @@ class SlotCaches:
         """Append each segment's tokens (slot, ids, wants logits) at its slot's position, all in one
         compiled call; the logits (R, V) of the last token of each segment that wants them, in order.
         A slot appears at most once."""
+        args = self._args(segments)
+        numba.set_num_threads(self.model.threads)
+        forward_rows(*args)
+        for s, toks, _ in segments:
+            self.pos[s] += len(toks)
+        return args[13]
+
+    def _args(self, segments) -> tuple:
+        """The arguments of `forward_rows` for `segments` (see `step`)."""
         m = self.model
         ids, slot, pos, dec, segs, want = [], [], [], [], [], []
         for s, toks, wants in segments:
@@ -169,10 +183,8 @@ class SlotCaches:
         ids_a = np.array(ids, np.int64)
         if ids_a.min() < 0 or ids_a.max() >= m.config.vocab_size:
             raise EdgeLLMError(f"token id out of range [0, {m.config.vocab_size})")
-        logits = np.empty((len(want), m.config.vocab_size), np.float32)
-        numba.set_num_threads(m.threads)
         w = m.weights
-        forward_rows(
+        return (
             ids_a,
             np.array(slot, np.int64),
             np.array(pos, np.int64),
@@ -186,24 +198,51 @@ class SlotCaches:
             m.sin,
             self.k,
             self.v,
-            logits,
+            np.empty((len(want), m.config.vocab_size), np.float32),
             m.tier,
         )
-        for s, toks, _ in segments:
-            self.pos[s] += len(toks)
-        return logits
 
     def truncate(self, s: int, n: int):
         """Forget slot s's positions >= n."""
         self.pos[s] = min(self.pos[s], n)
 
     def warmup(self):
-        """Compile (or load from numba's cache) the batched step: decode rows and a prompt chunk."""
+        """Load the batched step from numba's cache, compiled first in a child process when it is
+        not there (as model.forward's, runtime/warmup.py: LLVM's memory leaves with the child),
+        then run it once: decode rows and a prompt chunk."""
+        from .warmup import is_cached
+
+        m = self.model
+        if not is_cached(forward_rows, self._args([(0, np.zeros(2, np.int64), True)])):
+            _compile_in_child(m.tier, m.kv_cache == "fp16")
         if self.n > 1:
             self.step([(0, np.zeros(2, np.int64), True), (1, np.zeros(1, np.int64), True)])
         else:
             self.step([(0, np.zeros(2, np.int64), True)])
         self.pos = [0] * self.n
+
+
+def _warm_args(tier, kv_fp16: bool, keep: list) -> tuple:
+    """`forward_rows` arguments on warmup.py's synthetic one-layer model: a decode row and a
+    two-row chunk (the types are what numba compiles for; the sizes do not matter)."""
+    from .warmup import step_args
+
+    _, _, cfg, model, layers, cos, sin, kc, vc, logits, _, tier = step_args(tier, kv_fp16, keep)
+    kc, vc = np.stack([kc, kc]), np.stack([vc, vc])  # (S=2, L, NKV, ctx, HD)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    rows = (i64(1, 2, 3), i64(0, 1, 1), i64(0, 0, 1), i64(0), i64(1, 2, 1).reshape(1, 3), i64(0, 2))
+    return (*rows, cfg, model, layers, cos, sin, kc, vc, np.empty((2, logits.shape[1]), np.float32), tier)
+
+
+def _compile_in_child(tier, kv_fp16: bool) -> bool:
+    """Compile `forward_rows` for `tier` into numba's cache in a child process; False if it failed
+    (then the caller's first step compiles it in-process)."""
+    cmd = [sys.executable, "-m", "edgellm.runtime.batched", tier.name, "fp16" if kv_fp16 else "fp32"]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=3600)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
 
 
 def slots_bytes(cfg, n_ctx: int, kv_itemsize: int, parallel: int) -> dict[str, int]:
@@ -250,3 +289,10 @@ def check_slots_memory(cfg, n_ctx: int, kv_itemsize: int, parallel: int) -> int:
             "give a smaller --parallel or --ctx"
         )
     return need
+
+
+if __name__ == "__main__":  # the child of _compile_in_child: python -m edgellm.runtime.batched TIER fp16|fp32
+    from .kernels import tiers
+
+    keep: list = []  # the synthetic weights the records point into
+    forward_rows(*_warm_args(tiers.BY_NAME[sys.argv[1]], sys.argv[2] == "fp16", keep))

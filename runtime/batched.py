@@ -149,14 +149,16 @@ class SlotCaches:
         self.v = lazy_zeros(shape, st.v.dtype)
         self.pos = [0] * n  # positions cached per slot
 
-    def step(self, segments: list[tuple[int, np.ndarray, bool]]) -> np.ndarray:
-        """Append each segment's tokens (slot, ids, wants logits) at its slot's position, all in one
-        compiled call; the logits (R, V) of the last token of each segment that wants them, in order.
-        A slot appears at most once."""
+    def step(self, segments: list[tuple[int, np.ndarray, bool, bool]]) -> np.ndarray:
+        """Append each segment's tokens (slot, ids, wants logits, is prompt) at its slot's position,
+        all in one compiled call; the logits (R, V) of the last token of each segment that wants
+        them, in order. A slot appears at most once. Prompt tokens always go through the prompt's
+        attention kernel, generated ones through the decode kernel: the two round differently, so
+        a prompt's keys and values are the same however its chunks fall (one token or many)."""
         args = self._args(segments)
         numba.set_num_threads(self.model.threads)
         forward_rows(*args)
-        for s, toks, _ in segments:
+        for s, toks, *_ in segments:
             self.pos[s] += len(toks)
         return args[13]
 
@@ -164,7 +166,7 @@ class SlotCaches:
         """The arguments of `forward_rows` for `segments` (see `step`)."""
         m = self.model
         ids, slot, pos, dec, segs, want = [], [], [], [], [], []
-        for s, toks, wants in segments:
+        for s, toks, wants, prompt in segments:
             n, p0 = len(toks), self.pos[s]
             if n == 0:
                 raise EdgeLLMError("no tokens to run")
@@ -174,7 +176,7 @@ class SlotCaches:
             ids.extend(int(i) for i in toks)
             slot.extend([s] * n)
             pos.extend(range(p0, p0 + n))
-            if n == 1:
+            if n == 1 and not prompt:
                 dec.append(r0)
             else:
                 segs.append((r0, n, s))
@@ -213,12 +215,12 @@ class SlotCaches:
         from .warmup import is_cached
 
         m = self.model
-        if not is_cached(forward_rows, self._args([(0, np.zeros(2, np.int64), True)])):
+        if not is_cached(forward_rows, self._args([(0, np.zeros(2, np.int64), True, True)])):
             _compile_in_child(m.tier, m.kv_cache == "fp16")
         if self.n > 1:
-            self.step([(0, np.zeros(2, np.int64), True), (1, np.zeros(1, np.int64), True)])
+            self.step([(0, np.zeros(2, np.int64), True, True), (1, np.zeros(1, np.int64), True, False)])
         else:
-            self.step([(0, np.zeros(2, np.int64), True)])
+            self.step([(0, np.zeros(2, np.int64), True, True)])
         self.pos = [0] * self.n
 
 

@@ -214,22 +214,22 @@ class SlotEngine:
                     continue
                 n = min(room, len(ids) - run.fed)
                 room -= n
-                segments.append((run.slot, ids[run.fed : run.fed + n], run.fed + n == len(ids)))
+                segments.append((run.slot, ids[run.fed : run.fed + n], run.fed + n == len(ids), True))
             else:
-                segments.append((run.slot, [run.last], True))
+                segments.append((run.slot, [run.last], True, False))
             runs.append(run)
         if not segments:
             return
         try:
             with _numeric_damage():
-                logits = self.slots.step([(s, np.asarray(t, np.int64), w) for s, t, w in segments])
+                logits = self.slots.step([(s, np.asarray(t, np.int64), w, p) for s, t, w, p in segments])
         except Exception as exc:  # noqa: BLE001 - every request in the step fails as a 500
             for run in runs:
                 self._finish(run, "error", exc)
             return
         self.steps += 1
         k = 0
-        for run, (s, toks, wants) in zip(runs, segments):
+        for run, (s, toks, wants, _) in zip(runs, segments):
             self.cached[s].extend(int(t) for t in toks)
             if run.fed < len(run.job.ids):
                 run.fed += len(toks)

@@ -79,7 +79,7 @@ def test_batched_step_equals_single_forward(export, kernels):
     m = NumbaModel(export, n_ctx=CTX, threads=2, kernels=kernels)
     rng = np.random.default_rng(1)
     V = m.config.vocab_size
-    prompts = [rng.integers(0, V, n) for n in (3, 41, 1, 19)]
+    prompts = [rng.integers(0, V, n) for n in (3, 41, 2, 19)]
     decode = rng.integers(0, V, (4, 3))
 
     want = []  # per slot: logits after its prompt, then after each decode token
@@ -98,13 +98,13 @@ def test_batched_step_equals_single_forward(export, kernels):
                 continue
             if fed[s] < len(p):
                 n = min(16, len(p) - fed[s])
-                segs.append((s, p[fed[s] : fed[s] + n], fed[s] + n == len(p)))
+                segs.append((s, p[fed[s] : fed[s] + n], fed[s] + n == len(p), True))
                 fed[s] += n
             else:
-                segs.append((s, decode[s][len(got[s]) - 1 : len(got[s])], True))
+                segs.append((s, decode[s][len(got[s]) - 1 : len(got[s])], True, False))
         logits = sc.step(segs)
         k = 0
-        for s, _, wants in segs:
+        for s, _, wants, _ in segs:
             if wants:
                 got[s].append(logits[k].copy())
                 k += 1

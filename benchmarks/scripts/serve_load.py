@@ -119,12 +119,13 @@ NOTES = (
 )
 
 
-def request_pool() -> list[tuple[str, int]]:
-    """(prompt, max_tokens) of the mixed requests: prompt lengths short / medium / long, four
-    max_tokens values, spread so that neighbours differ in both."""
+def request_pool(mix: str = "mixed") -> list[tuple[str, int]]:
+    """(prompt, max_tokens) of the requests. mixed: prompt lengths short / medium / long, four
+    max_tokens values, spread so that neighbours differ in both; short: the short prompts only
+    (decoding dominates)."""
     pool = []
     for i, topic in enumerate(TOPICS):
-        size = i % 3
+        size = i % 3 if mix == "mixed" else 0
         if size == 0:
             prompt = f"Write one sentence about {topic}."
         else:
@@ -206,7 +207,9 @@ def load_run(base_url: str, clients: int, requests: int, pool, ref, timeout: flo
 
 
 def single_client(urls: dict, pool, n: int, timeout: float) -> dict:
-    """n requests alone per server, one at a time, alternating servers: median seconds per request and TTFT."""
+    """n requests alone per server, one at a time, alternating servers: median seconds per request and TTFT.
+    Each prompt starts with its own number, so neither server finds it in a cache from the load
+    (both reuse the chat template's shared start)."""
     import openai
 
     clients = {
@@ -217,6 +220,7 @@ def single_client(urls: dict, pool, n: int, timeout: float) -> dict:
     ttfts = {name: [] for name in urls}
     for j in range(n):
         prompt, max_tokens = pool[(j * 7) % len(pool)]
+        prompt = f"({j + 1}) {prompt}"
         for name, (client, model) in clients.items():
             r = stream_chat(client, model, prompt, max_tokens)
             times[name].append(r["total"])
@@ -249,6 +253,7 @@ def main():
     ap.add_argument(
         "--gguf", help="the same model as a GGUF for llama.cpp's server (skipped if absent or not installed)"
     )
+    ap.add_argument("--mix", choices=("mixed", "short"), default="mixed", help="request pool (see request_pool)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=25, help="requests per client and pass")
     ap.add_argument("--rounds", type=int, default=2, help="load passes per server, interleaved")
@@ -271,12 +276,13 @@ def main():
             servers.append(("llama.cpp", lambda log: llama_cpp_server(args.gguf, args.threads, args.ctx, log)))
         else:
             print("llama.cpp server not installed (pip install 'llama-cpp-python[server]'): skipped", file=sys.stderr)
-    pool = request_pool()
+    pool = request_pool(args.mix)
     out = {
         **run_header(args.threads),
         "clients": args.clients,
         "requests_per_client": args.requests,
         "rounds": args.rounds,
+        "mix": args.mix,
         "pool": [{"prompt_chars": len(p), "max_tokens": m} for p, m in pool],
         "runs": [],
     }

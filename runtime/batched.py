@@ -204,6 +204,12 @@ class SlotCaches:
             m.tier,
         )
 
+    def copy_prefix(self, src: int, dst: int, n: int):
+        """Slot dst's first n positions := slot src's (both caches then hold the same prefix)."""
+        self.k[dst, :, :, :n] = self.k[src, :, :, :n]
+        self.v[dst, :, :, :n] = self.v[src, :, :, :n]
+        self.pos[dst] = n
+
     def truncate(self, s: int, n: int):
         """Forget slot s's positions >= n."""
         self.pos[s] = min(self.pos[s], n)

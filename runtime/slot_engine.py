@@ -14,7 +14,8 @@ queue, the events sent to the HTTP side and the log line are those of the one-at
 
 Prefix reuse per slot: a slot keeps the tokens of its last request in its cache; a new request
 goes to the free slot whose cached tokens share the longest prefix with its prompt (a continuing
-chat, a common system prompt) and reads only the rest.
+chat, a common system prompt) and reads only the rest. A longer prefix in a busy slot's cache is
+copied into the free slot first.
 """
 
 from __future__ import annotations
@@ -152,17 +153,36 @@ class SlotEngine:
             if self._active:
                 self._step()
 
+    def _shared(self, s: int, ids: list[int]) -> int:
+        """Leading tokens of `ids` that slot s holds in its cache, at most len(ids) - 1 (the last
+        prompt token is always run, for its logits)."""
+        c, cached = 0, self.cached[s]
+        lim = min(len(cached), len(ids) - 1)
+        while c < lim and cached[c] == ids[c]:
+            c += 1
+        return c
+
     def _slot_for(self, ids: list[int]) -> tuple[int, int]:
-        """(free slot, cached tokens it shares with `ids`): the longest shared prefix, at most
-        len(ids) - 1 tokens (the last prompt token is always run, for its logits)."""
+        """(free slot, cached tokens it holds of `ids`' prefix). The free slot sharing the longest
+        prefix with `ids`; when a busy slot shares a longer one (several clients sending the same
+        long instructions), its keys and values are copied over (slots are pages of one array: a
+        copy of a few MB instead of reading the prompt again)."""
         best, common = self._free[0], 0
-        if self.reuse_prefix:
-            for s in self._free:
-                c, cached, lim = 0, self.cached[s], min(len(self.cached[s]), len(ids) - 1)
-                while c < lim and cached[c] == ids[c]:
-                    c += 1
-                if c > common:
-                    best, common = s, c
+        if not self.reuse_prefix:
+            return best, common
+        for s in self._free:
+            c = self._shared(s, ids)
+            if c > common:
+                best, common = s, c
+        src, more = best, common
+        for s in range(self.parallel):
+            c = self._shared(s, ids)
+            if c > more:
+                src, more = s, c
+        if src != best:
+            self.slots.copy_prefix(src, best, more)
+            self.cached[best] = self.cached[src][:more]
+            common = more
         return best, common
 
     def _start(self, job: Job):

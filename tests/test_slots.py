@@ -303,3 +303,26 @@ def test_parallel_bad_input(export):
         lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.output
         assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_prefix_copied_from_a_busy_slot(gen):
+    """A request whose prompt a running request's slot already holds starts from a copy of those
+    keys and values (cached_tokens: all but the last prompt token) and gives the same text."""
+    par = Server(gen, parallel=2)
+    slow_steps(par.engine, 0.01)
+    body = {"prompt": "the quick brown fox jumps over the lazy dog " * 6, "max_tokens": 40, "temperature": 0}
+    try:
+        conn_a, a = _open_stream(par.port, body, key="")
+        ev_a = _events(a)
+        got_a = [next(ev_a)]  # A runs: its slot holds the prompt
+        status, _, r = _post(par.port, body)
+        got_a += list(ev_a)
+        conn_a.close()
+        assert status == 200
+        n = r["usage"]["prompt_tokens"]
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == n - 1
+        chunks = [json.loads(e) for e in got_a[:-1]]
+        text_a = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert r["choices"][0]["text"] == text_a and text_a
+    finally:
+        par.close()

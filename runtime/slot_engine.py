@@ -4,7 +4,8 @@ One thread owns the model. Each running request holds a slot: its own KV cache (
 `SlotCaches`). Every step is one compiled call (`forward_rows`) over a token of every slot that is
 generating plus a chunk of at most PREFILL_CHUNK prompt tokens of the slots still reading their
 prompts, so the weights are read once for all of them, a new request joins at the next step, and a
-long prompt stalls the running streams for one chunk at a time, never for the whole prompt.
+long prompt stalls the running streams for one chunk at a time, never for the whole prompt (with
+no stream running, prompts are read in the single-sequence forward's larger chunks).
 
 Between steps the worker admits waiting requests into free slots, drops requests whose client went
 away (`abandon` sets `cancel`: the slot is free at the next step), and samples each slot's token
@@ -34,6 +35,7 @@ from .engine import Job, QueueFull, Result, _line
 from .errors import EdgeLLMError
 from .generate import _DAMAGED, Generator, _numeric_damage, sample
 from .logprobs import entry, prompt_entries
+from .model import PROMPT_CHUNK
 from .textout import TextOut
 
 log = logging.getLogger("edgellm.serve")
@@ -223,7 +225,10 @@ class SlotEngine:
     def _step(self):
         """One batched forward over every active slot; then each slot's token."""
         segments, runs = [], []
-        room = self.chunk  # prompt tokens left in this step
+        # prompt tokens left in this step: `chunk` while some slot streams (it waits for the step),
+        # the single-sequence forward's chunk when none does (nobody to keep waiting)
+        decoding = any(r.fed >= len(r.job.ids) for r in self._active)
+        room = self.chunk if decoding else max(self.chunk, PROMPT_CHUNK)
         for run in list(self._active):
             if run.job.cancel.is_set():
                 self._finish(run, "cancelled")

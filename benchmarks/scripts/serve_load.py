@@ -1,20 +1,26 @@
-"""Load on `edgellm serve` vs llama.cpp's server: concurrent streaming `openai` clients, loopback only.
+"""Load on `edgellm serve`: `--parallel 1` (one request at a time) vs `--parallel N` (slots decoded
+together), optionally beside llama.cpp's server; concurrent streaming `openai` clients, loopback only.
 
-    python -m edgellm.benchmarks.scripts.serve_load EXPORT_DIR --gguf MODEL.Q4_0.gguf \
-        --clients 8 --requests 25 --max-tokens 16 --threads 2 --json serve_load.json
+    python -m edgellm.benchmarks.scripts.serve_load EXPORT_DIR --parallel 8 --clients 8 --requests 25 \
+        --rounds 2 --threads 2 --json serve_load.json [--gguf MODEL.gguf]
 
 Run it alone (nothing else busy on the machine).
 
-Each server runs in its own process on 127.0.0.1 (a free port), one after the other in the same
-run, with the same clients: every client thread sends --requests streaming chat completions
-(greedy, its own prompt) back to back. Before the load, each prompt is asked once alone,
-non-streaming; every streamed answer under load must equal that reference text exactly and end
-with a finish_reason (else it counts as failed or garbled). Reported: p50/p95 time to first
-token (to the first non-empty content chunk, so queueing counts: batch-1 servers serve one
-request at a time), tokens/s per client and in total, and the server's RSS before and after the
-load (once warm: after each prompt has run once, alone). llama.cpp (`llama_cpp.server`, from
-`llama-cpp-python[server]`) is skipped when it is not installed. Bounded: --clients x --requests
-requests, each with a --timeout.
+Every server runs in its own process on 127.0.0.1 (a free port); all are started first, then the
+load passes alternate between them (--rounds, interleaved: drift on a shared machine hits each
+alike). Every client thread sends --requests streaming chat completions (greedy) back to back,
+each picked from a pool of mixed requests: short, medium and long prompts (about 15 to 400
+tokens) and max_tokens from 16 to 96. Before the load, each request of the pool is asked once
+alone, non-streaming, on each server: every streamed answer under load must equal that reference
+text exactly and end with a finish_reason (else it counts as failed or garbled), and the
+references of every edgellm server must agree. Reported per pass and as medians over the rounds:
+p50/p95 time to first token (to the first non-empty content chunk, so queueing counts), tokens/s
+per client and in total, and the server's RSS before and after the load (once warm). Then the
+single-client latency: --single requests alone, one at a time, alternating between the servers,
+median time per request. The ratios --parallel N / --parallel 1 are printed with the issue's goals
+(total tokens/s >= 3x, p95 TTFT <= 1/3, single client within 5%). llama.cpp (`llama_cpp.server`,
+from `llama-cpp-python[server]`) is skipped when it is not installed. Bounded: --clients x
+--requests requests per pass, each with a --timeout.
 """
 
 from __future__ import annotations
@@ -105,33 +111,67 @@ def stream_chat(client, model: str, prompt: str, max_tokens: int) -> dict:
     }
 
 
-def load_run(
-    base_url: str, clients: int, requests: int, max_tokens: int, timeout: float, rss=lambda: float("nan")
-) -> dict:
-    """The reference pass, then the load; `rss` reads the server's RSS (MiB) once warm and after the load."""
+NOTES = (
+    "Notes from the river survey. The water level rose by a hand's width overnight, the ferry ran "
+    "late twice, and the old stone bridge showed new cracks on its downstream side. Fishermen "
+    "reported fewer trout near the mill but more perch below the weir. The council wants a short "
+    "summary before the spring meeting, written plainly, with the most urgent repair first. "
+)
+
+
+def request_pool(mix: str = "mixed") -> list[tuple[str, int]]:
+    """(prompt, max_tokens) of the requests. mixed: prompt lengths short / medium / long, four
+    max_tokens values, spread so that neighbours differ in both; short: the short prompts only
+    (decoding dominates)."""
+    pool = []
+    for i, topic in enumerate(TOPICS):
+        size = i % 3 if mix == "mixed" else 0
+        if size == 0:
+            prompt = f"Write one sentence about {topic}."
+        else:
+            prompt = NOTES * (1 if size == 1 else 6) + f"Now write one sentence about {topic}."
+        pool.append((prompt, (16, 32, 64, 96)[i % 4]))
+    return pool
+
+
+def references(base_url: str, pool, timeout: float) -> tuple[list[str], list[int]]:
+    """Each request of the pool alone, not streamed: its text and completion tokens."""
     import openai
 
     model = model_id(base_url)
-    prompts = [f"Write one sentence about {TOPICS[i % len(TOPICS)]}." for i in range(clients)]
-    ref_client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
-    reference, ref_tokens = [], []
-    for p in prompts:  # alone, not streamed: what every answer under load must equal
-        r = ref_client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
+    texts, tokens = [], []
+    for prompt, max_tokens in pool:
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
         )
-        reference.append(r.choices[0].message.content)
-        ref_tokens.append(r.usage.completion_tokens)
-    rss_warm = rss()  # after every prompt has run once: what the load may not grow
+        texts.append(r.choices[0].message.content)
+        tokens.append(r.usage.completion_tokens)
+    return texts, tokens
+
+
+def load_run(base_url: str, clients: int, requests: int, pool, ref, timeout: float, rss=lambda: float("nan")) -> dict:
+    """One load pass: `clients` threads x `requests` streaming requests from `pool`, each checked
+    against `ref` (texts, tokens); `rss` reads the server's RSS (MiB) before and after."""
+    import openai
+
+    model = model_id(base_url)
+    ref_text, ref_tokens = ref
+    rss_warm = rss()
     results = [[] for _ in range(clients)]
     errors = [[] for _ in range(clients)]
     walls = [0.0] * clients
 
+    def pick(i, j):  # client i's j-th request: every client walks the pool from its own start
+        return (i * 5 + j) % len(pool)
+
     def client_loop(i):
         client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
         t0 = time.perf_counter()
-        for _ in range(requests):
+        for j in range(requests):
+            k = pick(i, j)
             try:
-                results[i].append(stream_chat(client, model, prompts[i], max_tokens))
+                results[i].append((k, stream_chat(client, model, pool[k][0], pool[k][1])))
             except Exception as exc:  # noqa: BLE001 - counted as a failed request
                 errors[i].append(f"{type(exc).__name__}: {exc}")
         walls[i] = time.perf_counter() - t0
@@ -143,25 +183,17 @@ def load_run(
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    bad = [
-        (reference[i], r["text"], r["finish"])
-        for i in range(clients)
-        for r in results[i]
-        if r["text"] != reference[i] or r["finish"] not in ("stop", "length")
-    ]
-    garbled = len(bad)
-    failed = sum(len(e) for e in errors)
-    ttft = sorted(r["ttft"] for rs in results for r in rs)
-    tokens = [
-        sum(ref_tokens[i] for _ in results[i]) for i in range(clients)
-    ]  # each answer has its reference's token count
-    decode = [(r["chunks"] - 1) / r["decode"] for rs in results for r in rs if r["decode"] > 0 and r["chunks"] > 1]
+    done = [(k, r) for rs in results for k, r in rs]
+    bad = [(ref_text[k], r["text"], r["finish"]) for k, r in done if r["text"] != ref_text[k] or not r["finish"]]
+    ttft = sorted(r["ttft"] for _, r in done)
+    tokens = [sum(ref_tokens[k] for k, _ in rs) for rs in results]  # each answer has its reference's tokens
+    decode = [(r["chunks"] - 1) / r["decode"] for _, r in done if r["decode"] > 0 and r["chunks"] > 1]
     return {
         "rss_before_mb": rss_warm,
         "rss_after_mb": rss(),
         "requests": clients * requests,
-        "failed": failed,
-        "garbled": garbled,
+        "failed": sum(len(e) for e in errors),
+        "garbled": len(bad),
         "errors": sorted({e for es in errors for e in es})[:5],
         "garbled_examples": [{"reference": a, "got": b, "finish": f} for a, b, f in bad[:3]],
         "ttft_p50_s": _pct(ttft, 50),
@@ -174,6 +206,35 @@ def load_run(
     }
 
 
+def single_client(urls: dict, pool, n: int, timeout: float) -> dict:
+    """n requests alone per server, one at a time, alternating servers: median seconds per request and TTFT.
+    Each prompt starts with its own number, so neither server finds it in a cache from the load
+    (both reuse the chat template's shared start)."""
+    import openai
+
+    clients = {
+        name: (openai.OpenAI(base_url=u, api_key="none", max_retries=0, timeout=timeout), model_id(u))
+        for name, u in urls.items()
+    }
+    times = {name: [] for name in urls}
+    ttfts = {name: [] for name in urls}
+    for j in range(n):
+        prompt, max_tokens = pool[(j * 7) % len(pool)]
+        prompt = f"({j + 1}) {prompt}"
+        for name, (client, model) in clients.items():
+            r = stream_chat(client, model, prompt, max_tokens)
+            times[name].append(r["total"])
+            ttfts[name].append(r["ttft"])
+    return {
+        name: {
+            "requests": n,
+            "median_s": statistics.median(times[name]),
+            "ttft_median_s": statistics.median(ttfts[name]),
+        }
+        for name in urls
+    }
+
+
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -181,22 +242,33 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[k]
 
 
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export", help="edgellm export directory (e.g. SmolLM2-135M 4-bit)")
+    ap.add_argument("--parallel", type=int, default=8, help="slots of the second edgellm server (the first has 1)")
     ap.add_argument(
-        "--gguf", help="the same model as a Q4_0 GGUF for llama.cpp's server (skipped if absent or not installed)"
+        "--gguf", help="the same model as a GGUF for llama.cpp's server (skipped if absent or not installed)"
     )
+    ap.add_argument("--mix", choices=("mixed", "short"), default="mixed", help="request pool (see request_pool)")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=25, help="requests per client")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=25, help="requests per client and pass")
+    ap.add_argument("--rounds", type=int, default=2, help="load passes per server, interleaved")
+    ap.add_argument("--single", type=int, default=16, help="single-client requests per server (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=300, help="seconds, any one request")
     ap.add_argument("--logs", default=tempfile.gettempdir(), help="folder for the servers' logs (default: temp dir)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    servers = [("edgellm", lambda log: edgellm_server(args.export, args.threads, args.ctx, log))]
+    p1, pn = "edgellm-p1", f"edgellm-p{args.parallel}"
+    servers = [
+        (p1, lambda log: edgellm_server(args.export, args.threads, args.ctx, log)),
+        (pn, lambda log: edgellm_server(args.export, args.threads, args.ctx, log, ("--parallel", str(args.parallel)))),
+    ]
     if args.gguf:
         import importlib.util
 
@@ -204,34 +276,62 @@ def main():
             servers.append(("llama.cpp", lambda log: llama_cpp_server(args.gguf, args.threads, args.ctx, log)))
         else:
             print("llama.cpp server not installed (pip install 'llama-cpp-python[server]'): skipped", file=sys.stderr)
+    pool = request_pool(args.mix)
     out = {
         **run_header(args.threads),
         "clients": args.clients,
         "requests_per_client": args.requests,
-        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "mix": args.mix,
+        "pool": [{"prompt_chars": len(p), "max_tokens": m} for p, m in pool],
         "runs": [],
     }
-    for name, start in servers:
-        log = Path(args.logs) / f"serve_load_{name}.log"
-        srv = start(log)
-        try:
-            rss_start = srv.rss_mb()
-            res = load_run(srv.base_url, args.clients, args.requests, args.max_tokens, args.timeout, srv.rss_mb)
-            res["rss_start_mb"] = rss_start
-        finally:
-            res_code = srv.close()
-        res.update(server=name, exit_code=res_code, log=str(log))
-        out["runs"].append(res)
+    procs = {}
+    try:
+        for name, start in servers:
+            log = Path(args.logs) / f"serve_load_{name}.log"
+            procs[name] = (start(log), log)
+            out.setdefault("rss_start_mb", {})[name] = procs[name][0].rss_mb()
+        refs = {name: references(srv.base_url, pool, args.timeout) for name, (srv, _) in procs.items()}
+        out["references_agree"] = refs[p1][0] == refs[pn][0]
+        if not out["references_agree"]:
+            print(f"warning: the references of {p1} and {pn} differ", file=sys.stderr)
+        for rnd in range(args.rounds):
+            for name, (srv, log) in procs.items():
+                res = load_run(srv.base_url, args.clients, args.requests, pool, refs[name], args.timeout, srv.rss_mb)
+                res.update(server=name, round=rnd, log=str(log))
+                out["runs"].append(res)
+                print(
+                    f"{name:11} round {rnd}: {res['requests']} requests, {res['failed']} failed, {res['garbled']} "
+                    f"garbled | TTFT p50 {res['ttft_p50_s']:.2f} s p95 {res['ttft_p95_s']:.2f} s | "
+                    f"{res['tokens_per_s_per_client']:.1f} tok/s per client, {res['tokens_per_s_total']:.1f} total | "
+                    f"RSS {res['rss_before_mb']:.0f} -> {res['rss_after_mb']:.0f} MiB | {res['wall_s']:.0f} s",
+                    flush=True,
+                )
+                for e in res["errors"]:
+                    print(f"  error: {e}", file=sys.stderr)
+        if args.single:
+            urls = {name: procs[name][0].base_url for name in (p1, pn)}
+            out["single_client"] = single_client(urls, pool, args.single, args.timeout)
+    finally:
+        for name, (srv, _) in procs.items():
+            out.setdefault("exit_codes", {})[name] = srv.close()
+    by = {name: [r for r in out["runs"] if r["server"] == name] for name in procs}
+    tot = _median(by[pn], "tokens_per_s_total") / _median(by[p1], "tokens_per_s_total")
+    p95 = _median(by[pn], "ttft_p95_s") / _median(by[p1], "ttft_p95_s")
+    out["ratios"] = {"tokens_per_s_total": tot, "ttft_p95": p95}
+    print(
+        f"{pn} / {p1} (medians over {args.rounds} rounds): total tokens/s {tot:.2f}x (goal >= 3), "
+        f"TTFT p95 {p95:.2f}x (goal <= 0.33)"
+    )
+    if args.single:
+        sc = out["single_client"]
+        lat = sc[pn]["median_s"] / sc[p1]["median_s"]
+        out["ratios"]["single_client_latency"] = lat
         print(
-            f"{name:9} {res['requests']} requests: {res['failed']} failed, {res['garbled']} garbled | TTFT p50 "
-            f"{res['ttft_p50_s']:.2f} s p95 {res['ttft_p95_s']:.2f} s | {res['tokens_per_s_per_client']:.1f} tok/s "
-            f"per client, {res['tokens_per_s_total']:.1f} total | RSS {res['rss_start_mb']:.0f} at start, "
-            f"{res['rss_before_mb']:.0f} warm -> {res['rss_after_mb']:.0f} MiB after | {res['wall_s']:.0f} s, exit "
-            f"{res_code}",
-            flush=True,
+            f"single client, median per request: {pn} {sc[pn]['median_s']:.3f} s, {p1} {sc[p1]['median_s']:.3f} s "
+            f"({lat:.3f}x, goal <= 1.05)"
         )
-        for e in res["errors"]:
-            print(f"  error: {e}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -49,6 +49,7 @@ def build(shape: str, out: Path, seed: int = 0) -> Path:
         tie_word_embeddings=tied,
         bos_token_id=0,
         eos_token_id=0,
+        architectures=["LlamaForCausalLM"],  # what ORT GenAI's builder and llama.cpp's converter dispatch on
     )
     cfg.dtype = "bfloat16"
     hd = d // heads

@@ -46,6 +46,14 @@ def serve(
             "prefills only its new tokens).",
         ),
     ] = True,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            help="Requests decoded together, each in its own slot (KV cache): one batched step per token for all, "
+            "new requests join between steps (numba backend). 1: one at a time.",
+        ),
+    ] = 1,
     log_prompts: Annotated[
         bool,
         typer.Option(
@@ -58,8 +66,10 @@ def serve(
 
     POST /v1/chat/completions (stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health.
 
-    Requests run one at a time, first come first served. Unset sampling fields take 'edgellm run'
-    defaults (temperature 0.7, top_p 0.95, top_k 40); max_tokens defaults to the rest of the context.
+    Requests run one at a time, first come first served; with --parallel N up to N are decoded
+    together (one batched step per token; prompts read in chunks between the running streams'
+    tokens). Unset sampling fields take 'edgellm run' defaults (temperature 0.7, top_p 0.95,
+    top_k 40); max_tokens defaults to the rest of the context.
     logprobs: chat logprobs + top_logprobs (up to 20), completions logprobs (up to 5) + echo.
     Structured output (constrained decoding, llguidance): response_format json_schema / json_object, and the
     extensions guided_json, guided_regex, guided_grammar (Lark or GBNF; llama.cpp's name 'grammar' too).
@@ -90,10 +100,18 @@ def serve(
         raise EdgeLLMError(f"--ctx {ctx} is invalid; give at least 2")
     if api_key is not None and not api_key.strip():
         raise EdgeLLMError("--api-key is empty; give a key or leave the option out")
+    if parallel < 1:
+        raise EdgeLLMError(f"--parallel {parallel} is invalid; give 1 or more (requests decoded together)")
+    if parallel > 1 and backend != Backend.numba:
+        raise EdgeLLMError(f"--parallel {parallel} runs on the numba backend; give --backend numba or --parallel 1")
 
     from ..runtime import serve as server
     from ..runtime.generate import load
 
+    if parallel > 1:  # before loading: slots whose KV caches do not fit are refused at once
+        from ..runtime.batched import check_parallel
+
+        check_parallel(model, parallel, ctx, kv_cache.value)
     sock = server.bind(host, port)  # before loading: a taken port fails at once
     try:
         with console.status(f"loading {model} ({backend.value})"):
@@ -106,12 +124,14 @@ def serve(
             max_queue=max_queue,
             reuse_prefix=prefix_cache,
             log_prompts=log_prompts,
+            parallel=parallel,
             created=int(Path(model).stat().st_mtime),
         )
         addr = sock.getsockname()
         url_host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
         console.print(
-            f"serving [bold]{name}[/] ({backend.value}, ctx {gen.model.n_ctx}, queue {max_queue}"
+            f"serving [bold]{name}[/] ({backend.value}, ctx {gen.model.n_ctx}, "
+            f"{f'{parallel} slots, ' if parallel > 1 else ''}queue {max_queue}"
             f"{', API key required' if api_key else ''}) on http://{url_host}:{addr[1]}/v1",
             highlight=False,
             soft_wrap=True,

@@ -9,7 +9,7 @@ no stream running, prompts are read in the single-sequence forward's larger chun
 
 Between steps the worker admits waiting requests into free slots, drops requests whose client went
 away (`abandon` sets `cancel`: the slot is free at the next step), and samples each slot's token
-from its row of logits (`pick`, the one place a per-request constraint would mask them). The
+from its row of logits (`pick`, the one place a request's grammar (runtime/constrain.py) masks them). The
 queue, the events sent to the HTTP side and the log line are those of the one-at-a-time Engine
 (engine.py), so serve.py drives either.
 
@@ -58,12 +58,16 @@ class _Run:
     first: float | None = None  # when its first token was sampled
     gen_tokens: int = 0
     pending: list = field(default_factory=list)  # logprobs of the tokens behind the next piece
+    con: object = None  # constrain.Constraint of a structured-output request
 
 
 def pick(run: _Run, logits: np.ndarray) -> int:
     """The slot's next token from its row of logits (V,)."""
     p = run.job.sampling
     seen = np.array(run.context, np.int64) if p.repetition_penalty != 1.0 else None
+    if run.con is not None:  # disallowed tokens -> -inf (on a copy: logprobs read the raw logits)
+        logits = logits.copy()
+        run.con.mask(logits)
     return sample(logits, p, run.rng, seen)
 
 
@@ -199,6 +203,7 @@ class SlotEngine:
                 raise EdgeLLMError(f"the prompt has {len(job.ids)} tokens; the context holds {n_ctx}")
             if job.echo:  # the prompt's own logprobs, on the model's own cache
                 job.put("prompt", prompt_entries(job.ids, self.gen.score(job.ids), job.logprobs or 0))
+            con = job.sampling.grammar.start() if job.sampling.grammar is not None else None
         except Exception as exc:  # noqa: BLE001 - reported to the client as a 500, logged here
             return self._done(job, res, "error", exc)
         if job.sampling.max_new_tokens == 0:
@@ -212,12 +217,13 @@ class SlotEngine:
             job=job,
             slot=slot,
             res=res,
-            text=TextOut(self.gen.tokenizer, job.sampling.stop),
+            text=TextOut(self.gen.tokenizer, job.sampling.stop, job.sampling.keep_special),
             rng=np.random.default_rng(job.sampling.seed),
             budget=min(job.sampling.max_new_tokens, n_ctx - len(job.ids)),
             fed=common,
             t0=t0,
             context=list(job.ids),
+            con=con,
         )
         with self._cv:
             self._active.append(run)
@@ -267,22 +273,30 @@ class SlotEngine:
         job = run.job
         if not np.isfinite(logits).all():
             return self._finish(run, "error", EdgeLLMError(_DAMAGED))
-        tok = pick(run, logits)
+        try:
+            tok = pick(run, logits)
+        except EdgeLLMError as exc:  # a grammar that allows no token (runtime/constrain.py)
+            return self._finish(run, "error", exc)
         if run.first is None:
             run.first = time.perf_counter()
         run.gen_tokens += 1
         if job.logprobs is not None:
             run.pending.append(entry(tok, logits, job.logprobs))
-        if tok in self.gen.eos_ids and not job.sampling.ignore_eos:
+        if tok in self.gen.eos_ids and (not job.sampling.ignore_eos or run.con is not None):
             return self._finish(run, "eos")
+        if run.con is not None:
+            run.con.advance(tok)
         run.context.append(tok)
         piece, stopped = run.text.add(tok)
-        if not stopped and len(run.text.out) >= run.budget:
+        complete = run.con is not None and run.con.done  # the grammar admits nothing more: as end of sequence
+        if not stopped and (len(run.text.out) >= run.budget or complete):
             piece += run.text.rest()
         if piece:
             self._piece(run, piece)
         if stopped:
             return self._finish(run, "stop")
+        if complete:
+            return self._finish(run, "eos")
         if len(run.text.out) >= run.budget:
             return self._finish(run, "length")
         run.last = tok

@@ -14,8 +14,8 @@ from .generate import _find_stop, _held_back
 
 
 class TextOut:
-    def __init__(self, tokenizer, stop=()):
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
+    def __init__(self, tokenizer, stop=(), keep=()):
+        self.tokenizer, self.stop, self.keep = tokenizer, tuple(stop), tuple(keep)  # keep: special ids shown
         self.out: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of `text` handed out
@@ -25,8 +25,8 @@ class TextOut:
         """Append token `tok`: (the text that may be shown now, whether a stop string ended it)."""
         out = self.out
         out.append(tok)
-        before = self.tokenizer.decode(out[self.prefix_at : self.read_at])
-        after = self.tokenizer.decode(out[self.prefix_at :])
+        before = self.tokenizer.decode(out[self.prefix_at : self.read_at], self.keep)
+        after = self.tokenizer.decode(out[self.prefix_at :], self.keep)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self.prefix_at, self.read_at = self.read_at, len(out)

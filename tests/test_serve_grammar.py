@@ -497,3 +497,50 @@ def test_special_token_markers(tokenizer, tmp_path):
     allowed = c.allowed()
     assert allowed[mark] and allowed.sum() == 1  # the call starts with the special token, and only with it
     assert c.matcher.consume_tokens([mark] + body) and c.accepting
+
+
+def test_parallel_slots_keep_the_grammar(exports):
+    """--parallel: each slot masks its own row with its own grammar state (slot_engine.pick)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Server(exports[1], parallel=3)
+    try:
+        client = s.client()
+        msgs = [{"role": "user", "content": "JSON please"}]
+
+        def one(seed):
+            if seed % 2:
+                r = client.chat.completions.create(
+                    model=exports[1].name,
+                    messages=msgs,
+                    tools=[WEATHER],
+                    tool_choice="required",
+                    parallel_tool_calls=False,
+                    max_tokens=120,
+                    temperature=1.0,
+                    seed=seed,
+                )
+                args = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
+                return jsonschema.validate(args, WEATHER["function"]["parameters"])
+            schema = list(SCHEMAS.values())[seed % 4]
+            r = client.chat.completions.create(
+                model=exports[1].name,
+                messages=msgs,
+                max_tokens=200,
+                temperature=1.0,
+                seed=seed,
+                response_format=_fmt("x", schema),
+            )
+            assert r.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(6)))
+        status, _, body = s.call(
+            "POST",
+            "/v1/chat/completions",
+            {"model": exports[1].name, "messages": msgs, "guided_grammar": 'start: "ab" C\nC: /x+/ & /y+/'},
+        )
+        assert status == 400 and body["error"]["param"] == "guided_grammar"
+    finally:
+        s.close()

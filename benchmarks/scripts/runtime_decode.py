@@ -22,8 +22,8 @@ ONNX Runtime out. `--q4-gguf Q4_0,Q4_K_M` adds llama.cpp's K-quant beside Q4_0 (
 give an F32 GGUF, e.g. scripts/llamacpp_quant.write_f32_gguf's, so neither is a requantization);
 `--genai DIR` adds ONNX Runtime GenAI on its own builder's int4 model (scripts/ort_genai_build),
 `--genai q4` on the 4-bit export itself. The last lines give, per numba row, its share of the
-bandwidth bound and its tg/pp ratio to every peer of the same format. Setting NUMBA_CPU_NAME for a benchmark child is how a laptop CPU is emulated
-here; the runtime itself has no such knob (load(kernels=) picks a tier).
+bandwidth bound and its tg/pp ratio to every peer of the same format. Setting NUMBA_CPU_NAME for a
+benchmark child is how a laptop CPU is emulated here; the runtime itself has no such knob (load(kernels=) picks a tier).
 """
 
 from __future__ import annotations

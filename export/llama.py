@@ -58,8 +58,12 @@ def _activation(c) -> str:
     return act
 
 
-def _rope_tables(model) -> dict[str, tuple[np.ndarray, float]]:
-    """{"global" / "local": (inv_freq, attention scaling)} from HF's own rotary module."""
+def _rope_tables(model) -> dict[str, tuple]:
+    """{"global" / "local": (inv_freq, attention scaling, long)} from HF's own rotary module; long:
+    None, or LongRoPE's (long inv_freq, original_max_position_embeddings): a call whose largest
+    position id reaches past it rotates with the long set (runtime/rope.py)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     rot = model.model.rotary_emb
     kinds = getattr(rot, "rope_type", "default")
     out = {}
@@ -71,9 +75,16 @@ def _rope_tables(model) -> dict[str, tuple[np.ndarray, float]]:
         if "dynamic" in kind:
             raise UnsupportedError(
                 f"rope type '{kind}' changes with sequence length; export supports static rope types (default, "
-                "linear, llama3, yarn ...)"
+                "linear, llama3, yarn, longrope)"
             )
-        out[key] = (_np(getattr(rot, f"{prefix}inv_freq")), float(getattr(rot, f"{prefix}attention_scaling", 1.0)))
+        long = None
+        inv = getattr(rot, f"{prefix}inv_freq")
+        if kind == "longrope":  # the short set (a forward may have left the long one in inv_freq)
+            inv = getattr(rot, f"{prefix}original_inv_freq")
+            orig = model.config.rope_parameters["original_max_position_embeddings"]
+            long_inv, _ = ROPE_INIT_FUNCTIONS["longrope"](model.config, None, seq_len=orig + 1)
+            long = (_np(long_inv), int(orig))
+        out[key] = (_np(inv), float(getattr(rot, f"{prefix}attention_scaling", 1.0)), long)
     return out
 
 
@@ -133,7 +144,7 @@ def build(model, opts: Options) -> Graph:
     f = features(model)
     g = Graph(f"edgellm-{c.model_type}")
     io = DecoderIO(g, d["layers"], nkv, hd)
-    tables = {k: rotary(g, io.pos, inv, sc) for k, (inv, sc) in _rope_tables(model).items()}
+    tables = {k: rotary(g, io.pos, inv, sc, long) for k, (inv, sc, long) in _rope_tables(model).items()}
     rot = f["rope_dims"]
     eps = float(c.rms_norm_eps)
     off = fam.norm_offset  # Gemma's x * (1 + w): the file holds 1 + w (exact in float32)
@@ -249,6 +260,8 @@ def config_metadata(model) -> dict:
         if not rope or rope.get("rope_type", "default") == "default"
         else {k: v for k, v in rope.items() if k != "rope_theta"}
     )
+    if scaling is not None and scaling.get("rope_type") == "longrope":  # resolved as HF resolved it
+        scaling["attention_factor"] = _rope_tables(model)["global"][1]
     return dict(
         architecture=c.model_type,
         vocab_size=c.vocab_size,

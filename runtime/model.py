@@ -36,6 +36,7 @@ from .kernels.simd import as_voidptr
 from .kernels.tiers import describe as describe_tier
 from .loader import Export
 from .plan import LinearPlan, Norm, WeightsPlan, plan_export
+from .rope import longrope_of
 from .validate import ModelConfig
 
 # ----------------------------------------------------------------------------- config
@@ -323,24 +324,37 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
 
 
 # ----------------------------------------------------------------------------- the model
-def _rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (2, n_ctx, rope_dims/2): the global table, then the local one (Gemma 3's sliding
-    layers; a copy of the global one when the family has none); (2, 1, 1) zeros for learned
-    positions."""
+def _rope_sets(cfg: ModelConfig, n_ctx: int) -> tuple[list, int]:
+    """[(cos, sin)], each (2, n_ctx, rope_dims/2): the global table, then the local one (Gemma 3's
+    sliding layers; a copy of the global one when the family has none); (2, 1, 1) zeros for
+    learned positions. LongRoPE has a second set (its long factors) and a switch: a forward call
+    whose positions reach past `switch` uses it (rope.py); 0: one set."""
     if cfg.position != "rope":
-        return np.zeros((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32)
+        return [(np.zeros((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32))], 0
     f = cfg.features
-    try:
-        inv = rope_inv_freq(f.rope_dims, cfg.rope_theta, cfg.rope_scaling)
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
-        raise UnsupportedError(
-            f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}){ORT_HINT}"
-        ) from None
-    if not np.isfinite(inv).all():
+    lr = longrope_of(cfg.rope_scaling, f.rope_dims, cfg.max_position_embeddings)
+    if lr is not None:
+        invs = [lr.inv_freq(cfg.rope_theta, f.rope_dims, long) for long in (False, True)]
+        scale, switch = lr.attention_factor, lr.original_max
+    else:
+        try:
+            invs = [rope_inv_freq(f.rope_dims, cfg.rope_theta, cfg.rope_scaling)]
+        except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+            raise UnsupportedError(
+                f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}){ORT_HINT}"
+            ) from None
+        scale, switch = 1.0, 0
+    if not all(np.isfinite(inv).all() for inv in invs):
         raise UnsupportedError(f"rope scaling {cfg.rope_scaling} gives non-finite frequencies{ORT_HINT}")
-    local = rope_inv_freq(f.rope_dims, f.rope_local_theta, None) if f.rope_local_theta else inv
-    (cg, sg), (cl, sl) = rope_tables(n_ctx, inv), rope_tables(n_ctx, local)
-    return np.stack([cg, cl]), np.stack([sg, sl])
+    local = rope_tables(n_ctx, rope_inv_freq(f.rope_dims, f.rope_local_theta, None)) if f.rope_local_theta else None
+    sets = []
+    for inv in invs:
+        cg, sg = rope_tables(n_ctx, inv)
+        if scale != 1.0:  # LongRoPE's attention_factor scales cos and sin (transformers: after the cast)
+            cg, sg = cg * np.float32(scale), sg * np.float32(scale)
+        cl, sl = local if local is not None else (cg, sg)
+        sets.append((np.stack([cg, cl]), np.stack([sg, sl])))
+    return sets, switch
 
 
 # Tokens per compiled call on the prompt path. The step's scratch (scores alone: chunk x heads x
@@ -389,7 +403,7 @@ class NumbaModel:
         cfg = self.config  # every shape below comes from validated metadata
         self.weights = w = Weights(plan)
         self.simd = simd
-        self.cos, self.sin = _rope_tables(cfg, self.n_ctx)
+        self.rope_sets, self.rope_switch = _rope_sets(cfg, self.n_ctx)
         self.run_config = run_config(cfg, self.n_ctx, w.act_cap, w.block_cap)
         self.kv_cache = "fp16" if fp16(plan.quant) else "fp32"
         self.state = RunState(cfg, self.n_ctx, self.kv_cache == "fp16")
@@ -405,17 +419,19 @@ class NumbaModel:
             warnings.warn(self.kernel_warning, RuntimeWarning, stacklevel=2)
         self.set_threads(threads)
 
-    def _step_args(self, ids, logits, all_logits, tier):
-        """The arguments of the compiled step `forward` for `ids` at the current position."""
+    def _step_args(self, ids, logits, all_logits, tier, long_rope: bool = False):
+        """The arguments of the compiled step `forward` for `ids` at the current position
+        (`long_rope`: LongRoPE's long set of rotary tables)."""
         w, st = self.weights, self.state
+        cos, sin = self.rope_sets[1 if long_rope else 0]
         return (
             ids,
             st.pos,
             self.run_config,
             w.model,
             w.layers,
-            self.cos,
-            self.sin,
+            cos,
+            sin,
             st.k,
             st.v,
             logits,
@@ -467,10 +483,13 @@ class NumbaModel:
             raise EdgeLLMError(f"token id out of range [0, {self.config.vocab_size})")
         numba.set_num_threads(self.threads)
         logits = np.empty((t if all_logits else 1, self.config.vocab_size), np.float32)
+        # LongRoPE: the whole call (every chunk) takes the long tables when it reaches past the
+        # switch, as transformers decides per forward call (rope.py)
+        long_rope = 0 < self.rope_switch < self.state.pos + t
         for c0 in range(0, t, PROMPT_CHUNK):  # long prompts in chunks: the step's scratch is O(chunk x context)
             c1 = min(t, c0 + PROMPT_CHUNK)
             out = logits[c0:c1] if all_logits else logits  # a non-final chunk's last-token logits are overwritten
-            forward(*self._step_args(ids[c0:c1], out, all_logits, self.tier))
+            forward(*self._step_args(ids[c0:c1], out, all_logits, self.tier, long_rope))
             self.state.pos += c1 - c0
         return logits if all_logits else logits[0]
 

@@ -293,6 +293,7 @@ class Generator:
         while common < min(len(self.cached), len(ids) - 1) and self.cached[common] == ids[common]:
             common += 1
         m.truncate(common)
+        common = min(common, m.pos)  # a backend may forget more (numba: a ring no longer holding the window)
         rng = np.random.default_rng(p.seed)
         self.stats = st = Stats(prompt_tokens=len(ids) - common)
         t0 = time.perf_counter()

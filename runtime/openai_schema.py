@@ -74,6 +74,7 @@ class Request:
     include_usage: bool  # stream_options.include_usage: also send a usage-only chunk at the end
     logprobs: int | None = None  # alternatives per token to report (0: the chosen token's only); None: off
     echo: bool = False  # completions: the answer starts with the prompt (and its logprobs)
+    template_options: dict | None = None  # chat: chat_template_kwargs (vLLM's), e.g. {"enable_thinking": false}
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -224,8 +225,40 @@ def parse(body, kind: str, model_id: str) -> Request:
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = _flag(opts or {}, "include_usage")
     return Request(
-        kind, model_id, messages, prompt, max_tokens, sampling, _flag(body, "stream"), include_usage, logprobs, echo
+        kind,
+        model_id,
+        messages,
+        prompt,
+        max_tokens,
+        sampling,
+        _flag(body, "stream"),
+        include_usage,
+        logprobs,
+        echo,
+        _template_options(body, kind),
     )
+
+
+RESERVED_TEMPLATE_VARS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def _template_options(body: dict, kind: str) -> dict | None:
+    """`chat_template_kwargs` (as vLLM names it): the chat template's own variables, e.g. Qwen3's
+    {"enable_thinking": false}; an object of at most 16 scalar values."""
+    name = "chat_template_kwargs"
+    v = body.get(name)
+    if v is None:
+        return None
+    if kind != "chat":
+        raise bad(f"'{name}' is a chat parameter", name)
+    if not isinstance(v, dict) or len(v) > 16:
+        raise bad(f"'{name}' must be an object of at most 16 entries", name, "invalid_type")
+    for k, x in v.items():
+        if k in RESERVED_TEMPLATE_VARS:
+            raise bad(f"'{name}' may not set '{k}' (the server sets it)", name)
+        if x is not None and not isinstance(x, (bool, int, float, str)):
+            raise bad(f"'{name}.{k}' must be a boolean, number, string or null", name, "invalid_type")
+    return v
 
 
 def _logprobs(body: dict, kind: str) -> tuple[int | None, bool]:

@@ -57,7 +57,8 @@ def create_app(
     def tokens(req: schema.Request) -> list[int]:
         try:
             if req.kind == "chat":
-                return gen.tokenizer.encode(gen.tokenizer.apply_chat_template(req.messages), special=False)
+                text = gen.tokenizer.apply_chat_template(req.messages, **(req.template_options or {}))
+                return gen.tokenizer.encode(text, special=False)
             if isinstance(req.prompt, str):
                 return gen.tokenizer.encode(req.prompt)
         except EdgeLLMError as exc:

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the templates keep their original lines)
 """Short faithful copies of the 2026 families' chat templates (the parts that render text chats:
 tool calling left out), for tests: the checkpoints' own files are not downloadable here.
 

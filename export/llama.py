@@ -69,8 +69,8 @@ def _rope_tables(model) -> dict[str, tuple]:
     out = {}
     for key, attr in (("global", "full_attention_"), ("local", "sliding_attention_")):
         prefix = attr if hasattr(rot, f"{attr}inv_freq") else ""
-        if key == "local" and not prefix:
-            continue
+        if not prefix and (key == "local" or not hasattr(rot, "inv_freq")):
+            continue  # no such layers (a Gemma 3 student of sliding layers only has no global table)
         kind = kinds.get(attr[:-1], "default") if isinstance(kinds, dict) else kinds
         if "dynamic" in kind:
             raise UnsupportedError(
@@ -106,7 +106,7 @@ def features(model) -> dict:
     layer0 = get_path(model, fam.layers)[0]
     rope = [_layer_rope(c, i) for i in range(d["layers"])]
     tables = _rope_tables(model)
-    rot = 2 * len(tables["global"][0])
+    rot = 2 * len(next(iter(tables.values()))[0])  # every table rotates the same dims
     scale = float(layer0.self_attn.scaling)
     emb = float(np.float32(getattr(model.get_input_embeddings(), "scalar_embed_scale", 1.0)))  # Gemma: sqrt(hidden)
     return dict(
@@ -261,7 +261,7 @@ def config_metadata(model) -> dict:
         else {k: v for k, v in rope.items() if k != "rope_theta"}
     )
     if scaling is not None and scaling.get("rope_type") == "longrope":  # resolved as HF resolved it
-        scaling["attention_factor"] = _rope_tables(model)["global"][1]
+        scaling["attention_factor"] = next(iter(_rope_tables(model).values()))[1]
     return dict(
         architecture=c.model_type,
         vocab_size=c.vocab_size,

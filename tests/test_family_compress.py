@@ -64,7 +64,7 @@ def test_prune_and_distill_each_family(family_dirs, tmp_path, family):
 
 @pytest.mark.parametrize(
     "family,kind,why",
-    [("olmo2", "heads", "whole projection"), ("phi3", "heads", "qkv_proj"), ("phi3", "mlp", "gate_up")],
+    [("olmo2", "heads", "whole projection"), ("phi3", "heads", "q, k and v"), ("phi3", "mlp", "gate and up")],
 )
 def test_structured_refusals_say_why(family_dirs, tmp_path, family, kind, why):
     args = ["prune", str(family_dirs[family]), "--structured", kind, "--ratio", "0.5", *FAST, "-o", str(tmp_path / "o")]

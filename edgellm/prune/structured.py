@@ -30,8 +30,8 @@ MLP = HEADS + ("olmo2",)
 REFUSED = {
     ("heads", "olmo2"): "its q/k RMSNorm spans the whole projection, so removing heads changes every kept head's "
     "normalization",
-    ("heads", "phi3"): "its checkpoint fuses q, k and v into one qkv_proj",
-    ("mlp", "phi3"): "its checkpoint fuses gate and up into one gate_up_proj",
+    ("heads", "phi3"): "its checkpoint fuses q, k and v into one projection",
+    ("mlp", "phi3"): "its checkpoint fuses gate and up into one projection",
 }
 
 

@@ -117,7 +117,7 @@ SUPPORTED_TEXT = (
     "Gemma 3 (text), GPT-2"
 )
 # rope types the exporter and the numba runtime compute from the config; others are refused up front
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 

@@ -64,16 +64,26 @@ class DecoderIO:
         return self._allowed[window]
 
 
-def rotary(g: Graph, pos: str, inv_freq: np.ndarray, scaling: float) -> tuple[str, str]:
+def rotary(g: Graph, pos: str, inv_freq: np.ndarray, scaling: float, long=None) -> tuple[str, str]:
     """cos, sin (B, S, 1, rot) for position_ids (B, S), as HF computes them (fp32), computed once
     and broadcast over heads in every layer (rot = 2 len(inv_freq): head_dim, or fewer with
-    partial rotary)."""
+    partial rotary). long: LongRoPE's (long inv_freq, original_max_position_embeddings): when
+    max(position_ids) + 1 > original, every position of the run rotates with the long set
+    (transformers' longrope_frequency_update, runtime/rope.py)."""
     p = g.op(
         "Unsqueeze", [g.op("Cast", [pos], name="rope/pos", to=FLOAT), g.const([-1])], name="rope/pos3"
     )  # (B, S, 1)
-    f = g.op(
-        "Mul", [p, g.const(inv_freq.astype(np.float32), np.float32, "rope/inv_freq")], name="rope/freqs"
-    )  # (B, S, hd/2)
+    inv = g.const(inv_freq.astype(np.float32), np.float32, "rope/inv_freq")  # (hd/2,)
+    if long is not None:
+        long_inv, orig = long
+        top = g.op("ReduceMax", [pos], name="rope/max_pos", keepdims=0)  # () over the batch, as HF
+        is_long = g.op("GreaterOrEqual", [top, g.const(orig)], name="rope/is_long")  # max + 1 > orig
+        inv = g.op(
+            "Where",
+            [is_long, g.const(long_inv.astype(np.float32), np.float32, "rope/long_inv_freq"), inv],
+            name="rope/inv_freq_set",
+        )
+    f = g.op("Mul", [p, inv], name="rope/freqs")  # (B, S, hd/2)
     emb = g.op(
         "Unsqueeze", [g.op("Concat", [f, f], name="rope/emb", axis=-1), g.const([2])], name="rope/emb4"
     )  # (B, S, 1, hd)

@@ -58,22 +58,33 @@ def _activation(c) -> str:
     return act
 
 
-def _rope_tables(model) -> dict[str, tuple[np.ndarray, float]]:
-    """{"global" / "local": (inv_freq, attention scaling)} from HF's own rotary module."""
+def _rope_tables(model) -> dict[str, tuple]:
+    """{"global" / "local": (inv_freq, attention scaling, long)} from HF's own rotary module; long:
+    None, or LongRoPE's (long inv_freq, original_max_position_embeddings): a call whose largest
+    position id reaches past it rotates with the long set (runtime/rope.py)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     rot = model.model.rotary_emb
     kinds = getattr(rot, "rope_type", "default")
     out = {}
     for key, attr in (("global", "full_attention_"), ("local", "sliding_attention_")):
         prefix = attr if hasattr(rot, f"{attr}inv_freq") else ""
-        if key == "local" and not prefix:
-            continue
+        if not prefix and (key == "local" or not hasattr(rot, "inv_freq")):
+            continue  # no such layers (a Gemma 3 student of sliding layers only has no global table)
         kind = kinds.get(attr[:-1], "default") if isinstance(kinds, dict) else kinds
         if "dynamic" in kind:
             raise UnsupportedError(
                 f"rope type '{kind}' changes with sequence length; export supports static rope types (default, "
-                "linear, llama3, yarn ...)"
+                "linear, llama3, yarn, longrope)"
             )
-        out[key] = (_np(getattr(rot, f"{prefix}inv_freq")), float(getattr(rot, f"{prefix}attention_scaling", 1.0)))
+        long = None
+        inv = getattr(rot, f"{prefix}inv_freq")
+        if kind == "longrope":  # the short set (a forward may have left the long one in inv_freq)
+            inv = getattr(rot, f"{prefix}original_inv_freq")
+            orig = model.config.rope_parameters["original_max_position_embeddings"]
+            long_inv, _ = ROPE_INIT_FUNCTIONS["longrope"](model.config, None, seq_len=orig + 1)
+            long = (_np(long_inv), int(orig))
+        out[key] = (_np(inv), float(getattr(rot, f"{prefix}attention_scaling", 1.0)), long)
     return out
 
 
@@ -95,7 +106,7 @@ def features(model) -> dict:
     layer0 = get_path(model, fam.layers)[0]
     rope = [_layer_rope(c, i) for i in range(d["layers"])]
     tables = _rope_tables(model)
-    rot = 2 * len(tables["global"][0])
+    rot = 2 * len(next(iter(tables.values()))[0])  # every table rotates the same dims
     scale = float(layer0.self_attn.scaling)
     emb = float(np.float32(getattr(model.get_input_embeddings(), "scalar_embed_scale", 1.0)))  # Gemma: sqrt(hidden)
     return dict(
@@ -133,7 +144,7 @@ def build(model, opts: Options) -> Graph:
     f = features(model)
     g = Graph(f"edgellm-{c.model_type}")
     io = DecoderIO(g, d["layers"], nkv, hd)
-    tables = {k: rotary(g, io.pos, inv, sc) for k, (inv, sc) in _rope_tables(model).items()}
+    tables = {k: rotary(g, io.pos, inv, sc, long) for k, (inv, sc, long) in _rope_tables(model).items()}
     rot = f["rope_dims"]
     eps = float(c.rms_norm_eps)
     off = fam.norm_offset  # Gemma's x * (1 + w): the file holds 1 + w (exact in float32)
@@ -249,6 +260,8 @@ def config_metadata(model) -> dict:
         if not rope or rope.get("rope_type", "default") == "default"
         else {k: v for k, v in rope.items() if k != "rope_theta"}
     )
+    if scaling is not None and scaling.get("rope_type") == "longrope":  # resolved as HF resolved it
+        scaling["attention_factor"] = next(iter(_rope_tables(model).values()))[1]
     return dict(
         architecture=c.model_type,
         vocab_size=c.vocab_size,

@@ -29,7 +29,7 @@ class Backend(Protocol):
 
     def reset(self) -> None: ...
 
-    def truncate(self, n: int) -> None: ...  # forget positions >= n
+    def truncate(self, n: int) -> None: ...  # forget positions >= n (or more: read pos after)
 
     def set_threads(self, threads: int | None) -> None: ...
 

@@ -31,7 +31,8 @@ from .kernels.family import geglu, scale_cap
 from .kernels.layers import attention_mat, embed_rows, gelu_new, kv_cast, rope, swiglu
 from .kernels.simd import as_voidptr
 from .kernels.slots import attention_rows, batch_linear
-from .model import _norm, _qk_norm, _residual, lazy_zeros
+from .kvcache import lazy_zeros
+from .model import _norm, _qk_norm, _residual
 from .validate import available_memory, run_bytes
 
 # Prompt tokens per step, summed over the slots that are reading a prompt: a long prompt is read
@@ -142,6 +143,11 @@ class SlotCaches:
     def __init__(self, model, n: int):
         if n < 1:
             raise EdgeLLMError(f"--parallel {n} is invalid; give 1 or more")
+        if model.rope_switch > 0:  # LongRoPE switches its tables per call by the sequence's last position
+            raise EdgeLLMError(
+                "this model's rotary embedding is LongRoPE (Phi-3.5 / Phi-4-mini), which the batched step does not "
+                "switch per slot yet; serve it with --parallel 1"
+            )
         cfg, st = model.config, model.state
         self.model, self.n = model, n
         shape = (n, cfg.num_layers, cfg.num_kv_heads, model.n_ctx, cfg.head_dim)  # (S, L, NKV, ctx, HD)
@@ -196,8 +202,7 @@ class SlotCaches:
             m.run_config,
             w.model,
             w.layers,
-            m.cos,
-            m.sin,
+            *m.rope_sets[0],  # cos, sin (2, ctx, rope_dims/2): one set, LongRoPE refused above
             self.k,
             self.v,
             np.empty((len(want), m.config.vocab_size), np.float32),
@@ -235,7 +240,7 @@ def _warm_args(tier, kv_fp16: bool, keep: list) -> tuple:
     two-row chunk (the types are what numba compiles for; the sizes do not matter)."""
     from .warmup import step_args
 
-    _, _, cfg, model, layers, cos, sin, kc, vc, logits, _, tier = step_args(tier, kv_fp16, keep)
+    _, _, cfg, model, layers, cos, sin, kc, vc, _kr, _vr, logits, _, tier = step_args(tier, kv_fp16, keep)
     kc, vc = np.stack([kc, kc]), np.stack([vc, vc])  # (S=2, L, NKV, ctx, HD)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     rows = (i64(1, 2, 3), i64(0, 1, 1), i64(0, 0, 1), i64(0), i64(1, 2, 1).reshape(1, 3), i64(0, 2))

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -131,8 +132,11 @@ class Tokenizer:
             else _tokenizers(lambda: self.tok.token_to_id(text), f"'{self.path}' cannot look up {text!r}")
         )
 
-    def apply_chat_template(self, messages: list[dict], tools: list | None = None) -> str:
-        """The prompt text of `messages` (and `tools`, for templates that read them: runtime/tools.py)."""
+    def apply_chat_template(self, messages: list[dict], tools: list | None = None, **options) -> str:
+        """The conversation as the model's template renders it, ending with the assistant's turn;
+        `tools` for templates that read them (runtime/tools.py); `options` are the template's own
+        variables (Qwen3: enable_thinking=False), as transformers' apply_chat_template(..., **kwargs)
+        passes them."""
         if not self.chat_template:
             raise EdgeLLMError(
                 "this model has no chat template (tokenizer_config.json 'chat_template'); use -p without --chat"
@@ -148,8 +152,10 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x, SmolLM3 (as HF)
         try:
             text = env.from_string(self.chat_template).render(
+                **options,
                 messages=messages,
                 add_generation_prompt=True,
                 bos_token=self.bos_token or "",
@@ -253,6 +259,7 @@ class Generator:
         self.cached: list[int] = []  # tokens whose keys/values are in the model's cache
         self.stats = Stats()
         self.messages: list[dict] = []
+        self.template_options: dict = {}  # the chat template's variables (run --no-think: enable_thinking=False)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt or not prompt.strip():
@@ -301,7 +308,8 @@ class Generator:
         if not message.strip():
             raise EdgeLLMError("the message is empty")
         self.messages.append({"role": "user", "content": message})
-        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(self.messages), special=False)
+        text = self.tokenizer.apply_chat_template(self.messages, **self.template_options)
+        ids = self.tokenizer.encode(text, special=False)
         reply = []
         for piece in self._generate(ids, p or Sampling()):
             reply.append(piece)
@@ -317,6 +325,7 @@ class Generator:
         while common < min(len(self.cached), len(ids) - 1) and self.cached[common] == ids[common]:
             common += 1
         m.truncate(common)
+        common = min(common, m.pos)  # a backend may forget more (numba: a ring no longer holding the window)
         rng = np.random.default_rng(p.seed)
         self.stats = st = Stats(prompt_tokens=len(ids) - common)
         t0 = time.perf_counter()

@@ -7,7 +7,6 @@ matrix product is one `prange` region and nothing returns to Python between oper
 
 from __future__ import annotations
 
-import mmap
 import warnings
 
 import numba
@@ -34,8 +33,10 @@ from .kernels.layers import (
 from .kernels.quant import act_caps, checked_tier, linear_mat, linear_vec
 from .kernels.simd import as_voidptr
 from .kernels.tiers import describe as describe_tier
+from .kvcache import RunState
 from .loader import Export
 from .plan import LinearPlan, Norm, WeightsPlan, plan_export
+from .rope import longrope_of
 from .validate import ModelConfig
 
 # ----------------------------------------------------------------------------- config
@@ -161,32 +162,7 @@ class Weights:
 
 
 # ----------------------------------------------------------------------------- run state
-def lazy_zeros(shape, dtype) -> np.ndarray:
-    """Zeros in an anonymous mapping whose pages become resident only when written, in 4 KiB
-    pages: numpy asks for transparent huge pages on big arrays, and then writing position 0 of
-    each (layer, head) slab of the KV cache made the whole cache resident (+42 MB at 8 tokens)."""
-    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: calloc'd zeros, whose pages the OS also commits on first write
-        return np.zeros(shape, dtype)
-    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, dtype, count=int(np.prod(shape))).reshape(shape)
-
-
 KV_CACHE_TYPES = ("auto", "fp16", "fp32")
-
-
-class RunState:
-    """The KV cache, preallocated for n_ctx positions (zeros: pages are touched only when used).
-    fp16 is held as uint16 bits (kernels/layers.py kv_get / kv_cast)."""
-
-    def __init__(self, cfg: ModelConfig, n_ctx: int, fp16: bool):
-        shape = (cfg.num_layers, cfg.num_kv_heads, n_ctx, cfg.head_dim)  # (L, n_kv, ctx, hd)
-        dtype = np.uint16 if fp16 else np.float32
-        self.k = lazy_zeros(shape, dtype)
-        self.v = lazy_zeros(shape, dtype)
-        self.pos = 0
 
 
 # ----------------------------------------------------------------------------- the hot loop
@@ -238,14 +214,16 @@ def _residual(cfg, x, res, out_norm_w, xn):
 
 
 @njit(cache=True)
-def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits, tier):
+def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all_logits, tier):
     """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V).
 
     cfg: CONFIG record; model: MODEL record (embedding, head, final norm); layers: (L,) LAYER
     records (the family's per-layer description: norms and their placement, q/k norm, rope table,
-    window); cos, sin: rope tables (2: global, local; ctx, rope_dims/2); kc, vc: KV cache (L, NKV,
-    ctx, HD); `tier`: the kernel tier of the quantized linears, a `Tier` (compiled as the literal of its
-    id: one specialization per tier, holding that tier's code only, kernels/tiers.py)."""
+    window, KV rows); cos, sin: rope tables (2: global, local; ctx, rope_dims/2); kc, vc: the
+    full-attention layers' KV cache (L_full, NKV, ctx, HD); kr, vr: the sliding layers' ring
+    buffers (L_ring, NKV, rows, HD; kvcache.py); `tier`: the kernel tier of the quantized linears,
+    a `Tier` (compiled as the literal of its id: one specialization per tier, holding that tier's
+    code only, kernels/tiers.py)."""
     t = ids.shape[0]
     H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
     cap, nbc = cfg.act_cap, cfg.block_cap
@@ -286,16 +264,19 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
             tab = 1 if layer.rope == ROPE_LOCAL else 0
             rope(qkv, 0, NH, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)
             rope(qkv, NH * HD, NKV, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)
+        ring = layer.ring  # > 0: a sliding layer's ring buffer, position p in row p % ring
+        kl, vl = (kr[layer.kv], vr[layer.kv]) if ring > 0 else (kc[layer.kv], vc[layer.kv])  # (NKV, rows, HD)
         for i in range(t):
+            row = (pos0 + i) % ring if ring > 0 else pos0 + i
             for h in range(NKV):
                 for j in range(HD):
-                    kc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + h) * HD + j], kc)
-                    vc[l, h, pos0 + i, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vc)
+                    kl[h, row, j] = kv_cast(qkv[i, (NH + h) * HD + j], kl)
+                    vl[h, row, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vl)
         sc, cap = cfg.attn_scale, cfg.attn_cap
         if t == 1:
-            attention(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window, sc, cap)
+            attention(qkv, kl, vl, pos0, NH, NKV, HD, att, scores, layer.window, sc, cap, ring)
         else:
-            attention_mat(qkv, kc[l], vc[l], pos0, NH, NKV, HD, att, scores, layer.window, sc, cap)
+            attention_mat(qkv, kl, vl, pos0, NH, NKV, HD, att, scores, layer.window, sc, cap, ring)
         _linear(layer.o, att, res, act, tier)
         _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
@@ -323,24 +304,37 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, logits, all_logits,
 
 
 # ----------------------------------------------------------------------------- the model
-def _rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (2, n_ctx, rope_dims/2): the global table, then the local one (Gemma 3's sliding
-    layers; a copy of the global one when the family has none); (2, 1, 1) zeros for learned
-    positions."""
+def _rope_sets(cfg: ModelConfig, n_ctx: int) -> tuple[list, int]:
+    """[(cos, sin)], each (2, n_ctx, rope_dims/2): the global table, then the local one (Gemma 3's
+    sliding layers; a copy of the global one when the family has none); (2, 1, 1) zeros for
+    learned positions. LongRoPE has a second set (its long factors) and a switch: a forward call
+    whose positions reach past `switch` uses it (rope.py); 0: one set."""
     if cfg.position != "rope":
-        return np.zeros((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32)
+        return [(np.zeros((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32))], 0
     f = cfg.features
-    try:
-        inv = rope_inv_freq(f.rope_dims, cfg.rope_theta, cfg.rope_scaling)
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
-        raise UnsupportedError(
-            f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}){ORT_HINT}"
-        ) from None
-    if not np.isfinite(inv).all():
+    lr = longrope_of(cfg.rope_scaling, f.rope_dims, cfg.max_position_embeddings)
+    if lr is not None:
+        invs = [lr.inv_freq(cfg.rope_theta, f.rope_dims, long) for long in (False, True)]
+        scale, switch = lr.attention_factor, lr.original_max
+    else:
+        try:
+            invs = [rope_inv_freq(f.rope_dims, cfg.rope_theta, cfg.rope_scaling)]
+        except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+            raise UnsupportedError(
+                f"rope scaling {cfg.rope_scaling} is not supported by the numba runtime ({exc}){ORT_HINT}"
+            ) from None
+        scale, switch = 1.0, 0
+    if not all(np.isfinite(inv).all() for inv in invs):
         raise UnsupportedError(f"rope scaling {cfg.rope_scaling} gives non-finite frequencies{ORT_HINT}")
-    local = rope_inv_freq(f.rope_dims, f.rope_local_theta, None) if f.rope_local_theta else inv
-    (cg, sg), (cl, sl) = rope_tables(n_ctx, inv), rope_tables(n_ctx, local)
-    return np.stack([cg, cl]), np.stack([sg, sl])
+    local = rope_tables(n_ctx, rope_inv_freq(f.rope_dims, f.rope_local_theta, None)) if f.rope_local_theta else None
+    sets = []
+    for inv in invs:
+        cg, sg = rope_tables(n_ctx, inv)
+        if scale != 1.0:  # LongRoPE's attention_factor scales cos and sin (transformers: after the cast)
+            cg, sg = cg * np.float32(scale), sg * np.float32(scale)
+        cl, sl = local if local is not None else (cg, sg)
+        sets.append((np.stack([cg, cl]), np.stack([sg, sl])))
+    return sets, switch
 
 
 # Tokens per compiled call on the prompt path. The step's scratch (scores alone: chunk x heads x
@@ -389,10 +383,14 @@ class NumbaModel:
         cfg = self.config  # every shape below comes from validated metadata
         self.weights = w = Weights(plan)
         self.simd = simd
-        self.cos, self.sin = _rope_tables(cfg, self.n_ctx)
+        self.rope_sets, self.rope_switch = _rope_sets(cfg, self.n_ctx)
         self.run_config = run_config(cfg, self.n_ctx, w.act_cap, w.block_cap)
         self.kv_cache = "fp16" if fp16(plan.quant) else "fp32"
-        self.state = RunState(cfg, self.n_ctx, self.kv_cache == "fp16")
+        self.chunk = PROMPT_CHUNK  # tokens per compiled call: the rings hold window + chunk - 1 rows
+        self.state = st = RunState(cfg, self.n_ctx, self.kv_cache == "fp16", self.chunk)
+        rows = w.layers.view(np.recarray)
+        for i, (kv, ring) in enumerate(st.layer_kv):
+            rows[i].kv, rows[i].ring = kv, ring
         # a first start compiles the step in a child process (runtime/warmup.py): LLVM's memory
         # leaves with it, and this process loads the step from numba's cache
         self.compiled_in_child = compile_in_child and self._compile_in_child(
@@ -405,19 +403,23 @@ class NumbaModel:
             warnings.warn(self.kernel_warning, RuntimeWarning, stacklevel=2)
         self.set_threads(threads)
 
-    def _step_args(self, ids, logits, all_logits, tier):
-        """The arguments of the compiled step `forward` for `ids` at the current position."""
+    def _step_args(self, ids, logits, all_logits, tier, long_rope: bool = False):
+        """The arguments of the compiled step `forward` for `ids` at the current position
+        (`long_rope`: LongRoPE's long set of rotary tables)."""
         w, st = self.weights, self.state
+        cos, sin = self.rope_sets[1 if long_rope else 0]
         return (
             ids,
             st.pos,
             self.run_config,
             w.model,
             w.layers,
-            self.cos,
-            self.sin,
+            cos,
+            sin,
             st.k,
             st.v,
+            st.kr,
+            st.vr,
             logits,
             all_logits,
             tier,
@@ -452,8 +454,10 @@ class NumbaModel:
         self.state.pos = 0
 
     def truncate(self, n: int):
-        """Forget cached positions >= n (the cache beyond is overwritten by later tokens)."""
-        self.state.pos = min(self.state.pos, n)
+        """Forget cached positions >= n (the cache beyond is overwritten by later tokens); all of
+        them when a sliding layer's ring no longer holds the window before n (read `pos` after)."""
+        n = min(self.state.pos, n)
+        self.state.pos = n if self.state.keeps(n) else 0
 
     def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         """Append `ids` at the current position; logits (len(ids), V) or (V,) of the last token."""
@@ -467,10 +471,13 @@ class NumbaModel:
             raise EdgeLLMError(f"token id out of range [0, {self.config.vocab_size})")
         numba.set_num_threads(self.threads)
         logits = np.empty((t if all_logits else 1, self.config.vocab_size), np.float32)
-        for c0 in range(0, t, PROMPT_CHUNK):  # long prompts in chunks: the step's scratch is O(chunk x context)
-            c1 = min(t, c0 + PROMPT_CHUNK)
+        # LongRoPE: the whole call (every chunk) takes the long tables when it reaches past the
+        # switch, as transformers decides per forward call (rope.py)
+        long_rope = 0 < self.rope_switch < self.state.pos + t
+        for c0 in range(0, t, self.chunk):  # long prompts in chunks: the step's scratch is O(chunk x context)
+            c1 = min(t, c0 + self.chunk)
             out = logits[c0:c1] if all_logits else logits  # a non-final chunk's last-token logits are overwritten
-            forward(*self._step_args(ids[c0:c1], out, all_logits, self.tier))
+            forward(*self._step_args(ids[c0:c1], out, all_logits, self.tier, long_rope))
             self.state.pos += c1 - c0
         return logits if all_logits else logits[0]
 

@@ -82,6 +82,7 @@ class Request:
     tools: list | None = None  # chat: OpenAI tool definitions (checked)
     tool_choice: str = "none"  # auto | none | required | a function name
     parallel_tool_calls: bool = True
+    template_options: dict | None = None  # chat: chat_template_kwargs (vLLM's), e.g. {"enable_thinking": false}
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -330,7 +331,30 @@ def parse(body, kind: str, model_id: str) -> Request:
         tools,
         choice,
         parallel,
+        _template_options(body, kind),
     )
+
+
+RESERVED_TEMPLATE_VARS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def _template_options(body: dict, kind: str) -> dict | None:
+    """`chat_template_kwargs` (as vLLM names it): the chat template's own variables, e.g. Qwen3's
+    {"enable_thinking": false}; an object of at most 16 scalar values."""
+    name = "chat_template_kwargs"
+    v = body.get(name)
+    if v is None:
+        return None
+    if kind != "chat":
+        raise bad(f"'{name}' is a chat parameter", name)
+    if not isinstance(v, dict) or len(v) > 16:
+        raise bad(f"'{name}' must be an object of at most 16 entries", name, "invalid_type")
+    for k, x in v.items():
+        if k in RESERVED_TEMPLATE_VARS:
+            raise bad(f"'{name}' may not set '{k}' (the server sets it)", name)
+        if x is not None and not isinstance(x, (bool, int, float, str)):
+            raise bad(f"'{name}.{k}' must be a boolean, number, string or null", name, "invalid_type")
+    return v
 
 
 def _logprobs(body: dict, kind: str) -> tuple[int | None, bool]:

@@ -70,7 +70,8 @@ def create_app(
         try:
             if req.kind == "chat":
                 messages = req.messages if not req.tools else tools_messages(req.messages)
-                return gen.tokenizer.encode(gen.tokenizer.apply_chat_template(messages, tools), special=False)
+                text = gen.tokenizer.apply_chat_template(messages, tools, **(req.template_options or {}))
+                return gen.tokenizer.encode(text, special=False)
             if isinstance(req.prompt, str):
                 return gen.tokenizer.encode(req.prompt)
         except EdgeLLMError as exc:

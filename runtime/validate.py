@@ -49,6 +49,8 @@ from .format.names import (
     tensor,
 )
 from .loader import Export
+from .rope import kind as rope_kind
+from .rope import longrope_of
 
 NORMS, POSITIONS, MLPS = ("rms", "layer"), ("rope", "learned"), ("gated", "plain")
 ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
@@ -171,7 +173,7 @@ class ModelConfig:
         bos = c.get("bos_token_id")
         if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < vocab):
             raise _bad("bos_token_id", bos, f"null or a token id in [0, {vocab})")
-        return cls(
+        cfg = cls(
             arch,
             vocab,
             _int(c, "hidden_size"),
@@ -195,6 +197,9 @@ class ModelConfig:
             tuple(int(w or 0) for w in sw),
             Features.from_metadata(c, layers=layers, head_dim=hd, position=position, norm=c.get("norm")),
         )
+        if position == "rope":  # LongRoPE's factors and switch point (rope.py)
+            longrope_of(scaling, cfg.features.rope_dims, cfg.max_position_embeddings)
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -422,9 +427,10 @@ def run_bytes(cfg: ModelConfig, n_ctx: int, kv_itemsize: int, chunk: int = 128) 
     """What a run of n_ctx positions allocates besides the (memory-mapped) weights, by part."""
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     t = min(chunk, n_ctx)
+    tables = 6 if rope_kind(cfg.rope_scaling) == "longrope" else 4  # cos, sin: global, local (LongRoPE: + long)
     return {
         "KV cache": 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * kv_itemsize,
-        "rope tables": 4 * n_ctx * (cfg.features.rope_dims // 2) * 4 if cfg.position == "rope" else 0,  # global, local
+        "rope tables": tables * n_ctx * (cfg.features.rope_dims // 2) * 4 if cfg.position == "rope" else 0,
         "scratch": 4
         * t
         * (4 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size + cfg.num_heads * (cfg.head_dim + n_ctx))

@@ -67,9 +67,10 @@ def step_args(tier, kv_fp16: bool, keep: list, t: int = 1) -> tuple:
     kv = (1, NKV, CTX, HD)  # (L, n_kv, ctx, hd)
     dtype = np.uint16 if kv_fp16 else np.float32
     kc, vc = np.zeros(kv, dtype), np.zeros(kv, dtype)
+    kr, vr = np.zeros((0, NKV, 1, HD), dtype), np.zeros((0, NKV, 1, HD), dtype)  # no sliding layers (kvcache.py)
     ids = np.zeros(t, np.int64)
     logits = np.empty((1, V), np.float32)
-    return ids, 0, cfg, model, layers, cos, sin, kc, vc, logits, False, tier
+    return ids, 0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, False, tier
 
 
 def is_cached(dispatcher, args) -> bool:

@@ -205,16 +205,8 @@ def _edit_hf(src: Path, dst: Path, **changes) -> Path:
         (dict(model_type="gpt_neox"), "architecture 'gpt_neox' is not supported"),
         (dict(layer_types=["full_attention", "chunked_attention"] * 2), "layer_types"),
         (
-            dict(
-                rope_parameters={
-                    "rope_type": "longrope",
-                    "rope_theta": 1e4,
-                    "short_factor": [1.0] * 12,
-                    "long_factor": [2.0] * 12,
-                    "original_max_position_embeddings": 256,
-                }
-            ),
-            "rope_type 'longrope'",
+            dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+            "rope_type 'proportional'",
         ),
     ],
     ids=["family", "layer_types", "rope_type"],

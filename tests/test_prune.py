@@ -417,7 +417,7 @@ def gpt2_dir(trained, tmp_path_factory):
         (["--structured", "mlp"], "needs --ratio"),
         ([], "give either"),
         (["--method", "wanda", "--structured", "mlp", "--ratio", "0.5"], "give either"),
-        (["GPT2", "--structured", "heads", "--ratio", "0.5"], "supports Llama-shaped"),
+        (["GPT2", "--structured", "heads", "--ratio", "0.5"], "does not support 'gpt2'"),
     ],
 )
 def test_bad_input_exit_2_nothing_written(trained, gpt2_dir, tmp_path, args, needle):

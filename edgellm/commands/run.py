@@ -45,6 +45,14 @@ def run(
             "message per line; end with Ctrl-D.",
         ),
     ] = False,
+    no_think: Annotated[
+        bool,
+        typer.Option(
+            "--no-think",
+            help="With --chat: ask a thinking model (Qwen3, SmolLM3) to answer without reasoning first (its chat "
+            "template's enable_thinking=False). Without it, the reply shows the model's <think> block.",
+        ),
+    ] = False,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.")
     ] = 128,
@@ -154,6 +162,8 @@ def run(
     params.check()
     if json_schema is not None and grammar is not None:
         raise EdgeLLMError("give --json-schema or --grammar, not both")
+    if no_think and not chat:
+        raise EdgeLLMError("--no-think applies to the chat template: add --chat")
     constraint = _constraint_spec(json_schema, grammar)  # read and parsed before the load
     if chat:
         from .._deps import require
@@ -203,6 +213,8 @@ def run(
     if not chat:
         emit(gen.stream(prompt, params))
         return
+    if no_think:
+        gen.template_options["enable_thinking"] = False
     gen.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # fail early without a template
     if prompt:
         emit(gen.chat(prompt, params))

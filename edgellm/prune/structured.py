@@ -23,13 +23,26 @@ from ..errors import UnsupportedError
 
 # Families whose blocks are Llama-shaped: self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj.
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# The issue-25 families that slice the same way: per-head q/k norms (Qwen3, Gemma 3) have one
+# weight per head dim, shared by the heads, so removing KV groups leaves them as they are.
+HEADS = LLAMA_LIKE + ("qwen3", "smollm3", "granite", "gemma3_text")
+MLP = HEADS + ("olmo2",)
+REFUSED = {
+    ("heads", "olmo2"): "its q/k RMSNorm spans the whole projection, so removing heads changes every kept head's "
+    "normalization",
+    ("heads", "phi3"): "its checkpoint fuses q, k and v into one projection",
+    ("mlp", "phi3"): "its checkpoint fuses gate and up into one projection",
+}
 
 
 def check_supported(model, kind: str) -> None:
-    if kind != "layers" and model.config.model_type not in LLAMA_LIKE:
+    mt = model.config.model_type
+    families = {"heads": HEADS, "mlp": MLP}.get(kind)
+    if families is not None and mt not in families:
+        why = REFUSED.get((kind, mt), "its blocks are not Llama-shaped")
         raise UnsupportedError(
-            f"--structured {kind} supports Llama-shaped models ({', '.join(LLAMA_LIKE)}), not "
-            f"'{model.config.model_type}'; --structured layers works for every supported architecture"
+            f"--structured {kind} does not support '{mt}': {why} (supported: {', '.join(families)}); "
+            "--structured layers works for every supported architecture"
         )
 
 

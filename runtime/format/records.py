@@ -55,6 +55,8 @@ LAYER = np.dtype(
         ("qk_width", I8),  # columns one q/k norm spans: HD (per head) or NH*HD / NKV*HD (projection)
         ("window", I8),  # sliding-window size, 0 = full attention
         ("rope", I8),  # rotary table: ROPE_NONE, ROPE_GLOBAL, ROPE_LOCAL
+        ("kv", I8),  # this layer's index in its KV array: the full-context one, or the rings (ring > 0)
+        ("ring", I8),  # rows of its ring buffer (a sliding-window layer: position p in row p % ring), 0: full
     ],
     align=True,
 )

@@ -162,13 +162,22 @@ def ref_rope(x, pos, cos, sin):
 
 
 # ----------------------------------------------------------------------------- attention
+@njit(cache=True, inline="always")
+def _next_slot(slot, ring):
+    """The cache row after `slot`: +1, wrapping to 0 in a ring buffer of `ring` rows (0: no ring)."""
+    n = slot + 1
+    return 0 if n == ring else n
+
+
 @njit(cache=True, parallel=True, fastmath=True)
-def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0):
+def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0, ring=0):
     """Causal GQA attention of t new queries over the cache. q (t, n_heads*hd); kc, vc
     (n_kv, ctx, hd), float32 or fp16 bits (kv_get), already hold positions [0, pos0 + t); out
     (t, n_heads*hd); scores (threads-
     independent scratch (t*n_heads, ctx)); window > 0: see only the last `window` positions;
-    scale: of q.k (0: 1/sqrt(hd)); softcap > 0: scores -> softcap * tanh(scores / softcap)."""
+    scale: of q.k (0: 1/sqrt(hd)); softcap > 0: scores -> softcap * tanh(scores / softcap);
+    ring > 0: kc, vc are ring buffers of `ring` rows (a sliding-window layer's), position p in row
+    p % ring, holding at least the window + t - 1 positions the queries see."""
     t = q.shape[0]
     group = n_heads // n_kv
     scale = np.float32(scale if scale > 0 else 1.0 / np.sqrt(hd))
@@ -179,28 +188,30 @@ def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0
         p0 = max(0, n - window) if window > 0 else 0
         qh = q[i, h * hd : (h + 1) * hd]
         _attn_query_rows(
-            qh, kc[h // group], vc[h // group], scores[job], out[i, h * hd : (h + 1) * hd], p0, n, scale, softcap
+            qh, kc[h // group], vc[h // group], scores[job], out[i, h * hd : (h + 1) * hd], p0, n, scale, softcap, ring
         )
 
 
 @njit(cache=True, fastmath=True)
-def _attn_query_rows(qh, kc, vc, srow, acc, a, b, scale, softcap):
-    """One query of one head over keys [a, b) of kc (ctx, hd): each score a vectorized dot."""
+def _attn_query_rows(qh, kc, vc, srow, acc, a, b, scale, softcap, ring):
+    """One query of one head over keys [a, b) of kc (ctx or ring, hd): each score a vectorized dot."""
     hd = qh.shape[0]
+    slot = a % ring if ring > 0 else a
     for p in range(a, b):
-        kp = kc[p]
+        kp = kc[slot]
         s = np.float32(0.0)
         for j in range(hd):
             s += qh[j] * kv_get(kp[j])
         srow[p] = s * scale
-    _softmax_pv(srow, vc, acc, a, b, softcap)
+        slot = _next_slot(slot, ring)
+    _softmax_pv(srow, vc, acc, a, b, softcap, ring)
 
 
 QT = 16  # queries per attention tile of the prompt path
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0):
+def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0, ring=0):
     """`attention` for many queries (the prompt): per (head, tile of QT queries) job, scores
     S = Q K^T vectorized over key positions against a transposed copy of the keys (each key
     load shared by four query dims), softmax per row, then O = P V four positions at a time.
@@ -211,11 +222,18 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale
     softcap = np.float32(softcap)
     ntile = (t + QT - 1) // QT
     nk = pos0 + t
-    kt = np.empty((n_kv, hd, nk), np.float32)  # keys transposed: S rows vectorize over positions
+    lo = max(0, pos0 + 1 - window) if window > 0 else 0  # the first position any query sees
+    kt = np.empty((n_kv, hd, nk - lo), np.float32)  # keys [lo, nk) transposed: S rows vectorize over positions
     for job in prange(n_kv * hd):
         kv, j = job // hd, job % hd
-        for p in range(nk):
-            kt[kv, j, p] = kv_get(kc[kv, p, j])
+        if ring > 0:  # a ring buffer: rows wrap
+            slot = lo % ring
+            for p in range(nk - lo):
+                kt[kv, j, p] = kv_get(kc[kv, slot, j])
+                slot = _next_slot(slot, ring)
+        else:  # plain positions: with the wrapping walk here and in _softmax_pv, prompt attention was 5x slower
+            for p in range(nk - lo):
+                kt[kv, j, p] = kv_get(kc[kv, lo + p, j])
     for job in prange(n_heads * ntile):
         # tiles zig-zag (0, last, 1, last-1, ...): a causal tile costs its end position, and
         # prange hands each thread one contiguous run of jobs, so plain order gave one thread
@@ -236,38 +254,42 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale
                 n,
                 scale,
                 softcap,
+                lo,
+                ring,
             )
             out[i, h * hd : (h + 1) * hd] = acc
 
 
 @njit(cache=True, fastmath=True)
-def _attn_query(qh, kt, vc, srow, acc, a, b, scale, softcap):
-    """One query of one head over keys [a, b): kt (hd, ctx) transposed keys, vc (ctx, hd)."""
+def _attn_query(qh, kt, vc, srow, acc, a, b, scale, softcap, lo, ring):
+    """One query of one head over keys [a, b): kt (hd, positions from lo) transposed keys, vc
+    (ctx or ring, hd)."""
     hd = qh.shape[0]
     s = srow[a:b]  # loops from 0 (a variable start stops LLVM vectorizing them)
     nk = b - a
+    ka, kb = a - lo, b - lo
     for p in range(nk):
         s[p] = 0.0
     j = 0
     while j + 4 <= hd:
         q0, q1, q2, q3 = qh[j] * scale, qh[j + 1] * scale, qh[j + 2] * scale, qh[j + 3] * scale
-        k0, k1, k2, k3 = kt[j][a:b], kt[j + 1][a:b], kt[j + 2][a:b], kt[j + 3][a:b]
+        k0, k1, k2, k3 = kt[j][ka:kb], kt[j + 1][ka:kb], kt[j + 2][ka:kb], kt[j + 3][ka:kb]
         for p in range(nk):
             s[p] += q0 * k0[p] + q1 * k1[p] + q2 * k2[p] + q3 * k3[p]
         j += 4
     while j < hd:
         q0 = qh[j] * scale
-        k0 = kt[j][a:b]
+        k0 = kt[j][ka:kb]
         for p in range(nk):
             s[p] += q0 * k0[p]
         j += 1
-    _softmax_pv(srow, vc, acc, a, b, softcap)
+    _softmax_pv(srow, vc, acc, a, b, softcap, ring)
 
 
 @njit(cache=True, fastmath=True)
-def _softmax_pv(srow, vc, acc, a, b, softcap):
+def _softmax_pv(srow, vc, acc, a, b, softcap, ring):
     """srow[a:b] (scores; soft-capped first when softcap > 0) -> softmax in place; acc (hd,) =
-    sum_p srow[p] vc[p]."""
+    sum_p srow[p] vc[row of p] (row p % ring in a ring buffer, else p)."""
     hd = acc.shape[0]
     s = srow[a:b]  # loops from 0 (a variable start stops LLVM vectorizing them)
     nk = b - a
@@ -286,17 +308,30 @@ def _softmax_pv(srow, vc, acc, a, b, softcap):
     for jj in range(hd):
         acc[jj] = 0.0
     p = a
+    if ring == 0:  # rows are positions (the loop LLVM vectorizes best, see attention_mat)
+        while p + 4 <= b:
+            w0, w1, w2, w3 = srow[p] * inv, srow[p + 1] * inv, srow[p + 2] * inv, srow[p + 3] * inv
+            v0, v1, v2, v3 = vc[p], vc[p + 1], vc[p + 2], vc[p + 3]
+            for jj in range(hd):
+                acc[jj] += w0 * kv_get(v0[jj]) + w1 * kv_get(v1[jj]) + w2 * kv_get(v2[jj]) + w3 * kv_get(v3[jj])
+            p += 4
+    r0 = a % ring if ring > 0 else p
     while p + 4 <= b:
         w0, w1, w2, w3 = srow[p] * inv, srow[p + 1] * inv, srow[p + 2] * inv, srow[p + 3] * inv
-        v0, v1, v2, v3 = vc[p], vc[p + 1], vc[p + 2], vc[p + 3]
+        r1 = _next_slot(r0, ring)
+        r2 = _next_slot(r1, ring)
+        r3 = _next_slot(r2, ring)
+        v0, v1, v2, v3 = vc[r0], vc[r1], vc[r2], vc[r3]
         for jj in range(hd):
             acc[jj] += w0 * kv_get(v0[jj]) + w1 * kv_get(v1[jj]) + w2 * kv_get(v2[jj]) + w3 * kv_get(v3[jj])
+        r0 = _next_slot(r3, ring)
         p += 4
     while p < b:
         w0 = srow[p] * inv
-        v0 = vc[p]
+        v0 = vc[r0]
         for jj in range(hd):
             acc[jj] += w0 * kv_get(v0[jj])
+        r0 = _next_slot(r0, ring)
         p += 1
 
 

@@ -50,6 +50,7 @@ def attention_rows(q, rows, kc, vc, slot, pos, layer, n_heads, n_kv, hd, out, sc
             n,
             scale,
             softcap,
+            0,  # ring: a slot's cache keeps every position, sliding layers too (window masks them)
         )
 
 

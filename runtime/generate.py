@@ -200,6 +200,7 @@ class Stats:
     gen_tokens: int = 0
     gen_s: float = 0.0
     stop_reason: str = ""
+    spec: object = None  # speculate.SpecStats when speculation ran
 
     @property
     def prompt_rate(self) -> float | None:
@@ -236,6 +237,7 @@ class Generator:
         self.cached: list[int] = []  # tokens whose keys/values are in the model's cache
         self.stats = Stats()
         self.messages: list[dict] = []
+        self.speculator = None  # speculate.Speculator: draft tokens, verify them in one pass (speculate.attach)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt or not prompt.strip():
@@ -305,8 +307,9 @@ class Generator:
         prefix_at = read_at = 0  # incremental detokenization (TGI-style): O(1) per step, not O(n)
         budget = min(p.max_new_tokens, m.n_ctx - len(ids))
         t1 = None
-        while True:
-            tok = sample(logits, p, rng, np.array(context, np.int64) if p.repetition_penalty != 1.0 else None)
+        spec = self.speculator
+        tokens = spec.tokens(self, logits, p, rng, context, budget) if spec else self._plain(logits, p, rng, context)
+        for tok, logits in tokens:
             if t1 is None:
                 t1 = time.perf_counter()  # generation speed counts the decode steps after the first token
             st.gen_tokens += 1
@@ -339,9 +342,18 @@ class Generator:
                 if len(text) > emitted:
                     yield text[emitted:]
                 break
-            logits = _step(m, np.array([tok], np.int64))
-            self.cached.append(tok)
+        tokens.close()
         st.gen_s = time.perf_counter() - t1 if t1 else 0.0
+        st.spec = spec.stats if spec else None
+
+    def _plain(self, logits, p: Sampling, rng, context: list[int]):
+        """(token, its logits) one decode step at a time; the caller appends each token to
+        `context` before asking for the next."""
+        while True:
+            tok = sample(logits, p, rng, np.array(context, np.int64) if p.repetition_penalty != 1.0 else None)
+            yield tok, logits
+            logits = _step(self.model, np.array([tok], np.int64))
+            self.cached.append(tok)
 
 
 _DAMAGED = (

@@ -250,3 +250,37 @@ def test_cli_bad_input(exports, tmp_path):
     assert "not an export" in one_line_error(["run", t, "-p", "x", "--draft", str(tmp_path)])
     assert "vocabulary" in one_line_error(["run", t, "-p", "x", "--draft", str(exports["wide"])])
     assert "smaller than its target" in one_line_error(["run", d, "-p", "x", "--draft", t])
+
+
+def test_serve_engine_and_cli(exports):
+    """The server's worker streams a speculating Generator's text (the same as without), and
+    `serve` refuses bad speculation options before loading."""
+    import asyncio
+
+    from edgellm.runtime.engine import Engine, Job
+
+    gen = _gen(exports["target"])
+    ids = gen.tokenizer.encode(REPEAT)
+    p = Sampling(temperature=0, max_new_tokens=24, ignore_eos=True)
+
+    async def serve_once():
+        eng = Engine(gen)
+        job = Job("r1", ids, p, asyncio.get_running_loop())
+        eng.submit(job)
+        pieces = []
+        while True:
+            kind, value = await job.events.get()
+            if kind == "piece":
+                pieces.append(value)
+            elif kind == "done":
+                eng.close()
+                return "".join(pieces), value
+
+    plain, res = asyncio.run(serve_once())
+    S.attach(gen, lookup=True)
+    spec, res_s = asyncio.run(serve_once())
+    assert spec == plain and res_s.completion_tokens == res.completion_tokens == 24
+    assert gen.stats.spec is not None
+    t = str(exports["target"])
+    assert "out of range" in one_line_error(["serve", t, "--port", "0", "--lookup", "--draft-max", "99"])
+    assert "onnxruntime" in one_line_error(["serve", t, "--port", "0", "--lookup", "--backend", "onnxruntime"])

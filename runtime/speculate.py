@@ -64,10 +64,11 @@ class SpecStats:
     def line(self) -> str:
         if not self.rounds:
             return f"speculation: no drafts ({self.steps} plain steps)"
+        tokens = self.rounds * 1 + self.accepted + self.steps  # each target pass yields one token beyond its drafts
         return (
             f"speculation: {self.rounds} verify passes, {self.accepted}/{self.drafted} drafts accepted "
             f"({100 * self.acceptance:.0f}%), mean accepted length {self.mean_accepted:.2f}, "
-            f"{self.steps} plain steps"
+            f"{self.steps} plain steps, {tokens / (self.rounds + self.steps):.2f} tokens per target pass"
         )
 
 

@@ -62,7 +62,7 @@ def serve(
         ),
     ] = False,
     lookup: Annotated[
-        bool, typer.Option("--lookup", help="Speculative decoding by prompt lookup, as for 'edgellm run' (same output).")
+        bool, typer.Option("--lookup", help="Speculative decoding by prompt lookup, as in 'edgellm run' (same output).")
     ] = False,
     draft: Annotated[
         Optional[Path],

@@ -284,3 +284,35 @@ def test_serve_engine_and_cli(exports):
     t = str(exports["target"])
     assert "out of range" in one_line_error(["serve", t, "--port", "0", "--lookup", "--draft-max", "99"])
     assert "onnxruntime" in one_line_error(["serve", t, "--port", "0", "--lookup", "--backend", "onnxruntime"])
+
+
+@pytest.mark.parametrize("kernels", TIERS)
+def test_linear_few_equals_linear_vec(kernels):
+    """kernels/quant.py linear_few (the verify pass's linears) gives every token's row bit for bit
+    as linear_vec does, and within the int8 reference: 4-bit symmetric with a row tail past the
+    32-row blocks, 8-bit asymmetric with a bias (the zero-point correction); float weights: the fp32
+    export in test_float_export_and_budget_edges."""
+    from edgellm.runtime.format.blocks import pack_codes
+    from edgellm.runtime.kernels import quant as Q
+
+    tier = tiers.resolve(kernels)
+    rng = np.random.default_rng(7)
+    for bits, gs, sym, n, k in ((4, 32, True, 75, 200), (8, 16, False, 40, 72)):
+        nb = -(-k // gs)
+        codes = rng.integers(0, 1 << bits, (n, nb * gs)).astype(np.uint8)
+        codes[:, k:] = 1 << (bits - 1)
+        qw = pack_codes(codes, bits).reshape(n, nb, -1)
+        scales = (rng.random(n * nb) * 0.1 + 1e-3).astype(np.float16).astype(np.float32)
+        zeros = None if sym else rng.integers(0, 1 << bits, (n, nb)).astype(np.uint8)
+        bias = None if sym else rng.standard_normal(n).astype(np.float32)
+        keep: list = []
+        d = Q.make_desc(qw, scales, zeros, bits, k, gs, keep, bias=bias)
+        x = rng.standard_normal((5, k)).astype(np.float32)
+        few = np.zeros((5, n), np.float32)
+        Q.linear_few(d, x, few, *Q.act_buffers(d, 5), tier)
+        for i in range(5):
+            one = np.zeros(n, np.float32)
+            Q.linear_vec(d, x[i], one, *[b[0] for b in Q.act_buffers(d, 1)], tier)
+            assert np.array_equal(few[i], one), (bits, i, np.abs(few[i] - one).max())
+        ref = Q.ref_linear_q8act(x, qw, scales, zeros, bits, k, gs, bias)
+        assert np.abs(few - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -284,6 +284,7 @@ def test_serve_engine_and_cli(exports):
     t = str(exports["target"])
     assert "out of range" in one_line_error(["serve", t, "--port", "0", "--lookup", "--draft-max", "99"])
     assert "onnxruntime" in one_line_error(["serve", t, "--port", "0", "--lookup", "--backend", "onnxruntime"])
+    assert "--parallel 1" in one_line_error(["serve", t, "--port", "0", "--lookup", "--parallel", "2"])
 
 
 @pytest.mark.parametrize("kernels", TIERS)

@@ -115,6 +115,8 @@ def serve(
 
     if lookup or draft is not None:
         check_options(lookup, draft, draft_max, backend.value)
+        if parallel > 1:  # the slot engine decodes its own batched steps, without a drafter
+            raise EdgeLLMError("--lookup/--draft run with --parallel 1 (one request at a time); drop one of them")
 
     if parallel > 1:  # before loading: slots whose KV caches do not fit are refused at once
         from ..runtime.batched import check_parallel

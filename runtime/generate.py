@@ -223,6 +223,7 @@ class Stats:
     gen_tokens: int = 0
     gen_s: float = 0.0
     stop_reason: str = ""
+    spec: object = None  # speculate.SpecStats when speculation ran
 
     @property
     def prompt_rate(self) -> float | None:
@@ -260,6 +261,7 @@ class Generator:
         self.stats = Stats()
         self.messages: list[dict] = []
         self.template_options: dict = {}  # the chat template's variables (run --no-think: enable_thinking=False)
+        self.speculator = None  # speculate.Speculator: draft tokens, verify them in one pass (speculate.attach)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt or not prompt.strip():
@@ -340,12 +342,13 @@ class Generator:
         con = p.grammar.start() if p.grammar is not None else None  # structured output: runtime/constrain.py
         keep = p.keep_special
         t1 = None
-        while True:
-            x = logits
-            if con is not None:  # disallowed tokens -> -inf (a copy when logprobs read the raw logits)
-                x = logits.copy() if observe is not None else logits
-                con.mask(x)
-            tok = sample(x, p, rng, np.array(context, np.int64) if p.repetition_penalty != 1.0 else None)
+        spec = self.speculator if con is None else None  # a grammar's mask is not speculated (yet): plain steps
+        tokens = (
+            spec.tokens(self, logits, p, rng, context, budget)
+            if spec
+            else self._plain(logits, p, rng, context, con, observe is not None)
+        )
+        for tok, logits in tokens:
             if t1 is None:
                 t1 = time.perf_counter()  # generation speed counts the decode steps after the first token
             st.gen_tokens += 1
@@ -381,9 +384,24 @@ class Generator:
                 if len(text) > emitted:
                     yield text[emitted:]
                 break
-            logits = _step(m, np.array([tok], np.int64))
-            self.cached.append(tok)
+        tokens.close()
         st.gen_s = time.perf_counter() - t1 if t1 else 0.0
+        st.spec = spec.stats if spec else None
+
+    def _plain(self, logits, p: Sampling, rng, context: list[int], con=None, copy: bool = False):
+        """(token, its logits) one decode step at a time; the caller appends each token to
+        `context` (and advances the grammar `con`) before asking for the next. With `con`, the
+        disallowed tokens are -inf before sampling: in a copy when `copy` (logprobs read the raw
+        logits), else in place."""
+        while True:
+            x = logits
+            if con is not None:
+                x = logits.copy() if copy else logits
+                con.mask(x)
+            tok = sample(x, p, rng, np.array(context, np.int64) if p.repetition_penalty != 1.0 else None)
+            yield tok, logits
+            logits = _step(self.model, np.array([tok], np.int64))
+            self.cached.append(tok)
 
 
 _DAMAGED = (

@@ -30,7 +30,7 @@ from .kernels.layers import (
     rope_tables,
     swiglu,
 )
-from .kernels.quant import act_caps, checked_tier, linear_mat, linear_vec
+from .kernels.quant import act_caps, checked_tier, linear_few, linear_mat, linear_vec
 from .kernels.simd import as_voidptr
 from .kernels.tiers import describe as describe_tier
 from .kvcache import RunState
@@ -166,6 +166,14 @@ KV_CACHE_TYPES = ("auto", "fp16", "fp32")
 
 
 # ----------------------------------------------------------------------------- the hot loop
+# Calls of up to FEW_TOKENS tokens (a speculative verify pass, runtime/speculate.py) run each token
+# through the decode kernels (`linear_few`, `attention`): their logits and keys/values equal those
+# of as many decode steps bit for bit, so speculation returns exactly the tokens plain decoding
+# would. The prompt tiles (`linear_mat`, `attention_mat`) round differently, and on SmolLM2 4-bit
+# that moved later logits by up to 1.0 (the int8 activations amplify the difference).
+FEW_TOKENS = 16
+
+
 @njit(cache=True, inline="always")
 def _linear(d, x, out, act, tier):
     """y = x W^T + b for the LINEAR record d; `act` is the int8 activation scratch. Inlined into
@@ -174,6 +182,8 @@ def _linear(d, x, out, act, tier):
     xa, xb, init, xsl, xzb, xs = act
     if x.shape[0] == 1:
         linear_vec(d, x[0], out[0], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], tier)
+    elif x.shape[0] <= FEW_TOKENS:
+        linear_few(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
     else:
         linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
 
@@ -273,7 +283,7 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
                     kl[h, row, j] = kv_cast(qkv[i, (NH + h) * HD + j], kl)
                     vl[h, row, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vl)
         sc, cap = cfg.attn_scale, cfg.attn_cap
-        if t == 1:
+        if t <= FEW_TOKENS:  # decode, and a verify pass of drafted tokens: the decode kernel's sums (speculate.py)
             attention(qkv, kl, vl, pos0, NH, NKV, HD, att, scores, layer.window, sc, cap, ring)
         else:
             attention_mat(qkv, kl, vl, pos0, NH, NKV, HD, att, scores, layer.window, sc, cap, ring)

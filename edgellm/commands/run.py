@@ -130,6 +130,26 @@ def run(
             "fp16 compute, fp16 KV cache).",
         ),
     ] = "cpu",
+    lookup: Annotated[
+        bool,
+        typer.Option(
+            "--lookup",
+            help="Speculative decoding by prompt lookup: draft the tokens that followed the context's last words "
+            "earlier in the context, verify them in one pass. Same output; faster where the reply copies from the "
+            "prompt (edits, summaries, answers from a document); switches itself off where it does not pay.",
+        ),
+    ] = False,
+    draft: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--draft",
+            help="Speculative decoding with a draft model: a smaller export with the same tokenizer (edgellm "
+            "distill --draft-for) proposes tokens, this model verifies them in one pass. Same output.",
+        ),
+    ] = None,
+    draft_max: Annotated[
+        int, typer.Option("--draft-max", help="Most drafted tokens per verify pass (1-15; adapts below it).")
+    ] = 8,
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -165,6 +185,11 @@ def run(
     if no_think and not chat:
         raise EdgeLLMError("--no-think applies to the chat template: add --chat")
     constraint = _constraint_spec(json_schema, grammar)  # read and parsed before the load
+    speculate = lookup or draft is not None
+    if speculate:
+        from ..runtime.speculate import check_options
+
+        check_options(lookup, draft, draft_max, backend.value, device)
     if chat:
         from .._deps import require
 
@@ -184,6 +209,11 @@ def run(
             verify=verify,
             device=device,
         )
+    if speculate:
+        from ..runtime.speculate import attach
+
+        with console.status(f"loading the draft {draft}" if draft else "prompt lookup"):
+            attach(gen, lookup=lookup, draft=draft, k_max=draft_max)
     if gen.model.kernel_warning:  # every backend states it (runtime/backend.py Backend)
         console.print(f"[yellow]warning:[/] {gen.model.kernel_warning}", highlight=False)
     if verbose:
@@ -208,7 +238,9 @@ def run(
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        console.print(f"[dim]{gen.stats.line()}[/]", highlight=False)
+        st = gen.stats
+        spec = f" | {st.spec.line()}" if verbose and st.spec is not None else ""
+        console.print(f"[dim]{st.line()}{spec}[/]", highlight=False)
 
     if not chat:
         emit(gen.stream(prompt, params))

@@ -61,6 +61,14 @@ def serve(
             help="Also log each request's prompt text (off: logs hold ids, token counts and timings only).",
         ),
     ] = False,
+    lookup: Annotated[
+        bool, typer.Option("--lookup", help="Speculative decoding by prompt lookup, as in 'edgellm run' (same output).")
+    ] = False,
+    draft: Annotated[
+        Optional[Path],
+        typer.Option("--draft", help="Speculative decoding with a draft export, as for 'edgellm run' (same output)."),
+    ] = None,
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Most drafted tokens per verify pass (1-15).")] = 8,
 ):
     """Serve an exported model over an OpenAI-compatible HTTP API (needs the 'serve' extra).
 
@@ -107,6 +115,12 @@ def serve(
 
     from ..runtime import serve as server
     from ..runtime.generate import load
+    from ..runtime.speculate import attach, check_options
+
+    if lookup or draft is not None:
+        check_options(lookup, draft, draft_max, backend.value)
+        if parallel > 1:  # the slot engine decodes its own batched steps, without a drafter
+            raise EdgeLLMError("--lookup/--draft run with --parallel 1 (one request at a time); drop one of them")
 
     if parallel > 1:  # before loading: slots whose KV caches do not fit are refused at once
         from ..runtime.batched import check_parallel
@@ -116,6 +130,7 @@ def serve(
     try:
         with console.status(f"loading {model} ({backend.value})"):
             gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value)
+            attach(gen, lookup=lookup, draft=draft, k_max=draft_max)
         name = server.model_name(model)
         app = server.create_app(
             gen,

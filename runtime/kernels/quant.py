@@ -257,6 +257,37 @@ def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
                 out[r] = _finish(dv[0], r, out[r], xzb)
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def linear_few(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
+    """A few tokens (speculative verification): out (t, n) = x (t, k) W^T + b, each token's row
+    bit for bit what `linear_vec` gives it (the same decode microkernel, the same VEC_TILES * RB
+    row blocks, the same finish), so that a verify pass equals t decode steps exactly; each
+    block's weights are read from memory once for all t tokens (they stay in L1 between them)."""
+    t, n = x.shape[0], d.n
+    dv = _held(d)  # prange bodies read the record through this array (numba passes a record argument badly)
+    rows = VEC_TILES * RB
+    if d.kind == KIND_F32 or d.kind == KIND_F16:
+        for blk in prange((n + rows - 1) // rows):
+            for i in range(t):
+                for r in range(blk * rows, min(n, (blk + 1) * rows)):
+                    out[i, r] = _frow(dv[0], r, x[i])
+        return
+    off = RECENTRE[tier, d.kind]
+    for i in range(t):
+        quantize_act(x[i], dv[0], xa[i], xb[i], init[i], xsl[i], xzb[i], xs[i], off)
+    plain = d.z_addr == 0 and d.b_addr == 0
+    shift = lane_shift(d)
+    so, o = out.strides[0], out.ctypes.data
+    for blk in prange((n + rows - 1) // rows):
+        r0 = blk * rows
+        r1 = min(n, r0 + rows)
+        for i in range(t):
+            _qrows_vec(dv[0], shift, r0, r1, xa[i], xb[i], init[i], xsl[i], o + i * so, tier)
+            if not plain:
+                for r in range(r0, r1):
+                    out[i, r] = _finish(dv[0], r, out[i, r], xzb[i])
+
+
 ROW_TILE = 32  # weight rows kept in L1 while every token group passes over them
 TOK_TILE = 64
 

@@ -15,7 +15,6 @@ The worst figure of each kind is returned, with `check: "layer by layer"`.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 

@@ -9,8 +9,9 @@ model builder takes the same direct approach for the same reasons.
 
 Weights are kept as numpy arrays until the writer streams them into the external data file,
 or, with a `sink` (writer.DataSink: the streamed export), written there as they are added and
-dropped, so a model's weights are never all in memory at once; small graph constants (shapes, axes, scalars) are `Constant` nodes, so the set of initializers
-is exactly the set of weights the runtime looks up by name.
+dropped, so a model's weights are never all in memory at once. Small graph constants (shapes,
+axes, scalars) are `Constant` nodes, so the set of initializers is exactly the set of weights
+the runtime looks up by name.
 """
 
 from __future__ import annotations

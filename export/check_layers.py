@@ -66,12 +66,12 @@ class _Cutter:
         return path
 
 
-def _sessions(path: Path):
-    """(shipped session, accuracy_level 0 twin or None) of a cut graph; removes the files."""
+def _run_cut(path: Path, run):
+    """(run(shipped session, exact), run(accuracy_level 0 twin, True) or None when the shipped
+    graph is exact already) of a cut graph, one session alive at a time; removes the files."""
     import onnx
 
     try:
-        shipped = _session(str(path))
         m = onnx.load(str(path), load_external_data=False)
         changed = False
         for n in m.graph.node:
@@ -79,15 +79,15 @@ def _sessions(path: Path):
                 for a in n.attribute:
                     if a.name == "accuracy_level" and a.i != 0:
                         a.i, changed = 0, True
-        twin = None
-        if changed:
-            twin_path = path.with_name(path.stem + "-level0.onnx")
-            onnx.save(m, str(twin_path))
-            try:
-                twin = _session(str(twin_path))
-            finally:
-                os.unlink(twin_path)
-        return shipped, twin
+        shipped = run(_session(str(path)), not changed)
+        if not changed:
+            return shipped, None
+        twin_path = path.with_name(path.stem + "-level0.onnx")
+        onnx.save(m, str(twin_path))
+        try:
+            return shipped, run(_session(str(twin_path)), True)
+        finally:
+            os.unlink(twin_path)
     finally:
         os.unlink(path)
 
@@ -98,16 +98,14 @@ def _run(sess, feed: dict) -> dict:
     return dict(zip(outs, sess.run(None, {k: v for k, v in feed.items() if k in names})))
 
 
-def _feed(h: np.ndarray, ids: np.ndarray, start: int, past: dict | None, i: int, nkv: int, hd: int) -> dict:
-    """The inputs of a cut graph for positions [start, start + len) (h: (1, len, d) the part's input)."""
+def _feed(ids: np.ndarray, start: int, past: dict | None, i: int, nkv: int, hd: int) -> dict:
+    """The graph inputs of a cut graph for positions [start, start + len) of ids (1, len)."""
     s = ids.shape[1]
     feed = {
         "input_ids": ids,
         "attention_mask": np.ones((1, start + s), np.int64),
         "position_ids": np.arange(start, start + s, dtype=np.int64)[None],
     }
-    if h is not None:
-        feed["h"] = h
     for kind in ("key", "value"):
         name = f"past_key_values.{i}.{kind}"
         feed[name] = past[name] if past else np.zeros((1, nkv, 0, hd), np.float32)
@@ -157,58 +155,56 @@ def check_layers(out_dir: Path, model, parts, prompt_ids: list[int], progress=No
         # the embedding (and what reaches layer 0: the rotary tables, the mask)
         parts.load("embedding")
         (h, kw), *_ = capture_block_inputs(model, torch.from_numpy(ids), 1)
-        shipped, twin = _sessions(cutter.cut([b[0]], [], "embedding"))
-        got = _run(shipped, _feed(None, ids, 0, None, 0, nkv, hd))[b[0]]
-        fig.compare("embedding_max_rel_diff", got, h.numpy(), FP_TOL, "the embedding")
-        del shipped, twin
+        emb, _ = _run_cut(
+            cutter.cut([b[0]], [], "embedding"), lambda sess, _: _run(sess, _feed(ids, 0, None, 0, nkv, hd))
+        )
+        fig.compare("embedding_max_rel_diff", emb[b[0]], h.numpy(), FP_TOL, "the embedding")
         for i in progress.track(range(n_layers), "checking the export layer by layer", total=n_layers):
             parts.load("layer", i)
-            layer = parts.layers[i]
-            out = layer(h, **kw)
+            out = parts.layers[i](h, **kw)
             ref = (out[0] if isinstance(out, tuple) else out).numpy()
-            shipped, twin = _sessions(cutter.cut([b[i + 1], f"present.{i}.key", f"present.{i}.value"], [b[i]], f"l{i}"))
             x = h.numpy()
-            feed = _feed(x, ids, 0, None, i, nkv, hd)
-            feed[b[i]] = feed.pop("h")
-            got = _run(shipped, feed)[b[i + 1]]
-            exact = twin or shipped
+
+            def run(sess, exact, x=x, i=i):
+                """The layer's output on all T positions; when exact, also through its KV cache."""
+                f = _feed(ids, 0, None, i, nkv, hd)
+                whole = _run(sess, {**f, b[i]: x})[b[i + 1]]
+                if not exact:
+                    return whole, None
+                r = _run(sess, {**_feed(ids[:, :S], 0, None, i, nkv, hd), b[i]: x[:, :S]})
+                cached = [r[b[i + 1]]]
+                for t in range(S, T):  # one token at a time
+                    past = {f"past_key_values.{i}.{k}": r[f"present.{i}.{k}"] for k in ("key", "value")}
+                    f = _feed(ids[:, t : t + 1], t, past, i, nkv, hd)
+                    r = _run(sess, {**f, b[i]: x[:, t : t + 1]})
+                    cached.append(r[b[i + 1]])
+                return whole, np.concatenate(cached, 1)
+
+            cut = cutter.cut([b[i + 1], f"present.{i}.key", f"present.{i}.value"], [b[i]], f"l{i}")
+            shipped, twin = _run_cut(cut, run)
             if twin is not None:
-                fig.compare("layer_max_rel_diff", got, ref, INT8_ACT_REL_TOL, f"layer {i} (int8 activations)", rel=True)
-                got = _run(twin, feed)[b[i + 1]]
-            fig.compare("layer_exact_max_rel_diff", got, ref, FP_TOL, f"layer {i}")
-            # through the cache: the prompt, then one token at a time
-            pf = _feed(x[:, :S], ids[:, :S], 0, None, i, nkv, hd)
-            pf[b[i]] = pf.pop("h")
-            r = _run(exact, pf)
-            cached = [r[b[i + 1]]]
-            for t in range(S, T):
-                past = {f"past_key_values.{i}.{k}": r[f"present.{i}.{k}"] for k in ("key", "value")}
-                f = _feed(x[:, t : t + 1], ids[:, t : t + 1], t, past, i, nkv, hd)
-                f[b[i]] = f.pop("h")
-                r = _run(exact, f)
-                cached.append(r[b[i + 1]])
-            fig.compare("cache_vs_nocache_max_rel_diff", np.concatenate(cached, 1), got, CACHE_TOL, f"layer {i} cached")
-            del shipped, twin, exact
+                fig.compare(
+                    "layer_max_rel_diff", shipped[0], ref, INT8_ACT_REL_TOL, f"layer {i} (int8 activations)", rel=True
+                )
+            whole, cached = twin or shipped
+            fig.compare("layer_exact_max_rel_diff", whole, ref, FP_TOL, f"layer {i}")
+            fig.compare("cache_vs_nocache_max_rel_diff", cached, whole, CACHE_TOL, f"layer {i} through its KV cache")
             h = torch.from_numpy(ref)
         # the final norm and head
         parts.load("final")
         head = model.get_output_embeddings()
-        tied = head not in parts.loaded
-        if tied:
+        if head not in parts.loaded:  # tied: the head is the embedding's table
             parts.materialize(model.get_input_embeddings())
         ref = _logits(model, parts, h[0]).numpy()[None]
-        shipped, twin = _sessions(cutter.cut(["logits"], [b[n_layers]], "head"))
-        feed = {b[n_layers]: h.numpy()}
-        got = _run(shipped, feed)["logits"]
-        scale = float(np.abs(ref).max())
-        fig.res.update(max_abs_logit=scale, max_abs_diff=float(np.abs(got - ref).max()))
-        if twin is not None:
-            fig.compare("head_max_rel_diff", got, ref, INT8_ACT_REL_TOL, "the head (int8 activations)", rel=True)
-            got = _run(twin, feed)["logits"]
-            fig.res["accuracy_level_0_max_abs_diff"] = float(np.abs(got - ref).max())
-        fig.compare("head_exact_max_rel_diff", got, ref, FP_TOL, "the head")
-        del shipped, twin
         parts.load(None)
+        feed = {b[n_layers]: h.numpy()}
+        shipped, twin = _run_cut(cutter.cut(["logits"], [b[n_layers]], "head"), lambda s, _: _run(s, feed)["logits"])
+        scale = float(np.abs(ref).max())
+        fig.res.update(max_abs_logit=scale, max_abs_diff=float(np.abs(shipped - ref).max()))
+        if twin is not None:
+            fig.compare("head_max_rel_diff", shipped, ref, INT8_ACT_REL_TOL, "the head (int8 activations)", rel=True)
+            fig.res["accuracy_level_0_max_abs_diff"] = float(np.abs(twin - ref).max())
+        fig.compare("head_exact_max_rel_diff", twin if twin is not None else shipped, ref, FP_TOL, "the head")
     if fig.failures:
         raise ParityError("layer-by-layer parity check failed vs PyTorch: " + "; ".join(fig.failures[:4]))
     res = {

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgellm.errors import EdgeLLMError
 from edgellm.memory import human, rss
+from edgellm.skeleton import materialize, release, tied_head
 
 STREAMED_FAMILIES = ("llama", "mistral", "qwen2")  # as edgellm/quant/stream.py
 # The whole-model check holds the model in torch and the export in two ONNX Runtime sessions
@@ -54,62 +55,24 @@ class Source:
 
 
 def open_source(path: Path, config) -> Source:
-    """The skeleton of the checkpoint directory `path`, checked against its tensors (names,
-    shapes) before anything is written."""
-    import torch
+    """The skeleton of the checkpoint directory `path` (edgellm/skeleton.py), checked against its
+    tensors (names, shapes) before anything is written."""
     import transformers
 
-    from edgellm.checkpoint import Checkpoint, meta_model
     from edgellm.record import read_record
+    from edgellm.skeleton import open_skeleton
 
     path = Path(path)
     record = read_record(path)
-    info = record.get("quantization")
-    ckpt = Checkpoint(path)
-    model = meta_model(config)
-    if info:
-        from edgellm.quant.apply import _swap_for_loading
-
-        with torch.device("meta"):
-            _swap_for_loading(model, info, torch.float32)
-        _check_packed(ckpt, model, info, path)
-    else:
-        ckpt.check_against(config)
-        if getattr(model, "can_generate", lambda: False)():  # as from_pretrained reads it
-            try:
-                model.generation_config = transformers.GenerationConfig.from_pretrained(str(path))
-            except OSError:
-                pass
-    inner = model.model
-    inner.rotary_emb = type(inner.rotary_emb)(config=config)  # real: its tables go into the graph
-    model.eval()
+    model, ckpt = open_skeleton(path, config, record)
+    if not record.get("quantization") and model.can_generate():  # as from_pretrained reads it
+        try:
+            model.generation_config = transformers.GenerationConfig.from_pretrained(str(path))
+        except OSError:
+            pass
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     record.setdefault("source", {"kind": "directory", "path": str(path.resolve())})
     return Source(model=model, tokenizer=tokenizer, source=str(path), record=record, ckpt=ckpt)
-
-
-def _check_packed(ckpt, model, info: dict, path: Path) -> None:
-    """Every tensor the skeleton holds is in the checkpoint with its shape (as load_quantized checks)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in ckpt.entries and not (k.startswith("lm_head.") and info.get("tied"))]
-    unexpected = [k for k in ckpt.entries if k not in expected]
-    if missing or unexpected:
-        raise EdgeLLMError(
-            f"'{path}' does not match its edgellm.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "re-run edgellm quantize"
-        )
-    for k, shape in expected.items():
-        if k in ckpt.entries and ckpt.shape(k) != shape:
-            raise EdgeLLMError(
-                f"'{ckpt.entries[k][0]}': tensor '{k}' has shape {list(ckpt.shape(k))} but its edgellm.json implies "
-                f"{list(shape)}; re-run edgellm quantize"
-            )
-
-
-def _tied(model) -> bool:
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    w = getattr(head, "weight", None)
-    return type(head).__name__ == "TiedQuantLinear" or (w is not None and w is getattr(emb, "weight", None))
 
 
 class Parts:
@@ -117,12 +80,13 @@ class Parts:
 
     def __init__(self, model, ckpt):
         from edgellm.arch import family_of, get_path
+        from edgellm.skeleton import module_names
 
         self.model, self.ckpt = model, ckpt
         self.family = family_of(model.config)
         self.layers = get_path(model, self.family.layers)
         self.final_norm = get_path(model, self.family.final_norm)
-        self.names = {id(m): n for n, m in model.named_modules()}
+        self.names = module_names(model)
         self.loaded: list = []
         self.boundaries: dict[int, str] = {}  # i -> graph tensor of the residual stream before layer i
 
@@ -132,13 +96,13 @@ class Parts:
         if part == "layer":
             return [self.layers[i]]
         if part == "final":
-            return [self.final_norm] + ([] if _tied(self.model) else [self.model.get_output_embeddings()])
+            return [self.final_norm] + ([] if tied_head(self.model) else [self.model.get_output_embeddings()])
         raise ValueError(part)
 
     def load(self, part: str | None, i: int | None = None) -> None:
         """Drop what is loaded, then load `part` (None: nothing)."""
         for m in self.loaded:
-            m.to("meta")
+            release(m)
         self.loaded = []
         if part is not None:
             for m in self.modules(part, i):
@@ -151,13 +115,7 @@ class Parts:
             self.materialize(m)
 
     def materialize(self, module) -> None:
-        import torch
-
-        path = self.names[id(module)]
-        module.to_empty(device="cpu")
-        with torch.no_grad():
-            for k, t in module.state_dict(keep_vars=True).items():
-                t.copy_(self.ckpt.get(f"{path}.{k}"))
+        materialize(module, self.names[id(module)], self.ckpt)
         self.loaded.append(module)
 
     def hollow(self, spec):
@@ -205,7 +163,8 @@ def plan_export(source: Source, parts: Parts, check: bool, budget: int, how: str
     whole = base + weights * (1 + FULL_CHECK_FACTOR) + head
     # one part in torch and in two ONNX Runtime sessions (prepacked), a linear dequantized in fp32
     d, i_f = c.hidden_size, c.intermediate_size
-    layers = base + 5 * max(sizes.values()) + 4 * max(d, i_f) * d * 2 + 4 * 20 * c.vocab_size * 3
+    # (ONNX Runtime may widen an 8-bit head to fp32 when it prepacks it: V x d x 4 bytes)
+    layers = base + 5 * max(sizes.values()) + 4 * max(d, i_f) * d * 2 + 4 * c.vocab_size * (d + 60)
     stages = {"process": base, "export": export, "whole-model check": whole, "layer-by-layer check": layers}
     if not check:
         mode, need = "none", export

@@ -71,7 +71,7 @@ class _Walked:
     def head_rows(self):
         """(rows(r0, r1) -> the head's rows in fp32, V, release()) with the final norm loaded."""
         from .quant.modules import PackedMatrix, TiedQuantLinear
-        from .quant.stream import _packed_rows
+        from .quant.stream import packed_rows
         from .skeleton import release, tied_head
 
         self.load(self.norm)
@@ -80,7 +80,7 @@ class _Walked:
         m = m.embedding[0] if isinstance(m, TiedQuantLinear) else m
         if isinstance(m, PackedMatrix):
             self.load(m)
-            return (lambda r0, r1: _packed_rows(m, r0, r1)), m.out_features, lambda: (release(m), release(self.norm))
+            return (lambda r0, r1: packed_rows(m, r0, r1)), m.out_features, lambda: (release(m), release(self.norm))
         name = f"{self.names[id(m)]}.weight"
         return (
             (lambda r0, r1: self.ckpt.rows(name, r0, r1).float()),
@@ -130,7 +130,7 @@ def evaluate_streamed(
     import torch
     import torch.nn.functional as F
 
-    from .quant.stream import _head_logits
+    from .quant.stream import head_logits
 
     if max_tokens:
         ids = ids[:max_tokens]
@@ -154,7 +154,7 @@ def evaluate_streamed(
                 logps = []
                 for m, (rows, V, _), st in zip(models, heads, states):
                     h = m.norm(st[j][0])[0]  # (T, d)
-                    logits = _head_logits(h, rows, V)[first:-1].float()
+                    logits = head_logits(h, rows, V)[first:-1].float()
                     logps.append(F.log_softmax(logits, dim=-1))
                 logp = logps[0]
                 nll += -logp.gather(-1, target.unsqueeze(-1)).sum().item()

@@ -26,10 +26,10 @@ def open_skeleton(path: Path, config, record: dict):
     ckpt = Checkpoint(path)
     model = meta_model(config)
     if info:
-        from .quant.apply import _swap_for_loading
+        from .quant.apply import swap_for_loading
 
         with torch.device("meta"):
-            _swap_for_loading(model, info, torch.float32)
+            swap_for_loading(model, info, torch.float32)
         _check_packed(ckpt, model, info, path)
     else:
         ckpt.check_against(config)

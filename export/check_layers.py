@@ -226,14 +226,14 @@ def _logits(model, parts, h):
     """PyTorch's logits (T, V) of the residual stream h (T, d): the final norm, then the head's
     rows dequantized a chunk at a time (an 8B model's head is 2 GB in fp32)."""
     from edgellm.quant.modules import PackedMatrix, TiedQuantLinear
-    from edgellm.quant.stream import _head_logits, _packed_rows
+    from edgellm.quant.stream import head_logits, packed_rows
 
     x = parts.final_norm(h)
     head = model.get_output_embeddings()
     m = head.embedding[0] if isinstance(head, TiedQuantLinear) else head
     if isinstance(m, PackedMatrix):
-        logits = _head_logits(x, lambda r0, r1: _packed_rows(m, r0, r1), m.out_features)
+        logits = head_logits(x, lambda r0, r1: packed_rows(m, r0, r1), m.out_features)
     else:
-        logits = _head_logits(x, lambda r0, r1: m.weight[r0:r1], m.weight.shape[0])
+        logits = head_logits(x, lambda r0, r1: m.weight[r0:r1], m.weight.shape[0])
     bias = getattr(head, "bias", None)
     return logits if bias is None else logits + bias

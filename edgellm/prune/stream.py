@@ -40,7 +40,7 @@ def prune_streamed(
     config.json); `windows`: [(ids (T,), first scored position)] to score before and after, or
     None. Returns (report, info, parameters, before, after); before/after: (nll, tokens) or None."""
     from ..modelio import count_parameters
-    from ..quant.stream import _head_logits, _nll, _save_atomic, join_safetensors
+    from ..quant.stream import head_logits, join_safetensors, save_atomic, window_nll
     from ..record import read_record
     from ..skeleton import materialize, module_names, open_skeleton, release, tied_head
 
@@ -59,7 +59,7 @@ def prune_streamed(
     def save(modules, part: str):
         tensors = {f"{names[id(m)]}.{k}": v for m in modules for k, v in m.state_dict().items()}
         parts.append(parts_dir / f"{part}.safetensors")
-        _save_atomic(tensors, parts[-1])
+        save_atomic(tensors, parts[-1])
 
     with torch.no_grad():
         emb = model.get_input_embeddings()
@@ -101,7 +101,7 @@ def prune_streamed(
             for states in (before, after):
                 nll = count = 0
                 for (h, _), (x, first) in zip(states, windows):
-                    n, c = _nll(_head_logits(norm(h)[0], rows, V).float(), x, first)
+                    n, c = window_nll(head_logits(norm(h)[0], rows, V).float(), x, first)
                     nll, count = nll + n, count + c
                 scores.append((nll, count))
         for m in final:

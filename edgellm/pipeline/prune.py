@@ -175,6 +175,7 @@ def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force
     other families, GGUF files, hub ids: those load whole, and are refused when that cannot fit)."""
     import transformers
 
+    from ..checkpoint import meta_model
     from ..data import calibration_batch, split_tokens
     from ..evaluate import DEFAULT_CTX, DEFAULT_STRIDE, windows
     from ..memory import budget
@@ -204,6 +205,7 @@ def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force
         pattern=nm,
         damp=o.damp,
     )
+    P.check_unstructured(meta_model(config), cfg)  # an N:M pattern that fits no layer, before any data
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     ids = data_tokens(tokenizer, o.data)
     calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed) if cfg.method != "magnitude" else None

@@ -54,6 +54,7 @@ def build(shape: str, out: Path, seed: int = 0) -> Path:
     """A bf16 checkpoint of `shape` with seeded random weights (std 0.02, norms 1) and a tokenizer."""
     import torch
     from safetensors.torch import save_file
+
     if (out / "config.json").is_file():
         return out
     cfg = config_for(shape)

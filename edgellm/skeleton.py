@@ -72,8 +72,11 @@ def materialize(module, name: str, ckpt) -> None:
 
 
 def release(module) -> None:
-    """Back to the meta device: its memory is freed."""
+    """Back to the meta device: its memory is freed (and given back to the OS)."""
+    from .memory import trim
+
     module.to("meta")
+    trim()
 
 
 def tied_head(model) -> bool:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.memory import trim
+
 from .check import CACHE_TOL, DECODE_STEPS, FP_TOL, INT8_ACT_REL_TOL, ParityError, _session
 from .writer import ONNX_NAME
 
@@ -90,6 +92,7 @@ def _run_cut(path: Path, run):
             os.unlink(twin_path)
     finally:
         os.unlink(path)
+        trim()  # the session's buffers back to the OS before the next part
 
 
 def _run(sess, feed: dict) -> dict:

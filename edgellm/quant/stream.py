@@ -39,7 +39,7 @@ from torch import nn
 from ..arch import decoder_layers, family_of
 from ..calibration import MINI_BATCH, capture_block_inputs
 from ..errors import EdgeLLMError
-from ..memory import human, peak_rss, rss
+from ..memory import human, peak_rss, rss, trim
 from .apply import QuantConfig, _embedding_codes, _tied, embedding_format, quantize_block
 from .formats import QuantFormat, dequantize_codes
 from .modules import QuantEmbedding, QuantLinear
@@ -400,6 +400,7 @@ def quantize_streamed(
             save_atomic(packed, work / f"layer-{bi:05d}.safetensors")
             layers[bi] = nn.Module()  # drop the block (its packed tensors are on disk)
             del block
+            trim()  # and give its memory back to the OS (glibc keeps freed heap otherwise)
             acts_name = f"acts-{bi + 1:05d}.safetensors"
             acts = {f"calib.{j}": h for j, (h, _) in enumerate(inputs)}
             acts.update({f"before.{j}": h for j, (h, _) in enumerate(before)})

@@ -31,3 +31,9 @@ def test_eval_max_memory_is_planned_first(trained_llama):
     r = CliRunner().invoke(app, ["eval", str(trained_llama), "--max-memory", "1MB"])
     assert r.exit_code == 2 and "evaluating layer by layer needs about" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_distill_max_memory_is_checked_first(trained_llama, tmp_path):
+    r = CliRunner().invoke(app, ["distill", str(trained_llama), "-o", str(tmp_path / "d"), "--max-memory", "1MB"])
+    assert r.exit_code == 2 and "distilling loads the teacher" in r.output and "1.00 MB" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not list(tmp_path.iterdir())

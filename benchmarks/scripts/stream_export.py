@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.runtime.format.names import SCALES
+
 from .stream_quantize import SHAPES, _tokenizer, config_for
 
 _DT = {"uint8": "U8", "float16": "F16", "float32": "F32"}
@@ -30,7 +32,7 @@ def build_packed(shape: str, out: Path, like: Path, seed: int = 0) -> Path:
     """The packed checkpoint of `shape` in `out`, with the quantization options of `like`'s edgellm.json."""
     import torch
 
-    from edgellm.arch import decoder_layers
+    from edgellm.arch import decoder_layers, family_of
     from edgellm.checkpoint import meta_model
     from edgellm.quant.apply import swap_for_loading
 
@@ -40,8 +42,9 @@ def build_packed(shape: str, out: Path, like: Path, seed: int = 0) -> Path:
     cfg.dtype = "float32"
     model = meta_model(cfg)
     n = cfg.num_hidden_layers
-    layer_mods = [m for m in info["modules"] if m.startswith("model.layers.0.")]
-    info["modules"] = [m.replace("model.layers.0.", f"model.layers.{i}.", 1) for i in range(n) for m in layer_mods]
+    first = f"{family_of(cfg).layers}.0."  # the layer list's path, e.g. model.layers
+    layer_mods = [m[len(first) :] for m in info["modules"] if m.startswith(first)]
+    info["modules"] = [f"{first[:-2]}{i}.{m}" for i in range(n) for m in layer_mods]
     info["tied"] = bool(cfg.tie_word_embeddings)
     info.pop("formats", None)
     with torch.device("meta"):
@@ -66,7 +69,7 @@ def build_packed(shape: str, out: Path, like: Path, seed: int = 0) -> Path:
         for name, dt, shp in entries:
             if dt == "uint8":
                 arr = rng.integers(0, 256, size=shp, dtype=np.uint8)
-            elif name.endswith(".scales"):
+            elif name.rpartition(".")[2] == SCALES:
                 arr = np.full(shp, 0.02 / 4, np.float16)  # ~ a 0.02-std weight on a 4-bit grid
             else:
                 arr = np.ones(shp, np.dtype(dt))  # norms (and any bias: 1s are as good as any)

@@ -39,6 +39,7 @@ class ExportResult:
     seconds: float
     parity: dict | None = None
     quantization: dict | None = field(default=None)
+    plan: object | None = None  # export/stream.py ExportPlan: the memory plan and which check ran (streamed)
 
 
 def _builder(model):

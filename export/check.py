@@ -126,6 +126,7 @@ def check_parity(out_dir: Path, model, prompt_ids: list[int]) -> dict:
     scale = float(np.abs(ref).max())
     nocache = sess.run(["logits"], _feed(sess, ids[None], None, 0))[0][0]
     res = {
+        "check": "whole model",
         "onnx_checker": "passed",
         "prompt_tokens": int(prompt.shape[1]),
         "decode_steps": DECODE_STEPS,

@@ -24,7 +24,7 @@ from . import gpt2, llama
 from .check import ParityError, check_parity
 from .interop import write_side_files
 from .weights import Options, check_options, tensor_bits
-from .writer import ONNX_NAME, sha256_file, write
+from .writer import ONNX_NAME, DataSink, sha256_file, write
 
 # one builder for every RMSNorm family (it reads the family's description), one for GPT-2
 BUILDERS = {**{a: llama for a in LLAMA_LIKE}, "gpt2": gpt2}
@@ -39,6 +39,7 @@ class ExportResult:
     seconds: float
     parity: dict | None = None
     quantization: dict | None = field(default=None)
+    plan: object | None = None  # export/stream.py ExportPlan: the memory plan and which check ran (streamed)
 
 
 def _builder(model):
@@ -110,27 +111,41 @@ def _keep_failed(tmp: Path, out: Path) -> Path:
 
 
 def export_model(
-    loaded, out: Path, opts: Options | None = None, check: bool = True, force: bool = False
+    loaded,
+    out: Path,
+    opts: Options | None = None,
+    check: bool = True,
+    force: bool = False,
+    parts=None,
+    checker=None,
 ) -> ExportResult:
-    """Export `loaded` (edgellm.modelio.Loaded) to directory `out`."""
+    """Export `loaded` (edgellm.modelio.Loaded) to directory `out`. Each weight is written to
+    model.onnx.data as the graph builder adds it. The streamed export (export/stream.py) passes
+    a meta-device model with `parts` that load it one part at a time, and its `checker`
+    (check_parity's signature) in place of the whole-model check."""
     opts = opts or Options()
     check_options(opts)
     out = Path(out)
     check_output_dir(out, force, inputs=[getattr(loaded, "source", None)])
     model = loaded.model
     t0 = time.perf_counter()
-    graph = _builder(model).build(model, opts)
+    builder = _builder(model)
     meta = metadata(model, loaded.record, opts)
     with atomic_output_dir(out, force, inputs=[getattr(loaded, "source", None)]) as tmp:
         _write_extras(model, loaded.tokenizer, tmp)  # first, so that model.onnx records their sha256
         write_side_files(model, json.loads(meta["edgellm.config"]), tmp)  # config.json, genai_config.json
         sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        sink = DataSink(tmp)
+        try:
+            graph = builder.build(model, opts, sink=sink, **({"parts": parts} if parts is not None else {}))
+        finally:
+            sink.close()
         sizes = write(graph, tmp, meta, sums)
         seconds = time.perf_counter() - t0
         parity = None
         if check:
             try:
-                parity = check_parity(tmp, model, _prompt_ids(loaded.tokenizer, model.config.vocab_size))
+                parity = (checker or check_parity)(tmp, model, _prompt_ids(loaded.tokenizer, model.config.vocab_size))
             except ParityError as exc:
                 kept = _keep_failed(tmp, out)
                 raise ParityError(f"{exc}; the export is kept at '{kept}' for inspection") from None

@@ -23,7 +23,8 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().float().contiguous().numpy()
 
 
-def build(model, opts: Options) -> Graph:
+def build(model, opts: Options, sink=None) -> Graph:
+    """The graph of `model`; `sink`: writer.DataSink writing each weight as it is added."""
     c = model.config
     if c.activation_function not in _GELU:
         raise UnsupportedError(
@@ -34,7 +35,7 @@ def build(model, opts: Options) -> Graph:
     nh, d = c.n_head, c.n_embd
     hd = d // nh
     scale = 1.0 / float(hd) ** 0.5 if getattr(c, "scale_attn_weights", True) else 1.0
-    g = Graph("edgellm-gpt2")
+    g = Graph("edgellm-gpt2", sink)
     io = DecoderIO(g, c.n_layer, nh, hd)
     tr = model.transformer
     names = GPT2  # runtime/format/names.py: the tensors' names in the export

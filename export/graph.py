@@ -7,9 +7,11 @@ lay out the KV cache I/O exactly. A tracer would give us PyTorch's dequantize-th
 and generated names that we would then have to pattern-match and rewrite; onnxruntime-genai's
 model builder takes the same direct approach for the same reasons.
 
-Weights are kept as numpy arrays until the writer streams them into the external data file;
-small graph constants (shapes, axes, scalars) are `Constant` nodes, so the set of initializers
-is exactly the set of weights the runtime looks up by name.
+Weights are kept as numpy arrays until the writer streams them into the external data file,
+or, with a `sink` (writer.DataSink: the streamed export), written there as they are added and
+dropped, so a model's weights are never all in memory at once. Small graph constants (shapes,
+axes, scalars) are `Constant` nodes, so the set of initializers is exactly the set of weights
+the runtime looks up by name.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ INT64 = TensorProto.INT64
 class Graph:
     """Accumulates an ONNX graph; `op` returns the output name(s) of the node it adds."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, sink=None):
         self.name = name
+        self.sink = sink  # writer.DataSink, or None: weights kept until writer.write
         self.nodes: list = []
-        self.weights: dict[str, tuple[np.ndarray, int, list]] = {}  # name -> (array, onnx elem type, dims)
+        # name -> (array, onnx elem type, dims); the array is None once a sink has written it
+        self.weights: dict[str, tuple[np.ndarray | None, int, list]] = {}
         self.memo: dict[str, str] = {}  # node outputs shared between users (e.g. a tied table)
         self.inputs: list = []
         self.outputs: list = []
@@ -82,11 +86,12 @@ class Graph:
         if name in self.weights:
             raise ValueError(f"initializer {name!r} added twice")
         array = np.ascontiguousarray(array)
-        self.weights[name] = (
-            array,
-            elem_type if elem_type is not None else helper.np_dtype_to_tensor_dtype(array.dtype),
-            list(array.shape) if dims is None else list(dims),
-        )
+        elem = elem_type if elem_type is not None else helper.np_dtype_to_tensor_dtype(array.dtype)
+        shape = list(array.shape) if dims is None else list(dims)
+        if self.sink is not None:
+            self.sink.write(name, array)
+            array = None
+        self.weights[name] = (array, elem, shape)
         return name
 
     # -- I/O --------------------------------------------------------------------------------

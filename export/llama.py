@@ -136,13 +136,17 @@ def _local_theta(c) -> float:
     return float(rp["rope_theta"])
 
 
-def build(model, opts: Options) -> Graph:
+def build(model, opts: Options, sink=None, parts=None) -> Graph:
+    """The graph of `model`. The streamed export (export/stream.py) passes a `sink` that writes
+    each weight as it is added and `parts` that load one part of a meta-device model at a time
+    (the embedding, layer i, the final norm and head) and drop the one before."""
     c, fam = model.config, family_of(model.config)
     act = _activation(c)
     d = dims(model)
     nh, nkv, hd = d["nh"], d["nkv"], d["hd"]
     f = features(model)
-    g = Graph(f"edgellm-{c.model_type}")
+    parts = parts or RESIDENT
+    g = Graph(f"edgellm-{c.model_type}", sink)
     io = DecoderIO(g, d["layers"], nkv, hd)
     tables = {k: rotary(g, io.pos, inv, sc, long) for k, (inv, sc, long) in _rope_tables(model).items()}
     rot = f["rope_dims"]
@@ -152,11 +156,15 @@ def build(model, opts: Options) -> Graph:
 
     emb = model.get_input_embeddings()
     names = LLAMA  # runtime/format/names.py: the tensors' names in the export
+    parts.load("embedding")
     emb_spec = embedding_spec(emb, names.embed)
     h = emit_embedding(g, io.ids, emb_spec, names.embed, opts)
+    emb_spec = parts.hollow(emb_spec)  # a tied head needs only its shape and format from here on
     if f["embedding_multiplier"] != 1.0:
         h = g.op("Mul", [h, g.const(f["embedding_multiplier"], np.float32, "emb_mult")], name="model/emb_scaled")
+    parts.boundary(0, h)
     for i, layer in enumerate(get_path(model, fam.layers)):
+        parts.load("layer", i)
         p = names.layer.format(i)  # graph node names
 
         def norm(x, role, layer=layer, i=i, p=p):
@@ -212,6 +220,8 @@ def build(model, opts: Options) -> Graph:
         h = residual(
             h, norm(linear(g.op("Mul", [gate, up], name=f"{p}/gated"), "down"), "mlp_out"), f"{p}/mlp_residual"
         )
+        parts.boundary(i + 1, h)
+    parts.load("final")
     final = _np(get_path(model, fam.final_norm).weight) + np.float32(off)
     h = g.rms_norm(h, g.weight(tensor(names.final_norm, "weight"), final), eps, "model/final_norm")
     logits = lm_head(g, model, h, emb_spec, names.embed, opts)
@@ -221,7 +231,24 @@ def build(model, opts: Options) -> Graph:
         cap = g.const(f["final_logit_softcapping"], np.float32, "final_cap")
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], name="model/cap")], name="model/tanh"), cap])
     g.output(logits, "logits", FLOAT, ["batch", "seq", c.vocab_size], first=True)
+    parts.load(None)
     return g
+
+
+class Resident:
+    """`build`'s parts when the whole model is in memory: nothing to load or drop."""
+
+    def load(self, part: str | None, i: int | None = None) -> None:
+        pass
+
+    def hollow(self, spec):
+        return spec
+
+    def boundary(self, i: int, h: str) -> None:
+        """The graph tensor holding the residual stream before layer i (after the last: the final norm's input)."""
+
+
+RESIDENT = Resident()
 
 
 def lm_head(g: Graph, model, h: str, emb_spec, emb_path: str, opts: Options) -> str:

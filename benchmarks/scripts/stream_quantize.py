@@ -29,14 +29,10 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
 SHARD_BYTES = 2 << 30
 
 
-def build(shape: str, out: Path, seed: int = 0) -> Path:
-    """A bf16 checkpoint of `shape` with seeded random weights (std 0.02, norms 1) and a tokenizer."""
-    import torch
-    from safetensors.torch import save_file
+def config_for(shape: str):
+    """The LlamaConfig of `shape`, stored in bf16."""
     from transformers import LlamaConfig
 
-    if (out / "config.json").is_file():
-        return out
     d, i_f, n_layers, heads, kv, vocab, tied = SHAPES[shape]
     cfg = LlamaConfig(
         hidden_size=d,
@@ -52,6 +48,18 @@ def build(shape: str, out: Path, seed: int = 0) -> Path:
         architectures=["LlamaForCausalLM"],  # what ORT GenAI's builder and llama.cpp's converter dispatch on
     )
     cfg.dtype = "bfloat16"
+    return cfg
+
+
+def build(shape: str, out: Path, seed: int = 0) -> Path:
+    """A bf16 checkpoint of `shape` with seeded random weights (std 0.02, norms 1) and a tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (out / "config.json").is_file():
+        return out
+    cfg = config_for(shape)
+    d, i_f, n_layers, heads, kv, vocab, tied = SHAPES[shape]
     hd = d // heads
     shapes = {"model.embed_tokens.weight": (vocab, d)}
     for li in range(n_layers):

@@ -85,6 +85,13 @@ def distill(
     eval_tokens: EvalTokensOpt = 4096,
     ctx: CtxOpt = 512,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the data order (and anything random).")] = 0,
+    max_memory: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-memory",
+            help="Memory budget on the CPU, e.g. 6GB (default: 75% of the available RAM); checked before loading.",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ):
     """Distil a teacher into a smaller student trained on the teacher's logits.
@@ -124,6 +131,7 @@ def distill(
         eval_tokens=eval_tokens,
         ctx=ctx,
         seed=seed,
+        max_memory=max_memory,
     )
     check_options(options)  # before anything is loaded
     with show_warnings():

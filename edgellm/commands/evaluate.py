@@ -21,6 +21,13 @@ def evaluate(
     stride: StrideOpt = None,
     eval_tokens: EvalTokensOpt = 16384,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    max_memory: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-memory",
+            help="Memory budget, e.g. 6GB (default: 75% of the available RAM); planned before any work.",
+        ),
+    ] = None,
 ):
     """Measure perplexity on held-out text (last 10% of the data), and with --reference the KL
     divergence of next-token distributions and top-1 agreement. Deterministic.
@@ -31,7 +38,9 @@ def evaluate(
     from ..pipeline.common import check_stride
     from ..pipeline.evaluate import run_eval
 
-    options = EvalOptions(reference=reference, data=data, ctx=ctx, stride=stride, eval_tokens=eval_tokens)
+    options = EvalOptions(
+        reference=reference, data=data, ctx=ctx, stride=stride, eval_tokens=eval_tokens, max_memory=max_memory
+    )
     check_stride(ctx, stride)  # before any heavy work
     with show_warnings():
         quiet_transformers()

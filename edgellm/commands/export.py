@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -38,6 +38,14 @@ def export(
             help="Verify with onnx.checker and ONNX Runtime vs PyTorch logits (prompt + 8 cached decode steps).",
         ),
     ] = True,
+    max_memory: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-memory",
+            help="Memory budget, e.g. 6GB (default: 75% of the available RAM); a model whose parity check does "
+            "not fit it (or has over 512 MB of weights) is checked layer by layer.",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ):
     """Export a model directory (float, pruned, distilled, or 4/8-bit quantized) to ONNX with a KV cache.
@@ -48,7 +56,7 @@ def export(
     from ..console import PROGRESS, quiet_transformers, show_warnings
     from ..pipeline.export import run_export
 
-    options = ExportOptions(format=format, accuracy_level=accuracy_level, check=check)
+    options = ExportOptions(format=format, accuracy_level=accuracy_level, check=check, max_memory=max_memory)
     with show_warnings():
         quiet_transformers()
         result = run_export(model, output, options, progress=PROGRESS, force=force)
@@ -70,7 +78,16 @@ def show_result(result, model: str, o: ExportOptions) -> None:
         f"wrote {output} ({kind}, {human_bytes(dir_size(output))}; model.onnx.data "
         f"{human_bytes(result.sizes['model.onnx.data'])}) in {result.seconds:.1f} s"
     )
-    if result.parity:
+    if result.parity and result.parity.get("check") == "layer by layer":
+        p = result.parity
+        line = (
+            f"parity, layer by layer: head max |Δlogit| "
+            f"{p['max_abs_diff']:.2e} (max |logit| {p['max_abs_logit']:.1f}); worst layer "
+            f"{p['layer_exact_max_rel_diff']:.2e}, through the cache {p['cache_vs_nocache_max_rel_diff']:.2e} "
+            "(relative)"
+        )
+        console.print(line)
+    elif result.parity:
         p = result.parity
         line = (
             f"parity: max |Δlogit| {p['max_abs_diff']:.2e} (max |logit| {p['max_abs_logit']:.1f}), cache vs no cache "

@@ -62,6 +62,13 @@ def prune(
     ] = True,
     eval_tokens: EvalTokensOpt = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing calibration windows.")] = 0,
+    max_memory: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-memory",
+            help="Memory budget, e.g. 6GB (default: 75% of the available RAM); planned before any work.",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ):
     """Prune a model: unstructured or N:M sparsity (magnitude, Wanda, SparseGPT), or structured
@@ -92,6 +99,7 @@ def prune(
         evaluate=evaluate,
         eval_tokens=eval_tokens,
         seed=seed,
+        max_memory=max_memory,
     )
     check_options(options)  # every option before any heavy work (nothing is loaded or written on bad input)
     with show_warnings():

@@ -58,6 +58,7 @@ class DistillOptions:
     eval_tokens: int = option(4096, "--eval-tokens", min=64)
     ctx: int = option(512, "--ctx", min=8)
     seed: int = option(0, "--seed")
+    max_memory: str | None = option(None, "--max-memory")  # e.g. 6GB; None: a safe fraction of available RAM
 
 
 @dataclass
@@ -101,6 +102,7 @@ def run_distill(
     from ..distill.distributed import setup, teardown
 
     check_options(options)
+    _check_fits(teacher, options)
     d = setup(Device(options.device).value)
     ok = False
     try:
@@ -310,3 +312,25 @@ def _save(d, teacher: str, output: Path, o, run: _Run, result: DistillResult, ck
     if ckpt is not None:
         shutil.rmtree(ckpt.path, ignore_errors=True)
     return counts
+
+
+def _check_fits(teacher: str, o: DistillOptions) -> None:
+    """Distillation is not streamed: on the CPU it holds the teacher in fp32 and a student with its
+    gradients and Adam moments (4 copies); refused before loading when that cannot fit."""
+    import math
+
+    from ..checkpoint import Checkpoint
+    from ..memory import budget, human, rss
+    from ..modelio import resolve_spec
+
+    limit, how = budget(o.max_memory)
+    path = Path(resolve_spec(teacher))
+    if Device(o.device) != Device.cpu or not path.is_dir():
+        return
+    params = sum(math.prod(s) for _, _, s in Checkpoint(path).entries.values())
+    need = rss() + 4 * params + 4 * 4 * params // 2  # the student: about half the teacher by default
+    if need > limit:
+        raise EdgeLLMError(
+            f"distilling loads the teacher and trains a student in memory (not streamed), about {human(need)}, over "
+            f"the budget of {human(limit)} ({how}); raise --max-memory or distil a smaller teacher"
+        )

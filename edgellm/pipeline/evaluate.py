@@ -15,6 +15,7 @@ class EvalOptions:
     ctx: int = option(512, "--ctx", min=8)
     stride: int | None = option(None, "--stride", min=1)  # None: = ctx, non-overlapping windows
     eval_tokens: int = option(16384, "--eval-tokens", min=64)
+    max_memory: str | None = option(None, "--max-memory")  # e.g. 6GB; None: a safe fraction of available RAM
 
 
 @dataclass
@@ -28,13 +29,20 @@ class EvalResult:
 
 
 def run_eval(model: str, options: EvalOptions, progress=None) -> EvalResult:
-    """Measure `model` on the held-out split of the data (deterministic)."""
+    """Measure `model` on the held-out split of the data (deterministic).
+
+    Local llama-family directories (the model, and the reference when given) stream one decoder
+    layer at a time (evaluate_stream.py) within --max-memory; other inputs load whole, and are
+    refused when that does not fit."""
     from ..data import split_tokens
     from ..evaluate import evaluate as measure
     from ..progress import NULL
 
     o, progress = options, progress or NULL
     stride = check_stride(o.ctx, o.stride)
+    streamed = _run_streamed(model, o, stride, progress)
+    if streamed is not None:
+        return streamed
     loaded = load_spec(model, progress=progress)
     check_context(loaded.model, "--ctx", o.ctx)
     ref = load_spec(o.reference, "loading reference", progress=progress) if o.reference else None
@@ -51,3 +59,63 @@ def run_eval(model: str, options: EvalOptions, progress=None) -> EvalResult:
         progress=progress,
     )
     return EvalResult(model, o.reference, q)
+
+
+def _run_streamed(model: str, o: EvalOptions, stride: int, progress) -> EvalResult | None:
+    """The layer-by-layer evaluation, or None when the model or reference does not stream."""
+    from pathlib import Path
+
+    import transformers
+
+    from ..data import split_tokens
+    from ..errors import EdgeLLMError
+    from ..evaluate_stream import evaluate_streamed, plan_eval, streamable
+    from ..memory import budget
+    from ..modelio import load_config, resolve_spec
+
+    limit, how = budget(o.max_memory)
+    path = Path(resolve_spec(model))
+    config = load_config(str(path))
+    ref_path = ref_config = None
+    if o.reference:
+        ref_path = Path(resolve_spec(o.reference))
+        ref_config = load_config(str(ref_path))
+    if not streamable(path, config) or (ref_path is not None and not streamable(ref_path, ref_config)):
+        _check_resident_fits([p for p in (path, ref_path) if p is not None and p.is_dir()], limit, how)
+        return None
+    for c in filter(None, (config, ref_config)):
+        limit_pos = getattr(c, "max_position_embeddings", None)
+        if limit_pos and o.ctx > limit_pos:
+            raise EdgeLLMError(f"--ctx {o.ctx} exceeds the model's {limit_pos} positions; give at most {limit_pos}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    ids = split_tokens(data_tokens(tokenizer, o.data), "eval")
+    plan_eval(config, ref_config, min(len(ids), o.eval_tokens), o.ctx, limit, how)
+    q = evaluate_streamed(
+        path,
+        config,
+        ids,
+        reference=ref_path,
+        ref_config=ref_config,
+        ctx=o.ctx,
+        stride=stride,
+        max_tokens=o.eval_tokens,
+        progress=progress,
+    )
+    return EvalResult(model, o.reference, q)
+
+
+def _check_resident_fits(paths: list, limit: int, how: str) -> None:
+    """The resident evaluation holds each model in fp32."""
+    import math
+
+    from ..checkpoint import Checkpoint
+    from ..errors import EdgeLLMError
+    from ..memory import human, rss
+
+    params = sum(math.prod(s) for p in paths for _, _, s in Checkpoint(p).entries.values())
+    need = rss() + 4 * params
+    if need > limit:
+        raise EdgeLLMError(
+            f"evaluating loads these models whole (they are not streamed yet), about {human(need)}, over the budget "
+            f"of {human(limit)} ({how}); raise --max-memory"
+        )

@@ -39,6 +39,7 @@ class PruneOptions:
     evaluate: bool = option(True, "--eval")  # perplexity before and after
     eval_tokens: int = option(4096, "--eval-tokens", min=64)
     seed: int = option(0, "--seed")
+    max_memory: str | None = option(None, "--max-memory")  # e.g. 6GB; None: a safe fraction of available RAM
 
 
 @dataclass
@@ -127,6 +128,9 @@ def run_prune(model: str, output: Path, options: PruneOptions, progress=None, fo
     nm = check_options(o)
     inputs = [model, o.data]
     check_output_dir(output, force, inputs)
+    streamed = _run_streamed(model, output, o, nm, progress, force)
+    if streamed is not None:
+        return streamed
     loaded = load_spec(model, progress=progress)
     check_context(loaded.model, "--seq-len", o.seq_len)
     if loaded.record.get("quantization"):
@@ -163,3 +167,109 @@ def run_prune(model: str, output: Path, options: PruneOptions, progress=None, fo
     with atomic_output_dir(output, force, inputs) as tmp:
         save_model(net, loaded.tokenizer, tmp, record)
     return PruneResult(output, report, result, seconds, before, after)
+
+
+def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force: bool) -> PruneResult | None:
+    """Unstructured / N:M pruning of a local llama-family checkpoint, one decoder block at a time
+    (prune/stream.py) within --max-memory; None where it does not stream (structured pruning,
+    other families, GGUF files, hub ids: those load whole, and are refused when that cannot fit)."""
+    import transformers
+
+    from ..checkpoint import meta_model
+    from ..data import calibration_batch, split_tokens
+    from ..evaluate import DEFAULT_CTX, DEFAULT_STRIDE, windows
+    from ..memory import budget
+    from ..modelio import load_config, resolve_spec
+    from ..outputs import atomic_output_dir
+    from ..prune import apply as P
+    from ..prune.stream import STREAMED_FAMILIES, prune_streamed, quality
+    from ..record import add_step, read_record, write_record
+
+    limit, how = budget(o.max_memory)
+    path = Path(resolve_spec(model))
+    config = load_config(str(path))
+    if o.method is None or not path.is_dir() or config.model_type not in STREAMED_FAMILIES:
+        if path.is_dir():
+            _check_resident_fits(path, limit, how)
+        return None
+    record = read_record(path)
+    if record.get("quantization"):
+        raise EdgeLLMError(f"'{model}' is quantized; prune the unquantized model, then quantize the pruned one")
+    limit_pos = getattr(config, "max_position_embeddings", None)
+    if limit_pos and o.seq_len > limit_pos:
+        raise EdgeLLMError(f"--seq-len {o.seq_len} exceeds the model's {limit_pos} positions; give at most {limit_pos}")
+    _plan_streamed(config, o, limit, how)
+    cfg = P.PruneConfig(
+        method=Method(o.method).value,
+        sparsity=nm.sparsity if nm else (0.5 if o.sparsity is None else o.sparsity),
+        pattern=nm,
+        damp=o.damp,
+    )
+    P.check_unstructured(meta_model(config), cfg)  # an N:M pattern that fits no layer, before any data
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    ids = data_tokens(tokenizer, o.data)
+    calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed) if cfg.method != "magnitude" else None
+    wins = None
+    if o.evaluate:
+        eval_ids = split_tokens(ids, "eval")[: o.eval_tokens]
+        wins = [(eval_ids[s:e], first) for s, e, first in windows(len(eval_ids), DEFAULT_CTX, DEFAULT_STRIDE)]
+        if not wins:
+            raise EdgeLLMError(f"the evaluation data has {len(eval_ids)} tokens, too few to score; give more text")
+    inputs = [model, o.data]
+    with atomic_output_dir(output, force, inputs) as tmp:
+        t0 = time.perf_counter()
+        report, info, params, before, after = prune_streamed(path, config, tmp, cfg, calib, wins, progress)
+        seconds = time.perf_counter() - t0
+        before, after = (quality(before), quality(after)) if before else (None, None)
+        result = {"parameters_before": params, "parameters_after": params, **info}
+        result["per_layer"] = [{"layer": r["layer"], "sparsity": r["sparsity"]} for r in report]
+        record.setdefault("source", {"kind": "directory", "path": str(path.resolve())})
+        record = add_step(
+            record,
+            "prune",
+            params=cfg.to_dict(),
+            time_s=round(seconds, 2),
+            data=None if calib is None else calib_data(o.data, calib, o.seed),
+            result=result,
+            quality={"before": before.to_dict(), "after": after.to_dict()} if o.evaluate else None,
+        )
+        try:
+            gen = transformers.GenerationConfig.from_pretrained(str(path))
+        except OSError:
+            gen = transformers.GenerationConfig.from_model_config(config)
+        gen.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        write_record(tmp, record)
+    return PruneResult(output, report, result, seconds, before, after)
+
+
+def _plan_streamed(config, o: PruneOptions, limit: int, how: str) -> None:
+    """One block in fp32 with its statistics and the calibration / evaluation states must fit."""
+    from ..memory import human, rss
+
+    d, i_f, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    layer = 4 * (4 * d * d + 3 * d * i_f)
+    stats = 4 * 3 * max(d, i_f) ** 2 if Method(o.method) == Method.sparsegpt else 4 * 2 * (d * d + i_f * i_f)
+    acts = 4 * 2 * (o.calib_samples * o.seq_len + 2 * o.eval_tokens) * d
+    need = rss() + int(1.2 * max(layer + stats + acts, 2 * V * d + acts))
+    if need > limit:
+        raise EdgeLLMError(
+            f"pruning one decoder layer needs about {human(need)}, more than the budget of {human(limit)} ({how}); "
+            "raise --max-memory or lower --calib-samples / --seq-len / --eval-tokens"
+        )
+
+
+def _check_resident_fits(path: Path, limit: int, how: str) -> None:
+    """The resident prune holds the model in fp32 (and structured pruning a copy while it slices)."""
+    import math
+
+    from ..checkpoint import Checkpoint
+    from ..memory import human, rss
+
+    params = sum(math.prod(s) for _, _, s in Checkpoint(path).entries.values())
+    need = rss() + 2 * 4 * params
+    if need > limit:
+        raise EdgeLLMError(
+            f"this prune loads the whole model (only --method streams), about {human(need)}, over the budget of "
+            f"{human(limit)} ({how}); raise --max-memory"
+        )

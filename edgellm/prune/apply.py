@@ -74,45 +74,58 @@ def prune_unstructured(model, cfg: PruneConfig, calib: torch.Tensor | None, prog
     if needs_data and calib is None:
         raise EdgeLLMError(f"--method {cfg.method} needs calibration data")
     report = []
-    label = f"{cfg.method} {cfg.pattern or f'{cfg.sparsity:.0%}'}"
     with torch.no_grad():
         inputs = capture_block_inputs(model, calib) if needs_data else None
-        for bi in progress.track(range(len(blocks)), label, total=len(blocks)):
-            block = blocks[bi]
-            linears = block_linears(block)
-            stats = collect_stats(block, inputs, linears, 0) if needs_data else {}
-            for name, lin in linears.items():
-                t0 = time.perf_counter()
-                w = linear_weight(lin).detach().float()  # (out, in)
-                if cfg.method == "sparsegpt":
-                    H = stats[name].hessian
-                    new, _ = sparsegpt_prune(w, H, cfg.sparsity, cfg.pattern, damp=cfg.damp, blocksize=cfg.blocksize)
-                else:
-                    score = magnitude_score(w) if cfg.method == "magnitude" else wanda_score(w, stats[name].H)
-                    mask = select_mask(score, cfg.sparsity, cfg.pattern, per_row=cfg.method == "wanda")
-                    new = w.masked_fill(mask, 0.0)
-                set_linear_weight(lin, new.to(lin.weight.dtype))
-                report.append(
-                    {
-                        "block": bi,
-                        "layer": f"{layers_path}.{bi}.{name}",
-                        "shape": list(w.shape),
-                        "sparsity": round(sparsity_of(new), 6),
-                        "time_s": round(time.perf_counter() - t0, 4),
-                    }
-                )
+        for bi in progress.track(range(len(blocks)), label(cfg), total=len(blocks)):
+            report += prune_block(blocks[bi], f"{layers_path}.{bi}", bi, inputs, cfg)
             if needs_data and bi + 1 < len(blocks):
-                inputs = run_block(block, inputs)
+                inputs = run_block(blocks[bi], inputs)
+    return report, summary(cfg, report)
+
+
+def label(cfg: PruneConfig) -> str:
+    return f"{cfg.method} {cfg.pattern or f'{cfg.sparsity:.0%}'}"
+
+
+def prune_block(block, prefix: str, bi: int, inputs, cfg: PruneConfig) -> list[dict]:
+    """Prune one decoder block's linears in place (`inputs`: what reaches it, for Wanda and
+    SparseGPT); the per-linear report. The resident and the layer-streaming prune both call it."""
+    linears = block_linears(block)
+    stats = collect_stats(block, inputs, linears, 0) if cfg.method != "magnitude" else {}
+    report = []
+    for name, lin in linears.items():
+        t0 = time.perf_counter()
+        w = linear_weight(lin).detach().float()  # (out, in)
+        if cfg.method == "sparsegpt":
+            H = stats[name].hessian
+            new, _ = sparsegpt_prune(w, H, cfg.sparsity, cfg.pattern, damp=cfg.damp, blocksize=cfg.blocksize)
+        else:
+            score = magnitude_score(w) if cfg.method == "magnitude" else wanda_score(w, stats[name].H)
+            mask = select_mask(score, cfg.sparsity, cfg.pattern, per_row=cfg.method == "wanda")
+            new = w.masked_fill(mask, 0.0)
+        set_linear_weight(lin, new.to(lin.weight.dtype))
+        report.append(
+            {
+                "block": bi,
+                "layer": f"{prefix}.{name}",
+                "shape": list(w.shape),
+                "sparsity": round(sparsity_of(new), 6),
+                "time_s": round(time.perf_counter() - t0, 4),
+            }
+        )
+    return report
+
+
+def summary(cfg: PruneConfig, report: list[dict]) -> dict:
     total = sum(r["shape"][0] * r["shape"][1] for r in report)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report)
-    info = {
+    return {
         **cfg.to_dict(),
         "linears": len(report),
         "sparsity_reached": round(zeros / max(total, 1), 6),
         "pruned_weights": int(round(zeros)),
         "prunable_weights": total,
     }
-    return report, info
 
 
 # ----- structured ---------------------------------------------------------------------------

@@ -310,7 +310,7 @@ def _embedding_format_of(info: dict, fmt: QuantFormat) -> QuantFormat | None:
     return QuantFormat(e["bits"], e["group_size"], e["sym"], e.get("zero", "int"))
 
 
-def _swap_for_loading(model, info: dict, dtype) -> None:
+def swap_for_loading(model, info: dict, dtype) -> None:
     fmt = QuantFormat(info["bits"], info["group_size"], info["sym"], info.get("zero", "int"))
     formats = info.get("formats") or {}
     for path in info["modules"]:
@@ -348,7 +348,7 @@ def load_quantized(path, config, info: dict, dtype):
     from safetensors.torch import load_model
 
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _swap_for_loading(model, info, dtype)
+    swap_for_loading(model, info, dtype)
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
         from ..errors import EdgeLLMError

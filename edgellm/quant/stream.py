@@ -39,7 +39,7 @@ from torch import nn
 from ..arch import decoder_layers, family_of
 from ..calibration import MINI_BATCH, capture_block_inputs
 from ..errors import EdgeLLMError
-from ..memory import human, peak_rss, rss
+from ..memory import human, peak_rss, rss, trim
 from .apply import QuantConfig, _embedding_codes, _tied, embedding_format, quantize_block
 from .formats import QuantFormat, dequantize_codes
 from .modules import QuantEmbedding, QuantLinear
@@ -162,7 +162,7 @@ def open_work(work: Path, finger: dict, resume: bool) -> dict:
     return {}
 
 
-def _save_atomic(tensors: dict, path: Path) -> None:
+def save_atomic(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
@@ -232,7 +232,7 @@ def _quantize_rows(ckpt, name: str, fmt: QuantFormat, module):
     return module
 
 
-def _packed_rows(m, r0: int, r1: int) -> torch.Tensor:
+def packed_rows(m, r0: int, r1: int) -> torch.Tensor:
     """Rows [r0, r1) of a PackedMatrix, dequantized to fp32."""
     if r0 == 0 and r1 == m.out_features:
         return m.dequantize()
@@ -241,14 +241,14 @@ def _packed_rows(m, r0: int, r1: int) -> torch.Tensor:
     return w.reshape(r1 - r0, -1)[:, : m.in_features]
 
 
-def _head_logits(h: torch.Tensor, rows, V: int) -> torch.Tensor:
+def head_logits(h: torch.Tensor, rows, V: int) -> torch.Tensor:
     """h (T, d) @ W.T with W's rows fetched ROW_CHUNK at a time by rows(r0, r1) -> (T, V)."""
     if V <= ROW_CHUNK:
         return F.linear(h, rows(0, V))
     return torch.cat([F.linear(h, rows(r, min(r + ROW_CHUNK, V))) for r in range(0, V, ROW_CHUNK)], -1)
 
 
-def _nll(logits: torch.Tensor, x: torch.Tensor, first: int) -> tuple[float, int]:
+def window_nll(logits: torch.Tensor, x: torch.Tensor, first: int) -> tuple[float, int]:
     """Summed negative log-likelihood of x[first+1:] under logits (T, V), as evaluate.evaluate scores it."""
     logp = F.log_softmax(logits[first:-1], dim=-1)
     target = x[first + 1 :]
@@ -362,7 +362,7 @@ def quantize_streamed(
                     qh = QuantLinear(d, ckpt.shape(head_name)[0], False, emb_fmt)
                     _quantize_rows(ckpt, head_name, emb_fmt, qh)
                     tensors.update({f"lm_head.{k}": v for k, v in qh.state_dict().items()})
-                _save_atomic(tensors, head_part)
+                save_atomic(tensors, head_part)
         # 2. what reaches block 0
         stored = StoredEmbedding(ckpt.get(emb_name))
         shell = _shell(config, stored)
@@ -397,14 +397,15 @@ def quantize_streamed(
             inputs = _run(block, inputs, dt)
             after = _run(block, after, torch.float32)
             packed = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-            _save_atomic(packed, work / f"layer-{bi:05d}.safetensors")
+            save_atomic(packed, work / f"layer-{bi:05d}.safetensors")
             layers[bi] = nn.Module()  # drop the block (its packed tensors are on disk)
             del block
+            trim()  # and give its memory back to the OS (glibc keeps freed heap otherwise)
             acts_name = f"acts-{bi + 1:05d}.safetensors"
             acts = {f"calib.{j}": h for j, (h, _) in enumerate(inputs)}
             acts.update({f"before.{j}": h for j, (h, _) in enumerate(before)})
             acts.update({f"after.{j}": h for j, (h, _) in enumerate(after)})
-            _save_atomic(acts, work / acts_name)
+            save_atomic(acts, work / acts_name)
             old = state.get("acts")
             state = {"fingerprint": finger, "next": bi + 1, "acts": acts_name, "report": report, "formats": formats}
             _write_json(state, work / "state.json")
@@ -424,7 +425,7 @@ def quantize_streamed(
             final[emb_name] = ckpt.get(emb_name).float()
             if not tied:
                 final[head_name] = ckpt.get(head_name).float()
-        _save_atomic(final, work / "final.safetensors")
+        save_atomic(final, work / "final.safetensors")
         scores = None
         if windows:
             norm_mod = type(shell.model.norm)(d, eps=config.rms_norm_eps)
@@ -440,13 +441,13 @@ def quantize_streamed(
                 head = qe if tied else qh
 
                 def q_rows(r0, r1):
-                    return _packed_rows(head, r0, r1)
+                    return packed_rows(head, r0, r1)
 
             scores = []
             for states, rows_fn in ((before, ref_rows), (after, q_rows)):
                 nll = count = 0
                 for (h, _), (x, first) in zip(states, windows):
-                    n, c = _nll(_head_logits(norm_mod(h)[0], rows_fn, V).float(), x, first)
+                    n, c = window_nll(head_logits(norm_mod(h)[0], rows_fn, V).float(), x, first)
                     nll, count = nll + n, count + c
                 scores.append((nll, count))
     parts = [work / f"layer-{bi:05d}.safetensors" for bi in range(n_layers)]

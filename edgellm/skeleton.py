@@ -1,0 +1,86 @@
+"""A model directory as a meta-device skeleton whose parts load one at a time (issue 26).
+
+`open_skeleton` builds the model on the meta device (no memory) with the packed modules its
+edgellm.json names swapped in, and checks every tensor the skeleton holds against the
+checkpoint's headers (names, shapes) before anything heavy runs. `materialize` fills one module
+from the checkpoint (edgellm/checkpoint.py: a tensor at a time, in its stored dtype, widened
+exactly as the resident load widens it); `release` drops it again. The streamed export and the
+streamed evaluation walk a model this way: the embedding, layer i, the final norm and head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import EdgeLLMError
+
+
+def open_skeleton(path: Path, config, record: dict):
+    """(model on meta with a real rotary table, Checkpoint) of the directory `path`."""
+    import torch
+
+    from .checkpoint import Checkpoint, meta_model
+
+    path = Path(path)
+    info = record.get("quantization")
+    ckpt = Checkpoint(path)
+    model = meta_model(config)
+    if info:
+        from .quant.apply import swap_for_loading
+
+        with torch.device("meta"):
+            swap_for_loading(model, info, torch.float32)
+        _check_packed(ckpt, model, info, path)
+    else:
+        ckpt.check_against(config)
+    inner = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=config)  # real: small, computed from the config
+    return model.eval(), ckpt
+
+
+def _check_packed(ckpt, model, info: dict, path: Path) -> None:
+    """Every tensor the skeleton holds is in the checkpoint with its shape (as load_quantized checks)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in ckpt.entries and not (k.startswith("lm_head.") and info.get("tied"))]
+    unexpected = [k for k in ckpt.entries if k not in expected]
+    if missing or unexpected:
+        raise EdgeLLMError(
+            f"'{path}' does not match its edgellm.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "re-run edgellm quantize"
+        )
+    for k, shape in expected.items():
+        if k in ckpt.entries and ckpt.shape(k) != shape:
+            raise EdgeLLMError(
+                f"'{ckpt.entries[k][0]}': tensor '{k}' has shape {list(ckpt.shape(k))} but its edgellm.json implies "
+                f"{list(shape)}; re-run edgellm quantize"
+            )
+
+
+def module_names(model) -> dict[int, str]:
+    """id(module) -> its dotted path (the checkpoint's tensor prefix)."""
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def materialize(module, name: str, ckpt) -> None:
+    """Fill `module` (on meta) from the checkpoint tensors under `name`."""
+    import torch
+
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for k, t in module.state_dict(keep_vars=True).items():
+            t.copy_(ckpt.get(f"{name}.{k}"))
+
+
+def release(module) -> None:
+    """Back to the meta device: its memory is freed (and given back to the OS)."""
+    from .memory import trim
+
+    module.to("meta")
+    trim()
+
+
+def tied_head(model) -> bool:
+    """The head multiplies by the embedding's own table (nothing of its own to load)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    w = getattr(head, "weight", None)
+    return type(head).__name__ == "TiedQuantLinear" or (w is not None and w is getattr(emb, "weight", None))

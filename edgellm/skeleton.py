@@ -33,9 +33,48 @@ def open_skeleton(path: Path, config, record: dict):
         _check_packed(ckpt, model, info, path)
     else:
         ckpt.check_against(config)
+        _keep_tied(model)
     inner = model.model
     inner.rotary_emb = type(inner.rotary_emb)(config=config)  # real: small, computed from the config
     return model.eval(), ckpt
+
+
+def _keep_tied(model) -> None:
+    """A float head tied to the embedding becomes a `TiedHead` that reads the embedding's current
+    table: parts load and drop one at a time, and `to_empty` / `to("meta")` give the embedding a new
+    parameter, which would leave a plain tied Linear holding the old one (and ask the checkpoint for
+    an lm_head it does not store)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    w = getattr(head, "weight", None)
+    if w is not None and w is getattr(emb, "weight", None) and getattr(head, "bias", None) is None:
+        model.set_output_embeddings(_tied_head_module(emb))
+
+
+def _tied_head_module(emb):
+    import torch.nn.functional as F
+    from torch import nn
+
+    class TiedHead(nn.Module):
+        """(..., dim) -> (..., vocab) by the embedding's own table (nothing of its own to load)."""
+
+        def __init__(self, embedding):
+            super().__init__()
+            self.embedding = [embedding]  # a list: not registered, so nothing is loaded or saved twice
+            self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+            self.bias = None
+
+        @property
+        def weight(self):
+            return self.embedding[0].weight
+
+        @weight.setter
+        def weight(self, value):  # transformers' tie_weights sets it to the embedding's: already so
+            pass
+
+        def forward(self, x):
+            return F.linear(x, self.embedding[0].weight.to(x.dtype))
+
+    return TiedHead(emb)
 
 
 def _check_packed(ckpt, model, info: dict, path: Path) -> None:

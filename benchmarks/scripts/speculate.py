@@ -4,7 +4,7 @@ decode step). Greedy, chat template, plain and lookup interleaved (ABAB...) in o
 of the decode time (the prompt's prefill is the same for both and left out); every lookup run is
 checked to give plain greedy's tokens. Run it alone (under the machine's lock):
 
-    python -m edgellm.benchmarks.scripts.speculate --model /work/models/smol-q4-onnx --reps 5 \
+    python -m edgellm.benchmarks.scripts.speculate --model Q4_EXPORT_DIR --reps 5 \
         --out benchmarks/results/speculate-smollm2.md
 """
 

@@ -27,12 +27,12 @@ from numba import njit
 
 from .errors import EdgeLLMError
 from .format.records import ROPE_LOCAL
-from .kernels.family import geglu, scale_cap
-from .kernels.layers import attention_mat, embed_rows, gelu_new, kv_cast, rope, swiglu
+from .kernels.family import scale_cap
+from .kernels.layers import attention_mat, embed_rows, kv_cast, rope
 from .kernels.simd import as_voidptr
 from .kernels.slots import attention_rows, batch_linear
 from .kvcache import lazy_zeros
-from .model import _norm, _qk_norm, _residual
+from .model import _activate, _mlp_in, _norm, _qk_norm, _residual
 from .validate import available_memory, run_bytes
 
 # Prompt tokens per step, summed over the slots that are reading a prompt: a long prompt is read
@@ -112,17 +112,9 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
         batch_linear(layer.o, att, res, act, tier)
         _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
-        if layer.mlp_norm_w != 0:
-            _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
-        else:
-            xn[:] = x
+        _mlp_in(cfg, layer, x, xn)
         batch_linear(layer.up, xn, up, act, tier)
-        if cfg.gelu_gate:
-            geglu(up, cfg.intermediate, mid)
-        elif cfg.gated:
-            swiglu(up, cfg.intermediate, mid)
-        else:
-            gelu_new(up, mid)
+        _activate(cfg, up, mid)
         batch_linear(layer.down, mid, res, act, tier)
         _residual(cfg, x, res, layer.mlp_out_norm_w, xn)
     r = want.shape[0]  # the head only for the rows whose logits are wanted

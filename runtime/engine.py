@@ -102,7 +102,8 @@ class Engine:
             self._cv.notify()
 
     def abandon(self, job: Job):
-        """The client went away: drop the job if it still waits, else stop it at its next piece."""
+        """The client went away: drop the job if it still waits, else stop it at its next piece (the
+        slot engine: free its slot at the next step)."""
         job.cancel.set()
         with self._cv:
             try:

@@ -224,6 +224,26 @@ def _residual(cfg, x, res, out_norm_w, xn):
 
 
 @njit(cache=True)
+def _mlp_in(cfg, layer, x, xn):
+    """xn := the MLP's input: x through the layer's pre-MLP norm (OLMo 2 has none: x itself)."""
+    if layer.mlp_norm_w != 0:
+        _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
+    else:
+        xn[:] = x
+
+
+@njit(cache=True)
+def _activate(cfg, up, mid):
+    """mid := the family's MLP activation of up: GeGLU, SwiGLU (gate and up halves) or GELU."""
+    if cfg.gelu_gate:
+        geglu(up, cfg.intermediate, mid)
+    elif cfg.gated:
+        swiglu(up, cfg.intermediate, mid)
+    else:
+        gelu_new(up, mid)
+
+
+@njit(cache=True)
 def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all_logits, tier):
     """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V).
 
@@ -290,17 +310,9 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
         _linear(layer.o, att, res, act, tier)
         _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
-        if layer.mlp_norm_w != 0:
-            _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
-        else:
-            xn[:] = x
+        _mlp_in(cfg, layer, x, xn)
         _linear(layer.up, xn, up, act, tier)
-        if cfg.gelu_gate:
-            geglu(up, cfg.intermediate, mid)
-        elif cfg.gated:
-            swiglu(up, cfg.intermediate, mid)
-        else:
-            gelu_new(up, mid)
+        _activate(cfg, up, mid)
         _linear(layer.down, mid, res, act, tier)
         _residual(cfg, x, res, layer.mlp_out_norm_w, xn)
     if all_logits:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batched import PREFILL_CHUNK, SlotCaches
-from .engine import Job, QueueFull, Result, _line
+from .engine import Engine, Job, QueueFull, Result, _line
 from .errors import EdgeLLMError
 from .generate import _DAMAGED, Generator, _numeric_damage, sample
 from .logprobs import entry, prompt_entries
@@ -117,15 +117,9 @@ class SlotEngine:
             self._waiting.append(job)
             self._cv.notify()
 
-    def abandon(self, job: Job):
-        """The client went away: drop the job if it still waits, else free its slot at the next step."""
-        job.cancel.set()
-        with self._cv:
-            try:
-                self._waiting.remove(job)
-            except ValueError:
-                return
-        job.put("done", Result(prompt_tokens=len(job.ids), stop_reason="cancelled"))
+    # The client went away: drop the job if it still waits, else its slot is freed at the next step
+    # (the step loop reads job.cancel). Same queue fields as Engine's.
+    abandon = Engine.abandon
 
     def load(self) -> dict:
         with self._cv:

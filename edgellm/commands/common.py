@@ -35,6 +35,13 @@ EvalTokensOpt = Annotated[
     int, typer.Option("--eval-tokens", help="Evaluation tokens (from the held-out split).", min=64)
 ]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Perplexity context length.", min=8)]
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-memory",
+        help="Memory budget, e.g. 6GB (default: 75% of the available RAM); planned before any work.",
+    ),
+]
 StrideOpt = Annotated[
     Optional[int], typer.Option("--stride", help="Perplexity stride (default: = ctx, non-overlapping windows).", min=1)
 ]

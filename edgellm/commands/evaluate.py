@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..pipeline.evaluate import EvalOptions
-from .common import CtxOpt, DataOpt, EvalTokensOpt, ModelArg, StrideOpt
+from .common import CtxOpt, DataOpt, EvalTokensOpt, MaxMemoryOpt, ModelArg, StrideOpt
 
 
 def evaluate(
@@ -21,13 +21,7 @@ def evaluate(
     stride: StrideOpt = None,
     eval_tokens: EvalTokensOpt = 16384,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-    max_memory: Annotated[
-        Optional[str],
-        typer.Option(
-            "--max-memory",
-            help="Memory budget, e.g. 6GB (default: 75% of the available RAM); planned before any work.",
-        ),
-    ] = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Measure perplexity on held-out text (last 10% of the data), and with --reference the KL
     divergence of next-token distributions and top-1 agreement. Deterministic.

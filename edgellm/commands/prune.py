@@ -7,7 +7,18 @@ from typing import Annotated, Optional
 import typer
 
 from ..pipeline.prune import Method, PruneOptions, PruneResult, Structure
-from .common import DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, dir_size, human_bytes
+from .common import (
+    DataOpt,
+    EvalTokensOpt,
+    ForceOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    OutOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    dir_size,
+    human_bytes,
+)
 
 
 def prune(
@@ -62,13 +73,7 @@ def prune(
     ] = True,
     eval_tokens: EvalTokensOpt = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing calibration windows.")] = 0,
-    max_memory: Annotated[
-        Optional[str],
-        typer.Option(
-            "--max-memory",
-            help="Memory budget, e.g. 6GB (default: 75% of the available RAM); planned before any work.",
-        ),
-    ] = None,
+    max_memory: MaxMemoryOpt = None,
     force: ForceOpt = False,
 ):
     """Prune a model: unstructured or N:M sparsity (magnitude, Wanda, SparseGPT), or structured

@@ -7,7 +7,18 @@ from typing import Annotated, Optional
 import typer
 
 from ..pipeline.quantize import Embeddings, Method, QuantizeOptions, QuantizeResult
-from .common import DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, SamplesOpt, SeqLenOpt, dir_size, human_bytes
+from .common import (
+    DataOpt,
+    EvalTokensOpt,
+    ForceOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    OutOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    dir_size,
+    human_bytes,
+)
 
 
 def quantize(
@@ -82,13 +93,7 @@ def quantize(
     ] = True,
     eval_tokens: EvalTokensOpt = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing calibration windows.")] = 0,
-    max_memory: Annotated[
-        Optional[str],
-        typer.Option(
-            "--max-memory",
-            help="Memory budget, e.g. 6GB (default: 75% of the available RAM); planned before any work.",
-        ),
-    ] = None,
+    max_memory: MaxMemoryOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted quantize from the layer it reached.")
     ] = False,

@@ -94,4 +94,15 @@ def trim() -> None:
         _LIBC.malloc_trim(0)
 
 
+def return_large_blocks(threshold: int = 4 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more with its own mapping, given back to the
+    OS the moment it is freed (glibc's M_MMAP_THRESHOLD; nothing elsewhere). By default glibc
+    raises this threshold up to 32 MB as blocks are freed, so a streamed layer's temporaries
+    (activations, Hessian products: 4-32 MB each) land in a heap that fragments and stays
+    resident between layers."""
+    trim()
+    if _LIBC:
+        _LIBC.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD; fixing it also stops the dynamic raise
+
+
 _LIBC = None

@@ -133,7 +133,9 @@ def quantize_block(block, prefix: str, inputs, cfg: QuantConfig, family) -> tupl
     stats = collect_stats(block, inputs, linears, keep)
     if cfg.method == "awq":
         _awq_fold(block, family, stats, fmt)
-    for name, lin in linears.items():
+    last_user = {id(st): name for name, st in stats.items()}  # q/k/v (and gate/up) share one
+    for name in list(linears):
+        lin = linears.pop(name)  # the fp32 original goes as soon as its packed twin replaces it
         path = f"{prefix}.{name}"
         w_ref = linear_weight(lin).detach().float()  # (out, in); after AWQ's exact rescaling
         lfmt = cfg.plan.get(path) or fmt.fitted(w_ref.shape[1])
@@ -147,6 +149,7 @@ def quantize_block(block, prefix: str, inputs, cfg: QuantConfig, family) -> tupl
                 damp=cfg.damp,
                 act_order=cfg.act_order,
                 clip_search=cfg.clip_search,
+                overwrite_h=True,  # `hessian` is a fresh copy each call
             )
         else:
             w = w_ref
@@ -155,6 +158,7 @@ def quantize_block(block, prefix: str, inputs, cfg: QuantConfig, family) -> tupl
                 rows = rows[torch.linspace(0, len(rows) - 1, min(CLIP_SAMPLE_ROWS, len(rows))).long()]
                 w = apply_clip(w, search_clip(rows, w, lfmt), lfmt)
             codes, scales, zeros = quantize_rtn(w, lfmt)
+            del w
         q = QuantLinear(w_ref.shape[1], w_ref.shape[0], lin.bias is not None, lfmt)
         q.set_codes(codes, scales, zeros)
         if lin.bias is not None:
@@ -173,6 +177,9 @@ def quantize_block(block, prefix: str, inputs, cfg: QuantConfig, family) -> tupl
             }
         )
         _replace(block, name, q)
+        del w_ref, lin, H, codes, scales, zeros
+        if last_user[id(stats[name])] == name:  # its statistics are done: free them before the next linear
+            stats[name].H, stats[name].rows = None, []
         if cfg.plan or lfmt != fmt:
             formats[path] = {"bits": lfmt.bits, "group_size": lfmt.group_size, "sym": lfmt.sym}
             if lfmt.float_zero:

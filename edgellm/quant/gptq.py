@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ..hessian import BLOCK, inverse_cholesky, lazy_sweep, prepare_hessian
+from ..hessian import BLOCK, inverse_cholesky, lazy_sweep, permute_symmetric, prepare_hessian
 from .formats import QuantFormat, group_params, mse_group_params, pad_columns
+
+CLIP_ROWS = 512  # weight rows per step of the clipping search (its temporaries: ~8 x rows x in x 4 bytes)
 
 
 def gptq_quantize(
@@ -28,28 +30,36 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     clip_search: bool = True,
+    overwrite_h: bool = False,
 ):
-    """W (out, in), H (in, in) -> codes (out, ng, gs) uint8, scales, zeros (out, ng)."""
+    """W (out, in), H (in, in) -> codes (out, ng, gs) uint8, scales, zeros (out, ng).
+    `overwrite_h`: H is a scratch fp32 copy the sweep may overwrite (saves two (in, in) copies)."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape
     g = fmt.group_for(in_f)
     ng = fmt.padded(in_f) // g
     pruned = W == 0  # exact zeros (e.g. from `edgellm prune`) are quantized to exactly 0.0
-    H, _ = prepare_hessian(W, H, damp)
+    H, _ = prepare_hessian(W, H, damp, overwrite=overwrite_h)
     hdiag = pad_columns(torch.diag(H).unsqueeze(0), ng * g).reshape(ng, g)  # (ng, gs) column importance
 
     def params(wg: torch.Tensor, imp: torch.Tensor):  # wg (out, [ng,] gs) -> scales, zeros
-        return mse_group_params(wg, fmt, imp) if clip_search else group_params(wg, fmt)
+        if not clip_search:
+            return group_params(wg, fmt)
+        # rows a chunk at a time: the search's temporaries are a few copies of what it is given
+        found = [mse_group_params(wg[r : r + CLIP_ROWS], fmt, imp) for r in range(0, len(wg), CLIP_ROWS)]
+        return torch.cat([s for s, _ in found]), torch.cat([z for _, z in found])
 
     scales = torch.empty(out_f, ng)
     zeros = torch.empty(out_f, ng)
     if act_order:  # static groups from the original weights, in natural column order
         scales, zeros = params(pad_columns(W, ng * g).reshape(out_f, ng, g), hdiag)
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
+        W, pruned = W[:, perm], pruned[:, perm]
+        H = permute_symmetric(H, perm)
     else:
         perm = torch.arange(in_f)
-    U = inverse_cholesky(H)
+    U = inverse_cholesky(H, overwrite=True)  # H is this function's own (damped, permuted) copy now
+    del H
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
 
     def replace(j, W1, i, Wall):

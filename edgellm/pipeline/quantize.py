@@ -190,7 +190,7 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
         wins = [(eval_ids[s:e], first) for s, e, first in windows(len(eval_ids), DEFAULT_CTX, DEFAULT_STRIDE)]
         if not wins:
             raise EdgeLLMError(f"the evaluation data has {len(eval_ids)} tokens, too few to score; give more text")
-    plan = plan_stream(config, ckpt, cfg, calib.shape[0], calib.shape[1], o.eval_tokens, limit)
+    plan = plan_stream(config, ckpt, cfg, calib.shape[0], calib.shape[1], o.eval_tokens if wins else 0, limit)
     work = work_dir(output)
     finger = fingerprint(ckpt, cfg, calib, eval_ids, plan.act_dtype)
     state = open_work(work, finger, o.resume)

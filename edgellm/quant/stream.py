@@ -76,39 +76,84 @@ class StreamPlan:
         return ", ".join(f"{k} {human(v)}" for k, v in self.parts.items())
 
 
+SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+OVERHEAD = 1.10  # allocator slack and torch's own buffers over the tensors counted (measured; see _layer_peak)
+
+
+def _layer_linears(ckpt, prefix: str) -> list[tuple[str, int, int, str]]:
+    """(name, out, in, statistics key) of one block's linears in forward order (q, k, v, o, gate, up, down)."""
+    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    found = []
+    for n in ckpt.entries:
+        leaf = n.rsplit(".", 2)[-2] if n.endswith(".weight") else ""
+        if n.startswith(prefix) and len(ckpt.shape(n)) == 2:
+            out_f, in_f = ckpt.shape(n)
+            found.append((n, out_f, in_f, SHARED_INPUT.get(leaf, n)))
+    return sorted(found, key=lambda t: order.index(t[0].rsplit(".", 2)[-2]) if t[0].rsplit(".", 2)[-2] in order else 99)
+
+
+def _layer_peak(linears, params: int, method: str) -> dict:
+    """Bytes the layer's own tensors reach in quantize_block, the highest of: the statistics pass (the
+    fp32 block and every input's H = X^T X, accumulated in place) and each linear's turn (the
+    fp32 weights not packed yet, the statistics still to be used, GPTQ's scratch H and its
+    Cholesky factor, ~3 weight-sized temporaries of the rounding / error measure)."""
+    stats = {}
+    for _, _, in_f, key in linears:
+        stats[key] = 4 * in_f * in_f
+    collect = 4 * params + sum(stats.values())
+    turn = 0
+    for j, (_, out_f, in_f, _) in enumerate(linears):
+        fp32 = 4 * params - sum(4 * o * i for _, o, i, _ in linears[:j])
+        alive = sum(stats[k] for k in {key for _, _, _, key in linears[j:]})
+        scratch = 2 * 4 * in_f * in_f if method == "gptq" else 0
+        turn = max(turn, fp32 + alive + scratch + 3 * 4 * out_f * in_f)
+    return {"statistics pass": collect, "quantizing": turn}
+
+
 def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval_tokens: int, budget: int):
     """The memory each stage needs (bytes), with the activation dtype chosen to fit `budget`;
-    refuses (EdgeLLMError naming the need) when one layer does not fit."""
+    refuses (EdgeLLMError naming the need) when one layer does not fit. `eval_tokens`: 0 when
+    there is no before/after evaluation."""
+    from ..evaluate import DEFAULT_CTX
+
     d, i_f, V = config.hidden_size, config.intermediate_size, config.vocab_size
     heads = config.num_attention_heads
-    hd = getattr(config, "head_dim", None) or d // heads
     prefix = f"{family_of(config).layers}.0."
     layer = [n for n in ckpt.entries if n.startswith(prefix)]
     params = sum(math.prod(ckpt.shape(n)) for n in layer)
-    biggest_in = max(d, heads * hd, i_f)
-    biggest = max(math.prod(ckpt.shape(n)) for n in layer)
-    hessians = 4 * (2 * d * d + (heads * hd) ** 2 + i_f * i_f)
-    gptq = 4 * (5 * biggest_in**2 + 4 * biggest)  # H copies, its inverse factor, W copies
+    linears = _layer_linears(ckpt, prefix)
+    if cfg.method == "rtn":
+        from .apply import RTN_ERROR_SAMPLES
+
+        n_calib = min(n_calib, RTN_ERROR_SAMPLES)
     B = min(MINI_BATCH, n_calib)
-    forward = 4 * B * seq_len * (3 * i_f + 6 * d) + 4 * B * heads * seq_len * seq_len
-    evals = 4 * 4 * min(eval_tokens, 16384) * d  # before / after, in and out
+    forward = 4 * B * seq_len * (3 * i_f + 6 * d) + 2 * 4 * B * heads * seq_len * seq_len
+    ctx = min(DEFAULT_CTX, eval_tokens) if eval_tokens else 0
+    if ctx:
+        forward = max(forward, 4 * ctx * (3 * i_f + 6 * d) + 2 * 4 * heads * ctx * ctx)
+    evals = 4 * 2 * eval_tokens * d  # "before" and "after" states, fp32
+    tied = _tied_config(config)
+    emb_bits = 8 if cfg.embeddings_mode == "keep" else int(cfg.embeddings_mode)
+    packed_emb = (1 if tied else 2) * (V * d * emb_bits // 8 + V * (d // 32) * 3)
+    stored_emb = ckpt.stored_bytes("model.embed_tokens.weight")
     base = rss()
 
     def stages(act_bytes):
-        acts = 2 * n_calib * seq_len * d * act_bytes
-        emb_bits = 8 if cfg.embeddings_mode == "keep" else int(cfg.embeddings_mode)
+        acts = n_calib * seq_len * d * act_bytes
+        moving = 2 * acts + 2 * evals  # a pass keeps its inputs while it writes its outputs
+        layer_parts = _layer_peak(linears, params, cfg.method)
         return {
             "process": base,
-            "layer weights": 4 * params + 2 * biggest,
-            "hessians": hessians + gptq,
-            "activations": acts + forward + evals,
-            "embeddings": 2 * V * d + V * d * emb_bits // 8 + 24 * ROW_CHUNK * d,
-            "head": 4 * min(512, eval_tokens) * V * 3 + 4 * ROW_CHUNK * d * 2,
+            "layer": max(layer_parts.values()),
+            "activations": moving + forward,
+            "embeddings": packed_emb + 6 * 4 * ROW_CHUNK * d,
+            "capture": stored_emb + packed_emb + 4 * n_calib * seq_len * d + 2 * evals,
+            "head": packed_emb + 3 * 4 * ctx * V + evals if ctx else 0,
         }
 
     def need(p):
-        layer_stage = p["layer weights"] + p["hessians"] + p["activations"]
-        return p["process"] + int(1.15 * max(layer_stage, p["embeddings"] + p["activations"] / 2, p["head"]))
+        stage = max(p["layer"] + p["activations"], p["embeddings"], p["capture"], p["head"])
+        return p["process"] + int(OVERHEAD * stage)
 
     for dtype, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
         p = stages(nbytes)

@@ -93,6 +93,26 @@ def test_dotprod_tile_loop(nrows, ntok, bits):
     assert m["tbl"] == nrows  # one table lookup spreads each row's block scales (hooks_neon._spread_tbl)
 
 
+@pytest.mark.parametrize("tier_name,cpu", [("neon", "cortex-a72"), ("neon", "generic"), ("neon-dotprod", "cortex-a76")])
+def test_verify_tiles_compile(tier_name, cpu):
+    """The verify pass's kernel (simd.qdot_few: RB x 1..TB exact tiles in token-group and row-tile
+    loops, both bit widths) compiles for the Pi cores; the neon tier's stays within ARMv8.0 ASIMD.
+    Its 4 x 4 tile keeps decode's per-chunk scaling: with blocks wider than a chunk (shift > 2 on
+    16-byte NEON chunks) the prompt tile sums chunks in int32 first, the exact one never does."""
+    asm = neon_asm.assembly(neon_asm.few_module(tier_name), cpu)
+    dot = r"\bsdot\b" if tier_name == "neon-dotprod" else r"\bsmull2?\b"
+    assert re.search(dot, asm)
+    if tier_name == "neon":
+        assert BEYOND_A72.search(asm) is None, BEYOND_A72.search(asm).group(0)
+    exact = neon_asm.assembly(neon_asm.tile_module(tier_name, 4, 4, 4, exact=True), cpu)
+    loop = neon_asm.chunk_loop(exact)
+    if tier_name == "neon-dotprod":
+        assert neon_asm.mnemonics(loop)["sdot"] == 4 * 4 * 2
+    with pytest.raises(ValueError):
+        neon_asm.chunk_loop(exact, sums=True)
+    neon_asm.chunk_loop(neon_asm.assembly(neon_asm.tile_module(tier_name, 4, 4, 4), cpu), sums=True)
+
+
 def test_instruction_budget():
     """Regression guard on the decode tile (4 rows x 1 token, 4-bit): instructions per 64 weight
     bytes, measured when written: neon-dotprod 73, neon 94 (llama.cpp's NEON Q4_0 loop: see

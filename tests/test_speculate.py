@@ -287,18 +287,24 @@ def test_serve_engine_and_cli(exports):
     assert "--parallel 1" in one_line_error(["serve", t, "--port", "0", "--lookup", "--parallel", "2"])
 
 
+# (bits, group, symmetric, rows, columns): a row tail past the 32-row blocks and past the 4-row
+# tiles, 8-bit asymmetric with a bias (the zero-point correction), and groups of 128 (blocks that
+# span several chunks on the 32-byte tiers: the prompt tiles sum those in int32, decode must not)
+FEW_SHAPES = ((4, 32, True, 75, 200), (8, 16, False, 42, 72), (4, 128, True, 37, 512), (8, 128, True, 13, 256))
+
+
 @pytest.mark.parametrize("kernels", TIERS)
 def test_linear_few_equals_linear_vec(kernels):
-    """kernels/quant.py linear_few (the verify pass's linears) gives every token's row bit for bit
-    as linear_vec does, and within the int8 reference: 4-bit symmetric with a row tail past the
-    32-row blocks, 8-bit asymmetric with a bias (the zero-point correction); float weights: the fp32
-    export in test_float_export_and_budget_edges."""
+    """kernels/quant.py linear_few (the verify pass's linears: the multi-token decode tiles of
+    simd.qdot_few) gives every token's row bit for bit as linear_vec does, for 1..16 tokens (every
+    group of TB tokens and every last group), and matches the int8 numpy reference; float
+    weights: the fp32 export in test_float_export_and_budget_edges."""
     from edgellm.runtime.format.blocks import pack_codes
     from edgellm.runtime.kernels import quant as Q
 
     tier = tiers.resolve(kernels)
     rng = np.random.default_rng(7)
-    for bits, gs, sym, n, k in ((4, 32, True, 75, 200), (8, 16, False, 40, 72)):
+    for bits, gs, sym, n, k in FEW_SHAPES:
         nb = -(-k // gs)
         codes = rng.integers(0, 1 << bits, (n, nb * gs)).astype(np.uint8)
         codes[:, k:] = 1 << (bits - 1)
@@ -308,12 +314,14 @@ def test_linear_few_equals_linear_vec(kernels):
         bias = None if sym else rng.standard_normal(n).astype(np.float32)
         keep: list = []
         d = Q.make_desc(qw, scales, zeros, bits, k, gs, keep, bias=bias)
-        x = rng.standard_normal((5, k)).astype(np.float32)
-        few = np.zeros((5, n), np.float32)
-        Q.linear_few(d, x, few, *Q.act_buffers(d, 5), tier)
-        for i in range(5):
-            one = np.zeros(n, np.float32)
-            Q.linear_vec(d, x[i], one, *[b[0] for b in Q.act_buffers(d, 1)], tier)
-            assert np.array_equal(few[i], one), (bits, i, np.abs(few[i] - one).max())
+        x = rng.standard_normal((16, k)).astype(np.float32)
+        x[3] *= 1e-3  # tokens of very different scales in one group
+        one = np.zeros((16, n), np.float32)
+        for i in range(16):
+            Q.linear_vec(d, x[i], one[i], *[b[0] for b in Q.act_buffers(d, 1)], tier)
+        for t in (2, 3, 4, 5, 7, 8, 16):
+            few = np.full((t, n), np.nan, np.float32)
+            Q.linear_few(d, x[:t], few, *Q.act_buffers(d, t), tier)
+            assert np.array_equal(few, one[:t]), (bits, gs, t, np.nanmax(np.abs(few - one[:t])))
         ref = Q.ref_linear_q8act(x, qw, scales, zeros, bits, k, gs, bias)
-        assert np.abs(few - ref).max() <= 1e-4 * np.abs(ref).max()
+        assert np.abs(one - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -30,21 +30,39 @@ def _target_machine(cpu: str, features: str = ""):
     return llb.Target.from_triple(TRIPLE).create_target_machine(cpu=cpu, features=features, opt=3)
 
 
-def tile_module(tier_name: str, nrows: int, ntok: int, bits: int) -> str:
-    """LLVM IR text of one function running simd._tile for `tier_name` with `bits` fixed."""
-    from edgellm.runtime.kernels import simd, tiers
+def tile_module(tier_name: str, nrows: int, ntok: int, bits: int, exact: bool = False) -> str:
+    """LLVM IR text of one function running simd._tile for `tier_name` with `bits` fixed
+    (`exact`: the verify pass's tile, each token summed as decode sums it)."""
+    from edgellm.runtime.kernels import simd
+
+    i64 = ir.IntType(64)
+    return _module(
+        tier_name, 13, lambda b, t, args: simd._tile(b, t, nrows, ntok, [ir.Constant(i64, bits), *args], exact=exact)
+    )
+
+
+def few_module(tier_name: str) -> str:
+    """LLVM IR text of simd.qdot_few's whole body for `tier_name` (both bit widths, every group
+    size, the token-group and row-tile loops)."""
+    from edgellm.runtime.kernels import simd
+
+    return _module(tier_name, 16, lambda b, t, args: simd._few_tiles(b, t, list(args)))
+
+
+def _module(tier_name: str, nargs: int, body) -> str:
+    from edgellm.runtime.kernels import tiers
 
     tier = tiers.BY_NAME[tier_name]
     mod = ir.Module(name=f"tile_{tier_name}")
     i64 = ir.IntType(64)
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 13), name="tile")
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * nargs), name="tile")
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     host_half = tiers.native_half
     tiers.native_half = lambda: (
         True
     )  # every AArch64 core converts fp16 in hardware (fcvtl); the probe would ask this host
     try:
-        simd._tile(builder, tier, nrows, ntok, [ir.Constant(i64, bits), *fn.args])
+        body(builder, tier, fn.args)
     finally:
         tiers.native_half = host_half
     builder.ret_void()

@@ -140,6 +140,8 @@ def main():
     ap.add_argument("--k-max", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--verify-only", action="store_true", help="only the verify-pass cost")
+    ap.add_argument("--ks", default="1,2,3,4,8", help="drafts per verify pass to time (comma-separated, 1..15)")
+    ap.add_argument("--at", type=int, default=200, help="position of the verify pass")
     ap.add_argument("--out", type=Path, help="write the tables here (.md) and the rows beside it (.json)")
     args = ap.parse_args()
     from edgellm.runtime.generate import load
@@ -147,8 +149,9 @@ def main():
     gen = load(args.model, threads=args.threads, n_ctx=1024)
     head = run_header(args.threads) | {"cpu": cpu_name(), "model": args.model}
     print(head, flush=True)
-    vrows = verify_cost(gen.model, 200, (1, 2, 3, 4, 8), max(20, 6 * args.reps))
-    table = f"Verify pass at position 200 ({head['cpu']}, {args.threads} threads, {head['date']})\n\n"
+    ks = tuple(int(k) for k in args.ks.split(","))
+    vrows = verify_cost(gen.model, args.at, ks, max(20, 6 * args.reps))
+    table = f"Verify pass at position {args.at} ({head['cpu']}, {args.threads} threads, {head['date']})\n\n"
     table += "| k drafts | tokens in the pass | ms | vs one decode step |\n|---|---|---|---|\n"
     table += "\n".join(f"| {r['k']} | {r['tokens']} | {r['ms']:.2f} | {r['vs_decode']:.2f}x |" for r in vrows)
     rows = [] if args.verify_only else tasks(gen, args.tokens, args.reps, args.k_max)

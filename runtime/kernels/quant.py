@@ -23,7 +23,7 @@ from ..errors import EdgeLLMError
 from ..format.blocks import dequantize, pack_codes
 from ..format.records import KIND_F16, KIND_F32, KIND_Q4, LINEAR, record
 from . import tiers
-from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_rows, qdot_rxt, rowdot_f16, rowdot_f32
+from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_few, qdot_rows, qdot_rxt, rowdot_f16, rowdot_f32
 
 # RECENTRE[tier id, bits]: the offset the tier's tile subtracts from `bits`-bit codes (hook.py
 # `recentre`), 0 where it keeps them unsigned; quantize_act folds it into each lane's start value.
@@ -161,6 +161,26 @@ def _qrows_vec(d, shift, r0, r1, xa, xb, init, xsl, o, tier):
 
 
 @njit(cache=True, fastmath=True)
+def _qrows_few(d, shift, r0, r1, xa, xb, init, xsl, t, o, so, tier):
+    """A few tokens: raw dots of rows [r0, r1) with the t tokens of the activation buffers (2-d)
+    at o + u*so + r*4, each token's bit for bit `_qrows_vec`'s: the RB-row tiles in one
+    `qdot_few` call (every weight chunk unpacked once per TB tokens), then the leftover rows one
+    token at a time, as decode runs them."""
+    rb, ss, nt = d.row_bytes, d.nb * 2, (r1 - r0) // RB
+    sa, sl = xa.strides[0], init.strides[0]
+    i = _init_addr(d, init.ctypes.data, tier)
+    a, b, x = xa.ctypes.data, xb.ctypes.data, xsl.ctypes.data
+    w, s = d.w_addr + r0 * rb, d.s_addr + r0 * ss
+    qdot_few(tier, d.kind, w, rb, a, b, i, x, sa, sl, s, ss, shift, o + r0 * 4, so, nt, t)
+    for r in range(r0 + nt * RB, r1):
+        w, s = d.w_addr + r * rb, d.s_addr + r * ss
+        for u in range(t):
+            iu = i + u * sl if i != 0 else 0
+            au, bu, xu = a + u * sa, b + u * sa, x + u * sl
+            qdot_1x1(tier, d.kind, w, rb, au, bu, iu, xu, 0, 0, s, ss, shift, o + u * so + r * 4, 0)
+
+
+@njit(cache=True, fastmath=True)
 def _zero_rows(d, r):
     """Row r's float32 zero*scale per block (asymmetric formats)."""
     return carray(as_voidptr(d.z_addr + r * d.nb * 4), (d.nb,), np.float32)
@@ -260,9 +280,10 @@ def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_few(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     """A few tokens (speculative verification): out (t, n) = x (t, k) W^T + b, each token's row
-    bit for bit what `linear_vec` gives it (the same decode microkernel, the same VEC_TILES * RB
-    row blocks, the same finish), so that a verify pass equals t decode steps exactly; each
-    block's weights are read from memory once for all t tokens (they stay in L1 between them)."""
+    bit for bit what `linear_vec` gives it (the decode tile's operations in its order, `qdot_few`;
+    the same finish), so that a verify pass equals t decode steps exactly. Each weight chunk is
+    read from memory and unpacked once per TB tokens (`_qrows_few`), so the pass costs about one
+    decode step's weight traffic plus the extra tokens' dot products."""
     t, n = x.shape[0], d.n
     dv = _held(d)  # prange bodies read the record through this array (numba passes a record argument badly)
     rows = VEC_TILES * RB
@@ -281,9 +302,9 @@ def linear_few(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     for blk in prange((n + rows - 1) // rows):
         r0 = blk * rows
         r1 = min(n, r0 + rows)
-        for i in range(t):
-            _qrows_vec(dv[0], shift, r0, r1, xa[i], xb[i], init[i], xsl[i], o + i * so, tier)
-            if not plain:
+        _qrows_few(dv[0], shift, r0, r1, xa, xb, init, xsl, t, o, so, tier)
+        if not plain:
+            for i in range(t):
                 for r in range(r0, r1):
                     out[i, r] = _finish(dv[0], r, out[i, r], xzb[i])
 

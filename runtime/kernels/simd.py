@@ -90,8 +90,12 @@ def _spread_shuffles(builder, s, idx, k):
     return out
 
 
-def _tile(builder, tier, nrows, ntok, args):
-    """The microkernel body for one tier (see the module docstring and `_make_qdot`)."""
+def _tile(builder, tier, nrows, ntok, args, exact=False):
+    """The microkernel body for one tier (see the module docstring and `_make_qdot`).
+
+    exact: every (row, token) pair runs the operations of the decode tile (ntok = 1) in its
+    order, whatever ntok is: per-chunk scaling (no int32 block sums across chunks) and the
+    decode's prefetch, so that each token's dots equal a decode step's bit for bit (`qdot_few`)."""
     nbits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so = args
     W, L = tier.width, tier.lanes
     vb, vi, vf, vh = vec(I8, W), vec(I32, L), vec(F32, L), vec(F16, L)
@@ -121,7 +125,7 @@ def _tile(builder, tier, nrows, ntok, args):
         signed = bits in tier.recentre
         units = []
         for j in rows:
-            if PREFETCH and ntok == 1:  # decode streams weights from DRAM: ask PREFETCH bytes ahead
+            if PREFETCH and (ntok == 1 or exact):  # decode streams weights from DRAM: ask PREFETCH bytes ahead
                 for line in range(0, W, 64):
                     prefetch(builder, builder.add(builder.add(rows_w[j], off), ir.Constant(I64, PREFETCH + line)))
             wv = load(builder.add(rows_w[j], off))
@@ -175,7 +179,7 @@ def _tile(builder, tier, nrows, ntok, args):
     with builder.if_else(builder.icmp_signed("==", nbits, ir.Constant(I64, 4))) as (four, eight):
         for bits, block in ((4, four), (8, eight)):
             with block:
-                if ntok == 1:
+                if ntok == 1 or exact:
                     emit(bits, False)
                     continue
                 with builder.if_else(multi) as (groups, chunks):
@@ -339,6 +343,70 @@ def qdot_rows(typingctx, tier, bits, w, rb, xa, xb, init, xsl, ws, ss, shift, ou
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def qdot_few(typingctx, tier, bits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so, ntiles, ntok):
+    """A few tokens (a speculative verify pass): `ntiles` consecutive RB-row tiles against `ntok`
+    tokens (token u's activations at xa + u*sa, ..., init + u*sl, xsl + u*sl; raw dots at
+    out + u*so + (i*RB + j)*4), each (row, token) dot bit for bit what `qdot_rows` gives that
+    token alone: the tiles are `_tile(..., exact=True)`.
+
+    Per RB-row tile, the tokens go in groups of TB (RB x TB, then a last RB x 1..TB: four tile
+    copies selected at run time): each weight chunk is loaded, unpacked and its scales spread
+    once per group instead of once per token, each activation chunk loaded once for RB rows, and
+    the tile's rows (RB x row_bytes: 11 KB for a 4-bit 5632-column row) stay in L1 between
+    groups. The per-token alternative (decode's tile t times over 32-row blocks) re-read those
+    blocks from L2 and repeated the unpacking for every token."""
+    sig = types.none(*([types.int64] * 17))
+    only = _literal_tier(tier)  # a literal id: that tier's code alone
+
+    def codegen(context, builder, signature, args):
+        tid, rest = args[0], args[1:]
+        out, so, ntiles, ntok = rest[12:]
+        krb = ir.Constant(I64, RB)
+
+        def missing():
+            with cgutils.for_range(builder, ntok) as tok:
+                row = builder.add(out, builder.mul(tok.index, so))
+                with cgutils.for_range(builder, builder.mul(ntiles, krb)) as loop:
+                    dst = builder.add(row, builder.mul(loop.index, ir.Constant(I64, 4)))
+                    builder.store(ir.Constant(F32, float("nan")), ptr(builder, dst, F32), align=4)
+
+        _per_tier(builder, tid, lambda t: _few_tiles(builder, t, rest), missing, only)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _few_tiles(builder, tier, args):
+    """`qdot_few`'s body for one tier: args = (bits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss,
+    shift, out, so, ntiles, ntok), IR values."""
+    nbits, w, rb, xa, xb, init, xsl, sa, sl, ws, ss, shift, out, so, ntiles, ntok = args
+    zero, krb, ktb = ir.Constant(I64, 0), ir.Constant(I64, RB), ir.Constant(I64, TB)
+    ngroups = builder.sdiv(builder.add(ntok, ir.Constant(I64, TB - 1)), ktb)
+    null_init = builder.icmp_signed("==", init, zero)  # stays null (zero start values) for every group
+    with cgutils.for_range(builder, ntiles) as loop:
+        r = builder.mul(loop.index, krb)
+        w_r, ws_r = builder.add(w, builder.mul(r, rb)), builder.add(ws, builder.mul(r, ss))
+        out_r = builder.add(out, builder.mul(r, ir.Constant(I64, 4)))
+        with cgutils.for_range(builder, ngroups) as grp:  # tokens in groups of TB, the tile's rows in L1
+            u0 = builder.mul(grp.index, ktb)
+            left = builder.sub(ntok, u0)
+            ua, ul = builder.mul(u0, sa), builder.mul(u0, sl)
+            init_g = builder.select(null_init, zero, builder.add(init, ul))
+            out_g = builder.add(out_r, builder.mul(u0, so))
+            g = (nbits, w_r, rb, builder.add(xa, ua), builder.add(xb, ua), init_g, builder.add(xsl, ul))
+            g += (sa, sl, ws_r, ss, shift, out_g, so)
+            after = builder.append_basic_block("few.end")
+            sw = builder.switch(builder.select(builder.icmp_signed(">", left, ktb), ktb, left), after)
+            for n in range(1, TB + 1):  # the group's size: one tile copy each
+                bb = builder.append_basic_block(f"few.{n}")
+                sw.add_case(ir.Constant(I64, n), bb)
+                with builder.goto_block(bb):
+                    _tile(builder, tier, RB, n, g, exact=True)
+                    builder.branch(after)
+            builder.position_at_end(after)
 
 
 @intrinsic

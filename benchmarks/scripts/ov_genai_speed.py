@@ -3,7 +3,16 @@ folder (`optimum-cli export openvino --weight-format int4 ...`), by the bench wo
 (benchmarks/worker.py: cold load, warm-up, pp reps, tg reps, peak RSS, warm reload).
 
 OpenVINO's exporter (optimum-intel) pins a transformers older than edgellm's, so OpenVINO usually
-lives in a venv of its own. This file is therefore two things:
+lives in a venv of its own (tests/peers/openvino.txt says how to make it). Its int4 model:
+
+    OV_VENV/bin/optimum-cli export openvino --model HF_DIR --task text-generation-with-past \
+        --weight-format int4 [--group-size-fallback adjust] OUT
+
+(optimum-intel's default for a model it has no entry for: int4 asymmetric, group 128, every
+linear layer; embeddings and LM head int8 per channel. A model whose widths 128 does not divide,
+such as SmolLM2's 576, fails with nncf's InvalidGroupSizeError unless --group-size-fallback adjust.)
+
+This file is therefore two things:
 
 - run as a script by that venv's python, it measures one model and writes a JSON result. It
   imports only the standard library, numpy and openvino_genai (never edgellm, never torch):

@@ -21,7 +21,10 @@ python of a venv that has it; the worker imports it first through PYTHONPATH. `-
 ONNX Runtime out. `--q4-gguf Q4_0,Q4_K_M` adds llama.cpp's K-quant beside Q4_0 (made from --gguf-src:
 give an F32 GGUF, e.g. scripts/llamacpp_quant.write_f32_gguf's, so neither is a requantization);
 `--genai DIR` adds ONNX Runtime GenAI on its own builder's int4 model (scripts/ort_genai_build),
-`--genai q4` on the 4-bit export itself. The last lines give, per numba row, its share of the
+`--genai q4` on the 4-bit export itself. `--ov DIR` (repeatable) adds OpenVINO GenAI's LLMPipeline on
+OpenVINO's own int4 model (`optimum-cli export openvino --weight-format int4`), run by `--ov-python`,
+the python of the venv openvino-genai lives in (scripts/ov_genai_speed.py; default: this python).
+The last lines give, per numba row, its share of the
 bandwidth bound and its tg/pp ratio to every peer of the same format. Setting NUMBA_CPU_NAME for a
 benchmark child is how a laptop CPU is emulated here; the runtime itself has no such knob (load(kernels=) picks a tier).
 """
@@ -32,6 +35,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.benchmarks.scripts._common import llama_quantize, measure, run_header
+from edgellm.benchmarks.scripts.ov_genai_speed import check_peer, measure_ov
 
 FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 
@@ -94,6 +99,19 @@ def main(argv=None):
         metavar="DIR",
         help="an ONNX Runtime GenAI model folder (its builder's int4: scripts/ort_genai_build) beside the 4-bit "
         "export; repeatable. `--genai q4` runs the 4-bit export itself through ORT GenAI",
+    )
+    ap.add_argument(
+        "--ov",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an OpenVINO model folder (optimum-cli export openvino --weight-format int4) run by OpenVINO GenAI "
+        "beside the 4-bit export; repeatable",
+    )
+    ap.add_argument(
+        "--ov-python",
+        default=sys.executable,
+        help="the python of the venv that has openvino-genai (default: this python)",
     )
     ap.add_argument("--gguf-dir", default=".", help="where the peer .gguf files are written (kept for reuse)")
     ap.add_argument("--threads", type=int, default=2)
@@ -152,8 +170,12 @@ def main(argv=None):
             jobs += [(fmt, label, "llama.cpp", str(dst), o) for label, o in peers] or [
                 (fmt, f"llama.cpp {gg}", "llama.cpp", str(dst), {})
             ]
+    for ov_dir in args.ov:
+        if why := check_peer(ov_dir, args.ov_python):
+            ap.error(f"--ov: {why}")
+        jobs.append(("4-bit", f"openvino-genai {Path(ov_dir).name}", "openvino-genai", ov_dir, {}))
     if not jobs:
-        ap.error("give at least one of --q4, --q8, --fp32")
+        ap.error("give at least one of --q4, --q8, --fp32, --ov")
     opts = dict(threads=args.threads, tokens=args.tokens, pp=args.pp, reps=args.reps)
     results = {
         **run_header(args.threads),
@@ -176,7 +198,10 @@ def main(argv=None):
     per_job = {i: [] for i in range(len(jobs))}
     for _ in range(args.rounds):  # rounds interleave the engines, so a noisy stretch hits all of them
         for i, (fmt, backend, engine, path, o) in enumerate(jobs):
-            res = measure(path, engine, **opts, **o)
+            if engine == "openvino-genai":
+                res = measure_ov(path, args.ov_python, _prompt_text(args.pp), **opts)
+            else:
+                res = measure(path, engine, **opts, **o)
             if res["status"] == "ok":
                 per_job[i].append(res)
             else:
@@ -239,6 +264,13 @@ def _own_jobs(args, fmt: str, path: str) -> list:
         (fmt, "numba", "numba", path, {})
     ]
     return jobs + ([] if args.no_ort else [(fmt, "onnxruntime", "onnxruntime", path, {})])
+
+
+def _prompt_text(pp: int) -> str:
+    """The start of the bench's built-in text, as the worker's prompt (enough for `pp` tokens)."""
+    from edgellm.data import load_text
+
+    return load_text(None)[: 32 * pp]
 
 
 def _tier_options(spec: str) -> dict:

@@ -181,7 +181,7 @@ def _linear(d, x, out, act, tier):
     `forward` by numba (not a compiled function of its own: that re-optimized both linears'
     code once more, 0.9 s of a first compile). Decode (t = 1) runs `linear_few` too: the same
     microkernel, row blocks and finish as `linear_vec`, and one parallel kernel fewer to
-    compile on a first start (linear_vec's parfor was 1.7 s of LLVM on Zen 5)."""
+    compile on a first start (linear_vec was 1.8 s of CPU on Zen 5)."""
     xa, xb, init, xsl, xzb, xs = act
     if x.shape[0] <= FEW_TOKENS:
         linear_few(d, x, out, xa, xb, init, xsl, xzb, xs, tier)

@@ -20,6 +20,7 @@ from .kernels.family import geglu, rms_norm_cols, scale_cap
 from .kernels.layers import (
     attention,
     attention_mat,
+    copy_rows,
     embed_rows,
     gelu_new,
     kv_cast,
@@ -30,7 +31,7 @@ from .kernels.layers import (
     rope_tables,
     swiglu,
 )
-from .kernels.quant import act_caps, checked_tier, linear_few, linear_mat, linear_vec
+from .kernels.quant import act_caps, checked_tier, linear_few, linear_mat
 from .kernels.simd import as_voidptr
 from .kernels.tiers import describe as describe_tier
 from .kvcache import RunState
@@ -178,11 +179,11 @@ FEW_TOKENS = 16
 def _linear(d, x, out, act, tier):
     """y = x W^T + b for the LINEAR record d; `act` is the int8 activation scratch. Inlined into
     `forward` by numba (not a compiled function of its own: that re-optimized both linears'
-    code once more, 0.9 s of a first compile)."""
+    code once more, 0.9 s of a first compile). Decode (t = 1) runs `linear_few` too: the same
+    microkernel, row blocks and finish as `linear_vec`, and one parallel kernel fewer to
+    compile on a first start (linear_vec was 1.8 s of CPU on Zen 5)."""
     xa, xb, init, xsl, xzb, xs = act
-    if x.shape[0] == 1:
-        linear_vec(d, x[0], out[0], xa[0], xb[0], init[0], xsl[0], xzb[0], xs[0], tier)
-    elif x.shape[0] <= FEW_TOKENS:
+    if x.shape[0] <= FEW_TOKENS:
         linear_few(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
     else:
         linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
@@ -202,12 +203,11 @@ def _qk_norm(layer, qkv, NH, NKV, HD, eps):
     projection (layer.qk_width columns per segment)."""
     if layer.q_norm_w == 0:
         return
-    if layer.qk_width == HD:  # per head (Qwen3, Gemma 3)
-        rms_norm_cols(qkv, 0, NH, HD, layer.q_norm_w, eps)
-        rms_norm_cols(qkv, NH * HD, NKV, HD, layer.k_norm_w, eps)
-    else:  # over the whole q and k projections (OLMo 2)
-        rms_norm_cols(qkv, 0, 1, NH * HD, layer.q_norm_w, eps)
-        rms_norm_cols(qkv, NH * HD, 1, NKV * HD, layer.k_norm_w, eps)
+    per_head = layer.qk_width == HD  # per head (Qwen3, Gemma 3), else over the projection (OLMo 2)
+    for seg in range(2):  # q, then k, through one call site: one compiled rms_norm_cols, not four
+        heads = NKV if seg else NH  # (a constant argument is typed as its literal, a specialization each)
+        n_seg = heads if per_head else 1
+        rms_norm_cols(qkv, seg * NH * HD, n_seg, heads * HD // n_seg, layer.k_norm_w if seg else layer.q_norm_w, eps)
 
 
 @njit(cache=True)
@@ -215,7 +215,7 @@ def _residual(cfg, x, res, out_norm_w, xn):
     """x += res_mult * (post-norm of res, where the layer has one)."""
     if out_norm_w != 0:
         rms_norm(res, out_norm_w, cfg.eps, xn)
-        res[:] = xn
+        copy_rows(xn, res)
     if cfg.res_mult != 1:
         scale_cap(res, cfg.res_mult, np.float32(0.0))
     for i in range(x.shape[0]):  # loops: numba's array `+=` compiles a shape check whose error
@@ -229,7 +229,7 @@ def _mlp_in(cfg, layer, x, xn):
     if layer.mlp_norm_w != 0:
         _norm(cfg, x, layer.mlp_norm_w, layer.mlp_norm_b, xn)
     else:
-        xn[:] = x
+        copy_rows(x, xn)
 
 
 @njit(cache=True)
@@ -287,13 +287,12 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
         if layer.attn_norm_w != 0:
             _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
         else:  # post-norm layers (OLMo 2): the linears read the residual stream itself
-            xn[:] = x
+            copy_rows(x, xn)
         _linear(layer.qkv, xn, qkv, act, tier)
         _qk_norm(layer, qkv, NH, NKV, HD, cfg.eps)
         if layer.rope != 0:  # ROPE_NONE: a NoPE layer (SmolLM3)
             tab = 1 if layer.rope == ROPE_LOCAL else 0
-            rope(qkv, 0, NH, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)
-            rope(qkv, NH * HD, NKV, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)
+            rope(qkv, 0, NH + NKV, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)  # q and k heads: adjacent
         ring = layer.ring  # > 0: a sliding layer's ring buffer, position p in row p % ring
         kl, vl = (kr[layer.kv], vr[layer.kv]) if ring > 0 else (kc[layer.kv], vc[layer.kv])  # (NKV, rows, HD)
         for i in range(t):

@@ -20,6 +20,7 @@ NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) has another key: it is recompiled, never ru
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -90,6 +91,37 @@ def is_cached(dispatcher, args) -> bool:
         return False
 
 
+def attention_args(kv_fp16: bool, t: int) -> tuple:
+    """Arguments of kernels/layers.py `attention` / `attention_mat` with the types the step passes
+    them (so that a compile of these serves the step's call: numba's cache holds one entry per
+    argument types): q (t, (NH + 2 NKV) HD), one layer's cache (NKV, CTX, HD), out, scores."""
+    dtype = np.uint16 if kv_fp16 else np.float32
+    kc, vc = np.zeros((1, NKV, CTX, HD), dtype), np.zeros((1, NKV, CTX, HD), dtype)
+    q = np.zeros((t, (NH + 2 * NKV) * HD), np.float32)
+    out, scores = np.zeros((t, NH * HD), np.float32), np.zeros((t * NH, t), np.float32)
+    return q, kc[0], vc[0], 0, NH, NKV, HD, out, scores, 0, np.float32(HD**-0.5), np.float32(0.0), 0
+
+
+# The step's largest kernels, in groups that compile side by side (each in a child of its own)
+# before the step itself, which then loads them from numba's cache: of a 19.4 s (CPU) first
+# compile on Zen 5, the linears were 7.5 s and the attention kernels 5.4 s
+# (benchmarks/scripts/first_start.py --profile). Only the wall time shrinks, given a core each.
+PARTS = ("linears", "attention")
+
+
+def warm_part(tier, kv_fp16: bool, part: str) -> None:
+    """Compile (or load) one group of PARTS with the argument types the step passes."""
+    if part == "linears":
+        from .kernels.quant import self_check
+
+        self_check(tier.id)  # linear_few / linear_mat as the model's step calls them
+    else:
+        from .kernels.layers import attention, attention_mat
+
+        attention(*attention_args(kv_fp16, 1))
+        attention_mat(*attention_args(kv_fp16, 2))
+
+
 def warm(tier, kv_fp16: bool) -> bool:
     """Compile (or load) the decode step and the tier's self-check kernels; True if it compiled."""
     from .kernels.quant import self_check
@@ -98,15 +130,49 @@ def warm(tier, kv_fp16: bool) -> bool:
     keep: list = []
     args = step_args(tier, kv_fp16, keep)
     cold = not is_cached(forward, args)
-    self_check(tier.id)  # linear_vec / linear_mat as the model's step calls them
+    self_check(tier.id)  # linear_few / linear_mat as the model's step calls them
     forward(*args)  # both paths (t == 1, t > 1) are one compiled function
     return cold
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def compile_parts(tier, kv_fp16: bool) -> None:
+    """Compile the PARTS side by side, one child each, when this process may run on more than
+    one core (else nothing: one core would run them one after the other anyway). A part whose
+    child fails is compiled later by whoever compiles the step."""
+    if _cores() < 2:
+        return
+    cmd = [sys.executable, "-m", "edgellm.runtime.warmup", tier.name, "fp16" if kv_fp16 else "fp32"]
+    kids = []
+    for part in PARTS:
+        try:
+            kids.append(
+                subprocess.Popen(
+                    [*cmd, part], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        except OSError:
+            pass
+    for kid in kids:
+        try:
+            kid.wait(timeout=3600)
+        except subprocess.TimeoutExpired:
+            kid.kill()
+            kid.wait()
+
+
 def compile_in_child(tier, kv_fp16: bool) -> bool:
     """Run `warm` in a child process (same environment, so the same numba target and cache):
-    the compile's LLVM memory leaves with the child. False if the child failed (the caller then
+    the compile's LLVM memory leaves with the child. Its largest kernels compile first, side by
+    side in children of their own (`compile_parts`). False if the child failed (the caller then
     compiles in-process)."""
+    compile_parts(tier, kv_fp16)
     cmd = [sys.executable, "-m", "edgellm.runtime.warmup", tier.name, "fp16" if kv_fp16 else "fp32"]
     try:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=3600)
@@ -118,10 +184,14 @@ def compile_in_child(tier, kv_fp16: bool) -> bool:
 def warmup(kernels: str = "auto", kv_caches=("fp16", "fp32")) -> list[dict]:
     """`edgellm warmup`: compile the step for the tier `kernels` resolves to, per KV cache type.
     One row per type: tier, kv cache, whether it compiled, seconds (wall and CPU)."""
+    from .model import forward
+
     tier = tiers.resolve(kernels)
     rows = []
     for kv in kv_caches:
         w0, c0 = time.perf_counter(), time.process_time()
+        if not is_cached(forward, step_args(tier, kv == "fp16", [])):
+            compile_parts(tier, kv == "fp16")  # its largest kernels side by side first
         cold = warm(tier, kv == "fp16")
         rows.append(
             {
@@ -143,5 +213,8 @@ def cache_dir() -> str | None:
     return getattr(getattr(forward, "_cache", None), "_cache_path", None)
 
 
-if __name__ == "__main__":  # the child of compile_in_child: python -m edgellm.runtime.warmup TIER fp16|fp32
-    warm(tiers.BY_NAME[sys.argv[1]], sys.argv[2] == "fp16")
+if __name__ == "__main__":  # the children of compile_in_child: python -m edgellm.runtime.warmup TIER fp16|fp32 [PART]
+    if len(sys.argv) > 3:
+        warm_part(tiers.BY_NAME[sys.argv[1]], sys.argv[2] == "fp16", sys.argv[3])
+    else:
+        warm(tiers.BY_NAME[sys.argv[1]], sys.argv[2] == "fp16")

@@ -277,7 +277,7 @@ def test_activations():
     Lk.swiglu(gu, 37, out)
     np.testing.assert_allclose(out, Lk.ref_swiglu(gu, 37), rtol=1e-5, atol=1e-6)
     out1 = np.empty((1, 37), np.float32)
-    Lk.swiglu(gu[1:2], 37, out1)  # the decode path (one row, no parallel region)
+    Lk.swiglu(gu[1:2], 37, out1)  # the decode path (one row)
     np.testing.assert_allclose(out1, Lk.ref_swiglu(gu[1:2], 37), rtol=1e-5, atol=1e-6)
     out2 = np.empty_like(gu)
     Lk.gelu_new(gu, out2)

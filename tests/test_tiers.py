@@ -191,7 +191,7 @@ _ASM_CHILD = textwrap.dedent("""
            "check": {t: Q.self_check(tiers.BY_NAME[t].id) for t in tiers.supported()}}
     a1, a2, f1, f2 = types.int8[:], types.int8[:, :], types.float32[:], types.float32[:, :]
     i1, i2 = types.int32[:], types.int32[:, :]
-    asm = {"linear_vec": Q.linear_vec.inspect_asm(Q.linear_vec.signatures[0]),
+    asm = {"linear_few": Q.linear_few.inspect_asm(Q.linear_few.signatures[0]),  # decode (self_check)
            "linear_mat": Q.linear_mat.inspect_asm(Q.linear_mat.signatures[0])}
     x = np.ones((3, 64), np.float32); o = np.empty_like(x)
     L.rms_norm(x, x[0].ctypes.data, np.float32(1e-5), o)
@@ -230,8 +230,8 @@ def test_haswell_target_gets_avx2_code_only(tmp_path):
     asm = r["asm"]
     for name, counts in asm.items():
         assert counts["zmm"] == 0 and counts["vpdpbusd"] == 0, (name, counts)
-    assert asm["linear_vec"]["vpmaddubsw"] > 0 and asm["linear_mat"]["vpmaddubsw"] > 0
-    assert asm["linear_vec"]["fma_ymm"] > 0  # rowdot_f32/f16 at 8 lanes
+    assert asm["linear_few"]["vpmaddubsw"] > 0 and asm["linear_mat"]["vpmaddubsw"] > 0
+    assert asm["linear_few"]["fma_ymm"] > 0  # rowdot_f32/f16 at 8 lanes
     for name in ("rms_norm", "attention_mat", "swiglu"):
         assert asm[name]["ymm_float"] > 0, (name, asm[name])
 

@@ -60,11 +60,17 @@ def test_a_tier_compiles_its_own_code_only():
 _CHILD = textwrap.dedent(
     """
     import json, sys
+    from edgellm.runtime.kernels import layers, quant
     from edgellm.runtime.model import NumbaModel, forward
     m = NumbaModel(sys.argv[1], n_ctx=16, threads=1)
     m.warmup()
+    def entries(f):  # compiled specializations in numba's cache for this target
+        magic = f.targetctx.codegen().magic_tuple()
+        return sum(1 for key in f._cache._cache_file._load_index() if key[1] == magic)
+    parts = (layers.attention, layers.attention_mat, quant.linear_mat, quant.linear_few)
+    kernels = {f.__name__: entries(f) for f in parts}
     print(json.dumps({"child": m.compiled_in_child, "misses": sum(forward.stats.cache_misses.values()),
-                      "hits": sum(forward.stats.cache_hits.values())}))
+                      "hits": sum(forward.stats.cache_hits.values()), "kernels": kernels}))
     """
 )
 
@@ -73,22 +79,27 @@ _FOREIGN = textwrap.dedent(
     import sys
     from edgellm.runtime import warmup
     from edgellm.runtime.kernels import tiers
+    from edgellm.runtime.kernels.layers import attention_mat
     from edgellm.runtime.model import forward
     keep = []
-    print(warmup.is_cached(forward, warmup.step_args(tiers.BY_NAME[sys.argv[1]], True, keep)))
+    step = warmup.is_cached(forward, warmup.step_args(tiers.BY_NAME[sys.argv[1]], True, keep))
+    print(step, warmup.is_cached(attention_mat, warmup.attention_args(True, 2)))  # and a kernel compiled beside it
     """
 )
 
 
 def test_cold_start_compiles_in_a_child_and_warmup_covers_the_model(q4, tmp_path):
     """An empty cache: the model compiles its step in a child and loads it (no compile in the
-    serving process); `edgellm warmup`'s synthetic model has the real model's step signature
-    (fp16 KV: already cached); a process compiling for another CPU does not find that cache."""
+    serving process); the kernels compiled side by side before the step (warmup.PARTS) were the
+    step's own (one specialization each in the cache, not a second one for the step's call);
+    `edgellm warmup`'s synthetic model has the real model's step signature (fp16 KV: already
+    cached); a process compiling for another CPU finds neither the step nor those kernels."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-c", _CHILD, str(q4)], capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got == {"child": True, "misses": 0, "hits": 1}, got
+    one = {"attention": 1, "attention_mat": 1, "linear_mat": 1, "linear_few": 1}
+    assert got == {"child": True, "misses": 0, "hits": 1, "kernels": one}, got
     warm = [sys.executable, "-c", "from edgellm.cli import main; main()", "warmup"]
     r = subprocess.run(warm, capture_output=True, text=True, env=env, timeout=1800)
     said = r.stdout + r.stderr  # the console writes to stderr
@@ -96,11 +107,11 @@ def test_cold_start_compiles_in_a_child_and_warmup_covers_the_model(q4, tmp_path
     assert "fp16 KV cache: already cached" in said and "fp32 KV cache: compiled" in said, said[-2000:]
     best = tiers.best().name
     native = subprocess.run([sys.executable, "-c", _FOREIGN, best], capture_output=True, text=True, env=env)
-    assert native.stdout.strip() == "True", native.stderr[-2000:]
+    assert native.stdout.strip() == "True True", native.stderr[-2000:]
     foreign = {**env, "NUMBA_CPU_NAME": "x86-64" if tiers.target()[2] == "x86_64" else "generic"}
     foreign["NUMBA_CPU_FEATURES"] = ""
     other = subprocess.run([sys.executable, "-c", _FOREIGN, best], capture_output=True, text=True, env=foreign)
-    assert other.stdout.strip() == "False", other.stderr[-2000:]
+    assert other.stdout.strip() == "False False", other.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- what run shows

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, njit
 
 from .layers import fast_exp
 from .simd import as_voidptr
@@ -53,14 +53,10 @@ def _geglu_row(g, inter, o):
         o[j] = v / (np.float32(1.0) + fast_exp(np.float32(-2.0) * u)) * g[inter + j]
 
 
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=True, error_model="numpy")  # one thread, as layers.swiglu (which says why)
 def geglu(gu, inter, out):
     """gate/up rows fused (t, 2*inter): out = gelu_tanh(gate) * up (Gemma's GeGLU)."""
-    t = gu.shape[0]
-    if t == 1:
-        _geglu_row(gu[0], inter, out[0])
-        return
-    for i in prange(t):
+    for i in range(gu.shape[0]):
         _geglu_row(gu[i], inter, out[i])
 
 

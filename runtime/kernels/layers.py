@@ -67,6 +67,17 @@ def _kv_cast(value, cache):
     return lambda value, cache: np.float32(value)
 
 
+# ----------------------------------------------------------------------------- copies
+@njit(cache=True)
+def copy_rows(src, dst):
+    """dst (t, n) := src (t, n), as plain loops. numba's `dst[:] = src` compiles a shape check
+    whose error message (string formatting, repr of the shapes): 2.7 s of CPU of a first
+    compile of the step on Zen 5, for `_residual`'s copy alone; the callers' shapes are equal."""
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[i, j] = src[i, j]
+
+
 # ----------------------------------------------------------------------------- norms
 @njit(cache=True, fastmath=True)
 def rms_norm(x, w_addr, eps, out):
@@ -257,7 +268,8 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale
                 lo,
                 ring,
             )
-            out[i, h * hd : (h + 1) * hd] = acc
+            for j in range(hd):  # a loop, not a slice assignment (copy_rows says why)
+                out[i, h * hd + j] = acc[j]
 
 
 @njit(cache=True, fastmath=True)
@@ -361,16 +373,13 @@ def _swiglu_row(g, inter, o):
 # error_model="numpy" (here, where _swiglu_row is inlined): numba's default ("python") guards
 # every float division with a ZeroDivisionError branch, which kept the row loop scalar (3.2 us for
 # SmolLM2's 1536-wide row on AVX-512; 0.43 us vectorized).
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+#
+# One thread, no parallel region (prange): its parfor was 0.9 s of CPU of a first start's compile
+# (Zen 5) for rows of vectorized exps, small beside the prompt's linears.
+@njit(cache=True, fastmath=True, error_model="numpy")
 def swiglu(gu, inter, out):
-    """gate/up rows fused (t, 2*inter): out = silu(gate) * up. Token rows split across threads
-    when there are several (the prompt); one row (decode) runs without a parallel region, whose
-    start would cost more than the row."""
-    t = gu.shape[0]
-    if t == 1:
-        _swiglu_row(gu[0], inter, out[0])
-        return
-    for i in prange(t):
+    """gate/up rows fused (t, 2*inter): out = silu(gate) * up."""
+    for i in range(gu.shape[0]):
         _swiglu_row(gu[i], inter, out[i])
 
 

@@ -255,8 +255,8 @@ def _held(d):
 
 @njit(cache=True, parallel=True, fastmath=True)
 def linear_vec(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
-    """Decode (one token): out (n,) = x (k,) W^T + b. Rows split across threads, VEC_TILES * RB
-    at a time."""
+    """One token: out (n,) = x (k,) W^T + b. Rows split across threads, VEC_TILES * RB at a time.
+    The model's step decodes through `linear_few` (t = 1, the same rows); this is the 1-d API."""
     n = d.n
     dv = _held(d)  # prange bodies read the record through this array (numba passes a record argument badly)
     if d.kind == KIND_F32 or d.kind == KIND_F16:
@@ -427,8 +427,8 @@ def self_check(tier_id: int) -> float:
         ref = ref_linear_q8act(x, qw, scales, zeros, bits, k, gs)
         out = np.zeros((5, n), np.float32)
         linear_mat(d, x, out, *act_buffers(d, 5), tier)
-        o1 = np.zeros(n, np.float32)
-        linear_vec(d, x[2], o1, *[b[0] for b in act_buffers(d, 1)], tier)
+        o1 = np.zeros((1, n), np.float32)
+        linear_few(d, x[2:3], o1, *act_buffers(d, 1), tier)  # decode, as the model's step runs it
         err = max(np.abs(out - ref).max(), np.abs(o1 - ref[2]).max()) / np.abs(ref).max()
         worst = max(worst, float(err) if np.isfinite(err) else np.inf)
     return worst

@@ -95,7 +95,7 @@ BAD_STRUCTURED = [
     {"guided_json": 5},
     {"guided_regex": "(unclosed"},
     {"guided_regex": ""},
-    {"grammar": "root ::= "},
+    {"grammar": "root ::= undefined"},
     {"guided_grammar": "start: undefined_rule"},
     {"guided_regex": "[a-z]+", "guided_json": {"type": "object"}},
     {"response_format": {"type": "json_object"}, "tools": TOOLS},

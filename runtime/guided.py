@@ -47,11 +47,13 @@ def plan(gen, req: Request) -> Plan:
         p.tools = req.tools
         special = special_ids(gen.tokenizer, T.markers_of(p.fmt))
         p.keep_special = tuple(special.values())
-        if req.tool_choice != "auto":  # required, or a named function: the call is generated under a grammar
-            only = None if req.tool_choice == "required" else req.tool_choice
-            lark = T.call_grammar(req.tools, p.fmt, only, req.parallel_tool_calls, special)
-            p.grammar = _compile(gen, vocab, eos, "grammar", lark, "tools")
-            p.field = "tools"
+        # required, or a named function: the call is generated under this grammar; under auto it is
+        # compiled all the same, so parameters that are no JSON Schema are a 400 whatever tool_choice is
+        only = None if req.tool_choice in ("required", "auto") else req.tool_choice
+        lark = T.call_grammar(req.tools, p.fmt, only, req.parallel_tool_calls, special)
+        grammar = _compile(gen, vocab, eos, "grammar", lark, "tools")
+        if req.tool_choice != "auto":
+            p.grammar, p.field = grammar, "tools"
     if req.structured is not None:
         kind, spec, field = req.structured
         p.grammar = _compile(gen, vocab, eos, kind, spec, field)

@@ -153,8 +153,14 @@ def _structured(body: dict) -> tuple | None:
     """(grammar kind, spec, field) from response_format or one guided_* extension; None: free text."""
     found = []
     fmt = body.get("response_format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise bad(
+            "'response_format' must be an object: {'type': 'text' | 'json_object' | 'json_schema', ...}",
+            "response_format",
+            "invalid_type",
+        )
     if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        kind = fmt.get("type")
         if kind == "json_schema":
             js = fmt.get("json_schema")
             schema = js.get("schema") if isinstance(js, dict) else None

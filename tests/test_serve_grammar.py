@@ -385,6 +385,7 @@ def test_bad_input_is_a_400_naming_the_field(server, tool_server):
         "response_format.json_schema.schema",
     )
     err(server, {**chat, "response_format": {"type": "yaml"}}, "response_format.type")
+    err(server, {**chat, "response_format": "json"}, "response_format")  # not an object (found by serve_soak)
     err(server, {**chat, "guided_regex": "(("}, "guided_regex")
     err(server, {**chat, "guided_grammar": "start: ]"}, "guided_grammar")
     err(server, {**chat, "guided_regex": "a", "grammar": 'root ::= "a"'}, "grammar")
@@ -419,6 +420,7 @@ def test_bad_input_is_a_400_naming_the_field(server, tool_server):
     err(tool_server, {**tchat, "tools": [{"type": "fn"}]}, "tools[0]")
     bad_params = {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}
     err(tool_server, {**tchat, "tools": [bad_params], "tool_choice": "required"}, "tools")
+    err(tool_server, {**tchat, "tools": [bad_params]}, "tools")  # under auto too (found by serve_soak)
     assert "get_time" in err(
         tool_server,
         {**tchat, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},

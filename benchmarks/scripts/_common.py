@@ -180,3 +180,69 @@ def model_id(base_url: str) -> str:
     import openai
 
     return openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=30).models.list().data[0].id
+
+
+# ---- a tool-capable chat template for SmolLM2 ---------------------------------------------------
+
+# SmolLM2's template plus a Hermes tool section (tools in the system turn, calls as
+# <tool_call>{json}</tool_call>, results as <tool_response>), as SmolLM3 / Qwen2.5 write them.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call functions. Their signatures:\n<tools>\n"
+    "{% for t in tools %}{{ t.function | tojson }}\n{% endfor %}</tools>\n"
+    'Answer a call as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>\n'
+    "{% elif messages[0]['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}"
+    '<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n'
+    "</tool_call>\n{% endfor %}<|im_end|>\n"
+    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Oslo", "Lima"]}, "unit": {"enum": ["C", "F"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The time now",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+def tools_view(export: Path, into: Path) -> Path:
+    """A directory with `export`'s files linked and the Hermes tool template as its chat template."""
+    view = into / export.resolve().name
+    view.mkdir()
+    for f in export.iterdir():
+        if f.name != "chat_template.jinja":
+            (view / f.name).symlink_to(f.resolve())
+    (view / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    cfg = view / "tokenizer_config.json"
+    if cfg.exists() and "chat_template" in json.loads(cfg.read_text()):
+        data = json.loads(cfg.read_text())
+        data["chat_template"] = TOOLS_TEMPLATE
+        cfg.unlink()
+        cfg.write_text(json.dumps(data))
+    return view

@@ -2,7 +2,7 @@
 together), optionally beside llama.cpp's server; concurrent streaming `openai` clients, loopback only.
 
     python -m edgellm.benchmarks.scripts.serve_load EXPORT_DIR --parallel 8 --clients 8 --requests 25 \
-        --rounds 2 --threads 2 --json serve_load.json [--gguf MODEL.gguf]
+        --rounds 2 --threads 2 --json serve_load.json [--gguf MODEL.gguf [--llama-server PATH]]
 
 Run it alone (nothing else busy on the machine).
 
@@ -19,8 +19,15 @@ per client and in total, and the server's RSS before and after the load (once wa
 single-client latency: --single requests alone, one at a time, alternating between the servers,
 median time per request. The ratios --parallel N / --parallel 1 are printed with the issue's goals
 (total tokens/s >= 3x, p95 TTFT <= 1/3, single client within 5%). llama.cpp (`llama_cpp.server`,
-from `llama-cpp-python[server]`) is skipped when it is not installed. Bounded: --clients x
---requests requests per pass, each with a --timeout.
+from `llama-cpp-python[server]`, one request at a time) is skipped when it is not installed; with
+--llama-server PATH the `llama-server` binary runs instead, on --gguf with --parallel slots of --ctx
+tokens each and continuous batching, as the peer of --parallel N. Bounded: --clients x --requests
+requests per pass, each with a --timeout.
+
+Unless --plain, 2 of every 8 pool requests answer under a JSON schema (response_format) and 2 call
+a tool (tool_choice required). SmolLM2's chat template cannot show tools, so every server runs with
+SmolLM2's template plus a Hermes tool section (_common.TOOLS_TEMPLATE; the same text as SmolLM2's
+own for requests without tools); llama-server reads it with --jinja --chat-template-file.
 """
 
 from __future__ import annotations
@@ -34,7 +41,16 @@ import threading
 import time
 from pathlib import Path
 
-from edgellm.benchmarks.scripts._common import ServerProcess, edgellm_server, free_port, model_id, run_header
+from edgellm.benchmarks.scripts._common import (
+    TOOLS,
+    TOOLS_TEMPLATE,
+    ServerProcess,
+    edgellm_server,
+    free_port,
+    model_id,
+    run_header,
+    tools_view,
+)
 
 TOPICS = [
     "the sea",
@@ -82,27 +98,74 @@ def llama_cpp_server(gguf: str, threads: int, ctx: int, log: Path) -> ServerProc
     return ServerProcess(cmd, port, "/v1/models", log)
 
 
-def stream_chat(client, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streaming chat completion: its text, finish_reason, TTFT and decode time."""
+def llama_server(binary: str, gguf: str, threads: int, ctx: int, parallel: int, log: Path, template: Path):
+    """llama.cpp's own `llama-server` with `parallel` slots of `ctx` tokens each (continuous batching),
+    the chat template `template` through its Jinja engine (so tools reach the model as edgellm shows them)."""
+    port = free_port()
+    cmd = [
+        binary,
+        "-m",
+        gguf,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(parallel),
+        "-c",
+        str(ctx * parallel),  # split evenly: ctx per slot
+        "--no-kv-unified",
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "--jinja",
+        "--chat-template-file",
+        str(template),
+        "--alias",
+        "model",
+        "--no-webui",
+    ]
+    return ServerProcess(cmd, port, "/health", log)
+
+
+def _calls_text(calls) -> str:
+    """Tool calls as text, to compare an answer with its reference."""
+    return "".join(f"<call {c.function.name} {c.function.arguments}>" for c in calls or [])
+
+
+def stream_chat(client, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+    """One streaming chat completion: its text (tool calls included), finish_reason, TTFT and decode time."""
     t0 = time.perf_counter()
     first = last = None
-    text, finish, n_chunks = [], None, 0
+    text, finish, n_chunks, calls = [], None, 0, {}
     for c in client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        **(extra or {}),
     ):
         if not c.choices:
             continue
-        piece = c.choices[0].delta.content or ""
+        delta = c.choices[0].delta
+        piece = delta.content or ""
+        for tc in delta.tool_calls or []:  # a call's name and arguments may come in pieces
+            name, args = calls.get(tc.index, ("", ""))
+            f = tc.function
+            calls[tc.index] = (name + ((f.name or "") if f else ""), args + ((f.arguments or "") if f else ""))
+            piece += " "  # counts as output for TTFT and chunks; dropped from the text below
         if piece:
             now = time.perf_counter()
             first = first or now
             last = now
             n_chunks += 1
-            text.append(piece)
+            text.append(piece.rstrip(" ") if delta.tool_calls else piece)
         finish = c.choices[0].finish_reason or finish
     end = time.perf_counter()
     return {
-        "text": "".join(text),
+        "text": "".join(text) + "".join(f"<call {n} {a}>" for _, (n, a) in sorted(calls.items())),
         "finish": finish,
         "ttft": (first or end) - t0,
         "total": end - t0,
@@ -119,18 +182,39 @@ NOTES = (
 )
 
 
-def request_pool(mix: str = "mixed") -> list[tuple[str, int]]:
-    """(prompt, max_tokens) of the requests. mixed: prompt lengths short / medium / long, four
-    max_tokens values, spread so that neighbours differ in both; short: the short prompts only
-    (decoding dominates)."""
+SCHEMA = {  # a nested object, an enum, an array, bounded numbers
+    "type": "object",
+    "properties": {
+        "topic": {"type": "string", "maxLength": 20},
+        "mood": {"enum": ["calm", "busy", "grim"]},
+        "score": {"type": "integer", "minimum": 1, "maximum": 10},
+        "words": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+    },
+    "required": ["topic", "mood", "score"],
+    "additionalProperties": False,
+}
+
+
+def request_pool(mix: str = "mixed", structured: bool = True) -> list[tuple[str, int, dict]]:
+    """(prompt, max_tokens, extra request fields) of the requests. mixed: prompt lengths short /
+    medium / long, four max_tokens values, spread so that neighbours differ in both; with
+    `structured`, 2 of every 8 requests answer under a JSON schema and 2 call a tool (tool_choice
+    required). short: the short prompts only (decoding dominates), no schemas or tools."""
     pool = []
     for i, topic in enumerate(TOPICS):
         size = i % 3 if mix == "mixed" else 0
+        extra, max_tokens, ask = {}, (16, 32, 64, 96)[i % 4], f"write one sentence about {topic}"
+        if structured and mix == "mixed" and i % 8 in (2, 3):
+            extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "note", "schema": SCHEMA}}}
+            max_tokens, ask = 64, f"describe {topic} as JSON"
+        elif structured and mix == "mixed" and i % 8 in (5, 6):
+            extra = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+            max_tokens, ask = 64, f"check the weather for a trip to {topic}"
         if size == 0:
-            prompt = f"Write one sentence about {topic}."
+            prompt = ask[0].upper() + ask[1:] + "."
         else:
-            prompt = NOTES * (1 if size == 1 else 6) + f"Now write one sentence about {topic}."
-        pool.append((prompt, (16, 32, 64, 96)[i % 4]))
+            prompt = NOTES * (1 if size == 1 else 6) + f"Now {ask}."
+        pool.append((prompt, max_tokens, extra))
     return pool
 
 
@@ -141,11 +225,11 @@ def references(base_url: str, pool, timeout: float) -> tuple[list[str], list[int
     model = model_id(base_url)
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
     texts, tokens = [], []
-    for prompt, max_tokens in pool:
+    for prompt, max_tokens, extra in pool:
         r = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, **extra
         )
-        texts.append(r.choices[0].message.content)
+        texts.append((r.choices[0].message.content or "") + _calls_text(r.choices[0].message.tool_calls))
         tokens.append(r.usage.completion_tokens)
     return texts, tokens
 
@@ -171,7 +255,7 @@ def load_run(base_url: str, clients: int, requests: int, pool, ref, timeout: flo
         for j in range(requests):
             k = pick(i, j)
             try:
-                results[i].append((k, stream_chat(client, model, pool[k][0], pool[k][1])))
+                results[i].append((k, stream_chat(client, model, *pool[k])))
             except Exception as exc:  # noqa: BLE001 - counted as a failed request
                 errors[i].append(f"{type(exc).__name__}: {exc}")
         walls[i] = time.perf_counter() - t0
@@ -219,10 +303,10 @@ def single_client(urls: dict, pool, n: int, timeout: float) -> dict:
     times = {name: [] for name in urls}
     ttfts = {name: [] for name in urls}
     for j in range(n):
-        prompt, max_tokens = pool[(j * 7) % len(pool)]
+        prompt, max_tokens, extra = pool[(j * 7) % len(pool)]
         prompt = f"({j + 1}) {prompt}"
         for name, (client, model) in clients.items():
-            r = stream_chat(client, model, prompt, max_tokens)
+            r = stream_chat(client, model, prompt, max_tokens, extra)
             times[name].append(r["total"])
             ttfts[name].append(r["ttft"])
     return {
@@ -251,8 +335,16 @@ def main():
     ap.add_argument("export", help="edgellm export directory (e.g. SmolLM2-135M 4-bit)")
     ap.add_argument("--parallel", type=int, default=8, help="slots of the second edgellm server (the first has 1)")
     ap.add_argument(
-        "--gguf", help="the same model as a GGUF for llama.cpp's server (skipped if absent or not installed)"
+        "--gguf",
+        help="the same model as a GGUF for llama.cpp's server: --llama-server's, else llama_cpp.server "
+        "(skipped if that is not installed)",
     )
+    ap.add_argument(
+        "--llama-server",
+        metavar="PATH",
+        help="llama.cpp's `llama-server` binary, run on --gguf with --parallel slots (skipped when not given)",
+    )
+    ap.add_argument("--plain", action="store_true", help="no schemas or tools in the request pool")
     ap.add_argument("--mix", choices=("mixed", "short"), default="mixed", help="request pool (see request_pool)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=25, help="requests per client and pass")
@@ -264,26 +356,43 @@ def main():
     ap.add_argument("--logs", default=tempfile.gettempdir(), help="folder for the servers' logs (default: temp dir)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.llama_server and not args.gguf:
+        ap.error("--llama-server needs --gguf MODEL.gguf (the same model as the export)")
+    if args.llama_server and not Path(args.llama_server).is_file():
+        ap.error(f"--llama-server {args.llama_server}: no such file")
+    work = Path(tempfile.mkdtemp(prefix="edgellm-load-"))
+    export = str(tools_view(Path(args.export), work))  # the export, its template able to show tools
+    (work / "tools.jinja").write_text(TOOLS_TEMPLATE)
     p1, pn = "edgellm-p1", f"edgellm-p{args.parallel}"
     servers = [
-        (p1, lambda log: edgellm_server(args.export, args.threads, args.ctx, log)),
-        (pn, lambda log: edgellm_server(args.export, args.threads, args.ctx, log, ("--parallel", str(args.parallel)))),
+        (p1, lambda log: edgellm_server(export, args.threads, args.ctx, log)),
+        (pn, lambda log: edgellm_server(export, args.threads, args.ctx, log, ("--parallel", str(args.parallel)))),
     ]
-    if args.gguf:
+    if args.llama_server:
+        ln = f"llama-server-p{args.parallel}"
+        servers.append(
+            (
+                ln,
+                lambda log: llama_server(
+                    args.llama_server, args.gguf, args.threads, args.ctx, args.parallel, log, work / "tools.jinja"
+                ),
+            )
+        )
+    elif args.gguf:
         import importlib.util
 
         if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("sse_starlette"):
             servers.append(("llama.cpp", lambda log: llama_cpp_server(args.gguf, args.threads, args.ctx, log)))
         else:
             print("llama.cpp server not installed (pip install 'llama-cpp-python[server]'): skipped", file=sys.stderr)
-    pool = request_pool(args.mix)
+    pool = request_pool(args.mix, not args.plain)
     out = {
         **run_header(args.threads),
         "clients": args.clients,
         "requests_per_client": args.requests,
         "rounds": args.rounds,
         "mix": args.mix,
-        "pool": [{"prompt_chars": len(p), "max_tokens": m} for p, m in pool],
+        "pool": [{"prompt_chars": len(p), "max_tokens": m, "extra": sorted(e)} for p, m, e in pool],
         "runs": [],
     }
     procs = {}
@@ -324,6 +433,11 @@ def main():
         f"{pn} / {p1} (medians over {args.rounds} rounds): total tokens/s {tot:.2f}x (goal >= 3), "
         f"TTFT p95 {p95:.2f}x (goal <= 0.33)"
     )
+    for peer in [name for name in procs if name not in (p1, pn)]:
+        tot_p = _median(by[pn], "tokens_per_s_total") / _median(by[peer], "tokens_per_s_total")
+        p95_p = _median(by[pn], "ttft_p95_s") / _median(by[peer], "ttft_p95_s")
+        out["ratios"][f"vs_{peer}"] = {"tokens_per_s_total": tot_p, "ttft_p95": p95_p}
+        print(f"{pn} / {peer}: total tokens/s {tot_p:.2f}x, TTFT p95 {p95_p:.2f}x")
     if args.single:
         sc = out["single_client"]
         lat = sc[pn]["median_s"] / sc[p1]["median_s"]

@@ -14,10 +14,14 @@
 #    exports and the expected tokens/logits go to a folder the arm root reads (scripts/arm64_parity.py)
 # 5. per CPU, QEMU_CPU=<cpu> and NUMBA_CPU_NAME=<cpu> (qemu 7.2 shows LLVM the host's /proc/cpuinfo,
 #    so numba would otherwise compile for "generic"): the kernel tests, then the tiny-model check
-#    (tokens equal to x86, logits within the runtime's tolerance). --quick runs only the kernel
-#    tests that cover every tier at its extremes (the NEON hooks against numpy, each tier's
-#    load-time self-check, the int16/int32 extreme codes) instead of all of test_kernels.py: under
-#    emulation a cold numba cache makes the full file take hours on a loaded 2-core machine
+#    (tokens equal to x86, logits within the runtime's tolerance; on this machine a verify pass
+#    equal to as many decode steps and two slots of the batched step equal to their runs alone,
+#    bit for bit; a Gemma-3-like model whose sliding layers' ring buffers wrap). --quick runs only
+#    the kernel tests that cover every tier at its extremes (the NEON hooks against numpy, each
+#    tier's load-time self-check, the int16/int32 extreme codes) and the multi-row kernels on every
+#    tier (tests/test_kernels_rows.py: verify and batched linears against the decode kernel, the
+#    batched and ring attention against numpy) instead of all of test_kernels.py: under emulation a
+#    cold numba cache makes the full file take hours on a loaded 2-core machine
 #
 # Cached between runs under --root: the root, the venv, the numba cache per CPU, the x86 reference.
 # Needs root (debootstrap, mount, chroot). Exit code: 0 all passed, 1 a check failed, 2 bad usage.
@@ -34,7 +38,7 @@ KERNEL_TESTS=(tests/test_kernels*.py tests/test_neon*.py)
 # the NEON tests that execute aarch64 code (the rest read cross-compiled assembly, host-independent:
 # `make test` runs them on x86)
 NEON_SELECT="matches_numpy or registered"
-QUICK_SELECT="test_self_check or test_dot_extremes or $NEON_SELECT"
+QUICK_SELECT="test_self_check or test_dot_extremes or test_kernels_rows or $NEON_SELECT"
 
 usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
@@ -153,6 +157,7 @@ if [ "$(cat "$CACHE/ref/hash" 2>/dev/null)" != "$REF_HASH" ]; then
   rm -rf "$CACHE/ref.tmp"
   "$HOST_PY" "$REPO/scripts/arm64_parity.py" reference "$CACHE/ref.tmp"
   echo "$REF_HASH" > "$CACHE/ref.tmp/hash"
+  log "x86 reference done ($((SECONDS - T0 - T_SETUP)) s)"
   rm -rf "$CACHE/ref"
   mv "$CACHE/ref.tmp" "$CACHE/ref"
 fi
@@ -179,9 +184,10 @@ for cpu in "${CPUS[@]}"; do
   else
     kt=FAILED; STATUS=1
   fi
+  kt="$kt ($((SECONDS - t)) s)"; t2=$SECONDS
   log "$cpu: tiny-model check against the x86 run"
   if run_cpu python /var/cache/edgellm/arm64_parity.py check /var/cache/edgellm/ref; then mc=passed; else mc=FAILED; STATUS=1; fi
-  SUMMARY+=("$cpu: kernel tests ($scope) $kt, tiny models $mc ($((SECONDS - t)) s)")
+  SUMMARY+=("$cpu: kernel tests ($scope) $kt, tiny models $mc ($((SECONDS - t2)) s), $((SECONDS - t)) s in all")
 done
 
 log "summary (setup $T_SETUP s, total $((SECONDS - T0)) s):"

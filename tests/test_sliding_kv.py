@@ -109,25 +109,3 @@ def test_ring_prefix_reuse_through_the_generator(gemma, monkeypatch):
     again = "".join(gen.stream(PROMPT + [20, 21], p, reuse_prefix=True))
     assert again == first and gen.stats.prompt_tokens == 16  # the whole prompt ran again
     gen.model.close()
-
-
-@pytest.mark.parametrize("t,pos0", [(1, 0), (1, 30), (5, 9), (7, 40)])
-def test_ring_attention_against_reference(t, pos0):
-    """The attention kernels reading a ring buffer (rows window + t - 1 + 2) against
-    ref_attention on the linear cache."""
-    from edgellm.runtime.kernels import layers as Lk
-
-    rng = np.random.default_rng(t + pos0)
-    nh, nkv, hd, window = 4, 2, 8, 6
-    rows = window + t - 1 + 2
-    n = pos0 + t
-    q = rng.standard_normal((t, nh * hd)).astype(np.float32)
-    k, v = (rng.standard_normal((nkv, n, hd)).astype(np.float32) for _ in range(2))
-    kr, vr = np.zeros((nkv, rows, hd), np.float32), np.zeros((nkv, rows, hd), np.float32)
-    for p in range(n):  # the ring after writing positions 0..n-1
-        kr[:, p % rows], vr[:, p % rows] = k[:, p], v[:, p]
-    want = Lk.ref_attention(q.reshape(t, nh, hd), k, v, pos0, window, 0.3, 5.0).reshape(t, -1)
-    for fn in (Lk.attention, Lk.attention_mat):
-        o = np.zeros((t, nh * hd), np.float32)
-        fn(q, kr, vr, pos0, nh, nkv, hd, o, np.zeros((t * nh, n), np.float32), window, 0.3, 5.0, rows)
-        np.testing.assert_allclose(o, want, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,6 @@
 """`edgellm serve --parallel N`: requests decoded together in one batched step per token.
 
-- the batched attention kernel against its numpy reference;
+- (the batched attention kernel against its numpy reference: tests/test_kernels_rows.py)
 - the batched step (runtime/batched.py) against the single-sequence forward, bit for bit, on
   prompts read in chunks beside decoding slots, on two kernel tiers;
 - the real `openai` client: 4 concurrent greedy requests (streaming and not, own max_tokens and
@@ -23,8 +23,6 @@ from typer.testing import CliRunner
 
 from edgellm.cli import app
 from edgellm.runtime.kernels import tiers
-from edgellm.runtime.kernels.layers import kv_cast
-from edgellm.runtime.kernels.slots import attention_rows, ref_attention_rows
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -47,25 +45,6 @@ def export(tmp_path_factory, tokenizer):
     r = runner.invoke(app, ["export", str(q4), "-o", str(dst), "--no-check"])
     assert r.exit_code == 0, r.output
     return dst
-
-
-# ----------------------------------------------------------------------------- the kernel
-@pytest.mark.parametrize("fp16,window", [(False, 0), (True, 0), (False, 5)])
-def test_attention_rows_matches_reference(fp16, window):
-    rng = np.random.default_rng(0)
-    S, L, NKV, ctx, HD, NH = 3, 2, 2, 40, 16, 4
-    dtype = np.uint16 if fp16 else np.float32
-    kc = kv_cast(rng.standard_normal((S, L, NKV, ctx, HD)).astype(np.float32), np.empty(0, dtype))
-    vc = kv_cast(rng.standard_normal((S, L, NKV, ctx, HD)).astype(np.float32), np.empty(0, dtype))
-    slot, pos = np.array([2, 0, 1, 0], np.int64), np.array([7, 0, 33, 12], np.int64)
-    q = rng.standard_normal((4, NH * HD)).astype(np.float32)
-    out = np.zeros_like(q)
-    rows = np.array([0, 1, 3], np.int64)  # row 2 is not a decode row: left alone
-    scores = np.empty((rows.size * NH, ctx), np.float32)
-    attention_rows(q, rows, kc, vc, slot, pos, 1, NH, NKV, HD, out, scores, window, 0.0, 0.0)
-    ref = ref_attention_rows(q.reshape(4, NH, HD), kc, vc, slot, pos, 1, window).reshape(4, -1)
-    np.testing.assert_allclose(out[rows], ref[rows], atol=2e-5, rtol=1e-4)
-    assert not out[2].any()
 
 
 # ----------------------------------------------------------------------------- the batched step

@@ -46,6 +46,34 @@ def _fields(path: Path):
     return reader, get
 
 
+def read_config(path: Path):
+    """The transformers config of the GGUF at `path`, with `apply`'s additions; a file transformers
+    cannot read (an architecture it does not read from GGUF, a damaged header) is one EdgeLLMError."""
+    import transformers
+
+    path = Path(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises ValueError, KeyError, struct errors ... per cause
+        msg = " ".join(str(exc).split())[:200]
+        raise EdgeLLMError(
+            f"cannot load GGUF '{path.name}': {type(exc).__name__}: {msg} (transformers {transformers.__version__} "
+            f"reads GGUF for {', '.join(readable_families())} among edgellm's families); "
+            "pass the Hugging Face checkpoint directory instead"
+        ) from None
+    return apply(config, path)
+
+
+def readable_families() -> list[str]:
+    """edgellm's families whose GGUF the installed transformers reads (by llama.cpp architecture name)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from .arch import FAMILIES
+
+    gguf_name = {"gemma3_text": "gemma3"}
+    return [f for f in FAMILIES if gguf_name.get(f, f) in GGUF_SUPPORTED_ARCHITECTURES]
+
+
 def apply(config, path: Path):
     """`config` (transformers' reading of the GGUF at `path`) with what the table above adds."""
     reader, get = _fields(path)

@@ -95,10 +95,9 @@ def load_config(spec: str):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise EdgeLLMError(f"GGUF file '{spec}' does not exist")
-        config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        from .gguf_input import apply
+        from .gguf_input import read_config
 
-        config = apply(config, path)  # what llama.cpp wrote that transformers' key table leaves out
+        config = read_config(path)  # transformers' reading + what its key table leaves out
     elif path.exists():
         if (path / "model.onnx").is_file():
             raise EdgeLLMError(

@@ -146,7 +146,8 @@ def test_transformers_alone_reads_these_ggufs_otherwise(ggufs):
     assert (plain.query_pre_attn_scalar, ours.query_pre_attn_scalar) == (256, 16)
     plain, ours = both("phi3-longrope")
     assert plain.rope_parameters.get("rope_type", "default") == "default"
-    assert ours.rope_parameters["rope_type"] == "longrope" and ours.rope_parameters["short_factor"][1] == pytest.approx(1.3)
+    assert ours.rope_parameters["rope_type"] == "longrope"
+    assert ours.rope_parameters["short_factor"][1] == pytest.approx(1.3)
 
 
 def _foreign_gguf(path: Path, arch: str) -> Path:

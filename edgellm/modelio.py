@@ -95,7 +95,9 @@ def load_config(spec: str):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise EdgeLLMError(f"GGUF file '{spec}' does not exist")
-        config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        from .gguf_input import read_config
+
+        config = read_config(path)  # transformers' reading + what its key table leaves out
     elif path.exists():
         if (path / "model.onnx").is_file():
             raise EdgeLLMError(
@@ -137,7 +139,9 @@ def load_model(spec: str | Path, dtype: str = "float32") -> Loaded:
     record = {"steps": []}
     if path.suffix == ".gguf":
         kw = dict(gguf_file=path.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), dtype=torch_dtype, config=config, **kw
+        )
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
         record["source"] = {"kind": "gguf", "path": str(path.resolve())}
     elif path.is_dir():

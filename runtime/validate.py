@@ -165,10 +165,12 @@ class ModelConfig:
         if (
             not isinstance(sw, list)
             or len(sw) != layers
-            or any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0) for w in sw)
-        ):
+            or any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < 2**31) for w in sw)
+        ):  # a window past 2**31 overflowed the kernels' int64 records (found by the fuzzer)
             raise _bad(
-                "sliding_window", c.get("sliding_window"), f"null, a window size, or a list of {layers} sizes or nulls"
+                "sliding_window",
+                c.get("sliding_window"),
+                f"null, a window size in [0, 2**31), or a list of {layers} of those or nulls",
             )
         bos = c.get("bos_token_id")
         if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < vocab):

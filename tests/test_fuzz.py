@@ -26,16 +26,19 @@ def seeds(tmp_path_factory):
 
 
 def test_fuzz_campaign(seeds):
-    """1000 seeded mutants (about 25 s on one core): every outcome is a clean rejection or a
-    run with finite logits; `changed` outputs come only from mutations nothing can detect
-    without --verify (flipped weight bytes, swapped same-shape tensors)."""
-    from tools.fuzz_loader import FAILURES, campaign
+    """1000 seeded mutants (about 25 s on one core) of the ten seeds, one per issue-25 family
+    among them: every outcome is a clean rejection or a run with finite logits; `changed`
+    outputs come only from mutations nothing can detect without --verify (flipped weight bytes,
+    swapped same-shape tensors, a family key set to another valid value)."""
+    from tools.fuzz_loader import FAILURES, SEEDS, campaign
 
     res = campaign(seeds, n=1000, seed=12345, timeout=30)
-    print(json.dumps({k: res[k] for k in ("mutants", "seconds", "counts")}))
+    print(json.dumps({k: res[k] for k in ("mutants", "seconds", "counts", "by_seed")}))
     assert res["mutants"] == 1000
     assert res["failures"] == 0, res["examples"]
     assert res["counts"].get("rejected", 0) > 500  # the mutators really do damage
+    assert set(res["by_seed"]) == set(SEEDS) and all(c.get("rejected", 0) > 20 for c in res["by_seed"].values())
+    assert res["by_class"]["meta_family"].get("rejected", 0) > 20
     assert all(f not in res["counts"] for f in FAILURES)
 
 

@@ -46,7 +46,7 @@ def test_one_home_for_the_format():
         "edgellm/arch.py",
         "edgellm/distill/train.py",
         "edgellm/quant/stream.py",
-        "benchmarks/scripts/llamacpp_quant.py",
+        "benchmarks/scripts/hf_to_gguf.py",  # checkpoint names -> GGUF names (llama.cpp converter)
         "benchmarks/scripts/stream_quantize.py",
     }, spelled
 

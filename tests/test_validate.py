@@ -275,6 +275,7 @@ def test_broken_chat_template(seeds, tmp_path):
         ("norm", 3),
         ("eos_token_id", "x"),
         ("sliding_window", "x"),
+        ("sliding_window", 2**63),  # overflowed the records (the family-seed campaign found it)
         ("norm_eps", "nan"),
         ("rope_theta", -1),
         ("rope_scaling", [1]),

@@ -92,10 +92,8 @@ FAMILIES = {
 }
 
 
-def make_tokenizer(out_dir: Path):
-    """A byte-level BPE with VOCAB tokens trained on the built-in corpus, saved in out_dir."""
+def _byte_level_bpe():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     from edgellm.data import builtin_text
 
@@ -109,15 +107,58 @@ def make_tokenizer(out_dir: Path):
         show_progress=False,
     )
     tok.train_from_iterator([builtin_text()[:200_000]], trainer)
+    return tok
+
+
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt "
+    "%}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer(out_dir: Path):
+    """A byte-level BPE with VOCAB tokens trained on the built-in corpus, saved in out_dir."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _byte_level_bpe()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
-    fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt "
-        "%}<|assistant|>{% endif %}"
-    )
+    fast.chat_template = CHAT
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def make_sentencepiece_tokenizer(out_dir: Path):
+    """A Gemma-style sentencepiece BPE of VOCAB pieces (`▁` for spaces, byte fallback; the five
+    specials, then the 256 byte tokens, then text pieces: the printable ones of the byte-level
+    BPE, in its merge order), saved in out_dir. Its merges follow the piece order, as transformers
+    rebuilds them for a Gemma GGUF."""
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.tokenization_utils_base import generate_merges
+
+    unbyte = {c: b for b, c in bytes_to_unicode().items()}
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    seen = set(pieces)
+    bpe = _byte_level_bpe().get_vocab()
+    for t, _ in sorted(bpe.items(), key=lambda kv: kv[1]):
+        try:
+            text = bytes(unbyte[c] for c in t).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            continue
+        piece = text.replace(" ", "\u2581")
+        if piece and piece not in seen and all(c.isprintable() for c in text.replace(" ", "")):
+            pieces.append(piece)
+            seen.add(piece)
+        if len(pieces) == VOCAB:
+            break
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = generate_merges(vocab, {p: -i for i, p in enumerate(pieces)})
+    tok = GemmaTokenizer(vocab=vocab, merges=merges)
+    tok.chat_template = CHAT
+    tok.save_pretrained(str(out_dir))
+    return tok
 
 
 def build(family: str, seed: int = 0, **overrides):

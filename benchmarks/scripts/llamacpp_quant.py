@@ -78,90 +78,17 @@ def write_f32_gguf(src: Path, dst: Path) -> None:
     w.close()
 
 
-GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-GGUF_PARTS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def _hf_tensors(src: Path):
-    """(name, float32 array) of every tensor of a Hugging Face directory, shard by shard (bf16 and
-    fp16 read through torch: numpy has no bfloat16)."""
-    from safetensors import safe_open
-
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        raise SystemExit(f"{src}: no .safetensors files")
-    for shard in shards:
-        with safe_open(str(shard), "pt") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k).float().numpy()
-
-
 def write_f32_gguf_from_hf(src: Path, dst: Path) -> None:
     """An F32 GGUF of a Hugging Face llama directory (e.g. scripts/train_small.py's model), as
-    llama.cpp's converter writes it: q/k rows permuted to llama.cpp's rotary layout, a tied
-    lm_head stored once as token_embd. The vocabulary is placeholder text (scoring feeds token
-    ids, never text); its size and the BOS/EOS ids are the model's."""
-    import gguf
+    llama.cpp's converter writes it (scripts/hf_to_gguf.py: q/k rows permuted to llama.cpp's rotary
+    layout, a tied lm_head stored once as token_embd). The vocabulary is llama.cpp's placeholder
+    (scoring feeds token ids, never text); its size and the BOS/EOS ids are the model's."""
+    from edgellm.benchmarks.scripts.hf_to_gguf import write_gguf
 
     c = json.loads((src / "config.json").read_text())
     if c.get("model_type") != "llama":
         raise SystemExit(f"{src}: only llama directories are converted here (got {c.get('model_type')!r})")
-    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    n = c["vocab_size"]
-    w = gguf.GGUFWriter(str(dst) + ".tmp", "llama")
-    w.add_context_length(c["max_position_embeddings"])
-    w.add_embedding_length(c["hidden_size"])
-    w.add_block_count(c["num_hidden_layers"])
-    w.add_feed_forward_length(c["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(c.get("head_dim") or c["hidden_size"] // heads)
-    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    w.add_rope_freq_base(float(theta))
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + [f"t{i}" for i in range(n - 259)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(toks[:n])
-    w.add_token_scores([0.0] * n)
-    w.add_token_types(([2, 3, 3] + [6] * 256 + [1] * (n - 259))[:n])
-    w.add_bos_token_id(c.get("bos_token_id") or 0)
-    w.add_eos_token_id(c.get("eos_token_id") or 0)
-
-    def permute(x, nh):  # HF's rotate-half layout -> llama.cpp's interleaved pairs, per head
-        return x.reshape(nh, 2, x.shape[0] // nh // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-    for k, t in _hf_tensors(src):
-        if k == "lm_head.weight":
-            if c.get("tie_word_embeddings"):
-                continue
-            name = "output.weight"
-        elif k in GGUF_NAMES:
-            name = GGUF_NAMES[k]
-        else:
-            _, _, i, rest = k.split(".", 3)
-            part = rest.rsplit(".", 1)[0]
-            name = f"blk.{i}.{GGUF_PARTS[part]}.weight"
-            if part == "self_attn.q_proj":
-                t = permute(t, heads)
-            elif part == "self_attn.k_proj":
-                t = permute(t, kv)
-        w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    Path(str(dst) + ".tmp").rename(dst)
+    write_gguf(src, dst, placeholder_vocab=True)
 
 
 def score(logits_fn, ids, wins, ref_cache) -> dict:

@@ -3,8 +3,9 @@
     python tests/tools/fuzz_loader.py --n 20000 [--seed 0] [--minutes 15] [--json out.json]
     python tests/tools/fuzz_loader.py --device cuda --n 300     # the CUDA path, under numba's simulator
 
-Each mutant is a copy of one of four tiny exports (fp32 llama, 4-bit symmetric llama, 8-bit
-asymmetric llama with quantized embeddings, fp32 GPT-2) with one mutation, drawn from
+Each mutant is a copy of one of ten tiny exports (fp32 llama, 4-bit symmetric llama, 8-bit
+asymmetric llama with quantized embeddings, fp32 GPT-2, and one per family of issue 25: Qwen3,
+Gemma 3, SmolLM3, Phi-3 with LongRoPE, Granite, OLMo 2; `SEEDS`) with one mutation, drawn from
 `MUTATORS` by a seeded RNG (the same --seed gives the same mutants):
 - `model.onnx` bytes: bit flips, byte values, truncation, length varints and field tags;
 - `model.onnx` structure (through the onnx package): metadata keys and values (every config and
@@ -53,7 +54,22 @@ import tempfile
 import time
 from pathlib import Path
 
-SEEDS = ("llama-f32", "llama-q4", "llama-q8a", "gpt2-f32")
+SEEDS = (
+    "llama-f32",
+    "llama-q4",
+    "llama-q8a",
+    "gpt2-f32",
+    # one export per family of issue 25, each with the metadata that sets it apart
+    "qwen3-q4",  # q/k RMSNorm per head, head_dim != hidden / heads
+    "gemma3-f32",  # sliding window (ring KV), local/global rope, four norms, GeGLU, soft-caps
+    "smollm3-q4",  # NoPE layers
+    "phi3-f32",  # partial rotary, LongRoPE (short/long factors, the switch)
+    "granite-q4",  # embedding / residual / attention multipliers, logits scaling
+    "olmo2-f32",  # post-norms, q/k RMSNorm over the whole projection
+)
+# the CUDA path runs Llama's layer only (the families' features are refused: Features.non_llama),
+# so its campaign mutates these
+CUDA_SEEDS = SEEDS[:4]
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 FAILURES = ("crash", "hang", "exception", "nan", "memory", "unpickled", "changed_verified", "multiline", "cli")
 PROMPT = "def add(a, b):"
@@ -63,7 +79,7 @@ _MARKER = [Path("/nonexistent/edgellm-fuzz-marker")]  # set by campaign(): the f
 
 # ----------------------------------------------------------------------------- seeds
 def make_seeds(root: Path) -> dict[str, Path]:
-    """Build the four tiny seed exports under `root` (needs the compress extra: torch, transformers)."""
+    """Build the tiny seed exports under `root` (needs the compress extra: torch, transformers)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -102,6 +118,51 @@ def make_seeds(root: Path) -> dict[str, Path]:
         ),
         "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
     }
+    small = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    configs.update(
+        qwen3=dict(small, model_type="qwen3", head_dim=24, tie_word_embeddings=True),
+        gemma3=dict(
+            small,
+            model_type="gemma3_text",
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=30.0,
+            final_logit_softcapping=15.0,
+            tie_word_embeddings=True,
+        ),
+        smollm3=dict(small, model_type="smollm3", no_rope_layer_interval=2, tie_word_embeddings=True),
+        phi3=dict(
+            small,
+            model_type="phi3",
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0 + 0.3 * i for i in range(6)],
+                "long_factor": [3.0 + 2.0 * i for i in range(6)],
+            },
+            original_max_position_embeddings=32,
+            partial_rotary_factor=0.75,
+            tie_word_embeddings=False,
+        ),
+        granite=dict(
+            small,
+            model_type="granite",
+            embedding_multiplier=6.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.09,
+            logits_scaling=2.5,
+            tie_word_embeddings=False,
+        ),
+        olmo2=dict(small, model_type="olmo2", tie_word_embeddings=False),
+    )
     quant = {
         "f32": [],
         "q4": ["--bits", "4", "--group-size", "32", "--sym"],
@@ -311,6 +372,22 @@ def m_meta_config(rng, m):
 
 
 @_proto_edit
+def m_meta_family(rng, m):
+    """One of the per-layer description's keys (runtime/features.py KEYS), the window or the rope
+    scaling: changed inside when it is a list or object, else set to another value (or added)."""
+    from edgellm.runtime.features import KEYS
+
+    p = _meta(m, "edgellm.config")
+    cfg = json.loads(p.value)
+    key = rng.choice((*KEYS, "sliding_window", "rope_scaling", "head_dim", "rope_theta"))
+    if isinstance(cfg.get(key), (dict, list)) and cfg[key] and rng.random() < 0.7:
+        cfg[key] = _mutate_json(rng, cfg[key])
+    else:
+        cfg[key] = _value(rng, cfg.get(key))
+    p.value = json.dumps(cfg)
+
+
+@_proto_edit
 def m_meta_quant(rng, m):
     p = _meta(m, "edgellm.quantization")
     q = json.loads(p.value)
@@ -498,6 +575,7 @@ MUTATORS = {
     "onnx_varint": ([m_onnx_varint], 6),
     "onnx_tag": ([m_onnx_tag], 4),
     "meta_config": ([m_meta_config], 14),
+    "meta_family": ([m_meta_family], 6),
     "meta_quant": ([m_meta_quant], 5),
     "meta_text": ([m_meta_text], 5),
     "init_swap": ([m_init_swap], 5),
@@ -667,8 +745,11 @@ def campaign(
     simulator: bool = True,
 ) -> dict:
     """Run `n` mutants (or until `minutes` pass); counts by outcome and mutator, and examples of failures.
-    device="cuda": through the CUDA path, under numba's CUDA simulator unless `simulator` is False."""
+    device="cuda": through the CUDA path (CUDA_SEEDS only), under numba's CUDA simulator unless
+    `simulator` is False."""
     rng = random.Random(seed)
+    if device == "cuda":
+        seeds = {k: v for k, v in seeds.items() if k in CUDA_SEEDS}
     loaded = {k: _load_seed(Path(p)) for k, p in seeds.items()}
     work = Path(tempfile.mkdtemp(prefix="edgellm-fuzz-"))
     marker = work / "UNPICKLED"
@@ -682,6 +763,7 @@ def campaign(
     names, weights = zip(*[(k, v[1]) for k, v in MUTATORS.items()])
     counts = collections.Counter()
     by_class = collections.defaultdict(collections.Counter)
+    by_seed = collections.defaultdict(collections.Counter)
     kinds = collections.Counter()  # error_kind of each rejection
     examples = collections.defaultdict(list)
     baseline = {}
@@ -726,6 +808,7 @@ def campaign(
                 marker.unlink()
             counts[status] += 1
             by_class[cls][status] += 1
+            by_seed[key][status] += 1
             if status == "rejected":
                 kinds[error_kind(res.get("detail", ""))] += 1
             if status in FAILURES and len(examples[status]) < 20:
@@ -746,6 +829,7 @@ def campaign(
         "seed": seed,
         "counts": dict(counts),
         "by_class": {k: dict(v) for k, v in sorted(by_class.items())},
+        "by_seed": {k: dict(v) for k, v in sorted(by_seed.items())},
         "error_kinds": dict(kinds.most_common()),
         "failures": sum(counts[f] for f in FAILURES),
         "examples": dict(examples),

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import EdgeLLMError
 
 DRAFT_ONLY = ("draft_layers", "draft_init", "prompts", "prompt_tokens", "gen_tokens", "kl_top_k")
+DRAFT_FLAGS = ("draft_for", *DRAFT_ONLY)  # the distill command's options that are a draft's alone
 STUDENT_ONLY = (
     "student",
     "student_layers",

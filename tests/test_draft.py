@@ -79,7 +79,7 @@ def test_draft_output_and_record(pair):
     q = step["quality"]
     assert q["draft"]["agreement"] > q["initial"]["agreement"] + 0.1, q
     assert q["draft"]["kl"] < q["initial"]["kl"], q
-    assert "agreement with the target" in pair["log"]
+    assert "agreement with the target" in " ".join(pair["log"].split())
     assert not list(d.parent.glob("draft.tmp*"))  # written through a temporary sibling, renamed
 
 
@@ -111,8 +111,9 @@ def test_distilled_draft_is_accepted_more(pair):
     """Measured by the runtime's speculation: the distilled draft's acceptance beats the same draft
     untrained and a random draft of the same shape."""
     got = {name: _acceptance(pair, name) for name in ("draft", "untrained", "random")}
-    assert got["draft"] > max(got["untrained"], got["random"]) + 0.15, got
-    assert got["draft"] > 0.5, got
+    # (this seed, measured with the library call: held-out agreement 72% untrained -> 94% distilled)
+    assert got["draft"] > got["untrained"] + 0.1 and got["draft"] > got["random"] + 0.3, got
+    assert got["draft"] > 0.6, got
 
 
 def test_run_with_the_draft_prints_plain_greedy(pair):
@@ -131,7 +132,8 @@ def test_bad_input(pair, tmp_path):
     assert "must be smaller than the target's 3 layers" in one_line_error(
         ["distill", "--draft-for", t, "--draft-layers", "3", *out]
     )
-    assert "not a model" in one_line_error(["distill", "--draft-for", str(tmp_path), *out])
+    (tmp_path / "empty").mkdir()
+    assert "not a model" in one_line_error(["distill", "--draft-for", str(tmp_path / "empty"), *out])
     assert "export" in one_line_error(["distill", "--draft-for", str(pair["target"]), *out])
     assert "not both" in one_line_error(["distill", t, "--draft-for", t, *out])
     assert "does not apply with --draft-for" in one_line_error(

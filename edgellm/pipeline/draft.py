@@ -82,6 +82,11 @@ def _load_target(target: str, o: DraftOptions, progress):
     from ..record import read_record
 
     path = Path(resolve_spec(target))
+    if (path / "model.onnx").is_file():
+        raise EdgeLLMError(
+            f"--draft-for '{target}' is an edgellm export (model.onnx), not a model directory; give the unquantized "
+            "model it was made from"
+        )
     if path.is_dir() and (path / "config.json").is_file() and read_record(path).get("quantization"):
         raise EdgeLLMError(
             f"--draft-for '{target}' is quantized; give the unquantized target (the model you quantized), "

@@ -90,7 +90,9 @@ def sparse_kl(student_logits, top_lp, top_ix, mask=None, temperature: float = 1.
     p = lp.exp()
     rest_p = (1 - p.sum(-1)).clamp_min(1e-12)  # (N,)
     rest_lq = log_q.scatter(-1, ix, float("-inf")).logsumexp(-1).clamp_min(-1e4)  # (N,) log of the student's rest
-    kl = (p * (lp - lq)).sum(-1) + rest_p * (rest_p.log() - rest_lq)  # (N,)
+    kl = (p * (lp - lq)).sum(-1)  # (N,)
+    if K < V:  # the rest bucket (with k = V there is none: 1 - sum p is rounding error)
+        kl = kl + rest_p * (rest_p.log() - rest_lq)
     if mask is not None:
         m = mask.reshape(-1).to(kl.dtype)
         return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2

@@ -55,7 +55,6 @@ ARGUMENTS = {
 MANAGED = {
     "model": "the input is the previous stage's output (or the recipe's model)",
     "teacher": "the teacher is the recipe's input model",
-    "target": "a draft is made for the recipe's input model",
     "variants": "bench measures the previous stage's output; add more variants with 'with:'",
     "output": "every stage writes OUT/NN-stage/",
     "force": "the recipe replaces a stage's output when it reruns it",

@@ -6,6 +6,9 @@ checked to give plain greedy's tokens. Run it alone (under the machine's lock):
 
     python -m edgellm.benchmarks.scripts.speculate --model Q4_EXPORT_DIR --reps 5 \
         --out benchmarks/results/speculate-smollm2.md
+
+With `--draft DRAFT_EXPORT_DIR` the drafter is that model (`edgellm distill --draft-for`) instead of
+prompt lookup: the same tasks, plain vs draft interleaved.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def generate(gen, ids, n, spec):
     return toks, gen.stats.gen_s, gen.stats
 
 
-def tasks(gen, n: int, reps: int, k_max: int) -> list[dict]:
+def tasks(gen, n: int, reps: int, k_max: int, drafter=None) -> list[dict]:
     from edgellm.runtime.speculate import Lookup, Speculator
 
     rows = []
@@ -85,9 +88,9 @@ def tasks(gen, n: int, reps: int, k_max: int) -> list[dict]:
         plain_s, spec_s, last = [], [], None
         for _ in range(reps):  # interleaved: plain, lookup, plain, lookup, ...
             base, s0, _ = generate(gen, ids, n, None)
-            toks, s1, st = generate(gen, ids, n, Speculator(Lookup(), k_max=k_max))
+            toks, s1, st = generate(gen, ids, n, Speculator(drafter or Lookup(), k_max=k_max))
             if toks != base:
-                raise SystemExit(f"{name}: lookup changed the greedy output")
+                raise SystemExit(f"{name}: speculation changed the greedy output")
             plain_s.append(s0)
             spec_s.append(s1)
             last = st
@@ -142,23 +145,34 @@ def main():
     ap.add_argument("--verify-only", action="store_true", help="only the verify-pass cost")
     ap.add_argument("--ks", default="1,2,3,4,8", help="drafts per verify pass to time (comma-separated, 1..15)")
     ap.add_argument("--at", type=int, default=200, help="position of the verify pass")
+    ap.add_argument("--draft", type=Path, help="a draft export: speculate with it instead of prompt lookup")
     ap.add_argument("--out", type=Path, help="write the tables here (.md) and the rows beside it (.json)")
     args = ap.parse_args()
     from edgellm.runtime.generate import load
 
     gen = load(args.model, threads=args.threads, n_ctx=1024)
-    head = run_header(args.threads) | {"cpu": cpu_name(), "model": args.model}
+    drafter = None
+    if args.draft:
+        from edgellm.runtime.model import NumbaModel
+        from edgellm.runtime.speculate import DraftModel, check_draft
+
+        dm = NumbaModel(args.draft, n_ctx=1024, threads=args.threads, kernels="auto")
+        dm.warmup()
+        check_draft(gen.model, dm, Path(args.model), args.draft)
+        drafter = DraftModel(dm)
+    head = run_header(args.threads) | {"cpu": cpu_name(), "model": args.model, "draft": str(args.draft or "lookup")}
     print(head, flush=True)
     ks = tuple(int(k) for k in args.ks.split(","))
     vrows = verify_cost(gen.model, args.at, ks, max(20, 6 * args.reps))
     table = f"Verify pass at position {args.at} ({head['cpu']}, {args.threads} threads, {head['date']})\n\n"
     table += "| k drafts | tokens in the pass | ms | vs one decode step |\n|---|---|---|---|\n"
     table += "\n".join(f"| {r['k']} | {r['tokens']} | {r['ms']:.2f} | {r['vs_decode']:.2f}x |" for r in vrows)
-    rows = [] if args.verify_only else tasks(gen, args.tokens, args.reps, args.k_max)
+    rows = [] if args.verify_only else tasks(gen, args.tokens, args.reps, args.k_max, drafter)
+    what = f"draft {args.draft.name}" if args.draft else "prompt lookup"
     if rows:
         table += (
-            f"\n\nPrompt lookup vs plain greedy ({head['cpu']}, {args.threads} threads, median of {args.reps} "
-            "interleaved runs, decode time)\n\n| task | prompt | tokens | plain s | lookup s | speed-up | "
+            f"\n\n{what} vs plain greedy ({head['cpu']}, {args.threads} threads, median of {args.reps} "
+            "interleaved runs, decode time)\n\n| task | prompt | tokens | plain s | speculating s | speed-up | "
             "acceptance | mean accepted |\n|---|---|---|---|---|---|---|---|\n"
         )
         table += "\n".join(

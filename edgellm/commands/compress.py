@@ -185,6 +185,10 @@ def _show_result(command: str, args: dict, result, options) -> None:
 
     if command == "bench":
         bench.show_result(result, options)
+    elif command == "draft":
+        from .draft import show
+
+        show(result, options)
     elif command == "distill":
         if result.main:
             distill.show_result(result, args["teacher"], options)

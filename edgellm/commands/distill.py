@@ -7,13 +7,67 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..distill.draft import DraftInit
 from ..pipeline.distill import Device, DistillOptions, DistillResult, Loss, Precision
-from .common import CtxOpt, DataOpt, EvalTokensOpt, ForceOpt, ModelArg, OutOpt, dir_size, human_bytes
+from .common import CtxOpt, DataOpt, EvalTokensOpt, ForceOpt, dir_size, human_bytes
+from .draft import draft_mode
 
 
 def distill(
-    teacher: ModelArg,
-    output: OutOpt,
+    context: typer.Context,
+    teacher: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Teacher model: a Hugging Face directory, a hub id (online), a .gguf file, or builtin:smollm2 "
+            "(omit it with --draft-for).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output", "--out", "-o", help="Output directory (written whole at the end).", show_default=False
+        ),
+    ] = None,
+    draft_for: Annotated[
+        Optional[str],
+        typer.Option(
+            "--draft-for",
+            help="Train a draft for speculative decoding (run --draft) for this TARGET model instead: a few of its "
+            "layers, its tokenizer/embeddings/head, trained on its own greedy continuations. Draft defaults: "
+            "--steps 300 --batch-size 16 --lr 1e-3.",
+            show_default=False,
+        ),
+    ] = None,
+    draft_layers: Annotated[
+        int, typer.Option("--draft-layers", help="[--draft-for] Decoder layers of the draft.", min=1)
+    ] = 2,
+    draft_init: Annotated[
+        DraftInit,
+        typer.Option(
+            "--draft-init",
+            help="[--draft-for] Start the draft's layers from the target's first N (measured best), its layers "
+            "evenly spread (first and last kept), or random.",
+        ),
+    ] = DraftInit.first,
+    prompts: Annotated[
+        int, typer.Option("--prompts", help="[--draft-for] Prompts the target continues (1/8 held out).", min=2)
+    ] = 512,
+    prompt_tokens: Annotated[
+        int,
+        typer.Option(
+            "--prompt-tokens", help="[--draft-for] Data tokens per prompt (in the chat template if it has one).", min=1
+        ),
+    ] = 32,
+    gen_tokens: Annotated[
+        int, typer.Option("--gen-tokens", help="[--draft-for] Greedy tokens the target writes per prompt.", min=1)
+    ] = 64,
+    kl_top_k: Annotated[
+        int,
+        typer.Option(
+            "--kl-top-k", help="[--draft-for] Target log-probs kept per position (the rest: one bucket).", min=1
+        ),
+    ] = 64,
     student: Annotated[
         Optional[str],
         typer.Option(
@@ -94,16 +148,32 @@ def distill(
     ] = None,
     force: ForceOpt = False,
 ):
-    """Distil a teacher into a smaller student trained on the teacher's logits.
+    """Distil a teacher into a smaller student trained on the teacher's logits, or (--draft-for TARGET)
+    a draft model for speculative decoding.
 
     Resumable (--resume CHECKPOINT_DIR continues exactly), multi-process with torchrun (DDP, or
     --fsdp). Writes a Hugging Face model directory with edgellm.json (teacher, data, steps,
     perplexities) and distill_log.jsonl (the loss curve).
 
+    With --draft-for TARGET: a draft of --draft-layers layers trained on KL to the target's log-probs
+    over the target's own greedy continuations of --prompts prompts; it prints the draft's agreement
+    with the target on held-out continuations (the expected greedy acceptance rate per drafted token).
+    Quantize and export it, then `edgellm run TARGET-EXPORT --draft DRAFT-EXPORT`.
+
     Example: edgellm distill smollm2/ --student-layers 15 --steps 500 -o smollm2-15l/
+
+    Example: edgellm distill --draft-for smollm2/ --draft-layers 2 -o smollm2-draft/
     """
     from ..console import PROGRESS, console, quiet_transformers, show_warnings
+    from ..errors import EdgeLLMError
     from ..pipeline.distill import check_options, run_distill
+
+    if output is None:
+        raise EdgeLLMError("give the output directory with -o/--output")
+    if draft_for is not None or teacher is None:
+        draft_mode(context, teacher, output, draft_for, locals(), force)
+        return
+    draft_mode(context, None, output, None, locals(), force, check_only=True)  # draft options without --draft-for
 
     options = DistillOptions(
         student=student,

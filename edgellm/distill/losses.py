@@ -67,6 +67,38 @@ def kl_loss(student_logits, teacher_logits, temperature: float = 1.0, kind: KLKi
     return kl / log_q.shape[0] * temperature**2
 
 
+def sparse_kl(student_logits, top_lp, top_ix, mask=None, temperature: float = 1.0):
+    """T² · KL(teacher || student) with the teacher kept as its top-k log-probs plus one bucket for
+    the rest of its mass (the exact KL between the two distributions coarsened to k + 1 outcomes),
+    mean over the positions where `mask` is true.
+
+    student_logits: (..., V); top_lp, top_ix: (..., K) the teacher's log-probs (at temperature 1)
+    of its top-k tokens; mask: (...) bool. At T != 1 the teacher's top-k are re-softened among
+    themselves (their share of the mass kept) before the comparison.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    V, K = student_logits.shape[-1], top_lp.shape[-1]
+    log_q = F.log_softmax(student_logits.float().reshape(-1, V) / temperature, dim=-1)  # (N, V) student
+    ix = top_ix.reshape(-1, K)  # (N, K)
+    lp = top_lp.float().reshape(-1, K)  # (N, K) teacher
+    if temperature != 1.0:  # soften the top-k among themselves, keep their total mass
+        mass = torch.logsumexp(lp, dim=-1, keepdim=True)  # (N, 1)
+        lp = F.log_softmax(lp / temperature, dim=-1) + mass
+    lq = log_q.gather(-1, ix)  # (N, K) student on the teacher's top-k
+    p = lp.exp()
+    rest_p = (1 - p.sum(-1)).clamp_min(1e-12)  # (N,)
+    rest_lq = log_q.scatter(-1, ix, float("-inf")).logsumexp(-1).clamp_min(-1e4)  # (N,) log of the student's rest
+    kl = (p * (lp - lq)).sum(-1)  # (N,)
+    if K < V:  # the rest bucket (with k = V there is none: 1 - sum p is rounding error)
+        kl = kl + rest_p * (rest_p.log() - rest_lq)
+    if mask is not None:
+        m = mask.reshape(-1).to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
+    return kl.mean() * temperature**2
+
+
 def ce_loss(student_logits, input_ids):
     """Next-token cross-entropy on the sequence itself (positions 0..T-2 predict 1..T-1)."""
     import torch.nn.functional as F

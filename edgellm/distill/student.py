@@ -33,8 +33,9 @@ def num_layers(config) -> int:
     return int(config.num_hidden_layers)
 
 
-def student_from_teacher(teacher, n_layers: int):
-    """A new model with `n_layers` of the teacher's decoder layers (weights copied, not shared).
+def student_from_teacher(teacher, n_layers: int, kept: list[int] | None = None):
+    """A new model with `n_layers` of the teacher's decoder layers (weights copied, not shared):
+    `kept` (default: keep_layers, evenly spread).
 
     Returns (student, kept) where kept[j] is the teacher layer student layer j came from.
     """
@@ -42,7 +43,7 @@ def student_from_teacher(teacher, n_layers: int):
     from transformers import AutoModelForCausalLM
 
     tcfg = teacher.config
-    kept = keep_layers(num_layers(tcfg), n_layers)
+    kept = keep_layers(num_layers(tcfg), n_layers) if kept is None else list(kept)
     cfg = copy.deepcopy(tcfg)
     cfg.num_hidden_layers = n_layers  # GPT-2 maps this to n_layer
     layer_types = getattr(cfg, "layer_types", None)

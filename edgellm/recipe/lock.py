@@ -58,6 +58,7 @@ def identity(spec: str) -> dict:
 STAGE_CODE = {
     "prune": ("edgellm/prune", "edgellm/quant"),  # prune drives blocks with quant/apply.py's calibration helpers
     "distill": ("edgellm/distill",),
+    "draft": ("edgellm/distill",),
     "quantize": ("edgellm/quant",),
     "export": ("export", "edgellm/quant"),
     "bench": ("benchmarks", "runtime", "export"),

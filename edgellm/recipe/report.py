@@ -1,6 +1,6 @@
 """OUT/report.json, report.md, report.html: every stage's output measured the same way.
 
-For the input model and each stage that makes a model (prune, distill, quantize, export):
+For the input model and each stage that makes a model (prune, distill, draft, quantize, export):
 - size on disk and parameters;
 - perplexity on the held-out split and KL(input ‖ stage) / top-1 agreement against the input
   model (edgellm.evaluate protocol; an export is scored through the model it was made from,
@@ -28,7 +28,7 @@ from pathlib import Path
 from .lock import Lock, identity
 from .spec import Recipe
 
-MEASURED = ("prune", "distill", "quantize", "export")
+MEASURED = ("prune", "distill", "draft", "quantize", "export")
 
 
 def _settings_key(recipe: Recipe, input_id: dict) -> str:

@@ -3,6 +3,8 @@
 Chaining (what each stage reads):
 - prune, quantize, export: the latest model (the recipe's input, or the last prune / distill /
   quantize output);
+- draft (`distill --draft-for`): target = the recipe's input model; the stages after it work on
+  the draft (quantize and export it again: the recipe's target and its draft);
 - distill: teacher = the recipe's input model; student = the latest model when a stage made
   one (Minitron: prune, then heal by distillation), else made from the teacher's layers
   (`student-layers`);
@@ -91,7 +93,7 @@ def run_recipe(
                 on_event(stage, "run", _why(prev, key, outdir))
             seconds = _run_stage(stage, args, entry, lock, hooks, on_event, out, outdir)
             results.append(StageResult(stage, outdir, "ran", seconds, str(model), entry))
-        if stage.command in ("prune", "distill", "quantize"):
+        if stage.command in ("prune", "distill", "draft", "quantize"):
             model, model_id, made_model = (
                 str(outdir),
                 {"spec": stage.dirname, "sha256": lock.entry(stage.index)["output_sha256"]},
@@ -150,6 +152,8 @@ def _plan(stage: Stage, recipe: Recipe, outdir: Path, model, model_id, input_id,
     """(the arguments the recipe gives the command, the inputs recorded in the lock) for one stage."""
     tail = {"output": outdir, "force": True}
     data = _data_identity(stage)
+    if stage.command == "draft":
+        return {"target": recipe.model, **tail}, {"target": input_id, **data}
     if stage.command == "distill":
         args = {"teacher": recipe.model, **tail, "student": model if made_model else None}
         return args, {"teacher": input_id, **({"student": model_id} if made_model else {}), **data}

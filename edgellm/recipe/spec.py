@@ -36,7 +36,7 @@ REPORT_DEFAULTS = {
     "reps": 3,
     "threads": 0,
 }
-MODEL_STAGES = ("prune", "distill", "quantize", "export")  # stages whose output is the next stage's input
+MODEL_STAGES = ("prune", "distill", "draft", "quantize", "export")  # stages whose output is the next stage's input
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 
 
@@ -249,8 +249,15 @@ def _check_order(stages: list[Stage], quantized: bool, errors: list[str]) -> Non
     if quantized:
         quantized_at = "the input model"
     first_model_stage, sparse_at = True, None
+    input_quantized = quantized
     for s in stages:
         where = f"stage {s.index + 1} ({s.name})"
+        if s.command == "draft":  # a second chain: the draft, made from the input model, then its own stages
+            if input_quantized:
+                errors.append(f"{where}: 'draft' needs the unquantized target as the recipe's model")
+            exported_at = quantized_at = sparse_at = None
+            first_model_stage = False
+            continue
         if s.command in ("prune", "distill", "quantize") and exported_at:
             errors.append(
                 f"{where}: '{s.command}' after export ({exported_at}): export comes after every stage that changes the "

@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..pipeline.bench import BenchOptions
 from ..pipeline.distill import DistillOptions
+from ..pipeline.draft import DraftOptions
 from ..pipeline.evaluate import EvalOptions
 from ..pipeline.export import ExportOptions
 from ..pipeline.options import flags
@@ -32,6 +33,7 @@ from ..pipeline.quantize import QuantizeOptions
 COMMANDS = {
     "prune": PruneOptions,
     "distill": DistillOptions,
+    "draft": DraftOptions,  # edgellm distill --draft-for: a draft for the recipe's input model
     "quantize": QuantizeOptions,
     "export": ExportOptions,
     "bench": BenchOptions,
@@ -42,6 +44,7 @@ COMMANDS = {
 ARGUMENTS = {
     "prune": ("model", "output", "force"),
     "distill": ("teacher", "output", "force"),
+    "draft": ("target", "output", "force"),
     "quantize": ("model", "output", "force"),
     "export": ("model", "output", "force"),
     "bench": ("variants", "output", "force"),
@@ -207,6 +210,14 @@ def _distill(a, o, h):
     )
 
 
+def _draft(a, o, h):
+    from ..pipeline.draft import run_draft
+
+    return run_draft(
+        a["target"], a["output"], o, progress=h.progress, train_progress=h.train_progress, force=a["force"]
+    )
+
+
 def _quantize(a, o, h):
     from ..pipeline.quantize import run_quantize
 
@@ -236,4 +247,12 @@ def _eval(a, o, h):
     return result
 
 
-_RUN = {"prune": _prune, "distill": _distill, "quantize": _quantize, "export": _export, "bench": _bench, "eval": _eval}
+_RUN = {
+    "prune": _prune,
+    "distill": _distill,
+    "draft": _draft,
+    "quantize": _quantize,
+    "export": _export,
+    "bench": _bench,
+    "eval": _eval,
+}

@@ -25,7 +25,7 @@ class Backend(Protocol):
     @property
     def pos(self) -> int: ...  # tokens in the KV cache
 
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray: ...  # (t, V) or (V,) logits
+    def forward(self, ids, all_logits: bool = False, prompt: bool = False) -> np.ndarray: ...  # (t, V) or (V,) logits
 
     def reset(self) -> None: ...
 

@@ -299,7 +299,7 @@ class Generator:
         m.truncate(0)
         self.cached = []
         with _numeric_damage():
-            logits = m.forward(np.array(ids, np.int64), all_logits=True)
+            logits = m.forward(np.array(ids, np.int64), all_logits=True, prompt=True)
         if not np.isfinite(logits).all():
             raise EdgeLLMError(_DAMAGED)
         self.cached = list(ids)
@@ -331,7 +331,7 @@ class Generator:
         rng = np.random.default_rng(p.seed)
         self.stats = st = Stats(prompt_tokens=len(ids) - common)
         t0 = time.perf_counter()
-        logits = _step(m, np.array(ids[common:], np.int64))
+        logits = _step(m, np.array(ids[common:], np.int64), prompt=True)
         st.prompt_s = time.perf_counter() - t0
         self.cached = list(ids)
         context = list(ids)
@@ -410,13 +410,13 @@ _DAMAGED = (
 )
 
 
-def _step(model, ids: np.ndarray) -> np.ndarray:
-    """model.forward(ids), whose logits must be finite. NaN/inf come from damaged weights (a
-    flipped exponent bit in a float matrix): stop instead of sampling garbage. The compiled
-    kernels report a zero softmax sum over NaN scores as ZeroDivisionError (numba's Python
+def _step(model, ids: np.ndarray, prompt: bool = False) -> np.ndarray:
+    """model.forward(ids, prompt=prompt), whose logits must be finite. NaN/inf come from damaged
+    weights (a flipped exponent bit in a float matrix): stop instead of sampling garbage. The
+    compiled kernels report a zero softmax sum over NaN scores as ZeroDivisionError (numba's Python
     error model), which is the same damage."""
     with _numeric_damage():
-        logits = model.forward(ids)
+        logits = model.forward(ids, prompt=prompt)
     if not np.isfinite(logits).all():
         raise EdgeLLMError(_DAMAGED)
     return logits

@@ -167,23 +167,26 @@ KV_CACHE_TYPES = ("auto", "fp16", "fp32")
 
 
 # ----------------------------------------------------------------------------- the hot loop
-# Calls of up to FEW_TOKENS tokens (a speculative verify pass, runtime/speculate.py) run each token
-# through the decode kernels (`linear_few`, `attention`): their logits and keys/values equal those
-# of as many decode steps bit for bit, so speculation returns exactly the tokens plain decoding
-# would. The prompt tiles (`linear_mat`, `attention_mat`) round differently, and on SmolLM2 4-bit
-# that moved later logits by up to 1.0 (the int8 activations amplify the difference).
+# Calls of up to FEW_TOKENS tokens that are not a prompt (a decode step, a speculative verify pass:
+# runtime/speculate.py) run each token through the decode kernels (`linear_few`, `attention`): their
+# logits and keys/values equal those of as many decode steps bit for bit, so speculation returns
+# exactly the tokens plain decoding would. The prompt tiles (`linear_mat`, `attention_mat`) round
+# differently, and on SmolLM2 4-bit that moved later logits by up to 1.0 (the int8 activations
+# amplify the difference). A prompt (`prompt=True`) always takes the prompt tiles, however few its
+# tokens: its logits and cache then do not depend on how it was split (prefix reuse leaves a short
+# remainder; the `--parallel` slots read prompts in chunks through the same tiles).
 FEW_TOKENS = 16
 
 
 @njit(cache=True, inline="always")
-def _linear(d, x, out, act, tier):
+def _linear(d, x, out, act, tier, few):
     """y = x W^T + b for the LINEAR record d; `act` is the int8 activation scratch. Inlined into
     `forward` by numba (not a compiled function of its own: that re-optimized both linears'
     code once more, 0.9 s of a first compile). Decode (t = 1) runs `linear_few` too: the same
     microkernel, row blocks and finish as `linear_vec`, and one parallel kernel fewer to
     compile on a first start (linear_vec was 1.8 s of CPU on Zen 5)."""
     xa, xb, init, xsl, xzb, xs = act
-    if x.shape[0] <= FEW_TOKENS:
+    if few:
         linear_few(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
     else:
         linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
@@ -244,17 +247,19 @@ def _activate(cfg, up, mid):
 
 
 @njit(cache=True)
-def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all_logits, tier):
+def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all_logits, prompt, tier):
     """Run t = len(ids) tokens at positions pos0.. through every layer; write logits (t or 1, V).
 
     cfg: CONFIG record; model: MODEL record (embedding, head, final norm); layers: (L,) LAYER
     records (the family's per-layer description: norms and their placement, q/k norm, rope table,
     window, KV rows); cos, sin: rope tables (2: global, local; ctx, rope_dims/2); kc, vc: the
     full-attention layers' KV cache (L_full, NKV, ctx, HD); kr, vr: the sliding layers' ring
-    buffers (L_ring, NKV, rows, HD; kvcache.py); `tier`: the kernel tier of the quantized linears,
+    buffers (L_ring, NKV, rows, HD; kvcache.py); `prompt`: the tokens are (part of) a prompt, read
+    through the prompt tiles whatever their number (FEW_TOKENS above); `tier`: the kernel tier of the quantized linears,
     a `Tier` (compiled as the literal of its id: one specialization per tier, holding that tier's
     code only, kernels/tiers.py)."""
     t = ids.shape[0]
+    few = t <= FEW_TOKENS and not prompt  # decode kernels: a decode step or a verify pass
     H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
     cap, nbc = cfg.act_cap, cfg.block_cap
     x = np.empty((t, H), np.float32)  # residual stream (t, H)
@@ -288,7 +293,7 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
             _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
         else:  # post-norm layers (OLMo 2): the linears read the residual stream itself
             copy_rows(x, xn)
-        _linear(layer.qkv, xn, qkv, act, tier)
+        _linear(layer.qkv, xn, qkv, act, tier, few)
         _qk_norm(layer, qkv, NH, NKV, HD, cfg.eps)
         if layer.rope != 0:  # ROPE_NONE: a NoPE layer (SmolLM3)
             tab = 1 if layer.rope == ROPE_LOCAL else 0
@@ -302,24 +307,24 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
                     kl[h, row, j] = kv_cast(qkv[i, (NH + h) * HD + j], kl)
                     vl[h, row, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vl)
         sc, cap = cfg.attn_scale, cfg.attn_cap
-        if t <= FEW_TOKENS:  # decode, and a verify pass of drafted tokens: the decode kernel's sums (speculate.py)
+        if few:  # decode, and a verify pass of drafted tokens: the decode kernel's sums (speculate.py)
             attention(qkv, kl, vl, pos0, NH, NKV, HD, att, scores, layer.window, sc, cap, ring)
         else:
             attention_mat(qkv, kl, vl, pos0, NH, NKV, HD, att, scores, layer.window, sc, cap, ring)
-        _linear(layer.o, att, res, act, tier)
+        _linear(layer.o, att, res, act, tier, few)
         _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
         _mlp_in(cfg, layer, x, xn)
-        _linear(layer.up, xn, up, act, tier)
+        _linear(layer.up, xn, up, act, tier, few)
         _activate(cfg, up, mid)
-        _linear(layer.down, mid, res, act, tier)
+        _linear(layer.down, mid, res, act, tier, few)
         _residual(cfg, x, res, layer.mlp_out_norm_w, xn)
     if all_logits:
         _norm(cfg, x, model.final_norm_w, model.final_norm_b, xn)
-        _linear(model.head, xn, logits, act, tier)
+        _linear(model.head, xn, logits, act, tier, few)
     else:
         _norm(cfg, x[t - 1 :], model.final_norm_w, model.final_norm_b, xn[:1])
-        _linear(model.head, xn[:1], logits, act, tier)
+        _linear(model.head, xn[:1], logits, act, tier, True)  # one row: as every call's last token
     if cfg.logit_mult != 1 or cfg.final_cap > 0:  # Granite's logits_scaling, Gemma's final soft-cap
         scale_cap(logits, cfg.logit_mult, cfg.final_cap)
 
@@ -424,7 +429,7 @@ class NumbaModel:
             warnings.warn(self.kernel_warning, RuntimeWarning, stacklevel=2)
         self.set_threads(threads)
 
-    def _step_args(self, ids, logits, all_logits, tier, long_rope: bool = False):
+    def _step_args(self, ids, logits, all_logits, tier, long_rope: bool = False, prompt: bool = False):
         """The arguments of the compiled step `forward` for `ids` at the current position
         (`long_rope`: LongRoPE's long set of rotary tables)."""
         w, st = self.weights, self.state
@@ -443,6 +448,7 @@ class NumbaModel:
             st.vr,
             logits,
             all_logits,
+            prompt,
             tier,
         )
 
@@ -480,8 +486,10 @@ class NumbaModel:
         n = min(self.state.pos, n)
         self.state.pos = n if self.state.keeps(n) else 0
 
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
-        """Append `ids` at the current position; logits (len(ids), V) or (V,) of the last token."""
+    def forward(self, ids, all_logits: bool = False, prompt: bool = False) -> np.ndarray:
+        """Append `ids` at the current position; logits (len(ids), V) or (V,) of the last token.
+        `prompt`: the ids are (the rest of) a prompt: the prompt tiles read them however few they
+        are, so a prompt's logits and cache do not depend on how it was split."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         t = ids.size
         if t == 0:
@@ -498,7 +506,7 @@ class NumbaModel:
         for c0 in range(0, t, self.chunk):  # long prompts in chunks: the step's scratch is O(chunk x context)
             c1 = min(t, c0 + self.chunk)
             out = logits[c0:c1] if all_logits else logits  # a non-final chunk's last-token logits are overwritten
-            forward(*self._step_args(ids[c0:c1], out, all_logits, self.tier, long_rope))
+            forward(*self._step_args(ids[c0:c1], out, all_logits, self.tier, long_rope, prompt))
             self.state.pos += c1 - c0
         return logits if all_logits else logits[0]
 

@@ -64,7 +64,7 @@ class OrtModel:
         self.past = [(k[:, :, :n], v[:, :, :n]) for k, v in self.past]
         self.pos_ = n
 
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
+    def forward(self, ids, all_logits: bool = False, prompt: bool = False) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         t = ids.shape[1]
         if t == 0:

@@ -71,7 +71,7 @@ def step_args(tier, kv_fp16: bool, keep: list, t: int = 1) -> tuple:
     kr, vr = np.zeros((0, NKV, 1, HD), dtype), np.zeros((0, NKV, 1, HD), dtype)  # no sliding layers (kvcache.py)
     ids = np.zeros(t, np.int64)
     logits = np.empty((1, V), np.float32)
-    return ids, 0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, False, tier
+    return ids, 0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, False, False, tier
 
 
 def is_cached(dispatcher, args) -> bool:

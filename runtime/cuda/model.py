@@ -323,7 +323,7 @@ class CudaModel:
     def truncate(self, n: int):
         self.pos = min(self.pos, n)
 
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
+    def forward(self, ids, all_logits: bool = False, prompt: bool = False) -> np.ndarray:
         """Append `ids` at the current position; logits (len(ids), V) or (V,) of the last token."""
         if not dev.simulator():
             return self._forward(ids, all_logits)

@@ -335,12 +335,23 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     tfull = t - t % TB
     so, o = out.strides[0], out.ctypes.data
     shift = lane_shift(d)
+    # leftover tokens (t % TB): one more tile, padded with zero rows, so that every token's sums are
+    # the tile's whatever t is (a prompt read in pieces gives the logits of it read at once; the
+    # decode kernel's order differs from the tile's in the last bits on some tiers)
+    pa, pb = np.zeros((TB, xa.shape[1]), np.int8), np.zeros((TB, xb.shape[1]), np.int8)  # (TB, cap)
+    pi, pl = np.zeros((TB, init.shape[1]), np.int32), np.zeros((TB, xsl.shape[1]), np.float32)
+    pout = np.empty((TB, n), np.float32)
+    for i in range(tfull, t):
+        pa[i - tfull], pb[i - tfull], pi[i - tfull], pl[i - tfull] = xa[i], xb[i], init[i], xsl[i]
     for tile in prange(ntile):
         r0, r1 = tile * ROW_TILE, min(n, (tile + 1) * ROW_TILE)
         for i0 in range(0, tfull, TB):
             _qrows_mat(dv[0], shift, r0, r1, xa, xb, init, xsl, i0, o + i0 * so, so, tier)
-        for i in range(tfull, t):  # leftover tokens one by one, as decode runs them
-            _qrows_vec(dv[0], shift, r0, r1, xa[i], xb[i], init[i], xsl[i], o + i * so, tier)
+        if tfull < t:
+            _qrows_mat(dv[0], shift, r0, r1, pa, pb, pi, pl, 0, pout.ctypes.data, pout.strides[0], tier)
+            for i in range(tfull, t):
+                for r in range(r0, r1):
+                    out[i, r] = pout[i - tfull, r]
         if dv[0].z_addr != 0 or dv[0].b_addr != 0:
             _finish_mat(dv[0], r0, r1, out, xzb, t)
 

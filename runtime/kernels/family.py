@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import carray, njit
+from numba import carray, njit, prange
 
 from .layers import fast_exp
 from .simd import as_voidptr
@@ -53,10 +53,14 @@ def _geglu_row(g, inter, o):
         o[j] = v / (np.float32(1.0) + fast_exp(np.float32(-2.0) * u)) * g[inter + j]
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")  # one thread, as layers.swiglu (which says why)
+@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")  # threads as layers.swiglu
 def geglu(gu, inter, out):
     """gate/up rows fused (t, 2*inter): out = gelu_tanh(gate) * up (Gemma's GeGLU)."""
-    for i in range(gu.shape[0]):
+    t = gu.shape[0]
+    if t == 1:
+        _geglu_row(gu[0], inter, out[0])
+        return
+    for i in prange(t):
         _geglu_row(gu[i], inter, out[i])
 
 

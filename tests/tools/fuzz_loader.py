@@ -639,8 +639,8 @@ def worker_main():
                 )
                 model, forward = gen.model, gen.model.forward
 
-                def checked(ids, all_logits=False):
-                    logits = forward(ids, all_logits)
+                def checked(ids, all_logits=False, prompt=False):
+                    logits = forward(ids, all_logits, prompt)
                     if not np.isfinite(logits).all():
                         res["nan"] = True
                     return logits

@@ -51,13 +51,7 @@ def pair(tokenizer, tmp_path_factory):
     }
     out = {"log": r.output}
     for name, src in dirs.items():
-        q = root / f"{name}-q4"
-        args = ["--bits", "4", "--group-size", "32", "--sym", "--method", "rtn", "--no-eval", "-o", str(q)]
-        r = runner.invoke(app, ["quantize", str(src), *args])
-        assert r.exit_code == 0, r.output
-        r = runner.invoke(app, ["export", str(q), "-o", str(root / f"{name}-onnx"), "--no-check"])
-        assert r.exit_code == 0, r.output
-        out[name] = root / f"{name}-onnx"
+        out[name] = tiny.export_q4(src, root, name)
     out["target_dir"], out["draft_dir"] = tdir, root / "draft"
     return out
 

@@ -34,13 +34,7 @@ def exports(tiny_dirs, tokenizer, tmp_path_factory):
         "wide": tiny.save(tiny.build("llama", vocab_size=tiny.VOCAB + 64), tokenizer, root / "wide"),
     }
     for name, src in srcs.items():
-        q = root / f"{name}-q4"
-        args = ["--bits", "4", "--group-size", "32", "--sym", "--method", "rtn", "--no-eval", "-o", str(q)]
-        r = runner.invoke(app, ["quantize", str(src), *args])
-        assert r.exit_code == 0, r.output
-        r = runner.invoke(app, ["export", str(q), "-o", str(root / f"{name}-onnx"), "--no-check"])
-        assert r.exit_code == 0, r.output
-        out[name] = root / f"{name}-onnx"
+        out[name] = tiny.export_q4(src, root, name)
     r = runner.invoke(app, ["export", str(srcs["target"]), "-o", str(root / "f32-onnx"), "--no-check"])
     assert r.exit_code == 0, r.output
     out["f32"] = root / "f32-onnx"

@@ -201,3 +201,19 @@ def save(model, tokenizer, out_dir: Path) -> Path:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def export_q4(src: Path, root: Path, name: str) -> Path:
+    """`quantize` (4-bit RTN, g32 symmetric) then `export` of the model in `src` through the CLI, into
+    root/NAME-q4 and root/NAME-onnx; returns the export directory."""
+    from typer.testing import CliRunner
+
+    from edgellm.cli import app
+
+    runner, q = CliRunner(), root / f"{name}-q4"
+    args = ["--bits", "4", "--group-size", "32", "--sym", "--method", "rtn", "--no-eval", "-o", str(q)]
+    r = runner.invoke(app, ["quantize", str(src), *args])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["export", str(q), "-o", str(root / f"{name}-onnx"), "--no-check"])
+    assert r.exit_code == 0, r.output
+    return root / f"{name}-onnx"

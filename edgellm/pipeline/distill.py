@@ -72,11 +72,10 @@ class DistillResult:
     quality: dict = field(default_factory=dict)  # teacher, initial_student, student (Quality.to_dict())
 
 
-def check_options(o: DistillOptions) -> None:
-    """Every numeric option's range and the option combinations, before anything is loaded."""
+def check_training_ranges(o) -> None:
+    """The ranges of the training options a student and a draft share (`o`: their options)."""
     for name, value, lo, lo_open in (
         ("--temperature", o.temperature, 0.0, True),
-        ("--hidden-weight", o.hidden_weight, 0.0, False),
         ("--lr", o.lr, 0.0, True),
         ("--weight-decay", o.weight_decay, 0.0, False),
         ("--clip", o.clip, 0.0, False),
@@ -84,6 +83,12 @@ def check_options(o: DistillOptions) -> None:
         ("--seed", o.seed, 0, False),
     ):
         check_range(name, value, lo, lo_open=lo_open)
+
+
+def check_options(o: DistillOptions) -> None:
+    """Every numeric option's range and the option combinations, before anything is loaded."""
+    check_training_ranges(o)
+    check_range("--hidden-weight", o.hidden_weight, 0.0)
     check_range("--ce-weight", o.ce_weight, 0.0, 1.0)
     for name, path in (("--resume", o.resume), ("--checkpoint-dir", o.checkpoint_dir)):
         if path is not None and Path(path).exists() and not Path(path).is_dir():

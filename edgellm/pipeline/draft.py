@@ -15,7 +15,7 @@ from pathlib import Path
 from ..distill.draft import DraftInit
 from ..errors import EdgeLLMError
 from .common import check_range, data_tokens, load_spec
-from .distill import Device
+from .distill import Device, check_training_ranges
 from .options import option
 
 
@@ -52,13 +52,8 @@ class DraftResult:
 
 
 def check_options(o: DraftOptions) -> None:
+    check_training_ranges(o)
     for name, value, lo, lo_open in (
-        ("--temperature", o.temperature, 0.0, True),
-        ("--lr", o.lr, 0.0, True),
-        ("--weight-decay", o.weight_decay, 0.0, False),
-        ("--clip", o.clip, 0.0, False),
-        ("--warmup-steps", o.warmup_steps, -1, False),
-        ("--seed", o.seed, 0, False),
         ("--draft-layers", o.draft_layers, 1, False),
         ("--prompts", o.prompts, 2, False),
         ("--prompt-tokens", o.prompt_tokens, 1, False),

@@ -338,9 +338,10 @@ def linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
     # leftover tokens (t % TB): one more tile, padded with zero rows, so that every token's sums are
     # the tile's whatever t is (a prompt read in pieces gives the logits of it read at once; the
     # decode kernel's order differs from the tile's in the last bits on some tiers)
-    pa, pb = np.zeros((TB, xa.shape[1]), np.int8), np.zeros((TB, xb.shape[1]), np.int8)  # (TB, cap)
-    pi, pl = np.zeros((TB, init.shape[1]), np.int32), np.zeros((TB, xsl.shape[1]), np.float32)
-    pout = np.empty((TB, n), np.float32)
+    m = TB if tfull < t else 0  # no padded tile (and no allocation) when t is a multiple of TB
+    pa, pb = np.zeros((m, xa.shape[1]), np.int8), np.zeros((m, xb.shape[1]), np.int8)  # (m, cap)
+    pi, pl = np.zeros((m, init.shape[1]), np.int32), np.zeros((m, xsl.shape[1]), np.float32)
+    pout = np.empty((m, n), np.float32)
     for i in range(tfull, t):
         pa[i - tfull], pb[i - tfull], pi[i - tfull], pl[i - tfull] = xa[i], xb[i], init[i], xsl[i]
     for tile in prange(ntile):

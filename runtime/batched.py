@@ -2,9 +2,10 @@
 
 `forward_rows` is the hot loop of the parallel server: one compiled call runs T rows, each a token
 of one of S sequences (slots) at its own position, through every layer. Each weight is read from
-memory once for all rows: up to ROWS_VEC rows (decoding slots) go through `linear_rows`, which
-holds a tile of weight rows in L1 while every row passes over it with the decode microkernel;
-more rows (a step with a prompt chunk) through the prompt path's RB x TB tiles (`linear_mat`).
+memory once for all rows: decoding rows (the first rows of a step) always go through `linear_rows`,
+which holds a tile of weight rows in L1 while every row passes over it with the decode microkernel,
+so a decoding slot's logits never depend on how many requests are in flight; a prompt chunk's rows
+join them up to ROWS_VEC rows in all, above that take the prompt path's RB x TB tiles (`linear_mat`).
 Attention is per sequence against its own KV cache:
 - a row that is its slot's only token this step (decode) joins one parallel attention region
   over all such rows (kernels/slots.py `attention_rows`, the decode kernel's per-query code);
@@ -32,7 +33,7 @@ from .kernels.layers import attention_mat, embed_rows, kv_cast, rope
 from .kernels.simd import as_voidptr
 from .kernels.slots import attention_rows, batch_linear
 from .kvcache import lazy_zeros
-from .model import _activate, _mlp_in, _norm, _qk_norm, _residual
+from .model import _activate, _mlp_in, _norm, _qk_norm, _residual, forward
 from .validate import available_memory, run_bytes
 
 # Prompt tokens per step, summed over the slots that are reading a prompt: a long prompt is read
@@ -45,10 +46,10 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
     """Run T = len(ids) rows through every layer; write logits (R, V) of the rows `want`.
 
     Row i is a token of slot slot[i] at position pos[i]. dec (D,): the rows that are their slot's
-    only token this step; segs (G, 3): [first row, rows, slot] of each run of several rows of one
+    only token this step, rows 0..D-1; segs (G, 3): [first row, rows, slot] of each run of several rows of one
     slot at consecutive positions (a prompt chunk). kc, vc: KV caches (S, L, NKV, ctx, HD); the
     rest as `model.forward`."""
-    t = ids.shape[0]
+    t, nd = ids.shape[0], dec.shape[0]
     H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
     cap, nbc = cfg.act_cap, cfg.block_cap
     x = np.empty((t, H), np.float32)  # residual stream (T, H)
@@ -89,7 +90,7 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
             _norm(cfg, x, layer.attn_norm_w, layer.attn_norm_b, xn)
         else:
             xn[:] = x
-        batch_linear(layer.qkv, xn, qkv, act, tier)
+        batch_linear(layer.qkv, xn, qkv, act, tier, nd)
         _qk_norm(layer, qkv, NH, NKV, HD, cfg.eps)
         if layer.rope != 0:
             tab = 1 if layer.rope == ROPE_LOCAL else 0
@@ -109,13 +110,13 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
             r0, n, s = segs[g, 0], segs[g, 1], segs[g, 2]
             q, o = qkv[r0 : r0 + n], att[r0 : r0 + n]
             attention_mat(q, kc[s, l], vc[s, l], pos[r0], NH, NKV, HD, o, cscores, layer.window, sc, acap)
-        batch_linear(layer.o, att, res, act, tier)
+        batch_linear(layer.o, att, res, act, tier, nd)
         _residual(cfg, x, res, layer.attn_out_norm_w, xn)
         # MLP block
         _mlp_in(cfg, layer, x, xn)
-        batch_linear(layer.up, xn, up, act, tier)
+        batch_linear(layer.up, xn, up, act, tier, nd)
         _activate(cfg, up, mid)
-        batch_linear(layer.down, mid, res, act, tier)
+        batch_linear(layer.down, mid, res, act, tier, nd)
         _residual(cfg, x, res, layer.mlp_out_norm_w, xn)
     r = want.shape[0]  # the head only for the rows whose logits are wanted
     xw = np.empty((r, H), np.float32)
@@ -123,7 +124,7 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
         xw[k] = x[want[k]]
     xo = np.empty((r, H), np.float32)
     _norm(cfg, xw, model.final_norm_w, model.final_norm_b, xo)
-    batch_linear(model.head, xo, logits, act, tier)
+    batch_linear(model.head, xo, logits, act, tier, r)  # a row each: decode's kernel
     if cfg.logit_mult != 1 or cfg.final_cap > 0:
         scale_cap(logits, cfg.logit_mult, cfg.final_cap)
 
@@ -146,6 +147,12 @@ class SlotCaches:
         self.k = lazy_zeros(shape, st.k.dtype)
         self.v = lazy_zeros(shape, st.v.dtype)
         self.pos = [0] * n  # positions cached per slot
+        # A step of one decoding row runs the single-sequence decode step on its slot's cache (the
+        # same kernels, bit for bit, without the batched step's scratch and row bookkeeping: a lone
+        # client of a --parallel server decodes as fast as on --parallel 1). Slot caches keep every
+        # layer at full length, so only where the model's own cache does too (no sliding rings).
+        lay = model.weights.layers
+        self.single = bool((lay["ring"] == 0).all() and (lay["kv"] == np.arange(len(lay))).all())
 
     def step(self, segments: list[tuple[int, np.ndarray, bool, bool]]) -> np.ndarray:
         """Append each segment's tokens (slot, ids, wants logits, is prompt) at its slot's position,
@@ -153,6 +160,8 @@ class SlotCaches:
         them, in order. A slot appears at most once. Prompt tokens always go through the prompt's
         attention kernel, generated ones through the decode kernel: the two round differently, so
         a prompt's keys and values are the same however its chunks fall (one token or many)."""
+        if self.single and len(segments) == 1 and len(segments[0][1]) == 1 and not segments[0][3]:
+            return self._decode_one(*segments[0][:2])
         args = self._args(segments)
         numba.set_num_threads(self.model.threads)
         forward_rows(*args)
@@ -160,17 +169,37 @@ class SlotCaches:
             self.pos[s] += len(toks)
         return args[13]
 
+    def _decode_one(self, s: int, toks) -> np.ndarray:
+        """Slot s's next token through `model.forward`'s compiled decode step on the slot's cache;
+        logits (1, V)."""
+        m, p = self.model, self.pos[s]
+        ids = np.asarray(toks, np.int64).reshape(1)
+        if p + 1 > m.n_ctx:
+            raise EdgeLLMError(f"{p + 1} tokens exceed the context of {m.n_ctx}")
+        if not 0 <= ids[0] < m.config.vocab_size:
+            raise EdgeLLMError(f"token id out of range [0, {m.config.vocab_size})")
+        st, w = m.state, m.weights
+        logits = np.empty((1, m.config.vocab_size), np.float32)
+        numba.set_num_threads(m.threads)
+        forward(ids, p, m.run_config, w.model, w.layers, *m.rope_sets[0], self.k[s], self.v[s], st.kr, st.vr,
+                logits, False, False, m.tier)  # fmt: skip
+        self.pos[s] += 1
+        return logits
+
     def _args(self, segments) -> tuple:
         """The arguments of `forward_rows` for `segments` (see `step`)."""
         m = self.model
         ids, slot, pos, dec, segs, want = [], [], [], [], [], []
-        for s, toks, wants, prompt in segments:
+        first = {}  # segment -> its first row: decoding segments first (rows 0..D-1), then the chunks
+        order = sorted(range(len(segments)), key=lambda g: not (len(segments[g][1]) == 1 and not segments[g][3]))
+        for g in order:
+            s, toks, wants, prompt = segments[g]
             n, p0 = len(toks), self.pos[s]
             if n == 0:
                 raise EdgeLLMError("no tokens to run")
             if p0 + n > m.n_ctx:
                 raise EdgeLLMError(f"{p0 + n} tokens exceed the context of {m.n_ctx}")
-            r0 = len(ids)
+            r0 = first[g] = len(ids)
             ids.extend(int(i) for i in toks)
             slot.extend([s] * n)
             pos.extend(range(p0, p0 + n))
@@ -178,8 +207,9 @@ class SlotCaches:
                 dec.append(r0)
             else:
                 segs.append((r0, n, s))
+        for g, (_, toks, wants, _) in enumerate(segments):  # logits in the segments' order
             if wants:
-                want.append(r0 + n - 1)
+                want.append(first[g] + len(toks) - 1)
         ids_a = np.array(ids, np.int64)
         if ids_a.min() < 0 or ids_a.max() >= m.config.vocab_size:
             raise EdgeLLMError(f"token id out of range [0, {m.config.vocab_size})")

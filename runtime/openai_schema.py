@@ -519,8 +519,10 @@ def now() -> int:
     return int(time.time())
 
 
-def tool_call_deltas(index: int, call: dict) -> list[list]:
-    """One call as OpenAI streams it: its id, type and name with empty arguments, then the arguments."""
-    fn = call["function"]
-    head = {"index": index, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
-    return [[head], [{"index": index, "function": {"arguments": fn["arguments"]}}]]
+def tool_call_delta(kind: str, value) -> list:
+    """A tools.ToolParser event as OpenAI streams it in `delta.tool_calls`: a call's head ("call":
+    index, id, type, name, arguments "") or the next piece of its arguments ("arguments": (index, text))."""
+    if kind == "call":
+        return [value]
+    index, text = value
+    return [{"index": index, "function": {"arguments": text}}]

@@ -158,7 +158,7 @@ def create_app(
     async def sse(req: schema.Request, job: Job, rid: str, echoed: str, guide: Plan):
         """Server-sent events: a role chunk (chat) or the echoed prompt (completions with echo),
         one chunk per text piece (with its tokens' logprobs when asked for), tool_calls deltas
-        (each call once it is complete), the final chunk, [DONE]."""
+        (a call's head once its name is known, then its arguments piece by piece), the final chunk, [DONE]."""
         finished = False
         parser = ToolParser(guide.fmt) if guide.fmt is not None else None
         n_calls = 0
@@ -169,9 +169,8 @@ def create_app(
                 if kind == "content":
                     yield schema.chunk(req, rid, created_at(job), text=v)
                 else:
-                    for delta in schema.tool_call_deltas(n_calls, v):
-                        yield schema.chunk(req, rid, created_at(job), tool_calls=delta)
-                    n_calls += 1
+                    yield schema.chunk(req, rid, created_at(job), tool_calls=schema.tool_call_delta(kind, v))
+                    n_calls += kind == "call"
 
         pending: list = []  # logprobs of the tokens behind the next piece
         offset = 0  # completions' text_offset: characters sent so far
@@ -257,10 +256,8 @@ def create_app(
         use = schema.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         text, calls = echoed + "".join(pieces), None
         if guide.fmt is not None:  # tool calls parsed out of the answer (runtime/tools.py)
-            parser = ToolParser(guide.fmt)
-            found = parser.feed(text) + parser.finish()
-            text = "".join(v for k, v in found if k == "content")
-            calls = [v for k, v in found if k == "call"] or None
+            text, calls = ToolParser.collect(guide.fmt, text)
+            calls = calls or None
         body = schema.response(
             req,
             rid,

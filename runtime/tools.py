@@ -231,49 +231,51 @@ def new_call_id(fmt: ToolFormat) -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def openai_call(obj, fmt: ToolFormat) -> dict | None:
-    """One parsed call object -> OpenAI's {id, type, function: {name, arguments}}; None if not a call."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+def _string_end(text: str, i: int) -> int:
+    """Index just past the JSON string that opens at text[i] ('"'), or -1 if it is not closed yet."""
+    j = i + 1
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == '"':
+            return j + 1
+        j += 1
+    return -1
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
         return None
-    args = obj.get(fmt.args_key, obj.get("arguments", obj.get("parameters", {})))
-    return {
-        "id": new_call_id(fmt),
-        "type": "function",
-        "function": {
-            "name": obj["name"],
-            "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
-        },
-    }
 
 
-def _json_values(text: str) -> list | None:
-    """The JSON values in `text` (separated by whitespace, ',' or ';'), or None if any part is not JSON."""
-    dec, i, out = json.JSONDecoder(), 0, []
-    while True:
-        while i < len(text) and text[i] in " \t\r\n,;":
-            i += 1
-        if i >= len(text):
-            return out
-        try:
-            v, i = dec.raw_decode(text, i)
-        except ValueError:
-            return None
-        out.append(v)
+_SEP = " \t\r\n,;"  # between calls
+_WS = " \t\r\n"
 
 
 class ToolParser:
-    """Model text in (piece by piece), ("content", text) and ("call", openai_call) events out.
+    """Model text in (piece by piece), events out, in the order OpenAI streams them:
 
-    Text before a call is content, streamed as it comes except for a tail that could be the
-    start of a call marker (held back, as stop strings are). Once a call starts the rest is
-    buffered; each call is emitted when its closing marker arrives (Hermes) or at the end."""
+    - ("content", text): text that is not a call, streamed as it comes except for a tail that could
+      be the start of a call marker (held back, as stop strings are);
+    - ("call", {index, id, type, function: {name, arguments: ""}}): a call, as soon as its name is known;
+    - ("arguments", (index, text)): the next piece of that call's `arguments`, as the model writes it.
+
+    Inside a call block (from its open marker) a small JSON scanner follows the calls: one object,
+    or an array of them, per block; each object's `name` string and its arguments value (`arguments`,
+    or `parameters` for Llama 3.x), whose raw text is passed through piece by piece. Nothing of the
+    markup (markers, brackets, the `name` key) becomes content. A block that turns out not to hold a
+    call before any call of it was announced is content after all, as written."""
 
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
-        self.buf = ""  # text not yet emitted
+        self.buf = ""  # content: text not yet emitted; in a call block: the block's text from its marker
         self.in_calls = False
         self.seen_text = False  # content other than whitespace was emitted (Llama: a call must come first)
-        self.calls = 0
+        self.calls = 0  # calls announced so far (the next call's index)
 
     def feed(self, piece: str) -> list:
         self.buf += piece
@@ -282,8 +284,23 @@ class ToolParser:
     def finish(self) -> list:
         return self._scan(final=True)
 
+    @staticmethod
+    def collect(fmt: ToolFormat, text: str) -> tuple[str, list]:
+        """A whole answer -> (its content, its OpenAI tool_calls): the streamed events put together."""
+        p = ToolParser(fmt)
+        content, calls = [], []
+        for kind, v in p.feed(text) + p.finish():
+            if kind == "content":
+                content.append(v)
+            elif kind == "call":
+                calls.append({"id": v["id"], "type": "function", "function": dict(v["function"])})
+            else:
+                calls[v[0]]["function"]["arguments"] += v[1]
+        return "".join(content), calls
+
+    # ------------------------------------------------------------------ content
     def _scan(self, final: bool) -> list:
-        f, ev = self.fmt, []
+        ev: list = []
         while True:
             if not self.in_calls:
                 start = self._find_open()
@@ -295,43 +312,9 @@ class ToolParser:
                     return ev
                 self._content(ev, self.buf[:start])
                 self.buf = self.buf[start:]
-                self.in_calls = True
-            # in calls: the buffer starts at an open marker (or the JSON itself when there is none)
-            if f.per_call and f.close:
-                end = self.buf.find(f.close.strip())
-                if end < 0 and not final:
-                    return ev
-                body = self.buf[len(f.open.strip()) : end if end >= 0 else len(self.buf)]
-                rest = self.buf[end + len(f.close.strip()) :] if end >= 0 else ""
-                if not self._calls(ev, body, raw=self.buf[: end + len(f.close.strip())] if end >= 0 else self.buf):
-                    return ev
-                self.buf, self.in_calls = rest.lstrip(), False
-                if not self.buf:
-                    return ev
-                continue
-            if not final:
-                return ev
-            body = self.buf[len(f.open.strip()) :] if f.open.strip() else self.buf
-            if f.name == "llama3_json" and body.startswith("<|python_tag|>"):
-                body = body[len("<|python_tag|>") :]
-            if f.close.strip() and f.close.strip() in body:
-                body = body[: body.find(f.close.strip())]
-            self._calls(ev, body, raw=self.buf)
-            self.buf = ""
-            return ev
-
-    def _calls(self, ev: list, body: str, raw: str) -> bool:
-        values = _json_values(body.strip())
-        items = values[0] if self.fmt.array and values and len(values) == 1 and isinstance(values[0], list) else values
-        calls = [openai_call(v, self.fmt) for v in items] if items else None
-        if not calls or any(c is None for c in calls):
-            self._content(ev, raw)  # not a call after all: the text as it is
-            self.buf, self.in_calls = "", False
-            return False
-        for c in calls:
-            ev.append(("call", c))
-            self.calls += 1
-        return True
+                self._open_block()
+            if not self._scan_calls(ev, final):
+                return ev  # waiting for more text (or finished)
 
     def _content(self, ev: list, text: str):
         if text and (text.strip() or not self.calls):  # whitespace between or after calls is not content
@@ -364,3 +347,195 @@ class ToolParser:
             if text.endswith(m[:k]):
                 return k
         return 0
+
+    # ------------------------------------------------------------------ call blocks
+    def _open_block(self):
+        """self.buf starts at a call block's open marker (or, Llama 3.x, its JSON / <|python_tag|>)."""
+        m = self.fmt.open.strip() or ("<|python_tag|>" if self.buf.startswith("<|python_tag|>") else "")
+        self.in_calls, self.pos, self.st = True, len(m), "between"
+        self.in_array, self.block_calls = False, 0
+
+    def _new_object(self):
+        self.key = None
+        self.name = None  # the call's name once read
+        self.index = None  # the call's index once announced
+        self.args_from = self.args_to = -1  # the arguments value's span in buf (args_to -1: not ended)
+        self.args_str = False  # arguments written as a JSON string: sent decoded, in one piece
+        self.args_sent = 0  # buf position up to which the arguments were sent
+        self.v_from, self.v_depth, self.v_instr = 0, 0, False
+
+    def _scan_calls(self, ev: list, final: bool) -> bool:
+        """Read the block from self.pos; True when the block ended (self.buf is then content again)."""
+        while True:
+            r = self._step(ev, final)
+            if r is not None:
+                return r
+
+    def _step(self, ev: list, final: bool) -> bool | None:
+        """One move of the block's scanner: None to go on, True (block ended), False (wait for text)."""
+        b, close, st = self.buf, self.fmt.close.strip(), self.st
+        j = self.pos
+        if st in ("between", "key", "colon", "value", "after"):
+            skip = _SEP if st == "between" else _WS
+            while j < len(b) and b[j] in skip:
+                j += 1
+            self.pos = j
+        if j >= len(b) and st != "value_in":
+            return self._end_block(ev, j) if final else False
+        c = b[j] if j < len(b) else ""
+        if st == "skip":  # the rest of a broken block, up to its close marker
+            k = b.find(close, j)
+            if k < 0:
+                self.pos = len(b)
+                return None
+            return self._end_block(ev, k + len(close))
+        if st == "between":
+            if close and not self.in_array:
+                if b.startswith(close, j):
+                    return self._end_block(ev, j + len(close))
+                if close.startswith(b[j:]) and not final:
+                    return False
+            if c == "[" and not self.in_array:
+                self.in_array, self.pos = True, j + 1
+            elif c == "]" and self.in_array:
+                self.in_array, self.pos = False, j + 1
+            elif c == "{":
+                self._new_object()
+                self.st, self.pos = "key", j + 1
+            else:
+                return self._broken(ev, j)
+        elif st == "key":
+            if c == "}":
+                return None if self._end_object(ev, j + 1) else self._broken(ev, j + 1)
+            if c != '"':
+                return self._broken(ev, j)
+            end = _string_end(b, j)
+            if end < 0:
+                return self._end_block(ev, len(b)) if final else False
+            self.key, self.st, self.pos = _loads(b[j:end]), "colon", end
+        elif st == "colon":
+            if c != ":":
+                return self._broken(ev, j)
+            self.st, self.pos = "value", j + 1
+        elif st == "value":
+            if self.key == "name" and self.name is None:
+                if c != '"':
+                    return self._broken(ev, j)
+                end = _string_end(b, j)
+                if end < 0:
+                    return self._end_block(ev, len(b)) if final else False
+                self.name = _loads(b[j:end])
+                if not isinstance(self.name, str):
+                    self.name = None
+                    return self._broken(ev, j)
+                self._announce(ev)
+                self.st, self.pos = "after", end
+                return None
+            if self.key in (self.fmt.args_key, "arguments", "parameters") and self.args_from < 0:
+                self.args_from, self.args_sent, self.args_str = j, j, c == '"'
+                self.v_kind = "args"
+            else:
+                self.v_kind = "skip"
+            self.v_from, self.v_depth, self.v_instr, self.v_esc = j, 0, False, False
+            self.st = "value_in"
+        elif st == "value_in":
+            end = self._value_end(b, final)
+            if end < 0:
+                self._send_args(ev, self.pos)
+                return self._end_block(ev, len(b)) if final else False
+            if self.v_kind == "args":
+                self.args_to = end
+                self._send_args(ev, end)
+            self.st, self.pos = "after", end
+        elif st == "after":
+            if c == ",":
+                self.st, self.pos = "key", j + 1
+            elif c == "}":
+                return None if self._end_object(ev, j + 1) else self._broken(ev, j + 1)
+            else:
+                return self._broken(ev, j)
+        return None
+
+    def _value_end(self, b: str, final: bool) -> int:
+        """Scan the value opened at self.v_from from self.pos; its end index, or -1 (not ended yet)."""
+        j = self.pos
+        first = b[self.v_from]
+        while j < len(b):
+            c = b[j]
+            if self.v_instr:
+                if self.v_esc:
+                    self.v_esc = False
+                elif c == "\\":
+                    self.v_esc = True
+                elif c == '"':
+                    self.v_instr = False
+                    if self.v_depth == 0:
+                        return j + 1
+            elif c == '"':
+                self.v_instr = True
+            elif c in "{[":
+                self.v_depth += 1
+            elif c in "}]":
+                if self.v_depth == 0:  # a scalar's end (the object's own bracket)
+                    return j
+                self.v_depth -= 1
+                if self.v_depth == 0:
+                    return j + 1
+            elif self.v_depth == 0 and first not in '{["' and c in ",\t\r\n ":
+                return j
+            j += 1
+        self.pos = j
+        return len(b) if final and first not in '{["' else -1
+
+    def _announce(self, ev: list):
+        """The call's name is known: announce it, with the arguments read so far."""
+        self.index = self.calls
+        self.calls += 1
+        self.block_calls += 1
+        fn = {"name": self.name, "arguments": ""}
+        ev.append(("call", {"index": self.index, "id": new_call_id(self.fmt), "type": "function", "function": fn}))
+        if self.args_from >= 0:
+            self._send_args(ev, self.args_to if self.args_to >= 0 else self.pos)
+
+    def _send_args(self, ev: list, upto: int):
+        if self.index is None or self.args_from < 0 or upto <= self.args_sent:
+            return
+        raw = self.buf[self.args_sent : upto]
+        if self.args_str:  # a JSON string holding the arguments: its text, once it is whole
+            if self.args_to < 0:
+                return
+            try:
+                raw = json.loads(self.buf[self.args_from : self.args_to])
+            except ValueError:
+                pass
+        self.args_sent = upto
+        if raw:
+            ev.append(("arguments", (self.index, raw)))
+
+    def _end_object(self, ev: list, end: int) -> bool:
+        """A call object closed at end; False when it was not a call (no name)."""
+        if self.name is None or not isinstance(self.name, str):
+            return False
+        if self.args_from < 0:
+            ev.append(("arguments", (self.index, "{}")))
+        self.st, self.pos = "between", end
+        return True
+
+    def _broken(self, ev: list, j: int) -> bool | None:
+        """Text at j is not part of a call. Before any call of the block: the block is content as
+        written. After one: the calls stand; the rest of the block is dropped up to its close
+        marker, or (no close marker) is content again. True when the block ended (None: scan on)."""
+        if self.block_calls == 0:
+            return self._end_block(ev, j)
+        if self.fmt.close.strip():
+            self.st, self.pos = "skip", j
+            return None
+        return self._end_block(ev, j)
+
+    def _end_block(self, ev: list, j: int) -> bool:
+        """The block ends at j; text after it is content again. A block that announced no call is
+        content as written (not a call after all); a call cut off keeps the arguments sent."""
+        if self.block_calls == 0:
+            self._content(ev, self.buf[:j])
+        self.buf, self.in_calls = self.buf[j:], False
+        return True

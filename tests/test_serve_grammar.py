@@ -297,6 +297,40 @@ def test_tool_call_round_trip(tool_server, stream):
     assert isinstance(text, str) and text
 
 
+def test_streamed_tool_calls_match_the_whole_answer(tool_server):
+    """Streaming: each call's head (index, id, type, name, arguments "") comes first, then its
+    arguments in several deltas as the model writes them; the openai client's accumulation of the
+    deltas gives the same calls as the same request answered whole; no markup becomes content."""
+    client, model = tool_server.client(), tool_server.model_id
+    msgs = [{"role": "user", "content": "Weather in Lima and the time?"}]
+    kw = dict(model=model, messages=msgs, tools=[WEATHER, TIME], tool_choice="required", max_tokens=160)
+    several = 0
+    for seed in range(3):
+        whole = client.chat.completions.create(temperature=1.0, seed=seed, **kw).choices[0].message
+        chunks = list(client.chat.completions.create(temperature=1.0, seed=seed, stream=True, **kw))
+        calls, n_args = {}, {}
+        for c in chunks:
+            d = c.choices[0].delta if c.choices else None
+            assert not (d and d.content and "tool_call" in d.content), d.content
+            for tc in (d.tool_calls or []) if d else []:
+                if tc.index not in calls:  # a head: id, type and name, empty arguments
+                    assert tc.id and tc.type == "function" and tc.function.name and tc.function.arguments == ""
+                    assert tc.index == len(calls)  # parallel calls: index 0, 1, ...
+                    calls[tc.index], n_args[tc.index] = [tc.function.name, ""], 0
+                else:  # a piece of the arguments only
+                    assert tc.id is None and tc.function.name is None and tc.function.arguments
+                    calls[tc.index][1] += tc.function.arguments
+                    n_args[tc.index] += 1
+        assert [tuple(v) for v in calls.values()] == [(t.function.name, t.function.arguments) for t in whole.tool_calls]
+        for i, (name, args) in calls.items():
+            jsonschema.validate(
+                json.loads(args), (WEATHER if name == "get_weather" else TIME)["function"]["parameters"]
+            )
+            several += name == "get_weather" and n_args[i] > 1
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert several  # a call with two arguments came in more than one delta
+
+
 # ----------------------------------------------------------------------------- every family's format
 SAMPLES = {
     "hermes": 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>\n'
@@ -322,21 +356,43 @@ def test_each_family_format_parses_whole_and_streamed(name, tokenizer, tmp_path)
     text = SAMPLES[name]
     want = [("get_weather", {"city": "Oslo", "unit": "C"}), ("get_time", {"zone": "CET"})]
 
-    def calls(events):
-        return [(v["function"]["name"], json.loads(v["function"]["arguments"])) for k, v in events if k == "call"]
+    def calls(events):  # the calls the events put together (as the openai client accumulates deltas)
+        out = []
+        for k, v in events:
+            if k == "call":
+                assert v["index"] == len(out) and v["function"]["arguments"] == ""  # 0, 1, ...: a head first
+                out.append([v["function"]["name"], ""])
+            elif k == "arguments":
+                out[v[0]][1] += v[1]
+        return [(n, json.loads(a)) for n, a in out]
 
-    p = T.ToolParser(fmt)
-    whole = p.feed(text) + p.finish()
-    assert calls(whole) == want
-    content = "".join(v for k, v in whole if k == "content")
+    content, whole = T.ToolParser.collect(fmt, text)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole] == want
     assert content == ("Sure." if name == "hermes" else "")
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in whole) == (fmt.id_chars == 9)
     p = T.ToolParser(fmt)
     streamed = [e for ch in text for e in p.feed(ch)] + p.finish()  # one character at a time
     assert calls(streamed) == want and "".join(v for k, v in streamed if k == "content") == content
-    assert all(len(v["id"]) == 9 and v["id"].isalnum() for k, v in whole if k == "call") == (fmt.id_chars == 9)
+    # the arguments stream as they come: a call with two arguments in many pieces, each announced first
+    pieces = [v[1] for k, v in streamed if k == "arguments" and v[0] == 0]
+    assert len(pieces) > 2 and "".join(pieces) == '{"city": "Oslo", "unit": "C"}'
+    # cut where a piece ends: the same calls; cut inside the first call's arguments: the head and a prefix
+    p = T.ToolParser(fmt)
+    cut = text.index('"unit"')
+    first = p.feed(text[:cut])
+    heads = [v for k, v in first if k == "call"]
+    assert [h["function"]["name"] for h in heads] == ["get_weather"]
+    assert "".join(v[1] for k, v in first if k == "arguments") == text[text.index('{"city"') : cut]
+    assert calls(first + p.feed(text[cut:]) + p.finish()) == want
     # plain text is content, never a call
     p = T.ToolParser(fmt)
     assert p.feed("The weather is fine.") + p.finish() == [("content", "The weather is fine.")]
+    # markup that holds no call is content as written; nothing of a call's markup is content
+    assert T.ToolParser.collect(fmt, fmt.open + "not a call") == (fmt.open + "not a call", [])
+    for cut in range(len(text)):
+        p = T.ToolParser(fmt)
+        ev = p.feed(text[:cut]) + p.feed(text[cut:]) + p.finish()
+        assert "".join(v for k, v in ev if k == "content") == content, cut
 
     # the forcing grammar (required, parallel) accepts the sample's calls
     tokenizer.save_pretrained(str(tmp_path))
@@ -347,6 +403,26 @@ def test_each_family_format_parses_whole_and_streamed(name, tokenizer, tmp_path)
     body = text[len("Sure.") :] if name == "hermes" else text
     assert c.matcher.consume_tokens(tok.encode(body, special=False)), c.matcher.get_error()
     assert c.accepting
+
+
+def test_tool_parser_edge_cases():
+    """Arguments before the name (sent once the name is known), arguments as a JSON string (sent
+    decoded), a call cut off by max_tokens (the arguments so far), junk after a call inside its
+    block (dropped, never content), text after the block (content)."""
+    from edgellm.runtime import tools as T
+
+    f = next(f for f in T.FORMATS if f.name == "hermes")
+
+    def parse(text):
+        content, calls = T.ToolParser.collect(f, text)
+        return content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+    assert parse('Hi <tool_call>\n{"arguments": {"a": 1}, "name": "x"}\n</tool_call>') == ("Hi ", [("x", '{"a": 1}')])
+    assert parse('<tool_call>{"name": "x", "arguments": "{\\"a\\": 1}"}</tool_call>') == ("", [("x", '{"a": 1}')])
+    assert parse('<tool_call>\n{"name": "x", "arguments": {"a": [1, 2') == ("", [("x", '{"a": [1, 2')])
+    assert parse('<tool_call>{"name": "x"}</tool_call> bye') == (" bye", [("x", "{}")])
+    assert parse('<tool_call>{"name": "x", "arguments": {}} junk </tool_call> bye') == (" bye", [("x", "{}")])
+    assert parse('<tool_call>{"nom": "x"}</tool_call>') == ('<tool_call>{"nom": "x"}</tool_call>', [])
 
 
 def test_template_detection():

@@ -18,8 +18,9 @@ from ..format.records import KIND_F16, KIND_F32
 from .layers import _attn_query_rows, kv_get
 from .quant import RECENTRE, _finish_mat, _frow, _held, _qrows_vec, lane_shift, linear_mat, quantize_act
 
-# Rows up to which a batched step's linears run each row through the decode microkernel
-# (`linear_rows`); above it, the prompt path's RB x TB tiles (`linear_mat`).
+# Rows up to which a batched step's linears run every row through the decode microkernel
+# (`linear_rows`); above it, the prompt chunk's rows take the prompt path's RB x TB tiles (`linear_mat`)
+# and the decoding rows stay on the decode microkernel.
 ROWS_VEC = 16
 ROW_TILE = 32  # weight rows per parallel unit: one tile stays in L1 while every row passes over it
 
@@ -86,14 +87,19 @@ def linear_rows(d, x, out, xa, xb, init, xsl, xzb, xs, tier):
 
 
 @njit(cache=True, inline="always")
-def batch_linear(d, x, out, act, tier):
-    """The linear of a batched step: `linear_rows` up to ROWS_VEC rows, the prompt path's
-    `linear_mat` above (a step with a prompt chunk)."""
+def batch_linear(d, x, out, act, tier, nd):
+    """The linear of a batched step whose first nd rows decode (one token of their slot each): those
+    always through `linear_rows` (the decode microkernel, so a row's output never depends on how
+    many others share the step); the rest, a prompt chunk, too when the step has at most ROWS_VEC
+    rows, else through the prompt path's tiles (`linear_mat`), which sum in another order."""
     xa, xb, init, xsl, xzb, xs = act
-    if x.shape[0] <= ROWS_VEC:
+    t = x.shape[0]
+    if t <= ROWS_VEC or nd >= t:
         linear_rows(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
-    else:
-        linear_mat(d, x, out, xa, xb, init, xsl, xzb, xs, tier)
+        return
+    if nd > 0:
+        linear_rows(d, x[:nd], out[:nd], xa[:nd], xb[:nd], init[:nd], xsl[:nd], xzb[:nd], xs[:nd], tier)
+    linear_mat(d, x[nd:], out[nd:], xa[nd:], xb[nd:], init[nd:], xsl[nd:], xzb[nd:], xs[nd:], tier)
 
 
 def ref_attention_rows(q, kc, vc, slot, pos, layer, window=0, scale=0.0, softcap=0.0):

@@ -2,7 +2,8 @@
 
 The model sees the tools through its own chat template (the `tools` variable of Qwen2/Qwen3,
 Llama 3.x, SmolLM3, Mistral, Phi-4-mini, Granite templates) and answers a call in its family's
-text format; `ToolParser` turns that text back into OpenAI `tool_calls` (streaming too), and
+text format; `ToolParser` turns that text back into OpenAI `tool_calls` (streamed as OpenAI does:
+a call's name as soon as it is written, then its arguments piece by piece), and
 `call_grammar` is the Lark grammar (for runtime/constrain.py) that forces a well-formed call when
 `tool_choice` is `required` or names a function. A template that never reads `tools` cannot
 show them to the model: `detect` refuses it.
@@ -418,26 +419,7 @@ class ToolParser:
                 return self._broken(ev, j)
             self.st, self.pos = "value", j + 1
         elif st == "value":
-            if self.key == "name" and self.name is None:
-                if c != '"':
-                    return self._broken(ev, j)
-                end = _string_end(b, j)
-                if end < 0:
-                    return self._end_block(ev, len(b)) if final else False
-                self.name = _loads(b[j:end])
-                if not isinstance(self.name, str):
-                    self.name = None
-                    return self._broken(ev, j)
-                self._announce(ev)
-                self.st, self.pos = "after", end
-                return None
-            if self.key in (self.fmt.args_key, "arguments", "parameters") and self.args_from < 0:
-                self.args_from, self.args_sent, self.args_str = j, j, c == '"'
-                self.v_kind = "args"
-            else:
-                self.v_kind = "skip"
-            self.v_from, self.v_depth, self.v_instr, self.v_esc = j, 0, False, False
-            self.st = "value_in"
+            return self._value(ev, b, j, final)
         elif st == "value_in":
             end = self._value_end(b, final)
             if end < 0:
@@ -454,6 +436,32 @@ class ToolParser:
                 return None if self._end_object(ev, j + 1) else self._broken(ev, j + 1)
             else:
                 return self._broken(ev, j)
+        return None
+
+    def _value(self, ev: list, b: str, j: int, final: bool) -> bool | None:
+        """A value starts at j: the call's name (read whole, then the call is announced), its
+        arguments (scanned and sent as they come) or another key's (skipped)."""
+        c = b[j]
+        if self.key == "name" and self.name is None:
+            if c != '"':
+                return self._broken(ev, j)
+            end = _string_end(b, j)
+            if end < 0:
+                return self._end_block(ev, len(b)) if final else False
+            self.name = _loads(b[j:end])
+            if not isinstance(self.name, str):
+                self.name = None
+                return self._broken(ev, j)
+            self._announce(ev)
+            self.st, self.pos = "after", end
+            return None
+        if self.key in (self.fmt.args_key, "arguments", "parameters") and self.args_from < 0:
+            self.args_from, self.args_sent, self.args_str = j, j, c == '"'
+            self.v_kind = "args"
+        else:
+            self.v_kind = "skip"
+        self.v_from, self.v_depth, self.v_instr, self.v_esc = j, 0, False, False
+        self.st = "value_in"
         return None
 
     def _value_end(self, b: str, final: bool) -> int:

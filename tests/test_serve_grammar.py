@@ -306,7 +306,8 @@ def test_streamed_tool_calls_match_the_whole_answer(tool_server):
     kw = dict(model=model, messages=msgs, tools=[WEATHER, TIME], tool_choice="required", max_tokens=160)
     several = 0
     for seed in range(3):
-        whole = client.chat.completions.create(temperature=1.0, seed=seed, **kw).choices[0].message
+        answer = client.chat.completions.create(temperature=1.0, seed=seed, **kw).choices[0]
+        whole = answer.message
         chunks = list(client.chat.completions.create(temperature=1.0, seed=seed, stream=True, **kw))
         calls, n_args = {}, {}
         for c in chunks:
@@ -327,7 +328,8 @@ def test_streamed_tool_calls_match_the_whole_answer(tool_server):
                 json.loads(args), (WEATHER if name == "get_weather" else TIME)["function"]["parameters"]
             )
             several += name == "get_weather" and n_args[i] > 1
-        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert chunks[-1].choices[0].finish_reason == answer.finish_reason  # tool_calls, or length: cut off
+        assert answer.finish_reason in ("tool_calls", "length")
     assert several  # a call with two arguments came in more than one delta
 
 

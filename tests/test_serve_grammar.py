@@ -324,6 +324,8 @@ def test_streamed_tool_calls_match_the_whole_answer(tool_server):
                     n_args[tc.index] += 1
         assert [tuple(v) for v in calls.values()] == [(t.function.name, t.function.arguments) for t in whole.tool_calls]
         for i, (name, args) in calls.items():
+            if answer.finish_reason == "length" and i == len(calls) - 1:
+                continue  # the last call may be cut off
             jsonschema.validate(
                 json.loads(args), (WEATHER if name == "get_weather" else TIME)["function"]["parameters"]
             )

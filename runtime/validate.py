@@ -39,6 +39,8 @@ from .format.dtypes import UINT8 as _U8
 from .format.names import (
     ARCHITECTURES,
     BIAS,
+    GATHER_SCALES,
+    GATHER_ZEROS,
     HEAD,
     QWEIGHT,
     QZEROS,
@@ -361,6 +363,34 @@ class _Checker:
         if bias:
             self.tensor(tensor(p, BIAS), (n,), (_FLOAT,), finite=True)
 
+    def gather_inputs(self, p: str, bits: int):
+        """A packed embedding's GatherBlockQuantized copies (exports since 2026-12-07; older ones
+        reshape in the graph): float32 scales and uint8 zero points (n, n_blocks, 1), each equal to
+        the `P.scales` / `P.qzeros` the numba runtime reads, so both backends compute one table."""
+        ex, gs, gz = self.ex, tensor(p, GATHER_SCALES), tensor(p, GATHER_ZEROS)
+        if gs not in ex.infos:
+            if gz in ex.infos:
+                raise EdgeLLMError(f"'{ex.path}' has '{gz}' without '{gs}' (a damaged export)")
+            return
+        qw, sc, qz = (tensor(p, part) for part in (QWEIGHT, SCALES, QZEROS))
+        if self.q is None or self.q.format != "matmulnbits" or qw not in ex.infos:
+            self.info(gs)  # seen, so the error below names it rather than 'unknown'
+            raise EdgeLLMError(f"'{ex.path}' has '{gs}', but '{p}' is not packed in the MatMulNBits layout")
+        n, nb = ex.infos[qw].shape[:2]
+        self.tensor(gs, (n, nb, 1), (_FLOAT,), finite=True)
+        if gs in ex.tensors and sc in ex.tensors:
+            if not np.array_equal(ex.tensors[gs].reshape(-1), ex.tensors[sc].astype(np.float32).reshape(-1)):
+                raise EdgeLLMError(f"initializer '{gs}' differs from '{sc}'; the export is damaged")
+        if (qz in ex.infos) != (gz in ex.infos) or (qz in ex.infos and ex.infos[qz].data_type != _U8):
+            raise EdgeLLMError(f"'{ex.path}': '{gz}' must accompany integer '{qz}' (a damaged export)")
+        if gz in ex.infos:
+            self.tensor(gz, (n, nb, 1), (_U8,))
+            if gz in ex.tensors and qz in ex.tensors:
+                packed = ex.tensors[qz].reshape(n, -1)
+                codes = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(n, -1)
+                if not np.array_equal(ex.tensors[gz].reshape(n, nb), codes[:, :nb]):
+                    raise EdgeLLMError(f"initializer '{gz}' differs from '{qz}'; the export is damaged")
+
 
 def validate_export(ex: Export) -> ModelConfig:
     """Validate the metadata and every tensor of `ex` (see the module docstring); its config."""
@@ -388,6 +418,7 @@ def validate_export(ex: Export) -> ModelConfig:
     emb = names_for(cfg.architecture).embed
     embedded = q is not None and q.embeddings
     c.linear(emb, cfg.vocab_size, cfg.hidden_size, False, quantized=embedded)
+    c.gather_inputs(emb, q.tensor_bits.get(emb, q.bits) if q is not None else 8)
     if any(n.startswith(f"{HEAD}.") and n != f"{HEAD}.bias" for n in ex.infos):
         c.linear(HEAD, cfg.vocab_size, cfg.hidden_size, f"{HEAD}.bias" in ex.infos, quantized=embedded)
     else:

@@ -53,9 +53,12 @@ def main(argv: list[str]) -> int:
     try:
         convert(export, out)
     except Exception as exc:  # one line for the parent's row; OpenVINO's message is multi-line
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "GatherBlockQuantized" in ln or "Check" in ln), lines[0] if lines else "")
-        print(f"error: OpenVINO cannot convert '{export}/model.onnx': {type(exc).__name__}: {why}", file=sys.stderr)
+        text = str(exc)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith("-- Conversion is failed for")), lines[0] if lines else "")
+        if "GatherBlockQuantized" in text and "must be a constant" in text:  # exports before 12-07
+            why = "its quantized embedding is reshaped in the graph (written before 2026-12-07); export it again"
+        print(f"error: OpenVINO cannot convert '{export}/model.onnx': {why}", file=sys.stderr)
         return 2
     return 0
 

@@ -17,7 +17,8 @@ import types
 
 def mount(name: str, folder: str, run_init: bool) -> None:
     if run_init:
-        spec = importlib.util.spec_from_file_location(name, f"{folder}/__init__.py", submodule_search_locations=[folder])
+        init = f"{folder}/__init__.py"
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)

@@ -14,10 +14,10 @@ The packed bytes edgellm quantize stored are written unchanged (no second quanti
   (OpenVINO's ONNX frontend refuses any node in front of `data` or `scales`): the scales again as
   float32 `P.gather_scales` (vocab, n_blocks, 1) and integer zero points unpacked as uint8
   `P.gather_zeros` (vocab, n_blocks, 1) (MatMulNBits, which a tied head runs on the same codes,
-  refuses that scale shape, and the numba runtime reads `P.scales`, so they sit beside them:
-  +4 bytes a block, 1.8 MB on SmolLM2-135M). Its output (batch, seq, n_blocks, block) is
-  reshaped to rows; padded columns -> Slice. Exports before 2026-12-07 reshaped `P.qweight` and
-  `Cast(P.scales)` in the graph instead; the runtimes read both.
+  refuses that scale shape): beside `P.scales` / `P.qzeros` when a tied head reads those (+4 bytes
+  a block, 1.8 MB on SmolLM2-135M), in their place when not (nothing unused in the file). Its
+  output (batch, seq, n_blocks, block) is reshaped to rows; padded columns -> Slice. Exports
+  before 2026-12-07 reshaped `P.qweight` and `Cast(P.scales)` in the graph; the runtimes read both.
 - `qdq`: the same bytes typed UINT4/UINT8 (out, padded_in) for a blocked DequantizeLinear
   (opset 21, axis 1) with the same Cast fp16 scales and explicit zero points (out, n_blocks) (the implied
   symmetric zero point 2**(bits-1) is written out, because DequantizeLinear's default is 0).
@@ -247,8 +247,10 @@ def emit_linear(g: Graph, x: str, spec: LinearSpec, path: str, opts: Options, we
     return y
 
 
-def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Options) -> str:
-    """Rows of the (vocab, dim) table `path` for int64 ids (batch, seq) -> (batch, seq, dim)."""
+def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Options, tied: bool = True) -> str:
+    """Rows of the (vocab, dim) table `path` for int64 ids (batch, seq) -> (batch, seq, dim).
+    `tied`: the lm_head will read the same tensors (a packed table then also keeps the fp16
+    `P.scales` / packed `P.qzeros` MatMulNBits takes; an untied one holds only what the gather reads)."""
     if not spec.quantized:
         g.weight(tensor(path, WEIGHT), spec.w)
         return g.op("Gather", [tensor(path, WEIGHT), ids], name=f"{path}/gather", axis=0)
@@ -258,7 +260,11 @@ def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Option
         raise UnsupportedError(
             f"'{path}': GatherBlockQuantized takes no float zero points; quantize embeddings with integer ones"
         )
-    names = _quant_initializers(g, path, spec, opts)[:1]  # the codes (vocab, nb, blob) as they are
+    if tied:
+        names = _quant_initializers(g, path, spec, opts)[:1]  # the codes (vocab, nb, blob) as they are
+    else:
+        names = [tensor(path, QWEIGHT)]
+        g.weight(names[0], spec.qweight)
     col = (spec.out_f, spec.n_blocks, 1)  # scales / zero points along quantize_axis 2, one per block
     g.weight(tensor(path, GATHER_SCALES), spec.scales.astype(np.float16).astype(np.float32).reshape(col))
     names.append(tensor(path, GATHER_SCALES))

@@ -56,6 +56,11 @@ def main(argv: list[str]) -> int:
         text = str(exc)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         why = next((ln for ln in lines if ln.startswith("-- Conversion is failed for")), lines[0] if lines else "")
+        if "MatMulNBits" in text and "constant as a zero_points" in text:  # fp16 zero points through a Cast
+            why = (
+                "its float zero points (quantize --float-zero) reach MatMulNBits through a Cast, and OpenVINO "
+                "takes only constant zero points; quantize with integer zero points to run it on OpenVINO"
+            )
         if "GatherBlockQuantized" in text and "must be a constant" in text:  # exports before 12-07
             why = "its quantized embedding is reshaped in the graph (written before 2026-12-07); export it again"
         print(f"error: OpenVINO cannot convert '{export}/model.onnx': {why}", file=sys.stderr)

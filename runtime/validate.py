@@ -369,7 +369,7 @@ class _Checker:
         if bias:
             self.tensor(tensor(p, BIAS), (n,), (_FLOAT,), finite=True)
 
-    def gather_inputs(self, p: str, bits: int):
+    def gather_inputs(self, p: str, bits: int, tied: bool):
         """A packed embedding's GatherBlockQuantized inputs (exports since 2026-12-07; older ones
         reshape in the graph): float32 scales and uint8 zero points (n, n_blocks, 1), each equal to
         `P.scales` / `P.qzeros` where the file also holds those (a tied head's MatMulNBits reads
@@ -385,6 +385,8 @@ class _Checker:
             raise EdgeLLMError(f"'{ex.path}' has '{gs}', but '{p}' is not packed in the MatMulNBits layout")
         n, nb = ex.infos[qw].shape[:2]
         self.tensor(gs, (n, nb, 1), (_FLOAT,), finite=True)
+        if tied:  # the head's MatMulNBits reads the fp16 scales (and packed zero points)
+            self.info(sc)
         if sc in ex.tensors and gs in ex.tensors:
             if not np.array_equal(ex.tensors[gs].reshape(-1), ex.tensors[sc].astype(np.float32).reshape(-1)):
                 raise EdgeLLMError(f"initializer '{gs}' differs from '{sc}'; the export is damaged")
@@ -429,7 +431,8 @@ def validate_export(ex: Export) -> ModelConfig:
     emb = names_for(cfg.architecture).embed
     embedded = q is not None and q.embeddings
     c.linear(emb, cfg.vocab_size, cfg.hidden_size, False, quantized=embedded)
-    c.gather_inputs(emb, q.tensor_bits.get(emb, q.bits) if q is not None else 8)
+    tied = not any(n.startswith(f"{HEAD}.") and n != f"{HEAD}.bias" for n in ex.infos)
+    c.gather_inputs(emb, q.tensor_bits.get(emb, q.bits) if q is not None else 8, tied)
     if any(n.startswith(f"{HEAD}.") and n != f"{HEAD}.bias" for n in ex.infos):
         c.linear(HEAD, cfg.vocab_size, cfg.hidden_size, f"{HEAD}.bias" in ex.infos, quantized=embedded)
     else:

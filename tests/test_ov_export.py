@@ -160,6 +160,16 @@ def test_damaged_gather_copy_is_refused(exports, tmp_path):
         fh.write(np.float32(123.0).tobytes())
     with pytest.raises(EdgeLLMError, match="gather_scales' differs from"):
         load(bad, threads=1)
+    # a tied table without the fp16 scales its head's MatMulNBits reads is damaged too
+    tied = tmp_path / "tied"
+    shutil.copytree(exports["tied-q4"], tied)
+    m = _graph(tied)
+    keep = [t for t in m.graph.initializer if t.name != f"{EMB}.scales"]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    (tied / "model.onnx").write_bytes(m.SerializeToString())
+    with pytest.raises(EdgeLLMError, match=f"lacks initializer '{EMB}.scales'"):
+        load(tied, threads=1)
 
 
 def test_openvino_row_without_openvino_is_one_line_exit_2(exports, tmp_path, monkeypatch):

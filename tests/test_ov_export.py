@@ -2,8 +2,9 @@
 its codes, scales and zero points straight from initializers (OpenVINO's ONNX frontend refuses a
 node in front of them), exports of the old layout (Reshape/Cast in the graph) still run on both
 runtimes, and, where EDGELLM_OV_PYTHON names an OpenVINO venv (openvino, openvino-tokenizers,
-transformers), OpenVINO reads the export, its greedy tokens equal the numba runtime's and ONNX
-Runtime's, and `edgellm bench DIR:openvino` gives a row."""
+transformers), OpenVINO reads the export and agrees with ONNX Runtime (fp32 activations: same
+tokens, logits to rounding) and the numba runtime (int8 activations: within the exporter's bound),
+and `edgellm bench DIR:openvino` gives a row."""
 
 from __future__ import annotations
 
@@ -200,11 +201,20 @@ def _ov_greedy(path: Path, n: int = 24) -> dict:
 
 @needs_ov
 def test_openvino_reads_the_export(exports):
-    """OpenVINO (fp32, no dynamic int8 activations) on the export's own model.onnx: its greedy
-    tokens equal the numba runtime's (int8 activations) and ONNX Runtime's; on the fp32-activation
-    export its first logits equal ONNX Runtime's to float rounding."""
+    """OpenVINO (fp32 math: its dynamic int8 activations off) on the export's own model.onnx.
+    - fp32-activation export: its 24 greedy tokens equal ONNX Runtime's, its first logits equal
+      ONNX Runtime's to float rounding (1e-4 of the logit scale);
+    - int8-activation exports against the numba runtime (which quantizes activations to int8):
+      first logits within the exporter's int8-activation bound (export/check.py), greedy tokens
+      equal until a near-tie flips (the first 8 asserted; 17 of 24 on tied-q4 when written)."""
+    from edgellm.export.check import INT8_ACT_REL_TOL
+
     for key in ("tied-q4", "tied-q4a", "untied-q8a"):
-        assert _ov_greedy(exports[key])["tokens"] == _greedy(exports[key]), key
+        ov = _ov_greedy(exports[key])
+        assert ov["tokens"][:8] == _greedy(exports[key])[:8], key
+        first = load(exports[key], threads=1, kv_cache="fp32").score(PROMPT)[-1]
+        diff = np.abs(np.asarray(ov["logits0"]) - first).max()
+        assert diff <= INT8_ACT_REL_TOL * np.abs(first).max(), (key, diff)
     ov = _ov_greedy(exports["tied-q4-acc0"], n=24)
     assert ov["tokens"] == _greedy(exports["tied-q4-acc0"], backend="onnxruntime")
     ort = load(exports["tied-q4-acc0"], backend="onnxruntime", threads=1).score(PROMPT)[-1]

@@ -270,6 +270,10 @@ def make_backend(variant: dict, threads: int, n_ctx: int | None = None) -> Backe
     backend = variant["backend"]
     if backend == "onnxruntime":
         return OrtRuntimeBackend(variant["path"], threads, n_ctx)
+    if backend == "openvino":  # in OpenVINO's python (run.run_worker)
+        from .ov_backend import OpenVinoBackend
+
+        return OpenVinoBackend(variant["path"], threads, n_ctx)
     if backend == "numba-cuda":
         return type("RuntimeCuda", (RuntimeBackend,), {"name": "numba-cuda"})(variant["path"], threads, n_ctx)
     return {"numba": RuntimeBackend, "torch": TorchBackend, "llama.cpp": LlamaCppBackend, "ort-genai": OrtGenaiBackend}[

@@ -73,6 +73,21 @@ def _worker_env() -> dict:
     return env
 
 
+def worker_command(backend: str) -> list[str]:
+    """The worker's command line: this python, or OpenVINO's (its own venv) for `openvino` rows."""
+    if backend != "openvino":
+        return [sys.executable, "-m", "edgellm.benchmarks.worker"]
+    import importlib.util
+
+    import edgellm
+
+    from .ov_backend import ov_python
+
+    runtime = importlib.util.find_spec("edgellm.runtime").submodule_search_locations[0]  # without its __init__
+    here = Path(__file__).resolve().parent
+    return [ov_python(), str(here / "ov_worker.py"), str(Path(edgellm.__file__).parent), str(here), runtime]
+
+
 def run_worker(
     variant: dict,
     settings: Settings,
@@ -90,7 +105,7 @@ def run_worker(
     job = {"variant": variant, "settings": settings.to_dict(), "ref_dir": str(ref_dir), "is_reference": is_reference}
     job_path, result_path = work / "job.json", work / "result.json"
     job_path.write_text(json.dumps(job))
-    cmd = [*prefix, sys.executable, "-m", "edgellm.benchmarks.worker", str(job_path), str(result_path)]
+    cmd = [*prefix, *worker_command(variant["backend"]), str(job_path), str(result_path)]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

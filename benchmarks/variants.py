@@ -3,7 +3,9 @@
 A variant is
 - an export directory (`model.onnx` inside)  -> `numba` (default when edgellm.runtime is
   available), `onnxruntime`, `ort-genai` (ONNX Runtime GenAI on the same files, through the
-  export's genai_config.json), or `numba-cuda` (alias `cuda`: the runtime's GPU path);
+  export's genai_config.json), `openvino` (OpenVINO on the same graph, converted to IR, in the
+  python named by EDGELLM_OV_PYTHON: benchmarks/ov_backend.py), or `numba-cuda` (alias `cuda`:
+  the runtime's GPU path);
 - a model directory (`config.json` inside)    -> `torch` (transformers, the generate loop);
 - a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
   (transformers dequantizes it to fp32).
@@ -17,13 +19,14 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 
-BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp", "numba-cuda", "ort-genai")
+BACKENDS = ("numba", "onnxruntime", "torch", "llama.cpp", "numba-cuda", "ort-genai", "openvino")
 ALIASES = {
     "ort": "onnxruntime",
     "onnxruntime-genai": "ort-genai",
     "onnxruntime_genai": "ort-genai",
     "ort_genai": "ort-genai",
     "genai": "ort-genai",
+    "ov": "openvino",
     "llamacpp": "llama.cpp",
     "llama_cpp": "llama.cpp",
     "pytorch": "torch",
@@ -32,7 +35,7 @@ ALIASES = {
     "numba_cuda": "numba-cuda",
 }
 KIND_BACKENDS = {
-    "export": ("numba", "onnxruntime", "numba-cuda", "ort-genai"),
+    "export": ("numba", "onnxruntime", "numba-cuda", "ort-genai", "openvino"),
     "model": ("torch",),
     "gguf": ("llama.cpp", "torch"),
 }
@@ -133,6 +136,13 @@ def check_backend_installed(backend: str, spec: str) -> None:
             f"variant '{spec}' needs onnxruntime-genai, which is not installed; install it with: "
             "pip install onnxruntime-genai"
         )
+    if backend == "openvino":
+        from .ov_backend import ov_python
+
+        try:
+            ov_python()
+        except EdgeLLMError as exc:
+            raise EdgeLLMError(f"variant '{spec}': {exc}") from None
     if backend == "onnxruntime" and not _has_module("onnxruntime"):
         raise EdgeLLMError(f"variant '{spec}' needs onnxruntime; install it with: pip install 'edgellm[ort]'")
     if backend == "torch" and not (_has_module("torch") and _has_module("transformers")):

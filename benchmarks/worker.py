@@ -42,6 +42,7 @@ ENGINE_MODULES = {
     "llama.cpp": ("llama_cpp",),
     "numba-cuda": ("numba", "edgellm.runtime.cuda.model"),
     "ort-genai": ("onnxruntime_genai",),
+    "openvino": ("openvino", "openvino_tokenizers"),
 }
 WARMUP_STEPS = 8
 SAME_VOCAB_TOKENS, SAME_VOCAB_RATIO = 512, 0.9  # see same_vocabulary()

@@ -13,7 +13,7 @@ from edgellm.runtime.format.names import GPT2, tensor
 
 from .decoder import DecoderIO, attention
 from .graph import FLOAT, Graph
-from .llama import lm_head
+from .llama import head_tied, lm_head
 from .weights import Options, embedding_spec, emit_embedding, emit_linear, linear_spec
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -40,7 +40,7 @@ def build(model, opts: Options, sink=None) -> Graph:
     tr = model.transformer
     names = GPT2  # runtime/format/names.py: the tensors' names in the export
     emb_spec = embedding_spec(tr.wte, names.embed)
-    tok = emit_embedding(g, io.ids, emb_spec, names.embed, opts)
+    tok = emit_embedding(g, io.ids, emb_spec, names.embed, opts, tied=head_tied(model))
     pos = g.op(
         "Gather",
         [g.weight(names.positions, _np(tr.wpe.weight)), io.pos],

@@ -158,7 +158,7 @@ def build(model, opts: Options, sink=None, parts=None) -> Graph:
     names = LLAMA  # runtime/format/names.py: the tensors' names in the export
     parts.load("embedding")
     emb_spec = embedding_spec(emb, names.embed)
-    h = emit_embedding(g, io.ids, emb_spec, names.embed, opts)
+    h = emit_embedding(g, io.ids, emb_spec, names.embed, opts, tied=head_tied(model))
     emb_spec = parts.hollow(emb_spec)  # a tied head needs only its shape and format from here on
     if f["embedding_multiplier"] != 1.0:
         h = g.op("Mul", [h, g.const(f["embedding_multiplier"], np.float32, "emb_mult")], name="model/emb_scaled")
@@ -251,16 +251,20 @@ class Resident:
 RESIDENT = Resident()
 
 
-def lm_head(g: Graph, model, h: str, emb_spec, emb_path: str, opts: Options) -> str:
-    """The lm_head; a tied head multiplies by the embedding's own tensors (one copy in the file)."""
+def head_tied(model) -> bool:
+    """The lm_head reads the embedding's tensors (a TiedQuantLinear, or the same float weight)."""
     from edgellm.quant.modules import TiedQuantLinear
 
-    head = model.get_output_embeddings()
-    emb = model.get_input_embeddings()
-    tied = isinstance(head, TiedQuantLinear) or (
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return isinstance(head, TiedQuantLinear) or (
         getattr(head, "weight", None) is not None and head.weight is getattr(emb, "weight", None)
     )
-    if tied:
+
+
+def lm_head(g: Graph, model, h: str, emb_spec, emb_path: str, opts: Options) -> str:
+    """The lm_head; a tied head multiplies by the embedding's own tensors (one copy in the file)."""
+    head = model.get_output_embeddings()
+    if head_tied(model):
         spec = emb_spec
         if head.__class__.__name__ == "Linear" and head.bias is not None:
             spec = linear_spec([head], HEAD)

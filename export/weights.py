@@ -9,9 +9,15 @@ The packed bytes edgellm quantize stored are written unchanged (no second quanti
   packed per row like B, or, for float zero points (`zero="float"` formats), fp16 (out*n_blocks)
   widened by a Cast like the scales (MatMulNBits takes zero points of the scales' type; the
   QDQ format and GatherBlockQuantized have no float zero points: refused).
-  Embeddings gather rows with com.microsoft.GatherBlockQuantized over
-  the same bytes (ORT 1.32 CPU: 2-D uint8 data, `bits` 4 or 8, scales (rows, n_blocks), packed
-  zero points (rows, ceil(n_blocks*bits/8)), output includes the padded columns -> Slice).
+  Embeddings gather rows with com.microsoft.GatherBlockQuantized over the same code bytes
+  (vocab, n_blocks, blob) with quantize_axis 2, reading every input straight from an initializer
+  (OpenVINO's ONNX frontend refuses any node in front of `data` or `scales`): the scales again as
+  float32 `P.gather_scales` (vocab, n_blocks, 1) and integer zero points unpacked as uint8
+  `P.gather_zeros` (vocab, n_blocks, 1) (MatMulNBits, which a tied head runs on the same codes,
+  refuses that scale shape): beside `P.scales` / `P.qzeros` when a tied head reads those (+4 bytes
+  a block, 1.8 MB on SmolLM2-135M), in their place when not (nothing unused in the file). Its
+  output (batch, seq, n_blocks, block) is reshaped to rows; padded columns -> Slice. Exports
+  before 2026-12-07 reshaped `P.qweight` and `Cast(P.scales)` in the graph; the runtimes read both.
 - `qdq`: the same bytes typed UINT4/UINT8 (out, padded_in) for a blocked DequantizeLinear
   (opset 21, axis 1) with the same Cast fp16 scales and explicit zero points (out, n_blocks) (the implied
   symmetric zero point 2**(bits-1) is written out, because DequantizeLinear's default is 0).
@@ -29,7 +35,17 @@ from onnx import TensorProto
 from edgellm.arch import linear_weight
 from edgellm.errors import EdgeLLMError, UnsupportedError
 from edgellm.quant.packing import pack, unpack
-from edgellm.runtime.format.names import BIAS, QWEIGHT, QZEROS, SCALES, WEIGHT, export_name, tensor
+from edgellm.runtime.format.names import (
+    BIAS,
+    GATHER_SCALES,
+    GATHER_ZEROS,
+    QWEIGHT,
+    QZEROS,
+    SCALES,
+    WEIGHT,
+    export_name,
+    tensor,
+)
 
 from .graph import MS_DOMAIN, Graph
 
@@ -140,9 +156,9 @@ def linear_spec(modules: list, path: str) -> LinearSpec:
 # -- emitting ---------------------------------------------------------------------------------
 
 
-def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
-    """Add (once) the initializers of a packed tensor named `name`; return the names its users
-    take: codes, float32 scales (a Cast of the fp16 initializer `name.scales`), zero points."""
+def _quant_initializers(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
+    """Add (once) the initializers of a packed tensor named `name`: codes, fp16 scales, zero points
+    (what the numba runtime reads); their names."""
     fz = spec.zeros is not None and spec.zeros.dtype == np.float16
     if opts.format == "matmulnbits":
         names = [tensor(name, QWEIGHT), tensor(name, SCALES)] + (
@@ -155,11 +171,6 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
                 g.weight(names[2], spec.zeros.reshape(-1))  # fp16 (out*nb), exact
             elif spec.zeros is not None:
                 g.weight(names[2], pack(spec.zeros, spec.bits, pad_odd=True).reshape(-1))
-        if fz:
-            zkey = f"{names[2]}/float"
-            if zkey not in g.memo:
-                g.memo[zkey] = g.op("Cast", [names[2]], name=f"{name}/zeros_float", to=TensorProto.FLOAT)
-            names[2] = g.memo[zkey]
     elif fz:
         raise UnsupportedError(
             f"'{name}' has float zero points, which blocked DequantizeLinear cannot hold; "
@@ -174,6 +185,18 @@ def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list
             g.weight(names[1], spec.scales.astype(np.float16))
             zeros = spec.zeros if spec.zeros is not None else np.full(spec.scales.shape, 1 << (spec.bits - 1), np.uint8)
             g.weight(names[2], pack(zeros.reshape(-1), spec.bits, pad_odd=True), elem, dims=list(spec.scales.shape))
+    return names
+
+
+def _quant_weights(g: Graph, name: str, spec: LinearSpec, opts: Options) -> list[str]:
+    """The initializers of a packed tensor (added once) as its users take them: codes, float32
+    scales (a Cast of the fp16 initializer `name.scales`), zero points (float ones Cast too)."""
+    names = _quant_initializers(g, name, spec, opts)
+    if opts.format == "matmulnbits" and spec.zeros is not None and spec.zeros.dtype == np.float16:
+        zkey = f"{names[2]}/float"
+        if zkey not in g.memo:
+            g.memo[zkey] = g.op("Cast", [names[2]], name=f"{name}/zeros_float", to=TensorProto.FLOAT)
+        names[2] = g.memo[zkey]
     key = f"{names[1]}/float"
     if key not in g.memo:
         g.memo[key] = g.op("Cast", [names[1]], name=f"{name}/scales_float", to=TensorProto.FLOAT)
@@ -224,26 +247,31 @@ def emit_linear(g: Graph, x: str, spec: LinearSpec, path: str, opts: Options, we
     return y
 
 
-def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Options) -> str:
-    """Rows of the (vocab, dim) table `path` for int64 ids (...) -> (..., dim)."""
+def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Options, tied: bool = True) -> str:
+    """Rows of the (vocab, dim) table `path` for int64 ids (batch, seq) -> (batch, seq, dim).
+    `tied`: the lm_head will read the same tensors (a packed table then also keeps the fp16
+    `P.scales` / packed `P.qzeros` MatMulNBits takes; an untied one holds only what the gather reads)."""
     if not spec.quantized:
         g.weight(tensor(path, WEIGHT), spec.w)
         return g.op("Gather", [tensor(path, WEIGHT), ids], name=f"{path}/gather", axis=0)
     if opts.format == "qdq":
         return g.op("Gather", [_dequantized(g, path, spec, opts), ids], name=f"{path}/gather", axis=0)
-    names = _quant_weights(g, path, spec, opts)
-    rows = g.const([spec.out_f, -1])
-    ins = [
-        g.op("Reshape", [names[0], rows], name=f"{path}/rows"),
-        ids,
-        g.op("Reshape", [names[1], rows], name=f"{path}/scale_rows"),
-    ]
+    if spec.zeros is not None and spec.zeros.dtype == np.float16:
+        raise UnsupportedError(
+            f"'{path}': GatherBlockQuantized takes no float zero points; quantize embeddings with integer ones"
+        )
+    if tied:
+        names = _quant_initializers(g, path, spec, opts)[:1]  # the codes (vocab, nb, blob) as they are
+    else:
+        names = [tensor(path, QWEIGHT)]
+        g.weight(names[0], spec.qweight)
+    col = (spec.out_f, spec.n_blocks, 1)  # scales / zero points along quantize_axis 2, one per block
+    g.weight(tensor(path, GATHER_SCALES), spec.scales.astype(np.float16).astype(np.float32).reshape(col))
+    names.append(tensor(path, GATHER_SCALES))
     if spec.zeros is not None:
-        if spec.zeros.dtype == np.float16:
-            raise UnsupportedError(
-                f"'{path}': GatherBlockQuantized takes no float zero points; quantize embeddings with integer ones"
-            )
-        ins.append(g.op("Reshape", [names[2], rows], name=f"{path}/zero_rows"))
+        g.weight(tensor(path, GATHER_ZEROS), spec.zeros.reshape(col))  # one unpacked code a byte
+        names.append(tensor(path, GATHER_ZEROS))
+    ins = [names[0], ids, *names[1:]]
     y = g.op(
         "GatherBlockQuantized",
         ins,
@@ -252,8 +280,9 @@ def emit_embedding(g: Graph, ids: str, spec: LinearSpec, path: str, opts: Option
         bits=spec.bits,
         block_size=spec.block,
         gather_axis=0,
-        quantize_axis=1,
-    )
+        quantize_axis=2,
+    )  # (batch, seq, nb, block)
+    y = g.op("Reshape", [y, g.const([0, 0, spec.n_blocks * spec.block])], name=f"{path}/join_blocks")
     if spec.n_blocks * spec.block != spec.in_f:
         y = g.op("Slice", [y, g.const([0]), g.const([spec.in_f]), g.const([-1])], name=f"{path}/unpad")
     return y

@@ -22,7 +22,19 @@ import numpy as np
 
 from .errors import EdgeLLMError, UnsupportedError
 from .format.blocks import MIN_BLOCK, BlockFormat, from_blob, zero_kind, zero_points
-from .format.names import BIAS, HEAD, QWEIGHT, QZEROS, ROLES, SCALES, WEIGHT, names_for, tensor
+from .format.names import (
+    BIAS,
+    GATHER_SCALES,
+    GATHER_ZEROS,
+    HEAD,
+    QWEIGHT,
+    QZEROS,
+    ROLES,
+    SCALES,
+    WEIGHT,
+    names_for,
+    tensor,
+)
 from .loader import Export, open_export
 from .validate import ModelConfig, Quant, check_memory, layer_norms, validate_export
 
@@ -36,7 +48,7 @@ class LinearPlan:
     k: int  # input features
     weight: np.ndarray  # float (n, k), or packed uint8 (n, nb, blob): a view into the file
     fmt: BlockFormat | None = None  # None: float weights
-    scales: np.ndarray | None = None  # (n * nb,) fp16 (fp32 in older exports), a view
+    scales: np.ndarray | None = None  # (n * nb,) fp16 (fp32: older exports, untied packed embeddings), a view
     zeros: np.ndarray | None = None  # float32 (n, nb) zero points, asymmetric formats only
     stored_zeros: np.ndarray | None = None  # the file's qzeros view (so a backend can drop its pages)
     bias: np.ndarray | None = None  # float32 (n,)
@@ -182,18 +194,24 @@ class _Walk:
                 f"'{qname}' ({qw.dtype}, shape {qw.shape}, {bits}-bit) is not a MatMulNBits layout (4 or 8 bits)"
             )
         n, nb, blob = qw.shape
-        zp = ex.get(tensor(p, QZEROS)) if ex.has(tensor(p, QZEROS)) else None
+        # an untied packed embedding (exports since 12-07) keeps its scales / zero points only as
+        # GatherBlockQuantized reads them: float32 / unpacked uint8 (n, nb, 1) (validate.gather_inputs)
+        gathered = not ex.has(tensor(p, SCALES)) and ex.has(tensor(p, GATHER_SCALES))
+        zname = tensor(p, GATHER_ZEROS if gathered else QZEROS)
+        zp = ex.get(zname) if ex.has(zname) else None
         fmt = from_blob(bits, blob, zero_kind(zp))
         gs = fmt.block
         if gs < MIN_BLOCK or gs & (gs - 1):
             raise UnsupportedError(
                 f"'{p}' has blocks of {gs} columns; {self.who} needs a power of two >= {MIN_BLOCK}{self.hint}"
             )
-        sname = tensor(p, SCALES)
+        sname = tensor(p, GATHER_SCALES if gathered else SCALES)
         scales = ex.get(sname).reshape(-1)
         if scales.size != n * nb:
             raise EdgeLLMError(f"'{sname}' has {scales.size} values, expected {n * nb}")
         if not nb * gs - gs < k <= nb * gs:
             raise EdgeLLMError(f"'{qname}' packs {nb * gs} columns but the layer has {k} inputs")
-        zeros = None if zp is None else zero_points(zp, n, nb, bits)
+        zeros = (
+            None if zp is None else zp.reshape(n, nb).astype(np.float32) if gathered else zero_points(zp, n, nb, bits)
+        )
         return LinearPlan(p, n, k, qw, fmt, scales, zeros, zp, bias)

@@ -39,6 +39,8 @@ from .format.dtypes import UINT8 as _U8
 from .format.names import (
     ARCHITECTURES,
     BIAS,
+    GATHER_SCALES,
+    GATHER_ZEROS,
     HEAD,
     QWEIGHT,
     QZEROS,
@@ -343,8 +345,14 @@ class _Checker:
                 )
             if fmt == "matmulnbits":
                 self.tensor(qw, (n, nb, block * bits // 8), (_U8,))
-                self.tensor(sc, (n * nb,), (_HALF, _FLOAT), finite=True)  # fp32: exports before 12-01
-                if (qz in ex.infos) if own else not q.sym:  # per-tensor formats: zero points where asymmetric
+                # an untied packed embedding (exports since 12-07) keeps only its gather_* copies
+                gathered = sc not in ex.infos and tensor(p, GATHER_SCALES) in ex.infos
+                if not gathered:
+                    self.tensor(sc, (n * nb,), (_HALF, _FLOAT), finite=True)  # fp32: exports before 12-01
+                needs_zeros = (qz in ex.infos or tensor(p, GATHER_ZEROS) in ex.infos) if own else not q.sym
+                if gathered and needs_zeros and tensor(p, GATHER_ZEROS) not in ex.infos:
+                    self.info(tensor(p, GATHER_ZEROS))  # the "lacks initializer" error
+                if needs_zeros and not gathered:  # per-tensor formats: zero points where asymmetric
                     if self.info(qz).data_type == _HALF:  # float zero points (fp16, one per block)
                         self.tensor(qz, (n * nb,), (_HALF,), finite=True)
                     else:
@@ -360,6 +368,41 @@ class _Checker:
             self.tensor(wt, (n, k), (_FLOAT, _HALF))
         if bias:
             self.tensor(tensor(p, BIAS), (n,), (_FLOAT,), finite=True)
+
+    def gather_inputs(self, p: str, bits: int, tied: bool):
+        """A packed embedding's GatherBlockQuantized inputs (exports since 2026-12-07; older ones
+        reshape in the graph): float32 scales and uint8 zero points (n, n_blocks, 1), each equal to
+        `P.scales` / `P.qzeros` where the file also holds those (a tied head's MatMulNBits reads
+        them), so every backend computes one table."""
+        ex, gs, gz = self.ex, tensor(p, GATHER_SCALES), tensor(p, GATHER_ZEROS)
+        qw, sc, qz = (tensor(p, part) for part in (QWEIGHT, SCALES, QZEROS))
+        if gs not in ex.infos:
+            if gz in ex.infos:
+                raise EdgeLLMError(f"'{ex.path}' has '{gz}' without '{gs}' (a damaged export)")
+            return
+        self.info(gs)  # seen, so an error below names it rather than calling it unknown
+        if self.q is None or self.q.format != "matmulnbits" or qw not in ex.infos:
+            raise EdgeLLMError(f"'{ex.path}' has '{gs}', but '{p}' is not packed in the MatMulNBits layout")
+        n, nb = ex.infos[qw].shape[:2]
+        self.tensor(gs, (n, nb, 1), (_FLOAT,), finite=True)
+        if tied:  # the head's MatMulNBits reads the fp16 scales (and packed zero points)
+            self.info(sc)
+        if sc in ex.tensors and gs in ex.tensors:
+            if not np.array_equal(ex.tensors[gs].reshape(-1), ex.tensors[sc].astype(np.float32).reshape(-1)):
+                raise EdgeLLMError(f"initializer '{gs}' differs from '{sc}'; the export is damaged")
+        if qz in ex.infos and ex.infos[qz].data_type != _U8 and gz not in ex.infos:
+            raise EdgeLLMError(f"'{p}' has float zero points, which GatherBlockQuantized cannot take (damaged)")
+        if qz in ex.infos and ex.infos[qz].data_type == _U8 and gz not in ex.infos:
+            self.info(gz)  # the "lacks initializer" error: the gather would ignore the zero points
+        if gz in ex.infos:
+            self.tensor(gz, (n, nb, 1), (_U8,))
+            if gz in ex.tensors and int(ex.tensors[gz].max(initial=0)) >= 1 << bits:
+                raise EdgeLLMError(f"initializer '{gz}' holds zero points over {bits} bits; the export is damaged")
+            if gz in ex.tensors and qz in ex.tensors:
+                packed = ex.tensors[qz].reshape(n, -1)
+                codes = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(n, -1)
+                if not np.array_equal(ex.tensors[gz].reshape(n, nb), codes[:, :nb]):
+                    raise EdgeLLMError(f"initializer '{gz}' differs from '{qz}'; the export is damaged")
 
 
 def validate_export(ex: Export) -> ModelConfig:
@@ -388,6 +431,8 @@ def validate_export(ex: Export) -> ModelConfig:
     emb = names_for(cfg.architecture).embed
     embedded = q is not None and q.embeddings
     c.linear(emb, cfg.vocab_size, cfg.hidden_size, False, quantized=embedded)
+    tied = not any(n.startswith(f"{HEAD}.") and n != f"{HEAD}.bias" for n in ex.infos)
+    c.gather_inputs(emb, q.tensor_bits.get(emb, q.bits) if q is not None else 8, tied)
     if any(n.startswith(f"{HEAD}.") and n != f"{HEAD}.bias" for n in ex.infos):
         c.linear(HEAD, cfg.vocab_size, cfg.hidden_size, f"{HEAD}.bias" in ex.infos, quantized=embedded)
     else:

@@ -17,6 +17,10 @@ LAYER_NORMS = ("attn", "mlp")  # the norm before attention and the one before th
 NORM_ROLES = ("attn", "mlp", "attn_out", "mlp_out", "q", "k")
 HEAD = "lm_head"
 WEIGHT, BIAS, QWEIGHT, SCALES, QZEROS = "weight", "bias", "qweight", "scales", "qzeros"
+# a packed embedding's scales / integer zero points as GatherBlockQuantized reads them: float32 and
+# uint8 (vocab, n_blocks, 1), initializers the op takes as they are (OpenVINO needs constants, and
+# MatMulNBits refuses that scale shape, so they sit beside the fp16 `P.scales`; exports since 12-07)
+GATHER_SCALES, GATHER_ZEROS = "gather_scales", "gather_zeros"
 
 
 @dataclass(frozen=True)

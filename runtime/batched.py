@@ -33,7 +33,7 @@ from .kernels.layers import attention_mat, embed_rows, kv_cast, rope
 from .kernels.simd import as_voidptr
 from .kernels.slots import attention_rows, batch_linear
 from .kvcache import lazy_zeros
-from .model import _activate, _mlp_in, _norm, _qk_norm, _residual, forward
+from .model import _activate, _mlp_in, _norm, _qk_norm, _residual
 from .validate import available_memory, run_bytes
 
 # Prompt tokens per step, summed over the slots that are reading a prompt: a long prompt is read
@@ -147,44 +147,18 @@ class SlotCaches:
         self.k = lazy_zeros(shape, st.k.dtype)
         self.v = lazy_zeros(shape, st.v.dtype)
         self.pos = [0] * n  # positions cached per slot
-        # A step of one decoding row runs the single-sequence decode step on its slot's cache (the
-        # same kernels, bit for bit, without the batched step's scratch and row bookkeeping: a lone
-        # client of a --parallel server decodes as fast as on --parallel 1). Slot caches keep every
-        # layer at full length, so only where the model's own cache does too (no sliding rings).
-        lay = model.weights.layers
-        self.single = bool((lay["ring"] == 0).all() and (lay["kv"] == np.arange(len(lay))).all())
-
     def step(self, segments: list[tuple[int, np.ndarray, bool, bool]]) -> np.ndarray:
         """Append each segment's tokens (slot, ids, wants logits, is prompt) at its slot's position,
         all in one compiled call; the logits (R, V) of the last token of each segment that wants
         them, in order. A slot appears at most once. Prompt tokens always go through the prompt's
         attention kernel, generated ones through the decode kernel: the two round differently, so
         a prompt's keys and values are the same however its chunks fall (one token or many)."""
-        if self.single and len(segments) == 1 and len(segments[0][1]) == 1 and not segments[0][3]:
-            return self._decode_one(*segments[0][:2])
         args = self._args(segments)
         numba.set_num_threads(self.model.threads)
         forward_rows(*args)
         for s, toks, *_ in segments:
             self.pos[s] += len(toks)
         return args[13]
-
-    def _decode_one(self, s: int, toks) -> np.ndarray:
-        """Slot s's next token through `model.forward`'s compiled decode step on the slot's cache;
-        logits (1, V)."""
-        m, p = self.model, self.pos[s]
-        ids = np.asarray(toks, np.int64).reshape(1)
-        if p + 1 > m.n_ctx:
-            raise EdgeLLMError(f"{p + 1} tokens exceed the context of {m.n_ctx}")
-        if not 0 <= ids[0] < m.config.vocab_size:
-            raise EdgeLLMError(f"token id out of range [0, {m.config.vocab_size})")
-        st, w = m.state, m.weights
-        logits = np.empty((1, m.config.vocab_size), np.float32)
-        numba.set_num_threads(m.threads)
-        forward(ids, p, m.run_config, w.model, w.layers, *m.rope_sets[0], self.k[s], self.v[s], st.kr, st.vr,
-                logits, False, False, m.tier)  # fmt: skip
-        self.pos[s] += 1
-        return logits
 
     def _args(self, segments) -> tuple:
         """The arguments of `forward_rows` for `segments` (see `step`)."""

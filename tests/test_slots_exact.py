@@ -2,7 +2,7 @@
 share the batched step (issue 28). A step of more than ROWS_VEC (16) rows used to send its decode
 rows through the prompt GEMM, which sums in another order (8-bit g128 differed by ~3e-5); now every
 decoding row takes the decode microkernel whatever the row count, prompt chunks keep the prompt
-tiles, and a step of one decoding row runs the single-sequence decode step itself.
+tiles (a step of one decoding row included).
 
 Each slot's cache is copied into the model's own cache, so "decoded alone" is `model.forward` of
 the same token on the same keys and values: the comparison isolates the step.
@@ -59,7 +59,6 @@ def test_decode_rows_exact_whatever_the_row_count(export8, kernels):
     rng = np.random.default_rng(5)
     V = m.config.vocab_size
     sc = SlotCaches(m, S + 1)
-    assert sc.single
     for s in range(S):  # each slot's own prompt
         sc.step([(s, rng.integers(0, V, 2 + s % 5), True, True)])
 
@@ -83,7 +82,7 @@ def test_decode_rows_exact_whatever_the_row_count(export8, kernels):
     ref = m.forward(chunk[1], prompt=True)  # the chunk's own logits: the prompt path's
     assert np.abs(got[5] - ref).max() <= 1e-3 * np.abs(ref).max()
 
-    # one decoding row: the single-sequence decode step on the slot's cache, its position advanced
+    # one decoding row: the decode kernel too, its position advanced
     tok = int(rng.integers(0, V))
     want, p = _alone(m, sc, 3, tok), sc.pos[3]
     got = sc.step([(3, np.array([tok]), True, False)])

@@ -1,0 +1,155 @@
+"""Issue 25 on the CUDA path: every family of tests/tiny.py FAMILIES (Qwen3, SmolLM3, Granite,
+OLMo 2, Phi-3, Gemma 3 text; plus Phi-3 with LongRoPE across its switch) runs through the CUDA
+model, one layer loop reading the family's description (runtime/features.py), and gives the CPU
+numba runtime's greedy tokens on the same file, fp32 and 4-bit.
+
+Device-agnostic like tests/cuda_suite.py: tests/test_cuda.py runs it under numba's CUDA
+simulator (NUMBA_ENABLE_CUDASIM=1) in a subprocess; on a GPU, `python -m pytest
+tests/cuda_families.py`. Shapes are tinier than tests/test_families.py's (hidden 32, 2 layers):
+the simulator pays per element. `-s` prints each case's figures (the FIGURES lines).
+
+Tolerances, as tests/cuda_suite.py `_check_logits`: the CUDA path computes with fp16 weights
+(float exports) and fp16 activations, the CPU runtime with fp32 (float exports) or int8
+activations (quantized ones): max |Δlogit| <= 1% of max |logit| for fp32 exports (fp16 rounding,
+~2^-11 relative per product, over sums of ~100 terms and 2 layers) and 3% for 4-bit ones (the
+CPU's int8 activations: the bound the CPU runtime has against ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.setswitchinterval(5e-5)  # simulator threads hand the GIL over at every barrier (cuda_suite.py)
+
+from numba import cuda  # noqa: E402
+from numba.core import config  # noqa: E402
+
+SIM = bool(config.ENABLE_CUDASIM)
+if not SIM and not cuda.is_available():
+    pytest.skip("no CUDA GPU and the simulator is off (tests/test_cuda.py runs this under it)", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+TPB = 32 if SIM else 256  # the simulator: each thread a Python thread, each barrier a switch through all of them
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+ORIG = 8  # LongRoPE's original_max_position_embeddings: the 6-token prompt + 4 steps cross it
+OVERRIDES = {
+    # a sliding layer, then a full one; the window (4) is shorter than the prompt (6)
+    "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    "phi3-longrope": dict(
+        rope_parameters=None,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0 + 0.3 * i for i in range(3)],  # rope_dims / 2: head_dim 8 x 0.75 / 2
+            "long_factor": [3.0 + 2.0 * i for i in range(3)],
+        },
+        original_max_position_embeddings=ORIG,
+        max_position_embeddings=128,
+        partial_rotary_factor=0.75,
+        rope_theta=10000.0,
+    ),
+}
+CASES = list(tiny.FAMILIES) + ["phi3-longrope"]
+VARIANTS = ("f32", "q4")
+PROMPT = np.array([5, 17, 100, 3, 77, 250], np.int64)
+STEPS = 4
+TOL = {"f32": 0.01, "q4": 0.03}  # of max |logit| (the module docstring)
+
+
+def _build(case: str):
+    family = "phi3" if case == "phi3-longrope" else case
+    return tiny.family_model(family, seed=0, **SMALL, **OVERRIDES.get(case, {}))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{(case, variant): export dir}: each tiny family model exported in fp32, then RTN 4-bit
+    (groups of 32, symmetric, 8-bit embeddings and head inside the 4-bit file)."""
+    import torch
+
+    from edgellm.export.exporter import export_model
+    from edgellm.export.weights import Options
+    from edgellm.modelio import Loaded
+    from edgellm.quant.apply import QuantConfig, quantize_model
+    from edgellm.quant.formats import QuantFormat
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cuda-families")
+    tok = tiny.make_tokenizer(root / "tokenizer")
+    calib = torch.randint(1, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for case in CASES:
+        model = _build(case)
+        out[case, "f32"] = root / f"{case}-f32"
+        export_model(Loaded(model, tok, "t", {"steps": []}), out[case, "f32"], Options(), False)
+        _, info = quantize_model(model, QuantConfig(fmt=QuantFormat(4, 32, True), method="rtn", embeddings="8"), calib)
+        out[case, "q4"] = root / f"{case}-q4"
+        export_model(Loaded(model, tok, "t", {"steps": [], "quantization": info}), out[case, "q4"], Options(), False)
+    return out
+
+
+def _pair(path, **kw):
+    from edgellm.runtime.cuda.model import CudaModel
+    from edgellm.runtime.model import NumbaModel
+
+    return CudaModel(path, n_ctx=32, threads_per_block=TPB, **kw), NumbaModel(path, n_ctx=32, threads=1)
+
+
+@pytest.mark.parametrize("var", VARIANTS)
+@pytest.mark.parametrize("case", CASES)
+def test_family_greedy_and_logits_match_cpu_runtime(exports, case, var):
+    """The prompt (every row: the tiled GEMM path) and STEPS greedy decode steps (the cooperative
+    step), each side feeding its own argmax: the tokens are equal, and every logit row is within
+    TOL of the CPU's logit scale."""
+    gm, cm = _pair(exports[case, var])
+    a, b = gm.forward(PROMPT, all_logits=True), cm.forward(PROMPT, all_logits=True)
+    diffs, scales = [np.abs(a - b).max()], [np.abs(b).max()]
+    ids_g, ids_c = [int(a[-1].argmax())], [int(b[-1].argmax())]
+    for _ in range(STEPS):
+        a, b = gm.forward([ids_g[-1]]), cm.forward([ids_c[-1]])
+        if ids_g == ids_c:  # logits compare only while both sides saw the same tokens
+            diffs.append(np.abs(a - b).max())
+            scales.append(np.abs(b).max())
+        ids_g.append(int(a.argmax()))
+        ids_c.append(int(b.argmax()))
+    diff, scale = float(max(diffs)), float(max(scales))
+    print(f"FIGURES {case} {var}: max|dlogit| {diff:.4g} / max|logit| {scale:.4g} = {diff / scale:.3%}; "
+          f"tokens equal {ids_g == ids_c} {ids_c}")  # fmt: skip
+    assert gm.decode_mode == "cooperative"
+    assert ids_g == ids_c, (ids_g, ids_c, diff, scale)
+    assert diff <= TOL[var] * scale, (diff, scale)
+    assert scale > 1.0  # a real comparison: logits of order 5 (tiny.family_model)
+    if case == "phi3-longrope":
+        assert gm.rope_switch == ORIG and len(PROMPT) + STEPS > ORIG  # the long tables ran
+
+
+def test_family_phases_fallback_equals_cooperative_step(exports):
+    """The per-phase launches (the host skips the phases a layer lacks) give the cooperative step's
+    logits on Gemma 3 (q/k norm, four norms, a sliding layer with its own rope table, soft-caps,
+    GeGLU) and OLMo 2 (no pre-norms, q/k norm over the projection)."""
+    for case in ("gemma3_text", "olmo2"):
+        a, _ = _pair(exports[case, "q4"])
+        b, _ = _pair(exports[case, "q4"], fused=False)
+        for m in (a, b):
+            m.forward(PROMPT[:3])
+        for tok in (7, 300):
+            la, lb = a.forward([tok]), b.forward([tok])
+            assert np.abs(la - lb).max() <= 1e-5 * np.abs(lb).max(), (case, np.abs(la - lb).max())
+        assert a.decode_mode == "cooperative" and b.decode_mode == "phases"
+
+
+def test_family_cli_run_on_cuda(exports):
+    """`edgellm run --device cuda` on a Gemma 3 export: exit 0, the tokens/s line."""
+    from typer.testing import CliRunner
+
+    from edgellm.cli import app
+
+    path = exports["gemma3_text", "q4"]
+    r = CliRunner().invoke(app, ["run", str(path), "-p", "def f(x):", "-t", "0", "-n", "2", "--device", "cuda"])
+    assert r.exit_code == 0, r.output
+    assert "tokens/s" in r.output

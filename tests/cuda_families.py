@@ -153,3 +153,21 @@ def test_family_cli_run_on_cuda(exports):
     r = CliRunner().invoke(app, ["run", str(path), "-p", "def f(x):", "-t", "0", "-n", "2", "--device", "cuda"])
     assert r.exit_code == 0, r.output
     assert "tokens/s" in r.output
+
+
+def test_what_the_cuda_path_refuses_is_one_line(tmp_path):
+    """What the CUDA path still cannot run (a head wider than its attention kernel's shared
+    buffers hold: 2 x MAX_THREADS dims) is refused by `edgellm run --device cuda` with one
+    `error:` line naming it, exit 2; the CPU runtime runs the same file."""
+    from guards import one_line_error
+
+    from edgellm.export.exporter import export_model
+    from edgellm.export.weights import Options
+    from edgellm.modelio import Loaded
+
+    wide = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)
+    model = tiny.family_model("qwen3", num_key_value_heads=1, head_dim=520, **wide)
+    tok = tiny.make_tokenizer(tmp_path / "tokenizer")
+    export_model(Loaded(model, tok, "t", {"steps": []}), tmp_path / "onnx", Options(), False)
+    line = one_line_error(["run", str(tmp_path / "onnx"), "-p", "a", "-n", "1", "--device", "cuda"])
+    assert "head_dim 520" in line and "CUDA path" in line, line

@@ -1,7 +1,8 @@
 """Issue 25 on the CUDA path: every family of tests/tiny.py FAMILIES (Qwen3, SmolLM3, Granite,
 OLMo 2, Phi-3, Gemma 3 text; plus Phi-3 with LongRoPE across its switch) runs through the CUDA
 model, one layer loop reading the family's description (runtime/features.py), and gives the CPU
-numba runtime's greedy tokens on the same file, fp32 and 4-bit.
+numba runtime's greedy tokens on the same file, fp32 and 4-bit (4-bit: a flip only at a near tie,
+see the test).
 
 Device-agnostic like tests/cuda_suite.py: tests/test_cuda.py runs it under numba's CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1) in a subprocess; on a GPU, `python -m pytest
@@ -104,26 +105,37 @@ def _pair(path, **kw):
 @pytest.mark.parametrize("case", CASES)
 def test_family_greedy_and_logits_match_cpu_runtime(exports, case, var):
     """The prompt (every row: the tiled GEMM path) and STEPS greedy decode steps (the cooperative
-    step), each side feeding its own argmax: the tokens are equal, and every logit row is within
-    TOL of the CPU's logit scale."""
+    step), both fed the CPU runtime's greedy tokens: every logit row within TOL of the CPU's logit
+    scale, and the CUDA path's argmax the CPU's token at each of the STEPS + 1 steps. fp32: no
+    exception. 4-bit: the CPU computes with int8 activations, so the two differ by up to ~2.5% of
+    the scale (measured) and a random tiny model's top-2 logits can lie closer than that: at most
+    one step may pick the other token, and only where the CPU's top-2 margin is within twice that
+    step's measured max |Δlogit| (the difference explains the flip; a kernel bug would not)."""
     gm, cm = _pair(exports[case, var])
     a, b = gm.forward(PROMPT, all_logits=True), cm.forward(PROMPT, all_logits=True)
-    diffs, scales = [np.abs(a - b).max()], [np.abs(b).max()]
-    ids_g, ids_c = [int(a[-1].argmax())], [int(b[-1].argmax())]
-    for _ in range(STEPS):
-        a, b = gm.forward([ids_g[-1]]), cm.forward([ids_c[-1]])
-        if ids_g == ids_c:  # logits compare only while both sides saw the same tokens
-            diffs.append(np.abs(a - b).max())
-            scales.append(np.abs(b).max())
-        ids_g.append(int(a.argmax()))
-        ids_c.append(int(b.argmax()))
-    diff, scale = float(max(diffs)), float(max(scales))
+    diffs, scales = [float(np.abs(a - b).max())], [float(np.abs(b).max())]
+    a, b = a[-1], b[-1]
+    ids, flips = [], []
+    for step in range(STEPS + 1):
+        ids.append(int(b.argmax()))
+        if int(a.argmax()) != ids[-1]:
+            top2 = np.sort(b)[-2:]
+            flips.append(dict(step=step, cuda=int(a.argmax()), cpu=ids[-1], margin=float(top2[1] - top2[0])))
+            flips[-1]["tie"] = flips[-1]["margin"] <= 2 * float(np.abs(a - b).max())
+        if step < STEPS:
+            a, b = gm.forward([ids[-1]]), cm.forward([ids[-1]])
+            diffs.append(float(np.abs(a - b).max()))
+            scales.append(float(np.abs(b).max()))
+    diff, scale = max(diffs), max(scales)
     print(f"FIGURES {case} {var}: max|dlogit| {diff:.4g} / max|logit| {scale:.4g} = {diff / scale:.3%}; "
-          f"tokens equal {ids_g == ids_c} {ids_c}")  # fmt: skip
+          f"tokens {ids}, {STEPS + 1 - len(flips)}/{STEPS + 1} equal, flips {flips}")  # fmt: skip
     assert gm.decode_mode == "cooperative"
-    assert ids_g == ids_c, (ids_g, ids_c, diff, scale)
     assert diff <= TOL[var] * scale, (diff, scale)
-    assert scale > 1.0  # a real comparison: logits of order 5 (tiny.family_model)
+    assert scale > 1.0  # a real comparison: logits of order 3 (tiny.family_model)
+    if var == "f32":
+        assert not flips, (ids, flips)
+    else:
+        assert len(flips) <= 1 and all(f["tie"] for f in flips), (ids, flips)
     if case == "phi3-longrope":
         assert gm.rope_switch == ORIG and len(PROMPT) + STEPS > ORIG  # the long tables ran
 

@@ -22,7 +22,7 @@ data, not code paths: `cuda_records` turns the family's per-layer description
 (runtime/features.py, the plan's per-layer norms and rope table) into CUDA_CONFIG / CUDA_LAYER
 fields, and one layer loop (kernels.run_phase, `_prompt`) reads them, as the CPU runtime's
 `forward` reads CONFIG / LAYER. Sliding-window layers keep the full-context cache and mask by
-their window (no ring buffer); the rotary tables are the CPU runtime's (model._rope_sets), with
+their window (no ring buffer); the rotary tables are the CPU runtime's (model.rope_sets), with
 LongRoPE's long set swapped in per forward call past its switch. Tested against the CPU runtime
 under numba's CUDA simulator (tests/cuda_families.py), and compiled to sm_90 PTX
 (tests/cuda_ptx.py).
@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import EdgeLLMError, UnsupportedError
 from ..format.names import ROLES
 from ..format.records import CUDA_CONFIG, CUDA_LAYER, CUDA_MODEL, KIND_F32, ROPE_KINDS, records
-from ..model import _rope_sets, check_numba_support
+from ..model import check_numba_support, rope_sets
 from ..plan import LinearPlan, Norm, WeightsPlan, plan_export
 from ..validate import ModelConfig
 from . import device as dev
@@ -281,7 +281,7 @@ class CudaModel:
         # sliding layers), scaled (linear, llama3, LongRoPE); LongRoPE has a second set, its long
         # factors, that a forward call reaching past `rope_switch` takes (runtime/rope.py): the
         # same State with the other tables
-        sets, self.rope_switch = _rope_sets(cfg, self.n_ctx)
+        sets, self.rope_switch = rope_sets(cfg, self.n_ctx)
         state = State(
             cuda.to_device(sets[0][0]),
             cuda.to_device(sets[0][1]),

@@ -330,7 +330,7 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
 
 
 # ----------------------------------------------------------------------------- the model
-def _rope_sets(cfg: ModelConfig, n_ctx: int) -> tuple[list, int]:
+def rope_sets(cfg: ModelConfig, n_ctx: int) -> tuple[list, int]:
     """[(cos, sin)], each (2, n_ctx, rope_dims/2): the global table, then the local one (Gemma 3's
     sliding layers; a copy of the global one when the family has none); (2, 1, 1) zeros for
     learned positions. LongRoPE has a second set (its long factors) and a switch: a forward call
@@ -409,7 +409,7 @@ class NumbaModel:
         cfg = self.config  # every shape below comes from validated metadata
         self.weights = w = Weights(plan)
         self.simd = simd
-        self.rope_sets, self.rope_switch = _rope_sets(cfg, self.n_ctx)
+        self.rope_sets, self.rope_switch = rope_sets(cfg, self.n_ctx)
         self.run_config = run_config(cfg, self.n_ctx, w.act_cap, w.block_cap)
         self.kv_cache = "fp16" if fp16(plan.quant) else "fp32"
         self.chunk = PROMPT_CHUNK  # tokens per compiled call: the rings hold window + chunk - 1 rows

@@ -29,8 +29,8 @@ def kernels():
     weights = T.NamedTuple((C(u32, 1), C(f16, 1), C(f16, 1), C(f32, 1), C(f32, 1)), K.Weights)
     state = T.NamedTuple(
         (
-            C(f32, 2),  # cos
-            C(f32, 2),  # sin
+            C(f32, 3),  # cos (2, ctx, rope_dims/2): global | local
+            C(f32, 3),  # sin
             C(f16, 4),  # kc
             C(f16, 4),  # vc
             C(f32, 2),  # x
@@ -39,6 +39,7 @@ def kernels():
             C(f32, 2),  # up
             C(f32, 2),  # scores
             C(f32, 2),  # logits
+            C(f32, 2),  # res
         ),
         K.State,
     )
@@ -47,18 +48,18 @@ def kernels():
     return [
         ("decode_coop", K.decode_coop, (i64, i64) + step),
         ("phase_kernel", K.phase_kernel, (i64, i64, i64, i64, i64) + step),
-        ("gemm_kernel", K.gemm_kernel, w + (C(f16, 2), i64, C(f32, 2), i64)),
+        ("gemm_kernel", K.gemm_kernel, w + (C(f16, 2), i64, C(f32, 2), i64, f32, f32)),
         (
             "gemv_kernel[fp32 in]",
             K.gemv_kernel,
-            w + (C(f32, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64),
+            w + (C(f32, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64, f32, f32),
         ),
         (
             "gemv_kernel[fp16 in]",
             K.gemv_kernel,
-            w + (C(f16, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64),
+            w + (C(f16, 2), i64, i64, i64, i64, i64, f32, f32, C(f32, 2), i64, i64, f32, f32),
         ),
-        ("embed_kernel", K.embed_kernel, w + (C(i64, 1), i64, i64, i64, C(f32, 2))),
+        ("embed_kernel", K.embed_kernel, w + (C(i64, 1), i64, i64, i64, f32, C(f32, 2))),
         ("transpose_into[u32]", K.transpose_into, (C(u32, 2), C(u32, 1), i64)),
         ("transpose_into[f32->f16]", K.transpose_into, (C(f32, 2), C(f16, 1), i64)),
         ("transpose_into[f16]", K.transpose_into, (C(f16, 2), C(f16, 1), i64)),
@@ -66,13 +67,15 @@ def kernels():
         (
             "rope_kv_kernel",
             K.rope_kv_kernel,
-            (C(f32, 2), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f32, 2), C(f16, 4), C(f16, 4)),
+            (C(f32, 2), i64, i64, i64, i64, i64, i64, i64, i64, C(f32, 3), C(f32, 3), C(f16, 4), C(f16, 4)),
         ),
         (
             "attention_kernel",
             K.attention_kernel,
-            (C(f32, 2), C(f16, 4), C(f16, 4), i64, i64, i64, i64, i64, i64, i64, C(f32, 2), C(f16, 2)),
+            (C(f32, 2), C(f16, 4), C(f16, 4), i64, i64, i64, i64, i64, i64, i64, f32, f32, C(f32, 2), C(f16, 2)),
         ),
+        ("qk_norm_kernel", K.qk_norm_kernel, (C(f32, 2), i64, i64, i64, i64, i64, i64, i64, f32, C(f32, 1))),
+        ("residual_norm_kernel", K.residual_norm_kernel, (C(f32, 2), C(f32, 2), i64, i64, f32, C(f32, 1), i64, f32)),
         ("act_kernel", K.act_kernel, (C(f32, 2), i64, i64, i64, C(f16, 2))),
     ]
 

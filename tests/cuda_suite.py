@@ -112,16 +112,21 @@ LIN_IDS = ["q4-g16-sym", "q4-g32-asym", "q8-g16-asym", "q8-g32-sym", "fp16"]
 
 # ----------------------------------------------------------------------------- linear kernels
 @pytest.mark.parametrize("kind,gs,sym", LIN_CASES, ids=LIN_IDS)
-@pytest.mark.parametrize("mode", ["h16", "rms", "layer", "swiglu", "gelu"])
+@pytest.mark.parametrize("mode", ["h16", "rms", "layer", "none", "swiglu", "geglu", "gelu"])
 def test_gemv(kind, gs, sym, mode):
-    """Fused dequantize + GEMV, every input mode, odd n (2 tiles, 1 block: the grid-stride loop)
-    and k not a multiple of the group; += mode adds into the residual."""
+    """Fused dequantize + GEMV, every input mode (none: the residual without a norm, OLMo 2),
+    odd n (2 tiles, 1 block: the grid-stride loop) and k not a multiple of the group; += mode adds
+    into the residual; the fp16 input with the epilogue (x mult, soft-cap: Granite, Gemma)."""
     n, k = 45, 40 if gs != 32 else 72
     lin = Lin(kind, n, k, gs or 16, sym)
     eps = np.float32(1e-5)
+    mult, cap = (0.7, 2.0) if mode == "h16" else (1.0, 0.0)
     if mode == "h16":
         src = rng.normal(0, 1, (2, k)).astype(np.float16)
         xin, args = src[1].astype(np.float64), (K.IN_H16, 0, 0, -1, np.float32(0), np.float32(1))
+    elif mode == "none":
+        src = rng.normal(0.3, 1, (2, k)).astype(np.float32)
+        xin, args = R.f16(src[1]), (K.IN_NORM, 0, -1, -1, np.float32(0), np.float32(1))
     elif mode in ("rms", "layer"):
         src = rng.normal(0.3, 1, (2, k)).astype(np.float32)
         w = rng.normal(1, 0.2, k).astype(np.float32)
@@ -135,16 +140,18 @@ def test_gemv(kind, gs, sym, mode):
         args = (K.IN_NORM, 0, base, base + k if mode == "layer" else -1, np.float32(mu), np.float32(inv))
     else:
         src = rng.normal(0, 1.5, (2, 2 * k)).astype(np.float32)
-        xin = (Lk.ref_swiglu(src[1:], k) if mode == "swiglu" else Lk.ref_gelu_new(src[1:, :k]))[0]
-        args = (K.IN_SWIGLU if mode == "swiglu" else K.IN_GELU, k, 0, -1, np.float32(0), np.float32(1))
+        refs = {"swiglu": Lk.ref_swiglu, "geglu": R.ref_geglu, "gelu": lambda x, k: Lk.ref_gelu_new(x[:, :k])}
+        xin = refs[mode](src[1:], k)[0]
+        modes = {"swiglu": K.IN_SWIGLU, "geglu": K.IN_GEGLU, "gelu": K.IN_GELU}
+        args = (modes[mode], k, 0, -1, np.float32(0), np.float32(1))
     pf = cuda.to_device(lin.pf_host.astype(np.float32))
     out0 = rng.normal(0, 1, (3, n)).astype(np.float32)
     for omode in (K.OUT_SET, K.OUT_ADD):
         out = cuda.to_device(out0)
         K.gemv_kernel[1, TPB](
-            *lin.args(pf), cuda.to_device(src), 1, args[0], args[1], args[2], args[3], args[4], args[5], out, 2, omode
+            *lin.args(pf), cuda.to_device(src), 1, *args, out, 2, omode, np.float32(mult), np.float32(cap)
         )
-        ref = R.ref_gemv(xin, lin.w, lin.bias) + (out0[2] if omode == K.OUT_ADD else 0)
+        ref = R.ref_epilogue(R.ref_gemv(xin, lin.w, lin.bias), mult, cap) + (out0[2] if omode == K.OUT_ADD else 0)
         got = out.copy_to_host()
         _close(got[2], ref)
         assert np.array_equal(got[:2], out0[:2])  # other rows untouched
@@ -153,16 +160,21 @@ def test_gemv(kind, gs, sym, mode):
 @pytest.mark.parametrize("kind,gs,sym", LIN_CASES, ids=LIN_IDS)
 @pytest.mark.parametrize("t", [3, 37])
 def test_gemm(kind, gs, sym, t):
-    """Tiled dequantize + GEMM (prompt): t tokens across 1 or 2 token tiles, 2 row tiles, += mode."""
+    """Tiled dequantize + GEMM (prompt): t tokens across 1 or 2 token tiles, 2 row tiles, += mode;
+    the epilogue (x mult, soft-cap) on the short prompt."""
     n, k = 40, 40 if gs != 32 else 72
     lin = Lin(kind, n, k, gs or 16, sym)
     pf = cuda.to_device(lin.pf_host)
     x = rng.normal(0, 1, (t, k)).astype(np.float16)
     res = rng.normal(0, 1, (t, n)).astype(np.float32)
+    mult, cap = (0.4, 1.5) if t == 3 else (1.0, 0.0)
     for omode in (K.OUT_SET, K.OUT_ADD):
         out = cuda.to_device(res)
-        K.gemm_kernel[K.gemm_grid(n, t), TPB](*lin.args(pf), cuda.to_device(x), t, out, omode)
-        _close(out.copy_to_host(), R.ref_gemv(x, lin.w, lin.bias) + (res if omode == K.OUT_ADD else 0))
+        K.gemm_kernel[K.gemm_grid(n, t), TPB](
+            *lin.args(pf), cuda.to_device(x), t, out, omode, np.float32(mult), np.float32(cap)
+        )
+        ref = R.ref_epilogue(R.ref_gemv(x, lin.w, lin.bias), mult, cap)
+        _close(out.copy_to_host(), ref + (res if omode == K.OUT_ADD else 0))
 
 
 @pytest.mark.parametrize("kind,gs,sym", LIN_CASES[:3] + LIN_CASES[4:], ids=LIN_IDS[:3] + LIN_IDS[4:])
@@ -172,10 +184,10 @@ def test_embed(kind, gs, sym):
     wpe = rng.normal(0, 1, (8, k)).astype(np.float32)
     pf = cuda.to_device(np.concatenate([lin.pf_host, wpe.reshape(-1)]))
     ids = np.array([3, 49, 0], np.int64)
-    for pos_off in (-1, 1):
+    for pos_off, mult in ((-1, 1.0), (1, 1.0), (-1, 2.5)):  # x 2.5: the embedding multiplier
         x = cuda.to_device(np.zeros((4, k), np.float32))
-        K.embed_kernel[2, TPB](*lin.args(pf), cuda.to_device(ids), 2, k, pos_off, x)
-        ref = lin.w[ids] + (wpe[2:5] if pos_off >= 0 else 0)
+        K.embed_kernel[2, TPB](*lin.args(pf), cuda.to_device(ids), 2, k, pos_off, np.float32(mult), x)
+        ref = lin.w[ids] * mult + (wpe[2:5] if pos_off >= 0 else 0)
         _close(x.copy_to_host()[:3], ref, 1e-6)
 
 
@@ -194,28 +206,62 @@ def test_transpose_into(dtype):
 
 
 # ----------------------------------------------------------------------------- layers
-@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("layer", [0, 1, -1], ids=["rms", "layer", "none"])
 def test_norm_rows(layer):
+    """RMSNorm, LayerNorm, and no norm (nw -1: the residual itself, fp16: OLMo 2's layers)."""
     t, h = 3, 70
     x = rng.normal(0.5, 2, (t, h)).astype(np.float32)
     w, b = rng.normal(1, 0.2, h).astype(np.float32), rng.normal(0, 0.2, h).astype(np.float32)
     pf = cuda.to_device(np.concatenate([w, b]))
     out = cuda.to_device(np.zeros((t, h), np.float16))
-    K.norm_rows_kernel[2, TPB](cuda.to_device(x), t, h, layer, np.float32(1e-5), pf, 0, h if layer else -1, out)
-    _close(out.copy_to_host().astype(np.float64), R.ref_norm_f16(x, w, b, 1e-5, bool(layer)), 1e-3)
+    nw, nb = (0, h if layer == 1 else -1) if layer >= 0 else (-1, -1)
+    K.norm_rows_kernel[2, TPB](cuda.to_device(x), t, h, max(layer, 0), np.float32(1e-5), pf, nw, nb, out)
+    ref = R.ref_norm_f16(x, w, b, 1e-5, bool(layer == 1)) if layer >= 0 else R.f16(x)
+    _close(out.copy_to_host().astype(np.float64), ref, 1e-3)
 
 
-@pytest.mark.parametrize("rope", [1, 0])
-def test_rope_kv(rope):
+@pytest.mark.parametrize("width", ["head", "proj"])
+def test_qk_norm(width):
+    """q/k RMSNorm in place: per head (Qwen3, Gemma 3) and over each projection (OLMo 2, k
+    narrower than q with GQA); v untouched. 2 blocks: the grid-stride loop over segments."""
+    nh, nkv, hd, t = 4, 2, 12, 2
+    wd = hd if width == "head" else nh * hd
+    wq = rng.normal(1, 0.2, wd).astype(np.float32)
+    wk = rng.normal(1, 0.2, wd if width == "head" else nkv * hd).astype(np.float32)
+    qkv = rng.normal(0.2, 1.5, (t, (nh + 2 * nkv) * hd)).astype(np.float32)
+    d_qkv = cuda.to_device(qkv)
+    pf = cuda.to_device(np.concatenate([np.zeros(3, np.float32), wq, wk]))
+    K.qk_norm_kernel[2, TPB](d_qkv, t, nh, nkv, hd, wd, 3, 3 + wd, np.float32(1e-6), pf)
+    _close(d_qkv.copy_to_host(), R.ref_qk_norm(qkv, nh, nkv, hd, wd, wq, wk, 1e-6), 1e-5)
+
+
+def test_residual_norm():
+    """x += mult * rms_norm(res) * w: a post-norm (OLMo 2, Gemma 3) with Granite's multiplier."""
+    t, h = 3, 70
+    x, res = rng.normal(0, 1, (t, h)).astype(np.float32), rng.normal(0.3, 2, (t, h)).astype(np.float32)
+    w = rng.normal(1, 0.2, h).astype(np.float32)
+    d_x = cuda.to_device(x)
+    pf = cuda.to_device(np.concatenate([np.zeros(1, np.float32), w]))
+    K.residual_norm_kernel[2, TPB](d_x, cuda.to_device(res), t, h, np.float32(1e-5), pf, 1, np.float32(0.5))
+    _close(d_x.copy_to_host(), R.ref_residual_norm(x, res, w, 1e-5, 0.5), 1e-5)
+
+
+@pytest.mark.parametrize("rope,rot", [(1, 8), (0, 8), (2, 8), (1, 4)], ids=["global", "none", "local", "partial"])
+def test_rope_kv(rope, rot):
+    """The layer's table (ROPE_GLOBAL 1, ROPE_LOCAL 2: Gemma 3's sliding layers; ROPE_NONE 0:
+    learned positions, SmolLM3's NoPE layers), and partial rotary (rot < hd: Phi-3)."""
     nh, nkv, hd, t, pos0, L = 4, 2, 8, 3, 5, 2
-    inv = Lk.rope_inv_freq(hd, 10000.0, None)
-    cos, sin = Lk.rope_tables(16, inv)
+    tables = [Lk.rope_tables(16, Lk.rope_inv_freq(rot, theta, None)) for theta in (10000.0, 50.0)]
+    cos, sin = np.stack([c for c, _ in tables]), np.stack([s for _, s in tables])  # (2, ctx, rot/2)
     qkv = rng.normal(0, 1, (t, (nh + 2 * nkv) * hd)).astype(np.float32)
     d_qkv = cuda.to_device(qkv)
     kc = cuda.to_device(np.zeros((L, nkv, 16, hd), np.float16))
     vc = cuda.to_device(np.zeros((L, nkv, 16, hd), np.float16))
-    K.rope_kv_kernel[2, TPB](d_qkv, t, pos0, 1, nh, nkv, hd, rope, cuda.to_device(cos), cuda.to_device(sin), kc, vc)
-    q, k, v = R.ref_rope_kv(qkv, pos0, nh, nkv, hd, cos, sin, bool(rope))
+    K.rope_kv_kernel[2, TPB](
+        d_qkv, t, pos0, 1, nh, nkv, hd, rot, rope, cuda.to_device(cos), cuda.to_device(sin), kc, vc
+    )
+    tab = max(rope - 1, 0)
+    q, k, v = R.ref_rope_kv(qkv, pos0, nh, nkv, hd, cos[tab], sin[tab], bool(rope))
     _close(d_qkv.copy_to_host()[:, : nh * hd].reshape(t, nh, hd), q, 1e-6)
     kch, vch = kc.copy_to_host(), vc.copy_to_host()
     _close(kch[1, :, pos0 : pos0 + t], k, 1e-3)
@@ -224,10 +270,18 @@ def test_rope_kv(rope):
 
 
 @pytest.mark.parametrize(
-    "nh,nkv,hd,t,pos0,window", [(4, 2, 16, 1, 9, 0), (4, 1, 8, 3, 4, 0), (2, 2, 8, 4, 2, 3), (2, 1, 80, 2, 3, 0)]
+    "nh,nkv,hd,t,pos0,window,scale,cap",
+    [
+        (4, 2, 16, 1, 9, 0, 0.0, 0.0),
+        (4, 1, 8, 3, 4, 0, 0.0, 0.0),
+        (2, 2, 8, 4, 2, 3, 0.0, 0.0),
+        (2, 1, 80, 2, 3, 0, 0.0, 0.0),
+        (4, 2, 24, 3, 4, 3, 0.6, 1.5),  # Gemma 3: the family's scale, a soft-cap that bites, a window
+    ],
 )
-def test_attention(nh, nkv, hd, t, pos0, window):
-    """Decode (t = 1) and prompt rows over the fp16 cache: GQA, sliding window, hd > threads."""
+def test_attention(nh, nkv, hd, t, pos0, window, scale, cap):
+    """Decode (t = 1) and prompt rows over the fp16 cache: GQA, sliding window, hd > threads,
+    the family's scale (0: 1/sqrt(hd)) and soft-cap."""
     ctx, n = 16, pos0 + t
     kc = rng.normal(0, 1, (2, nkv, ctx, hd)).astype(np.float16)
     vc = rng.normal(0, 1, (2, nkv, ctx, hd)).astype(np.float16)
@@ -235,20 +289,36 @@ def test_attention(nh, nkv, hd, t, pos0, window):
     out = cuda.to_device(np.zeros((t, nh * hd), np.float16))
     scores = cuda.to_device(np.zeros((t * nh, ctx), np.float32))
     K.attention_kernel[3, TPB](
-        cuda.to_device(qkv), cuda.to_device(kc), cuda.to_device(vc), 1, pos0, t, nh, nkv, hd, window, scores, out
+        cuda.to_device(qkv),
+        cuda.to_device(kc),
+        cuda.to_device(vc),
+        1,
+        pos0,
+        t,
+        nh,
+        nkv,
+        hd,
+        window,
+        np.float32(scale),
+        np.float32(cap),
+        scores,
+        out,
     )
     q = qkv[:, : nh * hd].reshape(t, nh, hd)
-    ref = Lk.ref_attention(q, kc[1, :, :n].astype(np.float64), vc[1, :, :n].astype(np.float64), pos0, window)
+    k64, v64 = kc[1, :, :n].astype(np.float64), vc[1, :, :n].astype(np.float64)
+    ref = Lk.ref_attention(q, k64, v64, pos0, window, scale, cap)
     _close(out.copy_to_host().reshape(t, nh, hd), ref, 2e-3)
 
 
-@pytest.mark.parametrize("gated", [1, 0])
-def test_act(gated):
+@pytest.mark.parametrize("mode", ["swiglu", "geglu", "gelu"])
+def test_act(mode):
     t, inter = 3, 50
     up = rng.normal(0, 2, (t, 2 * inter)).astype(np.float32)
     out = cuda.to_device(np.zeros((t, inter), np.float16))
-    K.act_kernel[2, TPB](cuda.to_device(up), t, inter, gated, out)
-    ref = R.ref_swiglu_f16(up, inter) if gated else R.f16(Lk.ref_gelu_new(up[:, :inter]))
+    code = {"swiglu": K.IN_SWIGLU, "geglu": K.IN_GEGLU, "gelu": K.IN_GELU}[mode]
+    K.act_kernel[2, TPB](cuda.to_device(up), t, inter, code, out)
+    refs = {"swiglu": R.ref_swiglu_f16, "geglu": R.ref_geglu_f16}
+    ref = refs[mode](up, inter) if mode in refs else R.f16(Lk.ref_gelu_new(up[:, :inter]))
     _close(out.copy_to_host().astype(np.float64), ref, 1e-3)
 
 

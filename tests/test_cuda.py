@@ -18,6 +18,7 @@ from guards import one_line_error  # noqa: E402
 
 HERE = Path(__file__).parent
 SUITE = HERE / "cuda_suite.py"
+FAMILIES = HERE / "cuda_families.py"  # issue 25's families on the CUDA path
 
 
 def _gpu_present() -> bool:
@@ -28,13 +29,11 @@ def _gpu_present() -> bool:
     return r.stdout.strip().endswith("1")
 
 
-def _suite(sim: bool, k: str | None = None) -> subprocess.CompletedProcess:
+def _suite(sim: bool, k: str | None = None, path: Path = SUITE) -> subprocess.CompletedProcess:
     env = {k_: v for k_, v in os.environ.items() if k_ != "NUMBA_ENABLE_CUDASIM"}
     if sim:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(SUITE), "-rs"] + (
-        ["-k", k] if k else []
-    )
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path), "-rs"] + (["-k", k] if k else [])
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800, cwd=HERE.parent)
 
 
@@ -54,10 +53,20 @@ def test_cuda_suite_under_simulator(group):
     assert " passed" in r.stdout and not skips, tail  # nothing skipped under the simulator
 
 
+def test_cuda_families_under_simulator():
+    """Issue 25 on the CUDA path (tests/cuda_families.py): each family's greedy tokens and logits
+    against the CPU runtime, fp32 and 4-bit, under numba's CUDA simulator."""
+    r = _suite(sim=True, path=FAMILIES)
+    tail = (r.stdout + r.stderr)[-4000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and "SKIPPED" not in r.stdout, tail
+
+
 @pytest.mark.skipif(not _gpu_present(), reason="no CUDA GPU here (the simulator runs the same suite above)")
 def test_cuda_suite_on_gpu():
-    r = _suite(sim=False)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    for path in (SUITE, FAMILIES):
+        r = _suite(sim=False, path=path)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
 
 def _nvvm_home() -> str | None:

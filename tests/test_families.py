@@ -43,15 +43,7 @@ PROMPT = np.array([5, 17, 100, 3, 77, 250, 9, 11, 400, 12, 33, 7], np.int64)
 
 
 def _model(family: str, seed: int = 0):
-    """A tiny model with larger-than-default weights (logits of order 5) and random norm weights
-    (ones would hide a missing or misplaced norm, zeros Gemma's 1 + w)."""
-    model = tiny.build(family, seed=seed, initializer_range=0.15)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
-    return model
+    return tiny.family_model(family, seed)  # random norm weights, logits of order 5
 
 
 @pytest.fixture(scope="module")

@@ -174,6 +174,18 @@ def build(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+def family_model(family: str, seed: int = 0, **overrides):
+    """A tiny model of a FAMILIES family with larger-than-default weights (logits of order 5) and
+    random norm weights (ones would hide a missing or misplaced norm, zeros Gemma's 1 + w)."""
+    model = build(family, seed=seed, initializer_range=0.15, **overrides)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def train(model, tokenizer, steps: int, seq_len: int = 128, batch: int = 16, lr: float = 3e-3, seed: int = 0):
     """Briefly train on the calibration split so weights are genuinely continuous."""
     from edgellm.data import builtin_text, split_tokens, token_ids

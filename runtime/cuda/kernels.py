@@ -35,7 +35,8 @@ index, measured here): `_sim_record_field` below answers field names first (2 us
 read a record's fields into locals once (gemv_tile), as they would read descriptor slots.
 
 Numerics: inputs are fp16 (a buffer, or computed on the fly and rounded to fp16 as a buffer
-would hold them), weights are code*scale, every product is accumulated in fp32.
+would hold them), weights are code*scale, every product is accumulated in fp32. A linear's
+output goes through `epilogue` (x mult, soft-cap: Granite's multipliers, Gemma's final cap).
 
 Napkin math, decode (one token, SmolLM2-135M 4-bit): 30 layers x (960 + 576 + 3072 + 576 rows)
 x 576..1536 columns / 2 bytes ~ 55 MB of codes + 3.5 MB of scales per token, ~12 us at the H200's
@@ -56,17 +57,28 @@ numba's CUDA simulator has no warp shuffles, and one code path must run on both.
 numba's CUDA target has no CUDA-graph capture, so the step is fused instead: `decode_coop` is
 a cooperative kernel (all blocks resident) that walks the phases below and meets at a grid-wide
 barrier (`cuda.cg.this_grid().sync()`) between them; every phase is a grid-stride loop, so any
-grid size is correct. Per layer, 6 phases (and 6 barriers):
+grid size is correct. Per layer, 6 phases (and 6 barriers), and up to 3 more where the layer's
+family has them (`has_phase`: the skip is the same for every block, barrier included):
 
-    QKV   rms/layer norm fused into the GEMV input (each block recomputes the row statistics),
-          fused q|k|v rows                                               -> qkv fp32
-    ROPE  rotate q, k; write k, v into the fp16 cache                    -> KV cache
-    ATTN  one block per head over the cache                              -> att fp16
-    O     GEMV of att, residual add fused                                -> x += ...
-    UP    norm fused into the GEMV input, fused gate|up rows             -> up fp32
-    DOWN  SwiGLU (or GELU) fused into the GEMV input, residual add fused -> x += ...
+    QKV    rms/layer norm fused into the GEMV input (each block recomputes the row statistics;
+           no norm where the family has none before attention: OLMo 2), fused q|k|v rows -> qkv fp32
+    QKNORM RMSNorm of each q/k head (Qwen3, Gemma 3) or of the whole q, k projections
+           (OLMo 2), one block per segment                                   -> qkv fp32
+    ROPE   rotate q, k with the layer's table (global, local: Gemma 3's sliding layers, none:
+           SmolLM3's NoPE layers; the first rope_dims of a head: Phi-3); write k, v into the
+           fp16 cache                                                        -> KV cache
+    ATTN   one block per head over the cache (the family's scale, soft-cap, the layer's
+           window: a mask over the full cache, no ring buffer)               -> att fp16
+    O      GEMV of att, residual add fused (x res_mult: Granite), or into s.res -> x += ...
+    O_POST the post-norm of s.res (OLMo 2, Gemma 3), x res_mult, residual add -> x += ...
+    UP     norm fused into the GEMV input, fused gate|up rows                -> up fp32
+    DOWN   SwiGLU, GeGLU (Gemma) or GELU fused into the GEMV input, as O     -> x += ...
+    DOWN_POST  as O_POST                                                     -> x += ...
 
-plus EMBED before the layers and HEAD (final norm fused, logits) after them. Where a
+plus EMBED before the layers (x emb_mult: Granite, Gemma's sqrt(H)) and HEAD (final norm fused,
+logits x logit_mult: Granite, then the final soft-cap: Gemma) after them. The family is data:
+the CUDA_CONFIG / CUDA_LAYER fields model.py fills from runtime/features.py's description, as
+the CPU runtime's forward reads its CONFIG / LAYER. Where a
 cooperative launch is refused (a driver without it, a grid that cannot be resident),
 `phase_kernel` runs the same phases as one launch each (model.py falls back to it and says so).
 """
@@ -162,11 +174,12 @@ class State(NamedTuple):
     up: object  # float32 (chunk, 2 I or I)
     scores: object  # float32 (chunk NH, ctx)
     logits: object  # float32 (chunk, V)
+    res: object  # float32 (chunk, H) a block's output before its post-norm (families with post-norms)
 
 
 ROWS = 32  # output rows per tile: one per lane of a warp
 MAX_THREADS = 256  # threads per block the shared buffers are sized for (a multiple of ROWS)
-IN_H16, IN_NORM, IN_SWIGLU, IN_GELU = range(4)  # where a GEMV's input comes from
+IN_H16, IN_NORM, IN_SWIGLU, IN_GELU, IN_GEGLU = range(5)  # where a GEMV's input comes from (and act_kernel's modes)
 OUT_SET, OUT_ADD = 0, 1  # out = y, or out += y (the residual add, fused)
 GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 
@@ -181,20 +194,36 @@ def gelu(v):
 @pure
 def in_val(src, i, c, mode, half, pf, nw, nbias, mu, inv):
     """Input column c of token row i as the GEMV sees it, fp16-rounded:
-    IN_H16 src (t, k) fp16 | IN_NORM (src - mu) * inv * w (+ b), src the fp32 residual |
-    IN_SWIGLU silu(src[c]) * src[half + c] | IN_GELU gelu(src[c])."""
+    IN_H16 src (t, k) fp16 | IN_NORM (src - mu) * inv * w (+ b), src the fp32 residual (nw -1:
+    no norm weights, and mu 0, inv 1: the residual itself, OLMo 2's layers) |
+    IN_SWIGLU silu(src[c]) * src[half + c] | IN_GEGLU gelu(src[c]) * src[half + c] | IN_GELU gelu(src[c])."""
     if mode == IN_H16:
         return np.float32(src[i, c])
     if mode == IN_NORM:
-        v = (np.float32(src[i, c]) - mu) * inv * pf[nw + c]
+        v = (np.float32(src[i, c]) - mu) * inv
+        if nw >= 0:
+            v = v * pf[nw + c]
         if nbias >= 0:
             v += pf[nbias + c]
     elif mode == IN_SWIGLU:
         g = np.float32(src[i, c])
         v = g / (np.float32(1.0) + math.exp(-g)) * np.float32(src[i, half + c])
+    elif mode == IN_GEGLU:
+        v = gelu(np.float32(src[i, c])) * np.float32(src[i, half + c])
     else:
         v = gelu(np.float32(src[i, c]))
     return np.float32(np.float16(v))
+
+
+@pure
+def epilogue(v, mult, cap):
+    """A linear's output element v times `mult` (Granite's residual multiplier, 1/logits_scaling),
+    then soft-capped cap * tanh(v / cap) when cap > 0 (Gemma's final logits)."""
+    if mult != np.float32(1.0):
+        v = v * mult
+    if cap > np.float32(0.0):
+        v = cap * math.tanh(v / cap)
+    return v
 
 
 @pure
@@ -215,8 +244,9 @@ def weight(d, w, r, c):
 
 # ----------------------------------------------------------------------------- decode: fused dequantize + GEMV
 @cuda.jit(device=True)
-def gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile):
-    """Rows [tile*32, tile*32 + 32) of y = in(src row i) W^T + b into out[oi] (= or +=).
+def gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, mult, cap, part, tile):
+    """Rows [tile*32, tile*32 + 32) of y = epilogue(in(src row i) W^T + b, mult, cap) into
+    out[oi] (= or +=).
 
     Thread t owns row tile*32 + t % 32 and every (blockDim/32)-th word of it: each warp reads
     one word of 32 consecutive rows at a time (coalesced), unpacks its 8 (or 4) codes, and
@@ -261,6 +291,7 @@ def gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part
             tot += part[u * ROWS + lane]
         if d.b_off >= 0:
             tot += pf[d.b_off + r]
+        tot = epilogue(tot, mult, cap)
         if omode == OUT_ADD:
             out[oi, r] += tot
         else:
@@ -269,19 +300,19 @@ def gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part
 
 
 @cuda.jit(device=True)
-def gemv(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part):
+def gemv(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, mult, cap, part):
     """All row tiles of one GEMV, spread over the grid (grid-stride: any grid size works)."""
     ntile = (d.n + ROWS - 1) // ROWS
     for tile in range(cuda.blockIdx.x, ntile, cuda.gridDim.x):
-        gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part, tile)
+        gemv_tile(d, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, mult, cap, part, tile)
 
 
 @cuda.jit(cache=True)
-def gemv_kernel(lin, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode):
+def gemv_kernel(lin, w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, mult, cap):
     """`gemv` of the linear lin[0] (a one-record CUDA_LINEAR array) as a launch of its own
-    (tests; `mu`, `inv`: the IN_NORM row statistics)."""
+    (tests; `mu`, `inv`: the IN_NORM row statistics; `mult`, `cap`: the epilogue)."""
     part = cuda.shared.array(MAX_THREADS, float32)
-    gemv(lin[0], w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, part)
+    gemv(lin[0], w, src, i, mode, half, nw, nbias, mu, inv, out, oi, omode, mult, cap, part)
 
 
 # ----------------------------------------------------------------------------- prompt: tiled dequantize + GEMM
@@ -291,9 +322,9 @@ MAX_ACC = TM * TN // ROWS  # outputs per thread at the smallest block (32 thread
 
 
 @cuda.jit(cache=True)
-def gemm_kernel(lin, w, x, t, out, omode):
-    """out (t, n) (= or +=) x (t, k) fp16 @ W^T + b, W the linear lin[0] (a one-record CUDA_LINEAR
-    array). Block (bx, by) computes rows bx*32.. of
+def gemm_kernel(lin, w, x, t, out, omode, mult, cap):
+    """out (t, n) (= or +=) epilogue(x (t, k) fp16 @ W^T + b, mult, cap), W the linear lin[0] (a
+    one-record CUDA_LINEAR array). Block (bx, by) computes rows bx*32.. of
     tokens by*32..: per K step of 32 columns it stages the activations (fp16 -> fp32) and the
     dequantized weight tile in shared memory, then every thread accumulates its TM*TN/blockDim
     outputs (same row, tokens blockDim/32 apart: the weight value is loaded once per column)."""
@@ -331,10 +362,11 @@ def gemm_kernel(lin, w, x, t, out, omode):
         for u in range(nu):
             tok = t0 + ti0 + u * step
             if tok < t:
+                v = epilogue(acc[u] + b, mult, cap)
                 if omode == OUT_ADD:
-                    out[tok, r] += acc[u] + b
+                    out[tok, r] += v
                 else:
-                    out[tok, r] = acc[u] + b
+                    out[tok, r] = v
 
 
 def gemm_grid(n: int, t: int) -> tuple:
@@ -343,22 +375,25 @@ def gemm_grid(n: int, t: int) -> tuple:
 
 # ----------------------------------------------------------------------------- embeddings
 @cuda.jit(device=True)
-def embed_row(d, w, tok, i, pos, h, wpe, x):
-    """x[i] = row `tok` of the embedding table (+ learned position `pos` when wpe >= 0),
-    spread over the whole grid."""
+def embed_row(d, w, tok, i, pos, h, wpe, mult, x):
+    """x[i] = row `tok` of the embedding table x mult (Granite's embedding multiplier, Gemma's
+    sqrt(H)) (+ learned position `pos` when wpe >= 0), spread over the whole grid."""
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     for c in range(start, h, cuda.gridDim.x * cuda.blockDim.x):
         v = weight(d, w, tok, c)
+        if mult != np.float32(1.0):
+            v = v * mult
         if wpe >= 0:
             v += w.pf[wpe + pos * h + c]
         x[i, c] = v
 
 
 @cuda.jit(cache=True)
-def embed_kernel(lin, w, ids, pos0, h, wpe, x):
-    """Rows of the prompt: x (t, h) = table lin[0] at ids (+ positions pos0.. at pf[wpe]; wpe -1: none)."""
+def embed_kernel(lin, w, ids, pos0, h, wpe, mult, x):
+    """Rows of the prompt: x (t, h) = table lin[0] at ids x mult (+ positions pos0.. at pf[wpe];
+    wpe -1: none)."""
     for i in range(ids.shape[0]):
-        embed_row(lin[0], w, ids[i], i, pos0 + i, h, wpe, x)
+        embed_row(lin[0], w, ids[i], i, pos0 + i, h, wpe, mult, x)
 
 
 # ----------------------------------------------------------------------------- layout (load time)
@@ -435,9 +470,14 @@ def row_stats(x, i, h, layer, eps, red):
 
 @cuda.jit(cache=True)
 def norm_rows_kernel(x, t, h, layer, eps, pf, nw, nb, out):
-    """out (t, h) fp16 = norm(x (t, h)) * w (+ b); one block per row (grid-stride)."""
+    """out (t, h) fp16 = norm(x (t, h)) * w (+ b); nw -1: no norm, out = x (OLMo 2's layers have
+    no norm before attention and the MLP); one block per row (grid-stride)."""
     red = cuda.shared.array(RED, float32)
     for i in range(cuda.blockIdx.x, t, cuda.gridDim.x):
+        if nw < 0:
+            for c in range(cuda.threadIdx.x, h, cuda.blockDim.x):
+                out[i, c] = x[i, c]
+            continue
         mu, inv = row_stats(x, i, h, layer, eps, red)
         for c in range(cuda.threadIdx.x, h, cuda.blockDim.x):
             v = (x[i, c] - mu) * inv * pf[nw + c]
@@ -446,14 +486,68 @@ def norm_rows_kernel(x, t, h, layer, eps, pf, nw, nb, out):
             out[i, c] = v
 
 
+@cuda.jit(device=True)
+def qk_norm_rows(qkv, t, nh, nkv, hd, width, qw, kw, eps, pf, red):
+    """In place over q and k of qkv (t, (nh + 2 nkv) hd): RMSNorm (weights pf[qw..], pf[kw..]) of
+    each head (width = hd: Qwen3, Gemma 3) or of the whole q and k projections (width = nh hd:
+    OLMo 2, k then spans nkv hd). One block per (token, segment), grid-stride; fp32 in and out."""
+    tid, bd = cuda.threadIdx.x, cuda.blockDim.x
+    per_head = width == hd
+    nq = nh if per_head else 1
+    nseg = nq + (nkv if per_head else 1)
+    kwidth = hd if per_head else nkv * hd
+    for item in range(cuda.blockIdx.x, t * nseg, cuda.gridDim.x):
+        i, sg = item // nseg, item % nseg
+        if sg < nq:
+            base, wd, wo = sg * width, width, qw
+        else:
+            base, wd, wo = nh * hd + (sg - nq) * kwidth, kwidth, kw
+        ss = np.float32(0.0)
+        for j in range(tid, wd, bd):
+            v = qkv[i, base + j]
+            ss += v * v
+        inv = np.float32(1.0) / math.sqrt(block_reduce(ss, red, SUM) / np.float32(wd) + eps)
+        for j in range(tid, wd, bd):
+            qkv[i, base + j] = qkv[i, base + j] * inv * pf[wo + j]
+
+
+@cuda.jit(cache=True)
+def qk_norm_kernel(qkv, t, nh, nkv, hd, width, qw, kw, eps, pf):
+    red = cuda.shared.array(RED, float32)
+    qk_norm_rows(qkv, t, nh, nkv, hd, width, qw, kw, eps, pf, red)
+
+
+@cuda.jit(device=True)
+def residual_norm(x, res, i0, t, h, eps, pf, nw, mult, red):
+    """x[i] += mult * rms_norm(res[i]) * w for rows i0..i0+t: a block's output through its
+    post-norm (OLMo 2, Gemma 3), then Granite's residual multiplier, then the residual add. One
+    block per row (grid-stride); fp32."""
+    for i in range(i0 + cuda.blockIdx.x, i0 + t, cuda.gridDim.x):
+        mu, inv = row_stats(res, i, h, 0, eps, red)
+        for c in range(cuda.threadIdx.x, h, cuda.blockDim.x):
+            v = res[i, c] * inv * pf[nw + c]
+            if mult != np.float32(1.0):
+                v = v * mult
+            x[i, c] += v
+
+
+@cuda.jit(cache=True)
+def residual_norm_kernel(x, res, t, h, eps, pf, nw, mult):
+    red = cuda.shared.array(RED, float32)
+    residual_norm(x, res, 0, t, h, eps, pf, nw, mult, red)
+
+
 # ----------------------------------------------------------------------------- rope + KV cache
 @cuda.jit(device=True)
-def rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
+def rope_kv(qkv, t, pos0, l, nh, nkv, hd, rot, rope, cos, sin, kc, vc):
     """Rotate q and k heads of qkv (t, (nh + 2 nkv) hd) by their positions pos0.. (HF
-    rotate_half pairs (j, j + hd/2); rope = 0: learned positions, no rotation), write k and v
-    into the fp16 cache at layer l, positions pos0..pos0+t; q stays in qkv (fp32). Grid-stride
-    over pairs, one thread per pair (in place, no race)."""
-    half = hd // 2
+    rotate_half pairs (j, j + rot/2) over each head's first `rot` dims: rot < hd is partial
+    rotary (Phi-3), the other dims pass through), with table rope - 1 of cos, sin (2, ctx, rot/2)
+    (rope: the layer's ROPE_GLOBAL 1 | ROPE_LOCAL 2; ROPE_NONE 0: no rotation: learned positions,
+    NoPE layers), write k and v into the fp16 cache at layer l, positions pos0..pos0+t; q stays
+    in qkv (fp32). Grid-stride over column pairs, hd/2 per head, one thread per pair (in place,
+    no race): pair j < rot/2 is (j, j + rot/2), a later one two pass-through columns."""
+    half, rh = hd // 2, rot // 2
     nq = (nh + nkv) * half
     npair, nv = t * nq, t * nkv * hd
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -461,17 +555,22 @@ def rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
         if e < npair:
             i, rem = e // nq, e % nq
             hh, j = rem // half, rem % half
-            col = hh * hd + j
-            a, b = qkv[i, col], qkv[i, col + half]
-            if rope == 1:
-                c, s = cos[pos0 + i, j], sin[pos0 + i, j]
+            if j < rh:
+                j0, j1 = j, j + rh
+            else:
+                j0 = rot + 2 * (j - rh)
+                j1 = j0 + 1
+            col = hh * hd
+            a, b = qkv[i, col + j0], qkv[i, col + j1]
+            if rope > 0 and j < rh:
+                c, s = cos[rope - 1, pos0 + i, j], sin[rope - 1, pos0 + i, j]
                 a, b = a * c - b * s, b * c + a * s
             if hh < nh:
-                qkv[i, col] = a
-                qkv[i, col + half] = b
+                qkv[i, col + j0] = a
+                qkv[i, col + j1] = b
             else:
-                kc[l, hh - nh, pos0 + i, j] = a
-                kc[l, hh - nh, pos0 + i, j + half] = b
+                kc[l, hh - nh, pos0 + i, j0] = a
+                kc[l, hh - nh, pos0 + i, j1] = b
         else:
             e2 = e - npair
             i, rem = e2 // (nkv * hd), e2 % (nkv * hd)
@@ -479,16 +578,17 @@ def rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
 
 
 @cuda.jit(cache=True)
-def rope_kv_kernel(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc):
-    rope_kv(qkv, t, pos0, l, nh, nkv, hd, rope, cos, sin, kc, vc)
+def rope_kv_kernel(qkv, t, pos0, l, nh, nkv, hd, rot, rope, cos, sin, kc, vc):
+    rope_kv(qkv, t, pos0, l, nh, nkv, hd, rot, rope, cos, sin, kc, vc)
 
 
 # ----------------------------------------------------------------------------- attention
 @cuda.jit(device=True)
-def attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scores, out, red):
+def attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scale, cap, scores, out, red):
     """Query row i = item // nh, head h = item % nh over cached keys [p0, pos0 + i] (causal,
     GQA, sliding `window` > 0), by the whole block: scores one position per thread (fp32 dot of
-    the fp32 query with fp16 keys), block max, exp and sum, then P.V with the block split into
+    the fp32 query with fp16 keys) times `scale` (0: 1/sqrt(hd)), soft-capped cap * tanh(s / cap)
+    when cap > 0 (Gemma), block max, exp and sum, then P.V with the block split into
     hd columns x (blockDim / hd) position strides, partials met in `red`. out[i, h] fp16."""
     tid, bd = cuda.threadIdx.x, cuda.blockDim.x
     i, h = item // nh, item % nh
@@ -496,13 +596,16 @@ def attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scores, out, red):
     n = pos0 + i + 1
     p0 = n - window if window > 0 and n > window else 0
     qo = h * hd
-    scale = np.float32(1.0) / math.sqrt(np.float32(hd))
+    if scale <= np.float32(0.0):
+        scale = np.float32(1.0) / math.sqrt(np.float32(hd))
     m = NEG
     for p in range(p0 + tid, n, bd):
         s = np.float32(0.0)
         for j in range(hd):
             s += qkv[i, qo + j] * np.float32(kc[l, kvh, p, j])
         s *= scale
+        if cap > np.float32(0.0):
+            s = cap * math.tanh(s / cap)
         scores[item, p] = s
         m = m if m >= s else s
     m = block_reduce(m, red, MAX)
@@ -529,64 +632,123 @@ def attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scores, out, red):
 
 
 @cuda.jit(cache=True)
-def attention_kernel(qkv, kc, vc, l, pos0, t, nh, nkv, hd, window, scores, out):
+def attention_kernel(qkv, kc, vc, l, pos0, t, nh, nkv, hd, window, scale, cap, scores, out):
     """Every (query row, head) of t new tokens, one block each (grid-stride)."""
     red = cuda.shared.array(RED, float32)
     for item in range(cuda.blockIdx.x, t * nh, cuda.gridDim.x):
-        attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scores, out, red)
+        attend(item, qkv, kc, vc, l, pos0, nh, nkv, hd, window, scale, cap, scores, out, red)
 
 
 # ----------------------------------------------------------------------------- activations (prompt path)
 @cuda.jit(cache=True)
-def act_kernel(up, t, inter, gated, out):
-    """out (t, inter) fp16 = silu(gate) * up from the fused gate|up rows (gated), or gelu(up)."""
+def act_kernel(up, t, inter, mode, out):
+    """out (t, inter) fp16 = the MLP activation `mode` of up: IN_SWIGLU silu(gate) * up or
+    IN_GEGLU gelu(gate) * up from the fused gate|up rows, IN_GELU gelu(up)."""
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     for e in range(start, t * inter, cuda.gridDim.x * cuda.blockDim.x):
         i, c = e // inter, e % inter
         g = up[i, c]
-        if gated == 1:
+        if mode == IN_SWIGLU:
             out[i, c] = g / (np.float32(1.0) + math.exp(-g)) * up[i, inter + c]
+        elif mode == IN_GEGLU:
+            out[i, c] = gelu(g) * up[i, inter + c]
         else:
             out[i, c] = gelu(g)
 
 
 # ============================================================================= the decode step
-PH_EMBED, PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_UP, PH_DOWN, PH_HEAD = range(8)
-LAYER_PHASES = (PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_UP, PH_DOWN)
+PH_EMBED, PH_QKV, PH_QKNORM, PH_ROPE, PH_ATTN, PH_O, PH_O_POST, PH_UP, PH_DOWN, PH_DOWN_POST, PH_HEAD = range(11)
+LAYER_PHASES = (PH_QKV, PH_QKNORM, PH_ROPE, PH_ATTN, PH_O, PH_O_POST, PH_UP, PH_DOWN, PH_DOWN_POST)
 ZERO, ONE = np.float32(0.0), np.float32(1.0)
+
+
+def has_phase(ph, ly):
+    """Whether layer `ly` (a CUDA_LAYER record) has phase `ph`: q/k norm and the post-norms only
+    where its family's description has them. The same for every block, so the cooperative step
+    skips a phase and its grid barrier together (`phase_on`, its device function; the host's
+    phase-by-phase fallback calls this one)."""
+    if ph == PH_QKNORM:
+        return ly.q_norm_w >= 0
+    if ph == PH_O_POST:
+        return ly.attn_out_norm_w >= 0
+    if ph == PH_DOWN_POST:
+        return ly.mlp_out_norm_w >= 0
+    return True
+
+
+phase_on = pure(has_phase)
+
+
+@cuda.jit(device=True)
+def norm_in(x, row, h, layer, eps, nw, red):
+    """(mu, inv) of residual row `row` for a GEMV's IN_NORM input; (0, 1) when the layer has no
+    norm there (nw -1: OLMo 2)."""
+    if nw < 0:
+        return ZERO, ONE
+    return row_stats(x, row, h, layer, eps, red)
+
+
+@pure
+def mlp_mode(c):
+    """The DOWN GEMV's input mode (the MLP's activation) of the CUDA_CONFIG record c."""
+    if c.gated == 0:
+        return IN_GELU
+    return IN_GEGLU if c.gelu_gate == 1 else IN_SWIGLU
+
+
+@cuda.jit(device=True)
+def block_out(d, w, src, mode, half, out_norm, c, s, row, part):
+    """A block's output linear (O or DOWN) for token row `row`: straight into the residual
+    (x += res_mult * y), or, where the layer has a post-norm, into s.res for PH_*_POST."""
+    if out_norm >= 0:
+        gemv(d, w, src, 0, mode, half, 0, -1, ZERO, ONE, s.res, row, OUT_SET, ONE, ZERO, part)
+    else:
+        gemv(d, w, src, 0, mode, half, 0, -1, ZERO, ONE, s.x, row, OUT_ADD, c.res_mult, ZERO, part)
 
 
 @cuda.jit(device=True)
 def run_phase(ph, l, row, tok, pos, c, m, layers, w, s, part, red):
     """Phase `ph` of layer `l` for one token at position `pos` (its residual row `row` of s.x).
-    c: the CUDA_CONFIG record, m: the CUDA_MODEL record, layers: CUDA_LAYER records, w: Weights,
-    s: State."""
+    c: the CUDA_CONFIG record, m: the CUDA_MODEL record, layers: CUDA_LAYER records (the
+    family's per-layer description: norms and their placement, q/k norm, rope table, window),
+    w: Weights, s: State."""
     H, NH, NKV, HD = c.hidden, c.heads, c.kv_heads, c.head_dim
     layer, eps = c.layer_norm, c.eps
     if ph == PH_EMBED:
-        embed_row(m.embed, w, tok, row, pos, H, m.positions_off, s.x)
+        embed_row(m.embed, w, tok, row, pos, H, m.positions_off, c.emb_mult, s.x)
     elif ph == PH_QKV:
         ly = layers[l]
-        mu, inv = row_stats(s.x, row, H, layer, eps, red)
-        gemv(ly.qkv, w, s.x, row, IN_NORM, 0, ly.attn_norm_w, ly.attn_norm_b, mu, inv, s.qkv, 0, OUT_SET, part)
+        mu, inv = norm_in(s.x, row, H, layer, eps, ly.attn_norm_w, red)
+        gemv(
+            ly.qkv, w, s.x, row, IN_NORM, 0, ly.attn_norm_w, ly.attn_norm_b, mu, inv, s.qkv, 0, OUT_SET, ONE, ZERO, part
+        )
+    elif ph == PH_QKNORM:
+        ly = layers[l]
+        qk_norm_rows(s.qkv, 1, NH, NKV, HD, ly.qk_width, ly.q_norm_w, ly.k_norm_w, eps, w.pf, red)
     elif ph == PH_ROPE:
-        rope_kv(s.qkv, 1, pos, l, NH, NKV, HD, 1 - c.learned_pos, s.cos, s.sin, s.kc, s.vc)
+        rope_kv(s.qkv, 1, pos, l, NH, NKV, HD, c.rope_dims, layers[l].rope, s.cos, s.sin, s.kc, s.vc)
     elif ph == PH_ATTN:
         window = layers[l].window
         for item in range(cuda.blockIdx.x, NH, cuda.gridDim.x):
-            attend(item, s.qkv, s.kc, s.vc, l, pos, NH, NKV, HD, window, s.scores, s.att, red)
+            attend(item, s.qkv, s.kc, s.vc, l, pos, NH, NKV, HD, window, c.attn_scale, c.attn_cap, s.scores, s.att, red)
     elif ph == PH_O:
-        gemv(layers[l].o, w, s.att, 0, IN_H16, 0, 0, -1, ZERO, ONE, s.x, row, OUT_ADD, part)
+        ly = layers[l]
+        block_out(ly.o, w, s.att, IN_H16, 0, ly.attn_out_norm_w, c, s, row, part)
+    elif ph == PH_O_POST:
+        residual_norm(s.x, s.res, row, 1, H, eps, w.pf, layers[l].attn_out_norm_w, c.res_mult, red)
     elif ph == PH_UP:
         ly = layers[l]
-        mu, inv = row_stats(s.x, row, H, layer, eps, red)
-        gemv(ly.up, w, s.x, row, IN_NORM, 0, ly.mlp_norm_w, ly.mlp_norm_b, mu, inv, s.up, 0, OUT_SET, part)
+        mu, inv = norm_in(s.x, row, H, layer, eps, ly.mlp_norm_w, red)
+        gemv(ly.up, w, s.x, row, IN_NORM, 0, ly.mlp_norm_w, ly.mlp_norm_b, mu, inv, s.up, 0, OUT_SET, ONE, ZERO, part)
     elif ph == PH_DOWN:
-        mode = IN_SWIGLU if c.gated == 1 else IN_GELU
-        gemv(layers[l].down, w, s.up, 0, mode, c.intermediate, 0, -1, ZERO, ONE, s.x, row, OUT_ADD, part)
-    else:  # PH_HEAD
+        ly = layers[l]
+        block_out(ly.down, w, s.up, mlp_mode(c), c.intermediate, ly.mlp_out_norm_w, c, s, row, part)
+    elif ph == PH_DOWN_POST:
+        residual_norm(s.x, s.res, row, 1, H, eps, w.pf, layers[l].mlp_out_norm_w, c.res_mult, red)
+    else:  # PH_HEAD: final norm fused, then Granite's logits scaling and Gemma's final soft-cap
         mu, inv = row_stats(s.x, row, H, layer, eps, red)
-        gemv(m.head, w, s.x, row, IN_NORM, 0, m.final_norm_w, m.final_norm_b, mu, inv, s.logits, 0, OUT_SET, part)
+        fnw, fnb = m.final_norm_w, m.final_norm_b
+        gemv(m.head, w, s.x, row, IN_NORM, 0, fnw, fnb, mu, inv, s.logits, 0, OUT_SET, c.logit_mult, c.final_cap, part)
 
 
 @cuda.jit(cache=True)
@@ -600,9 +762,10 @@ def decode_coop(tok, pos, cfg, model, layers, w, s):
     run_phase(PH_EMBED, 0, 0, tok, pos, c, m, layers, w, s, part, red)
     grid.sync()
     for l in range(c.layers):
-        for ph in range(PH_QKV, PH_DOWN + 1):
-            run_phase(ph, l, 0, tok, pos, c, m, layers, w, s, part, red)
-            grid.sync()
+        for ph in range(PH_QKV, PH_DOWN_POST + 1):
+            if phase_on(ph, layers[l]):
+                run_phase(ph, l, 0, tok, pos, c, m, layers, w, s, part, red)
+                grid.sync()
     run_phase(PH_HEAD, 0, 0, tok, pos, c, m, layers, w, s, part, red)
 
 

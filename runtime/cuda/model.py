@@ -14,7 +14,18 @@ host makes no copy of the weights, only of the small tensors (biases, norms, zer
 Decode (one token): kernels.decode_coop, one cooperative launch per token; if the GPU or driver
 refuses a cooperative launch, the same phases run as one launch each (`decode_mode` says which).
 Prompt (several tokens): chunks of PROMPT_CHUNK tokens, per layer a norm, a tiled GEMM per
-linear, RoPE/KV, attention and the activation as separate launches (9 per layer).
+linear, RoPE/KV, attention and the activation as separate launches (9 per layer, up to 12 with
+q/k norm and post-norms).
+
+Model families (issue 25: Qwen3, SmolLM3, Granite, OLMo 2, Phi-3 with LongRoPE, Gemma 3 text) are
+data, not code paths: `cuda_records` turns the family's per-layer description
+(runtime/features.py, the plan's per-layer norms and rope table) into CUDA_CONFIG / CUDA_LAYER
+fields, and one layer loop (kernels.run_phase, `_prompt`) reads them, as the CPU runtime's
+`forward` reads CONFIG / LAYER. Sliding-window layers keep the full-context cache and mask by
+their window (no ring buffer); the rotary tables are the CPU runtime's (model.rope_sets), with
+LongRoPE's long set swapped in per forward call past its switch. Tested against the CPU runtime
+under numba's CUDA simulator (tests/cuda_families.py), and compiled to sm_90 PTX
+(tests/cuda_ptx.py).
 """
 
 from __future__ import annotations
@@ -25,22 +36,27 @@ import numpy as np
 
 from ..errors import EdgeLLMError, UnsupportedError
 from ..format.names import ROLES
-from ..format.records import CUDA_CONFIG, CUDA_LAYER, CUDA_MODEL, KIND_F32, records
-from ..kernels.layers import rope_inv_freq, rope_tables
-from ..model import check_numba_support
+from ..format.records import CUDA_CONFIG, CUDA_LAYER, CUDA_MODEL, KIND_F32, ROPE_KINDS, records
+from ..model import check_numba_support, rope_sets
 from ..plan import LinearPlan, Norm, WeightsPlan, plan_export
 from ..validate import ModelConfig
 from . import device as dev
 from .kernels import (
+    IN_GEGLU,
+    IN_GELU,
+    IN_SWIGLU,
     LAYER_PHASES,
     MAX_THREADS,
     OUT_ADD,
     OUT_SET,
     PH_ATTN,
     PH_DOWN,
+    PH_DOWN_POST,
     PH_EMBED,
     PH_HEAD,
     PH_O,
+    PH_O_POST,
+    PH_QKNORM,
     PH_QKV,
     PH_ROPE,
     PH_UP,
@@ -53,8 +69,11 @@ from .kernels import (
     embed_kernel,
     gemm_grid,
     gemm_kernel,
+    has_phase,
     norm_rows_kernel,
     phase_kernel,
+    qk_norm_kernel,
+    residual_norm_kernel,
     rope_kv_kernel,
     transpose_into,
 )
@@ -62,21 +81,22 @@ from .kernels import (
 PROMPT_CHUNK = 128  # tokens per prompt pass: the scratch (scores: chunk x heads x ctx floats) grows with it
 KV_CACHE_TYPES = ("auto", "fp16")
 SIM_THREADS = 64  # threads per block under numba's CUDA simulator (tests); MAX_THREADS on a GPU
+# blocks per prompt-path launch of the grid-stride kernels under the simulator, which runs blocks
+# one after another, each as blockDim Python threads: one block per row or head cost ~30 ms of
+# thread start-up each (a 6-token Gemma 3 prompt: 10 s, 4.4 s at 32 threads, then 2.0 s with this);
+# every grid size computes the same (tests/cuda_suite.py launches the kernels with several blocks)
+SIM_BLOCKS = 2
 WHO = "the CUDA path"
 
 
 def check_cuda_support(cfg: ModelConfig, ex) -> None:
-    """What the CUDA kernels cannot run (validate.py has checked the format already)."""
+    """What the CUDA kernels cannot run (validate.py has checked the format and the family's
+    description already). Every key of runtime/features.py runs here, as on the CPU: what is
+    left is the MLP activations and formats the numba kernels share, and the heads the
+    attention kernel's shared buffers hold."""
     check_numba_support(cfg, ex, WHO, "")
     if cfg.head_dim % 2 or cfg.head_dim > 2 * MAX_THREADS:
         raise UnsupportedError(f"head_dim {cfg.head_dim} is not supported by {WHO} (even, at most {2 * MAX_THREADS})")
-    gated_gelu = cfg.mlp == "gated" and cfg.activation != "silu"
-    lacks = cfg.features.non_llama(cfg.head_dim) + (["GeGLU"] if gated_gelu else [])
-    if lacks and cfg.architecture != "gpt2":  # runtime/features.py: Llama's layer only, for now
-        raise UnsupportedError(
-            f"{WHO} does not implement {', '.join(lacks)} ({cfg.architecture}); "
-            "run it on the CPU (numba) or with --backend onnxruntime"
-        )
 
 
 class _Upload:
@@ -124,28 +144,44 @@ class _Upload:
                 d.z_off = self.big("zs", p.zeros * p.scales.reshape(n, nb).astype(np.float32))
         d.b_off = self.small(p.bias)
 
-    def norm(self, norm: Norm) -> tuple[int, int]:
+    def norm(self, norm: Norm | None) -> tuple[int, int]:
+        if norm is None:  # a norm this family's layer does not have
+            return -1, -1
         return self.small(norm.weight), self.small(norm.bias)
 
 
 def cuda_records(plan: WeightsPlan, up: _Upload):
     """The plan as CUDA records: (config (1,), model (1,), layers (L,)) plus, for the prompt path,
-    one one-record CUDA_LINEAR array per linear {(layer, role) | "embed" | "head": array}."""
+    one one-record CUDA_LINEAR array per linear {(layer, role) | "embed" | "head": array}.
+    The family's description (runtime/features.py, the plan's per-layer norms and rope table)
+    becomes fields, as the CPU runtime's model.run_config / Weights fill CONFIG / LAYER."""
     cfg = plan.config
+    f = cfg.features
     c = records(CUDA_CONFIG, 1)
     r = c.view(np.recarray)[0]
     r.hidden, r.intermediate, r.layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     r.heads, r.kv_heads, r.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     r.vocab, r.ctx, r.eps = cfg.vocab_size, plan.n_ctx, cfg.norm_eps
     r.layer_norm, r.learned_pos, r.gated = cfg.norm == "layer", cfg.position == "learned", cfg.mlp == "gated"
+    r.gelu_gate = r.gated and cfg.activation == "gelu_pytorch_tanh"
+    r.rope_dims = f.rope_dims
+    r.emb_mult, r.res_mult = f.embedding_multiplier, f.residual_multiplier
+    r.attn_scale = f.attention_scale or 0.0  # 0: the kernel's 1/sqrt(HD)
+    r.logit_mult = 1.0 / f.logits_scaling
+    r.attn_cap, r.final_cap = f.attn_logit_softcapping or 0.0, f.final_logit_softcapping or 0.0
     layers = records(CUDA_LAYER, cfg.num_layers)
     for i, lp in enumerate(plan.layers):
         ly = layers.view(np.recarray)[i]
         for role in ROLES:
             up.linear(ly[role], lp.linears[role])
-        ly.attn_norm_w, ly.attn_norm_b = up.norm(lp.norms["attn"])
-        ly.mlp_norm_w, ly.mlp_norm_b = up.norm(lp.norms["mlp"])
-        ly.window = lp.window
+        norms = lp.norms  # the roles this family's layer has (validate.layer_norms); absent: -1
+        ly.attn_norm_w, ly.attn_norm_b = up.norm(norms.get("attn"))
+        ly.mlp_norm_w, ly.mlp_norm_b = up.norm(norms.get("mlp"))
+        ly.attn_out_norm_w = up.norm(norms.get("attn_out"))[0]
+        ly.mlp_out_norm_w = up.norm(norms.get("mlp_out"))[0]
+        ly.q_norm_w, ly.k_norm_w = up.norm(norms.get("q"))[0], up.norm(norms.get("k"))[0]
+        ly.qk_width = norms["q"].weight.shape[0] if "q" in norms else 0
+        ly.window, ly.rope = lp.window, ROPE_KINDS[lp.rope]
     model = records(CUDA_MODEL, 1)
     m = model.view(np.recarray)[0]
     up.linear(m.embed, plan.embed)
@@ -219,6 +255,7 @@ class CudaModel:
             "up": ((self.chunk, up_n), np.float32),
             "scores": ((self.chunk * NH, self.n_ctx), np.float32),
             "logits": ((self.chunk, cfg.vocab_size), np.float32),
+            "res": ((self.chunk, H), np.float32),
         }
         staging = max([h.nbytes for _, _, h in up.copies] or [0])
         state_bytes = sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in scratch.values())
@@ -237,20 +274,21 @@ class CudaModel:
             cuda.to_device(layers),
         )
         self.d_single = {k: cuda.to_device(v) for k, v in self._single.items()}
-        self.window = [int(w) for w in layers["window"]]
+        self._cfg = cfg_rec.view(np.recarray)[0]  # host copy: the prompt path's flags and multipliers
         self.positions_off = int(model_rec["positions_off"][0])
         self.final_norm = int(model_rec["final_norm_w"][0]), int(model_rec["final_norm_b"][0])
-        if cfg.position == "rope":
-            try:
-                inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-            except (ValueError, KeyError) as exc:
-                raise UnsupportedError(f"rope scaling {cfg.rope_scaling} is not supported ({exc})") from None
-            cos, sin = rope_tables(self.n_ctx, inv)
-        else:
-            cos = sin = np.zeros((1, 1), np.float32)
-        self.state = State(
-            cuda.to_device(cos), cuda.to_device(sin), **{k: cuda.device_array(s, t) for k, (s, t) in scratch.items()}
+        # the rotary tables, the CPU runtime's: (2, ctx, rope_dims/2) global | local (Gemma 3's
+        # sliding layers), scaled (linear, llama3, LongRoPE); LongRoPE has a second set, its long
+        # factors, that a forward call reaching past `rope_switch` takes (runtime/rope.py): the
+        # same State with the other tables
+        sets, self.rope_switch = rope_sets(cfg, self.n_ctx)
+        state = State(
+            cuda.to_device(sets[0][0]),
+            cuda.to_device(sets[0][1]),
+            **{k: cuda.device_array(s, t) for k, (s, t) in scratch.items()},
         )
+        self._states = [state] + [state._replace(cos=cuda.to_device(c), sin=cuda.to_device(s)) for c, s in sets[1:]]
+        self.state = state
         self.pos = 0
         self.decode_mode = "cooperative" if self.fused else "phases"
         self._coop_grid, self._coop_ran = None, False
@@ -259,11 +297,14 @@ class CudaModel:
         self._phase_grid = {
             PH_EMBED: -(-H // self.tpb),
             PH_QKV: tiles(layers["qkv"]["n"][0]),
+            PH_QKNORM: NH + NKV,  # one block per head (at most; 2 for a norm over the projection)
             PH_ROPE: -(-((NH + NKV) * half + NKV * HD) // self.tpb),
             PH_ATTN: NH,
             PH_O: tiles(H),
+            PH_O_POST: 1,
             PH_UP: tiles(up_n),
             PH_DOWN: tiles(H),
+            PH_DOWN_POST: 1,
             PH_HEAD: tiles(cfg.vocab_size),
         }
 
@@ -343,6 +384,9 @@ class CudaModel:
             raise EdgeLLMError(f"{self.pos + t} tokens exceed the context of {self.n_ctx}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise EdgeLLMError(f"token id out of range [0, {self.config.vocab_size})")
+        # LongRoPE: the whole call takes the long tables when it reaches past the switch, as the
+        # CPU runtime decides per forward call (runtime/rope.py)
+        self.state = self._states[1 if 0 < self.rope_switch < self.pos + t else 0]
         if t == 1 and not all_logits:
             self._decode(int(ids[0]))
             self.pos += 1
@@ -374,9 +418,11 @@ class CudaModel:
                     f"phases (cooperative launch refused: {type(exc).__name__}: {first})",
                 )
         self._phase(PH_EMBED, 0, 0, tok, self.pos)
+        rows = self.layers.view(np.recarray)
         for l in range(self.config.num_layers):
             for ph in LAYER_PHASES:
-                self._phase(ph, l, 0, tok, self.pos)
+                if has_phase(ph, rows[l]):
+                    self._phase(ph, l, 0, tok, self.pos)
         self._phase(PH_HEAD, 0, 0, tok, self.pos)
 
     def _cooperative_blocks(self, args) -> int:
@@ -392,39 +438,68 @@ class CudaModel:
     def _phase(self, ph, l, row, tok, pos):
         phase_kernel[self._phase_grid[ph], self.tpb](ph, l, row, tok, pos, *self._step)
 
-    def _gemm(self, which, x, t: int, out, omode: int):
-        """The tiled GEMM of one linear: which = (layer, role), "embed" or "head"."""
+    def _gemm(self, which, x, t: int, out, omode: int, mult=1.0, cap=0.0):
+        """The tiled GEMM of one linear: which = (layer, role), "embed" or "head"; out = (or +=)
+        epilogue(x W^T + b, mult, cap) (kernels.epilogue)."""
         n = int(self._single[which]["n"][0])
-        gemm_kernel[gemm_grid(n, t), self.tpb](self.d_single[which], self.w, x, t, out, omode)
+        gemm_kernel[gemm_grid(n, t), self.tpb](
+            self.d_single[which], self.w, x, t, out, omode, np.float32(mult), np.float32(cap)
+        )
+
+    def _block_out(self, which, x, t: int, out_norm: int, grid: int):
+        """A block's output linear (O or DOWN) for t rows: x += res_mult * y, or through the
+        layer's post-norm first (s.res, then residual_norm_kernel)."""
+        s, cfg = self.state, self.config
+        res_mult = np.float32(cfg.features.residual_multiplier)
+        if out_norm < 0:
+            self._gemm(which, x, t, s.x, OUT_ADD, res_mult)
+            return
+        self._gemm(which, x, t, s.res, OUT_SET)
+        eps = np.float32(cfg.norm_eps)
+        residual_norm_kernel[grid, self.tpb](s.x, s.res, t, cfg.hidden_size, eps, self.w.pf, out_norm, res_mult)
 
     def _prompt(self, ids: np.ndarray, all_logits: bool):
-        """t tokens at positions pos..: every layer, then the last row's (or every row's) logits."""
+        """t tokens at positions pos..: every layer, then the last row's (or every row's) logits.
+        The layer loop reads the family's description from the CUDA_LAYER / CUDA_CONFIG records
+        (host copies): which norms, q/k norm, rope table, window, multipliers and caps."""
         cfg, s, pf, tpb = self.config, self.state, self.w.pf, self.tpb
+        c = self._cfg
         t, pos, L = ids.size, self.pos, cfg.num_layers
         H, NH, NKV, HD, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-        layer, rope, gated = int(cfg.norm == "layer"), int(cfg.position == "rope"), int(cfg.mlp == "gated")
+        layer = int(cfg.norm == "layer")
+        act = IN_GELU if not c.gated else IN_GEGLU if c.gelu_gate else IN_SWIGLU
         eps = np.float32(cfg.norm_eps)
-        spread = lambda n: max(1, min(1024, -(-n // tpb)))  # noqa: E731
+        most = SIM_BLOCKS if dev.simulator() else 1 << 30
+        blocks = lambda n: max(1, min(most, n))  # noqa: E731  (grid-stride kernels: any grid computes the same)
+        spread = lambda n: blocks(min(1024, -(-n // tpb)))  # noqa: E731
         embed_kernel[spread(H), tpb](
-            self.d_single["embed"], self.w, self.cuda.to_device(ids), pos, H, self.positions_off, s.x
+            self.d_single["embed"], self.w, self.cuda.to_device(ids), pos, H, self.positions_off, c.emb_mult, s.x
         )
+        rows = self.layers.view(np.recarray)
         for l in range(L):
-            ly = self.layers[l]
-            norm_rows_kernel[t, tpb](s.x, t, H, layer, eps, pf, int(ly["attn_norm_w"]), int(ly["attn_norm_b"]), s.att)
+            ly = rows[l]
+            norm_rows_kernel[blocks(t), tpb](s.x, t, H, layer, eps, pf, int(ly.attn_norm_w), int(ly.attn_norm_b), s.att)
             self._gemm((l, "qkv"), s.att, t, s.qkv, OUT_SET)
+            if ly.q_norm_w >= 0:
+                nseg = NH + NKV if ly.qk_width == HD else 2
+                qk_norm_kernel[blocks(min(1024, t * nseg)), tpb](
+                    s.qkv, t, NH, NKV, HD, int(ly.qk_width), int(ly.q_norm_w), int(ly.k_norm_w), eps, pf
+                )
             rope_kv_kernel[spread(t * ((NH + NKV) * HD // 2 + NKV * HD)), tpb](
-                s.qkv, t, pos, l, NH, NKV, HD, rope, s.cos, s.sin, s.kc, s.vc
+                s.qkv, t, pos, l, NH, NKV, HD, int(c.rope_dims), int(ly.rope), s.cos, s.sin, s.kc, s.vc
             )
-            attention_kernel[t * NH, tpb](s.qkv, s.kc, s.vc, l, pos, t, NH, NKV, HD, self.window[l], s.scores, s.att)
-            self._gemm((l, "o"), s.att, t, s.x, OUT_ADD)
-            norm_rows_kernel[t, tpb](s.x, t, H, layer, eps, pf, int(ly["mlp_norm_w"]), int(ly["mlp_norm_b"]), s.att)
+            attention_kernel[blocks(t * NH), tpb](
+                s.qkv, s.kc, s.vc, l, pos, t, NH, NKV, HD, int(ly.window), c.attn_scale, c.attn_cap, s.scores, s.att
+            )
+            self._block_out((l, "o"), s.att, t, int(ly.attn_out_norm_w), blocks(t))
+            norm_rows_kernel[blocks(t), tpb](s.x, t, H, layer, eps, pf, int(ly.mlp_norm_w), int(ly.mlp_norm_b), s.att)
             self._gemm((l, "up"), s.att, t, s.up, OUT_SET)
-            act_kernel[spread(t * I), tpb](s.up, t, I, gated, s.att)
-            self._gemm((l, "down"), s.att, t, s.x, OUT_ADD)
+            act_kernel[spread(t * I), tpb](s.up, t, I, act, s.att)
+            self._block_out((l, "down"), s.att, t, int(ly.mlp_out_norm_w), blocks(t))
         if all_logits:
             fnw, fnb = self.final_norm
-            norm_rows_kernel[t, tpb](s.x, t, H, layer, eps, pf, fnw, fnb, s.att)
-            self._gemm("head", s.att, t, s.logits, OUT_SET)
+            norm_rows_kernel[blocks(t), tpb](s.x, t, H, layer, eps, pf, fnw, fnb, s.att)
+            self._gemm("head", s.att, t, s.logits, OUT_SET, c.logit_mult, c.final_cap)
         else:
             self._phase(PH_HEAD, 0, t - 1, 0, pos + t - 1)
 

@@ -144,7 +144,13 @@ CUDA_LAYER = np.dtype(
         ("attn_norm_b", I8),  # LayerNorm only; -1: none
         ("mlp_norm_w", I8),
         ("mlp_norm_b", I8),
+        ("attn_out_norm_w", I8),  # float32 (H,) RMSNorm of the attention output before the residual add; -1: none
+        ("mlp_out_norm_w", I8),  # float32 (H,) the same after the MLP (OLMo 2, Gemma 3); -1: none
+        ("q_norm_w", I8),  # float32 (qk_width,) RMSNorm of q, per head or over the projection; -1: none
+        ("k_norm_w", I8),
+        ("qk_width", I8),  # columns one q/k norm spans: HD (per head) or NH*HD / NKV*HD (projection: OLMo 2)
         ("window", I8),  # sliding-window size, 0 = full attention
+        ("rope", I8),  # rotary table: ROPE_NONE, ROPE_GLOBAL, ROPE_LOCAL (the tables' index + 1)
     ],
     align=True,
 )
@@ -172,8 +178,16 @@ CUDA_CONFIG = np.dtype(
         ("ctx", I8),  # positions the KV cache holds
         ("layer_norm", I8),  # 1: LayerNorm with bias, 0: RMSNorm
         ("learned_pos", I8),  # 1: learned position table (gpt2), 0: rotary
-        ("gated", I8),  # 1: SwiGLU (gate | up), 0: plain GELU MLP
+        ("gated", I8),  # 1: gated MLP (gate | up), 0: plain GELU MLP
+        ("gelu_gate", I8),  # gated: 1: GeGLU (tanh GELU of the gate, Gemma), 0: SwiGLU
+        ("rope_dims", I8),  # leading dims of each head that rotate (HD, or fewer: partial rotary)
         ("eps", F4),  # norm epsilon
+        ("emb_mult", F4),  # embeddings x this (Granite; Gemma sqrt(H))
+        ("res_mult", F4),  # block outputs x this before the residual add (Granite)
+        ("attn_scale", F4),  # softmax scale of q.k (1/sqrt(HD) unless the family says otherwise)
+        ("logit_mult", F4),  # logits x this (1 / Granite's logits_scaling)
+        ("attn_cap", F4),  # attention logit soft-cap, 0 = none
+        ("final_cap", F4),  # final logit soft-cap, 0 = none
     ],
     align=True,
 )

@@ -143,6 +143,8 @@ def run_tasks(
         "accepted": pooled.accepted,
         "plain_steps": pooled.steps,
         "acceptance_by_position": pooled.curve,
+        "checked_by_position": pooled.tested,
+        "accepted_by_position": pooled.passed,
         "tasks": rows,
     }
 

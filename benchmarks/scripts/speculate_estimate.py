@@ -3,7 +3,8 @@ measured acceptance curve, the verify-pass cost measured at 1.1B shape and each 
 
     python -m edgellm.benchmarks.scripts.speculate_estimate \
         --spec speculate-pair.json --verify speculate-verify-tl11.json \
-        --verify-model /work/models/peers/tl11-q4-onnx --draft DRAFT_EXPORT [--out estimate.md]
+        --verify-model /work/models/peers/tl11-q4-onnx --draft DRAFT_EXPORT [--out estimate.md] \
+        [--pair-verify speculate-verify-target.json --pair-model TARGET_EXPORT]
 
 Inputs (every figure measured by a run, none assumed):
 - `--spec`: the JSON of `benchmarks/scripts/speculate.py --draft ... --out X.md` (X.json): the pooled
@@ -118,55 +119,83 @@ def needed_acceptance(goal: float, verify: dict[int, float], draft_ratio: float)
     return hi
 
 
+def load_verify(path: Path) -> tuple[dict[int, float], float]:
+    """speculate.py --verify-only JSON -> ({k: V(k)}, decode step seconds)."""
+    rows = json.loads(path.read_text())[0]["verify"]
+    return {r["k"]: r["vs_decode"] for r in rows}, next(r["ms"] for r in rows if r["k"] == 0) / 1e3
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", type=Path, required=True, help="speculate.py --draft ... --out X.md: X.json")
+    ap.add_argument(
+        "--spec", type=Path, help="speculate.py --draft ... --out X.md: X.json (without: only the acceptance needed)"
+    )
     ap.add_argument("--verify", type=Path, required=True, help="speculate.py --verify-only --out Y.md: Y.json")
     ap.add_argument("--verify-model", type=Path, required=True, help="the export the verify cost was measured on")
-    ap.add_argument("--draft", type=Path, required=True, help="the draft export (its decode step is timed)")
+    ap.add_argument("--draft", type=Path, help="the draft export (its decode step is timed here)")
+    ap.add_argument("--draft-ms", type=float, help="the draft's decode step in ms instead of timing --draft")
+    ap.add_argument("--pair-verify", type=Path, help="speculate.py --verify-only JSON of the measured pair's target")
+    ap.add_argument("--pair-model", type=Path, help="the measured pair's target export (with --pair-verify)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--goal", type=float, default=1.8, help="speed-up goal for the 'acceptance needed' column")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    spec = json.loads(a.spec.read_text())[0]
-    sp = spec["speculation"]
-    curve = sp["acceptance_by_position"]
-    vrows = json.loads(a.verify.read_text())[0]["verify"]
-    verify = {r["k"]: r["vs_decode"] for r in vrows}
-    t_ref = next(r["ms"] for r in vrows if r["k"] == 0) / 1e3
+    if (a.draft is None) == (a.draft_ms is None):
+        raise SystemExit("give --draft DIR or --draft-ms MS")
+    spec = json.loads(a.spec.read_text())[0] if a.spec else None
+    sp = spec["speculation"] if spec else None
+    curve = sp["acceptance_by_position"] if sp else None
+    verify, t_ref = load_verify(a.verify)
     b_ref = export_bytes(a.verify_model)
     formula = shape_bytes(SHAPES["TinyLlama-1.1B (the measured shape)"])
     if abs(formula / b_ref - 1) > 0.03:
         raise SystemExit(f"shape_bytes gives {formula / 1e6:.1f} MB for TinyLlama, the export counts {b_ref / 1e6:.1f}")
-    t_d = draft_step_s(a.draft, a.threads)
+    t_d = draft_step_s(a.draft, a.threads) if a.draft else a.draft_ms / 1e3
     gbs = b_ref / t_ref / 1e9
-    lines = [
-        "**ESTIMATE, not a measurement** (benchmarks/scripts/speculate_estimate.py; formula in its docstring)",
-        "",
-        f"- acceptance by draft position, measured on {spec.get('model')} with draft {spec.get('draft')}: "
-        + " ".join(f"{100 * x:.0f}%" for x in curve)
-        + f" (pooled {100 * (sp['acceptance'] or 0):.0f}%, mean accepted length {sp['mean_accepted'] or 0:.2f}, "
-        f"measured speed-up on that pair {sp['speedup']:.2f}x)",
+    lines = ["**ESTIMATE, not a measurement** (benchmarks/scripts/speculate_estimate.py; formula in its docstring)", ""]
+    if sp:
+        lines.append(
+            f"- acceptance by draft position, measured on {spec.get('model')} with draft {spec.get('draft')}: "
+            + " ".join(f"{100 * x:.0f}%" for x in curve)
+            + f" (pooled {100 * (sp['acceptance'] or 0):.0f}%, mean accepted length {sp['mean_accepted'] or 0:.2f}, "
+            f"speed-up measured in that run {sp['speedup']:.2f}x)"
+        )
+    lines += [
         f"- verify pass V(k) measured on {a.verify_model.name} ({b_ref / 1e6:.0f} MB/token, decode step "
         f"{1e3 * t_ref:.2f} ms = {gbs:.1f} GB/s effective): "
         + ", ".join(f"k={k}: {v:.2f}x" for k, v in sorted(verify.items()) if k),
-        f"- draft decode step t_d measured here: {1e3 * t_d:.2f} ms ({a.draft.name}, {a.threads} threads)",
+        f"- draft decode step t_d: {1e3 * t_d:.2f} ms"
+        + (f" (timed here: {a.draft.name}, {a.threads} threads)" if a.draft else " (given)"),
         "",
-        "| target | bytes/token | decode step (est.) | t_d / t_T | best k | tokens/round | speed-up (ESTIMATE) | "
+        "| target | bytes/token | decode step | t_d / t_T | best k | tokens/round | speed-up (ESTIMATE) | "
         f"flat acceptance needed for {a.goal:g}x |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    targets = [
+        (name, b_ref if name.startswith("TinyLlama") else shape_bytes(shape), verify, None)
+        for name, shape in SHAPES.items()
+    ]
+    if a.pair_verify:
+        pv, pt = load_verify(a.pair_verify)
+        targets.insert(
+            0,
+            (
+                f"{a.pair_model.name} (the pair's target, its own V(k), measured step)",
+                export_bytes(a.pair_model),
+                pv,
+                pt,
+            ),
+        )
     rows = []
-    for name, shape in SHAPES.items():
-        b = b_ref if name.startswith("TinyLlama") else shape_bytes(shape)
-        t_t = t_ref * b / b_ref
+    for name, b, vk, t_meas in targets:
+        t_t = t_meas if t_meas is not None else t_ref * b / b_ref
         ratio = t_d / t_t
-        k, s = best(curve, verify, ratio)
-        need = needed_acceptance(a.goal, verify, ratio)
+        k, s = best(curve, vk, ratio) if curve else (None, None)
+        need = needed_acceptance(a.goal, vk, ratio)
         rows.append(dict(target=name, bytes=b, t_ms=1e3 * t_t, ratio=ratio, k=k, speedup=s, need=need))
         lines.append(
-            f"| {name} | {b / 1e6:.0f} MB | {1e3 * t_t:.1f} ms | {ratio:.3f} | {k} | "
-            f"{tokens_per_round(curve, k):.2f} | **{s:.2f}x** | "
+            f"| {name} | {b / 1e6:.0f} MB | {1e3 * t_t:.2f} ms | {ratio:.3f} | {k or '—'} | "
+            + (f"{tokens_per_round(curve, k):.2f} | **{s:.2f}x** | " if curve else "— | — | ")
             + ("unreachable" if need is None else f"{100 * need:.0f}%")
             + " |"
         )
@@ -174,10 +203,9 @@ def main(argv=None) -> None:
         "",
         "Caveats: the acceptance curve is the measured pair's, not a 1B/3B/8B model's and its draft's; t_d is that "
         "draft's step (a draft with a 128k-token head reads more); V(k) at 3B/8B is the 1.1B ratio (not measured "
-        "at those shapes); decode time scales with bytes at the 1.1B export's effective bandwidth.",
+        "at those shapes); their decode time scales with bytes at the 1.1B export's effective bandwidth.",
     ]
     table = "\n".join(lines)
-    print(table)
     write_table(table, [{"curve": curve, "verify": verify, "t_ref_s": t_ref, "t_d_s": t_d, "rows": rows}], a.out)
 
 

@@ -51,14 +51,15 @@ TASKS = {
     "answer from document": f"{DOCUMENT}\n\nUsing the manual above, how do I reset the router to factory settings?",
     "free generation": "Write a short story about a fox who learns to play the violin.",
 }
-PROMPT_ROOM = 256  # KV positions for a task's prompt (the longest is ~175 tokens in SmolLM2's chat template)
+
+
+def _frame(tok, msg: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": msg}]) if tok.chat_template else msg
 
 
 def task_ids(gen, msg: str) -> list[int]:
     """The task's prompt ids: in the export's chat template when it has one."""
-    tok = gen.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": msg}]) if tok.chat_template else msg
-    return tok.encode(text, special=False)
+    return gen.tokenizer.encode(_frame(gen.tokenizer, msg), special=False)
 
 
 def generate(gen, ids: list[int], n: int, speculator) -> tuple[list[int], float, object]:
@@ -151,9 +152,11 @@ def run_tasks(
 
 def measure(path: str, with_: str, threads: int, gen_tokens: int, reps: int, on_task=lambda name: None) -> dict:
     """Open the export (and its draft) on the numba runtime and run the tasks."""
-    from edgellm.runtime.generate import load
+    from edgellm.runtime.generate import Tokenizer, load
 
-    gen = load(path, threads=threads, n_ctx=PROMPT_ROOM + gen_tokens + 16)
+    tok = Tokenizer(Path(path))
+    longest = max(len(tok.encode(_frame(tok, msg), special=False)) for msg in TASKS.values())
+    gen = load(path, threads=threads, n_ctx=longest + gen_tokens + 16)  # + room for a last verify pass
     drafter = drafter_for(gen, with_, threads)
     out = run_tasks(gen, drafter, gen_tokens, reps, on_task=on_task)
     out["with"] = with_

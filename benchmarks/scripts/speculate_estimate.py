@@ -158,7 +158,7 @@ def main(argv=None) -> None:
             f"- acceptance by draft position, measured on {spec.get('model')} with draft {spec.get('draft')}: "
             + " ".join(f"{100 * x:.0f}%" for x in curve)
             + f" (pooled {100 * (sp['acceptance'] or 0):.0f}%, mean accepted length {sp['mean_accepted'] or 0:.2f}, "
-            f"speed-up measured in that run {sp['speedup']:.2f}x)"
+            f"that run's own timing {sp['speedup']:.2f}x, valid only if it ran alone)"
         )
     lines += [
         f"- verify pass V(k) measured on {a.verify_model.name} ({b_ref / 1e6:.0f} MB/token, decode step "

@@ -42,9 +42,11 @@ HEADERS = [
     "perplexity",
     "KL",
     "top-1",
+    "speculation: accepted / mean length / speed-up",
     "status",
 ]
 DEVICE_COLUMN = HEADERS.index("device tg tok/s (est.: memory / compute bound)")
+SPEC_COLUMN = HEADERS.index("speculation: accepted / mean length / speed-up")
 
 
 def _mb(n) -> str:
@@ -79,6 +81,17 @@ def _device_rate(d: dict | None) -> str:
     return f"{d['tg_tokens_per_s_memory_bound']:.1f} / " + (DASH if cmp is None else f"{cmp:.1f}")
 
 
+def _spec(sp: dict | None) -> str:
+    """`EXPORT+lookup` / `EXPORT+DRAFT` rows: pooled acceptance, mean accepted length, speed-up vs plain greedy."""
+    if not sp:
+        return DASH
+    acc, mean, up = sp.get("acceptance"), sp.get("mean_accepted"), sp.get("speedup")
+    return (
+        f"{DASH if acc is None else f'{100 * acc:.0f}%'} / {DASH if mean is None else f'{mean:.2f}'} / "
+        f"{DASH if up is None else f'{up:.2f}x'}"
+    )
+
+
 def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
     """One row of strings per variant (HEADERS order); `spread=False` shows medians only."""
     rows = []
@@ -104,6 +117,7 @@ def table_rows(report: dict, spread: bool = True) -> list[list[str]]:
                 f"{q['perplexity']:.3f}" if "perplexity" in q else DASH,
                 f"{q['kl']:.4f}" if "kl" in q else DASH,
                 f"{q['top1'] * 100:.1f}%" if "top1" in q else DASH,
+                _spec(r.get("speculation")),
                 "ok",
             ]
         )
@@ -114,7 +128,7 @@ def notes(report: dict) -> list[str]:
     """The report's footnotes: what pp, tg, load and energy mean in this run (Markdown and HTML)."""
     s, env, prof = report["settings"], report["environment"], report["energy_profile"]
     kinds = {r["energy"]["kind"] for r in report["variants"] if r.get("energy")}
-    return [
+    lines = [
         f"pp = prefill of {s['prompt_tokens']} tokens from an empty cache, tg = {s['gen_tokens']} greedy decode "
         f"steps after a 1-token prefill (tokens/s = {s['gen_tokens']} / their time); median (min–max) over "
         f"{s['reps']} repetitions after a warm-up; {s['threads']} thread(s); TTFT = tokenize + prefill + first token.",
@@ -129,6 +143,20 @@ def notes(report: dict) -> list[str]:
         f"{_mb(env['memory_bytes']) if env['memory_bytes'] else '?'} RAM, "
         f"{env['os']}, Python {env['python']}; git {((env.get('git') or {}).get('commit') or '?')[:10]}"
         f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}; {env['date']}.",
+    ]
+    return lines[:-1] + _spec_note(report) + lines[-1:]  # the machine line last
+
+
+def _spec_note(report: dict) -> list[str]:
+    sp = next((r["speculation"] for r in report["variants"] if r.get("speculation")), None)
+    if sp is None:
+        return []
+    return [
+        f"Speculation (EXPORT+lookup / EXPORT+DRAFT rows): on {', '.join(t['task'] for t in sp['tasks'])}, greedy, "
+        f"at most {sp['gen_tokens']} new tokens, plain and speculating interleaved ({sp['reps']} pairs, draft max "
+        f"{sp['k_max']}), every speculating run checked equal to plain greedy; accepted = drafted tokens accepted, "
+        "mean length = accepted drafts per verify pass, speed-up = plain over speculating decode time (sums of the "
+        "tasks' medians); per task and by draft position in report.json."
     ]
 
 

@@ -155,6 +155,8 @@ def make_row(variant, res: dict, settings: Settings) -> dict:
         "kind": variant.kind,
         "backend": variant.backend,
     }
+    if getattr(variant, "speculate", None):
+        row["speculate"] = variant.speculate
     row.update(res)
     if res.get("status") == "ok":
         row["energy"] = energy_summary(res["phases"], PROFILES[settings.target], res.get("meter"), res.get("traffic"))

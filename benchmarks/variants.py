@@ -9,6 +9,10 @@ A variant is
 - a model directory (`config.json` inside)    -> `torch` (transformers, the generate loop);
 - a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
   (transformers dequantizes it to fp32).
+
+`EXPORT+lookup` and `EXPORT+DRAFT_EXPORT` (numba only) add a speculation phase to the row: plain
+greedy vs prompt lookup / the draft export on copy tasks and free generation (speculation.py),
+reported as acceptance, mean accepted length and speed-up.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class Variant:
     path: str  # resolved path
     kind: str  # export | model | gguf
     backend: str  # one of BACKENDS
-    label: str  # unique, short: "<name>:<backend>"
+    label: str  # unique, short: "<name>:<backend>" ("<name>+lookup:numba", "<name>+<draft name>:numba")
+    speculate: str | None = None  # "lookup", a draft export's resolved path, or None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +106,7 @@ def parse(spec: str) -> Variant:
         if name not in BACKENDS:
             raise EdgeLLMError(f"unknown backend '{tail}' in variant '{raw}'; choose one of {', '.join(BACKENDS)}")
         backend, spec = name, head
+    spec, with_ = split_speculation(spec, raw)
     path = Path(spec).expanduser()
     kind = _kind(path, raw)
     allowed = KIND_BACKENDS[kind]
@@ -120,7 +126,40 @@ def parse(spec: str) -> Variant:
             f"again (edgellm export MODEL -o {path.name}-new) to run it on ONNX Runtime GenAI"
         )
     name = path.name or str(path)
-    return Variant(spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=f"{name}:{backend}")
+    if with_ is not None:
+        if kind != "export" or backend != "numba":
+            raise EdgeLLMError(
+                f"variant '{raw}': speculation (+{'lookup' if with_ == 'lookup' else 'DRAFT'}) runs on an export "
+                f"directory on the numba backend, not a{'n' if kind == 'export' else ''} {kind} on {backend}"
+            )
+        if with_ != "lookup":
+            draft = Path(with_).expanduser()
+            if not (draft / "model.onnx").is_file():
+                raise EdgeLLMError(
+                    f"variant '{raw}': the draft '{with_}' is not an export directory (no model.onnx); give "
+                    "EXPORT+lookup or EXPORT+DRAFT_EXPORT_DIR"
+                )
+            with_ = str(draft.resolve())
+        name += "+" + ("lookup" if with_ == "lookup" else Path(with_).name)
+    return Variant(
+        spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=f"{name}:{backend}", speculate=with_
+    )
+
+
+def split_speculation(spec: str, raw: str) -> tuple[str, str | None]:
+    """`PATH+lookup` / `PATH+DRAFT` -> (PATH, "lookup" / DRAFT); a path that exists as written
+    (even with a '+' in it) is not split."""
+    if Path(spec).expanduser().exists():
+        return spec, None
+    head, sep, tail = spec.rpartition("+")
+    while sep and head:
+        if Path(head).expanduser().exists():
+            if not tail:
+                raise EdgeLLMError(f"variant '{raw}': nothing after '+'; give EXPORT+lookup or EXPORT+DRAFT_EXPORT_DIR")
+            return head, ("lookup" if tail.lower() == "lookup" else tail)
+        head, sep, _ = head.rpartition("+")
+        tail = spec[len(head) + 1 :]
+    return spec, None
 
 
 def check_backend_installed(backend: str, spec: str) -> None:

@@ -16,6 +16,9 @@ Phases, in order (each reported on stderr as a line `@phase NAME` for the progre
           files, the others read them for KL(ref || variant) and top-1 agreement (plain .npy,
           never pickle). Same vocabulary, slightly different pre-tokenizer (llama.cpp vs HF):
           the variant scores the reference's ids, and the row says so.
+ speculation  (EXPORT+lookup / EXPORT+DRAFT only) plain vs speculating greedy generation on copy
+          tasks and free generation, interleaved: acceptance, mean accepted length, speed-up
+          (speculation.py; after the memory reading, so peak RSS is the plain model's)
  reload   warm load time: the same files again, now in the page cache, libraries imported
 CPU time (getrusage user+sys) and, where readable, energy counters are taken around pp and tg.
 """
@@ -309,6 +312,14 @@ def run_job(job: dict) -> dict:
         "rss_after_load_bytes": rss_after_load,
         "method": "VmHWM of the worker process (= getrusage ru_maxrss) after load + speed phases",
     }
+
+    if v.get("speculate"):  # EXPORT+lookup / EXPORT+DRAFT: plain vs speculating greedy on tasks (speculation.py)
+        from .speculation import measure
+
+        phase("speculation")
+        res["speculation"] = measure(
+            v["path"], v["speculate"], threads, n_tg, s["reps"], on_task=lambda name: phase(f"speculation: {name}")
+        )
 
     if s["quality"]:
         phase("quality")

@@ -31,7 +31,7 @@ ended at the first accepted draft cost 7% of decode speed in failed verify passe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,31 @@ class SpecStats:
     accepted: int = 0  # drafted tokens accepted
     steps: int = 0  # plain decode steps (no draft)
     draft_s: float = 0.0  # time spent drafting (lookup search or the draft model)
+    tested: list = field(default_factory=list)  # [i]: rounds that checked draft position i (all before it accepted)
+    passed: list = field(default_factory=list)  # [i]: rounds that accepted draft position i
+
+    def count(self, k: int, n: int) -> None:
+        """One verify pass of k drafts that accepted the first n: the per-position tallies."""
+        grow = max(0, min(k, n + 1) - len(self.tested))
+        self.tested += [0] * grow
+        self.passed += [0] * grow
+        for i in range(min(k, n + 1)):  # position i is checked when drafts 0..i-1 were accepted
+            self.tested[i] += 1
+            self.passed[i] += i < n
+
+    def merge(self, other: "SpecStats") -> None:
+        """Add another generation's figures (a benchmark pools its runs)."""
+        for name in ("rounds", "drafted", "accepted", "steps", "draft_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.tested, other.tested), (self.passed, other.passed)):
+            mine += [0] * max(0, len(theirs) - len(mine))
+            for i, v in enumerate(theirs):
+                mine[i] += v
+
+    @property
+    def curve(self) -> list[float]:
+        """Acceptance by draft position: P(draft i accepted | drafts before it accepted), i = 1, 2, ..."""
+        return [p / t for p, t in zip(self.passed, self.tested) if t]
 
     @property
     def acceptance(self) -> float | None:
@@ -288,6 +313,7 @@ class Speculator:
             st.rounds += 1
             st.drafted += len(drafts)
             st.accepted += n
+            st.count(len(drafts), n)
             if n == len(drafts):
                 k = min(self.k_max, k + 2)
             elif n:

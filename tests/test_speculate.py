@@ -330,3 +330,71 @@ def test_linear_few_equals_linear_vec(kernels):
             assert np.array_equal(few, one[:t]), (bits, gs, t, np.nanmax(np.abs(few - one[:t])))
         ref = Q.ref_linear_q8act(x, qw, scales, zeros, bits, k, gs, bias)
         assert np.abs(one - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_spec_stats_by_position():
+    st = S.SpecStats()
+    st.count(4, 2)  # positions 0, 1 accepted, 2 rejected, 3 never checked
+    st.count(2, 2)  # both accepted
+    st.count(3, 0)  # the first rejected
+    assert st.tested == [3, 2, 1] and st.passed == [2, 2, 0]
+    assert st.curve == [2 / 3, 1.0, 0.0]
+    other = S.SpecStats(rounds=1, drafted=1, accepted=1, tested=[1], passed=[1])
+    st.merge(other)
+    assert st.tested == [4, 2, 1] and st.passed == [3, 2, 0] and st.rounds == 1
+
+
+def test_bench_speculation_rows(exports, tmp_path):
+    """`bench EXPORT+lookup EXPORT+DRAFT`: a speculation phase per row (acceptance, mean accepted
+    length, speed-up vs plain greedy, acceptance by draft position), output checked equal."""
+    import json
+
+    t, d, out = str(exports["target"]), str(exports["draft"]), tmp_path / "bench"
+    args = ["bench", f"{t}+lookup", f"{t}+{d}", "-o", str(out), "--quick", "--no-quality", "--threads", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "report.json").read_text())["variants"]
+    assert [row["status"] for row in rows] == ["ok"] * 2, rows
+    assert rows[0]["label"] == "target-onnx+lookup:numba" and rows[1]["label"] == "target-onnx+draft-onnx:numba"
+    assert rows[1]["speculate"] == str(exports["draft"].resolve())
+    for row, drafter in zip(rows, ("lookup", "draft")):
+        sp = row["speculation"]
+        assert sp["drafter"] == drafter and sp["equal_output"] is True and len(sp["tasks"]) == 4
+        assert 0 < sp["verify_passes"] and 0 <= sp["accepted"] <= sp["drafted"]
+        assert sp["acceptance"] == pytest.approx(sp["accepted"] / sp["drafted"])
+        assert sp["mean_accepted"] == pytest.approx(sp["accepted"] / sp["verify_passes"])
+        assert sp["speedup"] > 0 and all(tk["plain_s"] > 0 and tk["spec_s"] > 0 for tk in sp["tasks"])
+        assert len(sp["acceptance_by_position"]) >= 1 and all(0 <= a <= 1 for a in sp["acceptance_by_position"])
+    md = (out / "report.md").read_text()
+    assert "speculation: accepted / mean length / speed-up" in md and "Speculation (EXPORT+lookup" in md
+    assert f"{100 * rows[0]['speculation']['acceptance']:.0f}% / " in md
+    for row in rows:  # every verify pass checks the first draft position; the tallies add up
+        sp = row["speculation"]
+        assert sp["checked_by_position"][0] == sp["verify_passes"] and sum(sp["accepted_by_position"]) == sp["accepted"]
+
+
+def test_bench_speculation_bad_variants(exports, tiny_dirs, tmp_path):
+    t, out = str(exports["target"]), str(tmp_path / "o")
+    assert "not an export directory" in one_line_error(["bench", f"{t}+{tmp_path}", "-o", out])
+    assert "numba backend" in one_line_error(["bench", f"{t}+lookup:onnxruntime", "-o", out])
+    assert "nothing after '+'" in one_line_error(["bench", f"{t}+", "-o", out])
+    assert "numba backend" in one_line_error(["bench", f"{tiny_dirs['llama']}+lookup", "-o", out])
+    assert not (tmp_path / "o").exists()
+
+
+def test_estimate_formula():
+    """benchmarks/scripts/speculate_estimate.py: E(k), S(k) and the acceptance a goal needs."""
+    from edgellm.benchmarks.scripts import speculate_estimate as E
+
+    assert E.tokens_per_round([1.0], 3) == 4.0
+    assert E.tokens_per_round([0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert E.tokens_per_round([0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)  # past the curve: its last value
+    verify = {1: 1.1, 2: 1.2, 4: 1.6}
+    assert E.speedup([0.8], 2, 1.2, 0.05) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.05 + 1.2))
+    k, s = E.best([0.8], verify, 0.05)
+    assert s == max(E.speedup([0.8], j, v, 0.05) for j, v in verify.items())
+    a = E.needed_acceptance(1.8, verify, 0.05)
+    assert E.best([a], verify, 0.05)[1] == pytest.approx(1.8, abs=1e-6) and E.best([a - 0.01], verify, 0.05)[1] < 1.8
+    assert E.needed_acceptance(10.0, verify, 0.05) is None  # more than 5 tokens per pass: out of reach
+    tl = E.SHAPES["TinyLlama-1.1B (the measured shape)"]
+    assert E.shape_bytes(tl) == pytest.approx(566_140_928)  # the runtime's count for the tl11 export

@@ -22,43 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.benchmarks.scripts._common import run_header, write_table
-
-CODE = '''def merge_sorted(a, b):
-    """Merge two sorted lists into one sorted list."""
-    out = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        if a[i] <= b[j]:
-            out.append(a[i])
-            i += 1
-        else:
-            out.append(b[j])
-            j += 1
-    out.extend(a[i:])
-    out.extend(b[j:])
-    return out
-'''
-PARAGRAPH = (
-    "The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual reefs "
-    "and 900 islands stretching for over 2,300 kilometres over an area of approximately 344,400 square "
-    "kilometres. The reef is located in the Coral Sea, off the coast of Queensland, Australia. It can be seen "
-    "from outer space and is the world's biggest single structure made by living organisms. The reef is "
-    "composed of and built by billions of tiny organisms, known as coral polyps. It supports a wide diversity "
-    "of life and was selected as a World Heritage Site in 1981."
-)
-DOCUMENT = (
-    "Product manual, section 4: Resetting the device. To reset the router to its factory settings, press "
-    "and hold the reset button on the back panel for ten seconds until the power light blinks orange. The "
-    "router then restarts, which takes about two minutes. After the restart, connect to the network named "
-    "on the label under the device and open the setup page at http://192.168.0.1 to configure it again. "
-    "Resetting erases every setting, including the Wi-Fi password and the port forwarding rules."
-)
-TASKS = {
-    "type hints": f"Rewrite this Python function with type hints. Keep everything else the same.\n\n{CODE}",
-    "summarize": f"Summarize this paragraph in two sentences.\n\n{PARAGRAPH}",
-    "answer from document": f"{DOCUMENT}\n\nUsing the manual above, how do I reset the router to factory settings?",
-    "free generation": "Write a short story about a fox who learns to play the violin.",
-}
+from edgellm.benchmarks.speculation import run_tasks  # the bench phase's tasks and loop, one copy
 
 
 def cpu_name() -> str:
@@ -67,53 +31,6 @@ def cpu_name() -> str:
         return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
     except (OSError, StopIteration):
         return "unknown"
-
-
-def generate(gen, ids, n, spec):
-    from edgellm.runtime.generate import Sampling
-
-    gen.speculator = spec
-    toks = []
-    for _ in gen.stream(ids, Sampling(temperature=0, max_new_tokens=n), observe=lambda t, lg: toks.append(t)):
-        pass
-    return toks, gen.stats.gen_s, gen.stats
-
-
-def tasks(gen, n: int, reps: int, k_max: int, drafter=None) -> list[dict]:
-    from edgellm.runtime.speculate import Lookup, Speculator
-
-    rows = []
-    for name, msg in TASKS.items():
-        ids = gen.tokenizer.encode(gen.tokenizer.apply_chat_template([{"role": "user", "content": msg}]), special=False)
-        plain_s, spec_s, last = [], [], None
-        for _ in range(reps):  # interleaved: plain, lookup, plain, lookup, ...
-            base, s0, _ = generate(gen, ids, n, None)
-            toks, s1, st = generate(gen, ids, n, Speculator(drafter or Lookup(), k_max=k_max))
-            if toks != base:
-                raise SystemExit(f"{name}: speculation changed the greedy output")
-            plain_s.append(s0)
-            spec_s.append(s1)
-            last = st
-        sp = last.spec
-        a, b = statistics.median(plain_s), statistics.median(spec_s)
-        rows.append(
-            dict(
-                task=name,
-                prompt_tokens=len(ids),
-                tokens=last.gen_tokens,
-                plain_s=a,
-                lookup_s=b,
-                speedup=a / b,
-                acceptance=sp.acceptance,
-                mean_accepted=sp.mean_accepted,
-                verify_passes=sp.rounds,
-                plain_steps=sp.steps,
-                plain_values=plain_s,
-                lookup_values=spec_s,
-            )
-        )
-        print(f"{name}: {a:.3f}s -> {b:.3f}s  x{a / b:.2f}  {sp.line()}", flush=True)
-    return rows
 
 
 def verify_cost(model, at: int, ks, reps: int) -> list[dict]:
@@ -146,9 +63,11 @@ def main():
     ap.add_argument("--ks", default="1,2,3,4,8", help="drafts per verify pass to time (comma-separated, 1..15)")
     ap.add_argument("--at", type=int, default=200, help="position of the verify pass")
     ap.add_argument("--draft", type=Path, help="a draft export: speculate with it instead of prompt lookup")
+    ap.add_argument("--bandwidth", action="store_true", help="also the target decode step's %% of the read bandwidth")
     ap.add_argument("--out", type=Path, help="write the tables here (.md) and the rows beside it (.json)")
     args = ap.parse_args()
     from edgellm.runtime.generate import load
+    from edgellm.runtime.speculate import Lookup
 
     gen = load(args.model, threads=args.threads, n_ctx=1024)
     drafter = None
@@ -165,9 +84,26 @@ def main():
     ks = tuple(int(k) for k in args.ks.split(","))
     vrows = verify_cost(gen.model, args.at, ks, max(20, 6 * args.reps))
     table = f"Verify pass at position {args.at} ({head['cpu']}, {args.threads} threads, {head['date']})\n\n"
+    if args.bandwidth:  # how bandwidth-bound the target's decode step is
+        from edgellm.benchmarks.scripts.runtime_decode import bandwidth_gbs
+
+        bw, per = bandwidth_gbs(args.threads, 1024), int(gen.model.weights.bytes_per_token)
+        eff = per / (vrows[0]["ms"] / 1e3) / 1e9
+        head |= {"read_gbs": bw, "bytes_per_token": per, "decode_gbs": eff}
+        table += (
+            f"Target decode step: {vrows[0]['ms']:.2f} ms for {per / 1e6:.1f} MB of weights = {eff:.1f} GB/s, "
+            f"{100 * eff / bw:.0f}% of this machine's read bandwidth ({bw:.1f} GB/s, a {args.threads}-thread float32 "
+            "sum over 1 GiB): the bandwidth bound is "
+            f"{per / bw / 1e6:.2f} ms per token.\n\n"
+        )
     table += "| k drafts | tokens in the pass | ms | vs one decode step |\n|---|---|---|---|\n"
     table += "\n".join(f"| {r['k']} | {r['tokens']} | {r['ms']:.2f} | {r['vs_decode']:.2f}x |" for r in vrows)
-    rows = [] if args.verify_only else tasks(gen, args.tokens, args.reps, args.k_max, drafter)
+    spec = (
+        None
+        if args.verify_only
+        else run_tasks(gen, drafter or Lookup(), args.tokens, args.reps, args.k_max, verbose=True)
+    )
+    rows = spec["tasks"] if spec else []
     what = f"draft {args.draft.name}" if args.draft else "prompt lookup"
     if rows:
         table += (
@@ -176,11 +112,20 @@ def main():
             "acceptance | mean accepted |\n|---|---|---|---|---|---|---|---|\n"
         )
         table += "\n".join(
-            f"| {r['task']} | {r['prompt_tokens']} | {r['tokens']} | {r['plain_s']:.3f} | {r['lookup_s']:.3f} | "
+            f"| {r['task']} | {r['prompt_tokens']} | {r['tokens']} | {r['plain_s']:.3f} | {r['spec_s']:.3f} | "
             f"{r['speedup']:.2f}x | {100 * (r['acceptance'] or 0):.0f}% | {r['mean_accepted'] or 0:.2f} |"
             for r in rows
         )
-    write_table(table, [head | {"verify": vrows, "tasks": rows}], args.out)
+    if spec:
+        curve = " ".join(f"{100 * a:.0f}%" for a in spec["acceptance_by_position"])
+        table += (
+            f"\n\nAll tasks: {spec['accepted']}/{spec['drafted']} drafts accepted "
+            f"({100 * (spec['acceptance'] or 0):.0f}%), "
+            f"mean accepted length {spec['mean_accepted'] or 0:.2f}, speed-up {spec['speedup']:.2f}x (sum of medians); "
+            f"acceptance by draft position (given the drafts before it accepted): {curve}"
+        )
+        print(table.rsplit("\n", 1)[-1], flush=True)
+    write_table(table, [head | {"verify": vrows, "tasks": rows, "speculation": spec}], args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ def bench(
         List[str],
         typer.Argument(
             help="VARIANT[:BACKEND]: an export directory (numba | onnxruntime | ort-genai), a model directory (torch) "
-            "or a .gguf file (llama.cpp | torch). The first one is the quality reference.",
+            "or a .gguf file (llama.cpp | torch). The first one is the quality reference. EXPORT+lookup or "
+            "EXPORT+DRAFT_EXPORT (numba) also times speculative decoding against plain greedy on copy tasks and "
+            "free generation: acceptance, mean accepted length, speed-up.",
             show_default=False,
         ),
     ],
@@ -86,6 +88,8 @@ def bench(
     energy per token (measured or estimated) and quality, as report.json/.md/.html.
 
     Example: edgellm bench q4-onnx/ q4-onnx/:onnxruntime smol.Q4_0.gguf -o bench/ --quick
+
+    Example: edgellm bench q4-onnx/ q4-onnx/+lookup q4-onnx/+draft-onnx/ -o bench-spec/
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -150,6 +154,8 @@ def show_result(result: BenchResult, o: BenchOptions) -> None:
     hide = ("backend", "load cold / warm", "KL") + (
         () if target is not Target.host else (rep.HEADERS[rep.DEVICE_COLUMN],)
     )
+    if not any(r.get("speculation") for r in result.report["variants"]):
+        hide += (rep.HEADERS[rep.SPEC_COLUMN],)
     keep = [i for i, h in enumerate(rep.HEADERS) if h not in hide]
     for i in keep:
         h = rep.HEADERS[i]

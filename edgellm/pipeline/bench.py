@@ -70,7 +70,8 @@ def plan_bench(variants: list[str], output: Path, options: BenchOptions, force: 
     require("matplotlib", "'edgellm bench' (the plots of report.html)")  # before any work, not at the end
     check_range("--timeout", o.timeout, 0.0, lo_open=True)
     parsed = parse_all(variants)
-    inputs = [v.path for v in parsed] + [o.data]
+    drafts = [v.speculate for v in parsed if v.speculate not in (None, "lookup")]  # EXPORT+DRAFT: an input too
+    inputs = [v.path for v in parsed] + drafts + [o.data]
     check_output_dir(output, force, inputs, protect_exports=True)  # before any work; never into an export directory
     probe_writable(output)
     base = Settings.quick() if o.quick else Settings()

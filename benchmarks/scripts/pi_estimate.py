@@ -33,17 +33,15 @@ ASSUMED_IPC = 2.0  # sustained instructions per cycle in the tile loop (A72: 3-w
 
 def bytes_per_token(path, ctx: int) -> tuple[int, int]:
     """(weight bytes, KV-cache bytes) the runtime reads per decoded token at `ctx` positions."""
-    from edgellm.runtime.loader import open_export
-    from edgellm.runtime.model import ModelConfig, Weights
+    from edgellm.runtime.plan import plan_export
 
-    ex = open_export(path)
-    cfg = ModelConfig.from_metadata(ex.config)
-    w = Weights(ex, cfg)
+    plan = plan_export(path, who="the estimate")
+    cfg = plan.config
     kv = (
-        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * (2 if w.bits else 4)
+        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * (2 if plan.quant else 4)
     )  # K and V, fp16 beside quantized
-    per = w.bytes_per_token
-    ex.close()
+    per = plan.bytes_per_token
+    plan.export.close()
     return per, kv
 
 

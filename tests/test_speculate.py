@@ -398,3 +398,20 @@ def test_estimate_formula():
     assert E.needed_acceptance(10.0, verify, 0.05) is None  # more than 5 tokens per pass: out of reach
     tl = E.SHAPES["TinyLlama-1.1B (the measured shape)"]
     assert E.shape_bytes(tl) == pytest.approx(566_140_928)  # the runtime's count for the tl11 export
+
+
+def test_pi_estimate_counts_the_runtimes_bytes(exports):
+    """benchmarks/scripts/pi_estimate.py reads the same weight bytes per token as the runtime, and
+    the KV bytes of K and V at fp16 beside a quantized export."""
+    from edgellm.benchmarks.scripts.pi_estimate import bytes_per_token
+    from edgellm.runtime.model import NumbaModel
+
+    path = exports["target"]
+    weights, kv = bytes_per_token(path, 64)
+    m = NumbaModel(path, n_ctx=16, threads=1)
+    try:
+        c = m.config
+        assert weights == m.weights.bytes_per_token > 0
+        assert kv == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 64 * 2
+    finally:
+        m.close()

@@ -147,6 +147,7 @@ class SlotCaches:
         self.k = lazy_zeros(shape, st.k.dtype)
         self.v = lazy_zeros(shape, st.v.dtype)
         self.pos = [0] * n  # positions cached per slot
+
     def step(self, segments: list[tuple[int, np.ndarray, bool, bool]]) -> np.ndarray:
         """Append each segment's tokens (slot, ids, wants logits, is prompt) at its slot's position,
         all in one compiled call; the logits (R, V) of the last token of each segment that wants

@@ -124,10 +124,12 @@ def sensitivity_streamed(shell, load, drop, x, final, sym: bool | None, streams:
         del block, h_in
         drop(bi)
         trim()
-        per = (time.perf_counter() - t_start) / (bi + 1)
+        # a later block carries more probe streams: the ETA assumes the cost grows with the block's index
+        done = (bi + 1) * (bi + 2) / 2
+        eta = int((time.perf_counter() - t_start) / done * (n_layers * (n_layers + 1) / 2 - done))
         note(
             f"sensitivity layer {bi + 1}/{n_layers} done in {time.perf_counter() - t0:.1f}s; "
-            f"eta {per * (n_layers - bi - 1):.0f}s; peak RSS {human(peak_rss())}"
+            f"eta {eta // 60}m{eta % 60:02d}s; peak RSS {human(peak_rss())}"
         )
     head = final()
     ref_logp = torch.log_softmax(head(h).float(), -1)  # (B, T, vocab)

@@ -164,13 +164,17 @@ def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval
         if cfg.target_bpw is not None:
             # mixed_stream: the reference state in and out, one probe stream per unit started so far
             # (all of them by the last block) or two in flight when spilled; a unit's saved weights
-            # and _fake's temporaries (~8 weight-sized); at the end the fp32 head and ~4 (B, T, V) logits
+            # and _fake's temporaries (~8 weight-sized); at the end the embedding the capture used
+            # (stored, or the rotated rows), the fp32 head, and 7 (B, T, V) fp32 arrays: the reference
+            # log-probabilities and, per stream, _kl's logits, log-softmax, exp, difference and product
+            # (measured: TinyLlama shape, 1.89 GB peak here against a plan of 1.68 GB with 4)
             Bs, Ts = min(SENS_SAMPLES, n_all), min(SENS_TOKENS, seq_len)
             st = 4 * Bs * Ts * d
             streams = 2 * st if spill else 4 * config.num_hidden_layers * st
             fwd = 4 * Bs * Ts * (3 * i_f + 6 * d) + 2 * 4 * Bs * heads * Ts * Ts
             p["sensitivity"] = 4 * params + max(rot_tmp, 4 * 2 * largest + 8 * 4 * largest) + streams + 2 * st + fwd
-            p["sensitivity head"] = 4 * V * d + streams + st + 4 * 4 * Bs * Ts * V
+            held = lookup if cfg.rotate else stored_emb
+            p["sensitivity head"] = held + 4 * V * d + streams + st + 7 * 4 * Bs * Ts * V
         return p
 
     def need(p):

@@ -40,12 +40,12 @@ from ..arch import decoder_layers, family_of
 from ..calibration import MINI_BATCH, capture_block_inputs
 from ..errors import EdgeLLMError
 from ..memory import human, peak_rss, return_large_blocks, rss, trim
+from . import rotation
 from .apply import QuantConfig, _embedding_codes, _tied, embedding_format, quantize_block
 from .formats import QuantFormat, dequantize_codes
 from .mixed import SENS_SAMPLES, SENS_TOKENS
 from .modules import QuantEmbedding, QuantLinear
 from .packing import pack, unpack
-from .rotation import ROT_CHUNK
 
 STREAMED_FAMILIES = ("llama", "mistral", "qwen2")
 ROW_CHUNK = 4096  # embedding / head rows quantized or multiplied at a time
@@ -141,7 +141,7 @@ def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval
     # --rotate: Q (float64) resident throughout; each rotated chunk of ROT_CHUNK rows (or columns)
     # passes through ~24 bytes per element (float64 copy, scaled copy, product, fp32 result)
     rot_q = 8 * d * d if cfg.rotate else 0
-    rot_tmp = 24 * ROT_CHUNK * d if cfg.rotate else 0
+    rot_tmp = 24 * rotation.ROT_CHUNK * d if cfg.rotate else 0  # read at call time (tests shrink it)
     lookup = 4 * d * min(V, n_all * seq_len + eval_tokens) if cfg.rotate else 0
     if cfg.rotate and cfg.embeddings_mode == "keep":
         packed_emb = 0  # the rotated fp32 rows go to disk a chunk at a time

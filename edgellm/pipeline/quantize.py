@@ -181,6 +181,14 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     limit_pos = getattr(config, "max_position_embeddings", None)
     if limit_pos and o.seq_len > limit_pos:
         raise EdgeLLMError(f"--seq-len {o.seq_len} exceeds the model's {limit_pos} positions; give at most {limit_pos}")
+    if o.target_bpw is not None:  # before the calibration set is cut (and warns about its size)
+        from ..quant.mixed import MIN_TOKENS, SENS_SAMPLES, SENS_TOKENS
+
+        if min(o.calib_samples, SENS_SAMPLES) * min(o.seq_len, SENS_TOKENS) < MIN_TOKENS:
+            raise EdgeLLMError(
+                f"--calib-samples {o.calib_samples} x --seq-len {o.seq_len} is too small for the sensitivity pass "
+                f"of --target-bpw; it needs at least {MIN_TOKENS} tokens"
+            )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     ids = data_tokens(tokenizer, o.data)
     calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed)

@@ -48,6 +48,7 @@ from .modules import QuantEmbedding, QuantLinear
 from .packing import pack, unpack
 
 STREAMED_FAMILIES = ("llama", "mistral", "qwen2")
+EMB_NAME, HEAD_NAME, NORM_NAME = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 ROW_CHUNK = 4096  # embedding / head rows quantized or multiplied at a time
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64"}
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8}

@@ -111,9 +111,9 @@ def run_quantize(
 ) -> QuantizeResult:
     """Quantize `model` into the model directory `output` (written whole at the end).
 
-    A local llama-family checkpoint streams one decoder layer at a time (quant/stream.py)
-    within --max-memory; what does not stream yet (other families, GGUF files, hub ids,
-    --rotate, --target-bpw) loads the model whole, and is refused when that cannot fit."""
+    A local llama-family checkpoint streams one decoder layer at a time (quant/stream.py), with
+    --rotate and --target-bpw too, within --max-memory; what does not stream yet (other
+    families, GGUF files, hub ids) loads the model whole, and is refused when that cannot fit."""
     from ..memory import budget
     from ..modelio import load_config, resolve_spec
     from ..outputs import check_output_dir
@@ -181,6 +181,14 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     limit_pos = getattr(config, "max_position_embeddings", None)
     if limit_pos and o.seq_len > limit_pos:
         raise EdgeLLMError(f"--seq-len {o.seq_len} exceeds the model's {limit_pos} positions; give at most {limit_pos}")
+    if o.target_bpw is not None:  # before the calibration set is cut (and warns about its size)
+        from ..quant.mixed import MIN_TOKENS, SENS_SAMPLES, SENS_TOKENS
+
+        if min(o.calib_samples, SENS_SAMPLES) * min(o.seq_len, SENS_TOKENS) < MIN_TOKENS:
+            raise EdgeLLMError(
+                f"--calib-samples {o.calib_samples} x --seq-len {o.seq_len} is too small for the sensitivity pass "
+                f"of --target-bpw; it needs at least {MIN_TOKENS} tokens"
+            )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     ids = data_tokens(tokenizer, o.data)
     calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed)
@@ -190,6 +198,7 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
         wins = [(eval_ids[s:e], first) for s, e, first in windows(len(eval_ids), DEFAULT_CTX, DEFAULT_STRIDE)]
         if not wins:
             raise EdgeLLMError(f"the evaluation data has {len(eval_ids)} tokens, too few to score; give more text")
+    _check_streamed_modes(config, cfg, calib)
     plan = plan_stream(config, ckpt, cfg, calib.shape[0], calib.shape[1], o.eval_tokens if wins else 0, limit)
     work = work_dir(output)
     finger = fingerprint(ckpt, cfg, calib, eval_ids, plan.act_dtype)
@@ -198,7 +207,9 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     if note:
         note(
             f"streaming {config.num_hidden_layers} layers: plan {human(plan.need)} of {human(limit)} ({how}); "
-            f"activations {str(plan.act_dtype).replace('torch.', '')}; an interrupted run continues with --resume"
+            f"activations {str(plan.act_dtype).replace('torch.', '')}"
+            + (f"; sensitivity streams {'on disk' if plan.spill else 'in memory'}" if cfg.target_bpw else "")
+            + "; an interrupted run continues with --resume"
         )
     t0 = time.perf_counter()
     report, info, before, after, parts = quantize_streamed(
@@ -216,6 +227,8 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     )
     record["quantization"] = info
     record.setdefault("source", {"kind": "directory", "path": str(path.resolve())})
+    if cfg.rotate:
+        config.tie_word_embeddings = False  # the rotation stores its own head (quant/rotation.py)
     config.dtype = torch.float32  # the norms (and kept embeddings) are stored in fp32, as the resident path does
     gen = (
         transformers.GenerationConfig.from_pretrained(str(path))
@@ -231,6 +244,23 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
     ckpt.close()
     shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(output, report, info, seconds, before, after)
+
+
+def _check_streamed_modes(config, cfg, calib) -> None:
+    """--rotate and --target-bpw on a streamed checkpoint, checked on the meta skeleton before any work."""
+    if cfg.rotate:
+        from ..arch import family_of
+        from ..quant.rotation import ROTATABLE
+
+        reason = family_of(config).rotate_refusal
+        if reason is not None or config.model_type not in ROTATABLE:
+            raise EdgeLLMError(f"--rotate supports {', '.join(ROTATABLE)}; not '{config.model_type}': {reason}")
+    if cfg.target_bpw is not None:
+        from ..checkpoint import meta_model
+        from ..quant.mixed import check_budget, check_tokens
+
+        check_budget(meta_model(config), cfg.target_bpw, cfg.plan_sym)
+        check_tokens(calib)
 
 
 def _run_resident(model: str, output: Path, o: QuantizeOptions, cfg, progress, force) -> QuantizeResult:

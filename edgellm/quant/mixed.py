@@ -113,17 +113,53 @@ def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
 
 
-def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=None) -> list[dict]:
-    """Per unit: its paths, shapes, bytes and estimated KL for each candidate format."""
-    from ..progress import NULL
+def unit_errors(unit: list[str], saved: list[torch.Tensor], col_power: dict, fmts: list[QuantFormat]) -> dict:
+    """Per format: the unit's rounding error sum_j d_j ||W_:j - Q(W)_:j||^2 (d_j: col_power)."""
+    return {
+        f: sum(((w - _fake(w, f)).pow(2) * col_power[p].unsqueeze(0)).sum().item() for p, w in zip(unit, saved))
+        for f in fmts
+    }
 
-    progress = progress or NULL
+
+def unit_record(unit: list[str], shapes: list[tuple], kl: float, err: dict, fmts: list[QuantFormat]) -> dict:
+    """The sensitivity pass's row of a unit: each candidate's bytes and estimated KL (the probe's KL
+    scaled by the ratio of rounding errors)."""
+    probe = QuantFormat(*PROBE)
+    return {
+        "unit": unit,
+        "shapes": shapes,
+        "kl_probe": kl,
+        "options": [
+            {
+                "bits": f.bits,
+                "group_size": f.group_size,
+                "sym": f.sym,
+                "zero": f.zero,
+                "bytes": sum(fmt_bytes(s, f) for s in shapes),
+                "kl": kl * err[f] / max(err[probe], 1e-30),
+            }
+            for f in fmts
+        ],
+    }
+
+
+def check_tokens(calib: torch.Tensor) -> torch.Tensor:
+    """The sensitivity pass's sequences (SENS_SAMPLES x SENS_TOKENS of calib); refuses too few tokens."""
     x = calib[:SENS_SAMPLES, :SENS_TOKENS]
     if x.numel() < MIN_TOKENS:
         raise EdgeLLMError(
             f"the calibration set ({calib.shape[0]} x {calib.shape[1]} tokens) is too small for the sensitivity pass "
             f"of --target-bpw; it needs at least {MIN_TOKENS} tokens (raise --calib-samples or --seq-len)"
         )
+    return x
+
+
+def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=None) -> list[dict]:
+    """Per unit: its paths, shapes, bytes and estimated KL for each candidate format."""
+    from ..progress import NULL
+
+    progress = progress or NULL
+    x = check_tokens(calib)
     blocks = decoder_layers(model)
     fam = family_of(model.config)
     block_in: list = []  # (hidden, kwargs) entering each block
@@ -168,29 +204,8 @@ def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=No
             kl = max(_kl(ref_logp, head(norm(h))), 1e-12)
             for m, w in zip(mods, saved):
                 m.weight.data.copy_(w.t() if type(m).__name__ == "Conv1D" else w)
-            err = {
-                f: sum(((w - _fake(w, f)).pow(2) * col_power[p].unsqueeze(0)).sum().item() for p, w in zip(unit, saved))
-                for f in fmts + [probe]
-            }
-            shapes = [tuple(w.shape) for w in saved]
-            out.append(
-                {
-                    "unit": unit,
-                    "shapes": shapes,
-                    "kl_probe": kl,
-                    "options": [
-                        {
-                            "bits": f.bits,
-                            "group_size": f.group_size,
-                            "sym": f.sym,
-                            "zero": f.zero,
-                            "bytes": sum(fmt_bytes(s, f) for s in shapes),
-                            "kl": kl * err[f] / max(err[probe], 1e-30),
-                        }
-                        for f in fmts
-                    ],
-                }
-            )
+            err = unit_errors(unit, saved, col_power, fmts + [probe])
+            out.append(unit_record(unit, [tuple(w.shape) for w in saved], kl, err, fmts))
     return out
 
 
@@ -226,7 +241,11 @@ def plan_formats(
 ) -> tuple[dict[str, QuantFormat], dict]:
     """The per-linear formats for a budget, and a record of the plan for edgellm.json."""
     check_budget(model, target, sym)
-    sens = sensitivity(model, calib, sym, progress)
+    return plan_from(sensitivity(model, calib, sym, progress), target, sym)
+
+
+def plan_from(sens: list[dict], target: float, sym: bool | None) -> tuple[dict[str, QuantFormat], dict]:
+    """The allocation for `target` from a sensitivity table (resident or streamed pass) and its record."""
     choice = allocate(sens, target)
     plan, rows = {}, []
     for u, c in zip(sens, choice):

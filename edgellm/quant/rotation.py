@@ -73,18 +73,58 @@ def check_rotatable(model) -> None:
         )
 
 
-def _scale_in(lin, g: torch.Tensor) -> None:  # W (out, in) <- W diag(g)
-    lin.weight.data = (lin.weight.data.double() * g.unsqueeze(0)).to(lin.weight.dtype)
+ROT_CHUNK = 4096  # rows (columns for a writer) rotated per product: bounds the float64 temporaries
 
 
-def _rot_in(lin, Q: torch.Tensor) -> None:  # a reader of the stream: W <- W Q
-    lin.weight.data = (lin.weight.data.double() @ Q).to(lin.weight.dtype)
+def rotate_rows(w: torch.Tensor, Q: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """A reader of the stream, in place: W (rows, d) <- (W diag(g)) Q, ROT_CHUNK rows at a time
+    (each rounded to W's dtype after the scale and after the product). The resident rotation and
+    the layer-streaming one (quant/stream_rotate.py) both call this on chunks starting at
+    multiples of ROT_CHUNK, so their results are the same bits."""
+    for r in range(0, w.shape[0], ROT_CHUNK):
+        c = w[r : r + ROT_CHUNK].double()  # (chunk, d)
+        if g is not None:
+            c = (c * g.unsqueeze(0)).to(w.dtype).double()
+        w[r : r + ROT_CHUNK] = (c @ Q).to(w.dtype)
+    return w
+
+
+def rotate_cols(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """A writer to the stream, in place: W (d, in) <- Q^T W, ROT_CHUNK columns at a time."""
+    for c in range(0, w.shape[1], ROT_CHUNK):
+        w[:, c : c + ROT_CHUNK] = (Q.t() @ w[:, c : c + ROT_CHUNK].double()).to(w.dtype)
+    return w
 
 
 def _rot_out(lin, Q: torch.Tensor) -> None:  # a writer to the stream: W <- Q^T W, b <- b Q
-    lin.weight.data = (Q.t() @ lin.weight.data.double()).to(lin.weight.dtype)
+    rotate_cols(lin.weight.data, Q)
     if lin.bias is not None:
         lin.bias.data = (lin.bias.data.double() @ Q).to(lin.bias.dtype)
+
+
+def rotate_block(layer, Q: torch.Tensor) -> None:
+    """One decoder block in place: its two norms' scales fused into the linears that read them
+    (then set to 1), readers rotated W <- W diag(g) Q, writers W <- Q^T W."""
+    a, m = layer.self_attn, layer.mlp
+    g1, g2 = layer.input_layernorm.weight.data.double(), layer.post_attention_layernorm.weight.data.double()
+    for lin in (a.q_proj, a.k_proj, a.v_proj):
+        rotate_rows(lin.weight.data, Q, g1)
+    for lin in (m.gate_proj, m.up_proj):
+        rotate_rows(lin.weight.data, Q, g2)
+    _rot_out(a.o_proj, Q)
+    _rot_out(m.down_proj, Q)
+    layer.input_layernorm.weight.data.fill_(1.0)
+    layer.post_attention_layernorm.weight.data.fill_(1.0)
+
+
+def record(d: int, seed: int, untied: bool) -> dict:
+    """What edgellm.json records of a rotation."""
+    return {
+        "kind": "hadamard" if d & (d - 1) == 0 else f"R{d // (d & -d)} x hadamard{d & -d}",
+        "width": d,
+        "seed": seed,
+        "untied": untied,
+    }
 
 
 def rotate_model(model, seed: int = 0) -> dict:
@@ -93,20 +133,9 @@ def rotate_model(model, seed: int = 0) -> dict:
     check_rotatable(model)
     d = model.config.hidden_size
     Q = rotation_matrix(d, seed)
-    one = lambda norm: norm.weight.data.fill_(1.0)  # noqa: E731
     with torch.no_grad():
         for layer in decoder_layers(model):
-            a, m = layer.self_attn, layer.mlp
-            g1, g2 = layer.input_layernorm.weight.data.double(), layer.post_attention_layernorm.weight.data.double()
-            for lin in (a.q_proj, a.k_proj, a.v_proj):
-                _scale_in(lin, g1)
-                _rot_in(lin, Q)
-            for lin in (m.gate_proj, m.up_proj):
-                _scale_in(lin, g2)
-                _rot_in(lin, Q)
-            _rot_out(a.o_proj, Q)
-            _rot_out(m.down_proj, Q)
-            one(layer.input_layernorm), one(layer.post_attention_layernorm)
+            rotate_block(layer, Q)
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
         tied = head is not None and head.weight is emb.weight
@@ -118,13 +147,7 @@ def rotate_model(model, seed: int = 0) -> dict:
             model.lm_head = head = new
             model.config.tie_word_embeddings = False
             emb.weight.data = emb.weight.data.clone()
-        emb.weight.data = (emb.weight.data.double() @ Q).to(emb.weight.dtype)  # (vocab, d) rows live in the stream
-        _scale_in(head, gf)
-        _rot_in(head, Q)
-        one(norm)
-    return {
-        "kind": "hadamard" if d & (d - 1) == 0 else f"R{d // (d & -d)} x hadamard{d & -d}",
-        "width": d,
-        "seed": seed,
-        "untied": tied,
-    }
+        rotate_rows(emb.weight.data, Q)  # (vocab, d) rows live in the stream
+        rotate_rows(head.weight.data, Q, gf)
+        norm.weight.data.fill_(1.0)
+    return record(d, seed, tied)

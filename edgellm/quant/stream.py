@@ -40,25 +40,25 @@ from ..arch import decoder_layers, family_of
 from ..calibration import MINI_BATCH, capture_block_inputs
 from ..errors import EdgeLLMError
 from ..memory import human, peak_rss, return_large_blocks, rss, trim
+from . import rotation
 from .apply import QuantConfig, _embedding_codes, _tied, embedding_format, quantize_block
 from .formats import QuantFormat, dequantize_codes
+from .mixed import SENS_SAMPLES, SENS_TOKENS
 from .modules import QuantEmbedding, QuantLinear
 from .packing import pack, unpack
 
 STREAMED_FAMILIES = ("llama", "mistral", "qwen2")
+EMB_NAME, HEAD_NAME, NORM_NAME = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 ROW_CHUNK = 4096  # embedding / head rows quantized or multiplied at a time
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64"}
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8}
 
 
 def not_streamed(config, cfg: QuantConfig) -> str | None:
-    """What in this request the streaming path does not do yet (None: it streams)."""
+    """What in this request the streaming path does not do yet (None: it streams). Every method,
+    --rotate (quant/stream_rotate.py) and --target-bpw (quant/mixed_stream.py) stream."""
     if config.model_type not in STREAMED_FAMILIES:
         return f"the {config.model_type} family"
-    if cfg.rotate:
-        return "--rotate"
-    if cfg.target_bpw is not None:
-        return "--target-bpw"
     return None
 
 
@@ -71,6 +71,7 @@ class StreamPlan:
     parts: dict  # stage -> bytes
     act_dtype: torch.dtype
     budget: int
+    spill: bool = False  # --target-bpw: the sensitivity pass's probe streams kept on disk, not in memory
 
     def describe(self) -> str:
         return ", ".join(f"{k} {human(v)}" for k, v in self.parts.items())
@@ -122,6 +123,7 @@ def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval
     layer = [n for n in ckpt.entries if n.startswith(prefix)]
     params = sum(math.prod(ckpt.shape(n)) for n in layer)
     linears = _layer_linears(ckpt, prefix)
+    n_all = n_calib  # the sensitivity pass reads the first SENS_SAMPLES of every calibration sequence
     if cfg.method == "rtn":
         from .apply import RTN_ERROR_SAMPLES
 
@@ -132,33 +134,68 @@ def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval
     if ctx:
         forward = max(forward, 4 * ctx * (3 * i_f + 6 * d) + 2 * 4 * heads * ctx * ctx)
     evals = 4 * 2 * eval_tokens * d  # "before" and "after" states, fp32
-    tied = _tied_config(config)
+    tied = _tied_config(config) and not cfg.rotate  # the rotation stores an untied head
     emb_bits = 8 if cfg.embeddings_mode == "keep" else int(cfg.embeddings_mode)
     packed_emb = (1 if tied else 2) * (V * d * emb_bits // 8 + V * (d // 32) * 3)
     stored_emb = ckpt.stored_bytes("model.embed_tokens.weight")
     base = rss()
+    # --rotate: Q (float64) resident throughout; each rotated chunk of ROT_CHUNK rows (or columns)
+    # passes through ~24 bytes per element (float64 copy, scaled copy, product, fp32 result)
+    rot_q = 8 * d * d if cfg.rotate else 0
+    rot_tmp = 24 * rotation.ROT_CHUNK * d if cfg.rotate else 0  # read at call time (tests shrink it)
+    lookup = 4 * d * min(V, n_all * seq_len + eval_tokens) if cfg.rotate else 0
+    if cfg.rotate and cfg.embeddings_mode == "keep":
+        packed_emb = 0  # the rotated fp32 rows go to disk a chunk at a time
+    largest = max(o * i for _, o, i, _ in linears)
 
-    def stages(act_bytes):
+    def stages(act_bytes, spill):
         acts = n_calib * seq_len * d * act_bytes
         moving = 2 * acts + 2 * evals  # a pass keeps its inputs while it writes its outputs
         layer_parts = _layer_peak(linears, params, cfg.method)
-        return {
-            "process": base,
+        if cfg.rotate:
+            layer_parts["rotating"] = 4 * params + rot_tmp
+        p = {
+            "process": base + rot_q,
             "layer": max(layer_parts.values()),
             "activations": moving + forward,
-            "embeddings": packed_emb + 6 * 4 * ROW_CHUNK * d,
-            "capture": stored_emb + packed_emb + 4 * n_calib * seq_len * d + 2 * evals,
+            "embeddings": packed_emb + max(6 * 4 * ROW_CHUNK * d, rot_tmp) + lookup,
+            "capture": stored_emb + packed_emb + lookup + 4 * n_calib * seq_len * d + 2 * evals,
             "head": packed_emb + 3 * 4 * ctx * V + evals if ctx else 0,
         }
+        if cfg.target_bpw is not None:
+            # mixed_stream: the reference state in and out, one probe stream per unit started so far
+            # (all of them by the last block) or two in flight when spilled; a unit's saved weights
+            # and _fake's temporaries (~8 weight-sized); at the end the embedding the capture used
+            # (stored, or the rotated rows), the fp32 head, and 7 (B, T, V) fp32 arrays: the reference
+            # log-probabilities and, per stream, _kl's logits, log-softmax, exp, difference and product
+            # (measured: TinyLlama shape, 1.89 GB peak here against a plan of 1.68 GB with 4)
+            Bs, Ts = min(SENS_SAMPLES, n_all), min(SENS_TOKENS, seq_len)
+            st = 4 * Bs * Ts * d
+            streams = 2 * st if spill else 4 * config.num_hidden_layers * st
+            fwd = 4 * Bs * Ts * (3 * i_f + 6 * d) + 2 * 4 * Bs * heads * Ts * Ts
+            p["sensitivity"] = 4 * params + max(rot_tmp, 4 * 2 * largest + 8 * 4 * largest) + streams + 2 * st + fwd
+            held = lookup if cfg.rotate else stored_emb
+            p["sensitivity head"] = held + 4 * V * d + streams + st + 7 * 4 * Bs * Ts * V
+        return p
 
     def need(p):
-        stage = max(p["layer"] + p["activations"], p["embeddings"], p["capture"], p["head"])
+        stage = max(
+            p["layer"] + p["activations"],
+            p["embeddings"],
+            p["capture"],
+            p["head"],
+            p.get("sensitivity", 0),
+            p.get("sensitivity head", 0),
+        )
         return p["process"] + int(OVERHEAD * stage)
 
-    for dtype, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
-        p = stages(nbytes)
+    for dtype, nbytes, spill in ((torch.float32, 4, False), (torch.float32, 4, True), (torch.bfloat16, 2, False)):
+        p = stages(nbytes, spill)
         if need(p) <= budget:
-            return StreamPlan(need(p), p, dtype, budget)
+            return StreamPlan(need(p), p, dtype, budget, spill)
+    dtype, p = torch.bfloat16, stages(2, True)
+    if need(p) <= budget:
+        return StreamPlan(need(p), p, dtype, budget, True)
     raise EdgeLLMError(
         f"quantizing one decoder layer needs about {human(need(p))} ({StreamPlan(0, p, dtype, 0).describe()}), "
         f"more than the budget of {human(budget)}; raise --max-memory or lower --calib-samples / --seq-len"
@@ -264,16 +301,21 @@ class StoredEmbedding(nn.Module):
         return self.weight[ids].float()
 
 
+def fill_rows(module, r: int, w: torch.Tensor) -> None:
+    """Rows [r, r + len(w)) of a PackedMatrix quantized from fp32 rows w (chunk, in)."""
+    fmt = module.fmt
+    codes, scales, zeros = _embedding_codes(w, fmt)
+    module.qweight[r : r + len(w)] = pack(codes, fmt.bits)
+    module.scales[r : r + len(w)] = scales.half()
+    if module.qzeros is not None:
+        module.qzeros[r : r + len(w)] = zeros.to(module.qzeros.dtype)
+
+
 def _quantize_rows(ckpt, name: str, fmt: QuantFormat, module):
     """Fill a PackedMatrix from checkpoint tensor `name`, ROW_CHUNK rows at a time."""
     rows = ckpt.shape(name)[0]
     for r in range(0, rows, ROW_CHUNK):
-        w = ckpt.rows(name, r, min(r + ROW_CHUNK, rows)).float()
-        codes, scales, zeros = _embedding_codes(w, fmt)
-        module.qweight[r : r + len(w)] = pack(codes, fmt.bits)
-        module.scales[r : r + len(w)] = scales.half()
-        if module.qzeros is not None:
-            module.qzeros[r : r + len(w)] = zeros.to(module.qzeros.dtype)
+        fill_rows(module, r, ckpt.rows(name, r, min(r + ROW_CHUNK, rows)).float())
     return module
 
 
@@ -375,31 +417,63 @@ def quantize_streamed(
 ):
     """Quantize the checkpoint into `work` one block at a time (continuing from `state`).
     `windows`: [(ids (T,), first scored position)] to score before and after, or None.
+    With cfg.rotate each block is rotated as it is loaded (and the embedding and head as they are
+    read: stream_rotate.py); with cfg.target_bpw a streamed sensitivity pass (mixed_stream.py)
+    plans the formats first (cfg.plan is set, as quantize_model sets it).
     Returns (report, info, before, after, part files); before/after are (nll, tokens) or None."""
     from ..progress import NULL
+    from . import stream_rotate as sr
 
     progress = progress or NULL
     return_large_blocks()
     family = family_of(config)
     n_layers = config.num_hidden_layers
-    tied = _tied_config(config)
+    tied_in = _tied_config(config)
+    rot = cfg.rotate
+    tied = tied_in and not rot  # the rotation unties a tied head (rotation.py)
     dt = plan.act_dtype
+    full_calib = calib
     if cfg.method == "rtn":
         from .apply import RTN_ERROR_SAMPLES
 
         calib = calib[:RTN_ERROR_SAMPLES]
     emb_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
+    head_src = sr.head_source(ckpt)
     V, d = ckpt.shape(emb_name)
+    Q = None
+    if rot:
+        from .rotation import rotation_matrix
+
+        Q = rotation_matrix(d, cfg.seed)  # (d, d) float64
+    sens_x = None
+    if cfg.target_bpw is not None:
+        from .mixed import check_tokens
+
+        sens_x = check_tokens(full_calib)
     emb_fmt = None
+    if cfg.embeddings_mode != "keep":
+        # as apply.quantize_model: integer zero points (ONNX's GatherBlockQuantized has no float ones)
+        bits = int(cfg.embeddings_mode)
+        emb_fmt = replace(cfg.fmt, zero="int") if cfg.embeddings is None else embedding_format(bits, d)
+    resumed = bool(state)
     with torch.no_grad():
-        # 1. embeddings and head, quantized in row chunks (or kept in fp32 as the resident path keeps them)
+        # 1. embeddings and head, quantized in row chunks (or kept in fp32 as the resident path keeps them);
+        #    rotated as they are read with --rotate
         head_part = work / "embeddings.safetensors"
-        qe = qh = None
-        if cfg.embeddings_mode != "keep":
-            # as apply.quantize_model: integer zero points (ONNX's GatherBlockQuantized has no float ones)
-            bits = int(cfg.embeddings_mode)
-            emb_fmt = replace(cfg.fmt, zero="int") if cfg.embeddings is None else embedding_format(bits, d)
-            if state and head_part.is_file():
+        lookup_part = work / "lookup.safetensors"
+        qe = qh = lookup = None
+        t0 = time.perf_counter()
+        if rot:
+            if resumed and head_part.is_file() and lookup_part.is_file():
+                lookup = sr.load_lookup(lookup_part, V)
+                if emb_fmt is not None:
+                    qe, qh = _load_embeddings(head_part, V, d, emb_fmt, False, ckpt, head_src)
+            else:
+                ids = sr.needed_ids(calib, sens_x, *(x for x, _ in windows or []))
+                lookup, qe, qh = sr.embed_pass(ckpt, Q, emb_fmt, ids, head_part, lookup_part, fill_rows)
+                _note(progress, f"rotated the embedding and head in {time.perf_counter() - t0:.1f}s")
+        elif emb_fmt is not None:
+            if resumed and head_part.is_file():
                 qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_name)
             else:
                 qe = _quantize_rows(ckpt, emb_name, emb_fmt, QuantEmbedding(V, d, emb_fmt))
@@ -409,17 +483,43 @@ def quantize_streamed(
                     _quantize_rows(ckpt, head_name, emb_fmt, qh)
                     tensors.update({f"lm_head.{k}": v for k, v in qh.state_dict().items()})
                 save_atomic(tensors, head_part)
-        # 2. what reaches block 0
         stored = StoredEmbedding(ckpt.get(emb_name))
         shell = _shell(config, stored)
+        layers = decoder_layers(shell)
+
+        def load(bi):
+            block = _load_block(shell, bi, ckpt, f"{family.layers}.{bi}")
+            if rot:
+                from .rotation import rotate_block
+
+                rotate_block(block, Q)
+            return block
+
+        # 2. --target-bpw: the sensitivity pass over every block, then the allocation
+        plan_info = None
+        if cfg.target_bpw is not None:
+            from .mixed import plan_from
+
+            sens = state.get("sensitivity")
+            if sens is None:
+                sens = _sensitivity(shell, layers, load, sens_x, lookup, ckpt, Q, cfg, plan, work, progress)
+                state = {"fingerprint": finger, "next": 0, "sensitivity": sens}
+                _write_json(state, work / "state.json")
+            else:
+                _note(progress, f"resuming: the sensitivity pass is done (from '{work}')")
+            cfg.plan, plan_info = plan_from(sens, cfg.target_bpw, cfg.plan_sym)
+        # 3. what reaches block 0
         inputs, before = _capture(shell, calib, windows)
+        if rot:  # calibration runs on the rotated stream; "before" scores the original model
+            shell.model.embed_tokens = lookup
+            inputs, after = _capture(shell, calib, windows)
         if qe is not None and windows:
             shell.model.embed_tokens = qe
             _, after = _capture(shell, calib, windows)
-        else:
+        elif not rot:
             after = [(h.clone(), kw) for h, kw in before]
         shell.model.embed_tokens = nn.Identity()
-        del stored
+        del stored, lookup
         qe = qh = None  # on disk: read back for the final scoring (8B, 4-bit: 0.6 GB less per layer)
         inputs = [(h.to(dt), kw) for h, kw in inputs]
         start = state.get("next", 0)
@@ -430,14 +530,17 @@ def quantize_streamed(
             before = [(acts[f"before.{j}"], kw) for j, (_, kw) in enumerate(before)]
             after = [(acts[f"after.{j}"], kw) for j, (_, kw) in enumerate(after)]
             _note(progress, f"resuming at layer {start + 1}/{n_layers} from '{work}'")
-        # 3. the blocks, one at a time
-        layers = decoder_layers(shell)
+        # 4. the blocks, one at a time
         t_start, done_here = time.perf_counter(), 0
         for bi in progress.track(range(start, n_layers), f"{cfg.method} {cfg.fmt.bits}-bit", total=n_layers - start):
             t0 = time.perf_counter()
             prefix = f"{family.layers}.{bi}"
             block = _load_block(shell, bi, ckpt, prefix)
             before = _run(block, before, torch.float32)
+            if rot:
+                from .rotation import rotate_block
+
+                rotate_block(block, Q)
             rows, fmts = quantize_block(block, prefix, _AsFloat(inputs), cfg, family)
             report += rows
             formats.update(fmts)
@@ -454,7 +557,14 @@ def quantize_streamed(
             acts.update({f"after.{j}": h for j, (h, _) in enumerate(after)})
             save_atomic(acts, work / acts_name)
             old = state.get("acts")
-            state = {"fingerprint": finger, "next": bi + 1, "acts": acts_name, "report": report, "formats": formats}
+            state = {
+                **{k: v for k, v in state.items() if k == "sensitivity"},
+                "fingerprint": finger,
+                "next": bi + 1,
+                "acts": acts_name,
+                "report": report,
+                "formats": formats,
+            }
             _write_json(state, work / "state.json")
             if old and old != acts_name:
                 (work / old).unlink(missing_ok=True)
@@ -465,27 +575,33 @@ def quantize_streamed(
                 f"layer {bi + 1}/{n_layers} done in {time.perf_counter() - t0:.1f}s; "
                 f"eta {_duration(per * (n_layers - bi - 1))}; peak RSS {human(peak_rss())}",
             )
-        # 4. the final norm and head: score, and write what is left
+        # 5. the final norm and head: score, and write what is left
         norm = ckpt.get("model.norm.weight")
-        final = {"model.norm.weight": norm.float()}
-        if emb_fmt is None:
+        final = {"model.norm.weight": torch.ones(d) if rot else norm.float()}
+        if emb_fmt is None and not rot:
             final[emb_name] = ckpt.get(emb_name).float()
             if not tied:
                 final[head_name] = ckpt.get(head_name).float()
         save_atomic(final, work / "final.safetensors")
         scores = None
         if windows:
-            norm_mod = type(shell.model.norm)(d, eps=config.rms_norm_eps)
-            norm_mod.weight.data.copy_(norm)
-            src = emb_name if tied else head_name
+            norm_ref = type(shell.model.norm)(d, eps=config.rms_norm_eps)
+            norm_ref.weight.data.copy_(norm)
+            norm_q = type(shell.model.norm)(d, eps=config.rms_norm_eps)
+            norm_q.weight.data.copy_(final["model.norm.weight"])
 
             def ref_rows(r0, r1):
-                return ckpt.rows(src, r0, r1).float()
+                return ckpt.rows(head_src, r0, r1).float()
 
             if emb_fmt is not None:
-                qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_name)
+                qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_src)
             if qe is None:
-                q_rows = ref_rows
+                if rot:
+
+                    def q_rows(r0, r1):
+                        return sr.file_rows(head_part, head_name, r0, r1)
+                else:
+                    q_rows = ref_rows
             else:
                 head = qe if tied else qh
 
@@ -493,14 +609,14 @@ def quantize_streamed(
                     return packed_rows(head, r0, r1)
 
             scores = []
-            for states, rows_fn in ((before, ref_rows), (after, q_rows)):
+            for states, rows_fn, norm_mod in ((before, ref_rows, norm_ref), (after, q_rows, norm_q)):
                 nll = count = 0
                 for (h, _), (x, first) in zip(states, windows):
                     n, c = window_nll(head_logits(norm_mod(h)[0], rows_fn, V).float(), x, first)
                     nll, count = nll + n, count + c
                 scores.append((nll, count))
     parts = [work / f"layer-{bi:05d}.safetensors" for bi in range(n_layers)]
-    parts = ([head_part] if emb_fmt is not None else []) + parts + [work / "final.safetensors"]
+    parts = ([head_part] if emb_fmt is not None or rot else []) + parts + [work / "final.safetensors"]
     info = {
         **cfg.to_dict(),
         "modules": [r["layer"] for r in report],
@@ -509,10 +625,47 @@ def quantize_streamed(
     }
     if formats:
         info["formats"] = formats
+    if rot:
+        from .rotation import record
+
+        info["rotation"] = record(d, cfg.seed, tied_in)
+    if plan_info:
+        info["mixed"] = plan_info
     params = sum(r["shape"][0] * r["shape"][1] for r in report)
     info["bits_per_weight"] = round(8 * sum(r["bytes"] for r in report) / max(params, 1), 4)
     before_s, after_s = scores if scores else (None, None)
     return report, info, before_s, after_s, parts
+
+
+def _sensitivity(shell, layers, load, x, lookup, ckpt, Q, cfg, plan, work, progress):
+    """mixed_stream.sensitivity_streamed on this checkpoint: blocks loaded (and rotated) one at a
+    time and put back on the meta device, the head resident only for the final KLs."""
+    from .mixed_stream import Streams, sensitivity_streamed
+    from .stream_rotate import head_source, rotated_head
+
+    d = shell.config.hidden_size
+    if lookup is not None:
+        shell.model.embed_tokens, stored = lookup, shell.model.embed_tokens
+    streams = Streams(work / "sensitivity" if plan.spill else None)
+
+    def drop(bi):
+        layers[bi].to_empty(device="meta")
+
+    def final():
+        norm = type(shell.model.norm)(d, eps=shell.config.rms_norm_eps)
+        W = rotated_head(ckpt, Q) if Q is not None else ckpt.get(head_source(ckpt)).float()  # (V, d)
+        norm.weight.data.copy_(torch.ones(d) if Q is not None else ckpt.get("model.norm.weight"))
+        return lambda h: F.linear(norm(h), W)  # (B, T, V)
+
+    t0 = time.perf_counter()
+    sens = sensitivity_streamed(
+        shell, load, drop, x, final, cfg.plan_sym, streams, lambda line: _note(progress, line), progress
+    )
+    if lookup is not None:
+        shell.model.embed_tokens = stored
+    shutil.rmtree(work / "sensitivity", ignore_errors=True)
+    _note(progress, f"sensitivity pass done in {_duration(time.perf_counter() - t0)}; peak RSS {human(peak_rss())}")
+    return sens
 
 
 def _tied_config(config) -> bool:

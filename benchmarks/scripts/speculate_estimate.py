@@ -3,7 +3,7 @@ measured acceptance curve, the verify-pass cost measured at 1.1B shape and each 
 
     python -m edgellm.benchmarks.scripts.speculate_estimate \
         --spec speculate-pair.json --verify speculate-verify-tl11.json \
-        --verify-model /work/models/peers/tl11-q4-onnx --draft DRAFT_EXPORT [--out estimate.md] \
+        --verify-model TL11_EXPORT --draft DRAFT_EXPORT [--out estimate.md] \
         [--pair-verify speculate-verify-target.json --pair-model TARGET_EXPORT]
 
 Inputs (every figure measured by a run, none assumed):

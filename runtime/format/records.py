@@ -12,6 +12,17 @@ import numpy as np
 
 I8, F4 = np.int64, np.float32
 
+# The family's scalars, the same fields in the CPU and the CUDA config records.
+SCALARS = [
+    ("eps", F4),  # norm epsilon
+    ("emb_mult", F4),  # embeddings x this (Granite; Gemma sqrt(H))
+    ("res_mult", F4),  # block outputs x this before the residual add (Granite)
+    ("attn_scale", F4),  # softmax scale of q.k (1/sqrt(HD) unless the family says otherwise)
+    ("logit_mult", F4),  # logits x this (1 / Granite's logits_scaling)
+    ("attn_cap", F4),  # attention logit soft-cap, 0 = none
+    ("final_cap", F4),  # final logit soft-cap, 0 = none
+]
+
 # linear kinds: the float formats, or the bits of a packed one
 KIND_F32, KIND_F16, KIND_Q4, KIND_Q8 = 0, 1, 4, 8
 
@@ -88,13 +99,7 @@ CONFIG = np.dtype(
         ("rope_dims", I8),  # leading dims of each head that rotate (HD, or fewer: partial rotary)
         ("act_cap", I8),  # bytes per token of int8 activations the widest linear needs
         ("block_cap", I8),  # blocks per token of the linear with the most blocks
-        ("eps", F4),  # norm epsilon
-        ("emb_mult", F4),  # embeddings x this (Granite; Gemma sqrt(H))
-        ("res_mult", F4),  # block outputs x this before the residual add (Granite)
-        ("attn_scale", F4),  # softmax scale of q.k (1/sqrt(HD) unless the family says otherwise)
-        ("logit_mult", F4),  # logits x this (1 / Granite's logits_scaling)
-        ("attn_cap", F4),  # attention logit soft-cap, 0 = none
-        ("final_cap", F4),  # final logit soft-cap, 0 = none
+        *SCALARS,
     ],
     align=True,
 )
@@ -181,13 +186,7 @@ CUDA_CONFIG = np.dtype(
         ("gated", I8),  # 1: gated MLP (gate | up), 0: plain GELU MLP
         ("gelu_gate", I8),  # gated: 1: GeGLU (tanh GELU of the gate, Gemma), 0: SwiGLU
         ("rope_dims", I8),  # leading dims of each head that rotate (HD, or fewer: partial rotary)
-        ("eps", F4),  # norm epsilon
-        ("emb_mult", F4),  # embeddings x this (Granite; Gemma sqrt(H))
-        ("res_mult", F4),  # block outputs x this before the residual add (Granite)
-        ("attn_scale", F4),  # softmax scale of q.k (1/sqrt(HD) unless the family says otherwise)
-        ("logit_mult", F4),  # logits x this (1 / Granite's logits_scaling)
-        ("attn_cap", F4),  # attention logit soft-cap, 0 = none
-        ("final_cap", F4),  # final logit soft-cap, 0 = none
+        *SCALARS,
     ],
     align=True,
 )

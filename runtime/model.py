@@ -15,6 +15,7 @@ from numba import njit
 
 from .errors import EdgeLLMError, UnsupportedError
 from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, ROPE_KINDS, ROPE_LOCAL, record, records
+from .hugepages import Arena
 from .kernels import tiers
 from .kernels.family import geglu, rms_norm_cols, scale_cap
 from .kernels.layers import (
@@ -97,6 +98,12 @@ class Weights:
     def __init__(self, plan: WeightsPlan):
         self._keep = []  # every array whose address a record holds
         self._ex = plan.export
+        # the matrices every decode step streams move to 2 MiB pages where the kernel allows
+        # (hugepages.py); an untied embedding stays in the file map: a step reads one row of it
+        streamed = [lin for lp in plan.layers for lin in lp.linears.values()]
+        streamed.append(plan.head if plan.head is not None else plan.embed)
+        self.arena = Arena.open([lin.weight for lin in streamed])
+        self._streamed = {id(lin.weight) for lin in streamed}
         self.bits = plan.quant.bits if plan.quant else 0
         self.layers = records(LAYER, len(plan.layers))  # (L,) LAYER
         rows = self.layers.view(np.recarray)
@@ -133,6 +140,14 @@ class Weights:
         self._keep.append(arr)
         return arr.ctypes.data
 
+    def _placed(self, weight: np.ndarray) -> np.ndarray:
+        """`weight` copied into the huge-page arena (its file pages let go), or itself without one."""
+        if self.arena is None or id(weight) not in self._streamed:
+            return weight
+        copy = self.arena.place(weight)
+        self._ex.drop_pages(weight)
+        return copy
+
     def _norm(self, norm: Norm | None) -> tuple[int, int]:
         if norm is None:  # a norm this family's layer does not have
             return 0, 0
@@ -144,12 +159,12 @@ class Weights:
         d.n, d.k = p.n, p.k
         if p.fmt is None:
             d.kind = KIND_F32 if p.weight.dtype == np.float32 else KIND_F16
-            d.row_bytes, d.w_addr = p.k * p.weight.itemsize, self._addr(p.weight, p.weight.dtype)
+            d.row_bytes, d.w_addr = p.k * p.weight.itemsize, self._addr(self._placed(p.weight), p.weight.dtype)
         else:
             n, nb = p.n, p.nb
             s16 = np.zeros(n * nb + 16, np.float16)  # (n * nb + 16,): 16-lane loads past the last scale
             s16[: n * nb] = p.scales
-            d.kind, d.w_addr = p.bits, self._addr(p.weight, np.uint8)
+            d.kind, d.w_addr = p.bits, self._addr(self._placed(p.weight), np.uint8)
             d.s_addr = self._addr(s16.view(np.uint16), np.uint16)
             d.block, d.nb, d.row_bytes, d.zero = p.fmt.block, nb, nb * p.weight.shape[2], p.fmt.sym_zero
             d.sym = p.zeros is None

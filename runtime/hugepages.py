@@ -1,0 +1,94 @@
+"""The packed weights in memory backed by 2 MiB pages (Linux transparent huge pages).
+
+A decode step streams every weight once. Read through the export's file map, the stream crosses a
+4 KiB page every 4 KiB: a TLB miss each time, and the hardware prefetchers, which stop at page
+boundaries, start over. Copied once at load into one anonymous private mapping advised with
+MADV_HUGEPAGE, the same bytes sit on 2 MiB pages (measured in benchmarks/RESULTS.md, "Huge
+pages"). The file's pages under each copied tensor are then released (Export.drop_pages), so the
+resident size stays the export's.
+
+Used where the kernel offers it: Linux with transparent huge pages set to `always` or `madvise`
+(/sys/kernel/mm/transparent_hugepage/enabled). Elsewhere, or with EDGELLM_HUGEPAGES=0, the
+weights stay in the file map as before (`Arena.open` returns None).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+HUGE = 2 << 20  # bytes of an x86-64 / arm64 (4 KiB granule) transparent huge page
+ALIGN = 64  # every placed tensor starts on a cache line
+PAD = 64  # bytes after each tensor: SIMD loads may read a few bytes past a row's end
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or "" when unknown."""
+    try:
+        text = THP_ENABLED.read_text()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else ""
+
+
+def wanted() -> bool:
+    """Whether the weights go to huge pages here: the platform has MADV_HUGEPAGE, the kernel's mode
+    lets a madvise'd mapping have them, and EDGELLM_HUGEPAGES is not 0."""
+    if os.environ.get("EDGELLM_HUGEPAGES", "1").strip() in ("0", "no", "off", "false"):
+        return False
+    return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE") and thp_mode() in ("always", "madvise")
+
+
+def _span(nbytes: int) -> int:
+    return (nbytes + PAD + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Arena:
+    """One anonymous private mapping, 2 MiB aligned, that tensors are copied into in order."""
+
+    def __init__(self, total: int):
+        self.size = total
+        # one huge page more than needed: the first 2 MiB boundary inside the mapping is where it starts
+        self._map = mmap.mmap(-1, total + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._map.madvise(mmap.MADV_HUGEPAGE)
+        base = np.frombuffer(self._map, np.uint8)
+        start = -base.ctypes.data % HUGE
+        self._buf = base[start : start + total]  # (total,) uint8
+        self._used = 0
+
+    @classmethod
+    def open(cls, arrays: list[np.ndarray]) -> "Arena | None":
+        """An arena for `arrays` (their sizes only), or None where huge pages are not to be used."""
+        total = sum(_span(a.nbytes) for a in arrays)
+        if not total or not wanted():
+            return None
+        try:
+            return cls(total)
+        except (OSError, ValueError):  # no address space / madvise refused: keep the file map
+            return None
+
+    def place(self, arr: np.ndarray) -> np.ndarray:
+        """A copy of `arr` (C-contiguous, same dtype and shape) inside the arena."""
+        arr = np.ascontiguousarray(arr)
+        n = _span(arr.nbytes)
+        if self._used + n > self.size:
+            raise ValueError(f"arena of {self.size} bytes is full ({self._used} used, {n} asked)")
+        out = self._buf[self._used : self._used + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+        out[...] = arr
+        self._used += n
+        return out
+
+    def huge_bytes(self) -> int:
+        """Bytes of this process's anonymous memory on huge pages (AnonHugePages; 0 if unknown)."""
+        try:
+            for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0

@@ -94,8 +94,9 @@ def main() -> None:
     from edgellm.runtime.model import NumbaModel
 
     ctxs = sorted({int(x) for x in a.ctx.split(",")} | {int(x) for x in a.pp.split(",")})
+    positions = max(a.positions, max(ctxs) + a.tokens) if a.positions else None
     with tempfile.TemporaryDirectory() as tmp:
-        path = stretched(a.export, a.positions, Path(tmp)) if a.positions else a.export
+        path = stretched(a.export, positions, Path(tmp)) if positions else a.export
         model = NumbaModel(path, n_ctx=max(ctxs) + a.tokens, threads=a.threads)
         model.warmup()
         one(model, 16, 4)  # the prompt tiles and the decode step compiled / loaded, caches touched
@@ -134,7 +135,7 @@ def main() -> None:
         tier=tier,
         threads=a.threads,
         export=str(a.export),
-        stretched_positions=a.positions,
+        stretched_positions=positions,
         weights_mb=round(weights / 1e6, 1),
         kv_cache=f"fp{8 * itemsize}",
         rounds=a.rounds,

@@ -489,6 +489,14 @@ class NumbaModel:
         return describe_tier(self.tier)
 
     @property
+    def weight_pages(self) -> str:
+        """Where the streamed weights live, for `run --verbose`: 2 MiB pages (hugepages.py) or the file map."""
+        a = self.weights.arena
+        if a is None:
+            return "file map"
+        return f"2 MiB pages ({a.huge_bytes() / 2**20:.0f} of {a.size / 2**20:.0f} MiB)"
+
+    @property
     def pos(self) -> int:
         return self.state.pos
 

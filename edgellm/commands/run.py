@@ -219,7 +219,9 @@ def run(
     if verbose:
         m = gen.model
         console.print(
-            f"[dim]{backend.value}: kernels {m.kernels}, KV cache {m.kv_cache}, threads {m.threads or threads}[/]",
+            f"[dim]{backend.value}: kernels {m.kernels}, KV cache {m.kv_cache}, threads {m.threads or threads}"
+            + (f", weights on {m.weight_pages}" if hasattr(m, "weight_pages") else "")
+            + "[/]",
             highlight=False,
         )
 

@@ -29,8 +29,8 @@ and, inverted, the per-position acceptance a (the same at every position) a targ
 at the best k: the smallest a with max_k S(k) >= G. Caveats, printed with the table: the acceptance curve
 comes from the pair it was measured on (a 135M target and its draft), not from a 1B/3B/8B model and its
 draft; the draft step time is that draft's (a draft for an 8B target with a 128k-token head reads more);
-V(k) at 3B/8B was not measured (not cheap here: an 8B random-weight export is ~4.5 GB at 4 bits and 32 GB to
-build in fp32 on a 23 GB machine), it is the 1.1B ratio.
+V(k) at 3B/8B is the 1.1B ratio unless `--measured SHAPE=VERIFY_JSON,EXPORT` gives the verify pass and decode
+step measured on a random-weight export of that shape (`stream_quantize.py` builds its checkpoint layer-streamed).
 """
 
 from __future__ import annotations
@@ -136,6 +136,14 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-ms", type=float, help="the draft's decode step in ms instead of timing --draft")
     ap.add_argument("--pair-verify", type=Path, help="speculate.py --verify-only JSON of the measured pair's target")
     ap.add_argument("--pair-model", type=Path, help="the measured pair's target export (with --pair-verify)")
+    ap.add_argument(
+        "--measured",
+        action="append",
+        default=[],
+        metavar="SHAPE=VERIFY_JSON,EXPORT",
+        help="use V(k) and the decode step measured on a random-weight export of that shape (a SHAPES name, e.g. "
+        "Llama-3.2-3B) instead of the 1.1B ratio and scaled step (repeatable)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--goal", type=float, default=1.8, help="speed-up goal for the 'acceptance needed' column")
     ap.add_argument("--out", type=Path)
@@ -171,8 +179,16 @@ def main(argv=None) -> None:
         f"flat acceptance needed for {a.goal:g}x |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    measured = {}
+    for spec_ in a.measured:
+        name, _, files = spec_.partition("=")
+        vj, _, ex = files.partition(",")
+        if name not in SHAPES or not vj or not ex:
+            raise SystemExit(f"--measured {spec_!r}: give SHAPE=VERIFY_JSON,EXPORT, SHAPE one of {', '.join(SHAPES)}")
+        mv, mt = load_verify(Path(vj))
+        measured[name] = (f"{name} (V(k) and step measured on {Path(ex).name})", export_bytes(Path(ex)), mv, mt)
     targets = [
-        (name, b_ref if name.startswith("TinyLlama") else shape_bytes(shape), verify, None)
+        measured.get(name, (name, b_ref if name.startswith("TinyLlama") else shape_bytes(shape), verify, None))
         for name, shape in SHAPES.items()
     ]
     if a.pair_verify:
@@ -202,8 +218,14 @@ def main(argv=None) -> None:
     lines += [
         "",
         "Caveats: the acceptance curve is the measured pair's, not a 1B/3B/8B model's and its draft's; t_d is that "
-        "draft's step (a draft with a 128k-token head reads more); V(k) at 3B/8B is the 1.1B ratio (not measured "
-        "at those shapes); their decode time scales with bytes at the 1.1B export's effective bandwidth.",
+        "draft's step (a draft with a 128k-token head reads more); "
+        + (
+            f"V(k) and the decode step of {', '.join(measured)} were measured on random-weight exports of them; "
+            if measured
+            else ""
+        )
+        + "the other targets' V(k) is the 1.1B ratio and their decode time scales with bytes at the 1.1B export's "
+        "effective bandwidth.",
     ]
     table = "\n".join(lines)
     write_table(table, [{"curve": curve, "verify": verify, "t_ref_s": t_ref, "t_d_s": t_d, "rows": rows}], a.out)

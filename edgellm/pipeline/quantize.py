@@ -249,12 +249,9 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
 def _check_streamed_modes(config, cfg, calib) -> None:
     """--rotate and --target-bpw on a streamed checkpoint, checked on the meta skeleton before any work."""
     if cfg.rotate:
-        from ..arch import family_of
-        from ..quant.rotation import ROTATABLE
+        from ..quant.rotation import rotatable_config
 
-        reason = family_of(config).rotate_refusal
-        if reason is not None or config.model_type not in ROTATABLE:
-            raise EdgeLLMError(f"--rotate supports {', '.join(ROTATABLE)}; not '{config.model_type}': {reason}")
+        rotatable_config(config)  # the resident path's refusal, word for word
     if cfg.target_bpw is not None:
         from ..checkpoint import meta_model
         from ..quant.mixed import check_budget, check_tokens

@@ -20,6 +20,7 @@ import torch
 
 from ..arch import block_linears, decoder_layers, family_of, get_path, is_linear, linear_weight
 from ..errors import EdgeLLMError
+from ..skeleton import final_logits
 from .formats import QuantFormat, dequantize_codes, mse_group_params, pad_columns, quantize_codes
 
 # (bits, group size, symmetric) a unit may get: asymmetric groups cost a zero-point byte each but
@@ -201,7 +202,9 @@ def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=No
             for b in blocks[bi:]:
                 o = b(h, **kw)
                 h = o[0] if isinstance(o, tuple) else o
-            kl = max(_kl(ref_logp, head(norm(h))), 1e-12)
+            # the logits as the model's forward makes them (Gemma 3's softcapping, Granite's logits_scaling),
+            # as the reference's are
+            kl = max(_kl(ref_logp, final_logits(model, norm(h), head)), 1e-12)
             for m, w in zip(mods, saved):
                 m.weight.data.copy_(w.t() if type(m).__name__ == "Conv1D" else w)
             err = unit_errors(unit, saved, col_power, fmts + [probe])

@@ -27,9 +27,9 @@ from torch import nn
 from . import rotation
 from .modules import QuantEmbedding, QuantLinear
 from .rotation import rotate_rows
-from .stream import EMB_NAME as EMB
-from .stream import HEAD_NAME as HEAD
-from .stream import NORM_NAME as NORM
+
+# the rotatable families' (rotation.ROTATABLE: llama, mistral, qwen2) names of the parts outside the blocks
+EMB, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
 
 class RotatedLookup(nn.Module):

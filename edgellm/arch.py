@@ -63,6 +63,11 @@ _LLAMA = Family(
     rotate_refusal=None,
 )
 
+# the llama layout's checkpoint names of the parts outside the blocks: embedding, head, final norm
+# (the streamed --rotate reads them, quant/stream_rotate.py; the other streamed paths read every
+# family's names off its skeleton, quant/stream.py part_names)
+LLAMA_PARTS = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
+
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,

@@ -375,13 +375,16 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _shell(config):
+def _shell(config, embedding: nn.Module | None = None):
     """The model on the meta device with its computed buffers real (skeleton.skeleton_model): with
     a real embedding set in, enough to capture what reaches every block (the blocks are
     materialized one at a time later)."""
     from ..skeleton import skeleton_model
 
-    return skeleton_model(config).eval()
+    model = skeleton_model(config).eval()
+    if embedding is not None:
+        model.set_input_embeddings(embedding)
+    return model
 
 
 def _capture(shell, calib, windows):

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..arch import LLAMA_PARTS
 from . import rotation
 from .modules import QuantEmbedding, QuantLinear
 from .rotation import rotate_rows
 
-# the rotatable families' (rotation.ROTATABLE: llama, mistral, qwen2) names of the parts outside the blocks
-EMB, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+EMB, HEAD, NORM = LLAMA_PARTS  # the rotation serves the llama layout only (rotation.ROTATABLE)
 
 
 class RotatedLookup(nn.Module):

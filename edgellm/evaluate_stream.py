@@ -104,10 +104,10 @@ def plan_eval(config, ref_config, n_tokens: int, ctx: int, budget: int, how: str
     need = rss()
     for c in filter(None, (config, ref_config)):
         d, i_f, V = c.hidden_size, c.intermediate_size, c.vocab_size
-        kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * (
-            getattr(c, "head_dim", None) or d // c.num_attention_heads
-        )
-        layer = 4 * (2 * d * d + 2 * d * kv + 3 * d * i_f)  # fp32 (a float checkpoint widened)
+        hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
+        kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * hd
+        q = c.num_attention_heads * hd  # Qwen3, Gemma 3: heads x head_dim need not be the width
+        layer = 4 * (2 * d * q + 2 * d * kv + 3 * d * i_f)  # fp32 (a float checkpoint widened)
         states = 2 * 4 * n_tokens * d
         forward = 4 * ctx * (3 * i_f + 6 * d) + 4 * c.num_attention_heads * ctx * ctx
         need += states + max(layer + forward, 4 * 4096 * d + 3 * 4 * ctx * V)

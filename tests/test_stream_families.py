@@ -80,6 +80,23 @@ def test_the_layers_differ_by_type(family_dirs):
         assert any(m is not masks[0] for m in masks), f
 
 
+def test_the_memory_plan_reads_the_family_linears(family_dirs):
+    """Phi-3's fused qkv_proj / gate_up_proj are each their own statistics, in forward order; the
+    q/k/v (gate/up) of the others share one (what quantize_block holds at once)."""
+    from edgellm.arch import FAMILIES as ARCH
+    from edgellm.checkpoint import Checkpoint
+    from edgellm.quant.stream import _layer_linears
+
+    def plan(f):
+        rows = _layer_linears(Checkpoint(family_dirs[f]), "model.layers.0.", ARCH[f])
+        return [(n.split("layers.0.")[1][: -len(".weight")], key.startswith("model.")) for n, _, _, key in rows]
+
+    assert plan("phi3") == [
+        (f"{m}", True) for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    ]
+    assert [own for _, own in plan("gemma3_text")] == [False, False, False, True, False, False, True]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rtn_streamed_is_bit_identical(family, family_dirs, tmp_path):
     resident, streamed, a, b = _both(family_dirs[family], tmp_path, method=Method.rtn)
@@ -99,6 +116,26 @@ def test_gptq_streamed_matches_resident(family, family_dirs, tmp_path):
             assert (a[k] == b[k]).float().mean() > 0.999, k
         else:
             assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-6), k
+
+
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("phi3", dict(method=Method.awq)),  # AWQ's scales fold into the fused qkv_proj / gate_up_proj
+        ("gemma3_text", dict(method=Method.awq)),  # ... and into Gemma's 1 + w norms
+        # the sensitivity pass: each block with its own kwargs, the KL on the logits the model's forward
+        # makes (Gemma 3's softcapping, Granite's logits_scaling), in both paths
+        ("gemma3_text", dict(method=Method.rtn, target_bpw=4.5, seq_len=128)),
+        ("granite", dict(method=Method.rtn, target_bpw=4.5, seq_len=128)),
+    ],
+    ids=["phi3-awq", "gemma3-awq", "gemma3-mixed", "granite-mixed"],
+)
+def test_awq_and_mixed_streamed_are_bit_identical(family, kw, family_dirs, tmp_path):
+    resident, streamed, a, b = _both(family_dirs[family], tmp_path, **kw)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert resident.info == streamed.info
+    assert resident.after.perplexity == pytest.approx(streamed.after.perplexity, rel=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -170,7 +170,7 @@ def run_prune(model: str, output: Path, options: PruneOptions, progress=None, fo
 
 
 def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force: bool) -> PruneResult | None:
-    """Unstructured / N:M pruning of a local llama-family checkpoint, one decoder block at a time
+    """Unstructured / N:M pruning of a local checkpoint (every family but GPT-2), one decoder block at a time
     (prune/stream.py) within --max-memory; None where it does not stream (structured pruning,
     other families, GGUF files, hub ids: those load whole, and are refused when that cannot fit)."""
     import transformers

@@ -111,7 +111,7 @@ def run_quantize(
 ) -> QuantizeResult:
     """Quantize `model` into the model directory `output` (written whole at the end).
 
-    A local llama-family checkpoint streams one decoder layer at a time (quant/stream.py), with
+    A local checkpoint (every family but GPT-2) streams one decoder layer at a time (quant/stream.py), with
     --rotate and --target-bpw too, within --max-memory; what does not stream yet (other
     families, GGUF files, hub ids) loads the model whole, and is refused when that cannot fit."""
     from ..memory import budget

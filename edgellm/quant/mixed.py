@@ -198,9 +198,9 @@ def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=No
             saved = [linear_weight(m).detach().clone() for m in mods]
             for m, w in zip(mods, saved):
                 m.weight.data.copy_(_fake(w, probe).t() if type(m).__name__ == "Conv1D" else _fake(w, probe))
-            h, kw = block_in[bi]
-            for b in blocks[bi:]:
-                o = b(h, **kw)
+            h = block_in[bi][0]
+            for j in range(bi, len(blocks)):  # each block with its own mask and rotary table (Gemma 3)
+                o = blocks[j](h, **block_in[j][1])
                 h = o[0] if isinstance(o, tuple) else o
             # the logits as the model's forward makes them (Gemma 3's softcapping, Granite's logits_scaling),
             # as the reference's are

@@ -118,7 +118,7 @@ FAMILIES: dict[str, Family] = {
         # GPT-2's MLP has GELU between c_fc and c_proj, and c_attn fuses q/k/v: only the norms fold.
         scale_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
         clip_skip=("attn.c_attn",),
-        stream_refusal="its learned position table and Conv1D linears are not streamed",
+        stream_refusal="its learned position table and Conv1D linears",
     ),
 }
 

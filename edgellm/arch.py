@@ -36,6 +36,10 @@ class Family:
     # ... and why --rotate is not exact for this family (None: it is). AWQ folds into every family's
     # norms exactly (offset norms: 1 + w' = (1 + w) / s), so it has no refusal.
     rotate_refusal: str | None = "its norms are LayerNorms, whose mean subtraction a rotation does not commute with"
+    # why the layer-streaming paths (quantize, prune, eval, export) load this family whole (None: they
+    # stream it). They read the embedding, the final norm and the head off the skeleton, and give
+    # each block the keyword arguments the model's forward gives it (calibration.capture_layer_inputs).
+    stream_refusal: str | None = None
 
     def role_modules(self) -> dict[str, tuple[str, ...]]:
         return dict(self.linears)
@@ -58,6 +62,11 @@ _LLAMA = Family(
     clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
     rotate_refusal=None,
 )
+
+# the llama layout's checkpoint names of the parts outside the blocks: embedding, head, final norm
+# (the streamed --rotate reads them, quant/stream_rotate.py; the other streamed paths read every
+# family's names off its skeleton, quant/stream.py part_names)
+LLAMA_PARTS = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
@@ -109,6 +118,7 @@ FAMILIES: dict[str, Family] = {
         # GPT-2's MLP has GELU between c_fc and c_proj, and c_attn fuses q/k/v: only the norms fold.
         scale_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
         clip_skip=("attn.c_attn",),
+        stream_refusal="its learned position table and Conv1D linears",
     ),
 }
 
@@ -130,6 +140,13 @@ def family_of(config) -> Family:
         )
     check_config(config)
     return FAMILIES[model_type]
+
+
+def stream_refusal(config) -> str | None:
+    """Why the layer-streaming paths load a model of this config whole, as a phrase ("the gpt2
+    family (...)"); None when they stream it."""
+    why = family_of(config).stream_refusal
+    return None if why is None else f"the {config.model_type} family ({why})"
 
 
 def _rope_params(config) -> list[dict]:

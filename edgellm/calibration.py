@@ -27,16 +27,54 @@ class _Stop(Exception):
 
 def capture_block_inputs(model, calib: torch.Tensor, mini_batch: int = MINI_BATCH) -> BlockInputs:
     """Hidden states and keyword arguments reaching block 0, one entry per mini-batch of calib (n, T)."""
-    first = decoder_layers(model)[0]
-    captured = []
+    return capture_layer_inputs(model, calib, mini_batch)[0]
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden.detach(), kw))
+
+class LayerKwargs:
+    """The keyword arguments each decoder block receives, per captured forward: `table[j][i]` for
+    entry j at block i. They differ by block where the family gives its layer types different masks
+    and rotary tables (Gemma 3's sliding and global layers; Qwen3 / SmolLM3 with sliding layers), so
+    a block is run with its own (`at`), never with block 0's."""
+
+    def __init__(self, table: list[list[dict]]):
+        self.table = table
+
+    def at(self, states: BlockInputs, i: int) -> BlockInputs:
+        """`states` (one per captured entry) with block i's keyword arguments."""
+        return [(h, self.table[j][i]) for j, (h, _) in enumerate(states)]
+
+    def __add__(self, other: LayerKwargs) -> LayerKwargs:
+        return LayerKwargs(self.table + other.table)
+
+
+def capture_layer_inputs(model, calib: torch.Tensor, mini_batch: int = MINI_BATCH) -> tuple[BlockInputs, LayerKwargs]:
+    """(what reaches block 0 per mini-batch of calib (n, T), every block's keyword arguments), in one
+    pass of the model's own forward with each block replaced by a recorder that returns its input
+    (the blocks may be on the meta device: none of them runs); it stops at the final norm."""
+    from .arch import family_of, get_path
+
+    blocks = decoder_layers(model)
+    norm = get_path(model, family_of(model.config).final_norm)
+    captured, table = [], []
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == 0:
+                captured.append((hidden.detach(), kw))
+                table.append([])
+            table[-1].append(kw)
+            return hidden
+
+        return forward
+
+    def stop(_module, _args):
         raise _Stop
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    for i, b in enumerate(blocks):
+        b.forward = recorder(i)  # an instance attribute: the block's own attributes stay readable
+    handle = norm.register_forward_pre_hook(stop)
     try:
         for i in range(0, len(calib), mini_batch):
             try:
@@ -45,7 +83,9 @@ def capture_block_inputs(model, calib: torch.Tensor, mini_batch: int = MINI_BATC
                 pass
     finally:
         handle.remove()
-    return captured
+        for b in blocks:
+            del b.forward
+    return captured, LayerKwargs(table)
 
 
 def run_block(block, inputs: BlockInputs) -> BlockInputs:

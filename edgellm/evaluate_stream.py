@@ -20,8 +20,6 @@ from .evaluate import Quality, windows
 from .memory import human, rss
 from .progress import NULL
 
-STREAMED_FAMILIES = ("llama", "mistral", "qwen2")  # as quant/stream.py
-
 
 class _Walked:
     """A model directory walked part by part."""
@@ -43,14 +41,20 @@ class _Walked:
         materialize(module, self.names[id(module)], self.ckpt)
 
     def block0_inputs(self, wins: list) -> list:
-        """(hidden (1, T, d), block kwargs) reaching block 0, per window ids (T,)."""
-        from .calibration import capture_block_inputs
+        """(hidden (1, T, d), block kwargs) reaching block 0, per window ids (T,); every block's
+        own keyword arguments are kept for run_layer (calibration.LayerKwargs)."""
+        from .calibration import capture_layer_inputs
         from .skeleton import release
 
         emb = self.model.get_input_embeddings()
         self.load(emb)
         try:
-            return [capture_block_inputs(self.model, x.unsqueeze(0), 1)[0] for x in wins]
+            states, self.layer_kw = [], None
+            for x in wins:
+                (st,), kw = capture_layer_inputs(self.model, x.unsqueeze(0), 1)
+                states.append(st)
+                self.layer_kw = kw if self.layer_kw is None else self.layer_kw + kw
+            return states
         finally:
             release(emb)
 
@@ -61,7 +65,7 @@ class _Walked:
         self.load(block)
         try:
             outs = []
-            for h, kw in states:
+            for h, kw in self.layer_kw.at(states, i):
                 out = block(h, **kw)
                 outs.append(((out[0] if isinstance(out, tuple) else out).detach(), kw))
             return outs
@@ -90,7 +94,9 @@ class _Walked:
 
 
 def streamable(path: Path, config) -> bool:
-    return Path(path).is_dir() and config.model_type in STREAMED_FAMILIES
+    from .arch import stream_refusal
+
+    return Path(path).is_dir() and stream_refusal(config) is None
 
 
 def plan_eval(config, ref_config, n_tokens: int, ctx: int, budget: int, how: str) -> int:
@@ -98,10 +104,10 @@ def plan_eval(config, ref_config, n_tokens: int, ctx: int, budget: int, how: str
     need = rss()
     for c in filter(None, (config, ref_config)):
         d, i_f, V = c.hidden_size, c.intermediate_size, c.vocab_size
-        kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * (
-            getattr(c, "head_dim", None) or d // c.num_attention_heads
-        )
-        layer = 4 * (2 * d * d + 2 * d * kv + 3 * d * i_f)  # fp32 (a float checkpoint widened)
+        hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
+        kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * hd
+        q = c.num_attention_heads * hd  # Qwen3, Gemma 3: heads x head_dim need not be the width
+        layer = 4 * (2 * d * q + 2 * d * kv + 3 * d * i_f)  # fp32 (a float checkpoint widened)
         states = 2 * 4 * n_tokens * d
         forward = 4 * ctx * (3 * i_f + 6 * d) + 4 * c.num_attention_heads * ctx * ctx
         need += states + max(layer + forward, 4 * 4096 * d + 3 * 4 * ctx * V)
@@ -131,6 +137,7 @@ def evaluate_streamed(
     import torch.nn.functional as F
 
     from .quant.stream import head_logits
+    from .skeleton import final_logits
 
     if max_tokens:
         ids = ids[:max_tokens]
@@ -154,7 +161,9 @@ def evaluate_streamed(
                 logps = []
                 for m, (rows, V, _), st in zip(models, heads, states):
                     h = m.norm(st[j][0])[0]  # (T, d)
-                    logits = head_logits(h, rows, V)[first:-1].float()
+                    # the model's own forward after its head (Gemma 3's softcapping, Granite's logits_scaling)
+                    logits = final_logits(m.model, h, lambda t, rows=rows, V=V: head_logits(t, rows, V))
+                    logits = logits[first:-1].float()
                     logps.append(F.log_softmax(logits, dim=-1))
                 logp = logps[0]
                 nll += -logp.gather(-1, target.unsqueeze(-1)).sum().item()

@@ -19,12 +19,12 @@ def open_skeleton(path: Path, config, record: dict):
     """(model on meta with a real rotary table, Checkpoint) of the directory `path`."""
     import torch
 
-    from .checkpoint import Checkpoint, meta_model
+    from .checkpoint import Checkpoint
 
     path = Path(path)
     info = record.get("quantization")
     ckpt = Checkpoint(path)
-    model = meta_model(config)
+    model = skeleton_model(config)
     if info:
         from .quant.apply import swap_for_loading
 
@@ -34,9 +34,35 @@ def open_skeleton(path: Path, config, record: dict):
     else:
         ckpt.check_against(config)
         _keep_tied(model)
-    inner = model.model
-    inner.rotary_emb = type(inner.rotary_emb)(config=config)  # real: small, computed from the config
     return model.eval(), ckpt
+
+
+def skeleton_model(config):
+    """The model on the meta device with its non-persistent buffers real (they are computed, not
+    stored, so no checkpoint holds them): the rotary tables, rebuilt from the config, and an
+    embedding's scale (Gemma 3's sqrt(hidden), HF's `embed_scale` beside `scalar_embed_scale`).
+    `materialize` and `release` keep them. A buffer left on meta is refused here, in one line:
+    a part loaded later would compute with garbage."""
+    import torch
+
+    from .checkpoint import meta_model
+
+    model = meta_model(config)
+    inner = model.base_model
+    if hasattr(inner, "rotary_emb"):
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)  # small, computed from the config
+    emb = model.get_input_embeddings()
+    if getattr(emb, "embed_scale", None) is not None and hasattr(emb, "scalar_embed_scale"):
+        emb.embed_scale = torch.tensor(emb.scalar_embed_scale)  # as the module's __init__ computes it
+    for mname, m in model.named_modules():
+        for b in m._non_persistent_buffers_set:
+            t = m._buffers.get(b)
+            if t is not None and t.is_meta:
+                raise EdgeLLMError(
+                    f"the {config.model_type} family computes buffer '{mname}.{b}' at load time, which the "
+                    "layer-streaming path cannot rebuild; report it"
+                )
+    return model
 
 
 def _keep_tied(model) -> None:
@@ -104,7 +130,7 @@ def materialize(module, name: str, ckpt) -> None:
     """Fill `module` (on meta) from the checkpoint tensors under `name`."""
     import torch
 
-    module.to_empty(device="cpu")
+    module._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)  # computed buffers stay
     with torch.no_grad():
         for k, t in module.state_dict(keep_vars=True).items():
             t.copy_(ckpt.get(f"{name}.{k}"))
@@ -114,7 +140,8 @@ def release(module) -> None:
     """Back to the meta device: its memory is freed (and given back to the OS)."""
     from .memory import trim
 
-    module.to("meta")
+    keep = {id(t) for m in module.modules() for b, t in m._buffers.items() if b in m._non_persistent_buffers_set}
+    module._apply(lambda t: t if id(t) in keep else t.to("meta"))
     trim()
 
 
@@ -123,3 +150,37 @@ def tied_head(model) -> bool:
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     w = getattr(head, "weight", None)
     return type(head).__name__ == "TiedQuantLinear" or (w is not None and w is getattr(emb, "weight", None))
+
+
+def final_logits(model, h, head):
+    """The logits (T, V) the CausalLM's own forward makes of the final-normed hidden states h (T, d)
+    (or (B, T, V) of (B, T, d)),
+    with `head` ((..., d) -> (..., V), e.g. the rows of a head read a chunk at a time) as its lm_head:
+    whatever the family does after the head (Gemma 3's final_logit_softcapping, Granite's
+    logits_scaling) comes from the model's code, not from a copy of it here."""
+    import torch
+    from torch import nn
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    class _Hidden(nn.Module):
+        """The base model, replaced by what it computed: h."""
+
+        def forward(self, *args, **kwargs):
+            return BaseModelOutputWithPast(last_hidden_state=batch)
+
+    class _Head(nn.Module):
+        def forward(self, x):
+            return head(x)
+
+    batch = h if h.dim() == 3 else h.unsqueeze(0)  # (B, T, d)
+    prefix = model.base_model_prefix
+    base, out = getattr(model, prefix), model.get_output_embeddings()
+    setattr(model, prefix, _Hidden())
+    model.set_output_embeddings(_Head())
+    try:
+        ids = torch.zeros(batch.shape[:2], dtype=torch.long)
+        logits = model(input_ids=ids, use_cache=False).logits
+        return logits if h.dim() == 3 else logits[0]
+    finally:
+        setattr(model, prefix, base)
+        model.set_output_embeddings(out)

@@ -135,7 +135,7 @@ def check_layers(out_dir: Path, model, parts, prompt_ids: list[int], progress=No
     import onnx
     import torch
 
-    from edgellm.calibration import capture_block_inputs
+    from edgellm.calibration import capture_layer_inputs
     from edgellm.export.llama import dims
     from edgellm.progress import NULL
 
@@ -157,14 +157,14 @@ def check_layers(out_dir: Path, model, parts, prompt_ids: list[int], progress=No
     with torch.inference_mode():
         # the embedding (and what reaches layer 0: the rotary tables, the mask)
         parts.load("embedding")
-        (h, kw), *_ = capture_block_inputs(model, torch.from_numpy(ids), 1)
+        ((h, _),), layer_kw = capture_layer_inputs(model, torch.from_numpy(ids), 1)  # each layer's own mask, rotary
         emb, _ = _run_cut(
             cutter.cut([b[0]], [], "embedding"), lambda sess, _: _run(sess, _feed(ids, 0, None, 0, nkv, hd))
         )
         fig.compare("embedding_max_rel_diff", emb[b[0]], h.numpy(), FP_TOL, "the embedding")
         for i in progress.track(range(n_layers), "checking the export layer by layer", total=n_layers):
             parts.load("layer", i)
-            out = parts.layers[i](h, **kw)
+            out = parts.layers[i](h, **layer_kw.table[0][i])
             ref = (out[0] if isinstance(out, tuple) else out).numpy()
             x = h.numpy()
 
@@ -227,16 +227,22 @@ def check_layers(out_dir: Path, model, parts, prompt_ids: list[int], progress=No
 
 def _logits(model, parts, h):
     """PyTorch's logits (T, V) of the residual stream h (T, d): the final norm, then the head's
-    rows dequantized a chunk at a time (an 8B model's head is 2 GB in fp32)."""
+    rows dequantized a chunk at a time (an 8B model's head is 2 GB in fp32), then what the
+    model's forward does after its head."""
     from edgellm.quant.modules import PackedMatrix, TiedQuantLinear
     from edgellm.quant.stream import head_logits, packed_rows
+    from edgellm.skeleton import final_logits
 
     x = parts.final_norm(h)
     head = model.get_output_embeddings()
     m = head.embedding[0] if isinstance(head, TiedQuantLinear) else head
-    if isinstance(m, PackedMatrix):
-        logits = head_logits(x, lambda r0, r1: packed_rows(m, r0, r1), m.out_features)
-    else:
-        logits = head_logits(x, lambda r0, r1: m.weight[r0:r1], m.weight.shape[0])
     bias = getattr(head, "bias", None)
-    return logits if bias is None else logits + bias
+
+    def rows(t):
+        if isinstance(m, PackedMatrix):
+            out = head_logits(t, lambda r0, r1: packed_rows(m, r0, r1), m.out_features)
+        else:
+            out = head_logits(t, lambda r0, r1: m.weight[r0:r1], m.weight.shape[0])
+        return out if bias is None else out + bias
+
+    return final_logits(model, x, rows)  # and what the model's forward does after its head (Gemma 3's softcap)

@@ -25,7 +25,6 @@ from edgellm.errors import EdgeLLMError
 from edgellm.memory import human, rss
 from edgellm.skeleton import materialize, release, tied_head
 
-STREAMED_FAMILIES = ("llama", "mistral", "qwen2")  # as edgellm/quant/stream.py
 # The whole-model check holds the model in torch and the export in two ONNX Runtime sessions
 # (the shipped graph and its accuracy_level 0 twin, each with prepacked weights): about 6x the
 # weights. Above this many bytes of weights the layer-by-layer check runs instead.
@@ -37,9 +36,9 @@ def not_streamed(path: Path, config) -> str | None:
     """Why the export of `path` loads the model whole (None: it streams)."""
     if not Path(path).is_dir():
         return "a GGUF file or hub id"
-    if config.model_type not in STREAMED_FAMILIES:
-        return f"the {config.model_type} family"
-    return None
+    from edgellm.arch import stream_refusal
+
+    return stream_refusal(config)
 
 
 @dataclass

@@ -25,16 +25,20 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
     "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000, False),
     "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, True),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "qwen3-1.7b": (2048, 6144, 28, 16, 8, 151936, True),  # head_dim 128, q/k norms
 }
+MODEL_TYPE = {"qwen3-1.7b": ("qwen3", "Qwen3ForCausalLM")}  # the others: llama
 SHARD_BYTES = 2 << 30
 
 
 def config_for(shape: str):
-    """The LlamaConfig of `shape`, stored in bf16."""
-    from transformers import LlamaConfig
+    """The config of `shape` (LlamaConfig unless MODEL_TYPE names another family), stored in bf16."""
+    from transformers import AutoConfig
 
     d, i_f, n_layers, heads, kv, vocab, tied = SHAPES[shape]
-    cfg = LlamaConfig(
+    model_type, arch = MODEL_TYPE.get(shape, ("llama", "LlamaForCausalLM"))
+    cfg = AutoConfig.for_model(
+        model_type,
         hidden_size=d,
         intermediate_size=i_f,
         num_hidden_layers=n_layers,
@@ -45,41 +49,26 @@ def config_for(shape: str):
         tie_word_embeddings=tied,
         bos_token_id=0,
         eos_token_id=0,
-        architectures=["LlamaForCausalLM"],  # what ORT GenAI's builder and llama.cpp's converter dispatch on
+        architectures=[arch],  # what ORT GenAI's builder and llama.cpp's converter dispatch on
     )
     cfg.dtype = "bfloat16"
     return cfg
 
 
 def build(shape: str, out: Path, seed: int = 0) -> Path:
-    """A bf16 checkpoint of `shape` with seeded random weights (std 0.02, norms 1) and a tokenizer."""
+    """A bf16 checkpoint of `shape` with seeded random weights (std 0.02, norms 1) and a tokenizer.
+    The tensors and their order are the meta-device model's (the family's own names: llama's
+    embedding, per layer q, k, v, o, gate, up, down and the two norms, the final norm, the head)."""
     import torch
     from safetensors.torch import save_file
+
+    from edgellm.checkpoint import expected_shapes
 
     if (out / "config.json").is_file():
         return out
     cfg = config_for(shape)
-    d, i_f, n_layers, heads, kv, vocab, tied = SHAPES[shape]
-    hd = d // heads
-    shapes = {"model.embed_tokens.weight": (vocab, d)}
-    for li in range(n_layers):
-        p = f"model.layers.{li}."
-        shapes.update(
-            {
-                p + "self_attn.q_proj.weight": (heads * hd, d),
-                p + "self_attn.k_proj.weight": (kv * hd, d),
-                p + "self_attn.v_proj.weight": (kv * hd, d),
-                p + "self_attn.o_proj.weight": (d, heads * hd),
-                p + "mlp.gate_proj.weight": (i_f, d),
-                p + "mlp.up_proj.weight": (i_f, d),
-                p + "mlp.down_proj.weight": (d, i_f),
-                p + "input_layernorm.weight": (d,),
-                p + "post_attention_layernorm.weight": (d,),
-            }
-        )
-    shapes["model.norm.weight"] = (d,)
-    if not tied:
-        shapes["lm_head.weight"] = (vocab, d)
+    tied = SHAPES[shape][-1]
+    shapes = {k: v for k, v in expected_shapes(cfg).items() if not (tied and k == "lm_head.weight")}
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     shard, size, weight_map, n = {}, 0, {}, 0

@@ -31,7 +31,7 @@ class EvalResult:
 def run_eval(model: str, options: EvalOptions, progress=None) -> EvalResult:
     """Measure `model` on the held-out split of the data (deterministic).
 
-    Local llama-family directories (the model, and the reference when given) stream one decoder
+    Local directories (every family but GPT-2) (the model, and the reference when given) stream one decoder
     layer at a time (evaluate_stream.py) within --max-memory; other inputs load whole, and are
     refused when that does not fit."""
     from ..data import split_tokens

@@ -26,7 +26,7 @@ class ExportOptions:
 def run_export(model: str, output: Path, options: ExportOptions, progress=None, force: bool = False):
     """Export `model` to the directory `output`; returns edgellm.export.exporter.ExportResult.
 
-    A local llama-family directory streams (export/stream.py): one part of the model in memory
+    A local directory (every family but GPT-2) streams (export/stream.py): one part of the model in memory
     at a time, its weights written tensor by tensor, the parity check on the whole model when it
     fits --max-memory and FULL_CHECK_MAX_BYTES, else layer by layer. Other inputs load whole,
     and are refused when that does not fit the budget."""

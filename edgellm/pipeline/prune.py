@@ -170,11 +170,12 @@ def run_prune(model: str, output: Path, options: PruneOptions, progress=None, fo
 
 
 def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force: bool) -> PruneResult | None:
-    """Unstructured / N:M pruning of a local llama-family checkpoint, one decoder block at a time
+    """Unstructured / N:M pruning of a local checkpoint (every family but GPT-2), one decoder block at a time
     (prune/stream.py) within --max-memory; None where it does not stream (structured pruning,
     other families, GGUF files, hub ids: those load whole, and are refused when that cannot fit)."""
     import transformers
 
+    from ..arch import stream_refusal
     from ..checkpoint import meta_model
     from ..data import calibration_batch, split_tokens
     from ..evaluate import DEFAULT_CTX, DEFAULT_STRIDE, windows
@@ -182,13 +183,13 @@ def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force
     from ..modelio import load_config, resolve_spec
     from ..outputs import atomic_output_dir
     from ..prune import apply as P
-    from ..prune.stream import STREAMED_FAMILIES, prune_streamed, quality
+    from ..prune.stream import prune_streamed, quality
     from ..record import add_step, read_record, write_record
 
     limit, how = budget(o.max_memory)
     path = Path(resolve_spec(model))
     config = load_config(str(path))
-    if o.method is None or not path.is_dir() or config.model_type not in STREAMED_FAMILIES:
+    if o.method is None or not path.is_dir() or stream_refusal(config) is not None:
         if path.is_dir():
             _check_resident_fits(path, limit, how)
         return None

@@ -111,7 +111,7 @@ def run_quantize(
 ) -> QuantizeResult:
     """Quantize `model` into the model directory `output` (written whole at the end).
 
-    A local llama-family checkpoint streams one decoder layer at a time (quant/stream.py), with
+    A local checkpoint (every family but GPT-2) streams one decoder layer at a time (quant/stream.py), with
     --rotate and --target-bpw too, within --max-memory; what does not stream yet (other
     families, GGUF files, hub ids) loads the model whole, and is refused when that cannot fit."""
     from ..memory import budget
@@ -249,12 +249,9 @@ def _run_streamed(path: Path, config, output: Path, o: QuantizeOptions, cfg, lim
 def _check_streamed_modes(config, cfg, calib) -> None:
     """--rotate and --target-bpw on a streamed checkpoint, checked on the meta skeleton before any work."""
     if cfg.rotate:
-        from ..arch import family_of
-        from ..quant.rotation import ROTATABLE
+        from ..quant.rotation import rotatable_config
 
-        reason = family_of(config).rotate_refusal
-        if reason is not None or config.model_type not in ROTATABLE:
-            raise EdgeLLMError(f"--rotate supports {', '.join(ROTATABLE)}; not '{config.model_type}': {reason}")
+        rotatable_config(config)  # the resident path's refusal, word for word
     if cfg.target_bpw is not None:
         from ..checkpoint import meta_model
         from ..quant.mixed import check_budget, check_tokens

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..arch import block_linears, decoder_layers, family_of, linear_weight, set_linear_weight
-from ..calibration import capture_block_inputs, collect_stats, run_block
+from ..calibration import capture_layer_inputs, collect_stats, run_block
 from ..errors import EdgeLLMError
 from ..progress import NULL
 from . import structured as st
@@ -75,8 +75,10 @@ def prune_unstructured(model, cfg: PruneConfig, calib: torch.Tensor | None, prog
         raise EdgeLLMError(f"--method {cfg.method} needs calibration data")
     report = []
     with torch.no_grad():
-        inputs = capture_block_inputs(model, calib) if needs_data else None
+        inputs, layer_kw = capture_layer_inputs(model, calib) if needs_data else (None, None)
         for bi in progress.track(range(len(blocks)), label(cfg), total=len(blocks)):
+            if needs_data:
+                inputs = layer_kw.at(inputs, bi)  # this block's own mask and rotary table
             report += prune_block(blocks[bi], f"{layers_path}.{bi}", bi, inputs, cfg)
             if needs_data and bi + 1 < len(blocks):
                 inputs = run_block(blocks[bi], inputs)
@@ -167,11 +169,12 @@ def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progre
         for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
     }
     with torch.no_grad():
-        inputs = capture_block_inputs(model, calib)
+        inputs, layer_kw = capture_layer_inputs(model, calib)
         blocks = decoder_layers(model)
         if kind == "layers":
             scores = []
             for bi in progress.track(range(len(blocks)), "scoring layers", total=len(blocks)):
+                inputs = layer_kw.at(inputs, bi)
                 outputs = run_block(blocks[bi], inputs)
                 scores.append(st.block_influence(inputs, outputs))
                 inputs = outputs
@@ -187,6 +190,7 @@ def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progre
             )
             for bi in progress.track(range(len(blocks)), f"pruning {plan['unit']}", total=len(blocks)):
                 block = blocks[bi]
+                inputs = layer_kw.at(inputs, bi)
                 if kind == "heads":
                     attn = block.self_attn
                     H = collect_stats(block, inputs, {"o": attn.o_proj}, 0)["o"].H

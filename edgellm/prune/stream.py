@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from ..arch import family_of, get_path
-from ..calibration import capture_block_inputs, run_block
+from ..calibration import capture_layer_inputs, run_block
 from ..memory import human, peak_rss
 from ..progress import NULL
 from .apply import PruneConfig, check_unstructured, label, prune_block, summary
-
-STREAMED_FAMILIES = ("llama", "mistral", "qwen2")  # as quant/stream.py
 
 
 def prune_streamed(
@@ -42,7 +40,7 @@ def prune_streamed(
     from ..modelio import count_parameters
     from ..quant.stream import head_logits, join_safetensors, save_atomic, window_nll
     from ..record import read_record
-    from ..skeleton import materialize, module_names, open_skeleton, release, tied_head
+    from ..skeleton import final_logits, materialize, module_names, open_skeleton, release, tied_head
 
     model, ckpt = open_skeleton(path, config, read_record(path))
     check_unstructured(model, cfg)
@@ -64,8 +62,13 @@ def prune_streamed(
     with torch.no_grad():
         emb = model.get_input_embeddings()
         load(emb)
-        inputs = capture_block_inputs(model, calib) if calib is not None else None
-        before = [capture_block_inputs(model, x.unsqueeze(0), 1)[0] for x, _ in windows or []]
+        # what reaches block 0, and every block's own keyword arguments (mask, rotary table)
+        inputs, kw_calib = capture_layer_inputs(model, calib) if calib is not None else (None, None)
+        before, kw_evals = [], None
+        for x, _ in windows or []:
+            (st,), kw = capture_layer_inputs(model, x.unsqueeze(0), 1)
+            before.append(st)
+            kw_evals = kw if kw_evals is None else kw_evals + kw
         after = [(h.clone(), kw) for h, kw in before]
         save([emb], "embedding")
         release(emb)
@@ -73,6 +76,10 @@ def prune_streamed(
         for bi in progress.track(range(len(blocks)), label(cfg), total=len(blocks)):
             block = blocks[bi]
             load(block)
+            if inputs is not None:
+                inputs = kw_calib.at(inputs, bi)
+            if before:
+                before, after = kw_evals.at(before, bi), kw_evals.at(after, bi)
             before = run_block(block, before)
             report += prune_block(block, f"{fam.layers}.{bi}", bi, inputs, cfg)
             if inputs is not None and bi + 1 < len(blocks):
@@ -101,7 +108,8 @@ def prune_streamed(
             for states in (before, after):
                 nll = count = 0
                 for (h, _), (x, first) in zip(states, windows):
-                    n, c = window_nll(head_logits(norm(h)[0], rows, V).float(), x, first)
+                    logits = final_logits(model, norm(h)[0], lambda t: head_logits(t, rows, V))
+                    n, c = window_nll(logits.float(), x, first)
                     nll, count = nll + n, count + c
                 scores.append((nll, count))
         for m in final:

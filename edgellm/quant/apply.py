@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..arch import block_linears, decoder_layers, family_of, get_path, is_linear, linear_weight, set_linear_weight
-from ..calibration import InputStats, capture_block_inputs, collect_stats, run_block
+from ..calibration import InputStats, capture_layer_inputs, collect_stats, run_block
 from ..errors import EdgeLLMError
 from .awq import apply_clip, search_clip, search_scales
 from .formats import QuantFormat, mse_group_params, pad_columns, quantize_codes, quantize_rtn
@@ -212,9 +212,10 @@ def quantize_model(model, cfg: QuantConfig, calib: torch.Tensor, progress=None) 
     if cfg.method == "rtn":
         calib = calib[:RTN_ERROR_SAMPLES]
     with torch.no_grad():
-        inputs = capture_block_inputs(model, calib)
+        inputs, layer_kw = capture_layer_inputs(model, calib)
         for bi in progress.track(range(len(blocks)), f"{cfg.method} {fmt.bits}-bit", total=len(blocks)):
             block = blocks[bi]
+            inputs = layer_kw.at(inputs, bi)  # this block's mask and rotary table (Gemma 3: by layer type)
             rows, fmts = quantize_block(block, f"{family.layers}.{bi}", inputs, cfg, family)
             report += rows
             names += [r["layer"] for r in rows]

@@ -20,6 +20,7 @@ import torch
 
 from ..arch import block_linears, decoder_layers, family_of, get_path, is_linear, linear_weight
 from ..errors import EdgeLLMError
+from ..skeleton import final_logits
 from .formats import QuantFormat, dequantize_codes, mse_group_params, pad_columns, quantize_codes
 
 # (bits, group size, symmetric) a unit may get: asymmetric groups cost a zero-point byte each but
@@ -197,11 +198,13 @@ def sensitivity(model, calib: torch.Tensor, sym: bool | None = None, progress=No
             saved = [linear_weight(m).detach().clone() for m in mods]
             for m, w in zip(mods, saved):
                 m.weight.data.copy_(_fake(w, probe).t() if type(m).__name__ == "Conv1D" else _fake(w, probe))
-            h, kw = block_in[bi]
-            for b in blocks[bi:]:
-                o = b(h, **kw)
+            h = block_in[bi][0]
+            for j in range(bi, len(blocks)):  # each block with its own mask and rotary table (Gemma 3)
+                o = blocks[j](h, **block_in[j][1])
                 h = o[0] if isinstance(o, tuple) else o
-            kl = max(_kl(ref_logp, head(norm(h))), 1e-12)
+            # the logits as the model's forward makes them (Gemma 3's softcapping, Granite's logits_scaling),
+            # as the reference's are
+            kl = max(_kl(ref_logp, final_logits(model, norm(h), head)), 1e-12)
             for m, w in zip(mods, saved):
                 m.weight.data.copy_(w.t() if type(m).__name__ == "Conv1D" else w)
             err = unit_errors(unit, saved, col_power, fmts + [probe])

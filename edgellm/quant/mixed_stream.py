@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..arch import block_linears, family_of, get_path
-from ..calibration import capture_block_inputs
+from ..calibration import capture_layer_inputs
 from ..memory import human, peak_rss, trim
 from .formats import QuantFormat
 from .mixed import PROBE, _fake, _formats, _kl, unit_errors, unit_record, units
@@ -86,13 +86,14 @@ def sensitivity_streamed(shell, load, drop, x, final, sym: bool | None, streams:
     depth = len(fam.layers.split("."))
     for ui, unit in enumerate(all_units):
         by_block.setdefault(int(unit[0].split(".")[depth]), []).append(ui)
-    ((h, kw),) = capture_block_inputs(shell, x, len(x))  # (B, T, d): the one batch the resident forward runs
+    ((h, _),), layer_kw = capture_layer_inputs(shell, x, len(x))  # (B, T, d): the one batch the resident forward runs
     n_layers = shell.config.num_hidden_layers
     rows: dict[int, tuple] = {}  # unit index -> (shapes, errors per format)
     t_start = time.perf_counter()
     for bi in progress.track(range(n_layers), "sensitivity", total=n_layers):
         t0 = time.perf_counter()
         prefix = f"{fam.layers}.{bi}."
+        kw = layer_kw.table[0][bi]  # this block's own mask and rotary table
         block = load(bi)
         col_power: dict[str, torch.Tensor] = {}  # linear path -> mean x_j^2 of its input (in,)
         hooks = []

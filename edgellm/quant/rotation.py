@@ -63,10 +63,16 @@ def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
 
 
 def check_rotatable(model) -> None:
+    rotatable_config(model.config)
+
+
+def rotatable_config(config) -> None:
+    """--rotate's refusal (one line) for a family it is not exact for; the resident and the
+    layer-streaming quantize both ask here, so they refuse alike."""
     from ..arch import family_of
 
-    mt = getattr(model.config, "model_type", None)
-    reason = family_of(model.config).rotate_refusal
+    mt = getattr(config, "model_type", None)
+    reason = family_of(config).rotate_refusal
     if reason is not None or mt not in ROTATABLE:
         raise UnsupportedError(
             f"--rotate supports {', '.join(ROTATABLE)}; not '{mt}': {reason}; quantize it without --rotate"

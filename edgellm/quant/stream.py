@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import decoder_layers, family_of
-from ..calibration import MINI_BATCH, capture_block_inputs
+from ..arch import decoder_layers, family_of, get_path, stream_refusal
+from ..calibration import MINI_BATCH, capture_layer_inputs
 from ..errors import EdgeLLMError
 from ..memory import human, peak_rss, return_large_blocks, rss, trim
+from ..skeleton import final_logits
 from . import rotation
 from .apply import QuantConfig, _embedding_codes, _tied, embedding_format, quantize_block
 from .formats import QuantFormat, dequantize_codes
@@ -47,19 +48,29 @@ from .mixed import SENS_SAMPLES, SENS_TOKENS
 from .modules import QuantEmbedding, QuantLinear
 from .packing import pack, unpack
 
-STREAMED_FAMILIES = ("llama", "mistral", "qwen2")
-EMB_NAME, HEAD_NAME, NORM_NAME = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 ROW_CHUNK = 4096  # embedding / head rows quantized or multiplied at a time
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64"}
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8}
 
 
 def not_streamed(config, cfg: QuantConfig) -> str | None:
-    """What in this request the streaming path does not do yet (None: it streams). Every method,
-    --rotate (quant/stream_rotate.py) and --target-bpw (quant/mixed_stream.py) stream."""
-    if config.model_type not in STREAMED_FAMILIES:
-        return f"the {config.model_type} family"
-    return None
+    """What in this request the streaming path does not do yet (None: it streams). Every family
+    but those whose description says why not (arch.Family.stream_refusal), every method, --rotate
+    (quant/stream_rotate.py) and --target-bpw (quant/mixed_stream.py) stream."""
+    return stream_refusal(config)
+
+
+def part_names(model) -> dict[str, str]:
+    """The checkpoint prefixes of the parts outside the blocks, read off the skeleton (the family's
+    own module names): "embedding", "norm" and "head" (the head's own matrix, when untied)."""
+    from ..skeleton import module_names
+
+    names = module_names(model)
+    return {
+        "embedding": names[id(model.get_input_embeddings())],
+        "norm": family_of(model.config).final_norm,
+        "head": names[id(model.get_output_embeddings())],
+    }
 
 
 # ---- the plan --------------------------------------------------------------------------------
@@ -77,20 +88,23 @@ class StreamPlan:
         return ", ".join(f"{k} {human(v)}" for k, v in self.parts.items())
 
 
-SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
 OVERHEAD = 1.10  # allocator slack and torch's own buffers over the tensors counted (measured; see _layer_peak)
 
 
-def _layer_linears(ckpt, prefix: str) -> list[tuple[str, int, int, str]]:
-    """(name, out, in, statistics key) of one block's linears in forward order (q, k, v, o, gate, up, down)."""
-    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+def _layer_linears(ckpt, prefix: str, family) -> list[tuple[str, int, int, str]]:
+    """(name, out, in, statistics key) of one block's linears in forward order, as the family
+    describes them (Family.linears: q, k, v, o, gate, up, down; Phi-3's fused qkv_proj and
+    gate_up_proj). The linears of one role read one input and share its statistics."""
+    order = [m for _, mods in family.linears for m in mods]
+    shared = {m: role for role, mods in family.linears if len(mods) > 1 for m in mods}
     found = []
     for n in ckpt.entries:
-        leaf = n.rsplit(".", 2)[-2] if n.endswith(".weight") else ""
+        path = n[len(prefix) : -len(".weight")] if n.endswith(".weight") else ""
         if n.startswith(prefix) and len(ckpt.shape(n)) == 2:
             out_f, in_f = ckpt.shape(n)
-            found.append((n, out_f, in_f, SHARED_INPUT.get(leaf, n)))
-    return sorted(found, key=lambda t: order.index(t[0].rsplit(".", 2)[-2]) if t[0].rsplit(".", 2)[-2] in order else 99)
+            found.append((path, n, out_f, in_f, shared.get(path, n)))
+    found.sort(key=lambda t: order.index(t[0]) if t[0] in order else len(order))
+    return [t[1:] for t in found]
 
 
 def _layer_peak(linears, params: int, method: str) -> dict:
@@ -119,10 +133,11 @@ def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval
 
     d, i_f, V = config.hidden_size, config.intermediate_size, config.vocab_size
     heads = config.num_attention_heads
-    prefix = f"{family_of(config).layers}.0."
+    family = family_of(config)
+    prefix = f"{family.layers}.0."
     layer = [n for n in ckpt.entries if n.startswith(prefix)]
     params = sum(math.prod(ckpt.shape(n)) for n in layer)
-    linears = _layer_linears(ckpt, prefix)
+    linears = _layer_linears(ckpt, prefix, family)
     n_all = n_calib  # the sensitivity pass reads the first SENS_SAMPLES of every calibration sequence
     if cfg.method == "rtn":
         from .apply import RTN_ERROR_SAMPLES
@@ -137,7 +152,9 @@ def plan_stream(config, ckpt, cfg: QuantConfig, n_calib: int, seq_len: int, eval
     tied = _tied_config(config) and not cfg.rotate  # the rotation stores an untied head
     emb_bits = 8 if cfg.embeddings_mode == "keep" else int(cfg.embeddings_mode)
     packed_emb = (1 if tied else 2) * (V * d * emb_bits // 8 + V * (d // 32) * 3)
-    stored_emb = ckpt.stored_bytes("model.embed_tokens.weight")
+    from ..checkpoint import meta_model
+
+    stored_emb = ckpt.stored_bytes(part_names(meta_model(config))["embedding"] + ".weight")
     base = rss()
     # --rotate: Q (float64) resident throughout; each rotated chunk of ROT_CHUNK rows (or columns)
     # passes through ~24 bytes per element (float64 copy, scaled copy, product, fp32 result)
@@ -291,14 +308,16 @@ def join_safetensors(parts: list[Path], out: Path, metadata: dict) -> None:
 
 class StoredEmbedding(nn.Module):
     """A lookup into the embedding in its stored dtype, widened to fp32 per row (exactly the
-    values an fp32 nn.Embedding of the same checkpoint holds)."""
+    values an fp32 nn.Embedding of the same checkpoint holds), times the family's embedding scale
+    when its embedding module has one (Gemma 3: the fp32 `embed_scale` it multiplies by)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
         super().__init__()
-        self.weight = weight
+        self.weight, self.scale = weight, scale
 
     def forward(self, ids):  # (...) -> (..., dim)
-        return self.weight[ids].float()
+        rows = self.weight[ids].float()
+        return rows if self.scale is None else rows * self.scale
 
 
 def fill_rows(module, r: int, w: torch.Tensor) -> None:
@@ -356,23 +375,28 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _shell(config, embedding: nn.Module):
-    """The model on the meta device with a real embedding and rotary table: enough to capture
-    what reaches block 0 (the blocks are materialized one at a time later)."""
-    from ..checkpoint import meta_model
+def _shell(config, embedding: nn.Module | None = None):
+    """The model on the meta device with its computed buffers real (skeleton.skeleton_model): with
+    a real embedding set in, enough to capture what reaches every block (the blocks are
+    materialized one at a time later)."""
+    from ..skeleton import skeleton_model
 
-    model = meta_model(config)
-    inner = model.model
-    inner.rotary_emb = type(inner.rotary_emb)(config=config)
-    inner.embed_tokens = embedding
-    return model.eval()
+    model = skeleton_model(config).eval()
+    if embedding is not None:
+        model.set_input_embeddings(embedding)
+    return model
 
 
 def _capture(shell, calib, windows):
-    """(calibration inputs per mini-batch, evaluation inputs per window) reaching block 0."""
-    inputs = capture_block_inputs(shell, calib)
-    evals = [capture_block_inputs(shell, x.unsqueeze(0), 1)[0] for x, _ in windows] if windows else []
-    return inputs, evals
+    """(calibration inputs per mini-batch, their per-block kwargs, evaluation inputs per window,
+    theirs) reaching block 0 (calibration.LayerKwargs: each block gets its own mask and rotary table)."""
+    inputs, kw_calib = capture_layer_inputs(shell, calib)
+    evals, kw_evals = [], None
+    for x, _ in windows or []:
+        (e,), kw = capture_layer_inputs(shell, x.unsqueeze(0), 1)
+        evals.append(e)
+        kw_evals = kw if kw_evals is None else kw_evals + kw
+    return inputs, kw_calib, evals, kw_evals
 
 
 def _load_block(shell, bi: int, ckpt, prefix: str):
@@ -437,8 +461,13 @@ def quantize_streamed(
         from .apply import RTN_ERROR_SAMPLES
 
         calib = calib[:RTN_ERROR_SAMPLES]
-    emb_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
-    head_src = sr.head_source(ckpt)
+    shell = _shell(config)
+    names = part_names(shell)
+    emb_pre, head_pre = names["embedding"], names["head"]
+    emb_name, head_name, norm_name = f"{emb_pre}.weight", f"{head_pre}.weight", f"{names['norm']}.weight"
+    head_src = sr.head_source(ckpt) if rot else head_name if not tied_in else emb_name
+    emb_module = shell.get_input_embeddings()
+    emb_scale = getattr(emb_module, "scalar_embed_scale", 1.0)  # Gemma 3: sqrt(hidden), as the resident path
     V, d = ckpt.shape(emb_name)
     Q = None
     if rot:
@@ -467,24 +496,24 @@ def quantize_streamed(
             if resumed and head_part.is_file() and lookup_part.is_file():
                 lookup = sr.load_lookup(lookup_part, V)
                 if emb_fmt is not None:
-                    qe, qh = _load_embeddings(head_part, V, d, emb_fmt, False, ckpt, head_src)
+                    qe, qh = _load_embeddings(head_part, V, d, emb_fmt, False, ckpt, head_src, names, emb_scale)
             else:
                 ids = sr.needed_ids(calib, sens_x, *(x for x, _ in windows or []))
                 lookup, qe, qh = sr.embed_pass(ckpt, Q, emb_fmt, ids, head_part, lookup_part, fill_rows)
                 _note(progress, f"rotated the embedding and head in {time.perf_counter() - t0:.1f}s")
         elif emb_fmt is not None:
             if resumed and head_part.is_file():
-                qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_name)
+                qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_name, names, emb_scale)
             else:
-                qe = _quantize_rows(ckpt, emb_name, emb_fmt, QuantEmbedding(V, d, emb_fmt))
-                tensors = {f"model.embed_tokens.{k}": v for k, v in qe.state_dict().items()}
+                qe = _quantize_rows(ckpt, emb_name, emb_fmt, QuantEmbedding(V, d, emb_fmt, emb_scale))
+                tensors = {f"{emb_pre}.{k}": v for k, v in qe.state_dict().items()}
                 if not tied:
                     qh = QuantLinear(d, ckpt.shape(head_name)[0], False, emb_fmt)
                     _quantize_rows(ckpt, head_name, emb_fmt, qh)
-                    tensors.update({f"lm_head.{k}": v for k, v in qh.state_dict().items()})
+                    tensors.update({f"{head_pre}.{k}": v for k, v in qh.state_dict().items()})
                 save_atomic(tensors, head_part)
-        stored = StoredEmbedding(ckpt.get(emb_name))
-        shell = _shell(config, stored)
+        stored = StoredEmbedding(ckpt.get(emb_name), getattr(emb_module, "embed_scale", None))
+        shell.set_input_embeddings(stored)
         layers = decoder_layers(shell)
 
         def load(bi):
@@ -508,17 +537,17 @@ def quantize_streamed(
             else:
                 _note(progress, f"resuming: the sensitivity pass is done (from '{work}')")
             cfg.plan, plan_info = plan_from(sens, cfg.target_bpw, cfg.plan_sym)
-        # 3. what reaches block 0
-        inputs, before = _capture(shell, calib, windows)
+        # 3. what reaches block 0, and the keyword arguments of every block
+        inputs, kw_calib, before, kw_evals = _capture(shell, calib, windows)
         if rot:  # calibration runs on the rotated stream; "before" scores the original model
-            shell.model.embed_tokens = lookup
-            inputs, after = _capture(shell, calib, windows)
+            shell.set_input_embeddings(lookup)
+            inputs, _, after, _ = _capture(shell, calib, windows)
         if qe is not None and windows:
-            shell.model.embed_tokens = qe
-            _, after = _capture(shell, calib, windows)
+            shell.set_input_embeddings(qe)
+            _, _, after, _ = _capture(shell, calib, windows)
         elif not rot:
             after = [(h.clone(), kw) for h, kw in before]
-        shell.model.embed_tokens = nn.Identity()
+        shell.set_input_embeddings(nn.Identity())
         del stored, lookup
         qe = qh = None  # on disk: read back for the final scoring (8B, 4-bit: 0.6 GB less per layer)
         inputs = [(h.to(dt), kw) for h, kw in inputs]
@@ -536,6 +565,9 @@ def quantize_streamed(
             t0 = time.perf_counter()
             prefix = f"{family.layers}.{bi}"
             block = _load_block(shell, bi, ckpt, prefix)
+            inputs = kw_calib.at(inputs, bi)  # this block's own mask and rotary table
+            if windows:
+                before, after = kw_evals.at(before, bi), kw_evals.at(after, bi)
             before = _run(block, before, torch.float32)
             if rot:
                 from .rotation import rotate_block
@@ -576,8 +608,8 @@ def quantize_streamed(
                 f"eta {_duration(per * (n_layers - bi - 1))}; peak RSS {human(peak_rss())}",
             )
         # 5. the final norm and head: score, and write what is left
-        norm = ckpt.get("model.norm.weight")
-        final = {"model.norm.weight": torch.ones(d) if rot else norm.float()}
+        norm = ckpt.get(norm_name)
+        final = {norm_name: torch.ones(d) if rot else norm.float()}
         if emb_fmt is None and not rot:
             final[emb_name] = ckpt.get(emb_name).float()
             if not tied:
@@ -585,16 +617,13 @@ def quantize_streamed(
         save_atomic(final, work / "final.safetensors")
         scores = None
         if windows:
-            norm_ref = type(shell.model.norm)(d, eps=config.rms_norm_eps)
-            norm_ref.weight.data.copy_(norm)
-            norm_q = type(shell.model.norm)(d, eps=config.rms_norm_eps)
-            norm_q.weight.data.copy_(final["model.norm.weight"])
+            norm_ref, norm_q = _final_norm(shell, norm), _final_norm(shell, final[norm_name])
 
             def ref_rows(r0, r1):
                 return ckpt.rows(head_src, r0, r1).float()
 
             if emb_fmt is not None:
-                qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_src)
+                qe, qh = _load_embeddings(head_part, V, d, emb_fmt, tied, ckpt, head_src, names, emb_scale)
             if qe is None:
                 if rot:
 
@@ -612,7 +641,8 @@ def quantize_streamed(
             for states, rows_fn, norm_mod in ((before, ref_rows, norm_ref), (after, q_rows, norm_q)):
                 nll = count = 0
                 for (h, _), (x, first) in zip(states, windows):
-                    n, c = window_nll(head_logits(norm_mod(h)[0], rows_fn, V).float(), x, first)
+                    logits = final_logits(shell, norm_mod(h)[0], lambda t, f=rows_fn: head_logits(t, f, V))
+                    n, c = window_nll(logits.float(), x, first)
                     nll, count = nll + n, count + c
                 scores.append((nll, count))
     parts = [work / f"layer-{bi:05d}.safetensors" for bi in range(n_layers)]
@@ -641,28 +671,33 @@ def _sensitivity(shell, layers, load, x, lookup, ckpt, Q, cfg, plan, work, progr
     """mixed_stream.sensitivity_streamed on this checkpoint: blocks loaded (and rotated) one at a
     time and put back on the meta device, the head resident only for the final KLs."""
     from .mixed_stream import Streams, sensitivity_streamed
-    from .stream_rotate import head_source, rotated_head
+    from .stream_rotate import rotated_head
 
     d = shell.config.hidden_size
+    stored = shell.get_input_embeddings()
     if lookup is not None:
-        shell.model.embed_tokens, stored = lookup, shell.model.embed_tokens
+        shell.set_input_embeddings(lookup)
     streams = Streams(work / "sensitivity" if plan.spill else None)
 
     def drop(bi):
         layers[bi].to_empty(device="meta")
 
     def final():
-        norm = type(shell.model.norm)(d, eps=shell.config.rms_norm_eps)
-        W = rotated_head(ckpt, Q) if Q is not None else ckpt.get(head_source(ckpt)).float()  # (V, d)
-        norm.weight.data.copy_(torch.ones(d) if Q is not None else ckpt.get("model.norm.weight"))
-        return lambda h: F.linear(norm(h), W)  # (B, T, V)
+        names = part_names(shell)
+        norm = _final_norm(shell, torch.ones(d) if Q is not None else ckpt.get(names["norm"] + ".weight"))
+        if Q is not None:
+            W = rotated_head(ckpt, Q)  # (V, d)
+        else:
+            tied = _tied_config(shell.config) or names["head"] + ".weight" not in ckpt.entries
+            W = ckpt.get(names["embedding" if tied else "head"] + ".weight").float()  # (V, d)
+        return lambda h: final_logits(shell, norm(h), lambda t: F.linear(t, W))  # (B, T, V)
 
     t0 = time.perf_counter()
     sens = sensitivity_streamed(
         shell, load, drop, x, final, cfg.plan_sym, streams, lambda line: _note(progress, line), progress
     )
     if lookup is not None:
-        shell.model.embed_tokens = stored
+        shell.set_input_embeddings(stored)
     shutil.rmtree(work / "sensitivity", ignore_errors=True)
     _note(progress, f"sensitivity pass done in {_duration(time.perf_counter() - t0)}; peak RSS {human(peak_rss())}")
     return sens
@@ -683,14 +718,24 @@ def _load_acts(path: Path) -> dict:
     return load_file(str(path))
 
 
-def _load_embeddings(path: Path, V: int, d: int, fmt: QuantFormat, tied: bool, ckpt, head_name: str):
+def _load_embeddings(path: Path, V: int, d: int, fmt: QuantFormat, tied: bool, ckpt, head_name: str, names, scale):
     from safetensors.torch import load_file
 
     t = load_file(str(path))
-    qe = QuantEmbedding(V, d, fmt)
-    qe.load_state_dict({k.split(".", 2)[-1]: v for k, v in t.items() if k.startswith("model.embed_tokens.")})
+    emb, head = names["embedding"] + ".", names["head"] + "."
+    qe = QuantEmbedding(V, d, fmt, scale)
+    qe.load_state_dict({k[len(emb) :]: v for k, v in t.items() if k.startswith(emb)})
     qh = None
     if not tied:
         qh = QuantLinear(d, ckpt.shape(head_name)[0], False, fmt)
-        qh.load_state_dict({k[len("lm_head.") :]: v for k, v in t.items() if k.startswith("lm_head.")})
+        qh.load_state_dict({k[len(head) :]: v for k, v in t.items() if k.startswith(head)})
     return qe, qh
+
+
+def _final_norm(shell, weight: torch.Tensor):
+    """The skeleton's final norm (its own class and settings) holding `weight` in fp32."""
+    import copy
+
+    norm = copy.deepcopy(get_path(shell, family_of(shell.config).final_norm)).to_empty(device="cpu")
+    norm.weight.data.copy_(weight)
+    return norm

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..arch import LLAMA_PARTS
 from . import rotation
 from .modules import QuantEmbedding, QuantLinear
 from .rotation import rotate_rows
-from .stream import EMB_NAME as EMB
-from .stream import HEAD_NAME as HEAD
-from .stream import NORM_NAME as NORM
+
+EMB, HEAD, NORM = LLAMA_PARTS  # the rotation serves the llama layout only (rotation.ROTATABLE)
 
 
 class RotatedLookup(nn.Module):

@@ -1,4 +1,4 @@
-"""The packed weights in memory backed by 2 MiB pages (Linux transparent huge pages).
+"""The packed weights in memory backed by huge pages (Linux transparent huge pages: 2 MiB on x86-64).
 
 A decode step streams every weight once. Read through the export's file map, the stream crosses a
 4 KiB page every 4 KiB: a TLB miss each time, and the hardware prefetchers, which stop at page
@@ -20,16 +20,27 @@ from pathlib import Path
 
 import numpy as np
 
-HUGE = 2 << 20  # bytes of an x86-64 / arm64 (4 KiB granule) transparent huge page
+THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
+
+
+def _huge_size() -> int:
+    """Bytes of this kernel's transparent huge page: 2 MiB on x86-64 and 4 KiB-granule arm64, 32 MiB on a
+    16 KiB-granule arm64 kernel (the Raspberry Pi 5's default)."""
+    try:
+        return int((THP_DIR / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE = _huge_size()
 ALIGN = 64  # every placed tensor starts on a cache line
 PAD = 64  # bytes after each tensor: SIMD loads may read a few bytes past a row's end
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def thp_mode() -> str:
     """The kernel's transparent huge page mode ("always", "madvise", "never"), or "" when unknown."""
     try:
-        text = THP_ENABLED.read_text()
+        text = (THP_DIR / "enabled").read_text()
     except OSError:
         return ""
     start, end = text.find("["), text.find("]")
@@ -49,11 +60,11 @@ def _span(nbytes: int) -> int:
 
 
 class Arena:
-    """One anonymous private mapping, 2 MiB aligned, that tensors are copied into in order."""
+    """One anonymous private mapping, aligned to a huge page, that tensors are copied into in order."""
 
     def __init__(self, total: int):
         self.size = total
-        # one huge page more than needed: the first 2 MiB boundary inside the mapping is where it starts
+        # one huge page more than needed: the first huge page boundary inside the mapping is where it starts
         self._map = mmap.mmap(-1, total + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._map.madvise(mmap.MADV_HUGEPAGE)
         base = np.frombuffer(self._map, np.uint8)

@@ -15,7 +15,7 @@ from numba import njit
 
 from .errors import EdgeLLMError, UnsupportedError
 from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, ROPE_KINDS, ROPE_LOCAL, record, records
-from .hugepages import Arena
+from .hugepages import HUGE, Arena
 from .kernels import tiers
 from .kernels.family import geglu, rms_norm_cols, scale_cap
 from .kernels.layers import (
@@ -490,11 +490,11 @@ class NumbaModel:
 
     @property
     def weight_pages(self) -> str:
-        """Where the streamed weights live, for `run --verbose`: 2 MiB pages (hugepages.py) or the file map."""
+        """Where the streamed weights live, for `run --verbose`: huge pages (hugepages.py) or the file map."""
         a = self.weights.arena
         if a is None:
             return "file map"
-        return f"2 MiB pages ({a.huge_bytes() / 2**20:.0f} of {a.size / 2**20:.0f} MiB)"
+        return f"{HUGE >> 20} MiB pages ({a.huge_bytes() / 2**20:.0f} of {a.size / 2**20:.0f} MiB)"
 
     @property
     def pos(self) -> int:

@@ -12,6 +12,8 @@ from ..errors import EdgeLLMError
 from .common import SEED_MAX, calib_data, check_context, check_range, data_tokens, load_spec
 from .options import option
 
+STRUCTURED_NOTE = "same number removed in every block so the config stays uniform; config.json updated"
+
 
 class Method(str, Enum):
     magnitude = "magnitude"
@@ -154,7 +156,7 @@ def run_prune(model: str, output: Path, options: PruneOptions, progress=None, fo
     if report is not None:
         result["per_layer"] = [{"layer": r["layer"], "sparsity": r["sparsity"]} for r in report]
     else:
-        result["note"] = "same number removed in every block so the config stays uniform; config.json updated"
+        result["note"] = STRUCTURED_NOTE
     record = add_step(
         loaded.record,
         "prune",
@@ -170,9 +172,9 @@ def run_prune(model: str, output: Path, options: PruneOptions, progress=None, fo
 
 
 def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force: bool) -> PruneResult | None:
-    """Unstructured / N:M pruning of a local checkpoint (every family but GPT-2), one decoder block at a time
-    (prune/stream.py) within --max-memory; None where it does not stream (structured pruning,
-    other families, GGUF files, hub ids: those load whole, and are refused when that cannot fit)."""
+    """Pruning of a local checkpoint (every family but GPT-2; unstructured, N:M and structured), one
+    decoder block at a time (prune/stream.py) within --max-memory; None where it does not stream
+    (other families, GGUF files, hub ids: those load whole, and are refused when that cannot fit)."""
     import transformers
 
     from ..arch import stream_refusal
@@ -183,13 +185,13 @@ def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force
     from ..modelio import load_config, resolve_spec
     from ..outputs import atomic_output_dir
     from ..prune import apply as P
-    from ..prune.stream import prune_streamed, quality
+    from ..prune.stream import prune_streamed, prune_structured_streamed, quality
     from ..record import add_step, read_record, write_record
 
     limit, how = budget(o.max_memory)
     path = Path(resolve_spec(model))
     config = load_config(str(path))
-    if o.method is None or not path.is_dir() or stream_refusal(config) is not None:
+    if not path.is_dir() or stream_refusal(config) is not None:
         if path.is_dir():
             _check_resident_fits(path, limit, how)
         return None
@@ -199,17 +201,23 @@ def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force
     limit_pos = getattr(config, "max_position_embeddings", None)
     if limit_pos and o.seq_len > limit_pos:
         raise EdgeLLMError(f"--seq-len {o.seq_len} exceeds the model's {limit_pos} positions; give at most {limit_pos}")
+    kind = None if o.structured is None else Structure(o.structured).value
+    if kind is not None:
+        P.plan_structured(meta_model(config), kind, o.ratio)  # refusals and ratio limits, before any data
     _plan_streamed(config, o, limit, how)
-    cfg = P.PruneConfig(
-        method=Method(o.method).value,
-        sparsity=nm.sparsity if nm else (0.5 if o.sparsity is None else o.sparsity),
-        pattern=nm,
-        damp=o.damp,
-    )
-    P.check_unstructured(meta_model(config), cfg)  # an N:M pattern that fits no layer, before any data
+    cfg = None
+    if kind is None:
+        cfg = P.PruneConfig(
+            method=Method(o.method).value,
+            sparsity=nm.sparsity if nm else (0.5 if o.sparsity is None else o.sparsity),
+            pattern=nm,
+            damp=o.damp,
+        )
+        P.check_unstructured(meta_model(config), cfg)  # an N:M pattern that fits no layer, before any data
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     ids = data_tokens(tokenizer, o.data)
-    calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed) if cfg.method != "magnitude" else None
+    needs_data = cfg is None or cfg.method != "magnitude"
+    calib = calibration_batch(ids, o.calib_samples, o.seq_len, seed=o.seed) if needs_data else None
     wins = None
     if o.evaluate:
         eval_ids = split_tokens(ids, "eval")[: o.eval_tokens]
@@ -219,16 +227,26 @@ def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force
     inputs = [model, o.data]
     with atomic_output_dir(output, force, inputs) as tmp:
         t0 = time.perf_counter()
-        report, info, params, before, after = prune_streamed(path, config, tmp, cfg, calib, wins, progress)
+        if cfg is not None:
+            report, info, params, before, after = prune_streamed(path, config, tmp, cfg, calib, wins, progress)
+            params_after, step_params = params, cfg.to_dict()
+        else:
+            report, step_params = None, {"structured": kind, "ratio": o.ratio}
+            info, params, params_after, before, after = prune_structured_streamed(
+                path, config, tmp, kind, o.ratio, calib, wins, progress
+            )
         seconds = time.perf_counter() - t0
         before, after = (quality(before), quality(after)) if before else (None, None)
-        result = {"parameters_before": params, "parameters_after": params, **info}
-        result["per_layer"] = [{"layer": r["layer"], "sparsity": r["sparsity"]} for r in report]
+        result = {"parameters_before": params, "parameters_after": params_after, **info}
+        if report is not None:
+            result["per_layer"] = [{"layer": r["layer"], "sparsity": r["sparsity"]} for r in report]
+        else:
+            result["note"] = STRUCTURED_NOTE
         record.setdefault("source", {"kind": "directory", "path": str(path.resolve())})
         record = add_step(
             record,
             "prune",
-            params=cfg.to_dict(),
+            params=step_params,
             time_s=round(seconds, 2),
             data=None if calib is None else calib_data(o.data, calib, o.seed),
             result=result,
@@ -245,12 +263,18 @@ def _run_streamed(model: str, output: Path, o: PruneOptions, nm, progress, force
 
 
 def _plan_streamed(config, o: PruneOptions, limit: int, how: str) -> None:
-    """One block in fp32 with its statistics and the calibration / evaluation states must fit."""
+    """One block in fp32 with its statistics and the calibration / evaluation states must fit
+    (structured: the block twice while it is sliced, and the input and output states of a block)."""
     from ..memory import human, rss
 
     d, i_f, V = config.hidden_size, config.intermediate_size, config.vocab_size
     layer = 4 * (4 * d * d + 3 * d * i_f)
-    stats = 4 * 3 * max(d, i_f) ** 2 if Method(o.method) == Method.sparsegpt else 4 * 2 * (d * d + i_f * i_f)
+    if o.structured is not None:
+        layer, stats = 2 * layer, 4 * 2 * max(d, i_f) ** 2
+    elif Method(o.method) == Method.sparsegpt:
+        stats = 4 * 3 * max(d, i_f) ** 2
+    else:
+        stats = 4 * 2 * (d * d + i_f * i_f)
     acts = 4 * 2 * (o.calib_samples * o.seq_len + 2 * o.eval_tokens) * d
     need = rss() + int(1.2 * max(layer + stats + acts, 2 * V * d + acts))
     if need > limit:
@@ -271,6 +295,6 @@ def _check_resident_fits(path: Path, limit: int, how: str) -> None:
     need = rss() + 2 * 4 * params
     if need > limit:
         raise EdgeLLMError(
-            f"this prune loads the whole model (only --method streams), about {human(need)}, over the budget of "
+            f"this prune loads the whole model (it does not stream), about {human(need)}, over the budget of "
             f"{human(limit)} ({how}); raise --max-memory"
         )

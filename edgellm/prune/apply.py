@@ -159,15 +159,70 @@ def plan_structured(model, kind: str, ratio: float) -> dict:
     return {"kind": kind, "ratio": ratio, "unit": unit, "total": total, "remove": n_remove, "keep": total - n_remove}
 
 
+CONFIG_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+
+
+def config_view(cfg) -> dict:
+    """The config fields structured pruning may change."""
+    return {k: getattr(cfg, k, None) for k in CONFIG_KEYS}
+
+
+def config_changes(before: dict, cfg) -> dict:
+    after = config_view(cfg)
+    return {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+
+
+def head_dims(cfg) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of the config."""
+    return (
+        cfg.num_attention_heads,
+        getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        st.head_dim(cfg),
+    )
+
+
+def choose_layers(scores: list[float], plan: dict) -> list[int]:
+    """The blocks to remove (the lowest block influence, measured on the unpruned flow); records
+    them and the scores in `plan`."""
+    _, removed = st.lowest(torch.tensor(scores), plan["remove"])
+    plan.update(removed=removed, scores=[round(s, 6) for s in scores])
+    return removed
+
+
+def prune_structured_block(block, kind: str, inputs, n_remove: int, dims: tuple[int, int, int]) -> list[int]:
+    """Rank one block's KV groups ("heads") or MLP channels ("mlp") on `inputs` (what reaches it) and
+    slice the `n_remove` least important away in place; the removed indices. The resident and the
+    layer-streaming structured prune both call it."""
+    if kind == "heads":
+        attn = block.self_attn
+        H = collect_stats(block, inputs, {"o": attn.o_proj}, 0)["o"].H
+        keep, removed = st.lowest(st.group_importance(attn.o_proj.weight, H, *dims), n_remove)
+        st.remove_kv_groups(attn, keep, *dims)
+    else:
+        mlp = block.mlp
+        H = collect_stats(block, inputs, {"down": mlp.down_proj}, 0)["down"].H
+        keep, removed = st.lowest(st.channel_importance(mlp.down_proj.weight, H), n_remove)
+        st.remove_channels(mlp, keep)
+    return removed
+
+
+def set_structured_config(cfg, kind: str, plan: dict, dims: tuple[int, int, int]) -> None:
+    """The config after removing plan["remove"] KV groups or MLP channels from every block."""
+    n_heads, n_kv, hd = dims
+    if kind == "heads":
+        kv = n_kv - plan["remove"]
+        st.set_head_config(cfg, kv * (n_heads // n_kv), kv, hd)
+    else:
+        cfg.intermediate_size = plan["keep"]
+
+
 def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progress=NULL) -> dict:
     """Remove `ratio` of the model's layers / KV groups / MLP channels in place. Returns the plan,
-    what was removed (per block), and the config changes."""
+    what was removed (per block), and the config changes. Layers are ranked on the unpruned model's
+    flow; KV groups and channels block by block on the flow of the already-pruned blocks."""
     plan = plan_structured(model, kind, ratio)
     cfg = model.config
-    before = {
-        k: getattr(cfg, k, None)
-        for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
-    }
+    before = config_view(cfg)
     with torch.no_grad():
         inputs, layer_kw = capture_layer_inputs(model, calib)
         blocks = decoder_layers(model)
@@ -178,40 +233,15 @@ def prune_structured(model, kind: str, ratio: float, calib: torch.Tensor, progre
                 outputs = run_block(blocks[bi], inputs)
                 scores.append(st.block_influence(inputs, outputs))
                 inputs = outputs
-            _, removed = st.lowest(torch.tensor(scores), plan["remove"])
-            st.remove_layers(model, removed)
-            plan.update(removed=removed, scores=[round(s, 6) for s in scores])
+            st.remove_layers(model, choose_layers(scores, plan))
         else:
-            removed_per_block = []
-            n_heads, n_kv, hd = (
-                cfg.num_attention_heads,
-                getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                st.head_dim(cfg),
-            )
+            removed_per_block, dims = [], head_dims(cfg)
             for bi in progress.track(range(len(blocks)), f"pruning {plan['unit']}", total=len(blocks)):
-                block = blocks[bi]
                 inputs = layer_kw.at(inputs, bi)
-                if kind == "heads":
-                    attn = block.self_attn
-                    H = collect_stats(block, inputs, {"o": attn.o_proj}, 0)["o"].H
-                    keep, removed = st.lowest(
-                        st.group_importance(attn.o_proj.weight, H, n_heads, n_kv, hd), plan["remove"]
-                    )
-                    st.remove_kv_groups(attn, keep, n_heads, n_kv, hd)
-                else:
-                    mlp = block.mlp
-                    H = collect_stats(block, inputs, {"down": mlp.down_proj}, 0)["down"].H
-                    keep, removed = st.lowest(st.channel_importance(mlp.down_proj.weight, H), plan["remove"])
-                    st.remove_channels(mlp, keep)
-                removed_per_block.append(removed)
+                removed_per_block.append(prune_structured_block(blocks[bi], kind, inputs, plan["remove"], dims))
                 if bi + 1 < len(blocks):
-                    inputs = run_block(block, inputs)
-            if kind == "heads":
-                kv = n_kv - plan["remove"]
-                st.set_head_config(cfg, kv * (n_heads // n_kv), kv, hd)
-            else:
-                cfg.intermediate_size = plan["keep"]
+                    inputs = run_block(blocks[bi], inputs)
+            set_structured_config(cfg, kind, plan, dims)
             plan["removed"] = removed_per_block
-    after = {k: getattr(cfg, k, None) for k in before}
-    plan["config"] = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+    plan["config"] = config_changes(before, cfg)
     return plan

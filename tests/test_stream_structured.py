@@ -77,7 +77,8 @@ def test_streamed_structured_equals_resident(family, kind, ratio, models, tmp_pa
         m.setattr(pipeline_prune, "load_spec", _resident_must_not_load)  # it really streams
         streamed = run_prune(str(src), tmp_path / "s", o, progress=notes)
     n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    assert f"layer {n}/{n} " in "\n".join(notes.lines) and all("peak RSS" in x for x in notes.lines)
+    assert f"layer {n}/{n} " in "\n".join(notes.lines)
+    assert all("; eta " in x and "; peak RSS " in x for x in notes.lines)  # one line per layer
     monkeypatch.setattr(pipeline_prune, "_run_streamed", lambda *a, **k: None)  # the resident path
     resident = run_prune(str(src), tmp_path / "r", o)
     a, b = load_file(str(tmp_path / "s" / "model.safetensors")), load_file(str(tmp_path / "r" / "model.safetensors"))

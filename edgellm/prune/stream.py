@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -87,12 +88,21 @@ class _Walk:
             kw_evals = kw if kw_evals is None else kw_evals + kw
         self.save([emb], "embedding")
         release(emb)
+        self.t_start = self.t_last = time.perf_counter()
+        self.done = 0
         return inputs, kw_calib, evals, kw_evals
 
-    def note(self, progress, message: str) -> None:
+    def note(self, progress, message: str, left: int) -> None:
+        """One line per block: `message`, its time, the ETA of the `left` blocks still to walk, peak RSS."""
+        from ..quant.stream import _duration
+
+        now = time.perf_counter()
+        self.done += 1
+        took, self.t_last = now - self.t_last, now
+        eta = (now - self.t_start) / self.done * left
         note = getattr(progress, "note", None)
         if note:
-            note(f"{message}; peak RSS {human(peak_rss())}")
+            note(f"{message} in {took:.1f}s; eta {_duration(eta)}; peak RSS {human(peak_rss())}")
 
     def finish(self, windows: list | None, states: list):
         """Write the final norm and head, score each of `states` (evaluation states at the end of the
@@ -171,7 +181,7 @@ def prune_streamed(
             after = run_block(block, after)
             w.save([block], f"layer-{bi:05d}")
             release(block)
-            w.note(progress, f"layer {bi + 1}/{len(blocks)} pruned")
+            w.note(progress, f"layer {bi + 1}/{len(blocks)} pruned", len(blocks) - bi - 1)
     scores = w.finish(windows, [before, after])
     before_s, after_s = scores if scores else (None, None)
     return report, summary(cfg, report), count_parameters(w.model), before_s, after_s
@@ -207,7 +217,7 @@ def prune_structured_streamed(
                 inputs = outputs
                 before = run_block(blocks[bi], kw_evals.at(before, bi)) if before else before
                 release(blocks[bi])
-                w.note(progress, f"layer {bi + 1}/{n} scored")
+                w.note(progress, f"layer {bi + 1}/{n} scored", n - bi - 1 + plan["keep"])
             removed = choose_layers(scores, plan)
             keep = [i for i in range(n) if i not in set(removed)]
             for new_idx, bi in enumerate(progress.track(keep, "writing kept layers", total=len(keep))):
@@ -215,7 +225,7 @@ def prune_structured_streamed(
                 after = run_block(blocks[bi], kw_evals.at(after, bi)) if after else after
                 w.save([blocks[bi]], f"layer-{new_idx:05d}", prefix=f"{w.fam.layers}.{new_idx}")
                 release(blocks[bi])
-                w.note(progress, f"layer {new_idx + 1}/{len(keep)} written (was {bi})")
+                w.note(progress, f"kept layer {bi} written as {new_idx + 1}/{len(keep)}", len(keep) - new_idx - 1)
             st.remove_layers(w.model, removed)
         else:
             removed_per_block, dims = [], head_dims(config)
@@ -232,7 +242,7 @@ def prune_structured_streamed(
                 after = run_block(block, after)
                 w.save([block], f"layer-{bi:05d}")
                 release(block)
-                w.note(progress, f"layer {bi + 1}/{n} pruned")
+                w.note(progress, f"layer {bi + 1}/{n} pruned", n - bi - 1)
             set_structured_config(config, kind, plan, dims)
             plan["removed"] = removed_per_block
     plan["config"] = config_changes(cfg_before, config)

@@ -29,3 +29,9 @@ class NullProgress:
 
 
 NULL = NullProgress()
+
+
+def duration(s: float) -> str:
+    """Seconds as 1h02m or 3m05s (an ETA in a progress line)."""
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -24,7 +24,7 @@ import torch
 from ..arch import family_of, get_path
 from ..calibration import capture_layer_inputs, run_block
 from ..memory import human, peak_rss
-from ..progress import NULL
+from ..progress import NULL, duration
 from . import structured as st
 from .apply import (
     PruneConfig,
@@ -94,15 +94,13 @@ class _Walk:
 
     def note(self, progress, message: str, left: int) -> None:
         """One line per block: `message`, its time, the ETA of the `left` blocks still to walk, peak RSS."""
-        from ..quant.stream import _duration
-
         now = time.perf_counter()
         self.done += 1
         took, self.t_last = now - self.t_last, now
         eta = (now - self.t_start) / self.done * left
         note = getattr(progress, "note", None)
         if note:
-            note(f"{message} in {took:.1f}s; eta {_duration(eta)}; peak RSS {human(peak_rss())}")
+            note(f"{message} in {took:.1f}s; eta {duration(eta)}; peak RSS {human(peak_rss())}")
 
     def finish(self, windows: list | None, states: list):
         """Write the final norm and head, score each of `states` (evaluation states at the end of the

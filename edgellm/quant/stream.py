@@ -371,8 +371,9 @@ def _note(progress, message: str) -> None:
 
 
 def _duration(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    from ..progress import duration
+
+    return duration(s)
 
 
 def _shell(config, embedding: nn.Module | None = None):

@@ -35,6 +35,7 @@ def _huge_size() -> int:
 HUGE = _huge_size()
 ALIGN = 64  # every placed tensor starts on a cache line
 PAD = 64  # bytes after each tensor: SIMD loads may read a few bytes past a row's end
+CHUNK = 32 << 20  # bytes copied (and their file pages released) at a time
 
 
 def thp_mode() -> str:
@@ -83,23 +84,31 @@ class Arena:
         except (OSError, ValueError):  # no address space / madvise refused: keep the file map
             return None
 
-    def place(self, arr: np.ndarray) -> np.ndarray:
-        """A copy of `arr` (C-contiguous, same dtype and shape) inside the arena."""
-        arr = np.ascontiguousarray(arr)
+    def place(self, arr: np.ndarray, release=None) -> np.ndarray:
+        """A copy of `arr` (same dtype and shape) inside the arena, copied CHUNK bytes at a time;
+        `release(piece)` is called on each copied piece of a C-contiguous `arr` (the loader lets
+        the file pages under it go: a 394 MB head otherwise sat twice in memory while it was copied)."""
+        if not arr.flags.c_contiguous:
+            arr, release = np.ascontiguousarray(arr), None
         n = _span(arr.nbytes)
         if self._used + n > self.size:
             raise ValueError(f"arena of {self.size} bytes is full ({self._used} used, {n} asked)")
-        out = self._buf[self._used : self._used + arr.nbytes].view(arr.dtype).reshape(arr.shape)
-        out[...] = arr
+        dst = self._buf[self._used : self._used + arr.nbytes]  # (nbytes,) uint8
+        src = arr.reshape(-1).view(np.uint8)
+        for i in range(0, arr.nbytes, CHUNK):
+            dst[i : i + CHUNK] = src[i : i + CHUNK]
+            if release is not None:
+                release(src[i : i + CHUNK])
         self._used += n
-        return out
+        return dst.view(arr.dtype).reshape(arr.shape)
 
     def huge_bytes(self) -> int:
-        """Bytes of this process's anonymous memory on huge pages (AnonHugePages; 0 if unknown)."""
+        """Bytes of the arena on huge pages: this process's AnonHugePages, at most the arena's size
+        (0 if unknown)."""
         try:
             for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
                 if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
+                    return min(self.size, int(line.split()[1]) * 1024)
         except (OSError, ValueError, IndexError):
             pass
         return 0

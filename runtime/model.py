@@ -144,9 +144,7 @@ class Weights:
         """`weight` copied into the huge-page arena (its file pages let go), or itself without one."""
         if self.arena is None or id(weight) not in self._streamed:
             return weight
-        copy = self.arena.place(weight)
-        self._ex.drop_pages(weight)
-        return copy
+        return self.arena.place(weight, release=self._ex.drop_pages)
 
     def _norm(self, norm: Norm | None) -> tuple[int, int]:
         if norm is None:  # a norm this family's layer does not have

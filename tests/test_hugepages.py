@@ -73,3 +73,20 @@ def test_same_logits_and_weights_in_the_arena(q4_export, monkeypatch):
     assert inside(on.weights.model.embed) == tied  # an untied embedding (one row a step) stays in the file map
     on.close()
     off.close()
+
+
+def test_copied_in_chunks_each_released(monkeypatch):
+    """A big tensor is copied a chunk at a time and each copied piece handed to `release` (the
+    loader drops its file pages), so it never sits in memory twice."""
+    monkeypatch.setattr(hugepages, "wanted", lambda: True)
+    monkeypatch.setattr(hugepages, "CHUNK", 48)
+    a = np.arange(50, dtype=np.int32).reshape(5, 10)  # 200 bytes: chunks of 48, 48, 48, 48, 8
+    pieces = []
+    arena = Arena.open([a])
+    p = arena.place(a, release=lambda piece: pieces.append(piece.copy()))
+    assert np.array_equal(p, a)
+    assert [x.nbytes for x in pieces] == [48, 48, 48, 48, 8]
+    assert np.array_equal(np.concatenate(pieces).view(np.int32), a.reshape(-1))
+    b = np.asfortranarray(np.ones((4, 3), np.float32))  # not C-contiguous: copied whole, nothing to release
+    arena2 = Arena.open([b])
+    assert np.array_equal(arena2.place(b, release=lambda piece: pieces.append(None)), b) and pieces[-1] is not None

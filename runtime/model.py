@@ -98,7 +98,7 @@ class Weights:
     def __init__(self, plan: WeightsPlan):
         self._keep = []  # every array whose address a record holds
         self._ex = plan.export
-        # the matrices every decode step streams move to 2 MiB pages where the kernel allows
+        # the matrices every decode step streams move to huge pages where the kernel allows
         # (hugepages.py); an untied embedding stays in the file map: a step reads one row of it
         streamed = [lin for lp in plan.layers for lin in lp.linears.values()]
         streamed.append(plan.head if plan.head is not None else plan.embed)

@@ -17,7 +17,7 @@ import math
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -343,20 +343,32 @@ def _shared_sum(out):
     out[cuda.threadIdx.x] = acc
 
 
-def _slow_alloc(shape, dtype):
-    time.sleep(0.002)  # a thread switch while one thread allocates: what CI's load did by chance
-    return np.empty(shape, dtype)
+def _racing_alloc():
+    """An allocation that waits (up to 2 s) for a second thread to be allocating too: without the
+    lock two threads always get there together, whatever the machine's load (a fixed sleep left it
+    to the scheduler: under a loaded CI the race sometimes did not show); with the lock no second
+    thread can, and the wait times out."""
+    meet = threading.Barrier(2, timeout=2.0)
+
+    def alloc(shape, dtype):
+        try:
+            meet.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return np.empty(shape, dtype)
+
+    return alloc
 
 
 @pytest.mark.skipif(not SIM, reason="simulator only: a GPU has real shared memory")
 @pytest.mark.parametrize("locked", [True, False], ids=["locked", "numba-race"])
 def test_simulator_shares_one_array_per_block(monkeypatch, locked):
     """Every thread of a block sees one shared array (kernels.py makes the simulator's lookup
-    atomic). Without the lock, and with the allocation slowed, the race shows every time: this
-    is the test's proof that it can fail."""
+    atomic). Without the lock, two threads allocating at once give the block two arrays and the
+    sum comes out wrong: this is the test's proof that it can fail."""
     import contextlib
 
-    monkeypatch.setattr(K, "_sim_alloc", _slow_alloc)
+    monkeypatch.setattr(K, "_sim_alloc", _racing_alloc())
     if not locked:
         monkeypatch.setattr(K, "_SHARED_LOCK", contextlib.nullcontext())
     out = np.zeros(32, np.float32)

@@ -86,6 +86,15 @@ def llama_quantize(src: Path, dst: Path, ftype: int | str, threads: int, allow_r
 # ---- output ------------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    """lscpu's "Model name" (the CPU every figure must name), or "unknown"."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def run_header(threads: int) -> dict:
     """The first keys of a result file: when, on which CPU, with how many threads."""
     return {

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgellm.benchmarks.scripts._common import cpu_name
+
 PROMPT = "Write a story about a robot."
 API_CHILD = """
 import json, sys
@@ -41,14 +43,6 @@ for _ in range(int(sys.argv[4])):
 print(json.dumps(rates))
 """
 RATE = re.compile(r"after the first: ([0-9.]+) tokens/s")
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def harness(path: str, threads: int, tokens: int, reps: int) -> list[float]:

@@ -15,22 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgellm.benchmarks.scripts._common import run_header, write_table
+from edgellm.benchmarks.scripts._common import cpu_name, run_header, write_table
 from edgellm.benchmarks.speculation import run_tasks  # the bench phase's tasks and loop, one copy
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def verify_cost(model, at: int, ks, reps: int) -> list[dict]:

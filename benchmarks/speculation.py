@@ -144,6 +144,7 @@ def run_tasks(
         "accepted": pooled.accepted,
         "plain_steps": pooled.steps,
         "acceptance_by_position": pooled.curve,
+        "proposals_by_drafter": dict(getattr(drafter, "used", {})) or None,  # lookup + draft: who proposed
         "checked_by_position": pooled.tested,
         "accepted_by_position": pooled.passed,
         "tasks": rows,

@@ -85,7 +85,10 @@ class RichProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
         ]
-        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        if not console.is_terminal:  # a log (nohup, CI): a line at every tenth instead of a bar
+            yield from _logged(iterable, description, total)
+            return
+        with Progress(*columns, console=console, transient=True) as bar:
             yield from bar.track(iterable, total=total, description=description)
 
     def status(self, message: str):
@@ -97,6 +100,31 @@ class RichProgress:
 
 
 PROGRESS = RichProgress()
+
+
+def _logged(iterable, description: str, total: int | None):
+    """Yield from `iterable`, printing "description: i/total (elapsed, eta)" at every tenth of a
+    known total of at least 10 items (short loops and unknown totals print nothing)."""
+    import time
+
+    from .progress import duration
+
+    if total is None:
+        total = len(iterable) if hasattr(iterable, "__len__") else 0
+    if total < 10:
+        yield from iterable
+        return
+    t0, mark = time.perf_counter(), 1
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i * 10 >= mark * total:
+            mark = i * 10 // total + 1
+            s = time.perf_counter() - t0
+            console.print(
+                f"{description}: {i}/{total} ({duration(s)} elapsed, eta {duration(s * (total - i) / i)})",
+                soft_wrap=True,
+                highlight=False,
+            )
 
 
 @contextlib.contextmanager

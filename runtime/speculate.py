@@ -9,6 +9,8 @@ token for (almost) the price of none. The drafters:
   earlier in the context (prompt and text so far); the tokens that followed them are the draft.
   It pays on text that copies from its context (edits, summaries, answers from a document, code).
 - `DraftModel`: a second, smaller export with the same tokenizer, decoded greedily.
+- `LookupThenDraft` (`--lookup` with `--draft`): prompt lookup where the context has a copy to
+  follow (free drafts), the draft model everywhere else.
 
 Both propose deterministically (q is one token with probability 1), so the standard
 rejection-sampling rule becomes: accept draft d with probability p(d), where p is the target's
@@ -130,12 +132,16 @@ class Lookup:
 
 class DraftModel:
     """A smaller export with the target's tokenizer, decoded greedily; its KV cache follows the
-    context (rolled back to the common prefix before each proposal)."""
+    context (rolled back to the common prefix before each proposal). With `p_min` > 0 it stops
+    drafting at the first token its own probability puts below p_min (a draft that is not sure
+    rarely matches the target, and a rejected draft costs a verify pass more than a plain step)."""
 
     name = "draft"
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, p_min: float = 0.0):
+        if not 0.0 <= p_min < 1.0:
+            raise EdgeLLMError(f"--draft-p-min {p_min} is out of range; give a probability in [0, 1)")
+        self.model, self.p_min = model, p_min
         self.cached: list[int] = []  # tokens in the draft's KV cache
 
     def _feed(self, ids: list[int]) -> np.ndarray:
@@ -157,10 +163,55 @@ class DraftModel:
         out: list[int] = []
         while True:
             tok = int(np.argmax(logits))
+            if self.p_min and _top_prob(logits, tok) < self.p_min:
+                return out
             out.append(tok)
             if len(out) == k:
                 return out
             logits = self._feed([tok])
+
+    def sync(self, context: list[int]) -> None:
+        pass
+
+
+def _top_prob(logits: np.ndarray, top: int) -> float:
+    """softmax(logits)[top] for the argmax `top` (float64: no overflow)."""
+    z = logits.astype(np.float64) - float(logits[top])  # (V,), <= 0
+    return 1.0 / float(np.exp(z).sum())
+
+
+class LookupThenDraft:
+    """Prompt lookup first (its drafts cost a slice of the context, not a model step); where the
+    context has no copy of its last n-gram, or after a lookup round that accepted nothing (for a
+    pause that doubles, as lookup alone does), the draft model proposes."""
+
+    name = "lookup+draft"
+
+    def __init__(self, lookup: Lookup, draft: DraftModel):
+        self.lookup, self.draft = lookup, draft
+        self.last = "draft"  # which drafter made the latest proposal
+        self.pause = self.pause_len = 0
+        self.used = {"lookup": 0, "draft": 0}  # proposals made by each
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        out = [] if self.pause else self.lookup.propose(context, k)
+        if self.pause:
+            self.pause -= 1
+        self.last = "lookup" if out else "draft"
+        out = out or self.draft.propose(context, k)
+        if out:
+            self.used[self.last] += 1
+        return out
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """After a verify pass: a lookup round that accepted nothing pauses lookup."""
+        if self.last != "lookup":
+            return
+        if accepted == 0:
+            self.pause_len = min(MAX_PAUSE, max(MIN_PAUSE, 2 * self.pause_len))
+            self.pause = self.pause_len
+        elif 2 * accepted >= drafted:
+            self.pause_len //= 2
 
     def sync(self, context: list[int]) -> None:
         pass
@@ -320,6 +371,9 @@ class Speculator:
                 k = max(1, n + 1)
             else:
                 k = max(1, k // 2)
+            feedback = getattr(self.drafter, "feedback", None)
+            if feedback is not None:
+                feedback(len(drafts), n)
             if isinstance(self.drafter, Lookup):
                 if n == 0:  # the verify pass bought nothing: pause drafting, longer each time
                     pause_len = min(MAX_PAUSE, max(MIN_PAUSE, 2 * pause_len))
@@ -333,13 +387,17 @@ class Speculator:
             yield tok, rows[n]
 
 
-def check_options(lookup: bool, draft, k_max: int, backend: str = "numba", device: str = "cpu") -> None:
+def check_options(
+    lookup: bool, draft, k_max: int, backend: str = "numba", device: str = "cpu", p_min: float = 0.0
+) -> None:
     """The speculation options before anything loads: one-line errors."""
-    if lookup and draft is not None:
-        raise EdgeLLMError("--lookup and --draft are exclusive; choose one drafter")
+    if not 0.0 <= p_min < 1.0:
+        raise EdgeLLMError(f"--draft-p-min {p_min} is out of range; give a probability in [0, 1)")
+    if p_min and draft is None:
+        raise EdgeLLMError("--draft-p-min applies to a draft model; give --draft DIR too")
     if not 1 <= k_max <= K_MAX_LIMIT:
         raise EdgeLLMError(f"--draft-max {k_max} is out of range; give an integer in [1, {K_MAX_LIMIT}]")
-    what = "--lookup" if lookup else "--draft"
+    what = "--lookup" if lookup and draft is None else "--draft"
     if device != "cpu":
         raise UnsupportedError(
             f"{what} with --device {device} is not supported yet; speculative decoding runs on "
@@ -357,18 +415,25 @@ def check_options(lookup: bool, draft, k_max: int, backend: str = "numba", devic
 
 
 def attach(
-    gen, lookup: bool = False, draft: str | Path | None = None, k_max: int = 8, target_dir=None, draft_model=None
+    gen,
+    lookup: bool = False,
+    draft: str | Path | None = None,
+    k_max: int = 8,
+    target_dir=None,
+    draft_model=None,
+    p_min: float = 0.0,
 ) -> Speculator | None:
     """Turn on speculation for Generator `gen`: prompt lookup, or the draft export `draft`
     (opened on the numba CPU runtime with the target's context, unless `draft_model` is given).
+    Both: prompt lookup where it finds a copy, the draft elsewhere (LookupThenDraft).
     Returns the Speculator (also `gen.speculator`); neither option: None."""
     if not lookup and draft is None and draft_model is None:
         gen.speculator = None
         return None
     m = gen.model
     cuda = m.backend == "numba-cuda"
-    check_options(lookup, draft, k_max, "numba" if cuda else m.backend, "cuda" if cuda else "cpu")
-    if lookup:
+    check_options(lookup, draft, k_max, "numba" if cuda else m.backend, "cuda" if cuda else "cpu", p_min)
+    if lookup and draft is None and draft_model is None:
         drafter = Lookup()
     else:
         if draft_model is None:
@@ -377,6 +442,8 @@ def attach(
             draft_model = NumbaModel(draft, n_ctx=m.n_ctx, threads=m.threads, kernels="auto")
             draft_model.warmup()
         check_draft(m, draft_model, target_dir or m.export.path, draft or draft_model.export.path)
-        drafter = DraftModel(draft_model)
+        drafter = DraftModel(draft_model, p_min=p_min)
+        if lookup:
+            drafter = LookupThenDraft(Lookup(), drafter)
     gen.speculator = Speculator(drafter, k_max=k_max)
     return gen.speculator

@@ -39,7 +39,7 @@ def pair(tokenizer, tmp_path_factory):
     r = runner.invoke(
         app,
         ["distill", "--draft-for", str(tdir), "--draft-layers", "1", "--prompts", "96", "--gen-tokens", "32"]
-        + ["--steps", "80", "--seed", "0", "--out", str(root / "draft")],
+        + ["--steps", "80", "--seed", "0", "--prompt-style", "continue", "--out", str(root / "draft")],
     )
     assert r.exit_code == 0, r.output
     untrained, _, _ = draft_from_target(target, 1)
@@ -70,11 +70,69 @@ def test_draft_output_and_record(pair):
     step = json.loads((d / "edgellm.json").read_text())["steps"][-1]
     assert step["draft_for"]["spec"] == str(t) and step["student"]["from_target_layers"] == [0]
     assert sorted(step["student"]["frozen"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert step["data"]["prompt_style"] == "continue"  # as asked (the briefly trained target's text is easy
+    # to predict after a request: the untrained draft already agreed 90% there, too close to show training)
     q = step["quality"]
     assert q["draft"]["agreement"] > q["initial"]["agreement"] + 0.1, q
     assert q["draft"]["kl"] < q["initial"]["kl"], q
     assert "agreement with the target" in " ".join(pair["log"].split())
     assert not list(d.parent.glob("draft.tmp*"))  # written through a temporary sibling, renamed
+
+
+def test_task_prompts(tokenizer):
+    """--prompt-style tasks: each window of data inside a request (the templates in turn), every
+    prompt the same length, the window a contiguous slice of the data; auto picks tasks for a chat
+    template and the bare window without one (the old prompts, token for token)."""
+    import copy
+
+    from edgellm.distill.draft import TASK_TEMPLATES, PromptStyle, chat_frame, prompts
+    from edgellm.pipeline.common import data_tokens
+
+    ids = data_tokens(tokenizer, None)[:20_000]
+    n = 2 * len(TASK_TEMPLATES)
+    rows, chat, style = prompts(tokenizer, ids, n, 24, seed=3)  # the function's default: continue
+    assert (chat, style) == (True, PromptStyle.continue_)
+    before, after = chat_frame(tokenizer)
+    rows_auto, _, style_auto = prompts(tokenizer, ids, n, 24, seed=3, style="auto")
+    assert style_auto is PromptStyle.tasks and rows_auto.shape[1] > rows.shape[1]
+    text = ids.tolist()
+    for i, row in enumerate(rows_auto.tolist()):
+        body = row[len(before) : len(row) - len(after)]
+        a, b = (
+            tokenizer(x, add_special_tokens=False)["input_ids"] if x else []
+            for x in TASK_TEMPLATES[i % len(TASK_TEMPLATES)]
+        )
+        assert body[: len(a)] == a and body[len(body) - len(b) :] == b, i
+        window = body[len(a) : len(body) - len(b)]
+        assert len(window) >= 24
+        starts = [s for s in range(len(text) - len(window)) if text[s : s + len(window)] == window]
+        assert starts, i  # a contiguous slice of the data
+    for row in rows.tolist():  # continue: the bare window of 24 tokens
+        assert len(row) == len(before) + 24 + len(after)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    rows_plain, chat_plain, style_plain = prompts(plain, ids, n, 24, seed=3, style="auto")
+    assert (chat_plain, style_plain) == (False, PromptStyle.continue_)
+    assert torch.equal(rows_plain, rows[:, len(before) : rows.shape[1] - len(after)])
+
+
+def test_default_prompts_are_requests_for_a_chat_target(pair, tmp_path):
+    """`--prompt-style auto` (the default) on a target with a chat template: the prompts are requests
+    around windows of the data, longer than the bare windows, recorded in edgellm.json."""
+    from transformers import AutoTokenizer
+
+    from edgellm.distill.draft import chat_frame
+
+    r = CliRunner().invoke(
+        app,
+        ["distill", "--draft-for", str(pair["target_dir"]), "--prompts", "16", "--gen-tokens", "4", "--steps", "2"]
+        + ["--prompt-tokens", "8", "--no-eval", "--out", str(tmp_path / "d")],
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "d" / "edgellm.json").read_text())["steps"][-1]["data"]
+    assert data["prompt_style"] == "tasks" and data["prompts"] == 16, data
+    frame = sum(map(len, chat_frame(AutoTokenizer.from_pretrained(str(pair["target_dir"])))))
+    assert data["prompt_len"] > frame + 8, data  # 8 tokens of data + the request
 
 
 def _acceptance(pair, name):

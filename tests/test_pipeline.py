@@ -128,3 +128,16 @@ def test_quantize_bad_options_raise_before_any_work(tiny_dirs, tmp_path):
     with pytest.raises(EdgeLLMError, match="--float-zero needs --asym"):
         run_quantize(str(tiny_dirs["llama"]), tmp_path / "q", QuantizeOptions(float_zero=True))
     assert not (tmp_path / "q").exists()
+
+
+def test_progress_in_a_log_prints_lines(capsys):
+    """Without a terminal (nohup, CI) a long track prints a line at every tenth, with the count and
+    an ETA, instead of a bar nobody sees; a short one prints nothing."""
+    from edgellm.console import PROGRESS
+
+    assert list(PROGRESS.track(range(40), "layers", total=40)) == list(range(40))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("layers: 4/40 (") and lines[-1].startswith("layers: 40/40 (")
+    assert all("eta" in line for line in lines)
+    assert list(PROGRESS.track(iter(range(5)), "few", total=5)) == list(range(5))
+    assert capsys.readouterr().err == ""

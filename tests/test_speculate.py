@@ -123,6 +123,69 @@ def test_lookup_proposals():
     assert lk.propose([7, 7, 7, 7], 2) == [7]
 
 
+class _Proposes:
+    """A drafter that always proposes the same tokens (and counts its calls)."""
+
+    def __init__(self, toks):
+        self.toks, self.calls = toks, 0
+
+    def propose(self, context, k):
+        self.calls += 1
+        return self.toks[:k]
+
+
+def test_lookup_then_draft_routing():
+    """Lookup's copy when the context has one, the draft's tokens when not; a lookup round that
+    accepted nothing pauses lookup (the draft proposes meanwhile), a good one shortens the pause."""
+    draft = _Proposes([42, 43, 44])
+    h = S.LookupThenDraft(S.Lookup(ngram_max=3, ngram_min=2), draft)
+    assert h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5] and h.last == "lookup" and draft.calls == 0
+    assert h.propose([1, 2, 3, 4], 3) == [42, 43, 44] and h.last == "draft" and draft.calls == 1
+    h.feedback(3, 0)  # a failed draft-model round: no pause for lookup
+    assert h.pause == 0
+    h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2)
+    h.feedback(2, 0)  # a failed lookup round: lookup pauses MIN_PAUSE proposals
+    assert h.pause == S.MIN_PAUSE
+    for _ in range(S.MIN_PAUSE):
+        assert h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [42, 43]  # a copy exists, but lookup is paused
+    assert h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]
+    h.feedback(2, 0)
+    assert h.pause == 2 * S.MIN_PAUSE  # doubled
+    h.pause = 0
+    h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2)
+    h.feedback(2, 2)
+    assert h.pause_len == S.MIN_PAUSE and h.used == {"lookup": 4, "draft": 1 + S.MIN_PAUSE}
+
+
+class _Sure:
+    """A fake model whose argmax is always the last token + 1, with margin `margin[pos]` over the
+    nine other tokens (probability e^m / (e^m + 9))."""
+
+    n_ctx = 64
+
+    def __init__(self, margin):
+        self.margin, self.pos = margin, 0
+
+    def truncate(self, n):
+        self.pos = n
+
+    def forward(self, ids):
+        self.pos += len(ids)
+        lg = np.zeros(10, np.float32)
+        lg[(int(ids[-1]) + 1) % 10] = self.margin[self.pos]
+        return lg
+
+
+def test_draft_p_min_stops_at_an_unsure_token():
+    margin = [5.0] * 6 + [1.0] * 10  # sure (p = 0.94) up to position 5, then unsure (p = 0.23)
+    assert S.DraftModel(_Sure(margin)).propose([1, 2, 3], 6) == [4, 5, 6, 7, 8, 9]  # p_min 0: never stops
+    assert S.DraftModel(_Sure(margin), p_min=0.5).propose([1, 2, 3], 6) == [4, 5, 6]  # positions 3, 4, 5
+    assert S.DraftModel(_Sure([1.0] * 16), p_min=0.5).propose([1, 2, 3], 4) == []  # unsure at once: no draft
+    assert S._top_prob(np.array([0.0, 3.0, 1.0], np.float32), 1) == pytest.approx(np.exp(3) / (1 + np.exp(3) + np.e))
+    with pytest.raises(S.EdgeLLMError, match="out of range"):
+        S.DraftModel(_Sure(margin), p_min=1.0)
+
+
 # ----------------------------------------------------------------------------- sampling
 def _exact_rule(q, d):
     """The distribution of accept(q, d): q itself (the point of the rule)."""
@@ -243,13 +306,21 @@ def test_cli_lookup_and_draft_verbose(exports):
         app, ["run", str(exports["target"]), "-p", REPEAT, "-n", "8", "-t", "0", "--draft", str(exports["draft"]), "-v"]
     )
     assert r.exit_code == 0 and "speculation:" in r.output, r.output
+    both = CliRunner().invoke(  # lookup first, the draft elsewhere: still plain greedy's text
+        app,
+        ["run", str(exports["target"]), "-p", REPEAT, "-n", "12", "-t", "0", "--ignore-eos", "-v"]
+        + ["--lookup", "--draft", str(exports["draft"]), "--draft-p-min", "0.3"],
+    )
+    assert both.exit_code == 0 and "speculation:" in both.output, both.output
+    assert plain.output.split("prompt:")[0].strip() in both.output
 
 
 def test_cli_bad_input(exports, tmp_path):
     t, d = str(exports["target"]), str(exports["draft"])
     assert "out of range" in one_line_error(["run", t, "-p", "x", "--lookup", "--draft-max", "0"])
     assert "out of range" in one_line_error(["run", t, "-p", "x", "--lookup", "--draft-max", "16"])
-    assert "exclusive" in one_line_error(["run", t, "-p", "x", "--lookup", "--draft", d])
+    assert "out of range" in one_line_error(["run", t, "-p", "x", "--draft", d, "--draft-p-min", "1"])
+    assert "give --draft DIR" in one_line_error(["run", t, "-p", "x", "--lookup", "--draft-p-min", "0.5"])
     assert "not supported" in one_line_error(["run", t, "-p", "x", "--draft", d, "--device", "cuda"])
     assert "onnxruntime" in one_line_error(["run", t, "-p", "x", "--lookup", "--backend", "onnxruntime"])
     assert "not an export" in one_line_error(["run", t, "-p", "x", "--draft", str(tmp_path)])

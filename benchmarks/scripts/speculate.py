@@ -8,7 +8,8 @@ checked to give plain greedy's tokens. Run it alone (under the machine's lock):
         --out benchmarks/results/speculate-smollm2.md
 
 With `--draft DRAFT_EXPORT_DIR` the drafter is that model (`edgellm distill --draft-for`) instead of
-prompt lookup: the same tasks, plain vs draft interleaved.
+prompt lookup: the same tasks, plain vs draft interleaved; `--draft D --lookup`: lookup where the
+context has a copy, the draft elsewhere (`run --lookup --draft`).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def main():
     ap.add_argument("--ks", default="1,2,3,4,8", help="drafts per verify pass to time (comma-separated, 1..15)")
     ap.add_argument("--at", type=int, default=200, help="position of the verify pass")
     ap.add_argument("--draft", type=Path, help="a draft export: speculate with it instead of prompt lookup")
+    ap.add_argument("--lookup", action="store_true", help="with --draft: prompt lookup first, the draft elsewhere")
+    ap.add_argument("--draft-p-min", type=float, default=0.0, help="the draft stops below this probability")
     ap.add_argument("--bandwidth", action="store_true", help="also the target decode step's %% of the read bandwidth")
     ap.add_argument("--out", type=Path, help="write the tables here (.md) and the rows beside it (.json)")
     args = ap.parse_args()
     from edgellm.runtime.generate import load
-    from edgellm.runtime.speculate import Lookup
+    from edgellm.runtime.speculate import Lookup, LookupThenDraft
 
     gen = load(args.model, threads=args.threads, n_ctx=1024)
     drafter = None
@@ -69,8 +72,11 @@ def main():
         dm = NumbaModel(args.draft, n_ctx=1024, threads=args.threads, kernels="auto")
         dm.warmup()
         check_draft(gen.model, dm, Path(args.model), args.draft)
-        drafter = DraftModel(dm)
-    head = run_header(args.threads) | {"cpu": cpu_name(), "model": args.model, "draft": str(args.draft or "lookup")}
+        drafter = DraftModel(dm, p_min=args.draft_p_min)
+        if args.lookup:
+            drafter = LookupThenDraft(Lookup(), drafter)
+    what = "prompt lookup" if drafter is None else f"{'lookup + ' if args.lookup else ''}draft {args.draft.name}"
+    head = run_header(args.threads) | {"cpu": cpu_name(), "model": args.model, "draft": what}
     print(head, flush=True)
     ks = tuple(int(k) for k in args.ks.split(","))
     vrows = verify_cost(gen.model, args.at, ks, max(20, 6 * args.reps))
@@ -95,7 +101,6 @@ def main():
         else run_tasks(gen, drafter or Lookup(), args.tokens, args.reps, args.k_max, verbose=True)
     )
     rows = spec["tasks"] if spec else []
-    what = f"draft {args.draft.name}" if args.draft else "prompt lookup"
     if rows:
         table += (
             f"\n\n{what} vs plain greedy ({head['cpu']}, {args.threads} threads, median of {args.reps} "

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..distill.draft import DraftInit
+from ..distill.draft import DraftInit, PromptStyle
 from ..pipeline.distill import Device, DistillOptions, DistillResult, Loss, Precision
 from .common import CtxOpt, DataOpt, EvalTokensOpt, ForceOpt, dir_size, human_bytes
 from .draft import draft_mode
@@ -53,10 +53,22 @@ def distill(
     prompts: Annotated[
         int, typer.Option("--prompts", help="[--draft-for] Prompts the target continues (1/8 held out).", min=2)
     ] = 512,
+    prompt_style: Annotated[
+        PromptStyle,
+        typer.Option(
+            "--prompt-style",
+            help="[--draft-for] What the target answers: 'tasks' puts each window of data in a request (summarize, "
+            "rewrite, answer from it, continue, ...), as a chat model is used; 'continue' gives the bare window; "
+            "'auto': tasks when the target has a chat template.",
+        ),
+    ] = PromptStyle.auto,
     prompt_tokens: Annotated[
         int,
         typer.Option(
-            "--prompt-tokens", help="[--draft-for] Data tokens per prompt (in the chat template if it has one).", min=1
+            "--prompt-tokens",
+            help="[--draft-for] Data tokens per prompt (in the chat template if it has one; with --prompt-style "
+            "tasks, plus the request, and windows lengthened so every prompt has the same length).",
+            min=1,
         ),
     ] = 32,
     gen_tokens: Annotated[

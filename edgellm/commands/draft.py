@@ -12,7 +12,15 @@ from pathlib import Path
 
 from ..errors import EdgeLLMError
 
-DRAFT_ONLY = ("draft_layers", "draft_init", "prompts", "prompt_tokens", "gen_tokens", "kl_top_k")
+DRAFT_ONLY = (
+    "draft_layers",
+    "draft_init",
+    "prompts",
+    "prompt_style",
+    "prompt_tokens",
+    "gen_tokens",
+    "kl_top_k",
+)
 DRAFT_FLAGS = ("draft_for", *DRAFT_ONLY)  # the distill command's options that are a draft's alone
 STUDENT_ONLY = (
     "student",
@@ -92,7 +100,8 @@ def show(result, o) -> None:
         f"wrote {result.output} ({human_bytes(dir_size(result.output))}; draft {n['draft']:,} parameters of which "
         f"{n['trained']:,} trained, target {n['target']:,}; layers {result.kept} of {result.target_layers}, "
         f"init {o.draft_init.value}) after {o.steps} steps on {d['train_tokens']:,} target tokens "
-        f"({d['prompts']} prompts{' in its chat template' if d['chat_template'] else ''}, generated in "
+        f"({d['prompts']} prompts, {d['prompt_style']}{' in its chat template' if d['chat_template'] else ''}, "
+        f"generated in "
         f"{d['generate_s']:.1f} s) in {result.seconds:.1f} s"
     )
     if result.quality:

@@ -144,12 +144,21 @@ def run(
         typer.Option(
             "--draft",
             help="Speculative decoding with a draft model: a smaller export with the same tokenizer (edgellm "
-            "distill --draft-for) proposes tokens, this model verifies them in one pass. Same output.",
+            "distill --draft-for) proposes tokens, this model verifies them in one pass. Same output. With --lookup: "
+            "prompt lookup where the context has a copy to follow, the draft elsewhere.",
         ),
     ] = None,
     draft_max: Annotated[
         int, typer.Option("--draft-max", help="Most drafted tokens per verify pass (1-15; adapts below it).")
     ] = 8,
+    draft_p_min: Annotated[
+        float,
+        typer.Option(
+            "--draft-p-min",
+            help="The draft stops proposing at a token its own probability puts below this (0: never). Helps a "
+            "weak draft: a rejected draft costs a verify pass more than a plain step.",
+        ),
+    ] = 0.0,
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 
@@ -189,7 +198,7 @@ def run(
     if speculate:
         from ..runtime.speculate import check_options
 
-        check_options(lookup, draft, draft_max, backend.value, device)
+        check_options(lookup, draft, draft_max, backend.value, device, draft_p_min)
     if chat:
         from .._deps import require
 
@@ -213,7 +222,7 @@ def run(
         from ..runtime.speculate import attach
 
         with console.status(f"loading the draft {draft}" if draft else "prompt lookup"):
-            attach(gen, lookup=lookup, draft=draft, k_max=draft_max)
+            attach(gen, lookup=lookup, draft=draft, k_max=draft_max, p_min=draft_p_min)
     if gen.model.kernel_warning:  # every backend states it (runtime/backend.py Backend)
         console.print(f"[yellow]warning:[/] {gen.model.kernel_warning}", highlight=False)
     if verbose:

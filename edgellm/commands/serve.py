@@ -66,9 +66,21 @@ def serve(
     ] = False,
     draft: Annotated[
         Optional[Path],
-        typer.Option("--draft", help="Speculative decoding with a draft export, as for 'edgellm run' (same output)."),
+        typer.Option(
+            "--draft",
+            help="Speculative decoding with a draft export, as for 'edgellm run' (same output; with --lookup: "
+            "lookup first, the draft elsewhere).",
+        ),
     ] = None,
     draft_max: Annotated[int, typer.Option("--draft-max", help="Most drafted tokens per verify pass (1-15).")] = 8,
+    draft_p_min: Annotated[
+        float,
+        typer.Option(
+            "--draft-p-min",
+            help="The draft stops proposing at a token its own probability puts below this (0: never). Helps a "
+            "weak draft: a rejected draft costs a verify pass more than a plain step.",
+        ),
+    ] = 0.0,
 ):
     """Serve an exported model over an OpenAI-compatible HTTP API (needs the 'serve' extra).
 
@@ -118,7 +130,7 @@ def serve(
     from ..runtime.speculate import attach, check_options
 
     if lookup or draft is not None:
-        check_options(lookup, draft, draft_max, backend.value)
+        check_options(lookup, draft, draft_max, backend.value, p_min=draft_p_min)
         if parallel > 1:  # the slot engine decodes its own batched steps, without a drafter
             raise EdgeLLMError("--lookup/--draft run with --parallel 1 (one request at a time); drop one of them")
 
@@ -130,7 +142,7 @@ def serve(
     try:
         with console.status(f"loading {model} ({backend.value})"):
             gen = load(model, backend=backend.value, threads=threads, n_ctx=ctx, kv_cache=kv_cache.value)
-            attach(gen, lookup=lookup, draft=draft, k_max=draft_max)
+            attach(gen, lookup=lookup, draft=draft, k_max=draft_max, p_min=draft_p_min)
         name = server.model_name(model)
         app = server.create_app(
             gen,

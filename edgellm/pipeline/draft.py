@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..distill.draft import DraftInit
+from ..distill.draft import DraftInit, PromptStyle
 from ..errors import EdgeLLMError
 from .common import check_range, data_tokens, load_spec
 from .distill import Device, check_training_ranges
@@ -24,6 +24,7 @@ class DraftOptions:
     draft_layers: int = option(2, "--draft-layers", min=1)  # a few layers: the draft runs k times per verify pass
     draft_init: DraftInit = option(DraftInit.first, "--draft-init")  # first: measured best (NOTES-draft.md)
     prompts: int = option(512, "--prompts", min=2)  # prompts the target continues (1/8 held out to measure)
+    prompt_style: PromptStyle = option(PromptStyle.auto, "--prompt-style")  # auto: requests for a chat model
     prompt_tokens: int = option(32, "--prompt-tokens", min=1)  # tokens of data per prompt (before the chat frame)
     gen_tokens: int = option(64, "--gen-tokens", min=1)  # greedy tokens the target writes per prompt
     kl_top_k: int = option(64, "--kl-top-k", min=1)  # target log-probs kept per position (+ one rest bucket)
@@ -95,10 +96,11 @@ def _load_target(target: str, o: DraftOptions, progress):
             f"(a draft must be cheaper than its target); give at most {n - 1}"
         )
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and o.prompt_tokens + o.gen_tokens + 64 > limit:
+    extra = 64 if PromptStyle(o.prompt_style) is PromptStyle.continue_ else 128  # the chat frame (+ a request)
+    if limit and o.prompt_tokens + o.gen_tokens + extra > limit:
         raise EdgeLLMError(
-            f"--prompt-tokens {o.prompt_tokens} + --gen-tokens {o.gen_tokens} (+ the chat template) exceed the "
-            f"target's {limit} positions; give fewer"
+            f"--prompt-tokens {o.prompt_tokens} + --gen-tokens {o.gen_tokens} (+ the chat template and the request) "
+            f"exceed the target's {limit} positions; give fewer"
         )
     return load_spec(target, "loading target", progress=progress)
 
@@ -138,7 +140,9 @@ def run_draft(target: str, output: Path, options: DraftOptions, progress=None, t
     draft, kept, frozen = D.draft_from_target(t.model, o.draft_layers, DraftInit(o.draft_init), o.seed)
 
     ids = split_tokens(data_tokens(t.tokenizer, o.data), "calib")
-    prompt_ids, chat = D.prompts(t.tokenizer, ids, o.prompts, o.prompt_tokens, o.seed)
+    prompt_ids, chat, style = D.prompts(
+        t.tokenizer, ids, o.prompts, o.prompt_tokens, o.seed, style=PromptStyle(o.prompt_style)
+    )
     eos = _eos_ids(t)
     device = Device(o.device).value
     t0 = time.perf_counter()
@@ -181,6 +185,7 @@ def run_draft(target: str, output: Path, options: DraftOptions, progress=None, t
         "held_out": n_eval,
         "prompt_len": data.prompt_len,
         "chat_template": chat,
+        "prompt_style": style.value,
         "gen_tokens": o.gen_tokens,
         "train_tokens": train_data.tokens,
         "generate_s": round(gen_s, 2),

@@ -74,17 +74,20 @@ def generate(gen, ids: list[int], n: int, speculator) -> tuple[list[int], float,
 
 
 def drafter_for(gen, with_: str, threads: int):
-    """'lookup' -> prompt lookup; else a draft export directory, opened beside the target and checked."""
-    from edgellm.runtime.speculate import DraftModel, Lookup, check_draft
+    """'lookup' -> prompt lookup; else a draft export directory, opened beside the target and checked
+    ('DRAFT+lookup': lookup first, that draft elsewhere)."""
+    from edgellm.runtime.speculate import DraftModel, Lookup, LookupThenDraft, check_draft
 
     if with_ == "lookup":
         return Lookup()
     from edgellm.runtime.model import NumbaModel
 
-    dm = NumbaModel(with_, n_ctx=gen.model.n_ctx, threads=threads, kernels="auto")
+    both = with_.endswith("+lookup") and not Path(with_).exists()
+    path = with_[: -len("+lookup")] if both else with_
+    dm = NumbaModel(path, n_ctx=gen.model.n_ctx, threads=threads, kernels="auto")
     dm.warmup()
-    check_draft(gen.model, dm, Path(gen.model.export.path), Path(with_))
-    return DraftModel(dm)
+    check_draft(gen.model, dm, Path(gen.model.export.path), Path(path))
+    return LookupThenDraft(Lookup(), DraftModel(dm)) if both else DraftModel(dm)
 
 
 def run_tasks(

@@ -10,9 +10,9 @@ A variant is
 - a `.gguf` file                              -> `llama.cpp` (needs llama-cpp-python) or `torch`
   (transformers dequantizes it to fp32).
 
-`EXPORT+lookup` and `EXPORT+DRAFT_EXPORT` (numba only) add a speculation phase to the row: plain
-greedy vs prompt lookup / the draft export on copy tasks and free generation (speculation.py),
-reported as acceptance, mean accepted length and speed-up.
+`EXPORT+lookup`, `EXPORT+DRAFT_EXPORT` and `EXPORT+DRAFT_EXPORT+lookup` (numba only) add a speculation
+phase to the row: plain greedy vs prompt lookup / the draft export / both on copy tasks and free
+generation (speculation.py), reported as acceptance, mean accepted length and speed-up.
 """
 
 from __future__ import annotations
@@ -132,18 +132,24 @@ def parse(spec: str) -> Variant:
                 f"variant '{raw}': speculation (+{'lookup' if with_ == 'lookup' else 'DRAFT'}) runs on an export "
                 f"directory on the numba backend, not a{'n' if kind == 'export' else ''} {kind} on {backend}"
             )
+        label = "lookup"
         if with_ != "lookup":
-            draft = Path(with_).expanduser()
+            both = with_.lower().endswith(LOOKUP_TAIL) and not Path(with_).expanduser().exists()
+            draft = Path(with_[: -len(LOOKUP_TAIL)] if both else with_).expanduser()
             if not (draft / "model.onnx").is_file():
                 raise EdgeLLMError(
-                    f"variant '{raw}': the draft '{with_}' is not an export directory (no model.onnx); give "
-                    "EXPORT+lookup or EXPORT+DRAFT_EXPORT_DIR"
+                    f"variant '{raw}': the draft '{draft}' is not an export directory (no model.onnx); give "
+                    "EXPORT+lookup, EXPORT+DRAFT_EXPORT_DIR or EXPORT+DRAFT_EXPORT_DIR+lookup"
                 )
-            with_ = str(draft.resolve())
-        name += "+" + ("lookup" if with_ == "lookup" else Path(with_).name)
+            with_ = str(draft.resolve()) + (LOOKUP_TAIL if both else "")
+            label = draft.name + (LOOKUP_TAIL if both else "")
+        name += "+" + label
     return Variant(
         spec=raw, path=str(path.resolve()), kind=kind, backend=backend, label=f"{name}:{backend}", speculate=with_
     )
+
+
+LOOKUP_TAIL = "+lookup"  # EXPORT+DRAFT+lookup: prompt lookup first, the draft elsewhere (run --lookup --draft)
 
 
 def split_speculation(spec: str, raw: str) -> tuple[str, str | None]:

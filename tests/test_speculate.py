@@ -421,14 +421,18 @@ def test_bench_speculation_rows(exports, tmp_path):
     import json
 
     t, d, out = str(exports["target"]), str(exports["draft"]), tmp_path / "bench"
-    args = ["bench", f"{t}+lookup", f"{t}+{d}", "-o", str(out), "--quick", "--no-quality", "--threads", "2"]
-    r = CliRunner().invoke(app, args)
+    args = ["bench", f"{t}+lookup", f"{t}+{d}", f"{t}+{d}+lookup", "-o", str(out), "--quick", "--no-quality"]
+    r = CliRunner().invoke(app, args + ["--threads", "2"])
     assert r.exit_code == 0, r.output
     rows = json.loads((out / "report.json").read_text())["variants"]
-    assert [row["status"] for row in rows] == ["ok"] * 2, rows
+    assert [row["status"] for row in rows] == ["ok"] * 3, rows
     assert rows[0]["label"] == "target-onnx+lookup:numba" and rows[1]["label"] == "target-onnx+draft-onnx:numba"
+    assert rows[2]["label"] == "target-onnx+draft-onnx+lookup:numba"
     assert rows[1]["speculate"] == str(exports["draft"].resolve())
-    for row, drafter in zip(rows, ("lookup", "draft")):
+    assert rows[2]["speculate"] == str(exports["draft"].resolve()) + "+lookup"
+    used = rows[2]["speculation"]["proposals_by_drafter"]
+    assert used["lookup"] > 0 and used["draft"] > 0, used  # both drafters proposed
+    for row, drafter in zip(rows, ("lookup", "draft", "lookup+draft")):
         sp = row["speculation"]
         assert sp["drafter"] == drafter and sp["equal_output"] is True and len(sp["tasks"]) == 4
         assert 0 < sp["verify_passes"] and 0 <= sp["accepted"] <= sp["drafted"]
@@ -449,6 +453,7 @@ def test_bench_speculation_bad_variants(exports, tiny_dirs, tmp_path):
     assert "not an export directory" in one_line_error(["bench", f"{t}+{tmp_path}", "-o", out])
     assert "numba backend" in one_line_error(["bench", f"{t}+lookup:onnxruntime", "-o", out])
     assert "nothing after '+'" in one_line_error(["bench", f"{t}+", "-o", out])
+    assert "not an export directory" in one_line_error(["bench", f"{t}+{tmp_path}+lookup", "-o", out])
     assert "numba backend" in one_line_error(["bench", f"{tiny_dirs['llama']}+lookup", "-o", out])
     assert not (tmp_path / "o").exists()
 

@@ -16,9 +16,9 @@ def bench(
         List[str],
         typer.Argument(
             help="VARIANT[:BACKEND]: an export directory (numba | onnxruntime | ort-genai), a model directory (torch) "
-            "or a .gguf file (llama.cpp | torch). The first one is the quality reference. EXPORT+lookup or "
-            "EXPORT+DRAFT_EXPORT (numba) also times speculative decoding against plain greedy on copy tasks and "
-            "free generation: acceptance, mean accepted length, speed-up.",
+            "or a .gguf file (llama.cpp | torch). The first one is the quality reference. EXPORT+lookup, "
+            "EXPORT+DRAFT_EXPORT or EXPORT+DRAFT_EXPORT+lookup (numba) also times speculative decoding against "
+            "plain greedy on copy tasks and free generation: acceptance, mean accepted length, speed-up.",
             show_default=False,
         ),
     ],

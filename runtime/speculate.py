@@ -12,7 +12,7 @@ token for (almost) the price of none. The drafters:
 - `LookupThenDraft` (`--lookup` with `--draft`): prompt lookup where the context has a copy to
   follow (free drafts), the draft model everywhere else.
 
-Both propose deterministically (q is one token with probability 1), so the standard
+All of them propose deterministically (q is one token with probability 1), so the standard
 rejection-sampling rule becomes: accept draft d with probability p(d), where p is the target's
 distribution after temperature / top-k / top-p / repetition penalty; on a rejection draw from p
 with d removed (renormalized). The accepted tokens are then distributed exactly as plain
@@ -432,7 +432,8 @@ def attach(
         return None
     m = gen.model
     cuda = m.backend == "numba-cuda"
-    check_options(lookup, draft, k_max, "numba" if cuda else m.backend, "cuda" if cuda else "cpu", p_min)
+    backend, device = "numba" if cuda else m.backend, "cuda" if cuda else "cpu"
+    check_options(lookup, draft, k_max, backend, device, p_min if draft_model is None else 0.0)  # DraftModel checks it
     if lookup and draft is None and draft_model is None:
         drafter = Lookup()
     else:

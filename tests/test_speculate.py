@@ -357,6 +357,11 @@ def test_serve_engine_and_cli(exports):
     spec, res_s = asyncio.run(serve_once())
     assert spec == plain and res_s.completion_tokens == res.completion_tokens == 24
     assert gen.stats.spec is not None
+    dm = NumbaModel(exports["draft"], n_ctx=gen.model.n_ctx, threads=2, kv_cache="fp32")
+    sp = S.attach(gen, lookup=True, draft_model=dm, p_min=0.4)  # the API: an opened draft, both drafters
+    assert isinstance(sp.drafter, S.LookupThenDraft) and sp.drafter.draft.p_min == 0.4
+    both, _ = asyncio.run(serve_once())
+    assert both == plain
     t = str(exports["target"])
     assert "out of range" in one_line_error(["serve", t, "--port", "0", "--lookup", "--draft-max", "99"])
     assert "onnxruntime" in one_line_error(["serve", t, "--port", "0", "--lookup", "--backend", "onnxruntime"])

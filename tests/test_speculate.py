@@ -126,35 +126,44 @@ def test_lookup_proposals():
 class _Proposes:
     """A drafter that always proposes the same tokens (and counts its calls)."""
 
+    last = "draft"
+
     def __init__(self, toks):
         self.toks, self.calls = toks, 0
 
-    def propose(self, context, k):
+    def propose(self, context, k, lookup=True):
         self.calls += 1
         return self.toks[:k]
 
 
 def test_lookup_then_draft_routing():
     """Lookup's copy when the context has one, the draft's tokens when not; a lookup round that
-    accepted nothing pauses lookup (the draft proposes meanwhile), a good one shortens the pause."""
+    accepted nothing pauses lookup (the draft proposes meanwhile), a good one shortens the pause.
+    Driven as Speculator.tokens drives it: LookupPause.step before each proposal, .after each round."""
     draft = _Proposes([42, 43, 44])
-    h = S.LookupThenDraft(S.Lookup(ngram_max=3, ngram_min=2), draft)
-    assert h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5] and h.last == "lookup" and draft.calls == 0
-    assert h.propose([1, 2, 3, 4], 3) == [42, 43, 44] and h.last == "draft" and draft.calls == 1
-    h.feedback(3, 0)  # a failed draft-model round: no pause for lookup
-    assert h.pause == 0
-    h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2)
-    h.feedback(2, 0)  # a failed lookup round: lookup pauses MIN_PAUSE proposals
-    assert h.pause == S.MIN_PAUSE
+    h, pause = S.LookupThenDraft(S.Lookup(ngram_max=3, ngram_min=2), draft), S.LookupPause()
+    copy = [1, 2, 3, 4, 5, 9, 2, 3]
+
+    def propose(context, k):
+        return h.propose(context, k, pause.step())
+
+    assert propose(copy, 2) == [4, 5] and h.last == "lookup" and draft.calls == 0
+    assert propose([1, 2, 3, 4], 3) == [42, 43, 44] and h.last == "draft" and draft.calls == 1
+    pause.after(h.last, 3, 0)  # a failed draft-model round: no pause for lookup
+    assert pause.left == 0
+    propose(copy, 2)
+    pause.after(h.last, 2, 0)  # a failed lookup round: lookup pauses MIN_PAUSE proposals
+    assert pause.left == S.MIN_PAUSE
     for _ in range(S.MIN_PAUSE):
-        assert h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [42, 43]  # a copy exists, but lookup is paused
-    assert h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]
-    h.feedback(2, 0)
-    assert h.pause == 2 * S.MIN_PAUSE  # doubled
-    h.pause = 0
-    h.propose([1, 2, 3, 4, 5, 9, 2, 3], 2)
-    h.feedback(2, 2)
-    assert h.pause_len == S.MIN_PAUSE and h.used == {"lookup": 4, "draft": 1 + S.MIN_PAUSE}
+        assert propose(copy, 2) == [42, 43]  # a copy exists, but lookup is paused
+    assert propose(copy, 2) == [4, 5]
+    pause.after(h.last, 2, 0)
+    assert pause.left == 2 * S.MIN_PAUSE  # doubled
+    pause.left = 0
+    propose(copy, 2)
+    pause.after(h.last, 2, 2)
+    assert pause.length == S.MIN_PAUSE and h.used == {"lookup": 4, "draft": 1 + S.MIN_PAUSE}
+    assert S.Lookup().propose(copy, 2, lookup=False) == []  # lookup alone is silent while paused
 
 
 class _Sure:
@@ -255,7 +264,9 @@ class _Markov:
 class _Fixed:
     """A drafter that always proposes the same tokens (often wrong)."""
 
-    def propose(self, context, k):
+    last = "draft"
+
+    def propose(self, context, k, lookup=True):
         return [1, 2, 0][:k]
 
 

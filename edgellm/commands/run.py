@@ -10,6 +10,16 @@ from typing import Annotated, List, Optional
 
 import typer
 
+# `run` and `serve` take it alike (serve imports it)
+DraftPMinOpt = Annotated[
+    float,
+    typer.Option(
+        "--draft-p-min",
+        help="The draft stops proposing at a token its own probability puts below this (0: never). Helps a "
+        "weak draft: a rejected draft costs a verify pass more than a plain step.",
+    ),
+]
+
 
 class Backend(str, Enum):
     numba = "numba"
@@ -151,14 +161,7 @@ def run(
     draft_max: Annotated[
         int, typer.Option("--draft-max", help="Most drafted tokens per verify pass (1-15; adapts below it).")
     ] = 8,
-    draft_p_min: Annotated[
-        float,
-        typer.Option(
-            "--draft-p-min",
-            help="The draft stops proposing at a token its own probability puts below this (0: never). Helps a "
-            "weak draft: a rejected draft costs a verify pass more than a plain step.",
-        ),
-    ] = 0.0,
+    draft_p_min: DraftPMinOpt = 0.0,
 ):
     """Stream tokens from an exported model on the torch-free runtime.
 

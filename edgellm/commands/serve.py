@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .run import Backend, KVCache
+from .run import Backend, DraftPMinOpt, KVCache
 
 
 def serve(
@@ -73,14 +73,7 @@ def serve(
         ),
     ] = None,
     draft_max: Annotated[int, typer.Option("--draft-max", help="Most drafted tokens per verify pass (1-15).")] = 8,
-    draft_p_min: Annotated[
-        float,
-        typer.Option(
-            "--draft-p-min",
-            help="The draft stops proposing at a token its own probability puts below this (0: never). Helps a "
-            "weak draft: a rejected draft costs a verify pass more than a plain step.",
-        ),
-    ] = 0.0,
+    draft_p_min: DraftPMinOpt = 0.0,
 ):
     """Serve an exported model over an OpenAI-compatible HTTP API (needs the 'serve' extra).
 

@@ -80,10 +80,10 @@ def drafter_for(gen, with_: str, threads: int):
 
     if with_ == "lookup":
         return Lookup()
+    from edgellm.benchmarks.variants import split_lookup
     from edgellm.runtime.model import NumbaModel
 
-    both = with_.endswith("+lookup") and not Path(with_).exists()
-    path = with_[: -len("+lookup")] if both else with_
+    path, both = split_lookup(with_)
     dm = NumbaModel(path, n_ctx=gen.model.n_ctx, threads=threads, kernels="auto")
     dm.warmup()
     check_draft(gen.model, dm, Path(gen.model.export.path), Path(path))

@@ -134,8 +134,8 @@ def parse(spec: str) -> Variant:
             )
         label = "lookup"
         if with_ != "lookup":
-            both = with_.lower().endswith(LOOKUP_TAIL) and not Path(with_).expanduser().exists()
-            draft = Path(with_[: -len(LOOKUP_TAIL)] if both else with_).expanduser()
+            draft_spec, both = split_lookup(with_)
+            draft = Path(draft_spec).expanduser()
             if not (draft / "model.onnx").is_file():
                 raise EdgeLLMError(
                     f"variant '{raw}': the draft '{draft}' is not an export directory (no model.onnx); give "
@@ -150,6 +150,13 @@ def parse(spec: str) -> Variant:
 
 
 LOOKUP_TAIL = "+lookup"  # EXPORT+DRAFT+lookup: prompt lookup first, the draft elsewhere (run --lookup --draft)
+
+
+def split_lookup(with_: str) -> tuple[str, bool]:
+    """A speculation spec's draft part: 'DRAFT+lookup' (and no directory of that name) -> (DRAFT,
+    True), lookup first and the draft elsewhere; 'DRAFT' -> (DRAFT, False)."""
+    both = with_.lower().endswith(LOOKUP_TAIL) and not Path(with_).expanduser().exists()
+    return (with_[: -len(LOOKUP_TAIL)] if both else with_), both
 
 
 def split_speculation(spec: str, raw: str) -> tuple[str, str | None]:

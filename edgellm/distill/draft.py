@@ -134,6 +134,11 @@ class Continuations:
         return int(self.mask.sum())
 
 
+def _ids(tokenizer, text: str) -> list[int]:
+    """The token ids of a piece of text, no special tokens added ([] for "")."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
 def chat_frame(tokenizer) -> tuple[list[int], list[int]] | None:
     """(ids before, ids after) a user message in the tokenizer's chat template, with the assistant
     turn opened; None without a template."""
@@ -149,8 +154,7 @@ def chat_frame(tokenizer) -> tuple[list[int], list[int]] | None:
     if text.count(mark) != 1:
         return None
     before, after = text.split(mark)
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-    return enc(before), enc(after)
+    return _ids(tokenizer, before), _ids(tokenizer, after)
 
 
 def prompts(tokenizer, ids, n: int, prompt_tokens: int, seed: int, chat: bool = True, style=PromptStyle.continue_):
@@ -164,8 +168,11 @@ def prompts(tokenizer, ids, n: int, prompt_tokens: int, seed: int, chat: bool = 
     style = PromptStyle(style)
     if style is PromptStyle.auto:
         style = PromptStyle.tasks if frame is not None else PromptStyle.continue_
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-    parts = [(enc(a), enc(b)) for a, b in TASK_TEMPLATES] if style is PromptStyle.tasks else [([], [])]
+    parts = (
+        [(_ids(tokenizer, a), _ids(tokenizer, b)) for a, b in TASK_TEMPLATES]
+        if style is PromptStyle.tasks
+        else [([], [])]
+    )
     longest = max(len(a) + len(b) for a, b in parts)
     total = prompt_tokens + longest  # every prompt's tokens before the chat frame
     if len(ids) < total + 1:

@@ -40,6 +40,7 @@ from ..arch import decoder_layers, family_of, get_path, stream_refusal
 from ..calibration import MINI_BATCH, capture_layer_inputs
 from ..errors import EdgeLLMError
 from ..memory import human, peak_rss, return_large_blocks, rss, trim
+from ..progress import duration
 from ..skeleton import final_logits
 from . import rotation
 from .apply import QuantConfig, _embedding_codes, _tied, embedding_format, quantize_block
@@ -370,12 +371,6 @@ def _note(progress, message: str) -> None:
         note(message)
 
 
-def _duration(s: float) -> str:
-    from ..progress import duration
-
-    return duration(s)
-
-
 def _shell(config, embedding: nn.Module | None = None):
     """The model on the meta device with its computed buffers real (skeleton.skeleton_model): with
     a real embedding set in, enough to capture what reaches every block (the blocks are
@@ -606,7 +601,7 @@ def quantize_streamed(
             _note(
                 progress,
                 f"layer {bi + 1}/{n_layers} done in {time.perf_counter() - t0:.1f}s; "
-                f"eta {_duration(per * (n_layers - bi - 1))}; peak RSS {human(peak_rss())}",
+                f"eta {duration(per * (n_layers - bi - 1))}; peak RSS {human(peak_rss())}",
             )
         # 5. the final norm and head: score, and write what is left
         norm = ckpt.get(norm_name)
@@ -700,7 +695,7 @@ def _sensitivity(shell, layers, load, x, lookup, ckpt, Q, cfg, plan, work, progr
     if lookup is not None:
         shell.set_input_embeddings(stored)
     shutil.rmtree(work / "sensitivity", ignore_errors=True)
-    _note(progress, f"sensitivity pass done in {_duration(time.perf_counter() - t0)}; peak RSS {human(peak_rss())}")
+    _note(progress, f"sensitivity pass done in {duration(time.perf_counter() - t0)}; peak RSS {human(peak_rss())}")
     return sens
 
 

@@ -32,7 +32,7 @@ from .kernels.family import scale_cap
 from .kernels.layers import attention_mat, embed_rows, kv_cast, rope
 from .kernels.simd import as_voidptr
 from .kernels.slots import attention_rows, batch_linear
-from .kvcache import lazy_zeros
+from .kvcache import blocked, lazy_zeros
 from .model import _activate, _mlp_in, _norm, _qk_norm, _residual
 from .validate import available_memory, run_bytes
 
@@ -47,7 +47,7 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
 
     Row i is a token of slot slot[i] at position pos[i]. dec (D,): the rows that are their slot's
     only token this step, rows 0..D-1; segs (G, 3): [first row, rows, slot] of each run of several rows of one
-    slot at consecutive positions (a prompt chunk). kc, vc: KV caches (S, L, NKV, ctx, HD); the
+    slot at consecutive positions (a prompt chunk). kc, vc: KV caches (S, L, NKV, nblk, HD, bs) (kvcache.blocked); the
     rest as `model.forward`."""
     t, nd = ids.shape[0], dec.shape[0]
     H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -97,12 +97,13 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
             for i in range(t):  # each row at its own position
                 rope(qkv[i : i + 1], 0, NH, HD, pos[i], cos[tab], sin[tab], cfg.rope_dims)
                 rope(qkv[i : i + 1], NH * HD, NKV, HD, pos[i], cos[tab], sin[tab], cfg.rope_dims)
+        bs = kc.shape[5]  # positions per block of the cache (kvcache.blocked)
         for i in range(t):
             s, p = slot[i], pos[i]
             for h in range(NKV):
                 for j in range(HD):
-                    kc[s, l, h, p, j] = kv_cast(qkv[i, (NH + h) * HD + j], kc)
-                    vc[s, l, h, p, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vc)
+                    kc[s, l, h, p // bs, j, p % bs] = kv_cast(qkv[i, (NH + h) * HD + j], kc)
+                    vc[s, l, h, p // bs, j, p % bs] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vc)
         sc, acap = cfg.attn_scale, cfg.attn_cap
         if dec.shape[0] > 0:
             attention_rows(qkv, dec, kc, vc, slot, pos, l, NH, NKV, HD, att, dscores, layer.window, sc, acap)
@@ -131,7 +132,7 @@ def forward_rows(ids, slot, pos, dec, segs, want, cfg, model, layers, cos, sin, 
 
 class SlotCaches:
     """The KV caches of `n` sequences decoded together on `model` (a NumbaModel): one array
-    (n, L, NKV, ctx, HD) whose pages become resident only as positions are written."""
+    (n, L, NKV, nblk, HD, bs) whose pages become resident only as positions are written."""
 
     def __init__(self, model, n: int):
         if n < 1:
@@ -143,7 +144,7 @@ class SlotCaches:
             )
         cfg, st = model.config, model.state
         self.model, self.n = model, n
-        shape = (n, cfg.num_layers, cfg.num_kv_heads, model.n_ctx, cfg.head_dim)  # (S, L, NKV, ctx, HD)
+        shape = blocked((n, cfg.num_layers, cfg.num_kv_heads), cfg.head_dim, model.n_ctx)  # (S, L, NKV, nblk, HD, bs)
         self.k = lazy_zeros(shape, st.k.dtype)
         self.v = lazy_zeros(shape, st.v.dtype)
         self.pos = [0] * n  # positions cached per slot
@@ -208,8 +209,9 @@ class SlotCaches:
 
     def copy_prefix(self, src: int, dst: int, n: int):
         """Slot dst's first n positions := slot src's (both caches then hold the same prefix)."""
-        self.k[dst, :, :, :n] = self.k[src, :, :, :n]
-        self.v[dst, :, :, :n] = self.v[src, :, :, :n]
+        nb = -(-n // self.k.shape[-1])  # whole blocks: positions >= n are written before they are read
+        self.k[dst, :, :, :nb] = self.k[src, :, :, :nb]
+        self.v[dst, :, :, :nb] = self.v[src, :, :, :nb]
         self.pos[dst] = n
 
     def truncate(self, s: int, n: int):
@@ -238,7 +240,7 @@ def _warm_args(tier, kv_fp16: bool, keep: list) -> tuple:
     from .warmup import step_args
 
     _, _, cfg, model, layers, cos, sin, kc, vc, _kr, _vr, logits, _, tier = step_args(tier, kv_fp16, keep)
-    kc, vc = np.stack([kc, kc]), np.stack([vc, vc])  # (S=2, L, NKV, ctx, HD)
+    kc, vc = np.stack([kc, kc]), np.stack([vc, vc])  # (S=2, L, NKV, nblk, HD, bs)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     rows = (i64(1, 2, 3), i64(0, 1, 1), i64(0, 0, 1), i64(0), i64(1, 2, 1).reshape(1, 3), i64(0, 2))
     return (*rows, cfg, model, layers, cos, sin, kc, vc, np.empty((2, logits.shape[1]), np.float32), tier)

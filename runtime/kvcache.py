@@ -44,6 +44,18 @@ def ring_rows(window: int, n_ctx: int, chunk: int) -> int:
     return rows if 0 < window and rows < n_ctx else 0
 
 
+KV_BLOCK = 512  # positions per block of the cache (kernels/layers.py): 1 KB rows in fp16
+
+
+def blocked(lead: tuple, hd: int, rows: int) -> tuple:
+    """The cache's shape for `rows` positions: (*lead, nblk, hd, bs), blocks of bs = min(KV_BLOCK,
+    rows) positions, each transposed (a row of positions per head dim). Writing position p touches
+    only its block's pages, so the cache becomes resident as it fills (fully transposed rows
+    (hd, ctx) made a page per head dim resident at the first token: 47 MB at SmolLM2's 8,192)."""
+    bs = max(1, min(KV_BLOCK, rows))
+    return (*lead, -(-rows // bs), hd, bs)
+
+
 def kv_bytes(cfg: ModelConfig, n_ctx: int, itemsize: int, chunk: int) -> int:
     """Bytes of keys and values the cache holds at n_ctx positions (check_memory's figure)."""
     rows = sum(ring_rows(w, n_ctx, chunk) or n_ctx for w in cfg.sliding_window)
@@ -52,8 +64,10 @@ def kv_bytes(cfg: ModelConfig, n_ctx: int, itemsize: int, chunk: int) -> int:
 
 class RunState:
     """The KV cache, preallocated (zeros: pages are touched only when used). k, v: the
-    full-attention layers' (L_full, n_kv, n_ctx, hd); kr, vr: the sliding layers' rings (L_ring,
-    n_kv, rows, hd). `layer_kv[l]` = (index into its array, ring rows or 0), the LAYER record's
+    full-attention layers' (L_full, n_kv, nblk, hd, bs) for n_ctx positions; kr, vr: the sliding
+    layers' rings (L_ring, n_kv, nblk, hd, bs) for `rows` (`blocked`: blocks of positions, each
+    transposed; kernels/layers.py says why). `layer_kv[l]` = (index into its array, ring rows or
+    0), the LAYER record's
     `kv` and `ring`. fp16 is held as uint16 bits (kernels/layers.py kv_get / kv_cast)."""
 
     def __init__(self, cfg: ModelConfig, n_ctx: int, fp16: bool, chunk: int):
@@ -65,10 +79,10 @@ class RunState:
         nkv, hd = cfg.num_kv_heads, cfg.head_dim
         dtype = np.uint16 if fp16 else np.float32
         rows = max(self.rings, default=0) or 1
-        self.k = lazy_zeros((len(full), nkv, n_ctx, hd), dtype)  # (L_full, n_kv, ctx, hd)
-        self.v = lazy_zeros((len(full), nkv, n_ctx, hd), dtype)
-        self.kr = lazy_zeros((len(ring), nkv, rows, hd), dtype)  # (L_ring, n_kv, rows, hd)
-        self.vr = lazy_zeros((len(ring), nkv, rows, hd), dtype)
+        self.k = lazy_zeros(blocked((len(full), nkv), hd, n_ctx), dtype)  # (L_full, n_kv, nblk, hd, bs)
+        self.v = lazy_zeros(blocked((len(full), nkv), hd, n_ctx), dtype)
+        self.kr = lazy_zeros(blocked((len(ring), nkv), hd, rows), dtype)  # (L_ring, n_kv, nblk, hd, bs)
+        self.vr = lazy_zeros(blocked((len(ring), nkv), hd, rows), dtype)
         self.pos = 0
 
     @property

@@ -266,7 +266,7 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
     cfg: CONFIG record; model: MODEL record (embedding, head, final norm); layers: (L,) LAYER
     records (the family's per-layer description: norms and their placement, q/k norm, rope table,
     window, KV rows); cos, sin: rope tables (2: global, local; ctx, rope_dims/2); kc, vc: the
-    full-attention layers' KV cache (L_full, NKV, ctx, HD); kr, vr: the sliding layers' ring
+    full-attention layers' KV cache (L_full, NKV, nblk, HD, bs: kvcache.blocked); kr, vr: the sliding layers' ring
     buffers (L_ring, NKV, rows, HD; kvcache.py); `prompt`: the tokens are (part of) a prompt, read
     through the prompt tiles whatever their number (FEW_TOKENS above); `tier`: the kernel tier of the quantized linears,
     a `Tier` (compiled as the literal of its id: one specialization per tier, holding that tier's
@@ -312,13 +312,14 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
             tab = 1 if layer.rope == ROPE_LOCAL else 0
             rope(qkv, 0, NH + NKV, HD, pos0, cos[tab], sin[tab], cfg.rope_dims)  # q and k heads: adjacent
         ring = layer.ring  # > 0: a sliding layer's ring buffer, position p in row p % ring
-        kl, vl = (kr[layer.kv], vr[layer.kv]) if ring > 0 else (kc[layer.kv], vc[layer.kv])  # (NKV, rows, HD)
+        kl, vl = (kr[layer.kv], vr[layer.kv]) if ring > 0 else (kc[layer.kv], vc[layer.kv])  # (NKV, nblk, HD, bs)
+        bs = kl.shape[3]  # positions per block of the cache (kvcache.blocked)
         for i in range(t):
             row = (pos0 + i) % ring if ring > 0 else pos0 + i
             for h in range(NKV):
                 for j in range(HD):
-                    kl[h, row, j] = kv_cast(qkv[i, (NH + h) * HD + j], kl)
-                    vl[h, row, j] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vl)
+                    kl[h, row // bs, j, row % bs] = kv_cast(qkv[i, (NH + h) * HD + j], kl)
+                    vl[h, row // bs, j, row % bs] = kv_cast(qkv[i, (NH + NKV + h) * HD + j], vl)
         sc, cap = cfg.attn_scale, cfg.attn_cap
         if few:  # decode, and a verify pass of drafted tokens: the decode kernel's sums (speculate.py)
             attention(qkv, kl, vl, pos0, NH, NKV, HD, att, scores, layer.window, sc, cap, ring)

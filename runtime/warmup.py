@@ -65,10 +65,10 @@ def step_args(tier, kv_fp16: bool, keep: list, t: int = 1) -> tuple:
     row.rope = 1  # the global rope table (format/records.py ROPE_KINDS)
     cos, sin = rope_tables(CTX, 1.0 / 10000 ** (np.arange(0, HD, 2) / HD))
     cos, sin = np.stack([cos, cos]), np.stack([sin, sin])  # (2: global, local; ctx, HD/2), as model._rope_tables
-    kv = (1, NKV, CTX, HD)  # (L, n_kv, ctx, hd)
+    kv = (1, NKV, 1, HD, CTX)  # (L, n_kv, nblk, hd, bs)
     dtype = np.uint16 if kv_fp16 else np.float32
     kc, vc = np.zeros(kv, dtype), np.zeros(kv, dtype)
-    kr, vr = np.zeros((0, NKV, 1, HD), dtype), np.zeros((0, NKV, 1, HD), dtype)  # no sliding layers (kvcache.py)
+    kr, vr = np.zeros((0, NKV, 1, HD, 1), dtype), np.zeros((0, NKV, 1, HD, 1), dtype)  # no sliding layers (kvcache.py)
     ids = np.zeros(t, np.int64)
     logits = np.empty((1, V), np.float32)
     return ids, 0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, False, False, tier
@@ -94,9 +94,9 @@ def is_cached(dispatcher, args) -> bool:
 def attention_args(kv_fp16: bool, t: int) -> tuple:
     """Arguments of kernels/layers.py `attention` / `attention_mat` with the types the step passes
     them (so that a compile of these serves the step's call: numba's cache holds one entry per
-    argument types): q (t, (NH + 2 NKV) HD), one layer's cache (NKV, CTX, HD), out, scores."""
+    argument types): q (t, (NH + 2 NKV) HD), one layer's cache (NKV, 1, HD, CTX), out, scores."""
     dtype = np.uint16 if kv_fp16 else np.float32
-    kc, vc = np.zeros((1, NKV, CTX, HD), dtype), np.zeros((1, NKV, CTX, HD), dtype)
+    kc, vc = np.zeros((1, NKV, 1, HD, CTX), dtype), np.zeros((1, NKV, 1, HD, CTX), dtype)
     q = np.zeros((t, (NH + 2 * NKV) * HD), np.float32)
     out, scores = np.zeros((t, NH * HD), np.float32), np.zeros((t * NH, t), np.float32)
     return q, kc[0], vc[0], 0, NH, NKV, HD, out, scores, 0, np.float32(HD**-0.5), np.float32(0.0), 0

@@ -271,5 +271,6 @@ def test_family_kernels_against_references(t):
     want = Lk.ref_attention(q.reshape(t, nh, hd), kc, vc, pos0, 2, 0.3, 5.0).reshape(t, -1)
     for fn in (Lk.attention, Lk.attention_mat):
         o = np.zeros((t, nh * hd), np.float32)
-        fn(q, kc, vc, pos0, nh, nkv, hd, o, np.zeros((t * nh, ctx), np.float32), 2, 0.3, 5.0)
+        kt, vt = Lk.kv_layout(kc, 4), Lk.kv_layout(vc, 4)
+        fn(q, kt, vt, pos0, nh, nkv, hd, o, np.zeros((t * nh, ctx), np.float32), 2, 0.3, 5.0)
         np.testing.assert_allclose(o, want, rtol=1e-4, atol=1e-5)

@@ -245,13 +245,15 @@ def test_attention(nh, nkv, hd, t, pos0, window, fp16):
     np.testing.assert_allclose(out2.reshape(t, nh, hd), ref, atol=1e-5)
 
 
-def _kv(kc, vc, fp16):
-    """The cache as the kernels get it (fp16: uint16 bits) and the float values it holds."""
+def _kv(kc, vc, fp16, bs=8):
+    """The cache as the kernels get it (blocks of bs positions, (n_kv, nblk, hd, bs); fp16:
+    uint16 bits) and the float values it holds, by position (n_kv, ctx, hd) as ref_attention
+    reads them. bs 8: the contexts here cross blocks."""
     if not fp16:
-        return kc, vc, kc, vc
+        return Lk.kv_layout(kc, bs), Lk.kv_layout(vc, bs), kc, vc
     like = np.empty(0, np.uint16)
     k16, v16 = Lk.kv_cast(kc, like), Lk.kv_cast(vc, like)
-    return k16, v16, Lk.kv_get(k16), Lk.kv_get(v16)
+    return Lk.kv_layout(k16, bs), Lk.kv_layout(v16, bs), Lk.kv_get(k16), Lk.kv_get(v16)
 
 
 @pytest.mark.parametrize(

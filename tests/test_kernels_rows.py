@@ -67,8 +67,8 @@ def test_attention_rows_matches_reference(fp16, window):
     rng = np.random.default_rng(0)
     S, L, NKV, ctx, HD, NH = 3, 2, 2, 40, 16, 4
     dtype = np.uint16 if fp16 else np.float32
-    kc = Lk.kv_cast(rng.standard_normal((S, L, NKV, ctx, HD)).astype(np.float32), np.empty(0, dtype))
-    vc = Lk.kv_cast(rng.standard_normal((S, L, NKV, ctx, HD)).astype(np.float32), np.empty(0, dtype))
+    kc = Lk.kv_layout(Lk.kv_cast(rng.standard_normal((S, L, NKV, ctx, HD)).astype(np.float32), np.empty(0, dtype)), 16)
+    vc = Lk.kv_layout(Lk.kv_cast(rng.standard_normal((S, L, NKV, ctx, HD)).astype(np.float32), np.empty(0, dtype)), 16)
     slot, pos = np.array([2, 0, 1, 0], np.int64), np.array([7, 0, 33, 12], np.int64)
     q = rng.standard_normal((4, NH * HD)).astype(np.float32)
     out = np.zeros_like(q)
@@ -96,5 +96,6 @@ def test_ring_attention_against_reference(t, pos0):
     want = Lk.ref_attention(q.reshape(t, nh, hd), k, v, pos0, window, 0.3, 5.0).reshape(t, -1)
     for fn in (Lk.attention, Lk.attention_mat):
         o = np.zeros((t, nh * hd), np.float32)
-        fn(q, kr, vr, pos0, nh, nkv, hd, o, np.zeros((t * nh, n), np.float32), window, 0.3, 5.0, rows)
+        kt, vt = Lk.kv_layout(kr, 5), Lk.kv_layout(vr, 5)  # the ring in blocks of 5 (its rows: not a multiple)
+        fn(q, kt, vt, pos0, nh, nkv, hd, o, np.zeros((t * nh, n), np.float32), window, 0.3, 5.0, rows)
         np.testing.assert_allclose(o, want, rtol=1e-4, atol=1e-5)

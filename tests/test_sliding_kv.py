@@ -48,7 +48,7 @@ def test_ring_rows(gemma, monkeypatch):
     nm = _numba(gemma[1], monkeypatch)
     st = nm.state
     assert st.rings == [WINDOW + 3, WINDOW + 3, 0, WINDOW + 3]  # layer_types: 3 sliding, 1 full (tests/tiny.py)
-    assert st.k.shape == (1, 2, 96, 16) and st.kr.shape == (3, 2, WINDOW + 3, 16)
+    assert st.k.shape == (1, 2, 1, 16, 96) and st.kr.shape == (3, 2, 1, 16, WINDOW + 3)
     rows = nm.weights.layers.view(np.recarray)
     assert [(r.kv, r.ring) for r in rows] == [(0, 11), (1, 11), (0, 0), (2, 11)]
     nm.close()

@@ -41,8 +41,9 @@ def export8(tmp_path_factory, tokenizer):
 def _alone(m, sc, s: int, tok: int) -> np.ndarray:
     """Logits of `tok` decoded by model.forward on a copy of slot s's cache."""
     n = sc.pos[s]
-    m.state.k[:, :, :n] = sc.k[s, :, :, :n]
-    m.state.v[:, :, :n] = sc.v[s, :, :, :n]
+    nb = -(-n // sc.k.shape[-1])  # whole blocks of positions
+    m.state.k[:, :, :nb] = sc.k[s, :, :, :nb]
+    m.state.v[:, :, :nb] = sc.v[s, :, :, :nb]
     m.state.pos = n
     return m.forward(np.array([tok]))
 

@@ -196,7 +196,7 @@ _ASM_CHILD = textwrap.dedent("""
     x = np.ones((3, 64), np.float32); o = np.empty_like(x)
     L.rms_norm(x, x[0].ctypes.data, np.float32(1e-5), o)
     asm["rms_norm"] = L.rms_norm.inspect_asm(L.rms_norm.signatures[0])
-    q = np.ones((20, 64), np.float32); kc = np.ones((1, 24, 64), np.float32)
+    q = np.ones((20, 64), np.float32); kc = np.ones((1, 1, 64, 24), np.float32)
     L.attention_mat(q, kc, kc, 0, 1, 1, 64, q.copy(), np.zeros((20, 20), np.float32), 0)
     asm["attention_mat"] = L.attention_mat.inspect_asm(L.attention_mat.signatures[0])
     g = np.ones((3, 128), np.float32); L.swiglu(g, 64, np.empty((3, 64), np.float32))

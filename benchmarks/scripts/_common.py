@@ -87,12 +87,29 @@ def llama_quantize(src: Path, dst: Path, ftype: int | str, threads: int, allow_r
 
 
 def cpu_name() -> str:
-    """lscpu's "Model name" (the CPU every figure must name), or "unknown"."""
+    """lscpu's "Model name" (the CPU every figure must name), or "unknown"; a name without a model
+    number (a VM's "AMD EPYC") gets lscpu's family and model and LLVM's name for the core
+    beside it: "AMD EPYC (family 26 model 2, znver5)"."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
+    except OSError:
         return "unknown"
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
+    name = fields.get("Model name", "unknown")
+    if any(c.isdigit() for c in name):
+        return name
+    extra = (
+        [f"family {fields['CPU family']} model {fields['Model']}"]
+        if "CPU family" in fields and "Model" in fields
+        else []
+    )
+    try:
+        import llvmlite.binding as llvm
+
+        extra.append(llvm.get_host_cpu_name())
+    except ImportError:
+        pass
+    return f"{name} ({', '.join(extra)})" if extra else name
 
 
 def run_header(threads: int) -> dict:

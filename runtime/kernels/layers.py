@@ -242,8 +242,9 @@ def _attn_group(qi, h0, h1, kt, vt, scores, srow0, oi, a, b, scale, softcap, rin
         for h in range(h0, h1):
             _scores_cols(qi[h * hd : (h + 1) * hd], kt[blk], scores[srow0 + h][p : p + n], off, scale)
         p += n
+    inv = np.empty(h1 - h0, np.float32)  # 1/sum of each head's weights
     for h in range(h0, h1):
-        _softmax(scores[srow0 + h], a, b, softcap)
+        inv[h - h0] = _softmax(scores[srow0 + h], a, b, softcap)
         acc = oi[h * hd : (h + 1) * hd]
         for j in range(hd):
             acc[j] = 0.0
@@ -253,6 +254,10 @@ def _attn_group(qi, h0, h1, kt, vt, scores, srow0, oi, a, b, scale, softcap, rin
         for h in range(h0, h1):
             _pv_cols(scores[srow0 + h][p : p + n], vt[blk], oi[h * hd : (h + 1) * hd], off)
         p += n
+    for h in range(h0, h1):
+        acc = oi[h * hd : (h + 1) * hd]
+        for j in range(hd):
+            acc[j] *= inv[h - h0]
 
 
 @njit(cache=True, fastmath=True)
@@ -311,12 +316,13 @@ QT = 16  # queries per attention tile of the prompt path
 
 @njit(cache=True, parallel=True, fastmath=True)
 def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0, ring=0):
-    """`attention` for many queries (the prompt): per (head, tile of QT queries) job, scores
-    S = Q K^T vectorized over key positions against a float32 copy of the keys (each key
-    load shared by four query dims), softmax per row, then O = P V four positions at a time
-    against a float32 copy of the values by position (a query's outputs summed along hd, as
-    rows: per output dim along short causal rows, 0.8x the speed at 512 tokens). Same arguments
-    and results as `attention`; scores row i*n_heads + h is query i's."""
+    """`attention` for many queries (the prompt): per (head, tile of QT queries) job, four
+    queries at a time (`_attn_four`): scores S = Q K^T vectorized over key positions against a
+    float32 copy of the keys (each key load shared by four query dims and four queries), softmax
+    per row, then O = P V four positions at a time against a copy of the values by position (each
+    value converted once for the four queries). Same arguments and results as `attention`;
+    scores row i*n_heads + h is query i's.
+    """
     t = q.shape[0]
     group = n_heads // n_kv
     scale = np.float32(scale if scale > 0 else 1.0 / np.sqrt(hd))
@@ -345,21 +351,134 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale
         h, z = job % n_heads, job // n_heads
         tile = z // 2 if z % 2 == 0 else ntile - 1 - z // 2
         kv = h // group
-        for i in range(tile * QT, min(t, (tile + 1) * QT)):
+        i, end = tile * QT, min(t, (tile + 1) * QT)
+        while i < end:
+            if i + 4 <= end:
+                if _attn_four(q, kt[kv], vr[kv], scores, out, i, h, n_heads, pos0, lo, window, scale, softcap):
+                    i += 4
+                    continue
             n = pos0 + i + 1
             a = max(0, n - window) if window > 0 else 0
             srow = scores[i * n_heads + h]
             _scores_cols(q[i, h * hd : (h + 1) * hd], kt[kv], srow[a:n], a - lo, scale)
-            _softmax(srow, a, n, softcap)
-            _pv_rows(srow[a:n], vr[kv, a - lo : n - lo], out[i, h * hd : (h + 1) * hd])
+            inv = _softmax(srow, a, n, softcap)
+            acc = out[i, h * hd : (h + 1) * hd]
+            for j in range(hd):
+                acc[j] = 0.0
+            _pv_rows(srow[a:n], vr[kv, a - lo : n - lo], acc)
+            for j in range(hd):
+                acc[j] *= inv
+            i += 1
+
+
+@njit(cache=True, fastmath=True)
+def _attn_four(q, kt, vr, scores, out, i, h, n_heads, pos0, lo, window, scale, softcap):
+    """Head h of queries i..i+3 of the prompt: the positions all four see, [A, N) (A: the last
+    query's first, N: the first query's end), through the four-query loops, the rest of each
+    row alone; False (nothing done) when they share fewer than four positions (a window < 4).
+    kt (hd, positions from lo) float32 keys, vr (positions from lo, hd) values."""
+    hd = kt.shape[0]
+    n0, n3 = pos0 + i + 1, pos0 + i + 4
+    big = max(0, n3 - window) if window > 0 else 0  # A
+    if n0 - big < 4:
+        return False
+    c0, c1 = h * hd, (h + 1) * hd
+    q0, q1, q2, q3 = q[i, c0:c1], q[i + 1, c0:c1], q[i + 2, c0:c1], q[i + 3, c0:c1]
+    r = i * n_heads + h
+    s0, s1, s2, s3 = scores[r], scores[r + n_heads], scores[r + 2 * n_heads], scores[r + 3 * n_heads]
+    _scores_four(q0, q1, q2, q3, kt, s0[big:n0], s1[big:n0], s2[big:n0], s3[big:n0], big - lo, scale)
+    mid = big + (n0 - big) // 4 * 4  # the four-query P V runs over [A, mid)
+    o0, o1, o2, o3 = out[i, c0:c1], out[i + 1, c0:c1], out[i + 2, c0:c1], out[i + 3, c0:c1]
+    i0 = _alone(q0, kt, vr, s0, o0, n0, big, n0, mid, lo, window, scale, softcap)
+    i1 = _alone(q1, kt, vr, s1, o1, n0 + 1, big, n0, mid, lo, window, scale, softcap)
+    i2 = _alone(q2, kt, vr, s2, o2, n0 + 2, big, n0, mid, lo, window, scale, softcap)
+    i3 = _alone(q3, kt, vr, s3, o3, n0 + 3, big, n0, mid, lo, window, scale, softcap)
+    _pv_four(s0[big:mid], s1[big:mid], s2[big:mid], s3[big:mid], vr[big - lo : mid - lo], o0, o1, o2, o3)
+    for j in range(hd):
+        o0[j] *= i0
+        o1[j] *= i1
+        o2[j] *= i2
+        o3[j] *= i3
+    return True
+
+
+@njit(cache=True, fastmath=True)
+def _alone(qk, kt, vr, srow, acc, n, big, nn, mid, lo, window, scale, softcap):
+    """One of `_attn_four`'s queries, which sees [a, n): its scores outside the shared [A, N)
+    (big = A, nn = N), its softmax, acc (zeroed) += its values outside the shared [A, mid);
+    returns 1/sum of its weights."""
+    a = max(0, n - window) if window > 0 else 0
+    if a < big:
+        _scores_cols(qk, kt, srow[a:big], a - lo, scale)
+    _scores_cols(qk, kt, srow[nn:n], nn - lo, scale)
+    inv = _softmax(srow, a, n, softcap)
+    for j in range(acc.shape[0]):
+        acc[j] = 0.0
+    if a < big:
+        _pv_rows(srow[a:big], vr[a - lo : big - lo], acc)
+    _pv_rows(srow[mid:n], vr[mid - lo : n - lo], acc)
+    return inv
+
+
+@njit(cache=True, fastmath=True)
+def _scores_four(q0, q1, q2, q3, kt, s0, s1, s2, s3, c, scale):
+    """`_scores_cols` for four queries over the same key columns [c, c + n): each key load serves
+    four queries."""
+    hd, n = kt.shape[0], s0.shape[0]
+    for r in range(n):
+        s0[r] = 0.0
+        s1[r] = 0.0
+        s2[r] = 0.0
+        s3[r] = 0.0
+    j = 0
+    while j + 4 <= hd:
+        a0, a1, a2, a3 = q0[j] * scale, q0[j + 1] * scale, q0[j + 2] * scale, q0[j + 3] * scale
+        b0, b1, b2, b3 = q1[j] * scale, q1[j + 1] * scale, q1[j + 2] * scale, q1[j + 3] * scale
+        c0, c1, c2, c3 = q2[j] * scale, q2[j + 1] * scale, q2[j + 2] * scale, q2[j + 3] * scale
+        d0, d1, d2, d3 = q3[j] * scale, q3[j + 1] * scale, q3[j + 2] * scale, q3[j + 3] * scale
+        k0, k1, k2, k3 = kt[j][c : c + n], kt[j + 1][c : c + n], kt[j + 2][c : c + n], kt[j + 3][c : c + n]
+        for r in range(n):
+            x0, x1, x2, x3 = k0[r], k1[r], k2[r], k3[r]
+            s0[r] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+            s1[r] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+            s2[r] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+            s3[r] += d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
+        j += 4
+    while j < hd:
+        k0 = kt[j][c : c + n]
+        a0, b0, c0, d0 = q0[j] * scale, q1[j] * scale, q2[j] * scale, q3[j] * scale
+        for r in range(n):
+            x0 = k0[r]
+            s0[r] += a0 * x0
+            s1[r] += b0 * x0
+            s2[r] += c0 * x0
+            s3[r] += d0 * x0
+        j += 1
+
+
+@njit(cache=True, fastmath=True)
+def _pv_four(w0, w1, w2, w3, vr, o0, o1, o2, o3):
+    """o_k (hd,) += sum over r of w_k[r] vr[r] for four queries k, four positions at a time (n a
+    multiple of 4): each value converted once for the four."""
+    hd, n = o0.shape[0], w0.shape[0]
+    for p in range(0, n - 3, 4):
+        v0, v1, v2, v3 = vr[p], vr[p + 1], vr[p + 2], vr[p + 3]
+        a0, a1, a2, a3 = w0[p], w0[p + 1], w0[p + 2], w0[p + 3]
+        b0, b1, b2, b3 = w1[p], w1[p + 1], w1[p + 2], w1[p + 3]
+        c0, c1, c2, c3 = w2[p], w2[p + 1], w2[p + 2], w2[p + 3]
+        d0, d1, d2, d3 = w3[p], w3[p + 1], w3[p + 2], w3[p + 3]
+        for j in range(hd):
+            x0, x1, x2, x3 = kv_get(v0[j]), kv_get(v1[j]), kv_get(v2[j]), kv_get(v3[j])
+            o0[j] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+            o1[j] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+            o2[j] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+            o3[j] += d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
 
 
 @njit(cache=True, fastmath=True)
 def _pv_rows(w, vr, acc):
-    """acc (hd,) = sum over r of w[r] vr[r]: vr (n, hd) values by position, four at a time."""
+    """acc (hd,) += sum over r of w[r] vr[r]: vr (n, hd) values by position, four at a time."""
     hd, n = acc.shape[0], w.shape[0]
-    for j in range(hd):
-        acc[j] = 0.0
     p = 0
     while p + 4 <= n:
         w0, w1, w2, w3 = w[p], w[p + 1], w[p + 2], w[p + 3]
@@ -376,7 +495,9 @@ def _pv_rows(w, vr, acc):
 
 @njit(cache=True, fastmath=True)
 def _softmax(srow, a, b, softcap):
-    """srow[a:b] (scores; soft-capped first when softcap > 0) -> softmax in place."""
+    """srow[a:b] (scores; soft-capped first when softcap > 0) -> exp(s - max) in place; returns
+    1 / their sum, which the caller applies to the hd outputs once (not to every weight: a
+    pass over the row less)."""
     s = srow[a:b]  # loops from 0 (a variable start stops LLVM vectorizing them)
     nk = b - a
     if softcap > 0:
@@ -390,9 +511,7 @@ def _softmax(srow, a, b, softcap):
         e = fast_exp(s[p] - m)
         s[p] = e
         tot += e
-    inv = np.float32(1.0) / tot
-    for p in range(nk):
-        s[p] *= inv
+    return np.float32(1.0) / tot
 
 
 def ref_attention(q, k, v, pos0, window=0, scale=0.0, softcap=0.0):

@@ -266,11 +266,11 @@ def forward(ids, pos0, cfg, model, layers, cos, sin, kc, vc, kr, vr, logits, all
     cfg: CONFIG record; model: MODEL record (embedding, head, final norm); layers: (L,) LAYER
     records (the family's per-layer description: norms and their placement, q/k norm, rope table,
     window, KV rows); cos, sin: rope tables (2: global, local; ctx, rope_dims/2); kc, vc: the
-    full-attention layers' KV cache (L_full, NKV, nblk, HD, bs: kvcache.blocked); kr, vr: the sliding layers' ring
-    buffers (L_ring, NKV, rows, HD; kvcache.py); `prompt`: the tokens are (part of) a prompt, read
-    through the prompt tiles whatever their number (FEW_TOKENS above); `tier`: the kernel tier of the quantized linears,
-    a `Tier` (compiled as the literal of its id: one specialization per tier, holding that tier's
-    code only, kernels/tiers.py)."""
+    full-attention layers' KV cache (L_full, NKV, nblk, HD, bs: kvcache.blocked); kr, vr: the sliding
+    layers' ring buffers (L_ring, NKV, nblk, HD, bs over the ring's rows); `prompt`: the tokens are
+    (part of) a prompt, read through the prompt tiles whatever their number (FEW_TOKENS above);
+    `tier`: the kernel tier of the quantized linears, a `Tier` (compiled as the literal of its id:
+    one specialization per tier, holding that tier's code only, kernels/tiers.py)."""
     t = ids.shape[0]
     few = t <= FEW_TOKENS and not prompt  # decode kernels: a decode step or a verify pass
     H, NH, NKV, HD = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim

@@ -256,6 +256,24 @@ def _kv(kc, vc, fp16, bs=8):
     return Lk.kv_layout(k16, bs), Lk.kv_layout(v16, bs), Lk.kv_get(k16), Lk.kv_get(v16)
 
 
+@pytest.mark.parametrize("nh,nkv,hd", [(12, 2, 5), (8, 1, 16), (16, 2, 8), (6, 1, 12)])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_attention_head_groups_match_decode(nh, nkv, hd, fp16):
+    """Groups of 4+ query heads per KV head (four at a time, then one by one; odd head dims): a
+    pass of t queries equals t decode steps bit for bit (the verify pass's contract), and numpy."""
+    pos0, t, ctx = 21, 5, 30
+    q = rng.standard_normal((t, nh * hd)).astype(np.float32)
+    kc, vc, kref, vref = _kv(*(rng.standard_normal((nkv, ctx, hd)).astype(np.float32) for _ in range(2)), fp16)
+    out = np.zeros((t, nh * hd), np.float32)
+    Lk.attention(q, kc, vc, pos0, nh, nkv, hd, out, np.zeros((t * nh, pos0 + t), np.float32), 0)
+    for i in range(t):
+        one = np.zeros((1, nh * hd), np.float32)
+        Lk.attention(q[i : i + 1], kc, vc, pos0 + i, nh, nkv, hd, one, np.zeros((nh, pos0 + i + 1), np.float32), 0)
+        assert np.array_equal(one[0], out[i]), (i, np.abs(one[0] - out[i]).max())
+    ref = Lk.ref_attention(q.reshape(t, nh, hd), kref[:, : pos0 + t], vref[:, : pos0 + t], pos0)
+    np.testing.assert_allclose(out.reshape(t, nh, hd), ref, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "nh,nkv,hd,t,pos0,window", [(9, 3, 64, 37, 0, 0), (6, 2, 7, 23, 5, 0), (4, 4, 9, 35, 3, 11), (2, 1, 16, 17, 40, 0)]
 )

@@ -179,11 +179,18 @@ def ref_rope(x, pos, cos, sin):
 # ----------------------------------------------------------------------------- attention
 @njit(cache=True)
 def head_split(jobs, group):
-    """Parts to split each group of query heads that share a KV head into, so that `jobs` groups
-    (queries x KV heads) give at least four parallel jobs (two per thread on two cores, one per
-    core on four): each part reads the group's keys and values for its heads, so the fewer parts,
-    the fewer reads. (numba.get_num_threads() in compiled code would stop numba caching it.)"""
-    return min(group, max(1, (4 + jobs - 1) // jobs))
+    """(parts, heads per part) to split each group of query heads that share a KV head into, so
+    that `jobs` groups (queries x KV heads) give at least four parallel jobs (two per thread on two
+    cores, one per core on four): each part reads the group's keys and values for its heads, so
+    the fewer parts, the fewer reads. A part holds a multiple of four heads (but the group's last):
+    `_attn_group` takes heads four at a time from the group's first, so which way a head is summed
+    does not depend on the number of queries (a verify pass sums as the decode step).
+    (numba.get_num_threads() in compiled code would stop numba caching it.)"""
+    parts = min(group, max(1, (4 + jobs - 1) // jobs))
+    per = (group + parts - 1) // parts
+    if group >= 4:
+        per = (per + 3) // 4 * 4
+    return (group + per - 1) // per, per
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -200,8 +207,7 @@ def attention(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0
     group = n_heads // n_kv
     scale = np.float32(scale if scale > 0 else 1.0 / np.sqrt(hd))
     softcap = np.float32(softcap)
-    parts = head_split(t * n_kv, group)
-    per = (group + parts - 1) // parts
+    parts, per = head_split(t * n_kv, group)
     for job in prange(t * n_kv * parts):
         i, kv, part = job // (n_kv * parts), (job // parts) % n_kv, job % parts
         h0 = kv * group + part * per
@@ -236,10 +242,17 @@ def _attn_group(qi, h0, h1, kt, vt, scores, srow0, oi, a, b, scale, softcap, rin
     head, every head reading the cache again: 1.5x the time at 4,096 positions, TinyLlama
     shape, fp16.)"""
     hd, bs = kt.shape[1], kt.shape[2]
+    h4 = h0 + (h1 - h0) // 4 * 4  # heads [h0, h4) four at a time (each key load serves four), then one by one
     p = a
     while p < b:
         blk, off, n = _segment(p, b, ring, bs)
-        for h in range(h0, h1):
+        for h in range(h0, h4, 4):
+            s0, s1, s2, s3 = scores[srow0 + h], scores[srow0 + h + 1], scores[srow0 + h + 2], scores[srow0 + h + 3]
+            q0, q1 = qi[h * hd : (h + 1) * hd], qi[(h + 1) * hd : (h + 2) * hd]
+            q2, q3 = qi[(h + 2) * hd : (h + 3) * hd], qi[(h + 3) * hd : (h + 4) * hd]
+            e = p + n
+            _scores_four(q0, q1, q2, q3, kt[blk], s0[p:e], s1[p:e], s2[p:e], s3[p:e], off, scale)
+        for h in range(h4, h1):
             _scores_cols(qi[h * hd : (h + 1) * hd], kt[blk], scores[srow0 + h][p : p + n], off, scale)
         p += n
     inv = np.empty(h1 - h0, np.float32)  # 1/sum of each head's weights
@@ -251,8 +264,17 @@ def _attn_group(qi, h0, h1, kt, vt, scores, srow0, oi, a, b, scale, softcap, rin
     p = a
     while p < b:
         blk, off, n = _segment(p, b, ring, bs)
-        for h in range(h0, h1):
-            _pv_cols(scores[srow0 + h][p : p + n], vt[blk], oi[h * hd : (h + 1) * hd], off)
+        e = p + n
+        for h in range(h0, h4, 4):
+            w0, w1, w2, w3 = (
+                scores[srow0 + h][p:e],
+                scores[srow0 + h + 1][p:e],
+                scores[srow0 + h + 2][p:e],
+                scores[srow0 + h + 3][p:e],
+            )
+            _pv_cols_four(w0, w1, w2, w3, vt[blk], oi[h * hd : (h + 4) * hd], off)
+        for h in range(h4, h1):
+            _pv_cols(scores[srow0 + h][p:e], vt[blk], oi[h * hd : (h + 1) * hd], off)
         p += n
     for h in range(h0, h1):
         acc = oi[h * hd : (h + 1) * hd]
@@ -280,6 +302,60 @@ def _scores_cols(qh, kt, s, c, scale):
         for r in range(n):
             s[r] += q0 * kv_get(k0[r])
         j += 1
+
+
+@njit(cache=True, fastmath=True)
+def _pv_cols_four(w0, w1, w2, w3, vt, acc, c):
+    """`_pv_cols` for four heads at once: acc (4*hd,) the four heads' outputs side by side, w0..w3
+    their weights over columns [c, c + n); each value conversion serves the four."""
+    hd, n = vt.shape[0], w0.shape[0]
+    for j in range(0, hd - 3, 4):  # hd a multiple of 4 (a model's head dim; the rest below)
+        v0, v1, v2, v3 = vt[j][c : c + n], vt[j + 1][c : c + n], vt[j + 2][c : c + n], vt[j + 3][c : c + n]
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+        c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
+        for r in range(n):
+            x0, x1, x2, x3 = kv_get(v0[r]), kv_get(v1[r]), kv_get(v2[r]), kv_get(v3[r])
+            y0, y1, y2, y3 = w0[r], w1[r], w2[r], w3[r]
+            a0 += y0 * x0
+            a1 += y0 * x1
+            a2 += y0 * x2
+            a3 += y0 * x3
+            b0 += y1 * x0
+            b1 += y1 * x1
+            b2 += y1 * x2
+            b3 += y1 * x3
+            c0 += y2 * x0
+            c1 += y2 * x1
+            c2 += y2 * x2
+            c3 += y2 * x3
+            d0 += y3 * x0
+            d1 += y3 * x1
+            d2 += y3 * x2
+            d3 += y3 * x3
+        acc[j] += a0
+        acc[j + 1] += a1
+        acc[j + 2] += a2
+        acc[j + 3] += a3
+        acc[hd + j] += b0
+        acc[hd + j + 1] += b1
+        acc[hd + j + 2] += b2
+        acc[hd + j + 3] += b3
+        acc[2 * hd + j] += c0
+        acc[2 * hd + j + 1] += c1
+        acc[2 * hd + j + 2] += c2
+        acc[2 * hd + j + 3] += c3
+        acc[3 * hd + j] += d0
+        acc[3 * hd + j + 1] += d1
+        acc[3 * hd + j + 2] += d2
+        acc[3 * hd + j + 3] += d3
+    for j in range(hd // 4 * 4, hd):
+        v0 = vt[j][c : c + n]
+        for k in range(4):
+            w = w0 if k == 0 else (w1 if k == 1 else (w2 if k == 2 else w3))
+            s0 = np.float32(0.0)
+            for r in range(n):
+                s0 += w[r] * kv_get(v0[r])
+            acc[k * hd + j] += s0
 
 
 @njit(cache=True, fastmath=True)
@@ -422,8 +498,8 @@ def _alone(qk, kt, vr, srow, acc, n, big, nn, mid, lo, window, scale, softcap):
 
 @njit(cache=True, fastmath=True)
 def _scores_four(q0, q1, q2, q3, kt, s0, s1, s2, s3, c, scale):
-    """`_scores_cols` for four queries over the same key columns [c, c + n): each key load serves
-    four queries."""
+    """`_scores_cols` for four queries (the prompt's) or four heads (a decode step's) over the same
+    key columns [c, c + n): each key load serves the four."""
     hd, n = kt.shape[0], s0.shape[0]
     for r in range(n):
         s0[r] = 0.0
@@ -438,7 +514,7 @@ def _scores_four(q0, q1, q2, q3, kt, s0, s1, s2, s3, c, scale):
         d0, d1, d2, d3 = q3[j] * scale, q3[j + 1] * scale, q3[j + 2] * scale, q3[j + 3] * scale
         k0, k1, k2, k3 = kt[j][c : c + n], kt[j + 1][c : c + n], kt[j + 2][c : c + n], kt[j + 3][c : c + n]
         for r in range(n):
-            x0, x1, x2, x3 = k0[r], k1[r], k2[r], k3[r]
+            x0, x1, x2, x3 = kv_get(k0[r]), kv_get(k1[r]), kv_get(k2[r]), kv_get(k3[r])
             s0[r] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
             s1[r] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
             s2[r] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
@@ -448,7 +524,7 @@ def _scores_four(q0, q1, q2, q3, kt, s0, s1, s2, s3, c, scale):
         k0 = kt[j][c : c + n]
         a0, b0, c0, d0 = q0[j] * scale, q1[j] * scale, q2[j] * scale, q3[j] * scale
         for r in range(n):
-            x0 = k0[r]
+            x0 = kv_get(k0[r])
             s0[r] += a0 * x0
             s1[r] += b0 * x0
             s2[r] += c0 * x0

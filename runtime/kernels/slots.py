@@ -35,8 +35,7 @@ def attention_rows(q, rows, kc, vc, slot, pos, layer, n_heads, n_kv, hd, out, sc
     group = n_heads // n_kv
     scale = np.float32(scale if scale > 0 else 1.0 / np.sqrt(hd))
     softcap = np.float32(softcap)
-    parts = head_split(rows.shape[0] * n_kv, group)
-    per = (group + parts - 1) // parts
+    parts, per = head_split(rows.shape[0] * n_kv, group)
     for job in prange(rows.shape[0] * n_kv * parts):
         r, kv, part = job // (n_kv * parts), (job // parts) % n_kv, job % parts
         h0 = kv * group + part * per

@@ -236,11 +236,12 @@ def _attn_group(qi, h0, h1, kt, vt, scores, srow0, oi, a, b, scale, softcap, rin
     [a, b): qi (n_heads*hd,) the query row, scores row srow0 + h head h's, oi (n_heads*hd,) the
     output row. Block by block, each head's scores are sums along the block's positions
     (vectorized over them: no horizontal sum per position), and each output dim one dot along
-    them; the group's heads take each block in turn while its keys (then values) are in L1/L2.
-    A head's sums do not depend on the grouping, so `attention` and the batched
-    `attention_rows` agree bit for bit. (Rows (ctx, hd) with one dot over hd per position and
-    head, every head reading the cache again: 1.5x the time at 4,096 positions, TinyLlama
-    shape, fp16.)"""
+    them; the group's heads take each block in turn while its keys (then values) are in L1/L2,
+    four at a time from the group's first head, the rest one by one. Which way a head is summed
+    is fixed by its place in its group (`head_split` cuts groups at fours), so `attention` and
+    the batched `attention_rows`, and a verify pass and the decode steps, agree bit for bit.
+    (Rows (ctx, hd) with one dot over hd per position and head, every head reading the cache
+    again: 1.5x the time at 4,096 positions, TinyLlama shape, fp16.)"""
     hd, bs = kt.shape[1], kt.shape[2]
     h4 = h0 + (h1 - h0) // 4 * 4  # heads [h0, h4) four at a time (each key load serves four), then one by one
     p = a

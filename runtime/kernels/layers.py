@@ -394,12 +394,11 @@ QT = 16  # queries per attention tile of the prompt path
 @njit(cache=True, parallel=True, fastmath=True)
 def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale=0.0, softcap=0.0, ring=0):
     """`attention` for many queries (the prompt): per (head, tile of QT queries) job, four
-    queries at a time (`_attn_four`): scores S = Q K^T vectorized over key positions against a
-    float32 copy of the keys (each key load shared by four query dims and four queries), softmax
-    per row, then O = P V four positions at a time against a copy of the values by position (each
-    value converted once for the four queries). Same arguments and results as `attention`;
-    scores row i*n_heads + h is query i's.
-    """
+    queries at a time where no window cuts them (`_attn_four`, each summed as alone): scores
+    S = Q K^T vectorized over key positions against a float32 copy of the keys (each key load
+    shared by four query dims and four queries), softmax per row, then O = P V four positions at
+    a time against a copy of the values by position (each value converted once for the four
+    queries). Same arguments and results as `attention`; scores row i*n_heads + h is query i's."""
     t = q.shape[0]
     group = n_heads // n_kv
     scale = np.float32(scale if scale > 0 else 1.0 / np.sqrt(hd))
@@ -450,51 +449,53 @@ def attention_mat(q, kc, vc, pos0, n_heads, n_kv, hd, out, scores, window, scale
 
 @njit(cache=True, fastmath=True)
 def _attn_four(q, kt, vr, scores, out, i, h, n_heads, pos0, lo, window, scale, softcap):
-    """Head h of queries i..i+3 of the prompt: the positions all four see, [A, N) (A: the last
-    query's first, N: the first query's end), through the four-query loops, the rest of each
-    row alone; False (nothing done) when they share fewer than four positions (a window < 4).
-    kt (hd, positions from lo) float32 keys, vr (positions from lo, hd) values."""
+    """Head h of queries i..i+3 of the prompt when all four see from position 0 (no window cuts
+    them): the positions all four see, [0, N) (N: the first query's end), through the four-query
+    loops, the rest of each row alone; False (nothing done) otherwise. Each query's sums come out
+    as the one-query path's, in the same order (scores: one sum per position; values: fours of
+    positions from 0, the four-query part first), so a prompt read in pieces, whose tiles group
+    its queries differently, gives the logits of the whole prompt bit for bit. kt (hd, positions
+    from lo) float32 keys, vr (positions from lo, hd) values."""
     hd = kt.shape[0]
     n0, n3 = pos0 + i + 1, pos0 + i + 4
-    big = max(0, n3 - window) if window > 0 else 0  # A
-    if n0 - big < 4:
+    if (window > 0 and n3 > window) or n0 < 4:
         return False
     c0, c1 = h * hd, (h + 1) * hd
     q0, q1, q2, q3 = q[i, c0:c1], q[i + 1, c0:c1], q[i + 2, c0:c1], q[i + 3, c0:c1]
     r = i * n_heads + h
     s0, s1, s2, s3 = scores[r], scores[r + n_heads], scores[r + 2 * n_heads], scores[r + 3 * n_heads]
-    _scores_four(q0, q1, q2, q3, kt, s0[big:n0], s1[big:n0], s2[big:n0], s3[big:n0], big - lo, scale)
-    mid = big + (n0 - big) // 4 * 4  # the four-query P V runs over [A, mid)
     o0, o1, o2, o3 = out[i, c0:c1], out[i + 1, c0:c1], out[i + 2, c0:c1], out[i + 3, c0:c1]
-    i0 = _alone(q0, kt, vr, s0, o0, n0, big, n0, mid, lo, window, scale, softcap)
-    i1 = _alone(q1, kt, vr, s1, o1, n0 + 1, big, n0, mid, lo, window, scale, softcap)
-    i2 = _alone(q2, kt, vr, s2, o2, n0 + 2, big, n0, mid, lo, window, scale, softcap)
-    i3 = _alone(q3, kt, vr, s3, o3, n0 + 3, big, n0, mid, lo, window, scale, softcap)
-    _pv_four(s0[big:mid], s1[big:mid], s2[big:mid], s3[big:mid], vr[big - lo : mid - lo], o0, o1, o2, o3)
-    for j in range(hd):
-        o0[j] *= i0
-        o1[j] *= i1
-        o2[j] *= i2
-        o3[j] *= i3
+    _scores_four(q0, q1, q2, q3, kt, s0[:n0], s1[:n0], s2[:n0], s3[:n0], -lo, scale)
+    i0 = _open(q0, kt, s0, o0, n0, n0, lo, scale, softcap)
+    i1 = _open(q1, kt, s1, o1, n0 + 1, n0, lo, scale, softcap)
+    i2 = _open(q2, kt, s2, o2, n0 + 2, n0, lo, scale, softcap)
+    i3 = _open(q3, kt, s3, o3, n0 + 3, n0, lo, scale, softcap)
+    mid = n0 // 4 * 4  # values [0, mid) four queries at a time, then each row's rest alone
+    _pv_four(s0[:mid], s1[:mid], s2[:mid], s3[:mid], vr[: mid - lo], o0, o1, o2, o3)
+    _close(s0, vr, o0, mid, n0, lo, i0)
+    _close(s1, vr, o1, mid, n0 + 1, lo, i1)
+    _close(s2, vr, o2, mid, n0 + 2, lo, i2)
+    _close(s3, vr, o3, mid, n0 + 3, lo, i3)
     return True
 
 
 @njit(cache=True, fastmath=True)
-def _alone(qk, kt, vr, srow, acc, n, big, nn, mid, lo, window, scale, softcap):
-    """One of `_attn_four`'s queries, which sees [a, n): its scores outside the shared [A, N)
-    (big = A, nn = N), its softmax, acc (zeroed) += its values outside the shared [A, mid);
-    returns 1/sum of its weights."""
-    a = max(0, n - window) if window > 0 else 0
-    if a < big:
-        _scores_cols(qk, kt, srow[a:big], a - lo, scale)
+def _open(qk, kt, srow, acc, n, nn, lo, scale, softcap):
+    """One of `_attn_four`'s queries, which sees [0, n): its scores past the shared [0, nn), its
+    softmax, acc zeroed; returns 1/sum of its weights."""
     _scores_cols(qk, kt, srow[nn:n], nn - lo, scale)
-    inv = _softmax(srow, a, n, softcap)
+    inv = _softmax(srow, 0, n, softcap)
     for j in range(acc.shape[0]):
         acc[j] = 0.0
-    if a < big:
-        _pv_rows(srow[a:big], vr[a - lo : big - lo], acc)
-    _pv_rows(srow[mid:n], vr[mid - lo : n - lo], acc)
     return inv
+
+
+@njit(cache=True, fastmath=True)
+def _close(srow, vr, acc, mid, n, lo, inv):
+    """acc += the values of [mid, n) (fours then ones, as `_pv_rows` continues), then * inv."""
+    _pv_rows(srow[mid:n], vr[mid - lo : n - lo], acc)
+    for j in range(acc.shape[0]):
+        acc[j] *= inv
 
 
 @njit(cache=True, fastmath=True)

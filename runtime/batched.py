@@ -29,6 +29,7 @@ from numba import njit
 from .errors import EdgeLLMError
 from .format.records import ROPE_LOCAL
 from .kernels.family import scale_cap
+from .kernels.jitcache import stamp
 from .kernels.layers import attention_mat, embed_rows, kv_cast, rope
 from .kernels.simd import as_voidptr
 from .kernels.slots import attention_rows, batch_linear
@@ -301,6 +302,10 @@ def check_slots_memory(cfg, n_ctx: int, kv_itemsize: int, parallel: int) -> int:
             "give a smaller --parallel or --ctx"
         )
     return need
+
+
+# numba's cache of this module's kernels keys on all their sources, not only this file (jitcache.py)
+stamp(globals())
 
 
 if __name__ == "__main__":  # the child of _compile_in_child: python -m edgellm.runtime.batched TIER fp16|fp32

@@ -18,6 +18,7 @@ from .format.records import CONFIG, KIND_F16, KIND_F32, LAYER, LINEAR, MODEL, RO
 from .hugepages import HUGE, Arena
 from .kernels import tiers
 from .kernels.family import geglu, rms_norm_cols, scale_cap
+from .kernels.jitcache import stamp
 from .kernels.layers import (
     attention,
     attention_mat,
@@ -541,3 +542,7 @@ class NumbaModel:
 
     def close(self):
         self.export.close()
+
+
+# numba's cache of this module's kernels keys on all their sources, not only this file (jitcache.py)
+stamp(globals())

@@ -95,6 +95,7 @@ from numba import cuda, float32
 from numba.core import config, types
 
 from ..format.records import KIND_F32, KIND_Q4, KIND_Q8  # noqa: F401  (the kinds a CUDA_LINEAR holds)
+from ..kernels.jitcache import stamp
 
 _SHARED_LOCK = threading.Lock()  # tests swap it for a no-op to show the race is real
 _sim_alloc = np.empty  # tests slow it down to widen the race window
@@ -775,3 +776,7 @@ def phase_kernel(ph, l, row, tok, pos, cfg, model, layers, w, s):
     part = cuda.shared.array(MAX_THREADS, float32)
     red = cuda.shared.array(RED, float32)
     run_phase(ph, l, row, tok, pos, cfg[0], model[0], layers, w, s, part, red)
+
+
+# numba's cache of this module's kernels keys on all their sources, not only this file (jitcache.py)
+stamp(globals())

@@ -12,6 +12,7 @@ import math
 import numpy as np
 from numba import carray, njit, prange
 
+from .jitcache import stamp
 from .layers import fast_exp
 from .simd import as_voidptr
 
@@ -93,3 +94,7 @@ def ref_rope_partial(x, pos, cos, sin):
     c, s = cos[pos][:, None, :], sin[pos][:, None, :]
     a, b = x[..., :half], x[..., half:rot]
     return np.concatenate([a * c - b * s, b * c + a * s, x[..., rot:]], -1)
+
+
+# numba's cache of this module's kernels keys on all their sources, not only this file (jitcache.py)
+stamp(globals())

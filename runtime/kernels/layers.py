@@ -16,6 +16,7 @@ from numba import carray, njit, prange, types
 from numba.extending import overload
 
 from ..format.records import KIND_F16, KIND_F32, KIND_Q4
+from .jitcache import stamp
 from .simd import as_voidptr, float_from_bits, float_to_half, half_to_float
 
 # ----------------------------------------------------------------------------- exp
@@ -705,3 +706,7 @@ def embed_rows(d, ids, out):
                     out[i, j] = (np.float32(code) - np.float32(d.zero)) * s
                 else:
                     out[i, j] = np.float32(code) * s - zs[j // gs]
+
+
+# numba's cache of this module's kernels keys on all their sources, not only this file (jitcache.py)
+stamp(globals())

@@ -23,6 +23,7 @@ from ..errors import EdgeLLMError
 from ..format.blocks import dequantize, pack_codes
 from ..format.records import KIND_F16, KIND_F32, KIND_Q4, LINEAR, record
 from . import tiers
+from .jitcache import stamp
 from .simd import RB, TB, as_voidptr, qdot_1x1, qdot_1xt, qdot_few, qdot_rows, qdot_rxt, rowdot_f16, rowdot_f32
 
 # RECENTRE[tier id, bits]: the offset the tier's tile subtracts from `bits`-bit codes (hook.py
@@ -466,3 +467,7 @@ def checked_tier(kernels: str | None):
         )
         warning = note if warning is None else f"{warning}; {note}"
         tier = tiers.BY_NAME[tier.fallback]
+
+
+# numba's cache of this module's kernels keys on all their sources, not only this file (jitcache.py)
+stamp(globals())

@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..format.records import KIND_F16, KIND_F32
+from .jitcache import stamp
 from .layers import _attn_group, head_split, kv_get, kv_positions
 from .quant import RECENTRE, _finish_mat, _frow, _held, _qrows_vec, lane_shift, linear_mat, quantize_act
 
@@ -113,3 +114,7 @@ def ref_attention_rows(q, kc, vc, slot, pos, layer, window=0, scale=0.0, softcap
             p = np.exp(s - s.max())
             out[i, h] = (p / p.sum()) @ v[h // group, lo : pos[i] + 1]
     return out
+
+
+# numba's cache of this module's kernels keys on all their sources, not only this file (jitcache.py)
+stamp(globals())

@@ -1,0 +1,105 @@
+"""Numba's on-disk cache, keyed on every runtime source a kernel is built from.
+
+numba validates a cached function against its own source file only (the index holds that file's
+mtime and size). A kernel inlines the kernels it calls from other files: after layers.py changes,
+a cached `model.forward` (model.py unchanged) would still load the old attention code. That hit
+this project's own tests once, and it hits every editable install after a `git pull` that changes
+a kernel but not its callers.
+
+`stamp(globals())`, called at the end of each module that defines cached kernels, extends the
+stamp of each of its cache indexes with a digest of the module's source and every runtime module
+it imports (relative imports, function-level ones included, followed transitively). A changed
+digest makes numba treat the whole index as stale: it recompiles, and the next save overwrites
+the index and reuses its data files, so stale entries do not pile up. Processes with different
+sources that share a cache folder each load only the entries built from their own sources.
+
+The compile target (CPU name and features) is already part of numba's key for each entry: a
+cache built for one CPU is never loaded on another (kernels/tiers.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+
+_MARK = "edgellm-sources"
+
+
+@functools.lru_cache(maxsize=None)
+def _file_hash(path: str) -> tuple[bytes, tuple[str, ...]]:
+    """(sha256 of the file, the runtime files it imports, as absolute paths)."""
+    with open(path, "rb") as f:
+        src = f.read()
+    return hashlib.sha256(src).digest(), tuple(sorted(_imports(path, src)))
+
+
+_FROM = re.compile(rb"^[ \t]*from[ \t]+(\.+)([\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)", re.M)
+
+
+def _imports(path: str, src: bytes) -> set[str]:
+    """The files of the relative imports in `src`, module level or in a function (a regex, not
+    ast: parsing every source on each start cost 0.16 s). `from .a import b` reads a.py, or, where
+    a is a package, a/b.py when b is a submodule and a/__init__.py when b is a name defined there."""
+    found = set()
+    here = os.path.dirname(path)
+    for dots, module, names in _FROM.findall(src):
+        base = here
+        for _ in range(len(dots) - 1):
+            base = os.path.dirname(base)
+        if module:
+            base = os.path.join(base, *module.decode().split("."))
+        if os.path.isfile(base + ".py"):
+            found.add(base + ".py")
+            continue
+        names = re.sub(rb"#[^\n]*", b"", names).strip(b"()")
+        for name in (n.split()[0].decode() for n in names.split(b",") if n.strip()):
+            sub = [os.path.join(base, name + ".py"), os.path.join(base, name, "__init__.py")]
+            hit = [p for p in sub if os.path.isfile(p)]
+            found.update(hit or [os.path.join(base, "__init__.py")])
+    return {os.path.abspath(p) for p in found if os.path.isfile(p)}
+
+
+@functools.lru_cache(maxsize=None)
+def sources(path: str) -> tuple[str, ...]:
+    """`path` and every runtime file it imports, transitively, sorted."""
+    seen, todo = set(), [os.path.abspath(path)]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo.extend(_file_hash(p)[1])
+    return tuple(sorted(seen))
+
+
+@functools.lru_cache(maxsize=None)
+def digest(path: str) -> str:
+    """sha256 over the contents of sources(path), each named relative to `path`'s folder (the
+    same sources at another path give the same digest)."""
+    root = os.path.dirname(os.path.abspath(path))
+    h = hashlib.sha256()
+    for p in sources(path):
+        h.update(os.path.relpath(p, root).encode() + b"\0" + _file_hash(p)[0])
+    return h.hexdigest()
+
+
+def stamp(namespace: dict) -> int:
+    """Key the cache of every cached numba function in `namespace` (a module's globals) on the
+    digest of that module's sources. Returns how many it stamped (an already stamped one is left
+    as it is)."""
+    n = 0
+    for obj in list(namespace.values()):
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        own = getattr(cache_file, "_source_stamp", None)
+        if own is None or (isinstance(own, tuple) and own[:1] == (_MARK,)):
+            continue
+        cache_file._source_stamp = (_MARK, digest(namespace["__file__"]), own)
+        n += 1
+    return n
+
+
+def stamped(dispatcher) -> bool:
+    """Whether `dispatcher`'s cache carries the sources digest (a test checks every cached kernel)."""
+    own = getattr(getattr(getattr(dispatcher, "_cache", None), "_cache_file", None), "_source_stamp", None)
+    return isinstance(own, tuple) and own[:1] == (_MARK,)

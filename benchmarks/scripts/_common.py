@@ -88,7 +88,8 @@ def llama_quantize(src: Path, dst: Path, ftype: int | str, threads: int, allow_r
 
 def cpu_name() -> str:
     """lscpu's "Model name" (the CPU every figure must name), or "unknown"; a name without a model
-    number (a VM's "AMD EPYC") gets lscpu's family and model and LLVM's name for the core
+    number (a VM's "AMD EPYC", or "Intel(R) Xeon(R) Processor @ 2.80GHz") gets lscpu's family and model and
+    LLVM's name for the core
     beside it: "AMD EPYC (family 26 model 2, znver5)"."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -96,7 +97,7 @@ def cpu_name() -> str:
         return "unknown"
     fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
     name = fields.get("Model name", "unknown")
-    if any(c.isdigit() for c in name):
+    if any(c.isdigit() for c in name.split("@")[0]):  # a model number, not only "@ 2.80GHz"
         return name
     extra = (
         [f"family {fields['CPU family']} model {fields['Model']}"]

@@ -6,7 +6,6 @@ openai, psutil) are imported inside the functions that use them."""
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import socket
 import subprocess
@@ -117,7 +116,7 @@ def run_header(threads: int) -> dict:
     """The first keys of a result file: when, on which CPU, with how many threads."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),  # the model, not platform.processor()'s "x86_64"
         "threads": threads,
     }
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.benchmarks.scripts._common import cpu_name, run_header, write_table
+from edgellm.benchmarks.scripts._common import run_header, write_table
 from edgellm.benchmarks.scripts.runtime_decode import bandwidth_gbs
 
 
@@ -81,7 +81,7 @@ def main():
     args = ap.parse_args()
     from edgellm.runtime.model import NumbaModel
 
-    head = run_header(args.threads) | {"cpu": cpu_name()}
+    head = run_header(args.threads)
     rows = []
     for path in args.exports:
         m = NumbaModel(path, n_ctx=256, threads=args.threads)

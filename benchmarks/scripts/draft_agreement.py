@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgellm.benchmarks.scripts._common import cpu_name, run_header, write_table
+from edgellm.benchmarks.scripts._common import run_header, write_table
 from edgellm.benchmarks.speculation import TASKS
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
@@ -77,7 +77,7 @@ def main():
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # noqa: E731
     tok = AutoTokenizer.from_pretrained(args.target)
     answered = answers(load(args.target), tok, args.tokens)
-    head = run_header(args.threads) | {"cpu": cpu_name(), "target": args.target}
+    head = run_header(args.threads) | {"target": args.target}
     results = []
     for spec in args.draft:
         name, _, path = spec.partition("=")

@@ -253,6 +253,7 @@ def main(argv=None):
             f"size {row['size_mb'] * 1e6 / 2**20:.1f} MiB" + (f"  kernels {row['kernels']}" if row["kernels"] else ""),
             flush=True,
         )
+    print(f"{results['cpu']}, {args.threads} threads, {results['date']}, {args.rounds} interleaved rounds")
     if results.get("numba_first_ever_start_s") is not None:
         print(f"numba first-ever start (empty compile cache): load+1st {results['numba_first_ever_start_s']:.1f} s")
     line = f"bandwidth {results['bandwidth_gbs']:.1f} GB/s"

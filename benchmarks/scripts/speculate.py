@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.benchmarks.scripts._common import cpu_name, run_header, write_table
+from edgellm.benchmarks.scripts._common import run_header, write_table
 from edgellm.benchmarks.speculation import run_tasks  # the bench phase's tasks and loop, one copy
 
 
@@ -76,7 +76,7 @@ def main():
         if args.lookup:
             drafter = LookupThenDraft(Lookup(), drafter)
     what = "prompt lookup" if drafter is None else f"{'lookup + ' if args.lookup else ''}draft {args.draft.name}"
-    head = run_header(args.threads) | {"cpu": cpu_name(), "model": args.model, "draft": what, "p_min": args.draft_p_min}
+    head = run_header(args.threads) | {"model": args.model, "draft": what, "p_min": args.draft_p_min}
     print(head, flush=True)
     ks = tuple(int(k) for k in args.ks.split(","))
     vrows = verify_cost(gen.model, args.at, ks, max(20, 6 * args.reps))

@@ -87,9 +87,8 @@ def llama_quantize(src: Path, dst: Path, ftype: int | str, threads: int, allow_r
 
 def cpu_name() -> str:
     """lscpu's "Model name" (the CPU every figure must name), or "unknown"; a name without a model
-    number (a VM's "AMD EPYC", or "Intel(R) Xeon(R) Processor @ 2.80GHz") gets lscpu's family and model and
-    LLVM's name for the core
-    beside it: "AMD EPYC (family 26 model 2, znver5)"."""
+    number (a VM's "AMD EPYC", or "Intel(R) Xeon(R) Processor @ 2.80GHz") gets lscpu's family and
+    model and LLVM's name for the core beside it: "AMD EPYC (family 26 model 2, znver5)"."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except OSError:

@@ -53,9 +53,8 @@ def bandwidth_gbs(threads: int, mib: int = 256) -> float:
     for a memory-bound decode step on this machine. The best of two read patterns: one float32
     stream per thread (a plain sum), and eight interleaved row streams per thread, as the decode
     kernels read (a tile of 4 rows, each with its codes and its scales). A single Ice Lake server
-    core keeps too few lines in flight on one stream: there (2 threads, 1 GiB) the plain sum read
-    11-13 GB/s, one row at a time with the runtime's software prefetch 15-16, eight rows 21 GB/s,
-    while the 1.1B decode step itself streamed 17.6 GB/s."""
+    core keeps too few lines in flight on one stream: there the plain sum read less than the 1.1B
+    decode step itself streamed, and eight row streams 1.5x the plain sum (RESULTS §43)."""
     import numba
     from numba import njit, prange
 

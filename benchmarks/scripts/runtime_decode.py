@@ -32,6 +32,7 @@ benchmark child is how a laptop CPU is emulated here; the runtime itself has no 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -48,18 +49,14 @@ from edgellm.benchmarks.scripts.ov_genai_speed import check_peer, measure_ov
 FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 
 
-def bandwidth_gbs(threads: int, mib: int = 256) -> float:
-    """Read bandwidth (GB/s) of `threads` threads (numba prange) streaming `mib` MiB: the ceiling
-    for a memory-bound decode step on this machine. The best of two read patterns: one float32
-    stream per thread (a plain sum), and eight interleaved row streams per thread, as the decode
-    kernels read (a tile of 4 rows, each with its codes and its scales). A single Ice Lake server
-    core keeps too few lines in flight on one stream: there the plain sum read less than the 1.1B
-    decode step itself streamed, and eight row streams 1.5x the plain sum (RESULTS §43)."""
-    import numba
+@functools.cache
+def _probes():
+    """The two read patterns of bandwidth_gbs, compiled once per process (bound_share calls it
+    every round)."""
     from numba import njit, prange
 
     @njit(parallel=True, fastmath=True)
-    def total(a):
+    def total(a):  # one stream per thread
         s = 0.0
         for i in prange(a.size):
             s += a[i]
@@ -74,13 +71,26 @@ def bandwidth_gbs(threads: int, mib: int = 256) -> float:
                 s += w[r + 4, j] + w[r + 5, j] + w[r + 6, j] + w[r + 7, j]
             out[q] = s
 
+    return total, rows8
+
+
+def bandwidth_gbs(threads: int, mib: int = 256) -> float:
+    """Read bandwidth (GB/s) of `threads` threads (numba prange) streaming `mib` MiB: the ceiling
+    for a memory-bound decode step on this machine. The best of two read patterns: one float32
+    stream per thread (a plain sum), and eight interleaved row streams per thread, as the decode
+    kernels read (a tile of 4 rows, each with its codes and its scales). A single Ice Lake server
+    core keeps too few lines in flight on one stream: there the plain sum read less than the 1.1B
+    decode step itself streamed, and eight row streams 1.5x the plain sum (RESULTS §43)."""
+    import numba
+
+    total, rows8 = _probes()
     numba.set_num_threads(threads)
     a = np.ones(mib * 2**20 // 4, np.float32)
     w = a.reshape(-1, 8192)
     out = np.zeros(w.shape[0] // 8, np.float32)
     best = 0.0
     for probe in (lambda: total(a), lambda: rows8(w, out)):
-        probe()  # compile, and fault the pages in
+        probe()  # compile (once per process), and fault the pages in
         for _ in range(5):
             t = time.perf_counter()
             probe()

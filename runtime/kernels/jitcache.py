@@ -84,22 +84,27 @@ def digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _index(obj):
+    """(numba's cache index file of `obj`, its source stamp), or (None, None) for anything else."""
+    cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+    return cache_file, getattr(cache_file, "_source_stamp", None)
+
+
+def stamped(dispatcher) -> bool:
+    """Whether `dispatcher`'s cache carries the sources digest (a test checks every cached kernel)."""
+    own = _index(dispatcher)[1]
+    return isinstance(own, tuple) and own[:1] == (_MARK,)
+
+
 def stamp(namespace: dict) -> int:
     """Key the cache of every cached numba function in `namespace` (a module's globals) on the
     digest of that module's sources. Returns how many it stamped (an already stamped one is left
     as it is)."""
     n = 0
     for obj in list(namespace.values()):
-        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
-        own = getattr(cache_file, "_source_stamp", None)
-        if own is None or (isinstance(own, tuple) and own[:1] == (_MARK,)):
+        cache_file, own = _index(obj)
+        if own is None or stamped(obj):
             continue
         cache_file._source_stamp = (_MARK, digest(namespace["__file__"]), own)
         n += 1
     return n
-
-
-def stamped(dispatcher) -> bool:
-    """Whether `dispatcher`'s cache carries the sources digest (a test checks every cached kernel)."""
-    own = getattr(getattr(getattr(dispatcher, "_cache", None), "_cache_file", None), "_source_stamp", None)
-    return isinstance(own, tuple) and own[:1] == (_MARK,)

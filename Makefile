@@ -26,8 +26,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
+# The suite is mostly numba compiles, one core each: TEST_JOBS pytest workers (pytest-xdist) share the
+# machine's cores, a test file per worker at a time (its module fixtures are built once).
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 # ruff's settings are in pyproject.toml ([tool.ruff]: line length 120, import order).
 lint: $(STAMP)

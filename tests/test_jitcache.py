@@ -79,13 +79,15 @@ def _runtime_modules():
 
 
 def test_every_cached_runtime_kernel_is_stamped():
-    """A module that defines cached kernels and forgets stamp(globals()) fails here."""
+    """A module that defines cached kernels and forgets stamp(globals()) fails here: every cached
+    kernel carries the sources digest and saves under the folder's lock."""
     cached, missing = 0, []
     for mod in _runtime_modules():
         for name, obj in vars(mod).items():
             if isinstance(obj, Dispatcher) and obj.__module__ == mod.__name__ and not isinstance(obj._cache, NullCache):
                 cached += 1
-                if not jitcache.stamped(obj):
+                save = obj._cache._cache_file.save
+                if not jitcache.stamped(obj) or save.__qualname__ != "locked_save.<locals>.save":
                     missing.append(f"{mod.__name__}.{name}")
     assert cached > 20 and not missing, missing
 
@@ -113,3 +115,41 @@ def test_digest_changes_with_a_source_and_not_with_its_path(tmp_path):
     (tmp_path / "c" / "n.py").write_text("x = 2\n")
     a, b, c = (jitcache.digest(str(tmp_path / w / "m.py")) for w in "abc")
     assert a == b != c
+
+
+_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from numba.core.caching import IndexDataCacheFile
+    from edgellm.runtime.kernels.jitcache import locked_save
+    folder, tag, locked = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    f = IndexDataCacheFile(folder, "kernel", ("stamp",))
+    if locked:
+        f.save = locked_save(f)
+    open(os.path.join(folder, "ready-" + tag), "w").close()
+    while len([n for n in os.listdir(folder) if n.startswith("ready-")]) < 2:  # start together
+        time.sleep(0.001)
+    for i in range(150):
+        f.save((tag, i), ("code of", tag, i))
+    """
+)
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_two_processes_saving_at_once_keep_each_entry_with_its_own_code(tmp_path, locked):
+    """Two processes saving specializations of one kernel into one cache folder at once (numba's
+    index file and numbered data files). numba's own save (locked=False) loses entries and can
+    leave the index naming another entry's code: the hazard, shown. `locked_save` keeps all 300,
+    each with its own data."""
+    from numba.core.caching import IndexDataCacheFile
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), tag, str(int(locked))]) for tag in "ab"]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    f = IndexDataCacheFile(str(tmp_path), "kernel", ("stamp",))
+    index = f._load_index()
+    wrong = [key for key, name in index.items() if f._load_data(name) != ("code of", *key)]
+    lost = 300 - len(index)
+    if locked:
+        assert lost == 0 and wrong == [], (lost, wrong[:5])
+    else:
+        assert lost > 0 or wrong, "numba's unlocked save kept every entry: the race did not show"

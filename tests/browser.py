@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,6 +103,7 @@ def open_page(html: Path, width: int = 1280) -> Page:
             [exe, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helper processes too are stopped below (they write to the profile)
         )
         try:
             port_file, deadline = Path(profile) / "DevToolsActivePort", time.monotonic() + TIMEOUT
@@ -117,12 +120,28 @@ def open_page(html: Path, width: int = 1280) -> Page:
             finally:
                 cdp.close()
         finally:
-            proc.terminate()
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop chromium and every process of its session: a helper still writing to the profile after
+    the browser exited made removing the profile fail ("Directory not empty") in CI."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the helpers (not our children) leave the group
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 def _visit(cdp: _CDP, html: Path, width: int) -> Page:

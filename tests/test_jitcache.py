@@ -87,7 +87,7 @@ def test_every_cached_runtime_kernel_is_stamped():
             if isinstance(obj, Dispatcher) and obj.__module__ == mod.__name__ and not isinstance(obj._cache, NullCache):
                 cached += 1
                 save = obj._cache._cache_file.save
-                if not jitcache.stamped(obj) or save.__qualname__ != "locked_save.<locals>.save":
+                if not jitcache.stamped(obj) or save.__qualname__ != "locked.<locals>.locked_save":
                     missing.append(f"{mod.__name__}.{name}")
     assert cached > 20 and not missing, missing
 
@@ -121,11 +121,11 @@ _WRITER = textwrap.dedent(
     """
     import os, sys, time
     from numba.core.caching import IndexDataCacheFile
-    from edgellm.runtime.kernels.jitcache import locked_save
-    folder, tag, locked = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    from edgellm.runtime.kernels.jitcache import locked
+    folder, tag, use_lock = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     f = IndexDataCacheFile(folder, "kernel", ("stamp",))
-    if locked:
-        f.save = locked_save(f)
+    if use_lock:
+        locked(f)
     open(os.path.join(folder, "ready-" + tag), "w").close()
     while len([n for n in os.listdir(folder) if n.startswith("ready-")]) < 2:  # start together
         time.sleep(0.001)
@@ -139,7 +139,7 @@ _WRITER = textwrap.dedent(
 def test_two_processes_saving_at_once_keep_each_entry_with_its_own_code(tmp_path, locked):
     """Two processes saving specializations of one kernel into one cache folder at once (numba's
     index file and numbered data files). numba's own save (locked=False) loses entries and can
-    leave the index naming another entry's code: the hazard, shown. `locked_save` keeps all 300,
+    leave the index naming another entry's code: the hazard, shown. `locked` keeps all 300,
     each with its own data."""
     from numba.core.caching import IndexDataCacheFile
 

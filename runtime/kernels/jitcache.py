@@ -16,14 +16,15 @@ sources that share a cache folder each load only the entries built from their ow
 The compile target (CPU name and features) is already part of numba's key for each entry: a
 cache built for one CPU is never loaded on another (kernels/tiers.py).
 
-Saves are serialized between processes (`locked_save`). numba's own save reads the index, picks
+Saves and loads are serialized between processes (`locked`). numba's own save reads the index, picks
 the first free data file number, writes the index, then the data, with no lock: two processes
 compiling different specializations of one kernel at once (two first starts, `serve` beside `run`,
 test workers) both take number 1, and the index can end up naming a file that holds the other's
 code, which a later start loads as its own (numba issues #4807, #10128; two processes saving 150
 entries each lost 117-133 of the 300 and left 3-32 naming another's data, tests/test_jitcache.py).
-Here each save holds an flock on the cache folder, re-reads the index inside it, and writes the
-data before the index that names it.
+Here numba's own save runs under an exclusive flock on the cache folder and its load under a
+shared one: one process at a time reads the index, picks the number and writes both files, and no
+load sees an index whose data file is not written yet.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import os
 import re
 
 try:
     import fcntl
-except ImportError:  # Windows: numba's own unlocked save
+except ImportError:  # Windows: numba's own unlocked save and load
     fcntl = None
 
 _MARK = "edgellm-sources"
@@ -113,41 +113,40 @@ def stamped(dispatcher) -> bool:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: str):
-    """An exclusive flock on `folder`/edgellm-cache.lock for the block (none where fcntl is missing)."""
-    if fcntl is None:
-        yield
-        return
+def _folder_lock(folder: str, mode: int):
+    """An flock (fcntl.LOCK_EX / LOCK_SH) on `folder`/edgellm-cache.lock for the block."""
     fd = os.open(os.path.join(folder, "edgellm-cache.lock"), os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, mode)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def locked_save(cache_file):
-    """numba's IndexDataCacheFile.save(key, data) for `cache_file`, serialized between processes
-    (module docstring): under the folder's lock, the index read afresh, a data file number no entry
-    uses, the data written, then the index."""
+def locked(cache_file):
+    """Serialize numba's own IndexDataCacheFile.save and .load of `cache_file` between processes
+    (module docstring): a save under the folder's exclusive lock (its index read, number picked and
+    files written by one process at a time), a load under a shared one (it never reads an index
+    whose data file is not written yet). Where fcntl is missing (Windows) numba's methods stay."""
+    if fcntl is None:
+        return cache_file
+    save, load = cache_file.save, cache_file.load
 
-    def save(key, data):
-        with _folder_lock(cache_file._cache_path):
-            overloads = cache_file._load_index()
-            name = overloads.get(key)
-            if name is None:
-                used = set(overloads.values())
-                name = next(n for n in map(cache_file._data_name, itertools.count(1)) if n not in used)
-                overloads[key] = name
-            cache_file._save_data(name, data)
-            cache_file._save_index(overloads)
+    def locked_save(key, data):
+        with _folder_lock(cache_file._cache_path, fcntl.LOCK_EX):
+            save(key, data)
 
-    return save
+    def locked_load(key):
+        with _folder_lock(cache_file._cache_path, fcntl.LOCK_SH):
+            return load(key)
+
+    cache_file.save, cache_file.load = locked_save, locked_load
+    return cache_file
 
 
 def stamp(namespace: dict) -> int:
     """Key the cache of every cached numba function in `namespace` (a module's globals) on the
-    digest of that module's sources, and serialize its saves (`locked_save`). Returns how many it
+    digest of that module's sources, and serialize its saves and loads (`locked`). Returns how many it
     stamped (an already stamped one is left as it is)."""
     n = 0
     for obj in list(namespace.values()):
@@ -155,6 +154,6 @@ def stamp(namespace: dict) -> int:
         if own is None or stamped(obj):
             continue
         cache_file._source_stamp = (_MARK, digest(namespace["__file__"]), own)
-        cache_file.save = locked_save(cache_file)
+        locked(cache_file)
         n += 1
     return n

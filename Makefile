@@ -46,3 +46,12 @@ clean-demo:
 ARM64_ROOT ?= /work/models/arm64-root
 test-arm64: $(STAMP)
 	bash scripts/test-arm64.sh --root $(ARM64_ROOT)
+
+# A release wheel: first the compiled-kernel packs for every x86-64 level (runtime/cachepack.py;
+# a first start on any x86-64 machine then loads the step instead of compiling it: 35 s -> 1.4 s
+# on an Ice Lake core), then the wheel that carries them. PACK_LEVELS=host builds this CPU's only.
+.PHONY: wheel
+PACK_LEVELS ?= all
+wheel: $(STAMP)
+	$(BIN)/python -m edgellm.runtime.cachepack build --levels $(PACK_LEVELS)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .

@@ -12,4 +12,8 @@ Never import torch or transformers here: a test enforces it.
     gen.stream("JSON: ", Sampling(grammar=gen.grammar("json_schema", schema)))  # only schema-valid JSON
 """
 
-from .generate import Generator, Sampling, load  # noqa: F401
+from .kernels.pin import pin
+
+pin()  # before any kernel is compiled: numba's target is the host's x86-64 level (kernels/pin.py)
+
+from .generate import Generator, Sampling, load  # noqa: E402, F401

@@ -223,10 +223,12 @@ class SlotCaches:
         """Load the batched step from numba's cache, compiled first in a child process when it is
         not there (as model.forward's, runtime/warmup.py: LLVM's memory leaves with the child),
         then run it once: decode rows and a prompt chunk."""
+        from .cachepack import seed
         from .warmup import is_cached
 
         m = self.model
-        if not is_cached(forward_rows, self._args([(0, np.zeros(2, np.int64), True, True)])):
+        args = self._args([(0, np.zeros(2, np.int64), True, True)])
+        if not is_cached(forward_rows, args) and not (seed() and is_cached(forward_rows, args)):
             _compile_in_child(m.tier, m.kv_cache == "fp16")
         if self.n > 1:
             self.step([(0, np.zeros(2, np.int64), True, True), (1, np.zeros(1, np.int64), True, False)])
@@ -240,7 +242,7 @@ def _warm_args(tier, kv_fp16: bool, keep: list) -> tuple:
     two-row chunk (the types are what numba compiles for; the sizes do not matter)."""
     from .warmup import step_args
 
-    _, _, cfg, model, layers, cos, sin, kc, vc, _kr, _vr, logits, _, tier = step_args(tier, kv_fp16, keep)
+    _, _, cfg, model, layers, cos, sin, kc, vc, _kr, _vr, logits, _all, _prompt, tier = step_args(tier, kv_fp16, keep)
     kc, vc = np.stack([kc, kc]), np.stack([vc, vc])  # (S=2, L, NKV, nblk, HD, bs)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     rows = (i64(1, 2, 3), i64(0, 1, 1), i64(0, 0, 1), i64(0), i64(1, 2, 1).reshape(1, 3), i64(0, 2))

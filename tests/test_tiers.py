@@ -169,7 +169,7 @@ def test_cli_kernels(trained_exports):
         ],
     )
     assert r.exit_code == 0, r.output
-    assert f"kernels {TIERS[-1]} (numba target {tiers.target()[0]})" in r.output
+    assert f"kernels {TIERS[-1]} (numba target {tiers.target_name()})" in r.output
     missing = [n for n in tiers.KNOWN if n not in TIERS][0]
     r = runner.invoke(app, ["run", str(trained_exports["q4"]), "-p", "def f", "--kernels", missing])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "lacks" in r.output, r.output

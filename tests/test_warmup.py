@@ -94,7 +94,7 @@ def test_cold_start_compiles_in_a_child_and_warmup_covers_the_model(q4, tmp_path
     step's own (one specialization each in the cache, not a second one for the step's call);
     `edgellm warmup`'s synthetic model has the real model's step signature (fp16 KV: already
     cached); a process compiling for another CPU finds neither the step nor those kernels."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "EDGELLM_CACHEPACK": "off"}  # no pack
     r = subprocess.run([sys.executable, "-c", _CHILD, str(q4)], capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,10 +1,12 @@
-"""First start of the numba runtime: `edgellm run` with an empty compile cache (cold) and then
-with the cache it filled (warm), wall time and peak memory, and what the cold start compiles.
+"""First start of the numba runtime: `edgellm run` with an empty compile cache and no cache pack
+(cold: it compiles), then with the cache it filled (warm), and with an empty cache seeded from the
+package's cache pack for this CPU's level (pack: runtime/cachepack.py, where one is built); wall
+time and peak memory, and what the cold start compiles.
 
     python -m edgellm.benchmarks.scripts.first_start EXPORT_DIR [--runs 3] [--profile]
 
-Each cold run gets a fresh NUMBA_CACHE_DIR (a temporary folder), so nothing another run compiled
-is reused; the warm run after it reuses that folder. Per run: wall seconds of the whole command
+Each cold and pack run gets a fresh NUMBA_CACHE_DIR (a temporary folder), so nothing another run
+compiled is reused; the warm run after the cold one reuses its folder. Per run: wall seconds of the whole command
 (load, compile, prompt, `-n` tokens) and CPU seconds of all its processes; the serving process's
 own peak RSS (VmHWM, read at its exit) and that of the largest process of the run (wait4: the
 compile child included).
@@ -40,12 +42,14 @@ app()
 """
 
 
-def run_once(export: str, cache: str, prompt: str, tokens: int, threads: int | None) -> dict:
-    """One `edgellm run` with NUMBA_CACHE_DIR=cache: wall and CPU s, own peak RSS MiB, largest
-    process MiB."""
+def run_once(export: str, cache: str, prompt: str, tokens: int, threads: int | None, pack: bool = True) -> dict:
+    """One `edgellm run` with NUMBA_CACHE_DIR=cache (and the package's cache pack, or without any:
+    EDGELLM_CACHEPACK=off): wall and CPU s, own peak RSS MiB, largest process MiB."""
     with tempfile.NamedTemporaryFile(suffix=".hwm", delete=False) as f:
         hwm_path = f.name
     env = {**os.environ, "NUMBA_CACHE_DIR": cache, "FIRST_START_HWM": hwm_path}
+    if not pack:
+        env["EDGELLM_CACHEPACK"] = "off"
     cmd = [sys.executable, "-c", _CLI, "run", export, "-p", prompt, "-n", str(tokens), "--temperature", "0"]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -117,20 +121,29 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.profile_here:
         return profile(args.export)
+    from edgellm.runtime import cachepack
     from edgellm.runtime.kernels.tiers import target
 
-    rows = {"cold": [], "warm": []}
+    where = cachepack.root()
+    has_pack = where is not None and os.path.isfile(os.path.join(cachepack.folder(where), cachepack.MANIFEST))
+    if not has_pack:
+        print(f"no cache pack for this target under {where} (python -m edgellm.runtime.cachepack build --levels host)")
+    # cold: an empty cache, no pack (compiles); warm: that cache again; pack: an empty cache seeded from the pack
+    rows = {"cold": [], "warm": [], **({"pack": []} if has_pack else {})}
     for i in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
-            for kind in ("cold", "warm"):
-                r = run_once(args.export, cache, args.prompt, args.tokens, args.threads)
+        with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache, tempfile.TemporaryDirectory() as fresh:
+            for kind in rows:
+                pack = kind == "pack"
+                r = run_once(args.export, fresh if pack else cache, args.prompt, args.tokens, args.threads, pack)
                 rows[kind].append(r)
                 print(
                     f"run {i + 1} {kind}: {r['wall_s']:.2f} s ({r['cpu_s']:.1f} s CPU), peak RSS {r['rss_mb']:.0f} MiB "
                     f"(largest process {r['rss_all_mb']:.0f} MiB)",
                     flush=True,
                 )
-    print(f"numba target {target()[0]}; edgellm run {args.export} -p {args.prompt!r} -n {args.tokens}")
+    name, features = target()[:2]
+    level = name + features.replace(",", "")
+    print(f"numba target {level}; edgellm run {args.export} -p {args.prompt!r} -n {args.tokens}")
     for kind, rs in rows.items():
         walls = [r["wall_s"] for r in rs]
         print(

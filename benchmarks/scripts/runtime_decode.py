@@ -14,7 +14,8 @@ and a memory-bandwidth probe with the 4-bit bandwidth bound. Run it alone:
 
 Kernel tiers (runtime/kernels/tiers.py): `--numba TIER@CPU` (repeatable) runs the numba runtime on
 that tier with numba compiling for CPU (the worker gets NUMBA_CPU_NAME=CPU, so the float kernels
-are that CPU's too; `native` = this machine), e.g. `--numba avx2@haswell` for an AVX2 laptop.
+are that CPU's too; `native` = this machine's x86-64 level, the runtime's default, kernels/pin.py;
+`host` = this machine's CPU by name), e.g. `--numba avx2@haswell` for an AVX2 laptop.
 `--peer NAME=WHERE` (repeatable) runs llama.cpp from another llama-cpp-python build: WHERE is a
 folder holding its `llama_cpp` package (`pip install --target DIR llama_cpp_python-*.whl`) or the
 python of a venv that has it; the worker imports it first through PYTHONPATH. `--no-ort` leaves
@@ -302,9 +303,17 @@ def _prompt_text(pp: int) -> str:
 
 
 def _tier_options(spec: str) -> dict:
-    """`TIER@CPU` -> measure() options: the tier, and NUMBA_CPU_NAME for the worker unless native."""
+    """`TIER@CPU` -> measure() options: the tier, and the worker's compile target: `native` (or
+    nothing) the runtime's default, this CPU's x86-64 level (kernels/pin.py); `host` this CPU by
+    name (EDGELLM_NUMBA_TARGET=host); else NUMBA_CPU_NAME=CPU."""
     tier, _, cpu = spec.partition("@")
-    env = {} if cpu in ("", "native") else {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ""}
+    env = (
+        {}
+        if cpu in ("", "native")
+        else {"EDGELLM_NUMBA_TARGET": "host"}
+        if cpu == "host"
+        else {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ""}
+    )
     return {"kernels": tier, "env": env}
 
 

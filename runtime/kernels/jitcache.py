@@ -6,9 +6,11 @@ a cached `model.forward` (model.py unchanged) would still load the old attention
 this project's own tests once, and it hits every editable install after a `git pull` that changes
 a kernel but not its callers.
 
-`stamp(globals())`, called at the end of each module that defines cached kernels, extends the
-stamp of each of its cache indexes with a digest of the module's source and every runtime module
-it imports (relative imports, function-level ones included, followed transitively). A changed
+`stamp(globals())`, called at the end of each module that defines cached kernels, replaces the
+stamp of each of its cache indexes (numba's: the file's mtime and size) with a digest of the
+module's source and every runtime module it imports (relative imports, function-level ones
+included, followed transitively): contents only, so an index built from the same sources elsewhere
+(a cache pack in the wheel, cachepack.py) is as fresh as one built here. A changed
 digest makes numba treat the whole index as stale: it recompiles, and the next save overwrites
 the index and reuses its data files, so stale entries do not pile up. Processes with different
 sources that share a cache folder each load only the entries built from their own sources.
@@ -41,6 +43,7 @@ except ImportError:  # Windows: numba's own unlocked save and load
     fcntl = None
 
 _MARK = "edgellm-sources"
+STAMPED: list = []  # every stamped dispatcher in this process, in import order (cachepack.py reads their caches)
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +116,7 @@ def stamped(dispatcher) -> bool:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: str, mode: int):
+def folder_lock(folder: str, mode: int):
     """An flock (fcntl.LOCK_EX / LOCK_SH) on `folder`/edgellm-cache.lock for the block."""
     fd = os.open(os.path.join(folder, "edgellm-cache.lock"), os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -133,11 +136,11 @@ def locked(cache_file):
     save, load = cache_file.save, cache_file.load
 
     def locked_save(key, data):
-        with _folder_lock(cache_file._cache_path, fcntl.LOCK_EX):
+        with folder_lock(cache_file._cache_path, fcntl.LOCK_EX):
             save(key, data)
 
     def locked_load(key):
-        with _folder_lock(cache_file._cache_path, fcntl.LOCK_SH):
+        with folder_lock(cache_file._cache_path, fcntl.LOCK_SH):
             return load(key)
 
     cache_file.save, cache_file.load = locked_save, locked_load
@@ -153,7 +156,8 @@ def stamp(namespace: dict) -> int:
         cache_file, own = _index(obj)
         if own is None or stamped(obj):
             continue
-        cache_file._source_stamp = (_MARK, digest(namespace["__file__"]), own)
+        cache_file._source_stamp = (_MARK, digest(namespace["__file__"]))
         locked(cache_file)
+        STAMPED.append(obj)
         n += 1
     return n

@@ -419,12 +419,10 @@ def act_buffers(d, t: int):
     )
 
 
-def self_check(tier_id: int) -> float:
-    """Worst error, relative to the output scale, of the tier's decode and prompt kernels against
-    the numpy reference on small random linears (4-bit sym g32 with a row tail, 8-bit asym g16):
-    a miscompiled or mis-detected tier shows here at load instead of as wrong text."""
+def check_calls(tier_id: int):
+    """The self-check's kernel calls, one (reference, (linear_mat args), (linear_few args)) per
+    linear: 4-bit sym g32 with a row tail, 8-bit asym g16 (cachepack.py compiles the same types)."""
     rng = np.random.default_rng(1)
-    worst = 0.0
     tier = tiers.BY_ID[tier_id]  # the Tier, not its id: the specialization the model runs (tiers.py)
     for bits, gs, sym, n, k in ((4, 32, True, 9, 200), (8, 16, False, 6, 72)):
         nb = -(-k // gs)
@@ -436,12 +434,22 @@ def self_check(tier_id: int) -> float:
         zeros = None if sym else rng.integers(0, 1 << bits, (n, nb)).astype(np.uint8)
         keep: list = []
         d = make_desc(qw, scales, zeros, bits, k, gs, keep)
-        x = rng.standard_normal((5, k)).astype(np.float32)
-        ref = ref_linear_q8act(x, qw, scales, zeros, bits, k, gs)
-        out = np.zeros((5, n), np.float32)
-        linear_mat(d, x, out, *act_buffers(d, 5), tier)
-        o1 = np.zeros((1, n), np.float32)
-        linear_few(d, x[2:3], o1, *act_buffers(d, 1), tier)  # decode, as the model's step runs it
+        x = rng.standard_normal((5, k)).astype(np.float32)  # (5 tokens, k)
+        ref = ref_linear_q8act(x, qw, scales, zeros, bits, k, gs)  # (5, n)
+        mat = (d, x, np.zeros((5, n), np.float32), *act_buffers(d, 5), tier)
+        few = (d, x[2:3], np.zeros((1, n), np.float32), *act_buffers(d, 1), tier)  # decode, as the step runs it
+        yield ref, mat, few, keep
+
+
+def self_check(tier_id: int) -> float:
+    """Worst error, relative to the output scale, of the tier's decode and prompt kernels against
+    the numpy reference on small random linears (`check_calls`): a miscompiled or mis-detected
+    tier shows here at load instead of as wrong text."""
+    worst = 0.0
+    for ref, mat, few, _keep in check_calls(tier_id):
+        linear_mat(*mat)
+        linear_few(*few)
+        out, o1 = mat[2], few[2]
         err = max(np.abs(out - ref).max(), np.abs(o1 - ref[2]).max()) / np.abs(ref).max()
         worst = max(worst, float(err) if np.isfinite(err) else np.inf)
     return worst

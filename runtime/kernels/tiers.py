@@ -147,6 +147,13 @@ def resolve(kernels: str | None) -> Tier:
     return BY_NAME[kernels]
 
 
+def target_name() -> str:
+    """The compile target as one word: its CPU name, and the features named beside it (the x86-64
+    level and its extensions, kernels/pin.py), e.g. 'x86-64-v4+avx512vnni', 'haswell'."""
+    name, features = target()[:2]
+    return name + "".join(f for f in features.split(",") if f.startswith("+")) if len(features) < 40 else name
+
+
 def describe(tier: Tier) -> str:
-    """One line for `info`, `run --verbose` and bench rows, e.g. 'avx2 (numba target haswell)'."""
-    return f"{tier.name} (numba target {target()[0]})"
+    """One line for `info`, `run --verbose` and bench rows, e.g. 'avx2 (numba target x86-64-v3)'."""
+    return f"{tier.name} (numba target {target_name()})"

@@ -59,6 +59,10 @@ LEVELS = (
 
 
 def level_name(cpu: str, features: str) -> str:
+    """A pack folder's name: the level and its extensions (a host's whole feature string, as on
+    ARM, where no pack is built: a digest of it)."""
+    if len(features) > 64:
+        return f"{cpu}-{hashlib.sha256(features.encode()).hexdigest()[:16]}"
     return cpu + features.replace(",", "")
 
 
@@ -295,7 +299,8 @@ def _spec(kv, rows: bool) -> list[str]:
 def build(where: str = PACK, levels=LEVELS, progress=None, kv=("fp16", "fp32"), rows: bool = True) -> list[dict]:
     """Build the packs of `levels` under `where`/<versions>/ (each in a child process, compiled in
     a fresh cache folder, written to a temporary sibling and renamed at the end); one row each.
-    kv, rows: what compile_all compiles (tests build a smaller pack)."""
+    progress(level, None) before a level, progress(level, row) after it. kv, rows: what
+    compile_all compiles (tests build a smaller pack)."""
     table = []
     base = os.path.join(where, versions())
     os.makedirs(base, exist_ok=True)
@@ -306,7 +311,7 @@ def build(where: str = PACK, levels=LEVELS, progress=None, kv=("fp16", "fp32"), 
         env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": cache}
         env.pop("EDGELLM_NUMBA_TARGET", None)
         if progress:
-            progress(level_name(cpu, features))
+            progress(level_name(cpu, features), None)
         t0 = time.perf_counter()
         try:
             r = subprocess.run(
@@ -337,6 +342,8 @@ def build(where: str = PACK, levels=LEVELS, progress=None, kv=("fp16", "fp32"), 
                 "compile_cpu_s": manifest["compile_cpu_s"],
             }
         )
+        if progress:
+            progress(table[-1]["level"], table[-1])
     return table
 
 
@@ -357,12 +364,15 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", default=PACK, help=f"the packs' folder (default: {PACK})")
     a = ap.parse_args(argv)
+    from .kernels import tiers
+
+    if tiers.target()[2] != "x86_64":
+        print("error: packs are built per x86-64 level; on this CPU run `edgellm warmup` once instead", file=sys.stderr)
+        return 2
     known = {level_name(c, f): (c, f) for c, f in LEVELS}
     if a.levels == "all":
         levels = LEVELS
     elif a.levels == "host":
-        from .kernels import tiers
-
         levels = [tiers.target()[:2]]
     else:
         bad = [n for n in a.levels.split(",") if n not in known]
@@ -371,12 +381,15 @@ def main(argv=None) -> int:
             return 2
         levels = [known[n] for n in a.levels.split(",")]
     t0 = time.perf_counter()
-    for row in build(a.out, levels, progress=lambda n: print(f"compiling {n} ...", flush=True)):
-        print(
-            f"  {row['level']}: tier {row['tier']}, {row['files']} files, {row['bytes'] / 1e6:.1f} MB, "
-            f"{row['compile_cpu_s']:.0f} s of compile CPU",
-            flush=True,
-        )
+
+    def say(level: str, row: dict | None) -> None:
+        if row is None:
+            print(f"compiling {level} ...", end=" ", flush=True)
+        else:
+            mb, s = row["bytes"] / 1e6, row["wall_s"]
+            print(f"tier {row['tier']}, {row['files']} files, {mb:.1f} MB, {s:.0f} s", flush=True)
+
+    build(a.out, levels, progress=say)
     print(f"{len(levels)} packs in {os.path.join(a.out, versions())} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

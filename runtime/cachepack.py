@@ -125,7 +125,10 @@ def seed(where: str | None = None) -> int:
     for d in _modules():
         name = _file_name(d)
         if name in manifest["files"]:
-            added += _merge(d._cache._cache_file, where, name, manifest["files"])
+            try:
+                added += _merge(d._cache._cache_file, where, name, manifest["files"])
+            except OSError:  # a cache folder numba cannot write either: the step compiles, as without a pack
+                pass
     return added
 
 

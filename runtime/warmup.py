@@ -182,15 +182,17 @@ def compile_in_child(tier, kv_fp16: bool) -> bool:
 
 
 def warmup(kernels: str = "auto", kv_caches=("fp16", "fp32")) -> list[dict]:
-    """`edgellm warmup`: compile the step for the tier `kernels` resolves to, per KV cache type.
-    One row per type: tier, kv cache, whether it compiled, seconds (wall and CPU)."""
+    """`edgellm warmup`: compile the step for the tier `kernels` resolves to, per KV cache type
+    (first from the package's cache pack, where it has this CPU's level). One row per type: tier,
+    kv cache, whether it compiled, whether the pack gave it, seconds (wall and CPU)."""
     from .cachepack import seed
     from .model import forward
 
     tier = tiers.resolve(kernels)
     rows = []
+    seeded = 0
     if not all(is_cached(forward, step_args(tier, kv == "fp16", [])) for kv in kv_caches):
-        seed()  # the package's compiled kernels for this CPU's level, where it has them (cachepack.py)
+        seeded = seed()  # the package's compiled kernels for this CPU's level, where it has them (cachepack.py)
     for kv in kv_caches:
         w0, c0 = time.perf_counter(), time.process_time()
         if not is_cached(forward, step_args(tier, kv == "fp16", [])):
@@ -201,6 +203,7 @@ def warmup(kernels: str = "auto", kv_caches=("fp16", "fp32")) -> list[dict]:
                 "tier": tier.name,
                 "kv_cache": kv,
                 "compiled": cold,
+                "from_pack": bool(seeded) and not cold,
                 "wall_s": time.perf_counter() - w0,
                 "cpu_s": time.process_time() - c0,
             }

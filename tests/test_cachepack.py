@@ -191,3 +191,16 @@ def test_build_refuses_an_unknown_level_in_one_line():
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "x86-64-v9" in r.stderr, r.stderr
     assert np.all([lvl in r.stderr for lvl in ("x86-64-v4+avx512vnni", "x86-64-v3")])
+
+
+def test_warmup_says_what_the_pack_gave_and_compiles_the_rest(packs, tmp_path):
+    """`edgellm warmup` on an empty cache: the fp16 step from the pack (the test pack holds that
+    one), the fp32 step compiled."""
+    where, _ = packs
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "EDGELLM_CACHEPACK": str(where)}
+    warm = [sys.executable, "-c", "from edgellm.cli import main; main()", "warmup"]
+    r = subprocess.run(warm, capture_output=True, text=True, env=env, timeout=1800)
+    said = r.stdout + r.stderr  # the console writes to stderr
+    assert r.returncode == 0, said[-2000:]
+    assert "fp16 KV cache: loaded from the package's compiled kernels" in said, said[-2000:]
+    assert "fp32 KV cache: compiled" in said, said[-2000:]

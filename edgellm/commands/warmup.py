@@ -18,23 +18,31 @@ def warmup(
     """Compile the numba runtime's decode step for this CPU into numba's cache (run once after
     installing).
 
-    Without it, the first 'edgellm run' compiles the step itself (about 20 s of CPU on a fast
-    laptop core, minutes on a Raspberry Pi), in a child process. The compiled code depends on the
-    CPU (numba keys its cache on the CPU's name and features: a cache from another CPU is
+    A wheel built with 'make wheel' already carries the compiled kernels of every x86-64 level:
+    there the first 'edgellm run' loads them and this command only checks. Elsewhere (a source
+    checkout, ARM, another numba version) the first 'edgellm run' compiles the step itself (about
+    30 s of CPU on a laptop core, minutes on a Raspberry Pi), in a child process. The compiled code
+    depends on the CPU's x86-64 level (numba keys its cache on it: code for another level is
     recompiled, never run) and on the kernel tier, not on the model: every export then starts warm.
     Example: pip install edgellm && edgellm warmup
     """
     from ..console import console
-    from ..runtime.kernels.tiers import target
+    from ..runtime.kernels.tiers import target_name
     from ..runtime.warmup import cache_dir
     from ..runtime.warmup import warmup as compile_step
 
-    with console.status(f"compiling the kernels for {target()[0]}"):
+    with console.status(f"compiling the kernels for {target_name()}"):
         rows = compile_step(kernels.value)
     for r in rows:
-        what = "compiled" if r["compiled"] else "already cached"
+        what = (
+            "compiled"
+            if r["compiled"]
+            else "loaded from the package's compiled kernels"
+            if r.get("from_pack")
+            else "already cached"
+        )
         console.print(
             f"{r['tier']} kernels, {r['kv_cache']} KV cache: {what} in {r['wall_s']:.1f} s ({r['cpu_s']:.1f} s CPU)",
             highlight=False,
         )
-    console.print(f"[dim]numba cache: {cache_dir()} (CPU {target()[0]})[/]", highlight=False)
+    console.print(f"[dim]numba cache: {cache_dir()} (target {target_name()})[/]", highlight=False)

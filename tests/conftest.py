@@ -32,3 +32,21 @@ def trained_llama(tmp_path_factory, tokenizer):
     model = tiny.build("llama", hidden_size=128, intermediate_size=384, num_hidden_layers=2)
     tiny.train(model, tokenizer, steps=300)
     return tiny.save(model, tokenizer, tmp_path_factory.mktemp("trained") / "llama")
+
+
+@pytest.fixture(scope="session")
+def rtn_q4_export(tiny_dirs, tmp_path_factory):
+    """The tiny llama quantized 4-bit RTN g32 with 8-bit embeddings, exported: the default
+    export's formats (fp16 KV cache) at the smallest cost (the first-start tests compile its step)."""
+    from typer.testing import CliRunner
+
+    from edgellm.cli import app
+
+    root = tmp_path_factory.mktemp("rtn-q4")
+    runner = CliRunner()
+    qargs = ["--bits", "4", "--group-size", "32", "--sym", "--method", "rtn", "--quantize-embeddings", "--no-eval"]
+    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), *qargs, "-o", str(root / "q4")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["export", str(root / "q4"), "-o", str(root / "q4-onnx"), "--no-check"])
+    assert r.exit_code == 0, r.output
+    return root / "q4-onnx"

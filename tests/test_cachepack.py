@@ -15,9 +15,7 @@ import textwrap
 import llvmlite.binding as llb
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from edgellm.cli import app
 from edgellm.runtime import cachepack
 from edgellm.runtime.kernels import pin, tiers
 
@@ -68,15 +66,8 @@ def test_the_runtime_compiles_for_the_level_unless_told_otherwise():
 
 # ----------------------------------------------------------------------------- packs
 @pytest.fixture(scope="module")
-def q4(tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cachepack")
-    runner = CliRunner()
-    qargs = ["--bits", "4", "--group-size", "32", "--sym", "--method", "rtn", "--quantize-embeddings", "--no-eval"]
-    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), *qargs, "-o", str(root / "q4")])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["export", str(root / "q4"), "-o", str(root / "q4-onnx"), "--no-check"])
-    assert r.exit_code == 0, r.output
-    return root / "q4-onnx"
+def q4(rtn_q4_export):
+    return rtn_q4_export
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,15 @@ import textwrap
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from edgellm.cli import app
 from edgellm.runtime.generate import Sampling, Stats, sample
 from edgellm.runtime.kernels import quant as Q
 from edgellm.runtime.kernels import tiers
 
 
 @pytest.fixture(scope="module")
-def q4(tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("warmup")
-    runner = CliRunner()
-    qargs = ["--bits", "4", "--group-size", "32", "--sym", "--method", "rtn", "--quantize-embeddings", "--no-eval"]
-    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), *qargs, "-o", str(root / "q4")])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["export", str(root / "q4"), "-o", str(root / "q4-onnx"), "--no-check"])
-    assert r.exit_code == 0, r.output
-    return root / "q4-onnx"
+def q4(rtn_q4_export):
+    return rtn_q4_export
 
 
 # ----------------------------------------------------------------------------- one tier per specialization

@@ -64,6 +64,17 @@ def test_the_runtime_compiles_for_the_level_unless_told_otherwise():
     assert _target(EDGELLM_NUMBA_TARGET="host")[0] == llb.get_host_cpu_name()
 
 
+def test_a_host_whose_features_llvm_cannot_read_is_left_alone(monkeypatch):
+    def fail():
+        raise RuntimeError("failed to get host cpu features")
+
+    monkeypatch.setattr(pin, "_numba_target_built", lambda: False)
+    monkeypatch.setattr(llb, "get_host_cpu_features", fail)
+    monkeypatch.setattr(pin.platform, "machine", lambda: "x86_64")
+    env: dict = {}
+    assert pin.pin(env) is None and env == {}
+
+
 # ----------------------------------------------------------------------------- packs
 @pytest.fixture(scope="module")
 def q4(rtn_q4_export):

@@ -59,7 +59,11 @@ def pin(environ=os.environ) -> tuple[str, str] | None:
         return None
     import llvmlite.binding as llb
 
-    name, features = choose(llb.get_host_cpu_features())
+    try:
+        host = llb.get_host_cpu_features()
+    except RuntimeError:  # LLVM cannot read this CPU's features: numba compiles for the host as it does
+        return None
+    name, features = choose(host)
     environ["NUMBA_CPU_NAME"], environ["NUMBA_CPU_FEATURES"] = name, features
     config = sys.modules.get("numba.core.config")
     if config is not None:  # numba is imported: its config has read the environment already

@@ -223,12 +223,10 @@ class SlotCaches:
         """Load the batched step from numba's cache, compiled first in a child process when it is
         not there (as model.forward's, runtime/warmup.py: LLVM's memory leaves with the child),
         then run it once: decode rows and a prompt chunk."""
-        from .cachepack import seed
-        from .warmup import is_cached
+        from .warmup import cache_state
 
         m = self.model
-        args = self._args([(0, np.zeros(2, np.int64), True, True)])
-        if not is_cached(forward_rows, args) and not (seed() and is_cached(forward_rows, args)):
+        if cache_state(forward_rows, self._args([(0, np.zeros(2, np.int64), True, True)]))[0] == "missing":
             _compile_in_child(m.tier, m.kv_cache == "fp16")
         if self.n > 1:
             self.step([(0, np.zeros(2, np.int64), True, True), (1, np.zeros(1, np.int64), True, False)])

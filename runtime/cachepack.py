@@ -24,6 +24,7 @@ compiles as before.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -58,14 +59,6 @@ LEVELS = (
 )
 
 
-def level_name(cpu: str, features: str) -> str:
-    """A pack folder's name: the level and its extensions (a host's whole feature string, as on
-    ARM, where no pack is built: a digest of it)."""
-    if len(features) > 64:
-        return f"{cpu}-{hashlib.sha256(features.encode()).hexdigest()[:16]}"
-    return cpu + features.replace(",", "")
-
-
 def versions() -> str:
     """The folder of packs this process can load: numba's cache is per numba and Python version."""
     import numba
@@ -77,8 +70,7 @@ def folder(where: str) -> str:
     """The pack under `where` for this process's numba, Python and compile target."""
     from .kernels import tiers
 
-    cpu, features = tiers.target()[:2]
-    return os.path.join(where, versions(), level_name(cpu, features))
+    return os.path.join(where, versions(), tiers.target_name())
 
 
 def _modules():
@@ -155,62 +147,30 @@ def _write(out: str, name: str, data: bytes, files: dict) -> None:
     files[name] = _sha(packed)
 
 
-def _merge(cache_file, where: str, name: str, files: dict) -> int:
-    """Add the pack's entries of one index to numba's `cache_file` (the live one), each with its
-    data under a free number, under the cache folder's lock; entries added."""
-    from .kernels.jitcache import fcntl, folder_lock
-
-    raw = _read(where, name, files)
-    if raw is None:
-        return 0
-    version, rest = _split(raw)
-    if version != cache_file._version:
-        return 0
-    stamp, overloads = pickle.loads(rest)
-    if stamp != cache_file._source_stamp:
-        return 0  # this index was built from other sources
-    module = name.split("~")[0]
-    os.makedirs(cache_file._cache_path, exist_ok=True)
-    lock = folder_lock(cache_file._cache_path, fcntl.LOCK_EX) if fcntl else _nothing()
-    with lock:
-        live = cache_file._load_index()
-        used = set(live.values())
-        added = 0
-        for key, data_name in overloads.items():
-            if key in live:
-                continue
-            data = _read(where, f"{module}~{data_name}", files)
-            if data is None:
-                continue
-            number = 1
-            while cache_file._data_name(number) in used:
-                number += 1
-            new = cache_file._data_name(number)
-            with cache_file._open_for_write(cache_file._data_path(new)) as f:
-                f.write(data)
-            live[key] = new
-            used.add(new)
-            added += 1
-        if added:
-            cache_file._save_index(live)
-    return added
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _split(raw: bytes) -> tuple[object, bytes]:
-    """numba's index file: a pickled version string, then the pickled (stamp, overloads)."""
-    import io
-
+def _overloads(raw: bytes, cache_file) -> dict:
+    """The entries of numba's index file `raw` ({key: data file name}, after a pickled version
+    string and the index's stamp) where it was written by this numba from these sources (the
+    stamp of the live `cache_file`, jitcache.py); else none."""
     f = io.BytesIO(raw)
-    version = pickle.load(f)
-    return version, f.read()
+    if pickle.load(f) != cache_file._version:
+        return {}
+    stamp, overloads = pickle.loads(f.read())
+    return overloads if stamp == cache_file._source_stamp else {}
+
+
+def _merge(cache_file, where: str, name: str, files: dict) -> int:
+    """Add the pack's entries of one index that numba's live `cache_file` lacks, through numba's
+    own save (under the cache folder's lock, jitcache.locked); entries added."""
+    raw = _read(where, name, files)
+    live = cache_file._load_index()
+    module = name.split("~")[0]
+    added = 0
+    for key, data_name in (_overloads(raw, cache_file) if raw else {}).items():
+        data = None if key in live else _read(where, f"{module}~{data_name}", files)
+        if data is not None:
+            cache_file.save(key, pickle.loads(data))  # what numba's load reads, saved as numba saves it
+            added += 1
+    return added
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -255,9 +215,8 @@ def collect(out: str, info: dict) -> dict:
                 raw = f.read()
         except FileNotFoundError:
             continue
-        version, rest = _split(raw)
-        stamp, overloads = pickle.loads(rest)
-        if version != cache_file._version or stamp != cache_file._source_stamp or not overloads:
+        overloads = _overloads(raw, cache_file)
+        if not overloads:
             continue
         module = d.py_func.__module__
         for data_name in overloads.values():
@@ -304,17 +263,20 @@ def build(where: str = PACK, levels=LEVELS, progress=None, kv=("fp16", "fp32"), 
     a fresh cache folder, written to a temporary sibling and renamed at the end); one row each.
     progress(level, None) before a level, progress(level, row) after it. kv, rows: what
     compile_all compiles (tests build a smaller pack)."""
+    from .kernels import tiers
+
     table = []
     base = os.path.join(where, versions())
     os.makedirs(base, exist_ok=True)
     for cpu, features in levels:
-        final = os.path.join(base, level_name(cpu, features))
+        name = tiers.level_name(cpu, features)
+        final = os.path.join(base, name)
         tmp = tempfile.mkdtemp(prefix=".building-", dir=base)
         cache = tempfile.mkdtemp(prefix="edgellm-cachepack-")
         env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": cache}
         env.pop("EDGELLM_NUMBA_TARGET", None)
         if progress:
-            progress(level_name(cpu, features), None)
+            progress(name, None)
         t0 = time.perf_counter()
         try:
             r = subprocess.run(
@@ -326,7 +288,7 @@ def build(where: str = PACK, levels=LEVELS, progress=None, kv=("fp16", "fp32"), 
             )
             if r.returncode != 0:
                 tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"building the {level_name(cpu, features)} pack failed: {tail[0]}")
+                raise RuntimeError(f"building the {name} pack failed: {tail[0]}")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(os.path.join(tmp, "pack"), final)
         finally:
@@ -337,7 +299,7 @@ def build(where: str = PACK, levels=LEVELS, progress=None, kv=("fp16", "fp32"), 
         size = sum(os.path.getsize(os.path.join(final, n)) for n in os.listdir(final))
         table.append(
             {
-                "level": level_name(cpu, features),
+                "level": name,
                 "tier": manifest["tier"],
                 "files": len(manifest["files"]),
                 "bytes": size,
@@ -346,7 +308,7 @@ def build(where: str = PACK, levels=LEVELS, progress=None, kv=("fp16", "fp32"), 
             }
         )
         if progress:
-            progress(table[-1]["level"], table[-1])
+            progress(name, table[-1])
     return table
 
 
@@ -372,7 +334,7 @@ def main(argv=None) -> int:
     if tiers.target()[2] != "x86_64":
         print("error: packs are built per x86-64 level; on this CPU run `edgellm warmup` once instead", file=sys.stderr)
         return 2
-    known = {level_name(c, f): (c, f) for c, f in LEVELS}
+    known = {tiers.level_name(c, f): (c, f) for c, f in LEVELS}
     if a.levels == "all":
         levels = LEVELS
     elif a.levels == "host":

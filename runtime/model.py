@@ -435,9 +435,9 @@ class NumbaModel:
         # a first start seeds numba's cache from the package's cache pack (runtime/cachepack.py),
         # else compiles the step in a child process (runtime/warmup.py): LLVM's memory leaves
         # with it, and this process loads the step from numba's cache
-        first = tiers.resolve(kernels if simd else "generic")
-        self.seeded = self._seed(first)
-        self.compiled_in_child = compile_in_child and self._compile_in_child(first)
+        self.seeded, self.compiled_in_child = self._prepare_step(
+            tiers.resolve(kernels if simd else "generic"), compile_in_child
+        )
         # the kernel tier (kernels/tiers.py); a tier failing its load-time self-check falls back
         # one tier, with the one-line `kernel_warning` (also issued as a warning)
         self.tier, self.kernel_warning = checked_tier(kernels if simd else "generic")
@@ -468,24 +468,15 @@ class NumbaModel:
             tier,
         )
 
-    def _warm_args(self, tier) -> tuple:
-        return self._step_args(np.zeros(1, np.int64), np.empty((1, self.config.vocab_size), np.float32), False, tier)
-
-    def _seed(self, tier) -> int:
-        """Where numba's cache lacks the step for `tier`, merge the package's cache pack into it
-        (runtime/cachepack.py); entries added."""
-        from . import cachepack, warmup
-
-        return 0 if warmup.is_cached(forward, self._warm_args(tier)) else cachepack.seed()
-
-    def _compile_in_child(self, tier) -> bool:
-        """Compile the step for `tier` in a child process unless numba's cache has it; True if
-        a child compiled it."""
+    def _prepare_step(self, tier, in_child: bool) -> tuple[int, bool]:
+        """Get the step for `tier` into numba's cache where it is not there: from the package's
+        cache pack, else (in_child) compiled in a child process. (Entries the pack added, whether a
+        child compiled the step.)"""
         from . import warmup
 
-        if warmup.is_cached(forward, self._warm_args(tier)):
-            return False
-        return warmup.compile_in_child(tier, self.kv_cache == "fp16")
+        args = self._step_args(np.zeros(1, np.int64), np.empty((1, self.config.vocab_size), np.float32), False, tier)
+        state, added = warmup.cache_state(forward, args)
+        return added, in_child and state == "missing" and warmup.compile_in_child(tier, self.kv_cache == "fp16")
 
     def set_threads(self, threads: int | None):
         if threads is not None and threads < 1:

@@ -91,6 +91,18 @@ def is_cached(dispatcher, args) -> bool:
         return False
 
 
+def cache_state(dispatcher, args) -> tuple[str, int]:
+    """Whether numba's cache has `dispatcher` for `args`' types: ("cached", 0); else after seeding
+    it from the package's cache pack (cachepack.py): ("seeded", entries added) where that gave it,
+    ("missing", entries added) where it did not (the caller compiles)."""
+    from .cachepack import seed
+
+    if is_cached(dispatcher, args):
+        return "cached", 0
+    added = seed()
+    return ("seeded" if added and is_cached(dispatcher, args) else "missing"), added
+
+
 def attention_args(kv_fp16: bool, t: int) -> tuple:
     """Arguments of kernels/layers.py `attention` / `attention_mat` with the types the step passes
     them (so that a compile of these serves the step's call: numba's cache holds one entry per
@@ -185,17 +197,14 @@ def warmup(kernels: str = "auto", kv_caches=("fp16", "fp32")) -> list[dict]:
     """`edgellm warmup`: compile the step for the tier `kernels` resolves to, per KV cache type
     (first from the package's cache pack, where it has this CPU's level). One row per type: tier,
     kv cache, whether it compiled, whether the pack gave it, seconds (wall and CPU)."""
-    from .cachepack import seed
     from .model import forward
 
     tier = tiers.resolve(kernels)
     rows = []
-    seeded = 0
-    if not all(is_cached(forward, step_args(tier, kv == "fp16", [])) for kv in kv_caches):
-        seeded = seed()  # the package's compiled kernels for this CPU's level, where it has them (cachepack.py)
     for kv in kv_caches:
         w0, c0 = time.perf_counter(), time.process_time()
-        if not is_cached(forward, step_args(tier, kv == "fp16", [])):
+        state, _ = cache_state(forward, step_args(tier, kv == "fp16", []))
+        if state == "missing":
             compile_parts(tier, kv == "fp16")  # its largest kernels side by side first
         cold = warm(tier, kv == "fp16")
         rows.append(
@@ -203,7 +212,7 @@ def warmup(kernels: str = "auto", kv_caches=("fp16", "fp32")) -> list[dict]:
                 "tier": tier.name,
                 "kv_cache": kv,
                 "compiled": cold,
-                "from_pack": bool(seeded) and not cold,
+                "from_pack": state == "seeded",
                 "wall_s": time.perf_counter() - w0,
                 "cpu_s": time.process_time() - c0,
             }

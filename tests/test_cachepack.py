@@ -153,7 +153,7 @@ def _seed(where, cache, **env) -> tuple[int, bool]:
 
 def _copy(where, to):
     shutil.copytree(where, to)
-    return to, to / cachepack.versions() / cachepack.level_name(*_level())
+    return to, to / cachepack.versions() / tiers.level_name(*_level())
 
 
 @pytest.mark.skipif(not X86, reason="packs are built per x86-64 level")
@@ -168,7 +168,7 @@ def test_a_pack_never_loads_for_another_level_other_sources_or_damaged_files(pac
     other = {"NUMBA_CPU_NAME": lower, "NUMBA_CPU_FEATURES": ""}
     assert _seed(where, tmp_path / "c1", **other) == (0, False)
     foreign, mine = _copy(where, tmp_path / "foreign")
-    os.rename(mine, mine.parent / cachepack.level_name(lower, ""))
+    os.rename(mine, mine.parent / tiers.level_name(lower, ""))
     n, cached = _seed(foreign, tmp_path / "c2", **other)
     assert n == full and not cached
     # other sources: the manifest's digest is not this checkout's

@@ -122,7 +122,7 @@ def main(argv=None):
     if args.profile_here:
         return profile(args.export)
     from edgellm.runtime import cachepack
-    from edgellm.runtime.kernels.tiers import target
+    from edgellm.runtime.kernels.tiers import target_name
 
     where = cachepack.root()
     has_pack = where is not None and os.path.isfile(os.path.join(cachepack.folder(where), cachepack.MANIFEST))
@@ -141,9 +141,7 @@ def main(argv=None):
                     f"(largest process {r['rss_all_mb']:.0f} MiB)",
                     flush=True,
                 )
-    name, features = target()[:2]
-    level = name + features.replace(",", "")
-    print(f"numba target {level}; edgellm run {args.export} -p {args.prompt!r} -n {args.tokens}")
+    print(f"numba target {target_name()}; edgellm run {args.export} -p {args.prompt!r} -n {args.tokens}")
     for kind, rs in rows.items():
         walls = [r["wall_s"] for r in rs]
         print(

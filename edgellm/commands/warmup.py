@@ -34,13 +34,9 @@ def warmup(
     with console.status(f"compiling the kernels for {target_name()}"):
         rows = compile_step(kernels.value)
     for r in rows:
-        what = (
-            "compiled"
-            if r["compiled"]
-            else "loaded from the package's compiled kernels"
-            if r.get("from_pack")
-            else "already cached"
-        )
+        what = "compiled" if r["compiled"] else "already cached"
+        if r["from_pack"]:
+            what = "loaded from the package's compiled kernels"
         console.print(
             f"{r['tier']} kernels, {r['kv_cache']} KV cache: {what} in {r['wall_s']:.1f} s ({r['cpu_s']:.1f} s CPU)",
             highlight=False,

@@ -147,11 +147,16 @@ def resolve(kernels: str | None) -> Tier:
     return BY_NAME[kernels]
 
 
+def level_name(cpu: str, features: str) -> str:
+    """A compile target as one word: the CPU name and the features named beside it (an x86-64
+    level and its extensions, kernels/pin.py), e.g. 'x86-64-v4+avx512vnni', 'haswell'; a host's
+    whole feature string (EDGELLM_NUMBA_TARGET=host, ARM) is left out."""
+    return cpu if len(features) > 64 else cpu + features.replace(",", "")
+
+
 def target_name() -> str:
-    """The compile target as one word: its CPU name, and the features named beside it (the x86-64
-    level and its extensions, kernels/pin.py), e.g. 'x86-64-v4+avx512vnni', 'haswell'."""
-    name, features = target()[:2]
-    return name + "".join(f for f in features.split(",") if f.startswith("+")) if len(features) < 40 else name
+    """level_name of the target numba compiles for."""
+    return level_name(*target()[:2])
 
 
 def describe(tier: Tier) -> str:
